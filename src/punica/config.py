@@ -1,0 +1,140 @@
+"""Frozen configuration dataclasses, validated on construction.
+
+Values discovered at run time (number of KV blocks, dtype resolved from "auto") live in `RuntimeInfo`,
+never here, so a config object always means what its author wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from punica.errors import ConfigError
+
+BACKENDS = ("auto", "torch", "triton")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a LLaMA-family model, read from an HF `config.json`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    architecture: str = "LlamaForCausalLM"
+    torch_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
+            _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. `num_blocks=None` sizes the pool from `memory_fraction` of free device memory
+    (CUDA) or `cpu_cache_bytes` (CPU)."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_fraction: float = 0.85
+    cpu_cache_bytes: int = 512 << 20
+
+    def __post_init__(self):
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+               f"block_size must be a power of two, got {self.block_size}")
+        _check(self.num_blocks is None or self.num_blocks > 0, f"num_blocks must be positive, got {self.num_blocks}")
+        _check(0.0 < self.memory_fraction <= 1.0, f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching: decodes first, then prefill chunks under `max_num_batched_tokens`."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_waiting: int = 4096
+
+    def __post_init__(self):
+        _check(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        _check(self.max_num_batched_tokens >= self.max_num_seqs,
+               f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}")
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter residency: `max_loras` device slots (slot 0, "no adapter", comes on top), a CPU cache of
+    `max_cpu_loras` adapters, ranks up to `max_lora_rank`."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 64
+    allowed_lora_dirs: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _check(self.max_loras > 0, f"max_loras must be positive, got {self.max_loras}")
+        _check(0 < self.max_lora_rank <= 256, f"max_lora_rank must be in 1..256, got {self.max_lora_rank}")
+        _check(self.max_cpu_loras >= self.max_loras,
+               f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an Engine needs besides the model's own config."""
+
+    model: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = "auto"
+    enforce_eager: bool = False
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RuntimeInfo:
+    """What the engine discovered at start-up (mutable, unlike the configs)."""
+
+    device: str
+    dtype: str
+    backend: str
+    num_blocks: int
+    max_model_len: int

@@ -1,0 +1,48 @@
+"""Kernels. Every op has a torch reference (`<op>_torch`, runs anywhere) and, where it pays, a Triton
+kernel with the same signature (`<op>_triton`). `select_ops` picks one implementation per op, once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from punica.ops import attention, kv_store, norm_rope, sgmv
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op table a model runs with; each field has the signature of its torch reference."""
+
+    backend: str
+    add_lora: Callable
+    paged_attention: Callable
+    store_kv: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    apply_rope: Callable
+    silu_and_mul: Callable
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """"auto" means triton on CUDA and torch elsewhere."""
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return backend
+
+
+def select_ops(backend: str) -> Ops:
+    """The op table for "torch" or "triton"; an op without a Triton kernel uses its reference."""
+    modules = (sgmv, attention, kv_store, norm_rope)
+
+    def pick(name: str) -> Callable:
+        module = next(m for m in modules if hasattr(m, f"{name}_torch"))
+        if backend == "triton" and hasattr(module, f"{name}_triton"):
+            return getattr(module, f"{name}_triton")
+        return getattr(module, f"{name}_torch")
+
+    names = [f.name for f in Ops.__dataclass_fields__.values() if f.name != "backend"]
+    return Ops(backend=backend, **{name: pick(name) for name in names})
