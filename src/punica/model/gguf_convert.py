@@ -1,0 +1,240 @@
+"""Convert a llama.cpp GGUF (LLaMA architecture, GPT-2 byte-level BPE vocabulary) into an HF directory.
+
+Writes `config.json`, `model.safetensors` (HF tensor names, dequantized), `tokenizer.json`,
+`tokenizer_config.json` (with the chat template) and `generation_config.json`, so the result loads with
+Punica's loader and with `transformers` alike. Two llama.cpp conventions are undone on the way:
+attn_q/attn_k rows are permuted back from llama.cpp's rope layout, and a missing `output.weight`
+means tied embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+
+from punica.errors import ModelLoadError
+
+Log = Callable[[str], None]
+
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_DIGITS_FIRST = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp splits every digit apart first
+_PLAIN_GPT2 = ("gpt2", "default", "mpt", "olmo")
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_metadata(reader) -> dict:
+    """Every GGUF metadata field as a Python value (strings, numbers, lists)."""
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def _require(meta: dict, key: str):
+    if key not in meta:
+        raise ModelLoadError(f"GGUF metadata lacks {key!r}: not a llama.cpp LLaMA-family file")
+    return meta[key]
+
+
+def _f32(x: float) -> float:
+    """GGUF stores float32: 9.999999747e-06 -> 1e-05, the shortest decimal that rounds to the same float32."""
+    return float(str(np.float32(x)))
+
+
+def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
+    """The HF `config.json` (LlamaForCausalLM) from llama.cpp's `llama.*` hyperparameters."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"GGUF architecture is {arch!r}; this converter handles 'llama' only")
+    hidden = int(_require(meta, "llama.embedding_length"))
+    heads = int(_require(meta, "llama.attention.head_count"))
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(_require(meta, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_require(meta, "llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
+        "head_dim": int(meta.get("llama.rope.dimension_count", hidden // heads)),
+        "max_position_embeddings": int(meta.get("llama.context_length", 4096)),
+        "rms_norm_eps": _f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "vocab_size": len(_require(meta, "tokenizer.ggml.tokens")),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": not has_output,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if m and m.group(2) in _LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.weight"
+    m = re.fullmatch(r"(\w+)\.weight", gguf_name)
+    if m and m.group(1) in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[m.group(1)]}.weight"
+    raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no LLaMA counterpart; is this a LLaMA-family file?")
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute`: per head, rows interleaved in pairs -> first halves, then second halves."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    """A GGUF tensor as float32 in HF's [out_features, in_features] orientation."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:
+    """All weights, renamed to HF names, q/k un-permuted, cast to `dtype`."""
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    out: dict[str, torch.Tensor] = {}
+    for i, tensor in enumerate(reader.tensors):
+        w = dequantize_tensor(tensor)
+        kind = tensor.name.split(".")[-2]
+        if tensor.name.startswith("blk.") and kind in heads:
+            w = unpermute_rope_rows(w, heads[kind])
+        out[hf_tensor_name(tensor.name)] = torch.from_numpy(np.require(w, requirements=("C", "W"))).to(dtype)
+        if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
+            log(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
+    return out
+
+
+def _pre_tokenizer(pre: str):
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre in _DIGITS_FIRST:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _PLAIN_GPT2:
+        return byte_level
+    raise ModelLoadError(
+        f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_DIGITS_FIRST + _PLAIN_GPT2)}"
+    )
+
+
+def _added_tokens(meta: dict) -> list:
+    from tokenizers import AddedToken
+
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    return [
+        AddedToken(tok, special=kind == _CONTROL, normalized=False)
+        for tok, kind in zip(tokens, types)
+        if kind in (_CONTROL, _USER_DEFINED)
+    ]
+
+
+def build_tokenizer(meta: dict):
+    """A `tokenizers.Tokenizer`: byte-level BPE from the GGUF vocabulary, merges and token types."""
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ModelLoadError(
+            f"GGUF tokenizer.ggml.model={model!r}; this converter handles byte-level BPE ('gpt2') only"
+        )
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in _require(meta, "tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(_added_tokens(meta))
+    return tok
+
+
+def _token(meta: dict, key: str) -> str | None:
+    idx = meta.get(f"tokenizer.ggml.{key}")
+    return None if idx is None else meta["tokenizer.ggml.tokens"][idx]
+
+
+def tokenizer_config(meta: dict, max_len: int) -> dict:
+    """`tokenizer_config.json`: special tokens, BOS/EOS policy, chat template."""
+    special = [t.content for t in _added_tokens(meta) if t.special]
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": _token(meta, "bos_token_id"),
+        "eos_token": _token(meta, "eos_token_id"),
+        "unk_token": _token(meta, "unknown_token_id"),
+        "pad_token": _token(meta, "padding_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "additional_special_tokens": special,
+    }
+    if "tokenizer.chat_template" in meta:
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return cfg
+
+
+def generation_config(meta: dict) -> dict:
+    keys = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+            "pad_token_id": "padding_token_id"}
+    return {hf: meta[f"tokenizer.ggml.{g}"] for hf, g in keys.items() if f"tokenizer.ggml.{g}" in meta}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def convert_gguf(
+    gguf_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log: Log = _stderr
+) -> str:
+    """Convert `gguf_path` into the HF directory `out_dir` (created if needed); returns `out_dir`."""
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
+
+    if not os.path.isfile(gguf_path):
+        raise ModelLoadError(f"GGUF file {gguf_path!r} does not exist")
+    log(f"punica: converting {os.path.basename(gguf_path)} -> {out_dir}")
+    reader = GGUFReader(gguf_path)
+    meta = read_metadata(reader)
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    config = build_config(meta, has_output, dtype)
+    tokenizer = build_tokenizer(meta)
+    tensors = convert_tensors(reader, config, dtype, log)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(os.path.join(out_dir, "config.json"), config)
+    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(meta))
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                tokenizer_config(meta, config["max_position_embeddings"]))
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    log(f"punica: wrote {len(tensors)} tensors ({dtype}) and tokenizer to {out_dir}")
+    return out_dir
