@@ -138,3 +138,23 @@ class RuntimeInfo:
     backend: str
     num_blocks: int
     max_model_len: int
+
+
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig}
+
+
+def engine_config(**flat) -> EngineConfig:
+    """Build an EngineConfig from flat keyword arguments: each name is a field of EngineConfig or of one
+    of its sections (`max_loras=4`, `block_size=32`). Unknown names raise ConfigError."""
+    top = {f.name for f in dataclasses.fields(EngineConfig)} - set(_SECTIONS)
+    sections: dict[str, dict] = {name: {} for name in _SECTIONS}
+    owners = {f.name: sec for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in flat.items():
+        if key in top:
+            kwargs[key] = value
+        elif key in owners:
+            sections[owners[key]][key] = tuple(value) if isinstance(value, list) else value
+        else:
+            raise ConfigError(f"unknown engine option {key!r}; known: {sorted(top | set(owners))}")
+    return EngineConfig(**kwargs, **{sec: _SECTIONS[sec](**vals) for sec, vals in sections.items()})

@@ -1,0 +1,1 @@
+"""Engine: requests, scheduler, model runner, streaming Engine and offline LLM."""

@@ -1,0 +1,195 @@
+"""Engine: one base model, many adapters, continuous batching. Single-threaded; the server runs its
+`step` loop in a thread of its own."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+
+from punica.config import EngineConfig, RuntimeInfo, engine_config
+from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status
+from punica.engine.runner import ModelRunner
+from punica.engine.scheduler import Scheduler
+from punica.engine.tokenizer import Tokenizer
+from punica.errors import BadRequestError, CapacityError
+from punica.kv.block_manager import BlockManager
+from punica.kv.cache import allocate_kv_pool, num_blocks_for
+from punica.lora.manager import AdapterManager
+from punica.lora.pool import AdapterPool
+from punica.model.loader import DTYPES, load_model, read_model_config
+from punica.ops import resolve_backend, select_ops
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": the checkpoint's dtype on CUDA, float32 on the CPU (where half precision is slow)."""
+    if dtype == "auto":
+        return DTYPES.get(checkpoint_dtype, torch.float32) if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+class Engine:
+    """add_request -> step (repeatedly) -> RequestOutputs; abort at any time."""
+
+    def __init__(self, config: EngineConfig, lora_modules: dict[str, str] | None = None):
+        self.config = config
+        device = resolve_device(config.device)
+        model_cfg = read_model_config(config.model)
+        dtype = resolve_dtype(config.dtype, model_cfg.torch_dtype, device)
+        backend = resolve_backend(config.backend, device)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config.model, select_ops(backend), dtype, device)
+        self.model_config = model_cfg
+        self.tokenizer = Tokenizer.from_dir(config.model)
+        block_size = config.cache.block_size
+        num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device)
+        self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
+        max_len = min(config.scheduler.max_model_len or model_cfg.max_position_embeddings,
+                      model_cfg.max_position_embeddings, num_blocks * block_size)
+        self.info = RuntimeInfo(device=str(device), dtype=str(dtype).removeprefix("torch."), backend=backend,
+                                num_blocks=num_blocks, max_model_len=max_len)
+        layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]
+        pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device)
+        self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+        self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device)
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.eos_ids = set(model_cfg.eos_token_ids)
+        for name, path in (lora_modules or {}).items():
+            self.add_lora(name, path)
+
+    @classmethod
+    def from_args(cls, model: str, lora_modules: dict[str, str] | None = None, **options) -> Engine:
+        return cls(engine_config(model=model, **options), lora_modules)
+
+    # adapters
+    def add_lora(self, name: str, path: str) -> None:
+        self.adapters.register(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.adapters.unregister(name)
+
+    def list_loras(self) -> dict[str, str]:
+        return dict(self.adapters.paths)
+
+    # requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora: str | None = None, request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises BadRequestError, UnknownModelError or CapacityError."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
+            raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting already; retry later")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise BadRequestError(f"request id {request_id!r} is already in use")
+        if lora is not None:
+            self.adapters.ref(lora)
+        seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise BadRequestError("this model directory has no tokenizer.json: pass token ids, not text")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise BadRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise BadRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.info.max_model_len:
+            raise BadRequestError(f"the prompt has {len(ids)} tokens but the context holds "
+                                  f"{self.info.max_model_len} (max_model_len), including at least one new token")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks and adapter slot; False if it is unknown or done."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; report every request that gained a token or finished."""
+        step = self.scheduler.schedule()
+        if not step.work:
+            return []
+        sampled = self.runner.run(step.work)
+        for seq, n in step.work.items():
+            seq.num_computed += n
+        return [self._append(seq, token) for seq, token in sampled.items()]
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        old_text, old_len = seq.text, len(seq.output_ids)
+        seq.tokens.append(token)
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            self._finish(seq, reason)
+        return self._output(seq, seq.output_ids[old_len:], seq.text[len(old_text):])
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids)
+            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                seq.text = text
+            for stop in p.stop:
+                at = seq.text.find(stop)
+                if at >= 0:
+                    seq.text = seq.text[:at]
+                    return "stop"
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.info.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.forget(seq)
+        self._requests.pop(seq.request_id, None)
+        if seq.lora is not None:
+            self.adapters.unref(seq.lora)
+
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(request_id=seq.request_id, token_ids=list(seq.output_ids), text=seq.text,
+                             new_token_ids=new_ids, new_text=new_text, finished=seq.status is Status.FINISHED,
+                             finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids), lora=seq.lora)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               lora: str | None = None) -> Iterator[RequestOutput]:
+        """Add one request and step until it finishes, yielding its outputs (single-consumer helper;
+        other requests in the engine advance too)."""
+        rid = self.add_request(prompt, params, lora)
+        while True:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return

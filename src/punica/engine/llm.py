@@ -1,0 +1,58 @@
+"""Offline batched generation: `LLM(model=...).generate(prompts, params, lora=[...])`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from punica.engine.engine import Engine
+from punica.engine.request import RequestOutput, SamplingParams
+from punica.errors import BadRequestError
+
+
+class LLM:
+    """One base model plus named LoRA adapters, generating for many prompts at once.
+
+    `options` are engine options by name (dtype, device, backend, max_loras, max_lora_rank, block_size,
+    num_blocks, max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager, ...).
+    """
+
+    def __init__(self, model: str, lora_modules: dict[str, str] | None = None, **options):
+        self.engine = Engine.from_args(model, lora_modules, **options)
+
+    def add_lora(self, name: str, path: str) -> None:
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
+                 lora: list[str | None] | str | None = None, progress: bool | None = None) -> list[RequestOutput]:
+        """Outputs in prompt order. `lora`: one adapter name (or None) per prompt, or one for all."""
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise BadRequestError(f"got {len(loras)} lora entries for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, name in zip(prompts, loras):
+                ids.append(self.engine.add_request(prompt, params, name))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return self._run(ids, progress if progress is not None else len(ids) >= 64)
+
+    def _run(self, ids: list[str], progress: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        start, tokens = time.perf_counter(), 0
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                tokens += len(out.new_token_ids)
+                if out.finished:
+                    done[out.request_id] = out
+            if progress:
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+                print(f"\r{len(done)}/{len(ids)} done, {tokens} tokens, {rate:.1f} tok/s", end="", file=sys.stderr)
+        if progress:
+            print(file=sys.stderr)
+        return [done[rid] for rid in ids]

@@ -1,0 +1,98 @@
+"""Requests: sampling parameters, the per-sequence state the engine tracks, and what it reports back."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from punica.errors import BadRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop. Invalid values raise BadRequestError."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] | list[str] | str | None = None
+    stop_token_ids: tuple[int, ...] | list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(msg: str) -> None:
+            raise BadRequestError(msg)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad(f"top_k must be -1, 0 (both: no limit) or a positive integer, got {self.top_k!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            bad(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrival = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state. `tokens` = prompt + generated; KV is stored for the first `num_computed`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    slot: int = 0
+    status: Status = Status.WAITING
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    finish_reason: str | None = None
+    text: str = ""
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        if not self.tokens:
+            self.tokens = list(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids):]
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens whose KV is not yet computed (1 for a decode)."""
+        return len(self.tokens) - self.num_computed
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress after a step: everything generated so far plus what this step added."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    lora: str | None = None
+    error: str | None = None

@@ -1,0 +1,119 @@
+"""Continuous batching. Each step: running sequences (decodes first, then unfinished prefills) under a
+token budget, then waiting ones in arrival order while KV blocks, adapter slots and `max_num_seqs`
+allow. When KV blocks run out the newest running sequence is preempted: its blocks are freed and it is
+recomputed later. Nothing is dropped. Pure Python: no torch."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from punica.config import SchedulerConfig
+from punica.engine.request import Sequence, Status
+from punica.kv.block_manager import BlockManager
+
+
+class AdapterSlots(Protocol):
+    """What the scheduler needs of adapter residency (the engine's AdapterManager)."""
+
+    def can_acquire(self, name: str) -> bool: ...
+    def acquire(self, name: str) -> int: ...
+    def release(self, name: str) -> None: ...
+
+
+@dataclass
+class ScheduledStep:
+    """Sequences to run this step with how many of their uncomputed tokens each processes."""
+
+    work: dict[Sequence, int] = field(default_factory=dict)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.work.values())
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, adapters: AdapterSlots):
+        self.cfg = cfg
+        self.blocks = blocks
+        self.adapters = adapters
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        budget = self.cfg.max_num_batched_tokens
+        for seq in sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival)):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_remaining, budget)
+            if self._make_room(seq, n, step):
+                self.blocks.grow(seq.block_table, seq.num_computed + n)
+                step.work[seq] = n
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            n = self._try_admit(self.waiting[0], budget)
+            if not n:
+                break  # first come, first served: nobody overtakes the head of the queue
+            seq = self.waiting.popleft()
+            step.work[seq] = n
+            budget -= n
+        return step
+
+    def _make_room(self, seq: Sequence, n: int, step: ScheduledStep) -> bool:
+        """Preempt the newest running sequences until `seq` can grow by `n` tokens; False if `seq` itself
+        had to go."""
+        while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+            victim = max(self.running, key=lambda s: s.arrival)
+            self.preempt(victim)
+            step.work.pop(victim, None)
+            step.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _try_admit(self, seq: Sequence, budget: int) -> int:
+        """Move `seq` to running and return its first chunk's size, or 0 if it cannot start now."""
+        if seq.lora is not None and not self.adapters.can_acquire(seq.lora):
+            return 0
+        n = min(seq.num_remaining, budget)
+        # keep one free block per running sequence so admitting does not force an immediate preemption
+        if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n) + len(self.running) > self.blocks.num_free:
+            return 0
+        if seq.lora is not None:
+            seq.slot = self.adapters.acquire(seq.lora)
+        self.blocks.grow(seq.block_table, seq.num_computed + n)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return n
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s KV and put it back at the head of the queue; it will be recomputed."""
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.RUNNING:
+            self._release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        if seq.lora is not None:
+            self.adapters.release(seq.lora)
+            seq.slot = 0

@@ -1,0 +1,33 @@
+"""CPU cache of loaded adapters: bounded LRU; an evicted adapter is read from disk again on demand."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+from punica.lora.peft import LoRAWeights
+
+
+class AdapterCache:
+    def __init__(self, capacity: int, load: Callable[[str, str], LoRAWeights]):
+        self.capacity = capacity
+        self._load = load
+        self._items: OrderedDict[str, LoRAWeights] = OrderedDict()
+        self.loads = 0  # disk reads, for metrics
+
+    def get(self, name: str, path: str) -> LoRAWeights:
+        if name in self._items:
+            self._items.move_to_end(name)
+            return self._items[name]
+        weights = self._load(name, path)
+        self.loads += 1
+        self._items[name] = weights
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return weights
+
+    def discard(self, name: str) -> None:
+        self._items.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items

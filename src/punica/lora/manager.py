@@ -1,0 +1,98 @@
+"""Adapter residency: registry (name -> PEFT dir) -> CPU cache (LRU) -> device slots (LRU, pinned while
+a running request uses them). Implements the scheduler's AdapterSlots protocol."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from punica.config import LoRAConfig, ModelConfig
+from punica.errors import AdapterError, UnknownModelError
+from punica.lora.cache import AdapterCache
+from punica.lora.peft import LoRAWeights, load_peft_adapter
+from punica.lora.pool import AdapterPool
+from punica.lora.slots import SlotTable
+
+
+class AdapterManager:
+    def __init__(self, model_cfg: ModelConfig, lora_cfg: LoRAConfig, pool: AdapterPool, dtype: torch.dtype):
+        self.model_cfg = model_cfg
+        self.cfg = lora_cfg
+        self.pool = pool
+        self.dtype = dtype
+        self.paths: dict[str, str] = {}
+        self.cache = AdapterCache(lora_cfg.max_cpu_loras, self._read)
+        self.slots = SlotTable(lora_cfg.max_loras)
+        self._refs: dict[str, int] = {}  # unfinished requests per adapter, removed ones included
+        self._retired: dict[str, str] = {}  # unloaded while in use: path kept until the last request ends
+        self.device_loads = 0
+        self.device_evictions = 0
+
+    def _read(self, name: str, path: str) -> LoRAWeights:
+        return load_peft_adapter(name, path, self.model_cfg, self.cfg.max_lora_rank, self.dtype)
+
+    def check_allowed(self, path: str) -> None:
+        """Refuse paths outside `allowed_lora_dirs` (dynamic loading from the network)."""
+        real = os.path.realpath(path)
+        roots = [os.path.realpath(d) for d in self.cfg.allowed_lora_dirs]
+        if not any(os.path.commonpath([real, root]) == root for root in roots):
+            raise PermissionError(f"adapter path {path!r} is outside the allowed directories {roots}")
+
+    def register(self, name: str, path: str) -> LoRAWeights:
+        """Validate the adapter at `path` now (errors surface here, not mid-batch) and make it servable."""
+        if not name or name in self.paths:
+            raise AdapterError(f"adapter name {name!r} is empty or already registered")
+        weights = self._read(name, path)
+        self.paths[name] = path
+        self.cache.discard(name)
+        self.cache.get(name, path)  # warm: the next request need not touch the disk
+        return weights
+
+    def unregister(self, name: str) -> None:
+        """New requests for `name` fail from now on; requests already in flight finish first."""
+        if name not in self.paths:
+            raise UnknownModelError(f"adapter {name!r} is not loaded")
+        path = self.paths.pop(name)
+        if self._refs.get(name):
+            self._retired[name] = path
+        else:
+            self._forget(name)
+
+    def resolve(self, name: str) -> None:
+        if name not in self.paths:
+            raise UnknownModelError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.paths)}")
+
+    def ref(self, name: str) -> None:
+        self.resolve(name)
+        self._refs[name] = self._refs.get(name, 0) + 1
+
+    def unref(self, name: str) -> None:
+        self._refs[name] -= 1
+        if not self._refs[name]:
+            del self._refs[name]
+            if name in self._retired:
+                del self._retired[name]
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        slot = self.slots.drop(name)
+        if slot is not None:
+            self.pool.clear(slot)
+        self.cache.discard(name)
+
+    def can_acquire(self, name: str) -> bool:
+        return self.slots.can_place(name)
+
+    def acquire(self, name: str) -> int:
+        slot, evicted, load = self.slots.place(name)
+        if load:
+            path = self.paths.get(name) or self._retired[name]
+            self.pool.write(slot, self.cache.get(name, path))
+            self.device_loads += 1
+            self.device_evictions += evicted is not None
+        self.slots.pin(name)
+        return slot
+
+    def release(self, name: str) -> None:
+        self.slots.unpin(name)

@@ -1,0 +1,141 @@
+"""Read and validate PEFT LoRA directories against a base model.
+
+Supported: `r`, `lora_alpha`, `use_rslora`, `rank_pattern`, `alpha_pattern`, `target_modules` (any
+subset of q/k/v/o/gate/up/down, a regex, or "all-linear"), `layers_to_transform`, weights in
+`adapter_model.safetensors` or `adapter_model.bin`. Everything else that changes the math is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+
+from punica.config import ModelConfig
+from punica.errors import AdapterError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+@dataclass
+class LoRAWeights:
+    """One adapter on the CPU: module -> (A [r, in], B*scale [out, r]) keyed by (layer, projection)."""
+
+    name: str
+    path: str
+    rank: int
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
+    """(in_features, out_features) of a base projection; k/v use the grouped-query width."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"q_proj": (h, cfg.q_size), "k_proj": (h, cfg.kv_size), "v_proj": (h, cfg.kv_size),
+            "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[proj]
+
+
+def read_adapter_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isdir(path):
+        raise AdapterError(f"adapter directory {path!r} does not exist")
+    if not os.path.isfile(cfg_path):
+        raise AdapterError(f"{path!r} has no adapter_config.json: not a PEFT adapter directory")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"cannot read {cfg_path}: {e}") from e
+
+
+def check_supported(cfg: dict, path: str) -> None:
+    """Refuse PEFT options that change the computation in ways Punica does not implement."""
+    def refuse(option: str, value, why: str) -> None:
+        raise AdapterError(f"adapter {path!r}: {option}={value!r} is not supported ({why})")
+
+    if cfg.get("peft_type", "LORA").upper() != "LORA":
+        refuse("peft_type", cfg["peft_type"], "only LORA adapters are served")
+    if cfg.get("use_dora"):
+        refuse("use_dora", True, "DoRA needs a per-column magnitude; merge it or train plain LoRA")
+    if cfg.get("modules_to_save"):
+        refuse("modules_to_save", cfg["modules_to_save"], "fully trained modules cannot be shared in a batch")
+    if cfg.get("bias", "none") != "none":
+        refuse("bias", cfg["bias"], "only bias='none' adapters are served")
+    if cfg.get("fan_in_fan_out"):
+        refuse("fan_in_fan_out", True, "only nn.Linear targets exist in LLaMA models")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, (list, tuple, set)):
+        unknown = sorted(set(targets) - set(PROJECTIONS))
+        if unknown:
+            refuse("target_modules", unknown, f"only {', '.join(PROJECTIONS)} can carry adapters")
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    st, bin_ = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    try:
+        if os.path.isfile(st):
+            return load_file(st)
+        if os.path.isfile(bin_):
+            return torch.load(bin_, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files surface from several libraries
+        raise AdapterError(f"cannot read the weights of adapter {path!r}: {e}") from e
+    raise AdapterError(f"{path!r} has neither adapter_model.safetensors nor adapter_model.bin")
+
+
+def _pattern_value(patterns: dict, layer: int, proj: str, default):
+    """PEFT's rank/alpha_pattern lookup: the first key that matches the module's full name as a suffix."""
+    full = f"model.layers.{layer}.{'mlp' if proj in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{proj}"
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", full):
+            return value
+    return default
+
+
+def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: int,
+                      dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    """Read, validate and scale one PEFT adapter. Raises AdapterError naming the problem."""
+    cfg = read_adapter_config(path)
+    check_supported(cfg, path)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_tensors(path).items():
+        m = _KEY.search(key)
+        if not m or m.group(2) not in PROJECTIONS:
+            raise AdapterError(f"adapter {path!r}: tensor {key!r} is not a LoRA weight of "
+                               f"{'/'.join(PROJECTIONS)} (embedding and lm_head adapters are not supported)")
+        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+    if not pairs:
+        raise AdapterError(f"adapter {path!r} holds no LoRA weights")
+    weights = LoRAWeights(name=name, path=path, rank=0)
+    for (layer, proj), ab in sorted(pairs.items()):
+        weights.modules[(layer, proj)] = _scaled_pair(cfg, path, model_cfg, max_rank, layer, proj, ab, dtype)
+        weights.rank = max(weights.rank, ab["A"].shape[0])
+    return weights
+
+
+def _scaled_pair(cfg: dict, path: str, model_cfg: ModelConfig, max_rank: int, layer: int, proj: str,
+                 ab: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    where = f"adapter {path!r}, layer {layer} {proj}"
+    if set(ab) != {"A", "B"}:
+        raise AdapterError(f"{where}: has lora_{'/'.join(ab)} but needs both lora_A and lora_B")
+    if layer >= model_cfg.num_layers:
+        raise AdapterError(f"{where}: the base model has only {model_cfg.num_layers} layers")
+    a, b = ab["A"], ab["B"]
+    h_in, h_out = projection_shape(model_cfg, proj)
+    r = a.shape[0]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != h_in or tuple(b.shape) != (h_out, r):
+        raise AdapterError(f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                           f"projection ({h_in} -> {h_out}); expected [r, {h_in}] and [{h_out}, r]. "
+                           "Was it trained on another base model?")
+    if r > max_rank:
+        raise AdapterError(f"{where}: rank {r} exceeds max_lora_rank={max_rank}; raise --max-lora-rank")
+    alpha = _pattern_value(cfg.get("alpha_pattern"), layer, proj, cfg.get("lora_alpha", 8))
+    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    return a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()

@@ -1,0 +1,53 @@
+"""Building blocks of the model. LoRA is a property of the linear layer: every projection is a
+`LoRALinear`, which adds its adapters' deltas (one per output slice) through the SGMV op."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from punica.model.batch import Batch
+from punica.ops import Ops
+
+
+class LoRALinear(nn.Module):
+    """y = x @ W.T + b, then y[:, slice i] += LoRA_i(x) for each token's adapter.
+
+    `out_slices` are the widths of the fused outputs (q, k, v for qkv; gate, up for gate_up). The adapter
+    buffers `lora_a` [slots, n*R, in] and `lora_b` [slots, sum(out_slices), R] are attached by the
+    AdapterPool (layout in ops/sgmv.py); until then the layer is a plain linear layer.
+    """
+
+    def __init__(self, ops: Ops, in_features: int, out_slices: tuple[int, ...], bias: bool = False):
+        super().__init__()
+        self.ops = ops
+        self.in_features = in_features
+        self.out_slices = out_slices
+        offsets = [0]
+        for width in out_slices:
+            offsets.append(offsets[-1] + width)
+        self.slice_offsets = tuple(offsets)
+        self.weight = nn.Parameter(torch.empty(offsets[-1], in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(offsets[-1]), requires_grad=False) if bias else None
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.lora_a is not None and batch.lora.has_lora:
+            self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, ops: Ops, hidden_size: int, eps: float):
+        super().__init__()
+        self.ops = ops
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without `residual`: rms_norm(x). With it: (rms_norm(x + residual), x + residual)."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -1,0 +1,114 @@
+"""The LLaMA family (Llama 2/3, Mistral, Qwen2) over a paged KV cache, with per-token LoRA adapters.
+
+Projections are fused (qkv, gate_up); each applies one adapter per output slice. The model never
+branches on the adapter: a token without one sits in a slot-0 segment that the LoRA op skips.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from punica.config import ModelConfig
+from punica.model.batch import Batch
+from punica.model.layers import LoRALinear, RMSNorm
+from punica.ops import Ops
+from punica.ops.norm_rope import rope_cos_sin, rope_inv_freq
+
+class Attention(nn.Module):
+    def __init__(self, ops: Ops, cfg: ModelConfig, cos_sin: torch.Tensor):
+        super().__init__()
+        self.ops = ops
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = LoRALinear(ops, cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
+        self.o_proj = LoRALinear(ops, cfg.q_size, (cfg.hidden_size,))
+        self.cos_sin = cos_sin
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x, batch).split(self.qkv_proj.out_slices, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.apply_rope(q, k, batch.positions, self.cos_sin)
+        self.ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        out = self.ops.paged_attention(q, self.k_cache, self.v_cache, batch.attn, self.scale)
+        return self.o_proj(out.reshape(T, -1), batch)
+
+
+class MLP(nn.Module):
+    def __init__(self, ops: Ops, cfg: ModelConfig):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = LoRALinear(ops, cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size))
+        self.down_proj = LoRALinear(ops, cfg.intermediate_size, (cfg.hidden_size,))
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x, batch)), batch)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, ops: Ops, cfg: ModelConfig, cos_sin: torch.Tensor):
+        super().__init__()
+        self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(ops, cfg, cos_sin)
+        self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(ops, cfg)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: Batch):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, batch), residual
+
+
+class LlamaModel(nn.Module):
+    """Parameters are named as in HF checkpoints, except the fused qkv_proj and gate_up_proj."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.config = cfg
+        self.ops = ops
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("cos_sin", rope_cos_sin(inv_freq, cfg.max_position_embeddings), persistent=False)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(ops, cfg, self.cos_sin) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.weight.requires_grad_(False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for layer in self.layers:  # the rope table is shared by all layers and must follow the model's device
+            layer.self_attn.cos_sin = self.cos_sin
+        return self
+
+    def bind_kv_cache(self, kv: torch.Tensor) -> None:
+        """Attach the KV pool [num_layers, 2, num_blocks, block_size, Hkv, D] to the attention layers."""
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = kv[i, 0], kv[i, 1]
+
+    def lora_modules(self, layer: int) -> dict[str, LoRALinear]:
+        """The four LoRA-aware linear layers of decoder layer `layer`, by fused name."""
+        blk = self.layers[layer]
+        return {"qkv_proj": blk.self_attn.qkv_proj, "o_proj": blk.self_attn.o_proj,
+                "gate_up_proj": blk.mlp.gate_up_proj, "down_proj": blk.mlp.down_proj}
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Next-token logits [N, vocab] (fp32) at batch.logits_indices."""
+        x, residual = self.embed_tokens(batch.input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch)
+        x = x + residual
+        x = x.index_select(0, batch.logits_indices)
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,107 @@
+"""Load HF checkpoints (config.json + safetensors, single or sharded) into LlamaModel."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from punica.config import ModelConfig
+from punica.errors import ModelLoadError
+from punica.model.llama import LlamaModel
+from punica.ops import Ops
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_model_config(model_dir: str) -> ModelConfig:
+    """ModelConfig from `model_dir/config.json`, refusing architectures we do not implement."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"no config.json in {model_dir!r}: pass an HF model directory")
+    with open(path) as f:
+        hf = json.load(f)
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"architecture {arch!r} in {path} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    eos = hf.get("eos_token_id")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        bos_token_id=hf.get("bos_token_id"), architecture=arch,
+        torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+    )
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, s) for s in shards]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ModelLoadError(f"no model.safetensors or model.safetensors.index.json in {model_dir!r}")
+
+
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _destinations(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """HF tensor name -> the tensor (or slice of a fused one) of `model` it is copied into."""
+    dests: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        parts = _FUSED_PARTS.get(name.rsplit(".", 1)[-1])
+        if not parts:
+            continue
+        prefix = name.rsplit(".", 1)[0]
+        for i, part in enumerate(parts):
+            lo, hi = module.slice_offsets[i], module.slice_offsets[i + 1]
+            for kind in ("weight", "bias"):
+                if getattr(module, kind) is not None:
+                    dests[f"model.{prefix}.{part}.{kind}"] = getattr(module, kind)[lo:hi]
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 2)[-2] not in _FUSED_PARTS:
+            dests[name if name.startswith("lm_head") else f"model.{name}"] = param
+    return dests
+
+
+def load_weights(model: LlamaModel, model_dir: str) -> None:
+    """Copy every tensor of the checkpoint into `model`; refuse unknown, missing or mis-shaped tensors."""
+    dests = _destinations(model)
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if "rotary_emb" in name or (name == "lm_head.weight" and model.config.tie_word_embeddings):
+                    continue
+                if name not in dests:
+                    raise ModelLoadError(f"unexpected tensor {name!r} in {path}")
+                tensor, dst = f.get_tensor(name), dests.pop(name)
+                if dst.shape != tensor.shape:
+                    raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
+                dst.copy_(tensor)
+    if dests:
+        raise ModelLoadError(f"checkpoint in {model_dir!r} lacks tensors: {sorted(dests)[:5]}")
+
+
+def load_model(model_dir: str, ops: Ops, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    cfg = read_model_config(model_dir)
+    with torch.device(device):
+        model = LlamaModel(cfg, ops).to(dtype)
+    with torch.no_grad():
+        load_weights(model, model_dir)
+    return model.eval()
