@@ -7,9 +7,19 @@ Query j of sequence b (absolute position kv_len - q_len + j) attends causally to
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+    _jit = triton.jit
+except ImportError:  # the torch backend runs without Triton
+    triton = tl = None
+    _jit = lambda fn: fn  # noqa: E731
 
 
 @dataclass
@@ -61,3 +71,240 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         scores.masked_fill_(mask, float("-inf"))
         out[q0:q1] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
     return out
+
+
+# ---- Triton kernels. Both read K/V token by token through the block table (any power-of-two page size) and
+# keep an online softmax in base 2 (scores pre-multiplied by scale*log2(e)) with fp32 accumulators.
+
+@_jit
+def _qk(q, k, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """q [M, D] x k [N, D] -> [M, N] fp32; without tensor cores when M == 1 (MHA decode)."""
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    else:
+        s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2)
+    return s
+
+
+@_jit
+def _pv(p, v, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """p [M, N] fp32 x v [N, D] -> [M, D] fp32."""
+    if USE_DOT:
+        o = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    else:
+        o = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
+    return o
+
+
+@_jit
+def _softmax_step(qk, m_i, l_i, acc):
+    """One online-softmax update with a tile of base-2 scores qk [M, N] (-inf where masked)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: no inf - inf
+    p = tl.exp2(qk - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@_jit
+def _kv_offsets(bt_row_ptr, n, valid, kv_head, stride_kb, stride_ks, stride_kh, PAGE: tl.constexpr):
+    """Element offsets [N] of tokens n of one sequence (block-table row bt_row_ptr) in the paged cache."""
+    page = tl.load(bt_row_ptr + n // PAGE, mask=valid, other=0).to(tl.int64)
+    return page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
+
+
+@_jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
+                   scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+                   stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
+    """Program (b, kv head h, split s): the GROUP query heads of h over split s of b's context."""
+    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = tl.load(cu_q_ptr + b)
+    if tl.load(cu_q_ptr + b + 1) == row:
+        return
+    kv_len = tl.load(kv_lens_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), SPLITS) * BLOCK_N
+    start = s * per_split
+    end = tl.minimum(start + per_split, kv_len)
+    g, d = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM)
+    heads = h * GROUP + g
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        qk = tl.where(valid[None, :], _qk(q, k, BLOCK_G > 1, PREC) * scale_log2, float("-inf"))
+        p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc += _pv(p, v, BLOCK_G > 1, PREC)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SPLITS == 1:
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+    else:
+        part = (b * tl.num_programs(1) * GROUP + heads) * SPLITS + s
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=(g < GROUP)[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
+
+
+@_jit
+def _combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, cu_q_ptr, stride_ot, stride_oh, HQ: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (b, head): out = sum_s 2^lse_s * o_s / sum_s 2^lse_s over the decode splits."""
+    b, head = tl.program_id(0), tl.program_id(1)
+    row = tl.load(cu_q_ptr + b)
+    if tl.load(cu_q_ptr + b + 1) == row:
+        return
+    s, d = tl.arange(0, BLOCK_S), tl.arange(0, HEAD_DIM)
+    part = (b * HQ + head) * SPLITS + s
+    lse = tl.load(part_lse_ptr + part, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all splits empty (kv_len 0): w = 0
+    o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+    o = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+
+@_jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, scale_log2,
+                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Program (query tile m, b, head): flash attention of BLOCK_M queries of b, causal over the paged KV."""
+    mb, b, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q0 = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q0
+    if mb * BLOCK_M >= q_len:
+        return
+    kv_len = tl.load(kv_lens_ptr + b)
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = kv_len - q_len + rows
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q0 + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=(rows < q_len)[:, None], other=0.0)
+    end = tl.minimum(kv_len, kv_len - q_len + tl.minimum((mb + 1) * BLOCK_M, q_len))
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, head // GROUP, stride_kb, stride_ks, stride_kh,
+                          PAGE)
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        keep = valid[None, :] & (n[None, :] <= pos[:, None])
+        qk = tl.where(keep, _qk(q, k, True, PREC) * scale_log2, float("-inf"))
+        p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc += _pv(p, v, True, PREC)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
+
+
+# ---- Wrappers.
+
+def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMeta) -> None:
+    """Raise ValueError unless the tensors follow paged_attention_torch's shapes and the kernels' limits."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} must be [T, Hq, D] and k/v caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)} the same [num_blocks, block_size, Hkv, D]")
+    _, block_size, h_kv, d = k_cache.shape
+    if q.shape[2] != d or q.shape[1] % h_kv or d < 16 or d & (d - 1) or block_size & (block_size - 1):
+        raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}: need Hq % Hkv == 0 and "
+                         "power-of-two head_dim >= 16 and block_size")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q needs a unit stride in head_dim and the caches must be contiguous")
+    if meta.block_tables.stride(1) != 1 or len(meta.host_cu_q) != len(meta.host_kv_lens) + 1:
+        raise ValueError("block_tables needs a unit last stride and host_cu_q must have B+1 entries")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so tests cover the combine path at small sizes
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(batch: int, h_kv: int, max_kv_len: int, device: torch.device) -> int:
+    """How many pieces each sequence's context is cut into: enough programs for ~2 waves, >= 256 tokens each.
+
+    Depends only on host ints, so a CUDA graph captured with max_kv_len = its capacity stays valid."""
+    want = triton.cdiv(2 * _num_sms(device), max(batch * h_kv, 1))
+    return max(1, min(want, triton.cdiv(max_kv_len, 256), 16))
+
+
+def _launch_args(q, k_cache, meta, out):
+    return (meta.cu_q, meta.kv_lens, meta.block_tables), (
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), out.stride(0), out.stride(1))
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMeta, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """paged_attention_torch for q_len <= 1 per sequence, each context split in pieces (flash decoding).
+
+    Shapes as paged_attention_torch; num_splits defaults to decode_splits(...). Sequences with q_len 0 write
+    nothing, those with kv_len 0 write zeros (padding for CUDA graphs).
+    """
+    check_attention_args(q, k_cache, v_cache, meta)
+    batch, (_, page, h_kv, d), h_q = len(meta.host_kv_lens), k_cache.shape, q.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0 or q.shape[0] == 0:
+        return out
+    splits = num_splits or decode_splits(batch, h_kv, meta.max_kv_len, q.device)
+    group = h_q // h_kv
+    part_o = q.new_empty((batch, h_q, splits, d) if splits > 1 else (1,), dtype=torch.float32)
+    part_lse = q.new_empty((batch, h_q, splits) if splits > 1 else (1,), dtype=torch.float32)
+    meta_args, strides = _launch_args(q, k_cache, meta, out)
+    _decode_kernel[(batch, h_kv, splits)](
+        q, k_cache, v_cache, out, part_o, part_lse, *meta_args, scale * math.log2(math.e), *strides,
+        GROUP=group, BLOCK_G=1 if group == 1 else max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+        PAGE=page, BLOCK_N=64, SPLITS=splits, PREC=_precision(q.dtype), num_warps=4)
+    if splits > 1:
+        _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
+                                      HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+    return out
+
+
+def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             meta: AttentionMeta, scale: float) -> torch.Tensor:
+    """paged_attention_torch for any query lengths (prefill chunks mixed with decodes), flash-attention."""
+    check_attention_args(q, k_cache, v_cache, meta)
+    batch, (_, page, h_kv, d), h_q = len(meta.host_kv_lens), k_cache.shape, q.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0 or q.shape[0] == 0 or meta.max_q_len == 0:
+        return out
+    wide = q.dtype == torch.float32 or d > 128
+    block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(meta.max_q_len)))
+    meta_args, strides = _launch_args(q, k_cache, meta, out)
+    _prefill_kernel[(triton.cdiv(meta.max_q_len, block_m), batch, h_q)](
+        q, k_cache, v_cache, out, *meta_args, scale * math.log2(math.e), *strides, GROUP=h_q // h_kv,
+        HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=32 if wide else 64, PREC=_precision(q.dtype),
+        num_warps=4)
+    return out
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMeta, scale: float) -> torch.Tensor:
+    """paged_attention_torch on Triton: the split-K decode kernel when meta.max_q_len == 1, else prefill.
+
+    q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D] in q.dtype.
+    """
+    if meta.max_q_len == 1:
+        return decode_attention_triton(q, k_cache, v_cache, meta, scale)
+    return prefill_attention_triton(q, k_cache, v_cache, meta, scale)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 tl.dot would otherwise round to tf32
