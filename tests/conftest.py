@@ -81,3 +81,27 @@ def tiny_models(tmp_path_factory):
             adapters[name] = make_peft_adapter(model, os.path.join(root, name), r, alpha, targets, 100 + j, **extra)
         out[family] = (model, model_dir, adapters)
     return out
+
+
+def write_word_tokenizer(model_dir: str, vocab_size: int = 128) -> list[str]:
+    """A word-level tokenizer.json over words w3..w{vocab-1} (0 unk, 1 bos, 2 eos); returns the words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+    return words
+
+
+@pytest.fixture(scope="session")
+def llama_with_tokenizer(tiny_models, tmp_path_factory):
+    """The tiny llama directory copied, plus a word-level tokenizer."""
+    import shutil
+
+    _, model_dir, adapters = tiny_models["llama"]
+    path = str(tmp_path_factory.mktemp("tok") / "model")
+    shutil.copytree(model_dir, path)
+    write_word_tokenizer(path)
+    return path, adapters

@@ -64,6 +64,7 @@ class Engine:
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.eos_ids = set(model_cfg.eos_token_ids)
+        self.num_preemptions = 0
         for name, path in (lora_modules or {}).items():
             self.add_lora(name, path)
 
@@ -138,6 +139,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; report every request that gained a token or finished."""
         step = self.scheduler.schedule()
+        self.num_preemptions += len(step.preempted)
         if not step.work:
             return []
         sampled = self.runner.run(step.work)

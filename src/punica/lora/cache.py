@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Generic, TypeVar
 
-from punica.lora.peft import LoRAWeights
+W = TypeVar("W")  # the loaded adapter (lora/peft.py's LoRAWeights)
 
 
-class AdapterCache:
-    def __init__(self, capacity: int, load: Callable[[str, str], LoRAWeights]):
+class AdapterCache(Generic[W]):
+    def __init__(self, capacity: int, load: Callable[[str, str], W]):
         self.capacity = capacity
         self._load = load
-        self._items: OrderedDict[str, LoRAWeights] = OrderedDict()
+        self._items: OrderedDict[str, W] = OrderedDict()
         self.loads = 0  # disk reads, for metrics
 
-    def get(self, name: str, path: str) -> LoRAWeights:
+    def get(self, name: str, path: str) -> W:
         if name in self._items:
             self._items.move_to_end(name)
             return self._items[name]

@@ -15,6 +15,7 @@ from punica.model.layers import LoRALinear, RMSNorm
 from punica.ops import Ops
 from punica.ops.norm_rope import rope_cos_sin, rope_inv_freq
 
+
 class Attention(nn.Module):
     def __init__(self, ops: Ops, cfg: ModelConfig, cos_sin: torch.Tensor):
         super().__init__()

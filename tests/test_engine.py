@@ -1,0 +1,119 @@
+"""Engine behaviour on the tiny llama: preemption, chunked prefill, sampling, stops, abort."""
+
+from __future__ import annotations
+
+import pytest
+from test_parity import prompts
+
+from punica import LLM, Engine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+LORAS = ["a4", None, "b8", "c16", "a4", "d8", None, "b8"]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    _, model_dir, adapters = tiny_models["llama"]
+    return model_dir, adapters
+
+
+def test_preemption_keeps_outputs_identical(llama):
+    model_dir, adapters = llama
+    ids = prompts(seed=3)
+    ref = LLM(model=model_dir, lora_modules=adapters, device="cpu").generate(ids, GREEDY, lora=LORAS)
+    small = LLM(model=model_dir, lora_modules=adapters, device="cpu", num_blocks=8, block_size=4, max_loras=2)
+    outs = small.generate(ids, GREEDY, lora=LORAS)  # 8 x 19 tokens need 40 blocks of 4: only 8 exist
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    engine = small.engine
+    assert engine.num_preemptions > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.adapters.device_evictions > 0  # 4 adapters through 2 slots
+
+
+def test_chunked_prefill_equals_one_prefill(llama):
+    model_dir, adapters = llama
+    long_prompt = [1] + [(7 * i) % 120 + 3 for i in range(100)]
+    one = LLM(model=model_dir, lora_modules=adapters, device="cpu", max_num_batched_tokens=512)
+    chunked = LLM(model=model_dir, lora_modules=adapters, device="cpu", max_num_batched_tokens=16, max_num_seqs=4)
+    for lora in (None, "b8"):
+        a = one.generate([long_prompt], GREEDY, lora=lora)[0].token_ids
+        b = chunked.generate([long_prompt], GREEDY, lora=lora)[0].token_ids
+        assert a == b
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llama):
+    model_dir, adapters = llama
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu")
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    ids = prompts(seed=4)
+    alone = llm.generate([ids[2]], p, lora=["b8"])[0].token_ids
+    batched = llm.generate(ids, p, lora=LORAS)[2].token_ids
+    assert alone == batched
+    other_seed = llm.generate([ids[2]], SamplingParams(max_tokens=10, temperature=1.0, seed=99, ignore_eos=True),
+                              lora=["b8"])[0].token_ids
+    assert other_seed != alone
+
+
+def test_top_k_one_is_greedy(llama):
+    model_dir, _ = llama
+    llm = LLM(model=model_dir, device="cpu")
+    ids = prompts(3, seed=5)
+    greedy = llm.generate(ids, GREEDY)
+    topk1 = llm.generate(ids, SamplingParams(max_tokens=12, temperature=0.8, top_k=1, ignore_eos=True))
+    assert [o.token_ids for o in greedy] == [o.token_ids for o in topk1]
+
+
+def test_stop_token_ids_eos_and_max_tokens(llama):
+    model_dir, _ = llama
+    llm = LLM(model=model_dir, device="cpu")
+    ids = prompts(1, seed=6)
+    free = llm.generate(ids, GREEDY)[0].token_ids
+    stop_at = free[4]
+    out = llm.generate(ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                           stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[:free.index(stop_at) + 1]
+    llm.engine.eos_ids = {stop_at}
+    out = llm.generate(ids, SamplingParams(max_tokens=12, temperature=0))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == stop_at
+    out = llm.generate(ids, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_text_prompts_stop_strings_and_streaming(llama_with_tokenizer):
+    path, adapters = llama_with_tokenizer
+    llm = LLM(model=path, lora_modules=adapters, device="cpu")
+    full = llm.generate(["w5 w6 w7"], GREEDY, lora="b8")[0]
+    words = full.text.split()
+    assert len(words) == 12 and full.text == " ".join(words)
+    stop = " ".join(words[3:5])
+    out = llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]),
+                       lora="b8")[0]
+    assert out.finish_reason == "stop" and stop not in out.text and full.text.startswith(out.text)
+    pieces = [o.new_text for o in llm.engine.stream("w5 w6 w7", GREEDY, lora="b8")]
+    assert "".join(pieces) == full.text
+
+
+def test_abort_frees_blocks_and_slot(llama):
+    model_dir, adapters = llama
+    engine = Engine.from_args(model_dir, adapters, device="cpu", max_loras=1)
+    rid = engine.add_request(prompts(1)[0], GREEDY, lora="a4")
+    engine.step()
+    assert engine.blocks.num_used > 0 and engine.adapters.slots.pins("a4") == 1
+    assert engine.abort(rid)
+    assert engine.blocks.num_used == 0 and engine.adapters.slots.pins("a4") == 0
+    assert not engine.has_unfinished() and not engine.abort(rid)
+    out = list(engine.stream(prompts(1)[0], GREEDY, lora="b8"))  # the other adapter can take the slot
+    assert out[-1].finished and len(out[-1].token_ids) == 12
+
+
+def test_add_and_remove_lora_between_calls(llama):
+    model_dir, adapters = llama
+    llm = LLM(model=model_dir, device="cpu")
+    ids = prompts(1, seed=8)
+    base = llm.generate(ids, GREEDY)[0].token_ids
+    llm.add_lora("x", adapters["b8"])
+    with_x = llm.generate(ids, GREEDY, lora="x")[0].token_ids
+    assert with_x != base
+    llm.remove_lora("x")
+    llm.add_lora("x", adapters["c16"])  # same name, new weights: must not reuse the stale slot
+    assert llm.generate(ids, GREEDY, lora="x")[0].token_ids not in (base, with_x)

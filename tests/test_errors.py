@@ -1,0 +1,133 @@
+"""Bad input raises the package's own errors naming the cause, and the engine keeps working."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import make_hf_model, make_peft_adapter
+from safetensors.torch import load_file, save_file
+
+from punica import LLM, AdapterError, BadRequestError, ConfigError, SamplingParams, UnknownModelError
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    _, model_dir, adapters = tiny_models["llama"]
+    return LLM(model=model_dir, lora_modules={"a4": adapters["a4"]}, device="cpu", max_lora_rank=8)
+
+
+@pytest.fixture()
+def adapter_copy(tiny_models, tmp_path):
+    def copy(name: str) -> str:
+        dst = str(tmp_path / name)
+        shutil.copytree(tiny_models["llama"][2][name], dst)
+        return dst
+    return copy
+
+
+def edit_config(path: str, **changes) -> None:
+    cfg_path = os.path.join(path, "adapter_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.update(changes)
+    json.dump(cfg, open(cfg_path, "w"))
+
+
+def still_works(llm: LLM) -> None:
+    out = llm.generate([[1, 2, 3, 4]], GREEDY, lora=["a4"])[0]
+    assert len(out.token_ids) == 4
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("use_dora", True, "use_dora"), ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("bias", "all", "bias"), ("peft_type", "IA3", "peft_type"),
+    ("target_modules", ["embed_tokens", "q_proj"], "target_modules"),
+])
+def test_unsupported_peft_options_are_refused(llm, adapter_copy, option, value, match):
+    path = adapter_copy("a4")
+    edit_config(path, **{option: value})
+    with pytest.raises(AdapterError, match=match):
+        llm.add_lora("bad", path)
+    still_works(llm)
+
+
+def test_embedding_lora_weights_are_refused(llm, adapter_copy):
+    path = adapter_copy("a4")
+    st = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(st)
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 128)
+    save_file(tensors, st)
+    with pytest.raises(AdapterError, match="embed_tokens.*not a LoRA weight"):
+        llm.add_lora("bad", path)
+    still_works(llm)
+
+
+def test_rank_above_maximum(llm, tiny_models):
+    with pytest.raises(AdapterError, match="rank 16 exceeds max_lora_rank=8"):
+        llm.add_lora("big", tiny_models["llama"][2]["c16"])
+    still_works(llm)
+
+
+def test_adapter_for_another_base_model(llm, tmp_path):
+    other = make_hf_model("llama", hidden_size=32, intermediate_size=48)
+    path = make_peft_adapter(other, str(tmp_path / "other"), 4, 8, ("q_proj",), 1)
+    with pytest.raises(AdapterError, match="do not fit the base projection"):
+        llm.add_lora("other", path)
+    still_works(llm)
+
+
+def test_missing_files(llm, adapter_copy, tmp_path):
+    with pytest.raises(AdapterError, match="does not exist"):
+        llm.add_lora("x", str(tmp_path / "nowhere"))
+    path = adapter_copy("a4")
+    os.remove(os.path.join(path, "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="neither adapter_model.safetensors nor adapter_model.bin"):
+        llm.add_lora("x", path)
+    os.remove(os.path.join(path, "adapter_config.json"))
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        llm.add_lora("x", path)
+    still_works(llm)
+
+
+def test_truncated_weights_file(llm, adapter_copy):
+    path = adapter_copy("a4")
+    st = os.path.join(path, "adapter_model.safetensors")
+    open(st, "wb").write(open(st, "rb").read()[:100])
+    with pytest.raises(AdapterError, match="cannot read the weights"):
+        llm.add_lora("x", path)
+    still_works(llm)
+
+
+def test_unknown_adapter_and_bad_requests(llm):
+    with pytest.raises(UnknownModelError, match="unknown adapter 'nope'"):
+        llm.generate([[1, 2, 3]], GREEDY, lora=["nope"])
+    with pytest.raises(BadRequestError, match="context holds"):
+        llm.generate([[1] * 300], GREEDY)
+    with pytest.raises(BadRequestError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(BadRequestError, match="token ids"):
+        llm.generate([[1, 999]], GREEDY)
+    with pytest.raises(BadRequestError, match="no tokenizer.json"):
+        llm.generate(["hello"], GREEDY)
+    with pytest.raises(BadRequestError, match="lora entries"):
+        llm.generate([[1, 2]], GREEDY, lora=["a4", None])
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(stop=[""])):
+        with pytest.raises(BadRequestError):
+            SamplingParams(**bad)
+    assert not llm.engine.has_unfinished()  # a failed generate leaves nothing behind
+    still_works(llm)
+
+
+def test_bad_engine_options(tiny_models):
+    _, model_dir, _ = tiny_models["llama"]
+    with pytest.raises(ConfigError, match="unknown engine option 'max_lora'"):
+        LLM(model=model_dir, device="cpu", max_lora=4)
+    with pytest.raises(ConfigError, match="block_size must be a power of two"):
+        LLM(model=model_dir, device="cpu", block_size=12)
+    with pytest.raises(ConfigError, match="dtype"):
+        LLM(model=model_dir, device="cpu", dtype="float8")

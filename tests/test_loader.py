@@ -1,0 +1,63 @@
+"""Checkpoint variants: Llama-3 rope scaling, tied embeddings, sharded safetensors, half precision."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_hf_model
+
+from punica import LLM, ModelLoadError, SamplingParams
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    inputs = torch.tensor([ids])
+    out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    model = make_hf_model("llama", seed=7, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True,
+                          max_position_embeddings=512)
+    path = str(tmp_path_factory.mktemp("llama3") / "model")
+    model.save_pretrained(path, max_shard_size="40KB")
+    return model, path
+
+
+def test_llama3_rope_tied_sharded_matches_hf(llama3_dir):
+    model, path = llama3_dir
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    assert cfg.get("tie_word_embeddings") is True
+    ids = [1] + list(range(10, 90))  # past original_max_position_embeddings, where llama3 scaling matters
+    llm = LLM(model=path, dtype="float32", device="cpu")
+    ours = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+    assert ours == hf_greedy(model, ids, 8)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_runs_and_mostly_agrees(tiny_models, dtype):
+    hf_model, model_dir, adapters = tiny_models["llama"]
+    ids = [[1, 20, 30, 40, 50]] * 2
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outs = {}
+    for dt in (dtype, "float32"):
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype=dt, device="cpu")
+        outs[dt] = llm.generate(ids, params, lora=[None, "b8"])
+    ours, ref = outs[dtype], outs["float32"]
+    assert [o.token_ids[0] for o in ours] == [o.token_ids[0] for o in ref]
+
+
+def test_missing_and_unsupported_models_raise(tmp_path, tiny_models):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        LLM(model=str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*not supported"):
+        LLM(model=str(tmp_path), device="cpu")

@@ -1,0 +1,109 @@
+"""Scheduler unit tests on pure-Python state (no model)."""
+
+from __future__ import annotations
+
+from punica.config import SchedulerConfig
+from punica.engine.request import SamplingParams, Sequence, Status
+from punica.engine.scheduler import Scheduler
+from punica.kv.block_manager import BlockManager
+
+
+class FakeAdapters:
+    def __init__(self, slots: int = 2):
+        self.slots, self.pins, self.placed = slots, {}, []
+
+    def can_acquire(self, name):
+        return name in self.placed or len(self.placed) < self.slots or any(not self.pins.get(n) for n in self.placed)
+
+    def acquire(self, name):
+        if name not in self.placed:
+            if len(self.placed) >= self.slots:
+                self.placed.remove(next(n for n in self.placed if not self.pins.get(n)))
+            self.placed.append(name)
+        self.pins[name] = self.pins.get(name, 0) + 1
+        return self.placed.index(name) + 1
+
+    def release(self, name):
+        self.pins[name] -= 1
+
+
+def seq(n_prompt: int, lora=None, rid=None) -> Sequence:
+    return Sequence(request_id=rid or f"r{n_prompt}-{id(object())}", prompt_ids=list(range(n_prompt)),
+                    params=SamplingParams(max_tokens=100), lora=lora)
+
+
+def run_step(sched: Scheduler):
+    """Pretend the model ran: commit computed tokens and append one token where a chunk finished."""
+    step = sched.schedule()
+    for s, n in step.work.items():
+        s.num_computed += n
+        if s.num_computed == len(s.tokens):
+            s.tokens.append(7)
+    return step
+
+
+def test_decodes_first_then_chunked_prefill_under_budget():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), BlockManager(64, 16), FakeAdapters())
+    a = seq(5)
+    sched.add(a)
+    run_step(sched)  # a prefilled
+    b = seq(40)
+    sched.add(b)
+    step = run_step(sched)
+    assert step.work[a] == 1 and step.work[b] == 15  # decode of a first, then a chunk of b
+    step = run_step(sched)
+    assert step.work[a] == 1 and step.work[b] == 15
+    step = run_step(sched)
+    assert step.work[b] == 10 and b.num_computed == 40 and len(b.tokens) == 41
+
+
+def test_preempts_newest_when_kv_runs_out_and_everyone_finishes():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, FakeAdapters())
+    seqs = [seq(5, rid=f"s{i}") for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    finished, preempted = set(), 0
+    for _ in range(200):
+        step = run_step(sched)
+        preempted += len(step.preempted)
+        assert blocks.num_free + blocks.num_used == blocks.num_blocks
+        for s in list(sched.running):
+            if len(s.output_ids) >= 10:
+                sched.finish(s, "length")
+                finished.add(s.request_id)
+        if not sched.has_work():
+            break
+    assert finished == {s.request_id for s in seqs}
+    assert preempted > 0
+    assert all(len(s.output_ids) == 10 and s.status is Status.FINISHED for s in seqs)
+
+
+def test_waiting_requests_are_served_in_order_and_none_starves():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), BlockManager(32, 16), FakeAdapters())
+    seqs = [seq(3, rid=f"q{i}") for i in range(6)]
+    for s in seqs:
+        sched.add(s)
+    started = []
+    for _ in range(100):
+        step = run_step(sched)
+        started += [s.request_id for s in step.work if s.request_id not in started]
+        for s in list(sched.running):
+            if len(s.output_ids) >= 2:
+                sched.finish(s, "length")
+        if not sched.has_work():
+            break
+    assert started == [s.request_id for s in seqs]
+
+
+def test_adapter_slots_gate_admission():
+    adapters = FakeAdapters(slots=1)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockManager(32, 16), adapters)
+    a, b = seq(3, lora="x"), seq(3, lora="y")
+    sched.add(a)
+    sched.add(b)
+    step = run_step(sched)
+    assert a in step.work and b not in step.work  # one slot, pinned by a
+    sched.finish(a, "stop")
+    step = run_step(sched)
+    assert b in step.work and b.slot == 1
