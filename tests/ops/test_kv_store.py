@@ -1,0 +1,73 @@
+"""store_kv: the Triton kernel against store_kv_torch (CPU: Triton's interpreter; with CUDA: compiled)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported, by punica.ops
+
+from punica.ops import kv_store  # noqa: E402
+from punica.ops.kv_store import store_kv_torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def device():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(kv_store._store_kv_kernel, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: tests/conftest.py should set it "
+                    "when CUDA is absent, before anything imports punica")
+    return "cpu"
+
+
+def run_both(k, v, cache_shape, slots, cache_dtype):
+    """The caches after store_kv_triton and after store_kv_torch, from the same random start."""
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randn((2, *cache_shape), generator=gen).to(device=k.device, dtype=cache_dtype)
+    ours, ref = start.clone(), start.clone()
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=k.device)
+    kv_store.store_kv_triton(k, v, ours[0], ours[1], slot_mapping)
+    store_kv_torch(k, v, ref[0], ref[1], slot_mapping)
+    return ours, ref
+
+
+@pytest.mark.parametrize("h_kv,d,block_size", [(2, 16, 16), (3, 32, 8), (8, 128, 64), (1, 64, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_store_kv_matches_reference(device, h_kv, d, block_size, dtype):
+    gen = torch.Generator().manual_seed(0)
+    num_blocks = 5
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:7].tolist()
+    slots[2] = slots[5] = -1  # padding tokens
+    k, v = (torch.randn(7, h_kv, d, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    ours, ref = run_both(k, v, (num_blocks, block_size, h_kv, d), slots, dtype)
+    assert torch.equal(ours, ref)
+
+
+def test_store_kv_strided_views_and_cast(device):
+    """k, v as slices of a fused qkv output (the model's layout), cast into an fp16 cache."""
+    qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16, device=device)
+    k = qkv[:, 64:96].view(5, 2, 16)
+    v = qkv[:, 96:].view(5, 2, 16)
+    ours, ref = run_both(k, v, (4, 8, 2, 16), [3, -1, 31, 0, 17], torch.float16)
+    assert torch.equal(ours, ref)
+
+
+def test_store_kv_empty_and_all_padding(device):
+    k = torch.randn(3, 2, 16, device=device)
+    ours, ref = run_both(k, k, (2, 16, 2, 16), [-1, -1, -1], torch.float32)
+    assert torch.equal(ours, ref)
+    ours, ref = run_both(k[:0], k[:0], (2, 16, 2, 16), [], torch.float32)
+    assert torch.equal(ours, ref)
+
+
+def test_store_kv_rejects_bad_shapes(device):
+    k = torch.randn(3, 2, 16, device=device)
+    cache = torch.zeros(2, 16, 4, 16, device=device)
+    with pytest.raises(ValueError, match="must be"):
+        kv_store.store_kv_triton(k, k, cache, cache, torch.zeros(3, dtype=torch.int64, device=device))
