@@ -6,6 +6,14 @@ import math
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+    _jit = triton.jit
+except ImportError:  # the torch backend runs without Triton
+    triton = tl = None
+    _jit = lambda fn: fn  # noqa: E731
+
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """out = x / sqrt(mean(x**2) + eps) * weight, computed in fp32. x: [T, H]; weight: [H]."""
@@ -63,3 +71,128 @@ def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+# ---- Triton kernels: one program per token row, fp32 math, roundings placed where the references round.
+
+@_jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, H, eps,
+                     ADD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row t: s = x (+ residual, rounded and stored when ADD); out = s * rsqrt(mean(s^2) + eps) * w."""
+    t = tl.program_id(0)
+    i = tl.arange(0, BLOCK_H)
+    mask = i < H
+    x = tl.load(x_ptr + t * stride_x + i, mask=mask, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(res_ptr + t * stride_r + i, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + t * H + i, x, mask=mask)
+    xf = x.to(tl.float32)
+    y = xf * (1.0 / tl.sqrt(tl.sum(xf * xf, 0) / H + eps))
+    if ROUND_FIRST:  # the reference casts to x.dtype before multiplying by a weight of that dtype
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + i, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    if x.dim() != 2 or weight.shape != (x.shape[1],) or x.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} must be [T, H] with unit last stride, weight [H], got "
+                         f"{tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    t, h = x.shape
+    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else out
+    if t:
+        block = triton.next_power_of_2(h)
+        _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, x.stride(0),
+                               (residual if residual is not None else x).stride(0), h, eps,
+                               ADD=residual is not None, ROUND_FIRST=weight.dtype == x.dtype, BLOCK_H=block,
+                               num_warps=8 if block >= 4096 else 4)
+    return out, res_out
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm_torch in one launch. x: [T, H]; weight: [H]; returns [T, H] in x.dtype."""
+    return _rms_norm_launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_torch in one launch: (rms_norm(x + residual), x + residual); new tensors. x, residual: [T, H]."""
+    return _rms_norm_launch(x, residual, weight, eps)
+
+
+@_jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter, BLOCK: tl.constexpr):
+    """Row t, columns block c: out = silu(gate) * up, rounding silu to the input dtype as torch does."""
+    t, c = tl.program_id(0), tl.program_id(1)
+    i = c * BLOCK + tl.arange(0, BLOCK)
+    mask = i < inter
+    gate = tl.load(x_ptr + t * stride_x + i, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + t * stride_x + inter + i, mask=mask, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + t * inter + i, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul_torch in one launch. x: [T, 2I]; returns [T, I]."""
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} must be [T, 2I] with unit last stride")
+    t, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty((t, inter), dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    if t:
+        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), inter, BLOCK=block)
+    return out
+
+
+@_jit
+def _rotate_heads(x_ptr, o_ptr, t, stride_t, stride_h, cos, sin, H: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate the H heads of token t: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), pairs (i, i + HALF)."""
+    h, i = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < H) & (i < HALF)
+    src = x_ptr + t * stride_t + h * stride_h + i
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = o_ptr + (t * H + h) * (2 * HALF) + i
+    tl.store(dst, (x1 * cos - x2 * sin).to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt,
+                 stride_kh, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                 BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Program t: rotate every q and k head of token t by the angles of positions[t]."""
+    t = tl.program_id(0)
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
+    cos = tl.load(row + i, mask=i < HALF, other=0.0)
+    sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
+    _rotate_heads(q_ptr, q_out_ptr, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, t, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV, BLOCK_HALF)
+
+
+def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                      cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rope_torch in one launch; q, k may be strided views (unit head_dim stride); returns new tensors.
+
+    q: [T, Hq, D]; k: [T, Hkv, D]; positions: [T] int; cos_sin: [max_positions, D] fp32 (rope_cos_sin).
+    """
+    t, h_q, d = q.shape
+    if k.dim() != 3 or k.shape[0] != t or k.shape[2] != d or d % 2 or q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} must be [T, H, D] (even D, unit last stride)")
+    if positions.shape != (t,) or cos_sin.shape[1] != d or not cos_sin.is_contiguous():
+        raise ValueError(f"positions {tuple(positions.shape)} must be [{t}] and cos_sin [max_positions, {d}] "
+                         f"contiguous, got {tuple(cos_sin.shape)}")
+    q_out = torch.empty((t, h_q, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty(tuple(k.shape), dtype=k.dtype, device=k.device)
+    if t:
+        _rope_kernel[(t,)](q, k, q_out, k_out, positions, cos_sin.float(), q.stride(0), q.stride(1), k.stride(0),
+                           k.stride(1), HQ=h_q, HKV=k.shape[1], HALF=d // 2,
+                           BLOCK_HQ=triton.next_power_of_2(h_q), BLOCK_HKV=triton.next_power_of_2(k.shape[1]),
+                           BLOCK_HALF=triton.next_power_of_2(d // 2))
+    return q_out, k_out

@@ -1,0 +1,118 @@
+"""RMSNorm, residual-add RMSNorm, SiLU-mul and RoPE: the Triton kernels against the torch references.
+
+CPU: Triton's interpreter; with CUDA: compiled, plus bf16 at Llama-2-7B sizes (-m gpu).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported, by punica.ops
+
+from punica.ops import norm_rope  # noqa: E402
+from punica.ops.norm_rope import (  # noqa: E402
+    add_rms_norm_torch,
+    apply_rope_torch,
+    rms_norm_torch,
+    rope_cos_sin,
+    rope_inv_freq,
+    silu_and_mul_torch,
+)
+from punica.testing import assert_close  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def device():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(norm_rope._rms_norm_kernel, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: tests/conftest.py should set it "
+                    "when CUDA is absent, before anything imports punica")
+    return "cpu"
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,h", [(5, 64), (3, 96), (1, 1000)])
+def test_rms_norm(device, dtype, t, h):
+    x, w = randn(t, h, dtype=dtype, device=device), randn(h, dtype=dtype, device=device, seed=1)
+    assert_close(norm_rope.rms_norm_triton(x, w, 1e-6), rms_norm_torch(x, w, 1e-6))
+    w32 = w.float()  # a weight kept in fp32: the reference multiplies before rounding
+    assert_close(norm_rope.rms_norm_triton(x, w32, 1e-5), rms_norm_torch(x, w32, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(device, dtype):
+    x, res = randn(7, 80, dtype=dtype, device=device), randn(7, 80, dtype=dtype, device=device, seed=2)
+    w = randn(80, dtype=dtype, device=device, seed=1)
+    out, new_res = norm_rope.add_rms_norm_triton(x, res, w, 1e-6)
+    ref_out, ref_res = add_rms_norm_torch(x, res, w, 1e-6)
+    if dtype == torch.bfloat16 and device == "cpu":  # the interpreter truncates to bf16 instead of rounding
+        assert_close(new_res, ref_res)
+    else:
+        assert torch.equal(new_res, ref_res)
+    assert_close(out, ref_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,inter", [(5, 96), (2, 1500)])
+def test_silu_and_mul(device, dtype, t, inter):
+    x = randn(t, 2 * inter, dtype=dtype, device=device)
+    assert_close(norm_rope.silu_and_mul_triton(x), silu_and_mul_torch(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h_q,h_kv,d", [(4, 2, 16), (6, 3, 32), (2, 2, 24)])
+def test_apply_rope_on_fused_qkv_views(device, dtype, h_q, h_kv, d):
+    t = 5
+    qkv = randn(t, (h_q + 2 * h_kv) * d, dtype=dtype, device=device)
+    q = qkv[:, :h_q * d].view(t, h_q, d)
+    k = qkv[:, h_q * d:(h_q + h_kv) * d].view(t, h_kv, d)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cos_sin = rope_cos_sin(rope_inv_freq(d, 10000.0, scaling), 512).to(device)
+    positions = torch.tensor([0, 1, 17, 300, 511], device=device)
+    for ours, ref in zip(norm_rope.apply_rope_triton(q, k, positions, cos_sin),
+                         apply_rope_torch(q, k, positions, cos_sin)):
+        assert ours.is_contiguous()
+        assert_close(ours, ref)
+
+
+def test_rejects_bad_shapes(device):
+    with pytest.raises(ValueError, match="weight"):
+        norm_rope.rms_norm_triton(randn(2, 8, device=device), randn(4, device=device), 1e-6)
+    with pytest.raises(ValueError, match="2I"):
+        norm_rope.silu_and_mul_triton(randn(2, 7, device=device))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_llama2_7b_sizes_bf16():
+    t, hidden, inter = 32, 4096, 11008
+    x, res = randn(t, hidden, dtype=torch.bfloat16, device="cuda"), randn(t, hidden, dtype=torch.bfloat16,
+                                                                           device="cuda", seed=3)
+    w = randn(hidden, dtype=torch.bfloat16, device="cuda", seed=1)
+    assert_close(norm_rope.rms_norm_triton(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))
+    for ours, ref in zip(norm_rope.add_rms_norm_triton(x, res, w, 1e-5), add_rms_norm_torch(x, res, w, 1e-5)):
+        assert_close(ours, ref)
+    gate_up = randn(t, 2 * inter, dtype=torch.bfloat16, device="cuda")
+    assert_close(norm_rope.silu_and_mul_triton(gate_up), silu_and_mul_torch(gate_up))
+    qkv = randn(t, 3 * hidden, dtype=torch.bfloat16, device="cuda")
+    q, k = qkv[:, :hidden].view(t, 32, 128), qkv[:, hidden:2 * hidden].view(t, 32, 128)
+    cos_sin = rope_cos_sin(rope_inv_freq(128, 10000.0, None), 4096).cuda()
+    positions = torch.randint(0, 4096, (t,), device="cuda")
+    for ours, ref in zip(norm_rope.apply_rope_triton(q, k, positions, cos_sin),
+                         apply_rope_torch(q, k, positions, cos_sin)):
+        assert_close(ours, ref)
