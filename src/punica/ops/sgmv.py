@@ -15,6 +15,7 @@ The scale is folded into B when the adapter is loaded, so the kernels never see 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +58,11 @@ def check_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
         raise ValueError(f"lora_a {tuple(lora_a.shape)} must be [slots, {n_slices}*R, {x.shape[1]}]")
     rank = lora_a.shape[1] // n_slices
     if tuple(lora_b.shape) != (lora_a.shape[0], slice_offsets[-1], rank) or y.shape[1] != slice_offsets[-1]:
-        raise ValueError(f"lora_b {tuple(lora_b.shape)} must be [{lora_a.shape[0]}, {slice_offsets[-1]}, {rank}]"
-                         f" and y [T, {slice_offsets[-1]}]")
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} must be [{lora_a.shape[0]}, {slice_offsets[-1]}, "
+                         f"{rank}] and y [T, {slice_offsets[-1]}]")
     if x.dtype != lora_a.dtype or y.dtype != lora_b.dtype:
-        raise ValueError(f"dtype mismatch: x {x.dtype}, lora_a {lora_a.dtype}, y {y.dtype}, lora_b {lora_b.dtype}")
+        raise ValueError(f"dtype mismatch: x {x.dtype}, lora_a {lora_a.dtype}, y {y.dtype}, "
+                         f"lora_b {lora_b.dtype}")
 
 
 def sgmv_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor,
@@ -102,3 +104,348 @@ def add_lora_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
     v = x.new_zeros(x.shape[0], lora_a.shape[1])
     sgmv_shrink_torch(x, lora_a, slot_rank, plan, v)
     sgmv_expand_torch(v, lora_b, slot_rank, plan, y, slice_offsets)
+
+
+# ---- Triton kernels -------------------------------------------------------------------------------
+#
+# Both kernels tile tokens one of two ways, chosen on the host from plan ints (never from device data):
+#   segment mode: program m covers rows [indptr[s] + b*BLOCK_M, ...) of segment s = m // seg_blocks, and
+#                 multiplies with tl.dot (BLOCK_M >= 16); weights are read once per row block.
+#   token mode (BGMV): program m covers token m alone, slot = token_slot[m], and multiplies on the CUDA
+#                 cores; used when segments are all short (decode), where it saves the padded rows.
+# Rank chunks at or past slot_rank[slot] read no weights, so work follows each adapter's own rank.
+# The shrink splits h_in over SPLIT_K programs when there are few row blocks; each writes fp32 partials
+# and the last one of its tile (an atomic counter that it resets) sums them in a fixed order, so results
+# are deterministic and no memset or extra launch is needed (graph-safe).
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend runs without Triton
+    triton = tl = None
+
+
+def _jit(**kwargs):
+    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
+
+
+@_jit(do_not_specialize=["T", "seg_blocks"])
+def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
+                   T, H_IN, R, NR, seg_blocks, k_per_split, stride_xt, stride_as, stride_ar, stride_vt,
+                   PER_TOKEN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    if PER_TOKEN:
+        start = pid_m
+        end = pid_m + 1
+        slot = tl.load(token_slot_ptr + pid_m)
+    else:
+        seg = pid_m // seg_blocks
+        start = tl.load(indptr_ptr + seg) + (pid_m % seg_blocks) * BLOCK_M
+        end = tl.load(indptr_ptr + seg + 1)
+        slot = tl.load(seg_slot_ptr + seg)
+    if (slot == 0) | (start >= end):
+        return
+    rank = tl.minimum(tl.load(rank_ptr + slot), R)
+    r0 = (pid_r % R_BLOCKS) * BLOCK_R
+    cols = (pid_r // R_BLOCKS) * R + r0 + tl.arange(0, BLOCK_R)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < end
+    r_mask = r0 + tl.arange(0, BLOCK_R) < rank
+    k_lo = pid_k * k_per_split
+    k_hi = tl.where(r0 < rank, tl.minimum(k_lo + k_per_split, H_IN), k_lo)  # past the rank: read nothing
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xt
+    a_rows = a_ptr + slot.to(tl.int64) * stride_as + cols[:, None] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        kk = k + offs_k
+        k_mask = kk < k_hi
+        xt = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_rows + kk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        if BLOCK_M >= 16:
+            if IEEE:
+                acc = tl.dot(xt, tl.trans(at), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(at), acc)
+        else:
+            acc += tl.sum(xt[:, None, :].to(tl.float32) * at[None, :, :].to(tl.float32), axis=2)
+    out_mask = m_mask[:, None] & (r0 + tl.arange(0, BLOCK_R) < R)[None, :]
+    v_ptrs = v_ptr + offs_m[:, None] * stride_vt + cols[None, :]
+    if SPLIT_K == 1:
+        tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws_tile = ws_ptr + offs_m[:, None] * NR + cols[None, :]
+        tl.store(ws_tile + pid_k * T * NR, acc, mask=out_mask)
+        tl.debug_barrier()
+        lock = lock_ptr + pid_m * tl.num_programs(2) + pid_r
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_tile + s * T * NR, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(v_ptrs, total.to(v_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock, 0)
+
+
+@_jit(do_not_specialize=["seg_blocks"])
+def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, y_ptr,
+                   R, seg_blocks, N, O1, O2, TILES1, TILES2, stride_vt, stride_bs, stride_bn, stride_yt,
+                   PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if PER_TOKEN:
+        start = pid_m
+        end = pid_m + 1
+        slot = tl.load(token_slot_ptr + pid_m)
+    else:
+        seg = pid_m // seg_blocks
+        start = tl.load(indptr_ptr + seg) + (pid_m % seg_blocks) * BLOCK_M
+        end = tl.load(indptr_ptr + seg + 1)
+        slot = tl.load(seg_slot_ptr + seg)
+    if (slot == 0) | (start >= end):
+        return
+    rank = tl.minimum(tl.load(rank_ptr + slot), R)
+    sl = (pid_n >= TILES1).to(tl.int32) + (pid_n >= TILES2).to(tl.int32)  # output slice of this tile
+    n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, O2))
+    n_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, N))
+    t_lo = tl.where(sl == 0, 0, tl.where(sl == 1, TILES1, TILES2))
+    offs_n = n_lo + (pid_n - t_lo) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < end
+    n_mask = offs_n < n_hi
+    v_rows = v_ptr + offs_m[:, None] * stride_vt + sl * R
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, rank, BLOCK_R):
+        r_mask = r + offs_r < rank
+        vt = tl.load(v_rows + r + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        bt = tl.load(b_rows + r + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        if BLOCK_M >= 16:
+            if IEEE:
+                acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc)
+        else:
+            acc += tl.sum(vt[:, None, :].to(tl.float32) * bt[None, :, :].to(tl.float32), axis=2)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- Launch configuration (host ints only) and wrappers -------------------------------------------
+
+# Knobs measured on an H200 (benchmarks/bench_sgmv.py --tune); `set_tuning` changes them for sweeps.
+TUNING = {
+    "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
+    "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
+    "max_split_k": 32,
+    "shrink_block_k": 128,      # segment mode; token mode takes 16 KiB of lora_a per step
+    "max_block_k": 512,
+    "shrink_warps": 4,
+    "expand_waves": 4,          # expand programs aimed at per SM; BLOCK_N shrinks until reached
+    "expand_block_n": 128,
+    "expand_warps": 4,
+    "max_block_m": 64,
+}
+_MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
+_locks: dict[torch.device, torch.Tensor] = {}
+
+
+def set_tuning(**knobs: int) -> None:
+    """Override launch knobs (benchmark sweeps and tests); unknown names raise KeyError."""
+    for name, value in knobs.items():
+        if name not in TUNING:
+            raise KeyError(f"unknown SGMV knob {name!r}; known: {sorted(TUNING)}")
+        TUNING[name] = value
+    _row_tiling.cache_clear()
+    _shrink_config.cache_clear()
+    _expand_config.cache_clear()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_tiling(T: int, S: int, L: int) -> tuple[bool, int, int, int]:
+    """(token_mode, BLOCK_M, row programs, blocks per segment) for T tokens in S segments of <= L tokens."""
+    block_m = min(max(16, _pow2(L)), TUNING["max_block_m"])
+    seg_blocks = _cdiv(L, block_m)
+    if L <= TUNING["bgmv_max_seg"] or S * seg_blocks > 2 * T:
+        return True, 1, T, 1
+    return False, block_m, S * seg_blocks, seg_blocks
+
+
+@functools.lru_cache(maxsize=4096)
+def _shrink_config(T: int, S: int, L: int, h_in: int, NR: int, n_slices: int, sms: int) -> dict:
+    token_mode, block_m, rows, seg_blocks = _row_tiling(T, S, L)
+    R = NR // n_slices
+    block_r = min(max(16, _pow2(R)), 64)
+    r_programs = n_slices * _cdiv(R, block_r)
+    block_k = TUNING["shrink_block_k"] if not token_mode else max(64, min(512, 8192 // block_r))
+    block_k = min(block_k, TUNING["max_block_k"], max(16, _pow2(h_in)))
+    split = min(TUNING["shrink_waves"] * sms // (rows * r_programs), _cdiv(h_in, block_k),
+                TUNING["max_split_k"])
+    split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
+    k_per_split = _cdiv(_cdiv(h_in, split), block_k) * block_k
+    split = _cdiv(h_in, k_per_split)
+    return dict(grid=(rows, split, r_programs), seg_blocks=seg_blocks, k_per_split=k_per_split, R=R,
+                PER_TOKEN=token_mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+                R_BLOCKS=_cdiv(R, block_r), num_warps=TUNING["shrink_warps"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _expand_config(T: int, S: int, L: int, slice_offsets: tuple[int, ...], R: int, sms: int) -> dict:
+    token_mode, block_m, rows, seg_blocks = _row_tiling(T, S, L)
+    widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
+    block_n = TUNING["expand_block_n"]
+    while block_n > 32 and rows * sum(_cdiv(w, block_n) for w in widths) < TUNING["expand_waves"] * sms:
+        block_n //= 2
+    tiles = [_cdiv(w, block_n) for w in widths] + [1 << 30] * (3 - len(widths))
+    offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
+    return dict(grid=(rows, sum(tiles[:len(widths)])), seg_blocks=seg_blocks, N=slice_offsets[-1],
+                O1=offsets[0], O2=offsets[1], TILES1=tiles[0], TILES2=tiles[0] + tiles[1],
+                PER_TOKEN=token_mode, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(max(16, _pow2(R)), 64),
+                num_warps=TUNING["expand_warps"])
+
+
+def _lock_buffer(device: torch.device) -> torch.Tensor:
+    """Split-K counters, zero between launches (each launch resets those it used). Allocated on first use:
+    run one eager call before capturing a CUDA graph."""
+    if device not in _locks:
+        _locks[device] = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
+    return _locks[device]
+
+
+def _check_triton(tensors: dict[str, torch.Tensor], slot_rank: torch.Tensor, plan: SegmentPlan,
+                  T: int) -> None:
+    """Raise ValueError for dtypes, strides or devices the kernels cannot take."""
+    if triton is None:
+        raise ValueError("the Triton SGMV kernels need the `triton` package; use backend='torch'")
+    device = next(iter(tensors.values())).device
+    if device.type != "cuda" and isinstance(_shrink_kernel, triton.runtime.JITFunction):
+        raise ValueError("the Triton SGMV kernels need CUDA tensors (on CPU: set TRITON_INTERPRET=1 before "
+                         "importing triton)")
+    for name, t in tensors.items():
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.device != device:
+            raise ValueError(f"{name} must be fp16/bf16/fp32 on {device}, got {t.dtype} on {t.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+    ints = dict(slot_rank=slot_rank, seg_indptr=plan.seg_indptr, seg_slot=plan.seg_slot,
+                token_slot=plan.token_slot)
+    for name, t in ints.items():
+        if t.dtype != torch.int32 or t.device != device or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D int32 tensor on {device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if plan.seg_indptr.numel() != plan.num_segments + 1 or plan.seg_slot.numel() != plan.num_segments:
+        raise ValueError(f"plan has {plan.num_segments} segments but seg_indptr "
+                         f"{tuple(plan.seg_indptr.shape)} and seg_slot {tuple(plan.seg_slot.shape)}")
+    if plan.token_slot.numel() != T:
+        raise ValueError(f"plan.token_slot has {plan.token_slot.numel()} entries for {T} tokens")
+
+
+def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
+            v: torch.Tensor, n_slices: int) -> None:
+    T, h_in = x.shape
+    NR = lora_a.shape[1]
+    if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
+        return
+    cfg = dict(_shrink_config(T, plan.num_segments, plan.max_seg_len, h_in, NR, n_slices, _num_sms(x.device)))
+    grid = cfg.pop("grid")
+    ws = v if grid[1] == 1 else torch.empty(grid[1], T, NR, dtype=torch.float32, device=x.device)
+    locks = v if grid[1] == 1 else _lock_buffer(x.device)
+    _shrink_kernel[grid](x, lora_a, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, v, ws, locks,
+                         T=T, H_IN=h_in, NR=NR, stride_xt=x.stride(0), stride_as=lora_a.stride(0),
+                         stride_ar=lora_a.stride(1), stride_vt=v.stride(0), IEEE=x.dtype == torch.float32,
+                         **cfg)
+
+
+def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
+            y: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
+    T, R = y.shape[0], lora_b.shape[2]
+    if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
+        return
+    cfg = dict(_expand_config(T, plan.num_segments, plan.max_seg_len, tuple(slice_offsets), R,
+                              _num_sms(y.device)))
+    grid = cfg.pop("grid")
+    _expand_kernel[grid](v, lora_b, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, y, R=R,
+                         stride_vt=v.stride(0), stride_bs=lora_b.stride(0), stride_bn=lora_b.stride(1),
+                         stride_yt=y.stride(0), IEEE=lora_b.dtype == torch.float32, **cfg)
+
+
+def _check_slices(slice_offsets: tuple[int, ...]) -> None:
+    if not 2 <= len(slice_offsets) <= 4 or slice_offsets[0] != 0 or any(
+            b < a for a, b in zip(slice_offsets, slice_offsets[1:])):
+        raise ValueError(f"slice_offsets must be 0 = off[0] <= ... with 1 to 3 slices, got {slice_offsets}")
+
+
+def sgmv_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
+                       v: torch.Tensor, num_slices: int | None = None) -> None:
+    """v[t, :] = x[t] @ lora_a[slot(t)].T for every token of a segment with slot != 0 (others untouched).
+
+    x: [T, h_in]; lora_a: [slots, n*R, h_in]; slot_rank: [slots] int32; v: [T, n*R], written in place.
+    With `num_slices` = n given, rows i*R + r with r >= slot_rank[slot] are known zero and not read (their
+    v columns are written as zeros); without it every row of lora_a is read.
+    """
+    n = num_slices or 1
+    if x.dim() != 2 or lora_a.dim() != 3 or lora_a.shape[2] != x.shape[1] or lora_a.shape[1] % n or \
+            v.dim() != 2 or tuple(v.shape) != (x.shape[0], lora_a.shape[1]) or x.dtype != lora_a.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype}, lora_a {tuple(lora_a.shape)} {lora_a.dtype} and "
+                         f"v {tuple(v.shape)} must be [T, h_in], [slots, {n}*R, h_in] of x's dtype and "
+                         f"[T, {n}*R]")
+    _check_triton(dict(x=x, lora_a=lora_a, v=v), slot_rank, plan, x.shape[0])
+    if num_slices is None:
+        slot_rank = torch.full_like(slot_rank, lora_a.shape[1])
+    _shrink(x, lora_a, slot_rank, plan, v, n)
+
+
+def sgmv_expand_triton(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
+                       y: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
+    """y[t, off[i]:off[i+1]] += v[t, i*R:(i+1)*R] @ lora_b[slot(t), off[i]:off[i+1], :].T  (slot != 0).
+
+    v: [T, n*R]; lora_b: [slots, off[-1], R]; y: [T, off[-1]], updated in place; n <= 3. Only the first
+    slot_rank[slot] columns of each slice of v are read (the rest multiply zero-padded B columns).
+    """
+    _check_slices(slice_offsets)
+    n = len(slice_offsets) - 1
+    if v.dim() != 2 or lora_b.dim() != 3 or y.dim() != 2 or v.shape[0] != y.shape[0] or \
+            tuple(lora_b.shape[1:]) != (slice_offsets[-1], v.shape[1] // n) or v.shape[1] % n or \
+            y.shape[1] != slice_offsets[-1] or y.dtype != lora_b.dtype:
+        raise ValueError(f"v {tuple(v.shape)}, lora_b {tuple(lora_b.shape)} {lora_b.dtype} and y "
+                         f"{tuple(y.shape)} {y.dtype} must be [T, {n}*R], [slots, {slice_offsets[-1]}, R] "
+                         f"and [T, {slice_offsets[-1]}] of lora_b's dtype")
+    _check_triton(dict(v=v, lora_b=lora_b, y=y), slot_rank, plan, y.shape[0])
+    _expand(v, lora_b, slot_rank, plan, y, slice_offsets)
+
+
+def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...]) -> None:
+    """y += per-token LoRA delta: the Triton shrink into an fp32 v [T, n*R], then the Triton expand.
+
+    y: [T, off[-1]]; x: [T, h_in]; lora_a: [slots, n*R, h_in]; lora_b: [slots, off[-1], R];
+    slot_rank: [slots] int32; 1 <= n <= 3 slices. No host sync; graph-capturable after one eager call.
+    """
+    if not plan.has_lora:
+        return
+    _check_slices(slice_offsets)
+    check_shapes(x, lora_a, lora_b, slice_offsets, y)
+    _check_triton(dict(x=x, lora_a=lora_a, lora_b=lora_b, y=y), slot_rank, plan, x.shape[0])
+    if slot_rank.numel() != lora_a.shape[0]:
+        raise ValueError(f"slot_rank has {slot_rank.numel()} entries for {lora_a.shape[0]} slots")
+    v = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    _shrink(x, lora_a, slot_rank, plan, v, len(slice_offsets) - 1)
+    _expand(v, lora_b, slot_rank, plan, y, slice_offsets)

@@ -1,0 +1,288 @@
+"""SGMV: the Triton shrink/expand/add_lora kernels against the torch references.
+
+CPU tier: the kernels run in Triton's interpreter on small shapes (fp32, fp16; bf16 tl.dot is wrong there).
+TRITON_INTERPRET is read when triton decorates a kernel, so unless this process already interprets, one test
+re-runs this file in a child pytest with TRITON_INTERPRET=1 set before anything imports triton.
+GPU tier (-m gpu): Llama shapes in bf16 against an fp32 reference, CUDA-graph replay bitwise equal to eager.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from punica.ops import sgmv
+from punica.ops.sgmv import SegmentPlan, add_lora_torch, sgmv_expand_torch, sgmv_shrink_torch
+from punica.testing import assert_close
+from punica.workload import POPULARITIES, adapter_indices
+
+INTERPRETED = sgmv.triton is not None and not isinstance(sgmv._shrink_kernel, sgmv.triton.runtime.JITFunction)
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child pytest")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_plan(lengths: list[int], slots: list[int], device) -> SegmentPlan:
+    """A plan with exactly these segments (empty ones and slot 0 included)."""
+    indptr = [0]
+    for n in lengths:
+        indptr.append(indptr[-1] + n)
+    token_slot = [s for s, n in zip(slots, lengths) for _ in range(n)]
+
+    def t(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return SegmentPlan(seg_indptr=t(indptr), seg_slot=t(slots), token_slot=t(token_slot),
+                       max_seg_len=max(lengths, default=0), host_indptr=indptr, host_slot=list(slots))
+
+
+def workload_plan(popularity: str, num_seqs: int, num_adapters: int, prefill: bool, device, seed=0):
+    """Sequences drawn by `popularity` (every 7th without adapter), ordered by slot; decodes are one token,
+    prefills 0..9 tokens (an empty sequence makes an empty segment); equal neighbours merge."""
+    rng = random.Random(seed)
+    slots = sorted(0 if i % 7 == 3 else a + 1
+                   for i, a in enumerate(adapter_indices(popularity, num_seqs, num_adapters, seed)))
+    lengths = [rng.randrange(0, 10) if prefill else 1 for _ in slots]
+    seg_len, seg_slot = [], []
+    for s, n in zip(slots, lengths):
+        if seg_slot and seg_slot[-1] == s and n:
+            seg_len[-1] += n
+        else:
+            seg_len.append(n)
+            seg_slot.append(s)
+    return make_plan(seg_len, seg_slot, device)
+
+
+def make_weights(num_slots, h_in, widths, R, ranks, dtype, device, seed=0):
+    """lora_a [slots, n*R, h_in], lora_b [slots, sum(widths), R] zero-padded past each slot's rank."""
+    gen = torch.Generator().manual_seed(seed)
+    n, N = len(widths), sum(widths)
+    a = torch.randn(num_slots, n * R, h_in, generator=gen) / h_in ** 0.5
+    b = torch.randn(num_slots, N, R, generator=gen) / R ** 0.5
+    slot_rank = torch.tensor([0] + [ranks[i % len(ranks)] for i in range(num_slots - 1)], dtype=torch.int32)
+    for s, r in enumerate(slot_rank.tolist()):
+        b[s, :, r:] = 0
+        for i in range(n):
+            a[s, i * R + r:(i + 1) * R] = 0
+    return a.to(device, dtype), b.to(device, dtype), slot_rank.to(device)
+
+
+def offsets(widths):
+    out = [0]
+    for w in widths:
+        out.append(out[-1] + w)
+    return tuple(out)
+
+
+def run_add_lora(plan, h_in, widths, R, ranks, dtype, device, num_slots=9, seed=0):
+    """(triton y, fp32 reference y) for one case."""
+    T = plan.host_indptr[-1]
+    lora_a, lora_b, slot_rank = make_weights(num_slots, h_in, widths, R, ranks, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, h_in, generator=gen).to(device, dtype)
+    y0 = torch.randn(T, sum(widths), generator=gen).to(device, dtype)
+    expected = y0.float().clone()
+    add_lora_torch(expected, x.float(), lora_a.float(), lora_b.float(), slot_rank, plan, offsets(widths))
+    y = y0.clone()
+    sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offsets(widths))
+    return y, expected
+
+
+@pytest.fixture
+def tuning():
+    """set_tuning for one test, restored afterwards."""
+    saved = dict(sgmv.TUNING)
+    yield sgmv.set_tuning
+    sgmv.set_tuning(**saved)
+
+
+# ---- CPU tier (interpreter) -------------------------------------------------------------------------
+
+WIDTHS = {"one": (40,), "gqa_qkv": (32, 8, 8), "gate_up": (24, 24)}
+
+
+def test_cpu_tier_in_interpreter():
+    """Run this file's interpreter tests in a child pytest with TRITON_INTERPRET=1 (see the docstring)."""
+    if INTERPRETED or sgmv.triton is None:
+        pytest.skip("already interpreting" if INTERPRETED else "triton is not installed")
+    src = str(Path(sgmv.__file__).resolve().parents[2])
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@interpreted
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("prefill,num_seqs", [(False, 1), (False, 5), (True, 6), (False, 17)])
+@pytest.mark.parametrize("widths", WIDTHS.values(), ids=WIDTHS.keys())
+def test_add_lora_matches_reference(popularity, prefill, num_seqs, widths):
+    plan = workload_plan(popularity, num_seqs, num_adapters=8, prefill=prefill, device="cpu")
+    y, expected = run_add_lora(plan, 48, widths, 16, ranks=(16, 8, 5, 1), dtype=torch.float32, device="cpu")
+    assert_close(y, expected)
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["token", "segment", "split_token", "split_segment", "rank_chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_launch_modes(tuning, mode, dtype):
+    """Token (BGMV) and segment tiling, each with split-K, and ranks spread over several rank chunks."""
+    knobs = dict(bgmv_max_seg=1 << 20 if "token" in mode else 0, max_block_m=16, max_block_k=32)
+    knobs["shrink_waves"] = 1 << 10 if "split" in mode else 0
+    tuning(**knobs)
+    plan = make_plan([3, 0, 1, 17, 2, 0, 1], [0, 1, 1, 2, 3, 0, 4], "cpu")  # empty, slot-0, > BLOCK_M
+    R, ranks = (128, (128, 65, 64, 3)) if mode == "rank_chunks" else (16, (16, 9, 1))
+    y, expected = run_add_lora(plan, 70, (40, 8), R, ranks, dtype, "cpu", num_slots=5)
+    assert_close(y, expected, dtype=dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("num_slices", [None, 1, 2])
+def test_shrink_matches_reference(tuning, num_slices):
+    tuning(shrink_waves=1 << 10, max_block_k=16)
+    plan = make_plan([2, 4, 0, 3], [1, 0, 2, 1], "cpu")
+    n = num_slices or 1
+    lora_a, _, slot_rank = make_weights(3, 40, (8,) * n, 16, (16, 7), torch.float32, "cpu")
+    x = torch.randn(9, 40)
+    v = torch.full((9, n * 16), float("nan"))
+    expected = v.clone()
+    sgmv_shrink_torch(x, lora_a, slot_rank, plan, expected)
+    sgmv.sgmv_shrink_triton(x, lora_a, slot_rank, plan, v, num_slices=num_slices)
+    assert torch.equal(v.isnan(), expected.isnan())  # slot-0 rows untouched, every other row written
+    assert_close(v.nan_to_num(), expected.nan_to_num())
+
+
+@interpreted
+@pytest.mark.parametrize("widths", [(24,), (16, 8), (16, 8, 8)])
+def test_expand_matches_reference(widths):
+    plan = make_plan([1, 5, 0, 2, 3], [2, 1, 3, 0, 3], "cpu")
+    _, lora_b, slot_rank = make_weights(4, 8, widths, 16, (16, 3, 12), torch.float16, "cpu")
+    v = torch.randn(11, len(widths) * 16).half()
+    y = torch.randn(11, sum(widths)).half()
+    expected = y.clone()
+    sgmv_expand_torch(v, lora_b, slot_rank, plan, expected, offsets(widths))
+    sgmv.sgmv_expand_triton(v, lora_b, slot_rank, plan, y, offsets(widths))
+    assert_close(y, expected)
+
+
+@interpreted
+def test_no_adapter_leaves_y_alone():
+    plan = make_plan([3, 2], [0, 0], "cpu")
+    y, expected = run_add_lora(plan, 16, (16,), 16, (16,), torch.float32, "cpu")
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.skipif(sgmv.triton is None, reason="triton is not installed")
+@pytest.mark.parametrize("bad", ["dtype", "stride", "plan_dtype", "shape", "slices", "token_slot", "device"])
+def test_wrapper_rejects_bad_inputs(bad):
+    plan = make_plan([2, 1], [1, 2], "cpu")
+    lora_a, lora_b, slot_rank = make_weights(3, 16, (8,), 16, (16,), torch.float32, "cpu")
+    x, y, offs = torch.randn(3, 16), torch.randn(3, 8), (0, 8)
+    if bad == "dtype":
+        x, lora_a = x.double(), lora_a.double()
+    elif bad == "stride":
+        x = torch.randn(16, 3).t()
+    elif bad == "plan_dtype":
+        plan.seg_slot = plan.seg_slot.long()
+    elif bad == "shape":
+        y = torch.randn(3, 9)
+    elif bad == "slices":
+        offs, lora_b, y = (0, 2, 4, 6, 8), torch.zeros(3, 8, 4), torch.zeros(3, 8)
+    elif bad == "token_slot":
+        plan.token_slot = plan.token_slot[:2]
+    elif bad == "device" and not INTERPRETED:
+        pass  # CPU tensors without the interpreter are themselves the error
+    elif bad == "device":
+        pytest.skip("CPU tensors are valid while interpreting")
+    with pytest.raises(ValueError):
+        sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offs)
+
+
+# ---- GPU tier -----------------------------------------------------------------------------------------
+
+LLAMA_WIDTHS = {"o": (4096,), "qkv_gqa": (4096, 1024, 1024), "gate_up": (11008, 11008)}
+GPU_TOKENS = [1, 2, 3, 7, 16, 31, 64, 100, 128, 255, 256]
+
+
+def gpu_plan(popularity, T, seed=0):
+    """T tokens: decodes when T is odd or <= 64 (one token a sequence), else 2..33-token prefills."""
+    if T % 2 or T <= 64:
+        return workload_plan(popularity, T, 32 if popularity == "uniform" else 128, False, "cuda", seed)
+    rng = random.Random(seed)
+    lengths = []
+    while sum(lengths) < T:
+        lengths.append(min(rng.randrange(2, 34), T - sum(lengths)))
+    adapters = sorted(a + 1 for a in adapter_indices(popularity, len(lengths), 128, seed))
+    slots = [0 if i == 1 else s for i, s in enumerate(adapters)]
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    return make_plan([lengths[i] for i in order] + [0], [slots[i] for i in order] + [129], "cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", GPU_TOKENS)
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("widths", LLAMA_WIDTHS.values(), ids=LLAMA_WIDTHS.keys())
+def test_gpu_bf16_matches_fp32_reference(widths, popularity, T):
+    plan = gpu_plan(popularity, T)
+    y, expected = run_add_lora(plan, 4096, widths, 64, (64, 8, 16, 32, 5), torch.bfloat16, "cuda",
+                               num_slots=130)
+    assert_close(y.float(), expected, dtype=torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("T", [1, 33, 200])
+def test_gpu_fp16_fp32_rank128(dtype, T):
+    plan = gpu_plan("zipf:1.5", T, seed=3)
+    y, expected = run_add_lora(plan, 4096, (2048, 512, 512), 128, (128, 100, 1, 64), dtype, "cuda",
+                               num_slots=130)
+    assert_close(y.float(), expected, dtype=dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["token", "segment"])
+@pytest.mark.parametrize("popularity", ["distinct", "identical", "skewed"])
+def test_gpu_both_tilings(tuning, mode, popularity):
+    tuning(bgmv_max_seg=1 << 20 if mode == "token" else 0)
+    plan = gpu_plan(popularity, 128, seed=5)
+    y, expected = run_add_lora(plan, 4096, (4096, 1024, 1024), 64, (64, 16), torch.bfloat16, "cuda",
+                               num_slots=130)
+    assert_close(y.float(), expected, dtype=torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("popularity,T", [("distinct", 1), ("distinct", 64), ("identical", 256),
+                                          ("skewed", 128), ("uniform", 33)])
+def test_gpu_graph_replay_bitwise_equal_to_eager(popularity, T):
+    plan = gpu_plan(popularity, T, seed=7)
+    widths = (4096, 1024, 1024)
+    lora_a, lora_b, slot_rank = make_weights(130, 4096, widths, 64, (64, 16, 8), torch.bfloat16, "cuda")
+    x = torch.randn(T, 4096, device="cuda", dtype=torch.bfloat16)
+    y0 = torch.randn(T, sum(widths), device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(10):  # eager runs agree with each other (split-K has no race)
+        y = y0.clone()
+        sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offsets(widths))
+        runs.append(y)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    y = y0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offsets(widths))
+    for _ in range(3):
+        y.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, runs[0])
