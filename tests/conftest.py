@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Without CUDA, Triton kernels run in its interpreter (on CPU tensors). The flag is read when triton
+# decorates a kernel, so it must be set before anything imports punica.ops.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen2")
 

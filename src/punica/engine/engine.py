@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from punica.config import EngineConfig, RuntimeInfo, engine_config
+from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status
 from punica.engine.runner import ModelRunner
 from punica.engine.scheduler import Scheduler
@@ -60,13 +61,22 @@ class Engine:
         self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
-        self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device)
+        self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device, self._graphs(pool, max_len))
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.eos_ids = set(model_cfg.eos_token_ids)
         self.num_preemptions = 0
         for name, path in (lora_modules or {}).items():
             self.add_lora(name, path)
+
+    def _graphs(self, pool: AdapterPool, max_len: int) -> CudaGraphRunner | None:
+        """Decode CUDA graphs on the Triton backend unless enforce_eager (the torch ops sync the host)."""
+        if self.config.enforce_eager or self.info.backend != "triton" or self.info.device == "cpu":
+            return None
+        graphs = CudaGraphRunner(self.model, pool.slot_rank, self.config.scheduler.max_num_seqs, max_len,
+                                 self.config.cache.block_size, torch.device(self.info.device))
+        graphs.capture()
+        return graphs
 
     @classmethod
     def from_args(cls, model: str, lora_modules: dict[str, str] | None = None, **options) -> Engine:

@@ -2,62 +2,111 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from punica.engine.request import Sequence
-from punica.lora.plan import build_segment_plan
+from punica.lora.plan import segments
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta
 from punica.ops.sampling import sample_torch
+from punica.ops.sgmv import SegmentPlan
+
+
+@dataclass
+class HostBatch:
+    """A step's metadata as Python lists, before it goes to the device (eagerly or into graph buffers)."""
+
+    ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    cu_q: list[int]
+    kv_lens: list[int]
+    block_tables: list[list[int]]
+    logits_indices: list[int]
+    seq_slots: list[int]
+    seq_tokens: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.seq_tokens)
+
+
+def host_batch(work: list[tuple[Sequence, int]], block_size: int) -> HostBatch:
+    """`work` must be ordered by adapter slot (see `order_by_slot`)."""
+    hb = HostBatch([], [], [], [0], [], [], [], [], [])
+    for seq, n in work:
+        start, end = seq.num_computed, seq.num_computed + n
+        hb.ids += seq.tokens[start:end]
+        hb.positions += range(start, end)
+        hb.slot_mapping += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        hb.cu_q.append(hb.cu_q[-1] + n)
+        hb.kv_lens.append(end)
+        hb.block_tables.append(seq.block_table)
+        if end == len(seq.tokens):
+            hb.logits_indices.append(hb.cu_q[-1] - 1)
+        hb.seq_slots.append(seq.slot)
+        hb.seq_tokens.append(n)
+    return hb
+
+
+def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device) -> Batch:
+    """Pack every int field into one pinned host buffer and move it with a single copy."""
+    indptr, seg_slots = segments(hb.seq_slots, hb.seq_tokens)
+    token_slot = [slot for slot, n in zip(hb.seq_slots, hb.seq_tokens) for _ in range(n)]
+    width = max(len(t) for t in hb.block_tables)
+    tables = [b for t in hb.block_tables for b in (t + [0] * (width - len(t)))]
+    fields = [hb.ids, hb.positions, hb.slot_mapping, hb.logits_indices, hb.cu_q, hb.kv_lens, tables,
+              indptr, seg_slots, token_slot]
+    flat = torch.tensor([v for f in fields for v in f], dtype=torch.int64)
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    parts = flat.split([len(f) for f in fields])
+    ids, pos, slot_mapping, logits_idx = parts[:4]
+    cu_q, kv_lens, tables_t, indptr_t, seg_slot_t, token_slot_t = (p.to(torch.int32) for p in parts[4:])
+    attn = AttentionMeta(cu_q=cu_q, kv_lens=kv_lens, block_tables=tables_t.view(len(hb.kv_lens), width),
+                         max_q_len=max(hb.seq_tokens), max_kv_len=max(hb.kv_lens), host_cu_q=hb.cu_q,
+                         host_kv_lens=hb.kv_lens)
+    lora = SegmentPlan(seg_indptr=indptr_t, seg_slot=seg_slot_t, token_slot=token_slot_t,
+                       max_seg_len=max(b - a for a, b in zip(indptr, indptr[1:])), host_indptr=indptr,
+                       host_slot=seg_slots)
+    return Batch(input_ids=ids, positions=pos, slot_mapping=slot_mapping, attn=attn, lora=lora,
+                 slot_rank=slot_rank, logits_indices=logits_idx)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, slot_rank: torch.Tensor, block_size: int, device: torch.device):
+    """Runs steps eagerly, or through `graphs` (a CudaGraphRunner) for decode steps it can take."""
+
+    def __init__(self, model: LlamaModel, slot_rank: torch.Tensor, block_size: int, device: torch.device,
+                 graphs=None):
         self.model = model
         self.slot_rank = slot_rank
         self.block_size = block_size
         self.device = device
+        self.graphs = graphs
         self._generators: dict[str, torch.Generator] = {}
 
     def build_batch(self, work: list[tuple[Sequence, int]]) -> Batch:
-        """`work` must be ordered by adapter slot (see `order_by_slot`)."""
-        ids, pos, slots, cu_q, kv_lens, logits_idx = [], [], [], [0], [], []
-        bs = self.block_size
-        for seq, n in work:
-            start, end = seq.num_computed, seq.num_computed + n
-            ids += seq.tokens[start:end]
-            pos += range(start, end)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-            cu_q.append(cu_q[-1] + n)
-            kv_lens.append(end)
-            if end == len(seq.tokens):
-                logits_idx.append(cu_q[-1] - 1)
-        width = max(len(seq.block_table) for seq, _ in work)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in work]
-        dev = self.device
+        return to_device_batch(host_batch(work, self.block_size), self.slot_rank, self.device)
 
-        def tensor(values, dtype=torch.int32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        attn = AttentionMeta(cu_q=tensor(cu_q), kv_lens=tensor(kv_lens), block_tables=tensor(tables),
-                             max_q_len=max(n for _, n in work), max_kv_len=max(kv_lens),
-                             host_cu_q=cu_q, host_kv_lens=kv_lens)
-        lora = build_segment_plan([seq.slot for seq, _ in work], [n for _, n in work], dev)
-        return Batch(input_ids=tensor(ids, torch.int64), positions=tensor(pos, torch.int64),
-                     slot_mapping=tensor(slots, torch.int64), attn=attn, lora=lora,
-                     slot_rank=self.slot_rank, logits_indices=tensor(logits_idx, torch.int64))
+    def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Logits of every sequence whose chunk reaches its end, in `work` order."""
+        hb = host_batch(work, self.block_size)
+        if self.graphs is not None and self.graphs.can_run(hb):
+            return self.graphs.run(hb)
+        return self.model(to_device_batch(hb, self.slot_rank, self.device))
 
     def run(self, work: dict[Sequence, int]) -> dict[Sequence, int]:
         """Run one step; returns the sampled next token of every sequence whose chunk reached its end."""
         ordered = order_by_slot(work)
-        batch = self.build_batch(ordered)
-        logits = self.model(batch)
+        logits = self.forward(ordered)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
         if not done:
             return {}
-        tokens = self.sample(logits, done)
-        return dict(zip(done, tokens))
+        return dict(zip(done, self.sample(logits, done)))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         params = [s.params for s in seqs]
