@@ -116,6 +116,7 @@ class EngineConfig:
     device: str = "auto"
     backend: str = "auto"
     enforce_eager: bool = False
+    load_format: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -124,6 +125,8 @@ class EngineConfig:
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check(self.load_format in ("auto", "dummy"),
+               f"load_format must be 'auto' (read the checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -158,3 +161,21 @@ def engine_config(**flat) -> EngineConfig:
         else:
             raise ConfigError(f"unknown engine option {key!r}; known: {sorted(top | set(owners))}")
     return EngineConfig(**kwargs, **{sec: _SECTIONS[sec](**vals) for sec, vals in sections.items()})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The OpenAI-compatible HTTP front end. `served_model_name=None` serves the base model under its
+    directory's name; `retry_after` is the seconds a 503 (queue full) asks the client to wait."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    retry_after: int = 1
+    log_level: str = "info"
+
+    def __post_init__(self):
+        _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
+        _check(self.retry_after >= 0, f"retry_after must be >= 0, got {self.retry_after}")
+        _check(self.api_key is None or bool(self.api_key), "api_key must not be empty (omit it to disable auth)")

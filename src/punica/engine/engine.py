@@ -46,7 +46,7 @@ class Engine:
         dtype = resolve_dtype(config.dtype, model_cfg.torch_dtype, device)
         backend = resolve_backend(config.backend, device)
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model, select_ops(backend), dtype, device)
+        self.model = load_model(config.model, select_ops(backend), dtype, device, config.load_format)
         self.model_config = model_cfg
         self.tokenizer = Tokenizer.from_dir(config.model)
         block_size = config.cache.block_size

@@ -76,8 +76,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.ops = ops
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("cos_sin", rope_cos_sin(inv_freq, cfg.max_position_embeddings), persistent=False)
+        self.register_buffer("cos_sin", self._rope_table(), persistent=False)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(ops, cfg, self.cos_sin) for _ in range(cfg.num_layers))
@@ -86,6 +85,18 @@ class LlamaModel(nn.Module):
         self.lm_head.weight.requires_grad_(False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def _rope_table(self) -> torch.Tensor:
+        cfg = self.config
+        return rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), cfg.max_position_embeddings)
+
+    def after_materialize(self) -> None:
+        """After `to_empty`: re-tie the embeddings and recompute the rope table on the model's device."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.cos_sin = self._rope_table().to(self.cos_sin.device, self.cos_sin.dtype)
+        for layer in self.layers:
+            layer.self_attn.cos_sin = self.cos_sin
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

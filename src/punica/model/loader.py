@@ -98,10 +98,27 @@ def load_weights(model: LlamaModel, model_dir: str) -> None:
         raise ModelLoadError(f"checkpoint in {model_dir!r} lacks tensors: {sorted(dests)[:5]}")
 
 
-def load_model(model_dir: str, ops: Ops, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+def init_dummy_weights(model: LlamaModel, seed: int = 0) -> None:
+    """Random weights (normal, std 0.02; norms 1) for benchmarks of an architecture without a checkpoint."""
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+
+
+def load_model(model_dir: str, ops: Ops, dtype: torch.dtype, device: torch.device,
+               load_format: str = "auto") -> LlamaModel:
+    """The model of `model_dir` on `device`; load_format "dummy" skips the checkpoint for random weights."""
     cfg = read_model_config(model_dir)
-    with torch.device(device):
-        model = LlamaModel(cfg, ops).to(dtype)
+    with torch.device("meta"):  # allocate once, directly in the target dtype and device
+        model = LlamaModel(cfg, ops)
+    model = model.to(dtype).to_empty(device=device)
+    model.after_materialize()
     with torch.no_grad():
-        load_weights(model, model_dir)
+        if load_format == "dummy":
+            init_dummy_weights(model)
+        else:
+            load_weights(model, model_dir)
     return model.eval()

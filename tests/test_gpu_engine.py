@@ -1,0 +1,77 @@
+"""GPU tier: the engine on CUDA with the Triton kernels and decode CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_parity import LORAS, peft_generate, peft_model, prompts
+
+from punica import LLM, SamplingParams
+from punica.engine.request import Sequence
+from punica.engine.runner import host_batch
+from punica.testing import assert_close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_cuda_fp32_mixed_batch_equals_peft(tiny_models, family):
+    hf_model, model_dir, adapters = tiny_models[family]
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda")
+    assert llm.engine.info.backend == "triton" and llm.engine.runner.graphs is not None
+    ids = prompts(seed=21)
+    ours = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
+    assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 10)
+
+
+def test_cuda_graph_replay_equals_eager(tiny_models):
+    _, model_dir, adapters = tiny_models["llama"]
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16)
+    engine, graphs = llm.engine, llm.engine.runner.graphs
+    seqs = []
+    for i, (ids, name) in enumerate(zip(prompts(seed=22), LORAS)):
+        seq = Sequence(request_id=f"g{i}", prompt_ids=ids, params=GREEDY, lora=name)
+        engine.blocks.grow(seq.block_table, len(ids) + 1)
+        seq.slot = engine.adapters.acquire(name) if name else 0
+        seq.num_computed = len(ids) - 1  # decode the last prompt token
+        seqs.append(seq)
+    seqs.sort(key=lambda s: s.slot)
+    hb = host_batch([(s, 1) for s in seqs], engine.runner.block_size)
+    for s in seqs:  # fill the KV of the prefix eagerly
+        s.num_computed = 0
+    engine.model(engine.runner.build_batch([(s, len(s.tokens) - 1) for s in seqs]))
+    replayed = graphs.run(hb).clone()
+    bucket = next(b for b in graphs.buckets if b >= len(seqs))
+    eager = engine.model(graphs._batch(bucket, True))[: len(seqs)]
+    assert torch.equal(replayed, eager)
+    graph_vs_plain = engine.model(engine.runner.build_batch([(s, 1) for s in _at_decode(seqs)]))
+    assert_close(replayed, graph_vs_plain, dtype=torch.bfloat16)
+
+
+def _at_decode(seqs):
+    for s in seqs:
+        s.num_computed = len(s.tokens) - 1
+    return seqs
+
+
+def test_graphs_and_eager_generate_the_same_tokens_bf16(tiny_models):
+    _, model_dir, adapters = tiny_models["llama"]
+    ids = prompts(seed=23)
+    outs = []
+    for eager in (False, True):
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", enforce_eager=eager)
+        outs.append([o.token_ids[:3] for o in llm.generate(ids, GREEDY, lora=LORAS)])
+    assert outs[0] == outs[1]
+
+
+def test_bf16_logits_close_to_peft(tiny_models):
+    from test_parity import last_token_logits
+
+    hf_model, model_dir, adapters = tiny_models["llama"]
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda")
+    peft = peft_model(hf_model, adapters).to("cuda", torch.bfloat16)
+    ids = prompts(seed=24)
+    with torch.no_grad():
+        ref = peft(input_ids=torch.tensor(ids, device="cuda"), adapter_names=[n or "__base__" for n in LORAS])
+    assert_close(last_token_logits(llm, ids, LORAS), ref.logits[:, -1].float(), dtype=torch.bfloat16, factor=2)
