@@ -126,7 +126,7 @@ class EngineConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         _check(self.load_format in ("auto", "dummy"),
-               f"load_format must be 'auto' (read the checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
+               f"load_format must be 'auto' (checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
