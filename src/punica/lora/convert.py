@@ -1,0 +1,148 @@
+"""`punica convert`: validate a PEFT LoRA adapter against a base model and write it ready for fast loading.
+
+The output is a PEFT directory again (the original tensor names and adapter_config.json), with the weights
+as contiguous tensors in `adapter_model.safetensors`, so PEFT and Punica both load it as it is. Every
+problem raises AdapterError naming the cause, from the same validation that serving uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save_file
+
+from punica.config import ModelConfig
+from punica.errors import AdapterError, ModelLoadError, PunicaError
+from punica.lora.peft import _pattern_value, load_peft_adapter, load_tensors, read_adapter_config
+
+MAX_SERVABLE_RANK = 256  # LoRAConfig.max_lora_rank's upper bound
+DEFAULT_SERVING_RANK = 64  # LoRAConfig.max_lora_rank's default
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+@dataclass
+class ProjectionSummary:
+    layers: list[int] = field(default_factory=list)
+    ranks: set[int] = field(default_factory=set)
+    alphas: set[float] = field(default_factory=set)
+    scales: set[float] = field(default_factory=set)
+
+
+@dataclass
+class Conversion:
+    """What `convert_adapter` read and wrote."""
+
+    source: str
+    source_file: str
+    out_dir: str
+    num_tensors: int
+    nbytes: int
+    dtypes: set[str]
+    projections: dict[str, ProjectionSummary]
+    config: dict
+    base: ModelConfig
+
+    @property
+    def max_rank(self) -> int:
+        return max(r for p in self.projections.values() for r in p.ranks)
+
+
+def read_base_shapes(model_dir: str) -> ModelConfig:
+    """The base model's projection shapes and depth from its config.json: all an adapter must fit. (The
+    full reader, `model.loader.read_model_config`, sits above this layer.)"""
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+        heads = hf["num_attention_heads"]
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            architecture=(hf.get("architectures") or ["LlamaForCausalLM"])[0])
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"no config.json in {model_dir!r}: pass the base model's HF directory") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"cannot read the base model's config {path}: {e!r}") from e
+
+
+def convert_adapter(adapter_dir: str, model_dir: str, out_dir: str | None = None) -> Conversion:
+    """Validate `adapter_dir` against the model in `model_dir`; write `out_dir` (default: in place, where
+    the new safetensors file then takes precedence over adapter_model.bin)."""
+    out_dir = out_dir or adapter_dir
+    model_cfg = read_base_shapes(model_dir)
+    config = read_adapter_config(adapter_dir)
+    weights = load_peft_adapter("convert", adapter_dir, model_cfg, MAX_SERVABLE_RANK)  # raises on any problem
+    tensors = {key: t.detach().clone().contiguous() for key, t in load_tensors(adapter_dir).items()}
+    projections: dict[str, ProjectionSummary] = {}
+    for (layer, proj), (a, _) in weights.modules.items():
+        summary = projections.setdefault(proj, ProjectionSummary())
+        alpha = _pattern_value(config.get("alpha_pattern"), layer, proj, config.get("lora_alpha", 8))
+        rank = a.shape[0]
+        summary.layers.append(layer)
+        summary.ranks.add(rank)
+        summary.alphas.add(alpha)
+        summary.scales.add(alpha / (rank ** 0.5 if config.get("use_rslora") else rank))
+    _write(out_dir, tensors, config)
+    source = WEIGHTS if os.path.isfile(os.path.join(adapter_dir, WEIGHTS)) else "adapter_model.bin"
+    return Conversion(source=adapter_dir, source_file=source, out_dir=out_dir, num_tensors=len(tensors),
+                      nbytes=sum(t.nbytes for t in tensors.values()),
+                      dtypes={str(t.dtype).removeprefix("torch.") for t in tensors.values()},
+                      projections=projections, config=config, base=model_cfg)
+
+
+def _write(out_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Each file written beside its final name, then renamed over it: no reader sees half a file."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(tensors, os.path.join(out_dir, WEIGHTS + ".tmp"), metadata={"format": "pt"})
+        with open(os.path.join(out_dir, CONFIG + ".tmp"), "w") as f:
+            json.dump(config, f, indent=2)
+        for name in (WEIGHTS, CONFIG):
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    except OSError as e:
+        raise AdapterError(f"cannot write the converted adapter to {out_dir!r}: {e}") from e
+
+
+def _fmt(values) -> str:
+    return "/".join(f"{v:g}" for v in sorted(values))
+
+
+def describe(c: Conversion, model_dir: str) -> str:
+    """The report `punica convert` prints."""
+    cfg = c.config
+    lines = [f"adapter   {c.source} ({c.source_file})",
+             f"base      {model_dir} ({c.base.architecture}: {c.base.num_layers} layers, hidden "
+             f"{c.base.hidden_size}, {c.base.num_heads} heads, {c.base.num_kv_heads} kv heads)",
+             f"lora      r={cfg.get('r')} lora_alpha={cfg.get('lora_alpha')} use_rslora={bool(cfg.get('use_rslora'))}"
+             + (f" rank_pattern={cfg['rank_pattern']}" if cfg.get("rank_pattern") else "")
+             + (f" alpha_pattern={cfg['alpha_pattern']}" if cfg.get("alpha_pattern") else "")]
+    for i, (proj, s) in enumerate(sorted(c.projections.items())):
+        lines.append(f"{'modules' if i == 0 else '':9} {proj:<10} {len(s.layers):3} layers  rank {_fmt(s.ranks):<5} "
+                     f"alpha {_fmt(s.alphas):<5} scale {_fmt(s.scales)}")
+    dtypes = "/".join(sorted(c.dtypes))
+    lines.append(f"wrote     {os.path.join(c.out_dir, WEIGHTS)} ({c.num_tensors} tensors, {dtypes}, "
+                 f"{c.nbytes / 2**20:.2f} MiB) and {CONFIG}")
+    if c.max_rank > DEFAULT_SERVING_RANK:
+        lines.append(f"note      rank {c.max_rank} exceeds the default max_lora_rank={DEFAULT_SERVING_RANK}: "
+                     f"serve with --max-lora-rank {c.max_rank}")
+    return "\n".join(lines)
+
+
+def main(args: Namespace) -> int:
+    """`punica convert ADAPTER_DIR --model MODEL_DIR --out OUT_DIR`; returns the exit code."""
+    try:
+        if not getattr(args, "model", None):
+            raise ModelLoadError("convert needs the base model the adapter was trained on: pass --model DIR")
+        conversion = convert_adapter(args.adapter_dir, args.model, getattr(args, "out", None))
+    except PunicaError as e:
+        print(f"punica convert: error: {e}", file=sys.stderr)
+        return 1
+    print(describe(conversion, args.model))
+    return 0

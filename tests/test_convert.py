@@ -1,0 +1,104 @@
+"""`punica convert`: a .bin PEFT adapter becomes safetensors that PEFT and Punica load to the same outputs."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from punica import LLM, SamplingParams
+from punica.lora.convert import convert_adapter, main
+
+PROMPTS = [[1, 5, 9, 14, 33, 62], [1, 70, 71, 3]]
+MAX_TOKENS = 10
+
+
+def convert_args(adapter_dir, model_dir, out) -> argparse.Namespace:
+    return argparse.Namespace(adapter_dir=str(adapter_dir), model=str(model_dir), out=str(out))
+
+
+def peft_greedy(hf_model, adapter_dir: str, prompt: list[int]) -> list[int]:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter_dir).eval()
+    inputs = torch.tensor([prompt])
+    out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=MAX_TOKENS,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, inputs.shape[1]:].tolist()
+
+
+def test_bin_adapter_converts_to_safetensors_that_peft_and_punica_agree_on(tiny_models, tmp_path, capsys):
+    hf_model, model_dir, adapters = tiny_models["llama"]
+    source = adapters["d8"]  # .bin, with rank_pattern and alpha_pattern
+    assert os.path.isfile(os.path.join(source, "adapter_model.bin"))
+    out = tmp_path / "d8-converted"
+    assert main(convert_args(source, model_dir, out)) == 0
+    report = capsys.readouterr().out
+    assert "gate_proj" in report and "rank 4" in report and "k_proj" in report and "alpha 4" in report, report
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    with open(os.path.join(source, "adapter_config.json")) as f, open(out / "adapter_config.json") as g:
+        assert json.load(f) == json.load(g)
+
+    llm = LLM(model=model_dir, lora_modules={"bin": source, "st": str(out)}, dtype="float32", device="cpu",
+              backend="torch")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(PROMPTS * 3, params, lora=["bin"] * 2 + ["st"] * 2 + [None] * 2)
+    ours_bin, ours_st, base = [o.token_ids for o in outs[:2]], [o.token_ids for o in outs[2:4]], outs[4:]
+    assert ours_st == ours_bin
+    assert ours_st != [o.token_ids for o in base], "the adapter should change the output"
+    assert ours_st == [peft_greedy(hf_model, str(out), p) for p in PROMPTS]
+
+
+def test_converting_in_place_keeps_the_tensors(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, model_dir, adapters = tiny_models["llama"]
+    work = tmp_path / "b8"
+    shutil.copytree(adapters["b8"], work)
+    before = load_file(work / "adapter_model.safetensors")
+    conversion = convert_adapter(str(work), model_dir)
+    after = load_file(work / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert conversion.max_rank == 8 and len(conversion.projections) == 7
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("other_base", "do not fit the base projection"),
+    ("dora", "use_dora"),
+    ("no_weights", "neither adapter_model.safetensors nor adapter_model.bin"),
+    ("no_model", "config.json"),
+])
+def test_broken_adapter_fails_with_a_clear_message(tiny_models, tmp_path, capsys, breakage, message):
+    import shutil
+
+    _, model_dir, adapters = tiny_models["llama"]
+    work = tmp_path / "adapter"
+    shutil.copytree(adapters["d8"], work)
+    if breakage == "other_base":  # as if trained on another base model: a wider hidden size
+        model_dir = _wider_model(tmp_path, model_dir)
+    elif breakage == "dora":
+        cfg = json.loads((work / "adapter_config.json").read_text())
+        (work / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    elif breakage == "no_weights":
+        os.remove(work / "adapter_model.bin")
+    elif breakage == "no_model":
+        model_dir = str(tmp_path / "missing")
+    out = tmp_path / "out"
+    assert main(convert_args(work, model_dir, out)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("punica convert: error:") and message in err, err
+    assert not out.exists()
+
+
+def _wider_model(tmp_path, model_dir: str) -> str:
+    cfg = json.loads(open(os.path.join(model_dir, "config.json")).read())
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    (wider / "config.json").write_text(json.dumps({**cfg, "hidden_size": 2 * cfg["hidden_size"]}))
+    return str(wider)
