@@ -8,6 +8,7 @@ GPU tier (-m gpu): Llama shapes in bf16 against an fp32 reference, CUDA-graph re
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -59,18 +60,18 @@ def workload_plan(popularity: str, num_seqs: int, num_adapters: int, prefill: bo
     return make_plan(seg_len, seg_slot, device)
 
 
+@functools.lru_cache(maxsize=4)
 def make_weights(num_slots, h_in, widths, R, ranks, dtype, device, seed=0):
     """lora_a [slots, n*R, h_in], lora_b [slots, sum(widths), R] zero-padded past each slot's rank."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     n, N = len(widths), sum(widths)
-    a = torch.randn(num_slots, n * R, h_in, generator=gen) / h_in ** 0.5
-    b = torch.randn(num_slots, N, R, generator=gen) / R ** 0.5
-    slot_rank = torch.tensor([0] + [ranks[i % len(ranks)] for i in range(num_slots - 1)], dtype=torch.int32)
-    for s, r in enumerate(slot_rank.tolist()):
+    a = torch.randn(num_slots, n * R, h_in, generator=gen, device=device) / h_in ** 0.5
+    b = torch.randn(num_slots, N, R, generator=gen, device=device) / R ** 0.5
+    ranks = [0] + [ranks[i % len(ranks)] for i in range(num_slots - 1)]
+    for s, r in enumerate(ranks):
         b[s, :, r:] = 0
-        for i in range(n):
-            a[s, i * R + r:(i + 1) * R] = 0
-    return a.to(device, dtype), b.to(device, dtype), slot_rank.to(device)
+        a[s].view(n, R, h_in)[:, r:] = 0
+    return a.to(dtype), b.to(dtype), torch.tensor(ranks, dtype=torch.int32, device=device)
 
 
 def offsets(widths):
@@ -84,9 +85,9 @@ def run_add_lora(plan, h_in, widths, R, ranks, dtype, device, num_slots=9, seed=
     """(triton y, fp32 reference y) for one case."""
     T = plan.host_indptr[-1]
     lora_a, lora_b, slot_rank = make_weights(num_slots, h_in, widths, R, ranks, dtype, device, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(T, h_in, generator=gen).to(device, dtype)
-    y0 = torch.randn(T, sum(widths), generator=gen).to(device, dtype)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(T, h_in, generator=gen, device=device).to(dtype)
+    y0 = torch.randn(T, sum(widths), generator=gen, device=device).to(dtype)
     expected = y0.float().clone()
     add_lora_torch(expected, x.float(), lora_a.float(), lora_b.float(), slot_rank, plan, offsets(widths))
     y = y0.clone()
@@ -209,7 +210,7 @@ def test_wrapper_rejects_bad_inputs(bad):
 # ---- GPU tier -----------------------------------------------------------------------------------------
 
 LLAMA_WIDTHS = {"o": (4096,), "qkv_gqa": (4096, 1024, 1024), "gate_up": (11008, 11008)}
-GPU_TOKENS = [1, 2, 3, 7, 16, 31, 64, 100, 128, 255, 256]
+GPU_TOKENS = [1, 3, 16, 31, 64, 128, 255, 256]
 
 
 def gpu_plan(popularity, T, seed=0):

@@ -170,8 +170,8 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                 acc = tl.dot(xt, tl.trans(at), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xt, tl.trans(at), acc)
-        else:
-            acc += tl.sum(xt[:, None, :].to(tl.float32) * at[None, :, :].to(tl.float32), axis=2)
+        else:  # BLOCK_M == 1: [BLOCK_R, BLOCK_K] * [1, BLOCK_K] summed over k
+            acc += tl.sum(at.to(tl.float32) * xt.to(tl.float32), axis=1)[None, :]
     out_mask = m_mask[:, None] & (r0 + tl.arange(0, BLOCK_R) < R)[None, :]
     v_ptrs = v_ptr + offs_m[:, None] * stride_vt + cols[None, :]
     if SPLIT_K == 1:
@@ -229,8 +229,8 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                 acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc, input_precision="ieee")
             else:
                 acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc)
-        else:
-            acc += tl.sum(vt[:, None, :].to(tl.float32) * bt[None, :, :].to(tl.float32), axis=2)
+        else:  # BLOCK_M == 1: [BLOCK_N, BLOCK_R] * [1, BLOCK_R] summed over r
+            acc += tl.sum(bt.to(tl.float32) * vt.to(tl.float32), axis=1)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)

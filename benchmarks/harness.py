@@ -1,0 +1,147 @@
+"""What every benchmark shares: the setup record (GPU, git revision, versions) written with each result as
+JSON lines under benchmarks/results/, CUDA-event timing (median over many reps, L2 flushed before each
+rep, eager and CUDA-graph replay), host-side launch overhead, and the device-to-device copy bandwidth
+that achieved bandwidth is reported against."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_revision() -> str:
+    """HEAD (+ "-dirty"); PUNICA_GIT_REV wins, for copies of the tree without .git (the device machine)."""
+    if os.environ.get("PUNICA_GIT_REV"):
+        return os.environ["PUNICA_GIT_REV"]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=RESULTS.parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=RESULTS.parent).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """The setup recorded with every result."""
+    env = dict(git=git_revision(), torch=torch.__version__, python=platform.python_version(),
+               host=platform.node(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sms=props.multi_processor_count, l2_bytes=getattr(props, "L2_cache_size", 0),
+                   cuda=torch.version.cuda)
+    return env
+
+
+class L2Flush:
+    """Writes a buffer twice the size of L2 so the next kernel starts from cold caches."""
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+        self.buffer = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.zero_()
+
+
+def _median_us(fn: Callable[[], None], reps: int, flush: Callable[[], None] | None) -> float:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+def time_eager(fn: Callable[[], None], reps: int = 100, warmup: int = 5, flush: L2Flush | None = None) -> float:
+    """Median GPU time of fn() in microseconds (CUDA events around each call)."""
+    for _ in range(warmup):
+        fn()
+    return _median_us(fn, reps, flush)
+
+
+def capture(fn: Callable[[], None], warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """fn() captured in a CUDA graph, after warm-up calls on a side stream (as torch requires)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_graph(fn: Callable[[], None], reps: int = 100, flush: L2Flush | None = None) -> float:
+    """Median GPU time of one replay of fn() captured in a CUDA graph, in microseconds."""
+    graph = capture(fn)
+    graph.replay()
+    result = _median_us(graph.replay, reps, flush)
+    del graph
+    return result
+
+
+def host_overhead_us(fn: Callable[[], None], calls: int = 200) -> float:
+    """Python-side time per call (launches are asynchronous; the GPU is not waited for)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    us = time_eager(lambda: dst.copy_(src), reps=reps, warmup=3)
+    return 2 * nbytes / (us * 1e-6)
+
+
+def write_jsonl(name: str, rows: list[dict], setup: dict, out_dir: Path | None = None) -> Path:
+    """Append rows (each merged with `setup`) to <out_dir or results>/<name>.jsonl."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({**setup, **row}) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """A fixed-width table of the given columns (floats to one decimal)."""
+    def fmt(v):
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
