@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -42,14 +43,15 @@ def make_case(q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32,
     gen = torch.Generator().manual_seed(seed)
     n_blocks = [-(-kv // block_size) for kv in kv_lens]
     perm = torch.randperm(sum(n_blocks) + 3, generator=gen)
+    gen = torch.Generator(device).manual_seed(seed)
     tables = torch.zeros(len(kv_lens), max(n_blocks + [1]), dtype=torch.int32)
     used = 0
     for b, n in enumerate(n_blocks):
         tables[b, :n] = perm[used:used + n]
         used += n
     cache_shape = (len(perm), block_size, h_kv, d)
-    k_cache, v_cache = (torch.randn(cache_shape, generator=gen).to(dtype) for _ in range(2))
-    q = torch.randn(sum(q_lens), h_q, d, generator=gen).to(dtype)
+    k_cache, v_cache = (torch.randn(cache_shape, generator=gen, device=device).to(dtype) for _ in range(2))
+    q = torch.randn(sum(q_lens), h_q, d, generator=gen, device=device).to(dtype)
     cu_q = [0]
     for n in q_lens:
         cu_q.append(cu_q[-1] + n)
@@ -57,7 +59,7 @@ def make_case(q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32,
                          kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
                          block_tables=tables.to(device), max_q_len=max(q_lens, default=0),
                          max_kv_len=max(kv_lens, default=0), host_cu_q=cu_q, host_kv_lens=list(kv_lens))
-    return q.to(device), k_cache.to(device), v_cache.to(device), meta
+    return q, k_cache, v_cache, meta
 
 
 def check(fn, q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32, device="cpu", **kw):
@@ -209,48 +211,92 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * nbytes / (time_ms(lambda: dst.copy_(src)) * 1e-3)
+    return 2 * nbytes / (time_us(lambda: dst.copy_(src), graph=False) * 1e-6)
 
 
-def time_ms(fn, iters: int = 50) -> float:
-    """Median milliseconds of fn over iters launches timed by CUDA events, after warm-up."""
-    for _ in range(3):
-        fn()
+def time_us(fn, graph: bool = True, reps: int = 20, iters: int = 10) -> float:
+    """Median microseconds per call: `reps` calls replayed from one CUDA graph (no launch gaps), or eager."""
+    fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        run, iters = g.replay, max(iters, 3)
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) * 1e3 / (reps if graph else 1))
     return sorted(times)[len(times) // 2]
 
 
-def decode_timing_row(model: str, ctx: int, batch: int, bandwidth: float) -> str:
+def decode_case(model: str, ctx: int, batch: int):
     h_q, h_kv, d = LLAMA_SHAPES[model]
-    q, k_cache, v_cache, meta = make_case([1] * batch, [ctx] * batch, h_q, h_kv, d, dtype=torch.bfloat16,
-                                          device="cuda")
-    kv_bytes = 2 * batch * ctx * h_kv * d * q.element_size()
-    floor_us = kv_bytes / bandwidth * 1e6
-    splits = attention.decode_splits(batch, h_kv, ctx, q.device)
-    ours = time_ms(lambda: attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.1)) * 1e3
-    ref = time_ms(lambda: paged_attention_torch(q, k_cache, v_cache, meta, 0.1), iters=5) * 1e3
-    return (f"| {model} | {ctx} | {splits} | {ours:.1f} | {ref:.0f} | {kv_bytes / 1e6:.1f} | {floor_us:.1f} "
-            f"| {ours / floor_us:.2f} |")
+    case = make_case([1] * batch, [ctx] * batch, h_q, h_kv, d, dtype=torch.bfloat16, device="cuda")
+    return case, 2 * batch * ctx * h_kv * d * 2  # K and V bytes read
 
 
-def decode_timing_table(batch: int = 32) -> str:
-    """Markdown: decode time vs the time to read its K/V at the measured copy bandwidth."""
-    bandwidth = copy_bandwidth()
-    lines = [f"GPU: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-             f"batch {batch}; bf16", "",
-             "| model | context | splits | triton us | torch us | KV MB | KV floor us | triton / floor |",
+def decode_timing_table(bandwidth: float, batch: int = 32) -> list[str]:
+    """Decode time (graph replay) vs the time to read its K/V at the measured copy bandwidth."""
+    lines = ["| model | context | splits | triton us | torch eager us | KV MB | KV floor us | triton / floor |",
              "|---|---|---|---|---|---|---|---|"]
     for model in LLAMA_SHAPES:
-        lines += [decode_timing_row(model, ctx, batch, bandwidth) for ctx in (512, 2048)]
-    return "\n".join(lines)
+        for ctx in (512, 2048):
+            case, kv_bytes = decode_case(model, ctx, batch)
+            floor = kv_bytes / bandwidth * 1e6
+            ours = time_us(partial(attention.paged_attention_triton, *case, 0.1))
+            ref = time_us(partial(paged_attention_torch, *case, 0.1), graph=False, iters=3)
+            splits = attention.decode_splits(batch, LLAMA_SHAPES[model][1], ctx, torch.device("cuda"))
+            lines.append(f"| {model} | {ctx} | {splits} | {ours:.1f} | {ref:.0f} | {kv_bytes / 1e6:.1f} "
+                         f"| {floor:.1f} | {ours / floor:.2f} |")
+    return lines
+
+
+def decode_sweep(bandwidth: float, batch: int = 32) -> list[str]:
+    """Floor ratio of decode configs (BLOCK_N, num_warps) x splits, to tune decode_config/decode_splits."""
+    configs, splits = [(64, 4), (32, 4), (64, 8), (128, 8)], [1, 2, 4, 8]
+    lines = ["| model | context | BLOCK_N, warps | " + " | ".join(f"splits {s}" for s in splits) + " |",
+             "|---|---|---|" + "---|" * len(splits)]
+    default = attention.decode_config
+    try:
+        for model in LLAMA_SHAPES:
+            for ctx in (512, 2048):
+                case, kv_bytes = decode_case(model, ctx, batch)
+                floor = kv_bytes / bandwidth * 1e6
+                for block_n, warps in configs:
+                    attention.decode_config = lambda *_, b=block_n, w=warps: dict(BLOCK_N=b, num_warps=w)
+                    ratios = [time_us(partial(attention.decode_attention_triton, *case, 0.1, num_splits=s))
+                              / floor for s in splits]
+                    lines.append(f"| {model} | {ctx} | {block_n}, {warps} | "
+                                 + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    finally:
+        attention.decode_config = default
+    return lines
+
+
+def prefill_timing_table() -> list[str]:
+    """Prefill throughput in causal-attention TFLOP/s (bf16)."""
+    lines = ["| model | q_lens x kv_lens | triton us | TFLOP/s |", "|---|---|---|---|"]
+    for model, (h_q, h_kv, d) in LLAMA_SHAPES.items():
+        for q_lens, kv_lens in [([2048], [2048]), ([512] * 4, [2048] * 4)]:
+            case = make_case(q_lens, kv_lens, h_q, h_kv, d, dtype=torch.bfloat16, device="cuda")
+            us = time_us(partial(attention.paged_attention_triton, *case, 0.1), reps=5)
+            pairs = sum(n * (kv - n) + n * (n + 1) / 2 for n, kv in zip(q_lens, kv_lens))
+            lines.append(f"| {model} | {q_lens[0]}x{len(q_lens)} over {kv_lens[0]} | {us:.0f} "
+                         f"| {4 * pairs * h_q * d / us / 1e6:.0f} |")
+    return lines
 
 
 if __name__ == "__main__":
-    print(decode_timing_table())
+    bw = copy_bandwidth()
+    print(f"GPU: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; batch 32; bf16; "
+          "times are CUDA-graph replays\n", flush=True)
+    for table in (decode_timing_table, decode_sweep):
+        print("\n".join(table(bw)) + "\n", flush=True)
+    print("\n".join(prefill_timing_table()), flush=True)

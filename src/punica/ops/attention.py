@@ -82,7 +82,7 @@ def _qk(q, k, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     if USE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
     else:
-        s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2)
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)[None, :]  # q is [1, D]
     return s
 
 
@@ -92,7 +92,7 @@ def _pv(p, v, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     if USE_DOT:
         o = tl.dot(p.to(v.dtype), v, input_precision=PREC)
     else:
-        o = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
+        o = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]  # p is [1, N]
     return o
 
 
@@ -237,11 +237,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_splits(batch: int, h_kv: int, max_kv_len: int, device: torch.device) -> int:
-    """How many pieces each sequence's context is cut into: enough programs for ~2 waves, >= 256 tokens each.
+    """Pieces each context is cut into (a power of two): enough programs for ~2 waves, >= 256 tokens each.
 
     Depends only on host ints, so a CUDA graph captured with max_kv_len = its capacity stays valid."""
-    want = triton.cdiv(2 * _num_sms(device), max(batch * h_kv, 1))
-    return max(1, min(want, triton.cdiv(max_kv_len, 256), 16))
+    want = min(triton.cdiv(2 * _num_sms(device), max(batch * h_kv, 1)), triton.cdiv(max_kv_len, 256), 16)
+    return 1 << max(want - 1, 0).bit_length()
+
+
+def decode_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
+    """Tile size and launch options of the decode kernel (fp32 tiles need more warps to stay out of spills)."""
+    return dict(BLOCK_N=64, num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
 
 
 def _launch_args(q, k_cache, meta, out):
@@ -270,7 +275,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _decode_kernel[(batch, h_kv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, *meta_args, scale * math.log2(math.e), *strides,
         GROUP=group, BLOCK_G=1 if group == 1 else max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        PAGE=page, BLOCK_N=64, SPLITS=splits, PREC=_precision(q.dtype), num_warps=4)
+        PAGE=page, SPLITS=splits, PREC=_precision(q.dtype), **decode_config(d, group, q.dtype))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
                                       HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
@@ -291,7 +296,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _prefill_kernel[(triton.cdiv(meta.max_q_len, block_m), batch, h_q)](
         q, k_cache, v_cache, out, *meta_args, scale * math.log2(math.e), *strides, GROUP=h_q // h_kv,
         HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=32 if wide else 64, PREC=_precision(q.dtype),
-        num_warps=4)
+        num_warps=8 if wide else 4)
     return out
 
 
