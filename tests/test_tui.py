@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import threading
 import time
 
 import pytest
 
 from punica import Engine, SamplingParams
-from punica.tui.app import MultiLoRAApp, Pane, engine_options, parse_lora_args, resolve_models
+from punica.tui.app import MultiLoRAApp, Pane, engine_options, main, parse_lora_args, resolve_models
 from punica.tui.session import EngineLoop
 
 ADAPTERS = ["a4", "b8", "d8"]  # d8 is a .bin adapter with rank/alpha patterns
@@ -77,7 +78,7 @@ def answers_of(engine, models, params, prompt: str) -> list[str]:
 
 def test_a_new_prompt_replaces_the_round_in_flight(engine):
     models = [None, *ADAPTERS]
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     app = MultiLoRAApp(engine, models, prompt="w5 w6 w7", params=params, autostart=False)
 
     async def scenario(pilot):
@@ -111,6 +112,23 @@ def test_engine_loop_reports_errors_and_keeps_going(engine):
         loop.stop()
         thread.join()
     assert "empty" in reports[0].error and not engine.has_unfinished()
+
+
+def test_main_builds_the_engine_from_args(llama_with_tokenizer, monkeypatch, capsys):
+    model_dir, adapters = llama_with_tokenizer
+    started = []
+    monkeypatch.setattr(MultiLoRAApp, "run", lambda app: started.append(app))
+    args = argparse.Namespace(model=model_dir, lora=[f"x={adapters['a4']}", adapters["c16"]], prompt="w3 w4",
+                              device="cpu", dtype="float32", backend="torch", max_tokens=5, max_num_seqs=8)
+    assert main(args) == 0
+    (app,) = started
+    assert app.models == [None, "x", os.path.basename(adapters["c16"])] and app.prompt == "w3 w4"
+    assert app.params.max_tokens == 5 and app.params.temperature == 0.0 and app.notice is None
+    assert app.engine.config.scheduler.max_num_seqs == 8 and app.engine.info.device == "cpu"
+
+    args.lora = [f"bad={model_dir}"]  # a model directory is no adapter
+    assert main(args) == 1 and started == [app]
+    assert "punica demo: error:" in capsys.readouterr().err
 
 
 def test_command_line_options(tmp_path):

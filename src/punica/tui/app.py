@@ -142,12 +142,14 @@ class MultiLoRAApp(App):
 
 
 def status_line(p: Progress, num_models: int) -> str:
+    """Rate and batch size first: they must survive a narrow terminal."""
     if p.error:
         return f"error: {p.error}"
-    rate = f"{p.tokens} tokens in {p.elapsed:.1f} s · {p.tokens_per_s:.1f} tok/s"
+    rate = f"{p.tokens_per_s:.1f} tok/s"
+    tokens = f"{p.tokens} tokens in {p.elapsed:.1f} s"
     if p.done:
-        return f"done · {num_models} models answered in one batch (peak batch size {p.peak_batch_size}) · {rate}"
-    return f"generating · batch size {p.batch_size} · {rate}"
+        return f"done · {rate} · peak batch size {p.peak_batch_size} · {tokens} · {num_models} models, one engine"
+    return f"generating · {rate} · batch size {p.batch_size} · {tokens}"
 
 
 def demo_sampling_params(engine: Engine, max_tokens: int = DEFAULT_MAX_TOKENS,
