@@ -7,9 +7,11 @@ never here, so a config object always means what its author wrote.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 
-from punica.errors import ConfigError
+from punica.errors import ConfigError, ModelLoadError
 
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -55,6 +57,44 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def read_model_config(model_dir: str) -> ModelConfig:
+    """ModelConfig from `model_dir/config.json`, refusing architectures we do not implement."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"no config.json in {model_dir!r}: pass an HF model directory")
+    try:
+        with open(path) as f:
+            return _model_config(json.load(f), path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: missing or malformed field {e}") from e
+
+
+def _model_config(hf: dict, path: str) -> ModelConfig:
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"architecture {arch!r} in {path} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    eos = hf.get("eos_token_id")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        bos_token_id=hf.get("bos_token_id"), architecture=arch,
+        torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+    )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from punica.config import EngineConfig, RuntimeInfo, engine_config
+from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status
 from punica.engine.runner import ModelRunner
@@ -19,7 +19,7 @@ from punica.kv.block_manager import BlockManager
 from punica.kv.cache import allocate_kv_pool, num_blocks_for
 from punica.lora.manager import AdapterManager
 from punica.lora.pool import AdapterPool
-from punica.model.loader import DTYPES, load_model, read_model_config
+from punica.model.loader import DTYPES, load_model
 from punica.ops import resolve_backend, select_ops
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
-from punica.config import ModelConfig
+from punica.config import ModelConfig, read_model_config
 from punica.errors import AdapterError, ModelLoadError, PunicaError
 from punica.lora.peft import _pattern_value, load_peft_adapter, load_tensors, read_adapter_config
 
@@ -52,31 +52,11 @@ class Conversion:
         return max(r for p in self.projections.values() for r in p.ranks)
 
 
-def read_base_shapes(model_dir: str) -> ModelConfig:
-    """The base model's projection shapes and depth from its config.json: all an adapter must fit. (The
-    full reader, `model.loader.read_model_config`, sits above this layer.)"""
-    path = os.path.join(model_dir, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-        heads = hf["num_attention_heads"]
-        return ModelConfig(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            architecture=(hf.get("architectures") or ["LlamaForCausalLM"])[0])
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"no config.json in {model_dir!r}: pass the base model's HF directory") from e
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"cannot read the base model's config {path}: {e!r}") from e
-
-
 def convert_adapter(adapter_dir: str, model_dir: str, out_dir: str | None = None) -> Conversion:
     """Validate `adapter_dir` against the model in `model_dir`; write `out_dir` (default: in place, where
     the new safetensors file then takes precedence over adapter_model.bin)."""
     out_dir = out_dir or adapter_dir
-    model_cfg = read_base_shapes(model_dir)
+    model_cfg = read_model_config(model_dir)
     config = read_adapter_config(adapter_dir)
     weights = load_peft_adapter("convert", adapter_dir, model_cfg, MAX_SERVABLE_RANK)  # raises on any problem
     tensors = {key: t.detach().clone().contiguous() for key, t in load_tensors(adapter_dir).items()}
