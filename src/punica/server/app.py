@@ -1,0 +1,200 @@
+"""The FastAPI app: routes, API-key check, OpenAI-shaped errors, request metrics; `serve` runs it."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from punica import (
+    AdapterError,
+    BadRequestError,
+    CapacityError,
+    ConfigError,
+    Engine,
+    PunicaError,
+    UnknownModelError,
+)
+from punica.config import ServerConfig
+from punica.server.async_engine import AsyncEngine
+from punica.server.metrics import CONTENT_TYPE, ServerMetrics
+from punica.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRARequest,
+    ModelCard,
+    ModelList,
+    UnloadLoRARequest,
+    error_body,
+)
+from punica.server.serving import EngineFailure, OpenAIServing
+
+log = logging.getLogger("punica.server")
+
+
+class HTTPError(Exception):
+    """An error with its HTTP status and OpenAI error type, raised by the routes themselves."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.code = status, type_, code
+
+
+# exception -> (status, OpenAI error type, code); the first matching class wins
+ERRORS: list[tuple[type[BaseException], int, str, str | None]] = [
+    (UnknownModelError, 404, "invalid_request_error", "model_not_found"),
+    (AdapterError, 400, "invalid_request_error", "invalid_adapter"),
+    (CapacityError, 503, "server_overloaded", "queue_full"),
+    (BadRequestError, 400, "invalid_request_error", None),
+    (ConfigError, 400, "invalid_request_error", None),
+    (PermissionError, 403, "permission_error", "path_not_allowed"),
+    (EngineFailure, 500, "server_error", "engine_failure"),
+]
+
+
+def error_response(exc: Exception, retry_after: int) -> JSONResponse:
+    if isinstance(exc, HTTPError):
+        return JSONResponse(error_body(str(exc), exc.type, exc.code), status_code=exc.status)
+    for cls, status, type_, code in ERRORS:
+        if isinstance(exc, cls):
+            headers = {"Retry-After": str(retry_after)} if status == 503 else None
+            return JSONResponse(error_body(str(exc), type_, code), status_code=status, headers=headers)
+    log.exception("unexpected error", exc_info=exc)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+class CountStatus:
+    """ASGI middleware counting every HTTP response by route and status (streams included)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.count_http(scope["path"], status[0])
+
+
+def api_key_check(api_key: str | None):
+    """A dependency: `Authorization: Bearer <api_key>` on every /v1 route when a key is set."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise HTTPError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                            "authentication_error", "missing_api_key")
+        if not hmac.compare_digest(header[7:].strip().encode(), api_key.encode()):
+            raise HTTPError(401, "incorrect API key provided", "authentication_error", "invalid_api_key")
+
+    return check
+
+
+def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
+    """The app around `engine` (whose step loop starts and stops with the app)."""
+    async_engine = AsyncEngine(engine)
+    metrics = ServerMetrics(lambda: async_engine.stats)
+    serving = OpenAIServing(async_engine, metrics, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        async_engine.start()
+        yield
+        await async_engine.stop()
+
+    app = FastAPI(title="Punica", lifespan=lifespan)
+    app.state.engine, app.state.metrics = async_engine, metrics
+    app.add_middleware(CountStatus, metrics=metrics)
+    app.add_exception_handler(RequestValidationError, lambda _r, e: JSONResponse(
+        error_body(validation_message(e), "invalid_request_error"), status_code=400))
+    app.add_exception_handler(Exception, lambda _r, e: error_response(e, cfg.retry_after))
+    for cls in (HTTPError, PunicaError, PermissionError, EngineFailure):
+        app.add_exception_handler(cls, lambda _r, e: error_response(e, cfg.retry_after))
+    app.include_router(_v1_routes(serving, async_engine, cfg, model_name))
+    _add_probes(app, async_engine, metrics)
+    return app
+
+
+def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, model_name: str) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(cfg.api_key))])
+
+    @router.post("/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(req, request)
+
+    @router.post("/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(req, request)
+
+    @router.get("/models")
+    async def models() -> ModelList:
+        base = ModelCard(id=model_name, root=engine.engine.config.model, max_model_len=serving.max_model_len)
+        adapters = await engine.call(engine.engine.list_loras)
+        cards = [ModelCard(id=name, root=path, parent=model_name) for name, path in sorted(adapters.items())]
+        return ModelList(data=[base, *cards])
+
+    @router.post("/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoRARequest) -> dict:
+        if req.lora_name == model_name:
+            raise BadRequestError(f"{req.lora_name!r} is the base model's name; choose another adapter name")
+        if not engine.engine.config.lora.allowed_lora_dirs:
+            raise PermissionError("dynamic adapter loading is off: start the server with --allowed-lora-dir DIR")
+        engine.engine.adapters.check_allowed(req.lora_path)
+        if not os.path.isdir(req.lora_path):
+            raise AdapterError(f"adapter path {req.lora_path!r} is not a directory")
+        await engine.call(engine.engine.add_lora, req.lora_name, req.lora_path)
+        return {"object": "lora_adapter", "id": req.lora_name, "root": req.lora_path, "status": "loaded"}
+
+    @router.post("/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoRARequest) -> dict:
+        await engine.call(engine.engine.remove_lora, req.lora_name)
+        return {"object": "lora_adapter", "id": req.lora_name, "status": "unloaded"}
+
+    return router
+
+
+def _add_probes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            return JSONResponse(error_body("the engine thread is not running", "server_error"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def serve(engine: Engine, cfg: ServerConfig) -> None:
+    """Run the server until interrupted (blocks)."""
+    import uvicorn
+
+    name = cfg.served_model_name or os.path.basename(os.path.normpath(engine.config.model))
+    app = build_app(engine, cfg, name)
+    log.info("serving %s (adapters: %s) on http://%s:%d", name, sorted(engine.list_loras()), cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,187 @@
+"""HTTP schemas of the OpenAI-compatible API (the subset Punica serves) and OpenAI's error body.
+
+Requests accept OpenAI's field names; unknown fields are ignored, fields Punica cannot honor are refused
+with a 400 that names them. `top_k`, `ignore_eos` and `stop_token_ids` are accepted as vLLM-style
+extensions (the openai client sends them through `extra_body`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from punica import BadRequestError, SamplingParams
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    """`include_usage`: send one last chunk with the token counts (and empty `choices`)."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(1, ge=1, le=64)
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def unsupported(self) -> list[str]:
+        """Names of set fields whose meaning Punica does not implement."""
+        bad = [f for f in ("presence_penalty", "frequency_penalty") if getattr(self, f)]
+        return bad + (["logit_bias"] if self.logit_bias else [])
+
+    def sampling_params(self, max_tokens: int, choice: int, end_of_turn: tuple[int, ...] = ()) -> SamplingParams:
+        """The engine's parameters for choice `choice` of `n` (seeded choices get seed + choice, so they
+        differ from each other yet repeat across calls). `end_of_turn`: the chat template's end token(s),
+        which stop generation like EOS unless `ignore_eos`."""
+        bad = self.unsupported()
+        if bad:
+            raise BadRequestError(f"unsupported parameter(s): {', '.join(bad)}; remove them or set them to 0")
+        defaults = SamplingParams()
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            top_k=defaults.top_k if self.top_k is None else self.top_k,
+            seed=None if self.seed is None else self.seed + choice,
+            stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
+            ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions. `prompt`: text, a list of texts, token ids, or a list of token-id lists;
+    each prompt gets `n` choices (choice index = prompt index * n + j). `max_tokens` defaults to 16."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[str]:
+        bad = super().unsupported()
+        bad += [f for f in ("echo", "logprobs", "suffix") if getattr(self, f)]
+        return bad + (["best_of"] if self.best_of not in (None, self.n) else [])
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise BadRequestError("prompt must not be empty")
+        return list(p)
+
+
+class TextPart(BaseModel):
+    """One part of a multi-part message; only text parts are supported."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation. `content` is text or a list of text parts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions. The prompt is the model's chat template rendered over `messages`;
+    without `max_tokens` (or `max_completion_tokens`) generation may run to the end of the context."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+    logprobs: bool = False
+    tools: list[dict] | None = None
+
+    def unsupported(self) -> list[str]:
+        bad = super().unsupported()
+        return bad + [f for f in ("logprobs", "tools") if getattr(self, f)]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class LoadLoRARequest(BaseModel):
+    """POST /v1/load_lora_adapter: register the PEFT directory `lora_path` (inside an allowed directory)
+    under the model name `lora_name`."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRARequest(BaseModel):
+    """POST /v1/unload_lora_adapter: new requests for `lora_name` get 404; in-flight ones finish."""
+
+    lora_name: str = Field(min_length=1)
+
+
+class Usage(BaseModel):
+    """Token counts of one response (prompt tokens counted once per prompt, not per choice)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models: the base model (parent None) or an adapter (parent = base)."""
+
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "punica"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: str = "list"
+    data: list[ModelCard]

@@ -1,0 +1,188 @@
+"""The generation path shared by /v1/completions and /v1/chat/completions: resolve the model, tokenize,
+queue one engine request per choice, then stream (SSE) or collect the outputs. A client that goes away
+aborts its requests, which frees their KV blocks and adapter pins."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from punica import BadRequestError, UnknownModelError
+from punica.server.async_engine import AsyncEngine, Delivery, RequestStream
+from punica.server.formats import ChatFormat, CompletionFormat, sse
+from punica.server.metrics import RequestTracker, ServerMetrics
+from punica.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage, random_id
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by the client
+
+
+class EngineFailure(Exception):
+    """A step of the engine raised while it ran this request (HTTP 500)."""
+
+
+@dataclass
+class Choices:
+    """What the client has been sent of each choice: text so far and finish reasons."""
+
+    n: int
+    holdback: int  # trailing characters kept back while streaming: they may start a stop string
+    texts: list[str] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.texts, self.reasons, self.tokens = [""] * self.n, [None] * self.n, [0] * self.n
+
+    def advance(self, d: Delivery) -> str:
+        """The new text of `d`'s choice that is safe to send now (streamed text is always a prefix of the
+        final text, even when a stop string cuts it)."""
+        out, i = d.output, d.index
+        text = out.text if out.finished or not self.holdback else out.text[:max(len(out.text) - self.holdback, 0)]
+        new = text[len(self.texts[i]):] if text.startswith(self.texts[i]) else ""
+        self.texts[i] += new
+        self.tokens[i] = len(out.token_ids)
+        if out.finished:
+            self.reasons[i] = out.finish_reason
+        return new
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str):
+        self.engine = engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.info.max_model_len
+        eos = self.tokenizer.token_id(self.tokenizer.eos_token) if self.tokenizer is not None else None
+        self.end_of_turn = () if eos is None else (eos,)  # the chat template's end token, maybe not config's eos
+
+    def resolve_lora(self, model: str) -> str | None:
+        """None for the base model, else the adapter's name; 404 for a name nobody serves."""
+        if model == self.model_name:
+            return None
+        if model not in self.engine.engine.adapters.paths:
+            raise UnknownModelError(f"the model {model!r} does not exist; GET /v1/models lists the base model "
+                                    f"{self.model_name!r} and the loaded adapters")
+        return model
+
+    def encode(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise BadRequestError("this model directory has no tokenizer.json: send token ids, not text")
+        return self.tokenizer.encode(prompt, add_special_tokens=special_tokens)
+
+    def max_tokens(self, prompt: list[int], requested: int | None, explicit: bool) -> int:
+        """`requested` if it fits the context; an implicit default is clipped to the room left."""
+        room = self.max_model_len - len(prompt)
+        if room <= 0:
+            raise BadRequestError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_model_len} "
+                                  "(max_model_len), including at least one new token; shorten the prompt")
+        if requested is None or (not explicit and requested > room):
+            return room
+        if requested > room:
+            raise BadRequestError(f"max_tokens={requested} plus the prompt's {len(prompt)} tokens exceeds the "
+                                  f"context of {self.max_model_len} tokens; lower max_tokens to at most {room}")
+        return requested
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        arrival, lora = time.monotonic(), self.resolve_lora(req.model)
+        prompts = [self.encode(p) for p in req.prompts()]
+        explicit = "max_tokens" in req.model_fields_set
+        limits = [self.max_tokens(p, req.max_tokens, explicit) for p in prompts]
+        fmt = CompletionFormat(req.model, random_id("cmpl"))
+        return await self._generate(req, prompts, limits, lora, fmt, request, arrival)
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        arrival, lora = time.monotonic(), self.resolve_lora(req.model)
+        if self.tokenizer is None:
+            raise BadRequestError("this model directory has no tokenizer.json, so it has no chat template")
+        messages = [m.as_template_dict() for m in req.messages]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        prompt = self.encode(text, special_tokens=False)
+        limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
+        fmt = ChatFormat(req.model, random_id("chatcmpl"))
+        return await self._generate(req, [prompt], [limit], lora, fmt, request, arrival, self.end_of_turn)
+
+    async def _generate(self, req: SamplingFields, prompts: list[list[int]], limits: list[int], lora: str | None,
+                        fmt: CompletionFormat, request: Request, arrival: float, end_of_turn: tuple[int, ...] = ()
+                        ) -> Response:
+        n = req.n
+        params = [req.sampling_params(limit, j, end_of_turn) for limit in limits for j in range(n)]
+        stream = await self.engine.add([p for p in prompts for _ in range(n)], params, lora)
+        tracker = self.metrics.track(req.model, arrival)
+        num_prompt = sum(len(p) for p in prompts)
+        tracker.on_prompts(num_prompt)
+        stops = params[0].stop
+        choices = Choices(len(params), max((len(s) for s in stops), default=1) - 1)
+        usage = lambda: Usage(prompt_tokens=num_prompt, completion_tokens=sum(choices.tokens),
+                              total_tokens=num_prompt + sum(choices.tokens))
+        if req.stream:
+            body = self._events(stream, choices, fmt, tracker, usage if req.include_usage else None)
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            if not await _until_done_or_gone(self._consume(stream, choices, tracker), request):
+                return Response(status_code=CLIENT_CLOSED)
+        finally:
+            self._close(stream, tracker)
+        return JSONResponse(fmt.whole(choices.texts, choices.reasons, usage()))
+
+    async def _consume(self, stream: RequestStream, choices: Choices, tracker: RequestTracker) -> None:
+        async for d in stream:
+            tracker.on_output(d)
+            choices.advance(d)
+            if d.output.error:
+                stream.abort()
+                raise EngineFailure(d.output.error)
+
+    async def _events(self, stream: RequestStream, choices: Choices, fmt: CompletionFormat,
+                      tracker: RequestTracker, usage) -> AsyncIterator[str]:
+        try:
+            for i in range(choices.n):
+                if fmt.opening(i):
+                    yield sse(fmt.opening(i))
+            async for d in stream:
+                tracker.on_output(d)
+                if d.output.error:
+                    yield sse({"error": {"message": d.output.error, "type": "server_error", "param": None,
+                                         "code": "engine_failure"}})
+                    return
+                new = choices.advance(d)
+                if new or d.output.finished:
+                    yield sse(fmt.chunk(d.index, new, d.output.finish_reason if d.output.finished else None))
+            if usage is not None:
+                yield sse(fmt.usage_chunk(usage()))
+            yield sse("[DONE]")
+        finally:  # also reached when the client disconnects: the response task is cancelled
+            self._close(stream, tracker)
+
+    def _close(self, stream: RequestStream, tracker: RequestTracker) -> None:
+        aborted = list(stream.unfinished)
+        stream.abort()
+        tracker.close(time.monotonic(), aborted)
+
+
+async def _until_done_or_gone(work, request: Request) -> bool:
+    """Run `work` unless the client disconnects first (then cancel it and return False)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return False
+    task.result()  # re-raise EngineFailure and friends
+    return True
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body is read already, so receive only waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,307 @@
+"""A live `punica serve` driven with the official openai client and httpx: completions, chat, streaming,
+models, dynamic adapters, every error case, 64 concurrent streams over more adapters than slots,
+disconnects, queue limits, a failing engine step, and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import random
+import shutil
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from live_server import API_KEY, BASE
+from prometheus_client.parser import text_string_to_metric_families
+
+from punica import LLM, SamplingParams
+
+ADAPTERS = ("a4", "b8", "c16", "d8")
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def main(servers):
+    return servers["main"]
+
+
+@pytest.fixture(scope="module")
+def client(main):
+    return openai.OpenAI(base_url=f"{main.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(servers):
+    """Isolated runs: one request at a time through an in-process engine over the same files."""
+    files = servers["files"]
+    llm = LLM(model=files["model"], lora_modules=files["adapters"], device="cpu")
+
+    @functools.cache
+    def run(prompt: str, lora: str | None, max_tokens: int, stop_token_ids: tuple[int, ...] = ()) -> str:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids)
+        return llm.generate([prompt], params, lora=lora)[0].text
+
+    return run
+
+
+def words(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(3, 128)}" for _ in range(n))
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(url: str, name: str, **labels) -> float:
+    return scrape(url).get((name, frozenset(labels.items())), 0.0)
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_models_lists_base_and_adapters_with_parent(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) >= {BASE, *ADAPTERS}
+    assert models[BASE].parent is None
+    assert all(models[a].parent == BASE for a in ADAPTERS)
+
+
+@pytest.mark.parametrize("model", [BASE, "a4", "d8"])
+def test_completion_matches_the_engine(client, reference, model):
+    prompt = words(1, 6)
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    lora = None if model == BASE else model
+    assert out.choices[0].text == reference(prompt, lora, 8)
+    assert out.model == model and out.object == "text_completion"
+    assert out.usage.prompt_tokens == 6
+    assert out.usage.total_tokens == 6 + out.usage.completion_tokens
+
+
+def test_chat_uses_the_template_and_streams_the_same(client, reference):
+    messages = [{"role": "system", "content": "w9"}, {"role": "user", "content": "w5 w6 w7"}]
+    out = client.chat.completions.create(model="b8", messages=messages, max_tokens=10, temperature=0)
+    expected = reference("system w9 user w5 w6 w7 assistant", "b8", 10, stop_token_ids=(2,))
+    assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == 7
+    stream = client.chat.completions.create(model="b8", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == out.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("model", [BASE, "c16"])
+def test_streamed_text_equals_non_streamed_greedy(client, model):
+    prompt = words(2, 5)
+    whole = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True)]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].text
+
+
+def test_stop_strings_cut_streams_and_whole_alike(client):
+    prompt = words(3, 4)
+    full = client.completions.create(model="a4", prompt=prompt, max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = " ".join(full.split()[3:5])
+    kw = dict(model="a4", prompt=prompt, max_tokens=10, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    assert whole.finish_reason == "stop" and stop not in whole.text and full.startswith(whole.text)
+    assert streamed == whole.text
+
+
+def test_n_choices_seeds_and_prompt_lists(client):
+    kw = dict(model="b8", prompt=words(4, 5), max_tokens=8, temperature=1.0, seed=7, n=3)
+    first = client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in first.choices}) > 1
+    two = client.completions.create(model=BASE, prompt=[words(5, 3), words(6, 4)], max_tokens=4, temperature=0, n=2)
+    texts = [c.text for c in sorted(two.choices, key=lambda c: c.index)]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and two.usage.prompt_tokens == 7
+
+
+def assert_openai_error(resp: httpx.Response, status: int, *fragments: str) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for fragment in fragments:
+        assert fragment in err["message"], err["message"]
+    return err
+
+
+def test_request_errors_have_openai_shape(main, client):
+    post = lambda body, headers=AUTH: httpx.post(f"{main.url}/v1/completions", json=body, headers=headers)
+    ok = {"model": BASE, "prompt": "w5 w6", "max_tokens": 4}
+    assert post(ok).status_code == 200
+    assert assert_openai_error(post({**ok, "model": "nope"}), 404, "nope")["code"] == "model_not_found"
+    assert_openai_error(post({**ok, "temperature": -1}), 400, "temperature")
+    assert_openai_error(post({**ok, "top_p": 0}), 400, "top_p")
+    assert_openai_error(post({**ok, "n": 0}), 400, "n")
+    assert_openai_error(post({**ok, "prompt": words(7, 300)}), 400, "max_model_len")
+    assert_openai_error(post({**ok, "max_tokens": 1000}), 400, "max_tokens")
+    assert_openai_error(post({**ok, "logprobs": 2}), 400, "logprobs")
+    assert_openai_error(post({"prompt": "w5"}), 400, "model")
+    assert_openai_error(post(ok, headers={}), 401, "API key")
+    assert_openai_error(post(ok, headers={"Authorization": "Bearer wrong"}), 401, "API key")
+    chat = httpx.post(f"{main.url}/v1/chat/completions", json={"model": BASE, "messages": []}, headers=AUTH)
+    assert_openai_error(chat, 400, "messages")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="w5", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{main.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_load_and_unload_adapters(main, client, servers):
+    allowed, adapters = servers["files"]["allowed"], servers["files"]["adapters"]
+    load = lambda name, path, headers=AUTH: httpx.post(f"{main.url}/v1/load_lora_adapter", headers=headers,
+                                                       json={"lora_name": name, "lora_path": path})
+    assert load("dyn", os.path.join(allowed, "copy-a4")).status_code == 200
+    assert any(m.id == "dyn" and m.parent == BASE for m in client.models.list().data)
+    same = [client.completions.create(model=m, prompt=words(8, 5), max_tokens=8, temperature=0).choices[0].text
+            for m in ("dyn", "a4")]
+    assert same[0] == same[1]
+    assert_openai_error(load("dyn", os.path.join(allowed, "copy-c16")), 400, "already registered")
+    assert_openai_error(load("x", adapters["b8"]), 403, "outside the allowed")
+    assert_openai_error(load("x", os.path.join(allowed, "..", "..")), 403, "outside the allowed")
+    assert_openai_error(load("x", os.path.join(allowed, "dora")), 400, "use_dora")
+    assert_openai_error(load("x", os.path.join(allowed, "missing")), 400, "missing")
+    assert_openai_error(load(BASE, os.path.join(allowed, "copy-c16")), 400, "base model")
+    assert_openai_error(load("x", os.path.join(allowed, "copy-c16"), headers={}), 401)
+    unload = lambda name: httpx.post(f"{main.url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=AUTH)
+    assert_openai_error(unload("never-loaded"), 404, "never-loaded")
+    assert httpx.get(f"{main.url}/health").status_code == 200
+
+
+def test_unload_in_use_lets_in_flight_requests_finish(main, client, servers):
+    allowed = servers["files"]["allowed"]
+    httpx.post(f"{main.url}/v1/load_lora_adapter", headers=AUTH,
+               json={"lora_name": "busy", "lora_path": os.path.join(allowed, "copy-c16")}).raise_for_status()
+    stream = client.completions.create(model="busy", prompt=words(9, 4), max_tokens=200, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)
+    resp = httpx.post(f"{main.url}/v1/unload_lora_adapter", json={"lora_name": "busy"}, headers=AUTH)
+    assert resp.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="busy", prompt="w5", max_tokens=2)
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert len((first.choices[0].text + "".join(c.choices[0].text for c in rest)).split()) == 200
+
+
+async def one_stream(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> str:
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True)
+    return "".join([c.choices[0].text async for c in stream])
+
+
+def test_64_concurrent_streams_over_more_adapters_than_slots(main, reference):
+    models = [BASE, *ADAPTERS]  # 4 adapters, 2 device slots
+    from punica.workload import adapter_indices
+
+    picks = [models[i] for i in adapter_indices("uniform", 64, len(models), seed=1)]
+    jobs = [(m, words(100 + i % 16, 3 + i % 7), 3 + i % 4) for i, m in enumerate(picks)]
+    evictions = metric(main.url, "punica_adapter_device_evictions_total")
+
+    async def run_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{main.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        async with client:
+            return await asyncio.gather(*(one_stream(client, *job) for job in jobs))
+
+    texts = asyncio.run(run_all())
+    for (model, prompt, max_tokens), text in zip(jobs, texts):
+        assert text == reference(prompt, None if model == BASE else model, max_tokens), (model, prompt)
+    assert metric(main.url, "punica_adapter_device_evictions_total") > evictions
+    assert metric(main.url, "punica_num_requests_running") == 0
+
+
+def test_disconnect_mid_stream_frees_kv_and_slot(main):
+    aborted = metric(main.url, "punica_request_finished_total", model="a4", reason="abort")
+    tokens = metric(main.url, "punica_generation_tokens_total", model="a4")
+    body = {"model": "a4", "prompt": words(10, 4), "max_tokens": 240, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{main.url}/v1/completions", json=body, headers=AUTH, timeout=30) as resp:
+        events = (line for line in resp.iter_lines() if line.startswith("data: "))
+        next(events), next(events), next(events)
+        assert metric(main.url, "punica_num_requests_running") == 1
+        assert metric(main.url, "punica_kv_cache_usage_ratio") > 0
+    wait_for(lambda: metric(main.url, "punica_num_requests_running") == 0, what="the aborted request to leave")
+    assert metric(main.url, "punica_kv_cache_usage_ratio") == 0
+    assert metric(main.url, "punica_request_finished_total", model="a4", reason="abort") == aborted + 1
+    assert metric(main.url, "punica_generation_tokens_total", model="a4") - tokens < 240  # it never ran to the end
+
+
+def test_metrics_parse_and_carry_per_adapter_series(main, client):
+    client.completions.create(model="d8", prompt="w5 w6", max_tokens=3, temperature=0)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{main.url}/metrics").text)}
+    for name in ("punica_http_requests", "punica_requests", "punica_request_finished", "punica_prompt_tokens",
+                 "punica_generation_tokens", "punica_num_requests_running", "punica_num_requests_waiting",
+                 "punica_kv_cache_usage_ratio", "punica_adapter_device_loads", "punica_adapter_device_evictions"):
+        assert name in families, name
+    assert families["punica_time_to_first_token_seconds"].type == "histogram"
+    assert families["punica_time_per_output_token_seconds"].type == "histogram"
+    assert metric(main.url, "punica_requests_total", model="d8") >= 1
+    assert metric(main.url, "punica_generation_tokens_total", model="d8") >= 3
+    assert metric(main.url, "punica_http_requests_total", route="/v1/completions", status="404") >= 1
+
+
+# the small server: one running request, one waiting, one adapter slot, one CPU-cached adapter
+
+def small_post(small, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{small.url}/v1/completions", json={"model": BASE, "temperature": 0, **body}, **kw)
+
+
+def test_queue_full_is_503_with_retry_after_and_waiting_disconnect_aborts(servers):
+    small = servers["small"]
+    body = {"model": BASE, "prompt": "w5 w6", "max_tokens": 4000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    aborted = lambda: metric(small.url, "punica_request_finished_total", model=BASE, reason="abort")
+    before = aborted()
+    with httpx.stream("POST", f"{small.url}/v1/completions", json=body, timeout=30) as running:
+        lines = running.iter_lines()  # keep a reference: closing this iterator closes the connection
+        assert next(lines).startswith("data: ")
+        with pytest.raises(httpx.ReadTimeout):  # waits behind the running one, then the client gives up
+            small_post(small, {"prompt": "w7", "max_tokens": 2}, timeout=0.5)
+        wait_for(lambda: aborted() == before + 1, what="the waiting request's abort")
+        assert metric(small.url, "punica_num_requests_waiting") == 0
+        waiter = threading.Thread(target=small_post, args=(small, {"prompt": "w7", "max_tokens": 2}))
+        waiter.start()
+        wait_for(lambda: metric(small.url, "punica_num_requests_waiting") == 1, what="a waiting request")
+        full = small_post(small, {"prompt": "w8", "max_tokens": 2})
+        assert_openai_error(full, 503, "waiting")
+        assert full.headers["retry-after"] == "1"
+    waiter.join(30)
+    assert not waiter.is_alive()
+
+
+def test_failing_engine_step_fails_its_request_and_the_server_lives(servers):
+    small, allowed = servers["small"], servers["files"]["small_allowed"]
+    load = lambda name: httpx.post(f"{small.url}/v1/load_lora_adapter",
+                                   json={"lora_name": name, "lora_path": os.path.join(allowed, name)})
+    assert load("a4").status_code == 200 and load("b8").status_code == 200  # a4 leaves the 1-adapter CPU cache
+    shutil.move(os.path.join(allowed, "a4"), os.path.join(allowed, "a4-gone"))  # its next read fails mid-step
+    try:
+        assert_openai_error(small_post(small, {"model": "a4", "prompt": "w5", "max_tokens": 2}), 500, "engine")
+    finally:
+        shutil.move(os.path.join(allowed, "a4-gone"), os.path.join(allowed, "a4"))
+    assert small_post(small, {"prompt": "w5", "max_tokens": 2}).status_code == 200
+    assert small_post(small, {"model": "b8", "prompt": "w5", "max_tokens": 2}).status_code == 200
+    assert metric(small.url, "punica_engine_step_errors_total") == 1
+    assert httpx.get(f"{small.url}/health").status_code == 200
