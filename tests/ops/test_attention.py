@@ -85,6 +85,12 @@ def test_decode_default_splits_long_context(device, group):
     check(attention.paged_attention_triton, [1] * 3, [600, 257, 1000], group, 1, 16, device=device)
 
 
+def test_decode_cuda_core_path_for_mha(device, monkeypatch):
+    config = dict(BLOCK_G=1, BLOCK_N=32, num_warps=4, num_stages=2)
+    monkeypatch.setattr(attention, "decode_config", lambda *_: config)
+    check(attention.decode_attention_triton, [1] * 7, BOUNDARY_KV_LENS, 2, 2, 16, device=device, num_splits=2)
+
+
 def test_decode_padding_rows_are_zero(device):
     q, k_cache, v_cache, meta = make_case([1, 1, 1, 1, 1], [17, 0, 40, 0, 1], 4, 2, 16, device=device)
     out = attention.decode_attention_triton(q, k_cache, v_cache, meta, 0.25, num_splits=2)
@@ -240,38 +246,45 @@ def decode_case(model: str, ctx: int, batch: int):
     return case, 2 * batch * ctx * h_kv * d * 2  # K and V bytes read
 
 
-def decode_timing_table(bandwidth: float, batch: int = 32) -> list[str]:
-    """Decode time (graph replay) vs the time to read its K/V at the measured copy bandwidth."""
-    lines = ["| model | context | splits | triton us | torch eager us | KV MB | KV floor us | triton / floor |",
-             "|---|---|---|---|---|---|---|---|"]
+def decode_timing_table(bandwidth: float) -> list[str]:
+    """Decode time (graph replay, default config) vs the time to read its K/V at the measured bandwidth."""
+    lines = ["| model | batch | context | splits | triton us | torch eager us | KV MB | KV floor us | triton / floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model in LLAMA_SHAPES:
-        for ctx in (512, 2048):
+        for batch, ctx in [(32, 512), (32, 2048), (1, 4096), (8, 4096), (128, 512)]:
             case, kv_bytes = decode_case(model, ctx, batch)
             floor = kv_bytes / bandwidth * 1e6
             ours = time_us(partial(attention.paged_attention_triton, *case, 0.1))
-            ref = time_us(partial(paged_attention_torch, *case, 0.1), graph=False, iters=3)
+            ref = time_us(partial(paged_attention_torch, *case, 0.1), graph=False, iters=3) if batch == 32 else 0
             splits = attention.decode_splits(batch, LLAMA_SHAPES[model][1], ctx, torch.device("cuda"))
-            lines.append(f"| {model} | {ctx} | {splits} | {ours:.1f} | {ref:.0f} | {kv_bytes / 1e6:.1f} "
+            lines.append(f"| {model} | {batch} | {ctx} | {splits} | {ours:.1f} | {ref:.0f} | {kv_bytes / 1e6:.1f} "
                          f"| {floor:.1f} | {ours / floor:.2f} |")
     return lines
 
 
+DECODE_SWEEP = [(False, 64, 4, 2), (True, 64, 4, 2), (True, 64, 4, 3), (True, 128, 8, 2), (True, 128, 8, 3),
+                (True, 32, 4, 3)]
+
+
 def decode_sweep(bandwidth: float, batch: int = 32) -> list[str]:
-    """Floor ratio of decode configs (BLOCK_N, num_warps) x splits, to tune decode_config/decode_splits."""
-    configs, splits = [(64, 4), (32, 4), (128, 8)], [1, 2, 4, 8]
-    lines = ["| model | context | BLOCK_N, warps | " + " | ".join(f"splits {s}" for s in splits) + " |",
-             "|---|---|---|" + "---|" * len(splits)]
+    """Floor ratio of decode configs (tensor cores?, BLOCK_N, warps, stages) x splits at batch 32."""
+    splits = [1, 2, 4]
+    lines = ["| model | context | dot, BLOCK_N, warps, stages | " + " | ".join(f"splits {s}" for s in splits)
+             + " |", "|---|---|---|" + "---|" * len(splits)]
     default = attention.decode_config
     try:
-        for model in LLAMA_SHAPES:
+        for model, (_, h_kv, _) in LLAMA_SHAPES.items():
             for ctx in (512, 2048):
                 case, kv_bytes = decode_case(model, ctx, batch)
                 floor = kv_bytes / bandwidth * 1e6
-                for block_n, warps in configs:
-                    attention.decode_config = lambda *_, b=block_n, w=warps: dict(BLOCK_N=b, num_warps=w)
+                for dot, block_n, warps, stages in DECODE_SWEEP:
+                    if not dot and LLAMA_SHAPES[model][0] != h_kv:
+                        continue
+                    config = dict(BLOCK_G=16 if dot else 1, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    attention.decode_config = lambda *_, c=config: c
                     ratios = [time_us(partial(attention.decode_attention_triton, *case, 0.1, num_splits=s))
                               / floor for s in splits]
-                    lines.append(f"| {model} | {ctx} | {block_n}, {warps} | "
+                    lines.append(f"| {model} | {ctx} | {dot}, {block_n}, {warps}, {stages} | "
                                  + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     finally:
         attention.decode_config = default
@@ -279,21 +292,30 @@ def decode_sweep(bandwidth: float, batch: int = 32) -> list[str]:
 
 
 def prefill_timing_table() -> list[str]:
-    """Prefill throughput in causal-attention TFLOP/s (bf16)."""
-    lines = ["| model | q_lens x kv_lens | triton us | TFLOP/s |", "|---|---|---|---|"]
-    for model, (h_q, h_kv, d) in LLAMA_SHAPES.items():
-        for q_lens, kv_lens in [([2048], [2048]), ([512] * 4, [2048] * 4)]:
-            case = make_case(q_lens, kv_lens, h_q, h_kv, d, dtype=torch.bfloat16, device="cuda")
-            us = time_us(partial(attention.paged_attention_triton, *case, 0.1), reps=5)
-            pairs = sum(n * (kv - n) + n * (n + 1) / 2 for n, kv in zip(q_lens, kv_lens))
-            lines.append(f"| {model} | {q_lens[0]}x{len(q_lens)} over {kv_lens[0]} | {us:.0f} "
-                         f"| {4 * pairs * h_q * d / us / 1e6:.0f} |")
+    """Prefill throughput in causal-attention TFLOP/s (bf16) for a few tile configs (first: the default)."""
+    configs = [None, (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)]
+    lines = ["| model | q_lens over kv_lens | BLOCK_M, BLOCK_N, warps, stages | triton us | TFLOP/s |",
+             "|---|---|---|---|---|"]
+    default = attention.prefill_config
+    try:
+        for model, (h_q, h_kv, d) in LLAMA_SHAPES.items():
+            for q_lens, kv_lens in [([2048], [2048]), ([512] * 4, [2048] * 4)]:
+                case = make_case(q_lens, kv_lens, h_q, h_kv, d, dtype=torch.bfloat16, device="cuda")
+                pairs = sum(n * (kv - n) + n * (n + 1) / 2 for n, kv in zip(q_lens, kv_lens))
+                for cfg in configs:
+                    attention.prefill_config = default if cfg is None else (lambda *_, c=cfg: dict(
+                        BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3]))
+                    us = time_us(partial(attention.paged_attention_triton, *case, 0.1), reps=5)
+                    lines.append(f"| {model} | {q_lens[0]}x{len(q_lens)} over {kv_lens[0]} | {cfg or 'default'} "
+                                 f"| {us:.0f} | {4 * pairs * h_q * d / us / 1e6:.0f} |")
+    finally:
+        attention.prefill_config = default
     return lines
 
 
 if __name__ == "__main__":
     bw = copy_bandwidth()
-    print(f"GPU: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; batch 32; bf16; "
+    print(f"GPU: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; bf16; "
           "times are CUDA-graph replays\n", flush=True)
     for table in (decode_timing_table, decode_sweep):
         print("\n".join(table(bw)) + "\n", flush=True)

@@ -245,8 +245,17 @@ def decode_splits(batch: int, h_kv: int, max_kv_len: int, device: torch.device) 
 
 
 def decode_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
-    """Tile size and launch options of the decode kernel (fp32 tiles need more warps to stay out of spills)."""
-    return dict(BLOCK_N=64, num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
+    """Decode tiles: BLOCK_G query rows per program (1: CUDA-core path, MHA only; >= 16: tensor cores, whose
+    pipelined cp.async loads pay even with padded rows), BLOCK_N tokens per step and launch options."""
+    return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
+                num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, max_q_len: int) -> dict:
+    """Prefill tiles (BLOCK_M queries x BLOCK_N keys) and launch options; fp32 and wide heads use small tiles."""
+    wide = dtype == torch.float32 or head_dim > 128
+    block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(max_q_len)))
+    return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
 
 
 def _launch_args(q, k_cache, meta, out):
@@ -274,8 +283,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     meta_args, strides = _launch_args(q, k_cache, meta, out)
     _decode_kernel[(batch, h_kv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, *meta_args, scale * math.log2(math.e), *strides,
-        GROUP=group, BLOCK_G=1 if group == 1 else max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        PAGE=page, SPLITS=splits, PREC=_precision(q.dtype), **decode_config(d, group, q.dtype))
+        GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=_precision(q.dtype),
+        **decode_config(d, group, q.dtype))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
                                       HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
@@ -290,13 +299,11 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or q.shape[0] == 0 or meta.max_q_len == 0:
         return out
-    wide = q.dtype == torch.float32 or d > 128
-    block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(meta.max_q_len)))
+    cfg = prefill_config(d, q.dtype, meta.max_q_len)
     meta_args, strides = _launch_args(q, k_cache, meta, out)
-    _prefill_kernel[(triton.cdiv(meta.max_q_len, block_m), batch, h_q)](
+    _prefill_kernel[(triton.cdiv(meta.max_q_len, cfg["BLOCK_M"]), batch, h_q)](
         q, k_cache, v_cache, out, *meta_args, scale * math.log2(math.e), *strides, GROUP=h_q // h_kv,
-        HEAD_DIM=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=32 if wide else 64, PREC=_precision(q.dtype),
-        num_warps=8 if wide else 4)
+        HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), **cfg)
     return out
 
 
