@@ -124,9 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = build_engine(args)
-    params = SamplingParams(**given(args, SamplingParams, SAMPLING_PREFIX))
     loras = generation_loras(args.use_lora, len(args.prompt))
+    params = SamplingParams(**given(args, SamplingParams, SAMPLING_PREFIX))
+    engine = build_engine(args)
     prompts = [chat_prompt(engine, p) if args.chat else p for p in args.prompt]
     if args.chat and engine.tokenizer is not None and engine.tokenizer.eos_token:
         eos = engine.tokenizer.token_id(engine.tokenizer.eos_token)
@@ -166,6 +166,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from punica.lora.convert import main as convert_main
 
+    if not args.model:
+        from punica import demo_model
+
+        args.model = demo_model.default_model_dir()
     return convert_main(args)
 
 
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="validate a PEFT adapter against a base model; write safetensors")
     conv.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter directory (.bin or safetensors)")
     conv.add_argument("--model", help="base model directory (default: the demo model)")
-    conv.add_argument("--out", required=True, metavar="OUT_DIR", help="where to write the converted adapter")
+    conv.add_argument("--out", metavar="OUT_DIR", help="where to write the converted adapter (default: in place)")
     conv.set_defaults(handler=cmd_convert)
     return parser
 
