@@ -145,6 +145,8 @@ def run_quick(args, flush, copy_bw, setup) -> list[dict]:
                           D_over_I=d["graph_us"] / i["graph_us"], D_eager=d["eager_us"],
                           D_shrink=per_pop[("distinct", "shrink")]["graph_us"],
                           D_expand=per_pop[("distinct", "expand")]["graph_us"],
+                          I_shrink=per_pop[("identical", "shrink")]["graph_us"],
+                          I_expand=per_pop[("identical", "expand")]["graph_us"],
                           copy_us=d["copy_speed_us"], bw_pct=100 * d["bw_frac"], host_us=d["host_us"]))
     harness.write_jsonl("sgmv_quick", rows, setup, args.out_dir)
     print(f"\n{setup.get('gpu')}  git {setup['git']}  copy {copy_bw / 1e12:.2f} TB/s  "
@@ -175,21 +177,29 @@ def run_sweep(args, flush, copy_bw, setup) -> list[dict]:
 
 
 TUNE_VARIANTS = {
-    "shrink": [dict(shrink_waves=w, shrink_warps=nw) for w in (1, 2, 4, 8, 16) for nw in (4, 8)]
-    + [dict(shrink_block_k=64), dict(shrink_block_k=256), dict(max_block_k=256), dict(max_block_k=128)],
-    "expand": [dict(expand_block_n=bn, expand_warps=nw) for bn in (32, 64, 128, 256) for nw in (2, 4, 8)]
-    + [dict(expand_waves=1), dict(expand_waves=16), dict(max_block_m=16), dict(max_block_m=32)],
+    "shrink": [{}, dict(shrink_stages=1), dict(bgmv_block_r=16), dict(bgmv_block_r=32), dict(shrink_waves=2),
+               dict(shrink_waves=8), dict(shrink_warps=8), dict(split_reduce_elems=4096),
+               dict(split_reduce_elems=65536), dict(max_block_k=256), dict(shrink_block_k=64),
+               dict(shrink_block_k=256), dict(max_block_m=16), dict(max_block_m=32)],
+    "expand": [{}] + [dict(expand_block_n=bn, expand_warps=nw) for bn in (32, 64, 128, 256) for nw in (2, 4, 8)
+                      if (bn, nw) != (128, 4)]
+    + [dict(expand_tiles=2), dict(expand_tiles=4), dict(expand_waves=1), dict(expand_waves=16),
+       dict(max_block_m=16), dict(max_block_m=32)],
 }
+# (popularity, bgmv_max_seg) per target case: Distinct in token tiling, Identical, and Uniform both ways
+TUNE_MODES = (("distinct", 1), ("identical", 1), ("uniform", 1), ("uniform", 1 << 20))
 
 
 def run_tune(args, flush, copy_bw, setup) -> list[dict]:
-    """Each knob variant on each target case (Distinct in token and segment tiling, Identical), per op."""
+    """Each knob variant on each target case and popularity/tiling of TUNE_MODES, per op."""
     defaults, rows, t0 = dict(sgmv.TUNING), [], time.time()
     for h_out, r, tokens, _ in TARGETS:
-        for pop, mode in (("distinct", 1), ("distinct", 0), ("identical", 1)):
+        for pop, mode in TUNE_MODES:
+            if pop == "uniform" and tokens < 32:
+                continue
             p = make_problem(h_out, r, tokens, pop)
             for op, variants in TUNE_VARIANTS.items():
-                best = None
+                results = []
                 for knobs in variants:
                     if time.time() - t0 > args.budget_s:
                         break
@@ -197,11 +207,32 @@ def run_tune(args, flush, copy_bw, setup) -> list[dict]:
                     us = harness.time_graph(system_fns(p)[op], reps=args.reps, flush=flush)
                     rows.append(dict(op=op, h_out=h_out, r=r, tokens=tokens, popularity=pop,
                                      bgmv_max_seg=mode, knobs=knobs, graph_us=us))
-                    best = min(best or (us, knobs), (us, knobs), key=lambda b: b[0])
-                print(f"{op:6s} {h_out:5d} r{r:<3d} T{tokens:<4d} {pop:9s} bgmv={mode}: best {best}", flush=True)
+                    results.append((us, knobs))
+                if results:
+                    best = min(results, key=lambda b: b[0])
+                    print(f"{op:6s} {h_out:5d} r{r:<3d} T{tokens:<4d} {pop:9s} bgmv<={mode:<8d} default "
+                          f"{results[0][0]:6.1f}  best {best[0]:6.1f} {best[1]}", flush=True)
     sgmv.set_tuning(**defaults)
     harness.write_jsonl("sgmv_tune", rows, setup, args.out_dir)
     return rows
+
+
+def profile_host(tokens: int = 64) -> None:
+    """Where the Python time of one eager add-on call goes (cProfile over 500 calls)."""
+    import cProfile
+    import pstats
+
+    fn = system_fns(make_problem(4096, 16, tokens, "distinct"))["ours"]
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(500):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 def plot(rows: list[dict], out_dir: Path, h_out: int = 4096, r: int = 16) -> Path | None:
@@ -239,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only the issue's target cases, as a table")
     ap.add_argument("--tune", action="store_true", help="sweep launch knobs on the target cases")
+    ap.add_argument("--profile-host", action="store_true", help="cProfile the eager Python path")
     ap.add_argument("--h-out", type=int, nargs="+", default=[4096, 11008])
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
@@ -254,11 +286,13 @@ def main(argv: list[str] | None = None) -> None:
     copy_bw = harness.copy_bandwidth()
     setup["copy_bw_tbps"] = round(copy_bw / 1e12, 3)
     print(f"{setup.get('gpu')}: device-to-device copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+    if args.profile_host:
+        profile_host()
     if args.tune:
         run_tune(args, flush, copy_bw, setup)
     if args.quick:
         run_quick(args, flush, copy_bw, setup)
-    if not (args.quick or args.tune):
+    if not (args.quick or args.tune or args.profile_host):
         rows = run_sweep(args, flush, copy_bw, setup)
         path = plot(rows, args.out_dir)
         print(f"wrote {path}")

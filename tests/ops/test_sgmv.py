@@ -132,15 +132,19 @@ def test_add_lora_matches_reference(popularity, prefill, num_seqs, widths):
 
 
 @interpreted
-@pytest.mark.parametrize("mode", ["token", "segment", "split_token", "split_segment", "rank_chunks"])
+@pytest.mark.parametrize("mode", ["token", "segment", "split_token", "split_segment", "rank_chunks",
+                                  "token_rank_chunks", "expand_tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_launch_modes(tuning, mode, dtype):
-    """Token (BGMV) and segment tiling, each with split-K, and ranks spread over several rank chunks."""
-    knobs = dict(bgmv_max_seg=1 << 20 if "token" in mode else 0, max_block_m=16, max_block_k=32)
+    """Token (BGMV) and segment tiling, each with split-K; ranks over several rank chunks; several N tiles
+    per expand program (the last ones past the end)."""
+    knobs = dict(bgmv_max_seg=1 << 20 if "token" in mode else 0, max_block_m=16, max_block_k=32,
+                 bgmv_block_r=32, expand_tiles=3 if mode == "expand_tiles" else 1,
+                 expand_block_n=16 if mode == "expand_tiles" else 128)
     knobs["shrink_waves"] = 1 << 10 if "split" in mode else 0
     tuning(**knobs)
     plan = make_plan([3, 0, 1, 17, 2, 0, 1], [0, 1, 1, 2, 3, 0, 4], "cpu")  # empty, slot-0, > BLOCK_M
-    R, ranks = (128, (128, 65, 64, 3)) if mode == "rank_chunks" else (16, (16, 9, 1))
+    R, ranks = (128, (128, 65, 64, 3)) if "rank_chunks" in mode else (16, (16, 9, 1))
     y, expected = run_add_lora(plan, 70, (40, 8), R, ranks, dtype, "cpu", num_slots=5)
     assert_close(y, expected, dtype=dtype)
 

@@ -131,9 +131,9 @@ def _jit(**kwargs):
 
 @_jit(do_not_specialize=["T", "seg_blocks"])
 def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
-                   T, H_IN, R, NR, seg_blocks, k_per_split, stride_xt, stride_as, stride_ar, stride_vt,
-                   PER_TOKEN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, IEEE: tl.constexpr):
+                   stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
+                   PER_TOKEN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -160,7 +160,7 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xt
     a_rows = a_ptr + slot.to(tl.int64) * stride_as + cols[:, None] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
+    for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         kk = k + offs_k
         k_mask = kk < k_hi
         xt = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -183,7 +183,7 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
         lock = lock_ptr + pid_m * tl.num_programs(2) + pid_r
         if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in tl.static_range(SPLIT_K):
                 total += tl.load(ws_tile + s * T * NR, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(v_ptrs, total.to(v_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock, 0)
@@ -191,9 +191,10 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 
 @_jit(do_not_specialize=["seg_blocks"])
 def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, y_ptr,
-                   R, seg_blocks, N, O1, O2, TILES1, TILES2, stride_vt, stride_bs, stride_bn, stride_yt,
-                   PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                   stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2,
+                   PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
+                   IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if PER_TOKEN:
@@ -208,52 +209,62 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
     if (slot == 0) | (start >= end):
         return
     rank = tl.minimum(tl.load(rank_ptr + slot), R)
-    sl = (pid_n >= TILES1).to(tl.int32) + (pid_n >= TILES2).to(tl.int32)  # output slice of this tile
-    n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, O2))
-    n_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, N))
-    t_lo = tl.where(sl == 0, 0, tl.where(sl == 1, TILES1, TILES2))
-    offs_n = n_lo + (pid_n - t_lo) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = start + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
     m_mask = offs_m < end
-    n_mask = offs_n < n_hi
-    v_rows = v_ptr + offs_m[:, None] * stride_vt + sl * R
-    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, rank, BLOCK_R):
-        r_mask = r + offs_r < rank
-        vt = tl.load(v_rows + r + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        bt = tl.load(b_rows + r + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        if BLOCK_M >= 16:
-            if IEEE:
-                acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc)
-        else:  # BLOCK_M == 1: [BLOCK_N, BLOCK_R] * [1, BLOCK_R] summed over r
-            acc += tl.sum(bt.to(tl.float32) * vt.to(tl.float32), axis=1)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt
+    b_slot = b_ptr + slot.to(tl.int64) * stride_bs
+    for i in tl.range(0, TILES_PER_PROGRAM, num_stages=STAGES):
+        tile = pid_n * TILES_PER_PROGRAM + i  # tiles past the last one are fully masked
+        sl = (tile >= TILES1).to(tl.int32) + (tile >= TILES2).to(tl.int32)  # output slice of this tile
+        n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, O2))
+        n_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, N))
+        n0 = n_lo + (tile - tl.where(sl == 0, 0, tl.where(sl == 1, TILES1, TILES2))) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        mask = m_mask[:, None] & n_mask[None, :]
+        y = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(R_CHUNKS):
+            offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = (offs_r < rank) & (n0 < n_hi)  # a tile past the end reads no v
+            vt = tl.load(v_ptr + offs_m[:, None] * stride_vt + (sl * R + offs_r)[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            bt = tl.load(b_slot + offs_n[:, None] * stride_bn + offs_r[None, :],
+                         mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            if BLOCK_M >= 16:
+                if IEEE:
+                    acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc)
+            else:  # BLOCK_M == 1: [BLOCK_N, BLOCK_R] * [1, BLOCK_R] summed over r
+                acc += tl.sum(bt.to(tl.float32) * vt.to(tl.float32), axis=1)[None, :]
+        tl.store(y_rows + offs_n[None, :], (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# ---- Launch configuration (host ints only) and wrappers -------------------------------------------
+# ---- Launch configuration (host ints only) --------------------------------------------------------
 
 # Knobs measured on an H200 (benchmarks/bench_sgmv.py --tune); `set_tuning` changes them for sweeps.
 TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
+    "max_block_m": 64,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
-    "shrink_block_k": 128,      # segment mode; token mode takes 16 KiB of lora_a per step
+    "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
+    "shrink_block_k": 128,      # segment mode
+    "bgmv_block_r": 64,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a
     "max_block_k": 512,
+    "shrink_stages": 3,
     "shrink_warps": 4,
-    "expand_waves": 4,          # expand programs aimed at per SM; BLOCK_N shrinks until reached
+    "expand_waves": 4,          # expand programs aimed at per SM; BLOCK_N halves until reached
     "expand_block_n": 128,
+    "expand_tiles": 1,          # N tiles per expand program
+    "expand_stages": 2,
     "expand_warps": 4,
-    "max_block_m": 64,
 }
 _MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
 _locks: dict[torch.device, torch.Tensor] = {}
+_compiled: dict[tuple, object] = {}  # launch key -> Triton's compiled kernel
+_direct = True
 
 
 def set_tuning(**knobs: int) -> None:
@@ -262,9 +273,8 @@ def set_tuning(**knobs: int) -> None:
         if name not in TUNING:
             raise KeyError(f"unknown SGMV knob {name!r}; known: {sorted(TUNING)}")
         TUNING[name] = value
-    _row_tiling.cache_clear()
-    _shrink_config.cache_clear()
-    _expand_config.cache_clear()
+    for cached in (_row_tiling, _shrink_config, _expand_config):
+        cached.cache_clear()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -276,8 +286,8 @@ def _pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -291,36 +301,38 @@ def _row_tiling(T: int, S: int, L: int) -> tuple[bool, int, int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _shrink_config(T: int, S: int, L: int, h_in: int, NR: int, n_slices: int, sms: int) -> dict:
+def _shrink_config(T: int, S: int, L: int, h_in: int, NR: int, n_slices: int, sms: int) -> tuple:
+    """(grid, kernel args from H_IN on, num_warps)."""
     token_mode, block_m, rows, seg_blocks = _row_tiling(T, S, L)
     R = NR // n_slices
-    block_r = min(max(16, _pow2(R)), 64)
+    block_r = min(max(16, _pow2(R)), TUNING["bgmv_block_r"] if token_mode else 64)
     r_programs = n_slices * _cdiv(R, block_r)
-    block_k = TUNING["shrink_block_k"] if not token_mode else max(64, min(512, 8192 // block_r))
+    block_k = 8192 // block_r if token_mode else TUNING["shrink_block_k"]
     block_k = min(block_k, TUNING["max_block_k"], max(16, _pow2(h_in)))
     split = min(TUNING["shrink_waves"] * sms // (rows * r_programs), _cdiv(h_in, block_k),
-                TUNING["max_split_k"])
+                TUNING["max_split_k"], TUNING["split_reduce_elems"] // (block_m * block_r))
     split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
     k_per_split = _cdiv(_cdiv(h_in, split), block_k) * block_k
     split = _cdiv(h_in, k_per_split)
-    return dict(grid=(rows, split, r_programs), seg_blocks=seg_blocks, k_per_split=k_per_split, R=R,
-                PER_TOKEN=token_mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-                R_BLOCKS=_cdiv(R, block_r), num_warps=TUNING["shrink_warps"])
+    args = (h_in, R, NR, seg_blocks, k_per_split, token_mode, split, block_m, block_k, block_r, _cdiv(R, block_r),
+            TUNING["shrink_stages"])
+    return (rows, split, r_programs), args, TUNING["shrink_warps"]
 
 
 @functools.lru_cache(maxsize=4096)
-def _expand_config(T: int, S: int, L: int, slice_offsets: tuple[int, ...], R: int, sms: int) -> dict:
+def _expand_config(T: int, S: int, L: int, slice_offsets: tuple[int, ...], R: int, sms: int) -> tuple:
+    """(grid, kernel args from R on, num_warps)."""
     token_mode, block_m, rows, seg_blocks = _row_tiling(T, S, L)
     widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
-    block_n = TUNING["expand_block_n"]
+    block_n, per_program = TUNING["expand_block_n"], TUNING["expand_tiles"]
     while block_n > 32 and rows * sum(_cdiv(w, block_n) for w in widths) < TUNING["expand_waves"] * sms:
         block_n //= 2
     tiles = [_cdiv(w, block_n) for w in widths] + [1 << 30] * (3 - len(widths))
     offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
-    return dict(grid=(rows, sum(tiles[:len(widths)])), seg_blocks=seg_blocks, N=slice_offsets[-1],
-                O1=offsets[0], O2=offsets[1], TILES1=tiles[0], TILES2=tiles[0] + tiles[1],
-                PER_TOKEN=token_mode, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(max(16, _pow2(R)), 64),
-                num_warps=TUNING["expand_warps"])
+    block_r = min(max(16, _pow2(R)), 64)
+    args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], token_mode,
+            block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
+    return (rows, _cdiv(sum(tiles[:len(widths)]), per_program)), args, TUNING["expand_warps"]
 
 
 def _lock_buffer(device: torch.device) -> torch.Tensor:
@@ -331,66 +343,93 @@ def _lock_buffer(device: torch.device) -> torch.Tensor:
     return _locks[device]
 
 
+def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, tail: tuple, num_warps: int) -> None:
+    """kernel[grid](*tensors, *strides, *free, *tail). Once a specialization (dtypes, 16-byte alignment,
+    every int but the `free` ones) has compiled, later launches call the compiled kernel directly: Triton's
+    generic launch path costs tens of microseconds of Python per call."""
+    global _direct
+    args = (*tensors, *strides, *free, *tail)
+    if not tensors[0].is_cuda:  # the interpreter
+        kernel[grid](*args, num_warps=num_warps)
+        return
+    key = (kernel, tensors[0].get_device(), num_warps, strides, tail, *(t.dtype for t in tensors),
+           *(t.data_ptr() % 16 == 0 for t in tensors))
+    compiled = _compiled.get(key) if _direct else None
+    if compiled is not None:
+        try:
+            compiled[grid](*args)
+            return
+        except TypeError:  # a Triton whose launcher wants other arguments: stay on the generic path
+            _direct = False
+    compiled = kernel[grid](*args, num_warps=num_warps)
+    if compiled is not None and hasattr(compiled, "function"):
+        _compiled[key] = compiled
+
+
+# ---- Wrappers -------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRETED = triton is not None and not isinstance(_shrink_kernel, triton.runtime.JITFunction)
+
+
 def _check_triton(tensors: dict[str, torch.Tensor], slot_rank: torch.Tensor, plan: SegmentPlan,
                   T: int) -> None:
     """Raise ValueError for dtypes, strides or devices the kernels cannot take."""
     if triton is None:
         raise ValueError("the Triton SGMV kernels need the `triton` package; use backend='torch'")
-    device = next(iter(tensors.values())).device
-    if device.type != "cuda" and isinstance(_shrink_kernel, triton.runtime.JITFunction):
+    device = next(iter(tensors.values())).get_device()
+    if device < 0 and not _INTERPRETED:
         raise ValueError("the Triton SGMV kernels need CUDA tensors (on CPU: set TRITON_INTERPRET=1 before "
                          "importing triton)")
     for name, t in tensors.items():
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.device != device:
-            raise ValueError(f"{name} must be fp16/bf16/fp32 on {device}, got {t.dtype} on {t.device}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+        if t.dtype not in _FLOATS or t.get_device() != device or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be fp16/bf16/fp32 with unit stride in its last dimension, on the "
+                             f"device of the others; got {t.dtype}, strides {t.stride()}, on {t.device}")
     ints = dict(slot_rank=slot_rank, seg_indptr=plan.seg_indptr, seg_slot=plan.seg_slot,
                 token_slot=plan.token_slot)
     for name, t in ints.items():
-        if t.dtype != torch.int32 or t.device != device or t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous 1-D int32 tensor on {device}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
-    if plan.seg_indptr.numel() != plan.num_segments + 1 or plan.seg_slot.numel() != plan.num_segments:
+        if t.dtype != torch.int32 or t.get_device() != device or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D int32 tensor on the device of the others, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if len(plan.seg_indptr) != plan.num_segments + 1 or len(plan.seg_slot) != plan.num_segments:
         raise ValueError(f"plan has {plan.num_segments} segments but seg_indptr "
                          f"{tuple(plan.seg_indptr.shape)} and seg_slot {tuple(plan.seg_slot.shape)}")
-    if plan.token_slot.numel() != T:
-        raise ValueError(f"plan.token_slot has {plan.token_slot.numel()} entries for {T} tokens")
-
-
-def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
-            v: torch.Tensor, n_slices: int) -> None:
-    T, h_in = x.shape
-    NR = lora_a.shape[1]
-    if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
-        return
-    cfg = dict(_shrink_config(T, plan.num_segments, plan.max_seg_len, h_in, NR, n_slices, _num_sms(x.device)))
-    grid = cfg.pop("grid")
-    ws = v if grid[1] == 1 else torch.empty(grid[1], T, NR, dtype=torch.float32, device=x.device)
-    locks = v if grid[1] == 1 else _lock_buffer(x.device)
-    _shrink_kernel[grid](x, lora_a, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, v, ws, locks,
-                         T=T, H_IN=h_in, NR=NR, stride_xt=x.stride(0), stride_as=lora_a.stride(0),
-                         stride_ar=lora_a.stride(1), stride_vt=v.stride(0), IEEE=x.dtype == torch.float32,
-                         **cfg)
-
-
-def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
-            y: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
-    T, R = y.shape[0], lora_b.shape[2]
-    if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
-        return
-    cfg = dict(_expand_config(T, plan.num_segments, plan.max_seg_len, tuple(slice_offsets), R,
-                              _num_sms(y.device)))
-    grid = cfg.pop("grid")
-    _expand_kernel[grid](v, lora_b, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, y, R=R,
-                         stride_vt=v.stride(0), stride_bs=lora_b.stride(0), stride_bn=lora_b.stride(1),
-                         stride_yt=y.stride(0), IEEE=lora_b.dtype == torch.float32, **cfg)
+    if len(plan.token_slot) != T:
+        raise ValueError(f"plan.token_slot has {len(plan.token_slot)} entries for {T} tokens")
 
 
 def _check_slices(slice_offsets: tuple[int, ...]) -> None:
     if not 2 <= len(slice_offsets) <= 4 or slice_offsets[0] != 0 or any(
             b < a for a, b in zip(slice_offsets, slice_offsets[1:])):
         raise ValueError(f"slice_offsets must be 0 = off[0] <= ... with 1 to 3 slices, got {slice_offsets}")
+
+
+def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
+            v: torch.Tensor, n_slices: int) -> None:
+    T, h_in = x.shape
+    if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
+        return
+    NR = lora_a.shape[1]
+    grid, tail, warps = _shrink_config(T, plan.num_segments, plan.max_seg_len, h_in, NR, n_slices,
+                                       _num_sms(x.get_device()))
+    split = grid[1] > 1
+    ws = torch.empty(grid[1], T, NR, dtype=torch.float32, device=x.device) if split else v
+    locks = _lock_buffer(x.device) if split else v
+    tensors = (x, lora_a, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, v, ws, locks)
+    strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0))
+    _launch(_shrink_kernel, grid, tensors, strides, (T,), (*tail, x.dtype == torch.float32), warps)
+
+
+def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
+            y: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
+    T = y.shape[0]
+    if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
+        return
+    grid, tail, warps = _expand_config(T, plan.num_segments, plan.max_seg_len, tuple(slice_offsets),
+                                       lora_b.shape[2], _num_sms(y.get_device()))
+    tensors = (v, lora_b, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, y)
+    strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0))
+    _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32), warps)
 
 
 def sgmv_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
@@ -444,8 +483,8 @@ def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
     _check_slices(slice_offsets)
     check_shapes(x, lora_a, lora_b, slice_offsets, y)
     _check_triton(dict(x=x, lora_a=lora_a, lora_b=lora_b, y=y), slot_rank, plan, x.shape[0])
-    if slot_rank.numel() != lora_a.shape[0]:
-        raise ValueError(f"slot_rank has {slot_rank.numel()} entries for {lora_a.shape[0]} slots")
+    if len(slot_rank) != lora_a.shape[0]:
+        raise ValueError(f"slot_rank has {len(slot_rank)} entries for {lora_a.shape[0]} slots")
     v = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     _shrink(x, lora_a, slot_rank, plan, v, len(slice_offsets) - 1)
     _expand(v, lora_b, slot_rank, plan, y, slice_offsets)
