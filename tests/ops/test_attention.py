@@ -85,12 +85,6 @@ def test_decode_default_splits_long_context(device, group):
     check(attention.paged_attention_triton, [1] * 3, [600, 257, 1000], group, 1, 16, device=device)
 
 
-def test_decode_cuda_core_path_for_mha(device, monkeypatch):
-    config = dict(BLOCK_G=1, BLOCK_N=32, num_warps=4, num_stages=2)
-    monkeypatch.setattr(attention, "decode_config", lambda *_: config)
-    check(attention.decode_attention_triton, [1] * 7, BOUNDARY_KV_LENS, 2, 2, 16, device=device, num_splits=2)
-
-
 def test_decode_padding_rows_are_zero(device):
     q, k_cache, v_cache, meta = make_case([1, 1, 1, 1, 1], [17, 0, 40, 0, 1], 4, 2, 16, device=device)
     out = attention.decode_attention_triton(q, k_cache, v_cache, meta, 0.25, num_splits=2)
@@ -262,29 +256,26 @@ def decode_timing_table(bandwidth: float) -> list[str]:
     return lines
 
 
-DECODE_SWEEP = [(False, 64, 4, 2), (True, 64, 4, 2), (True, 64, 4, 3), (True, 128, 8, 2), (True, 128, 8, 3),
-                (True, 32, 4, 3)]
+DECODE_SWEEP = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (32, 4, 3)]  # BLOCK_N, warps, stages
 
 
 def decode_sweep(bandwidth: float, batch: int = 32) -> list[str]:
-    """Floor ratio of decode configs (tensor cores?, BLOCK_N, warps, stages) x splits at batch 32."""
+    """Floor ratio of decode configs (BLOCK_N, warps, stages) x splits at batch 32."""
     splits = [1, 2, 4]
-    lines = ["| model | context | dot, BLOCK_N, warps, stages | " + " | ".join(f"splits {s}" for s in splits)
+    lines = ["| model | context | BLOCK_N, warps, stages | " + " | ".join(f"splits {s}" for s in splits)
              + " |", "|---|---|---|" + "---|" * len(splits)]
     default = attention.decode_config
     try:
-        for model, (_, h_kv, _) in LLAMA_SHAPES.items():
+        for model in LLAMA_SHAPES:
             for ctx in (512, 2048):
                 case, kv_bytes = decode_case(model, ctx, batch)
                 floor = kv_bytes / bandwidth * 1e6
-                for dot, block_n, warps, stages in DECODE_SWEEP:
-                    if not dot and LLAMA_SHAPES[model][0] != h_kv:
-                        continue
-                    config = dict(BLOCK_G=16 if dot else 1, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                for block_n, warps, stages in DECODE_SWEEP:
+                    config = dict(BLOCK_G=16, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     attention.decode_config = lambda *_, c=config: c
                     ratios = [time_us(partial(attention.decode_attention_triton, *case, 0.1, num_splits=s))
                               / floor for s in splits]
-                    lines.append(f"| {model} | {ctx} | {dot}, {block_n}, {warps}, {stages} | "
+                    lines.append(f"| {model} | {ctx} | {block_n}, {warps}, {stages} | "
                                  + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     finally:
         attention.decode_config = default

