@@ -332,7 +332,7 @@ def _expand_config(T: int, S: int, L: int, slice_offsets: tuple[int, ...], R: in
     block_r = min(max(16, _pow2(R)), 64)
     args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], token_mode,
             block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
-    return (rows, _cdiv(sum(tiles[:len(widths)]), per_program)), args, TUNING["expand_warps"]
+    return (rows, _cdiv(sum(tiles[:len(widths)]), per_program), 1), args, TUNING["expand_warps"]
 
 
 def _lock_buffer(device: torch.device) -> torch.Tensor:
