@@ -217,6 +217,25 @@ def run_tune(args, flush, copy_bw, setup) -> list[dict]:
     return rows
 
 
+def best_knobs(rows: list[dict]) -> dict:
+    """Per op, the variant with the least total time over the Distinct (token tiling) and Identical cases."""
+    chosen = {}
+    for op in TUNE_VARIANTS:
+        totals: dict[str, list] = {}
+        for x in rows:
+            if x["op"] == op and x["bgmv_max_seg"] == 1 and x["popularity"] in ("distinct", "identical"):
+                totals.setdefault(repr(sorted(x["knobs"].items())), [x["knobs"], 0.0, 0])
+                entry = totals[repr(sorted(x["knobs"].items()))]
+                entry[1] += x["graph_us"]
+                entry[2] += 1
+        complete = [e for e in totals.values() if e[2] == max(e[2] for e in totals.values())]
+        if complete:
+            knobs, total, _ = min(complete, key=lambda e: e[1])
+            print(f"{op}: best over the target cases {knobs} total {total:.1f} us")
+            chosen = {**knobs, **chosen}  # for a knob both ops tried (max_block_m) the shrink wins
+    return chosen
+
+
 def profile_host(tokens: int = 64) -> None:
     """Where the Python time of one eager add-on call goes (cProfile over 500 calls)."""
     import cProfile
@@ -271,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="only the issue's target cases, as a table")
     ap.add_argument("--tune", action="store_true", help="sweep launch knobs on the target cases")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the eager Python path")
+    ap.add_argument("--apply", action="store_true", help="with --tune: use the best knobs for what follows")
+    ap.add_argument("--sweep", action="store_true", help="run the sweep also with --quick/--tune")
     ap.add_argument("--h-out", type=int, nargs="+", default=[4096, 11008])
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
@@ -289,10 +310,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile_host:
         profile_host()
     if args.tune:
-        run_tune(args, flush, copy_bw, setup)
+        tune_rows = run_tune(args, flush, copy_bw, setup)
+        if args.apply:
+            sgmv.set_tuning(**best_knobs(tune_rows))
+    setup["tuning"] = dict(sgmv.TUNING)
+    print(f"knobs: {sgmv.TUNING}", flush=True)
     if args.quick:
         run_quick(args, flush, copy_bw, setup)
-    if not (args.quick or args.tune or args.profile_host):
+    if args.sweep or not (args.quick or args.tune or args.profile_host):
         rows = run_sweep(args, flush, copy_bw, setup)
         path = plot(rows, args.out_dir)
         print(f"wrote {path}")
