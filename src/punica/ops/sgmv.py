@@ -243,15 +243,17 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 
 # ---- Launch configuration (host ints only) --------------------------------------------------------
 
-# Knobs measured on an H200 (benchmarks/bench_sgmv.py --tune); `set_tuning` changes them for sweeps.
+# Knobs picked on an H200 by `python -m benchmarks.bench_sgmv --tune --apply` (benchmarks/results/sgmv_NOTES.md);
+# `set_tuning` changes them for sweeps. Token mode only for all-distinct decode: Uniform/Zipf batches with
+# shared adapters ran faster in segment mode.
 TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
-    "max_block_m": 64,
+    "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
     "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
     "shrink_block_k": 128,      # segment mode
-    "bgmv_block_r": 64,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a
+    "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
     "max_block_k": 512,
     "shrink_stages": 3,
     "shrink_warps": 4,
