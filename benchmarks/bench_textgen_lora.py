@@ -13,6 +13,7 @@ every request runs to its drawn output length (ignore_eos). Popularity as in pun
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.harness import copy_bandwidth, environment, print_table, write_jsonl
+from benchmarks.harness import RESULTS, copy_bandwidth, environment, print_table, write_jsonl
 from punica import Engine, SamplingParams
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
@@ -171,6 +172,12 @@ def main(argv: list[str] | None = None) -> None:
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager)
     rows = []
+
+    def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
+        rows.append(row)
+        write_jsonl("textgen_lora", [row], setup, args.out_dir)
+        print(row, flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)
@@ -181,21 +188,18 @@ def main(argv: list[str] | None = None) -> None:
         lengths = sharegpt_like_lengths(args.num_requests, seed=0, max_prompt=args.max_prompt,
                                         max_output=args.max_output)
         for batch in args.batch_size:
-            rows += run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device)
-    path = write_jsonl("textgen_lora", rows, setup, args.out_dir)
-    plot(rows, Path(path).with_suffix(".png"), setup.get("gpu", "cpu"))
+            run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device, record)
+    path = Path(args.out_dir or RESULTS) / "textgen_lora.png"
+    plot(rows, path, setup.get("gpu", "cpu"))
     print_table(rows, ["system", "popularity", "batch", "tok_per_s", "decode_step_ms", "floor_ms", "floor_ratio"])
-    print(f"wrote {path}")
 
 
-def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device) -> list:
-    rows = []
+def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device, record):
     for system in systems:
         if system == "hf":
             for pop in args.popularity:
                 r = run_hf(cfg, adapters, batch, pop, args.hf_new_tokens, prompt_len=128)
-                rows.append(dict(system="hf", popularity=pop, batch=batch, **r))
-                print(rows[-1], flush=True)
+                record(dict(system="hf", popularity=pop, batch=batch, **r))
             continue
         engine = Engine.from_args(model_dir, adapters if system == "punica" else None, device=device,
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
@@ -206,11 +210,10 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
             loras = ([names[i] for i in adapter_indices(pop, len(lengths), len(names), seed=1)]
                      if system == "punica" else [None] * len(lengths))
             r = run_punica(engine, lengths, loras, bandwidth, adapter_bytes if system == "punica" else 0)
-            rows.append(dict(system=system, popularity=pop, batch=batch, **r))
-            print(rows[-1], flush=True)
+            record(dict(system=system, popularity=pop, batch=batch, **r))
         del engine
+        gc.collect()  # free the KV pool and graphs before the next system sizes its own
         torch.cuda.empty_cache() if device == "cuda" else None
-    return rows
 
 
 def plot(rows: list[dict], path: Path, gpu: str) -> None:
