@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_hf_model, make_peft_adapter
+from factories import make_hf_model, make_peft_adapter
 from safetensors.torch import load_file, save_file
 
 from punica import LLM, AdapterError, BadRequestError, ConfigError, SamplingParams, UnknownModelError

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_hf_model
+from factories import make_hf_model
 
 from punica import LLM, ModelLoadError, SamplingParams
 

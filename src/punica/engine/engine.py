@@ -15,7 +15,7 @@ from punica.engine.runner import ModelRunner
 from punica.engine.scheduler import Scheduler
 from punica.engine.tokenizer import Tokenizer
 from punica.errors import BadRequestError, CapacityError
-from punica.kv.block_manager import BlockManager
+from punica.kv.block_manager import BlockManager, blocks_for
 from punica.kv.cache import allocate_kv_pool, num_blocks_for
 from punica.lora.manager import AdapterManager
 from punica.lora.pool import AdapterPool
@@ -50,10 +50,12 @@ class Engine:
         self.model_config = model_cfg
         self.tokenizer = Tokenizer.from_dir(config.model)
         block_size = config.cache.block_size
-        num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device)
-        self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
         max_len = min(config.scheduler.max_model_len or model_cfg.max_position_embeddings,
-                      model_cfg.max_position_embeddings, num_blocks * block_size)
+                      model_cfg.max_position_embeddings)
+        useful = config.scheduler.max_num_seqs * blocks_for(max_len, block_size)
+        num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device, useful)
+        self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
+        max_len = min(max_len, num_blocks * block_size)
         self.info = RuntimeInfo(device=str(device), dtype=str(dtype).removeprefix("torch."), backend=backend,
                                 num_blocks=num_blocks, max_model_len=max_len)
         layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]

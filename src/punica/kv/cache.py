@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from punica.config import CacheConfig, ModelConfig
+from punica.errors import CapacityError
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -12,8 +13,10 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
     return 2 * cfg.num_layers * block_size * cfg.kv_size * itemsize
 
 
-def num_blocks_for(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """`cache.num_blocks` if set; else what fits in the memory budget of `device`."""
+def num_blocks_for(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
+                   max_useful: int) -> int:
+    """`cache.num_blocks` if set; else what fits in the memory budget of `device`, but no more than
+    `max_useful` (every sequence at full length), so a small model does not take the whole device."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     per_block = bytes_per_block(cfg, cache.block_size, dtype)
@@ -22,7 +25,10 @@ def num_blocks_for(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, dev
         budget = free - (1 - cache.memory_fraction) * total
     else:
         budget = cache.cpu_cache_bytes
-    return max(1, int(budget // per_block))
+    if budget < per_block:
+        raise CapacityError(f"no device memory left for the KV cache ({budget / 2**30:.2f} GiB available after "
+                            f"memory_fraction={cache.memory_fraction}); free memory or raise memory_fraction")
+    return min(int(budget // per_block), max_useful)
 
 
 def allocate_kv_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,

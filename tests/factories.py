@@ -1,0 +1,78 @@
+"""Tiny random HF checkpoints, PEFT adapters and tokenizers, made by the tests themselves (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
+    if family == "llama":
+        common.setdefault("rope_scaling", None)
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(sliding_window=None, **common)
+        cls = transformers.MistralForCausalLM
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # HF's init leaves biases at zero; randomize so the qkv bias is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def make_peft_adapter(base, out_dir: str, r: int, alpha: float, targets, seed: int, use_rslora=False,
+                      rank_pattern=None, alpha_pattern=None, as_bin: bool = False) -> str:
+    """A PEFT LoRA with random (non-zero) B, saved to `out_dir`."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
+                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0)
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.save_pretrained(out_dir, safe_serialization=not as_bin)
+    return out_dir
+
+
+ADAPTER_SPECS = {
+    # name: (r, alpha, targets, extra)
+    "a4": (4, 8, ("q_proj", "v_proj"), {}),
+    "b8": (8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), {}),
+    "c16": (16, 8, ("o_proj", "down_proj", "up_proj"), {"use_rslora": True}),
+    "d8": (8, 32, ("k_proj", "gate_proj"), {"as_bin": True, "rank_pattern": {"gate_proj": 4},
+                                              "alpha_pattern": {"k_proj": 4}}),
+}
+
+
+def write_word_tokenizer(model_dir: str, vocab_size: int = 128) -> list[str]:
+    """A word-level tokenizer.json over words w3..w{vocab-1} (0 unk, 1 bos, 2 eos); returns the words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+    return words
