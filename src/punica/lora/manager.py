@@ -85,10 +85,12 @@ class AdapterManager:
         return self.slots.can_place(name)
 
     def acquire(self, name: str) -> int:
+        weights = None
+        if self.slots.slot_of(name) is None:  # read before placing: a failed read must not leave an empty slot
+            weights = self.cache.get(name, self.paths.get(name) or self._retired[name])
         slot, evicted, load = self.slots.place(name)
         if load:
-            path = self.paths.get(name) or self._retired[name]
-            self.pool.write(slot, self.cache.get(name, path))
+            self.pool.write(slot, weights)
             self.device_loads += 1
             self.device_evictions += evicted is not None
         self.slots.pin(name)
