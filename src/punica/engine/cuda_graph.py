@@ -31,6 +31,7 @@ class StaticBuffers:
         self.host32 = torch.zeros(3 * max_batch + 1 + max_batch * max_blocks, dtype=torch.int32).pin_memory()
         self.dev64 = torch.zeros_like(self.host64, device=device)
         self.dev32 = torch.zeros_like(self.host32, device=device)
+        self.rows = torch.arange(max_batch, device=device)  # logits rows: a graph reads it at every replay
 
     def views32(self, buf: torch.Tensor):
         B = self.B
@@ -68,7 +69,9 @@ class CudaGraphRunner:
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch)
         self.buf = StaticBuffers(max_batch, -(-max_model_len // block_size), device)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches must
+        # stay alive as long as the graph, or its memory is reused under it
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]] = {}
 
     def _batch(self, b: int, with_lora: bool) -> Batch:
         ids, positions, slot_mapping = self.buf.dev64[:, :b]
@@ -80,7 +83,7 @@ class CudaGraphRunner:
         lora = SegmentPlan(seg_indptr=cu_q[:b + 1], seg_slot=token_slot[:b], token_slot=token_slot[:b],
                            max_seg_len=1, host_indptr=list(range(b + 1)), host_slot=[int(with_lora)] * b)
         return Batch(input_ids=ids, positions=positions, slot_mapping=slot_mapping, attn=attn, lora=lora,
-                     slot_rank=self.slot_rank, logits_indices=torch.arange(b, device=ids.device))
+                     slot_rank=self.slot_rank, logits_indices=self.buf.rows[:b])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -95,7 +98,7 @@ class CudaGraphRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     out = self.model(batch)
                 pool = graph.pool()
-                self.graphs[(b, with_lora)] = (graph, out)
+                self.graphs[(b, with_lora)] = (graph, out, batch)
         torch.cuda.synchronize()
 
     def can_run(self, hb: HostBatch) -> bool:
@@ -105,6 +108,6 @@ class CudaGraphRunner:
         n = len(hb.kv_lens)
         b = next(b for b in self.buckets if b >= n)
         self.buf.fill(hb, b)
-        graph, out = self.graphs[(b, any(hb.seq_slots))]
+        graph, out, _ = self.graphs[(b, any(hb.seq_slots))]
         graph.replay()
         return out[:n]
