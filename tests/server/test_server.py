@@ -160,6 +160,8 @@ def test_request_errors_have_openai_shape(main, client):
     assert_openai_error(post({"prompt": "w5"}), 400, "model")
     assert_openai_error(post(ok, headers={}), 401, "API key")
     assert_openai_error(post(ok, headers={"Authorization": "Bearer wrong"}), 401, "API key")
+    assert_openai_error(httpx.get(f"{main.url}/v1/nowhere", headers=AUTH), 404, "Not Found")
+    assert_openai_error(httpx.get(f"{main.url}/v1/completions", headers=AUTH), 405)
     chat = httpx.post(f"{main.url}/v1/chat/completions", json={"model": BASE, "messages": []}, headers=AUTH)
     assert_openai_error(chat, 400, "messages")
     with pytest.raises(openai.NotFoundError):
@@ -217,7 +219,7 @@ def test_64_concurrent_streams_over_more_adapters_than_slots(main, reference):
     from punica.workload import adapter_indices
 
     picks = [models[i] for i in adapter_indices("uniform", 64, len(models), seed=1)]
-    jobs = [(m, words(100 + i % 16, 3 + i % 7), 3 + i % 4) for i, m in enumerate(picks)]
+    jobs = [(m, words(100 + i % 8, 3 + i % 8), 3 + i % 4) for i, m in enumerate(picks)]  # isolated runs cached
     evictions = metric(main.url, "punica_adapter_device_evictions_total")
 
     async def run_all() -> list[str]:

@@ -10,6 +10,7 @@ import os
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from punica import (
@@ -117,6 +118,9 @@ def api_key_check(api_key: str | None):
 
 def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
     """The app around `engine` (whose step loop starts and stops with the app)."""
+    if model_name in engine.list_loras():
+        raise ConfigError(f"the adapter {model_name!r} has the base model's served name; rename the adapter or "
+                          "pass --served-model-name")
     async_engine = AsyncEngine(engine)
     metrics = ServerMetrics(lambda: async_engine.stats)
     serving = OpenAIServing(async_engine, metrics, model_name)
@@ -132,6 +136,8 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
     app.add_middleware(CountStatus, metrics=metrics)
     app.add_exception_handler(RequestValidationError, lambda _r, e: JSONResponse(
         error_body(validation_message(e), "invalid_request_error"), status_code=400))
+    app.add_exception_handler(StarletteHTTPException, lambda _r, e: JSONResponse(
+        error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code, headers=e.headers))
     app.add_exception_handler(Exception, lambda _r, e: error_response(e, cfg.retry_after))
     for cls in (HTTPError, PunicaError, PermissionError, EngineFailure):
         app.add_exception_handler(cls, lambda _r, e: error_response(e, cfg.retry_after))

@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from punica import BadRequestError, UnknownModelError
+from punica import BadRequestError, SamplingParams, UnknownModelError
 from punica.server.async_engine import AsyncEngine, Delivery, RequestStream
 from punica.server.formats import ChatFormat, CompletionFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
-from punica.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage, random_id
+from punica.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    Usage,
+    error_body,
+    random_id,
+)
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by the client
 
@@ -49,6 +56,33 @@ class Choices:
         if out.finished:
             self.reasons[i] = out.finish_reason
         return new
+
+    def usage(self, num_prompt_tokens: int) -> Usage:
+        done = sum(self.tokens)
+        return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=done, total_tokens=num_prompt_tokens + done)
+
+
+@dataclass
+class Job:
+    """One generation request, resolved: token prompts, each prompt's max_tokens, the adapter (None: base)
+    and the response format; `n` choices per prompt."""
+
+    req: SamplingFields
+    prompts: list[list[int]]
+    limits: list[int]
+    lora: str | None
+    fmt: CompletionFormat
+    arrival: float
+    end_of_turn: tuple[int, ...] = ()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def sampling_params(self) -> list[SamplingParams]:
+        """One per choice, in choice order (prompt-major)."""
+        return [self.req.sampling_params(limit, j, self.end_of_turn) for limit in self.limits
+                for j in range(self.req.n)]
 
 
 class OpenAIServing:
@@ -96,7 +130,7 @@ class OpenAIServing:
         explicit = "max_tokens" in req.model_fields_set
         limits = [self.max_tokens(p, req.max_tokens, explicit) for p in prompts]
         fmt = CompletionFormat(req.model, random_id("cmpl"))
-        return await self._generate(req, prompts, limits, lora, fmt, request, arrival)
+        return await self._generate(Job(req, prompts, limits, lora, fmt, arrival), request)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
@@ -107,30 +141,23 @@ class OpenAIServing:
         prompt = self.encode(text, special_tokens=False)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         fmt = ChatFormat(req.model, random_id("chatcmpl"))
-        return await self._generate(req, [prompt], [limit], lora, fmt, request, arrival, self.end_of_turn)
+        return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
 
-    async def _generate(self, req: SamplingFields, prompts: list[list[int]], limits: list[int], lora: str | None,
-                        fmt: CompletionFormat, request: Request, arrival: float, end_of_turn: tuple[int, ...] = ()
-                        ) -> Response:
-        n = req.n
-        params = [req.sampling_params(limit, j, end_of_turn) for limit in limits for j in range(n)]
-        stream = await self.engine.add([p for p in prompts for _ in range(n)], params, lora)
-        tracker = self.metrics.track(req.model, arrival)
-        num_prompt = sum(len(p) for p in prompts)
-        tracker.on_prompts(num_prompt)
-        stops = params[0].stop
-        choices = Choices(len(params), max((len(s) for s in stops), default=1) - 1)
-        usage = lambda: Usage(prompt_tokens=num_prompt, completion_tokens=sum(choices.tokens),
-                              total_tokens=num_prompt + sum(choices.tokens))
-        if req.stream:
-            body = self._events(stream, choices, fmt, tracker, usage if req.include_usage else None)
+    async def _generate(self, job: Job, request: Request) -> Response:
+        params = job.sampling_params()
+        stream = await self.engine.add([p for p in job.prompts for _ in range(job.req.n)], params, job.lora)
+        tracker = self.metrics.track(job.req.model, job.arrival)
+        tracker.on_prompts(job.num_prompt_tokens)
+        choices = Choices(len(params), max((len(s) for s in params[0].stop), default=1) - 1)
+        if job.req.stream:
+            body = self._events(stream, choices, job, tracker)
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             if not await _until_done_or_gone(self._consume(stream, choices, tracker), request):
                 return Response(status_code=CLIENT_CLOSED)
         finally:
             self._close(stream, tracker)
-        return JSONResponse(fmt.whole(choices.texts, choices.reasons, usage()))
+        return JSONResponse(job.fmt.whole(choices.texts, choices.reasons, choices.usage(job.num_prompt_tokens)))
 
     async def _consume(self, stream: RequestStream, choices: Choices, tracker: RequestTracker) -> None:
         async for d in stream:
@@ -140,8 +167,9 @@ class OpenAIServing:
                 stream.abort()
                 raise EngineFailure(d.output.error)
 
-    async def _events(self, stream: RequestStream, choices: Choices, fmt: CompletionFormat,
-                      tracker: RequestTracker, usage) -> AsyncIterator[str]:
+    async def _events(self, stream: RequestStream, choices: Choices, job: Job,
+                      tracker: RequestTracker) -> AsyncIterator[str]:
+        fmt = job.fmt
         try:
             for i in range(choices.n):
                 if fmt.opening(i):
@@ -149,14 +177,13 @@ class OpenAIServing:
             async for d in stream:
                 tracker.on_output(d)
                 if d.output.error:
-                    yield sse({"error": {"message": d.output.error, "type": "server_error", "param": None,
-                                         "code": "engine_failure"}})
+                    yield sse(error_body(d.output.error, "server_error", "engine_failure"))
                     return
                 new = choices.advance(d)
                 if new or d.output.finished:
                     yield sse(fmt.chunk(d.index, new, d.output.finish_reason if d.output.finished else None))
-            if usage is not None:
-                yield sse(fmt.usage_chunk(usage()))
+            if job.req.include_usage:
+                yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens)))
             yield sse("[DONE]")
         finally:  # also reached when the client disconnects: the response task is cancelled
             self._close(stream, tracker)
