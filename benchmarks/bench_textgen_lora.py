@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-new-tokens", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="a tiny fp32 model (smoke test, also on CPU)")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--warmup-requests", type=int, default=64,
+                    help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     cfg = TINY if args.tiny else LLAMA2_7B
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     setup = dict(environment(), bench="textgen_lora", model="tiny" if args.tiny else "llama-2-7b-arch-random",
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 enforce_eager=args.enforce_eager)
+                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
@@ -209,6 +211,9 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
             names = list(adapters)
             loras = ([names[i] for i in adapter_indices(pop, len(lengths), len(names), seed=1)]
                      if system == "punica" else [None] * len(lengths))
+            if args.warmup_requests:
+                n = args.warmup_requests
+                run_punica(engine, [(p, min(o, 16)) for p, o in lengths[:n]], loras[:n], bandwidth, 0)
             r = run_punica(engine, lengths, loras, bandwidth, adapter_bytes if system == "punica" else 0)
             record(dict(system=system, popularity=pop, batch=batch, **r))
         del engine

@@ -314,6 +314,7 @@ def _shrink_config(T: int, S: int, L: int, h_in: int, NR: int, n_slices: int, sm
     split = min(TUNING["shrink_waves"] * sms // (rows * r_programs), _cdiv(h_in, block_k),
                 TUNING["max_split_k"], TUNING["split_reduce_elems"] // (block_m * block_r))
     split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
+    split = 1 << (split.bit_length() - 1)  # a power of two: SPLIT_K is a constexpr, so few values, few compiles
     k_per_split = _cdiv(_cdiv(h_in, split), block_k) * block_k
     split = _cdiv(h_in, k_per_split)
     args = (h_in, R, NR, seg_blocks, k_per_split, token_mode, split, block_m, block_k, block_r, _cdiv(R, block_r),
