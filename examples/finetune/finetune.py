@@ -174,7 +174,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--raw-fraction", type=float, default=0.2, help="examples trained as plain text")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP spin-waits on a busy machine")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower)")
     return ap.parse_args(argv)
