@@ -11,7 +11,7 @@ import time
 import pytest
 
 from punica import Engine, SamplingParams
-from punica.tui.app import MultiLoRAApp, Pane, engine_options, main, parse_lora_args, resolve_models
+from punica.tui.app import MultiLoRAApp, Pane, engine_options, main, resolve_models
 from punica.tui.session import EngineLoop
 
 ADAPTERS = ["a4", "b8", "d8"]  # d8 is a .bin adapter with rank/alpha patterns
@@ -132,7 +132,6 @@ def test_main_builds_the_engine_from_args(llama_with_tokenizer, monkeypatch, cap
 
 
 def test_command_line_options(tmp_path):
-    assert parse_lora_args(["x=/a/b", "/c/d/"]) == {"x": "/a/b", "d": "/c/d/"}
     args = argparse.Namespace(model=str(tmp_path), lora=None, device="cpu", dtype=None, max_loras=None,
                               block_size=32, prompt=None)
     model, adapters, notice = resolve_models(args)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import types
 import typing
 from collections.abc import Sequence
 
 from punica import CacheConfig, EngineConfig, LoRAConfig, PunicaError, SamplingParams, SchedulerConfig
-from punica.config import BACKENDS, DTYPES, ServerConfig, engine_config
+from punica.config import BACKENDS, DTYPES, ServerConfig, engine_config, parse_lora_specs
 from punica.errors import ConfigError
 
 ENGINE_SECTIONS = (EngineConfig, CacheConfig, SchedulerConfig, LoRAConfig)
@@ -75,21 +74,6 @@ def given(args: argparse.Namespace, cls: type, dest_prefix: str = "") -> dict:
 
 def engine_options(args: argparse.Namespace) -> dict:
     return {k: v for cls in ENGINE_SECTIONS for k, v in given(args, cls).items() if k not in NOT_FLAGS}
-
-
-def parse_lora_specs(specs: Sequence[str] | None) -> dict[str, str]:
-    """["NAME=PATH" or "PATH", ...] -> {name: path}; a bare path is named after its directory."""
-    adapters: dict[str, str] = {}
-    for spec in specs or ():
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = os.path.basename(os.path.normpath(spec)), spec
-        if not name or not path:
-            raise ConfigError(f"--lora {spec!r}: expected NAME=PATH")
-        if name in adapters:
-            raise ConfigError(f"--lora: the name {name!r} is given twice")
-        adapters[name] = path
-    return adapters
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, str]]:

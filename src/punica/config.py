@@ -219,3 +219,18 @@ class ServerConfig:
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
         _check(self.retry_after >= 0, f"retry_after must be >= 0, got {self.retry_after}")
         _check(self.api_key is None or bool(self.api_key), "api_key must not be empty (omit it to disable auth)")
+
+
+def parse_lora_specs(specs: list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """["NAME=PATH" or "PATH", ...] -> {name: path}; a bare path is named after its directory."""
+    adapters: dict[str, str] = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        if not name or not path:
+            raise ConfigError(f"--lora {spec!r}: expected NAME=PATH")
+        if name in adapters:
+            raise ConfigError(f"--lora: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters

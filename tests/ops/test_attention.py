@@ -8,34 +8,17 @@ a decode timing table against the KV bytes read (GPU).
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported, by punica.ops
-
-from punica.ops import attention  # noqa: E402
-from punica.ops.attention import AttentionMeta, paged_attention_torch  # noqa: E402
-from punica.testing import assert_close  # noqa: E402
+from punica.ops import attention
+from punica.ops.attention import AttentionMeta, paged_attention_torch
+from punica.testing import assert_close
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BOUNDARY_KV_LENS = [1, 15, 16, 17, 31, 32, 33]  # around the edges of 16-token pages
-
-
-@pytest.fixture(scope="module")
-def device():
-    """Where the small-shape kernel tests run: CUDA when present, else Triton's interpreter on the CPU."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(attention._decode_kernel, InterpretedFunction):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: tests/conftest.py should set it "
-                    "when CUDA is absent, before anything imports punica")
-    return "cpu"
 
 
 def make_case(q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32, device="cpu", seed=0):

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported, by punica.ops
-
-from punica.ops import kv_store  # noqa: E402
-from punica.ops.kv_store import store_kv_torch  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def device():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(kv_store._store_kv_kernel, InterpretedFunction):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: tests/conftest.py should set it "
-                    "when CUDA is absent, before anything imports punica")
-    return "cpu"
+from punica.ops import kv_store
+from punica.ops.kv_store import store_kv_torch
 
 
 def run_both(k, v, cache_shape, slots, cache_dtype):

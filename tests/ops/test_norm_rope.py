@@ -5,16 +5,11 @@ CPU: Triton's interpreter; with CUDA: compiled, plus bf16 at Llama-2-7B sizes (-
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported, by punica.ops
-
-from punica.ops import norm_rope  # noqa: E402
-from punica.ops.norm_rope import (  # noqa: E402
+from punica.ops import norm_rope
+from punica.ops.norm_rope import (
     add_rms_norm_torch,
     apply_rope_torch,
     rms_norm_torch,
@@ -22,22 +17,10 @@ from punica.ops.norm_rope import (  # noqa: E402
     rope_inv_freq,
     silu_and_mul_torch,
 )
-from punica.testing import assert_close  # noqa: E402
+from punica.testing import assert_close
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(scope="module")
-def device():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(norm_rope._rms_norm_kernel, InterpretedFunction):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: tests/conftest.py should set it "
-                    "when CUDA is absent, before anything imports punica")
-    return "cpu"
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0):

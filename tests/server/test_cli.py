@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from punica import LLM, CacheConfig, EngineConfig, LoRAConfig, SamplingParams, SchedulerConfig, cli, engine_config
-from punica.config import ServerConfig
+from punica.config import ServerConfig, parse_lora_specs
 
 
 def parse(*argv: str):
@@ -58,7 +58,7 @@ def test_sampling_flags_of_generate():
 
 
 def test_lora_specs_and_per_prompt_adapters():
-    assert cli.parse_lora_specs(["a=/x/y", "/p/q/"]) == {"a": "/x/y", "q": "/p/q/"}
+    assert parse_lora_specs(["a=/x/y", "/p/q/"]) == {"a": "/x/y", "q": "/p/q/"}
     assert cli.generation_loras(["a"], 3) == ["a", "a", "a"]
     assert cli.generation_loras(["a", "none"], 2) == ["a", None]
     assert cli.generation_loras(None, 2) == [None, None]

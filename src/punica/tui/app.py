@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.widgets import Footer, Header, Input, Static
 
 from punica import CacheConfig, Engine, EngineConfig, LoRAConfig, PunicaError, SamplingParams, SchedulerConfig
+from punica.config import parse_lora_specs
 from punica.errors import ConfigError
 from punica.tui.session import EngineLoop, Progress, chat_stop_ids
 
@@ -173,25 +174,10 @@ def engine_options(args: Namespace, num_adapters: int) -> dict:
     return opts
 
 
-def parse_lora_args(specs: list[str]) -> dict[str, str]:
-    """["NAME=PATH" or "PATH", ...] -> {name: path}; a bare path is named after its directory."""
-    adapters = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = os.path.basename(spec.rstrip("/")), spec
-        if not name or not path:
-            raise ConfigError(f"--lora {spec!r}: expected NAME=PATH")
-        if name in adapters:
-            raise ConfigError(f"--lora: the name {name!r} is given twice")
-        adapters[name] = path
-    return adapters
-
-
 def resolve_models(args: Namespace) -> tuple[str, dict[str, str], str | None]:
     """(model dir, adapters, notice): the demo model and its adapters unless `args` names others."""
     lora = getattr(args, "lora", None)
-    adapters = parse_lora_args(lora) if lora else {}
+    adapters = parse_lora_specs(lora) if lora else {}
     if getattr(args, "model", None):
         notice = None if adapters else "No adapters given (--lora NAME=PATH): showing the base model only."
         return args.model, adapters, notice
