@@ -21,10 +21,15 @@ class AdapterCache(Generic[W]):
             return self._items[name]
         weights = self._load(name, path)
         self.loads += 1
+        self.put(name, weights)
+        return weights
+
+    def put(self, name: str, weights: W) -> None:
+        """Insert (or replace) as most recently used, evicting the least recently used beyond capacity."""
         self._items[name] = weights
+        self._items.move_to_end(name)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
-        return weights
 
     def discard(self, name: str) -> None:
         self._items.pop(name, None)

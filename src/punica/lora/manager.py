@@ -45,8 +45,7 @@ class AdapterManager:
             raise AdapterError(f"adapter name {name!r} is empty or already registered")
         weights = self._read(name, path)
         self.paths[name] = path
-        self.cache.discard(name)
-        self.cache.get(name, path)  # warm: the next request need not touch the disk
+        self.cache.put(name, weights)  # the next request need not touch the disk
         return weights
 
     def unregister(self, name: str) -> None:
