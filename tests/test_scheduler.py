@@ -26,6 +26,9 @@ class FakeAdapters:
     def release(self, name):
         self.pins[name] -= 1
 
+    def is_active(self, name):
+        return self.pins.get(name, 0) > 0
+
 
 def seq(n_prompt: int, lora=None, rid=None) -> Sequence:
     return Sequence(request_id=rid or f"r{n_prompt}-{id(object())}", prompt_ids=list(range(n_prompt)),
@@ -107,3 +110,34 @@ def test_adapter_slots_gate_admission():
     sched.finish(a, "stop")
     step = run_step(sched)
     assert b in step.work and b.slot == 1
+
+
+def test_base_and_running_adapters_start_while_the_head_waits_for_a_slot():
+    adapters = FakeAdapters(slots=1)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockManager(32, 16), adapters)
+    x1, y, base, x2, z = seq(3, lora="x"), seq(3, lora="y"), seq(3), seq(3, lora="x"), seq(3, lora="z")
+    for s in (x1, y, base, x2, z):
+        sched.add(s)
+    step = run_step(sched)
+    assert set(step.work) == {x1, base, x2}  # y waits for the slot x holds; base and x2 need no new slot
+    assert list(sched.waiting) == [y, z] and y.num_bypassed == 2
+    sched.finish(x1, "stop")
+    sched.finish(x2, "stop")
+    step = run_step(sched)
+    assert y in step.work and z not in step.work  # the oldest gets the freed slot first
+
+
+def test_bypassing_is_bounded_so_the_head_cannot_starve():
+    from punica.engine.scheduler import MAX_BYPASS
+
+    adapters = FakeAdapters(slots=1)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1000, max_num_batched_tokens=100000), BlockManager(4096, 16),
+                      adapters)
+    holder, head = seq(3, lora="x"), seq(3, lora="y")
+    sched.add(holder)
+    run_step(sched)
+    sched.add(head)
+    for _ in range(MAX_BYPASS + 5):
+        sched.add(seq(3))
+    run_step(sched)
+    assert head.num_bypassed == MAX_BYPASS and len(sched.waiting) == 6  # head plus five that must wait behind it

@@ -67,6 +67,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""
     num_preemptions: int = 0
+    num_bypassed: int = 0  # requests that started before this one while it waited for an adapter slot
 
     def __post_init__(self):
         if not self.tokens:

@@ -13,11 +13,14 @@ from punica.config import SchedulerConfig
 from punica.engine.request import Sequence, Status
 from punica.kv.block_manager import BlockManager
 
+MAX_BYPASS = 64  # later requests that may start while the oldest waits for an adapter slot
+
 
 class AdapterSlots(Protocol):
     """What the scheduler needs of adapter residency (the engine's AdapterManager)."""
 
     def can_acquire(self, name: str) -> bool: ...
+    def is_active(self, name: str) -> bool: ...
     def acquire(self, name: str) -> int: ...
     def release(self, name: str) -> None: ...
 
@@ -59,14 +62,34 @@ class Scheduler:
                 self.blocks.grow(seq.block_table, seq.num_computed + n)
                 step.work[seq] = n
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            n = self._try_admit(self.waiting[0], budget)
+        self._admit_waiting(step, budget)
+        return step
+
+    def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
+        """First come, first served, with one exception: while the oldest waiting request waits only for an
+        adapter slot, later requests that need no new slot (base model, or an adapter already running) may
+        start, up to MAX_BYPASS times, so a busy adapter does not stall everyone else."""
+        blocked: Sequence | None = None
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
+                return
+            if blocked is not None and blocked.num_bypassed >= MAX_BYPASS:
+                return
+            if blocked is not None and not (seq.lora is None or self.adapters.is_active(seq.lora)):
+                continue
+            if seq.lora is not None and not self.adapters.can_acquire(seq.lora):
+                if blocked is None and seq.num_bypassed < MAX_BYPASS:
+                    blocked = seq
+                    continue
+                return
+            n = self._try_admit(seq, budget)
             if not n:
-                break  # first come, first served: nobody overtakes the head of the queue
-            seq = self.waiting.popleft()
+                return  # out of KV blocks: nobody overtakes
+            self.waiting.remove(seq)
             step.work[seq] = n
             budget -= n
-        return step
+            if blocked is not None:
+                blocked.num_bypassed += 1
 
     def _make_room(self, seq: Sequence, n: int, step: ScheduledStep) -> bool:
         """Preempt the newest running sequences until `seq` can grow by `n` tokens; False if `seq` itself
@@ -81,9 +104,7 @@ class Scheduler:
         return True
 
     def _try_admit(self, seq: Sequence, budget: int) -> int:
-        """Move `seq` to running and return its first chunk's size, or 0 if it cannot start now."""
-        if seq.lora is not None and not self.adapters.can_acquire(seq.lora):
-            return 0
+        """Move `seq` to running and return its first chunk's size, or 0 if its KV does not fit now."""
         n = min(seq.num_remaining, budget)
         # keep one free block per running sequence so admitting does not force an immediate preemption
         if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n) + len(self.running) > self.blocks.num_free:

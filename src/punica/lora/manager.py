@@ -80,6 +80,10 @@ class AdapterManager:
             self.pool.clear(slot)
         self.cache.discard(name)
 
+    def is_active(self, name: str) -> bool:
+        """In a slot and used by a running request: acquiring it needs no new slot and evicts nothing."""
+        return self.slots.pins(name) > 0
+
     def can_acquire(self, name: str) -> bool:
         return self.slots.can_place(name)
 
