@@ -170,14 +170,16 @@ class Engine:
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids)
-            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                seq.text = text
-            for stop in p.stop:
-                at = seq.text.find(stop)
-                if at >= 0:
-                    seq.text = seq.text[:at]
-                    return "stop"
+            delta, seq.detok_prefix, seq.detok_read = self.tokenizer.decode_delta(
+                seq.output_ids, seq.detok_prefix, seq.detok_read)
+            if delta:
+                start = max(0, len(seq.text) - max((len(s) for s in p.stop), default=1) + 1)
+                seq.text += delta
+                for stop in p.stop:  # only where the new text can complete a stop string
+                    at = seq.text.find(stop, start)
+                    if at >= 0:
+                        seq.text = seq.text[:at]
+                        return "stop"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
         if len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.info.max_model_len:

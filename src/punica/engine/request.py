@@ -66,6 +66,8 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     finish_reason: str | None = None
     text: str = ""
+    detok_prefix: int = 0  # incremental detokenization window over the output ids (Tokenizer.decode_delta)
+    detok_read: int = 0
     num_preemptions: int = 0
     num_bypassed: int = 0  # requests that started before this one while it waited for an adapter slot
 

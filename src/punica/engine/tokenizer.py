@@ -32,6 +32,16 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def decode_delta(self, ids: list[int], prefix: int, read: int) -> tuple[str, int, int]:
+        """Text that ids[read:] add after ids[:read], decoding only the window from `prefix` (constant work
+        per token). Returns (delta, new prefix, new read); the delta is held back while it ends inside a
+        UTF-8 character. Start with prefix = read = 0."""
+        before = self.decode(ids[prefix:read])
+        after = self.decode(ids[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            return after[len(before):], read, len(ids)
+        return "", prefix, read
+
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self._tok.token_to_id(text)
 
