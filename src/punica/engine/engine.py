@@ -112,6 +112,23 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
+    def add_requests(self, prompts: list[str] | list[list[int]], params: list[SamplingParams],
+                     loras: list[str | None]) -> list[str]:
+        """Queue one request per prompt, all or none: if one is refused, those already queued are aborted
+        and the error is raised."""
+        if not len(prompts) == len(params) == len(loras):
+            raise BadRequestError(f"{len(prompts)} prompts need as many params and loras, got {len(params)} "
+                                  f"and {len(loras)}")
+        added: list[str] = []
+        try:
+            for prompt, p, lora in zip(prompts, params, loras):
+                added.append(self.add_request(prompt, p, lora))
+        except Exception:
+            for rid in added:
+                self.abort(rid)
+            raise
+        return added
+
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

@@ -32,14 +32,7 @@ class LLM:
         loras = lora if isinstance(lora, list) else [lora] * len(prompts)
         if len(loras) != len(prompts):
             raise BadRequestError(f"got {len(loras)} lora entries for {len(prompts)} prompts")
-        ids = []
-        try:
-            for prompt, name in zip(prompts, loras):
-                ids.append(self.engine.add_request(prompt, params, name))
-        except Exception:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
+        ids = self.engine.add_requests(prompts, [params] * len(prompts), loras)
         return self._run(ids, progress if progress is not None else len(ids) >= 64)
 
     def _run(self, ids: list[str], progress: bool) -> list[RequestOutput]:

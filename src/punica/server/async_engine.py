@@ -126,14 +126,7 @@ class AsyncEngine:
 
     # engine thread
     def _add(self, prompts: list[list[int]], params: list[SamplingParams], lora: str | None) -> RequestStream:
-        added: list[str] = []
-        try:
-            for ids, p in zip(prompts, params):
-                added.append(self.engine.add_request(ids, p, lora))
-        except Exception:
-            for rid in added:
-                self.engine.abort(rid)
-            raise
+        added = self.engine.add_requests(prompts, params, [lora] * len(prompts))
         stream = RequestStream(self, added)
         for index, rid in enumerate(added):
             self._sinks[rid] = (stream, index)
