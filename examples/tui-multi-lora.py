@@ -19,7 +19,7 @@ def parse_args() -> argparse.Namespace:
                    help="a PEFT adapter to compare (repeatable; default: the demo adapters)")
     p.add_argument("--prompt", help="the prompt filled in at start")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: 0.7, seeded)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--backend", choices=["auto", "torch", "triton"])

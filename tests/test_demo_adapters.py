@@ -67,3 +67,25 @@ def test_each_adapter_answers_differently_from_the_base_and_each_other(peft_mode
     for name, text in outputs.items():
         assert text.strip() and text != base, f"{name} answers like the base model: {text!r}"
     assert len(set(outputs.values())) == len(outputs), outputs
+
+
+def test_engine_serves_every_demo_adapter_in_one_batch_like_peft(peft_model):
+    """Our engine, all adapters and the base in one batch, gives PEFT's greedy text for each."""
+    from punica import LLM, SamplingParams
+
+    model, tok = peft_model
+    adapters = demo_model.demo_adapters()
+    llm = LLM(model=demo_model.default_model_dir(), lora_modules=adapters, dtype="float32", device="cpu")
+    prompt = llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    names = [None, *adapters]
+    outs = llm.generate([prompt] * len(names), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                        lora=names)
+    texts = [o.text for o in outs]
+    assert len(set(texts)) == len(names), texts
+    for name, text in zip(names, texts):
+        if name is None:
+            with model.disable_adapter():
+                assert text == greedy(model, tok)
+        else:
+            model.set_adapter(name)
+            assert text == greedy(model, tok), name

@@ -123,7 +123,8 @@ def test_main_builds_the_engine_from_args(llama_with_tokenizer, monkeypatch, cap
     assert main(args) == 0
     (app,) = started
     assert app.models == [None, "x", os.path.basename(adapters["c16"])] and app.prompt == "w3 w4"
-    assert app.params.max_tokens == 5 and app.params.temperature == 0.0 and app.notice is None
+    assert app.params.max_tokens == 5 and app.params.temperature == 0.7 and app.params.seed == 0  # defaults
+    assert app.notice is None
     assert app.engine.config.scheduler.max_num_seqs == 8 and app.engine.info.device == "cpu"
 
     args.lora = [f"bad={model_dir}"]  # a model directory is no adapter

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(demo)
     demo.add_argument("--prompt", help="the prompt filled in at start")
     demo.add_argument("--max-tokens", type=int, help="tokens per answer")
-    demo.add_argument("--temperature", type=float, help="0 = greedy")
+    demo.add_argument("--temperature", type=float, help="0 = greedy (default: 0.7, seeded)")
     demo.set_defaults(handler=cmd_demo)
     conv = sub.add_parser("convert", help="validate a PEFT adapter against a base model; write safetensors")
     conv.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter directory (.bin or safetensors)")

@@ -25,6 +25,8 @@ from punica.tui.session import EngineLoop, Progress, chat_stop_ids
 
 FALLBACK_PROMPT = "Tell me about the sea."
 DEFAULT_MAX_TOKENS = 128
+# greedy decoding makes the small demo model loop; a little seeded sampling reads better and stays reproducible
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_SEED = 0.7, 0.9, 0
 BASE_PANE = "base model"
 
 
@@ -154,8 +156,9 @@ def status_line(p: Progress, num_models: int) -> str:
 
 
 def demo_sampling_params(engine: Engine, max_tokens: int = DEFAULT_MAX_TOKENS,
-                         temperature: float = 0.0) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=chat_stop_ids(engine))
+                         temperature: float = DEFAULT_TEMPERATURE) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=DEFAULT_TOP_P, seed=DEFAULT_SEED,
+                          stop_token_ids=chat_stop_ids(engine))
 
 
 # building the demo from command-line arguments
@@ -209,8 +212,9 @@ def main(args: Namespace) -> int:
         model, adapters, notice = resolve_models(args)
         print(f"punica demo: loading {model} with {len(adapters)} adapter(s)…", file=sys.stderr)
         engine = Engine.from_args(model, adapters, **engine_options(args, len(adapters)))
+        temperature = getattr(args, "temperature", None)
         params = demo_sampling_params(engine, getattr(args, "max_tokens", None) or DEFAULT_MAX_TOKENS,
-                                      getattr(args, "temperature", None) or 0.0)
+                                      DEFAULT_TEMPERATURE if temperature is None else temperature)
     except PunicaError as e:
         print(f"punica demo: error: {e}", file=sys.stderr)
         return 1
