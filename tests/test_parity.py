@@ -7,7 +7,6 @@ import torch
 
 from punica import LLM, SamplingParams
 from punica.engine.request import Sequence
-from punica.lora.plan import build_segment_plan  # noqa: F401  (the runner uses it; import checks layout)
 
 # prompt i uses LORAS[i]: several prompts share an adapter, some use none
 LORAS = ["a4", None, "b8", "c16", "a4", "d8", None, "b8"]

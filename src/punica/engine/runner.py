@@ -7,12 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from punica.engine.request import Sequence
-from punica.lora.plan import segments
+from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta
 from punica.ops.sampling import sample_torch
-from punica.ops.sgmv import SegmentPlan
 
 
 @dataclass
@@ -55,7 +54,7 @@ def host_batch(work: list[tuple[Sequence, int]], block_size: int) -> HostBatch:
 def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device) -> Batch:
     """Pack every int field into one pinned host buffer and move it with a single copy."""
     indptr, seg_slots = segments(hb.seq_slots, hb.seq_tokens)
-    token_slot = [slot for slot, n in zip(hb.seq_slots, hb.seq_tokens) for _ in range(n)]
+    token_slot = token_slots(hb.seq_slots, hb.seq_tokens)
     width = max(len(t) for t in hb.block_tables)
     tables = [b for t in hb.block_tables for b in (t + [0] * (width - len(t)))]
     fields = [hb.ids, hb.positions, hb.slot_mapping, hb.logits_indices, hb.cu_q, hb.kv_lens, tables,
@@ -70,9 +69,7 @@ def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device
     attn = AttentionMeta(cu_q=cu_q, kv_lens=kv_lens, block_tables=tables_t.view(len(hb.kv_lens), width),
                          max_q_len=max(hb.seq_tokens), max_kv_len=max(hb.kv_lens), host_cu_q=hb.cu_q,
                          host_kv_lens=hb.kv_lens)
-    lora = SegmentPlan(seg_indptr=indptr_t, seg_slot=seg_slot_t, token_slot=token_slot_t,
-                       max_seg_len=max(b - a for a, b in zip(indptr, indptr[1:])), host_indptr=indptr,
-                       host_slot=seg_slots)
+    lora = make_plan(indptr, seg_slots, indptr_t, seg_slot_t, token_slot_t)
     return Batch(input_ids=ids, positions=pos, slot_mapping=slot_mapping, attn=attn, lora=lora,
                  slot_rank=slot_rank, logits_indices=logits_idx)
 

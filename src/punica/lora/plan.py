@@ -22,13 +22,23 @@ def segments(seq_slots: list[int], seq_tokens: list[int]) -> tuple[list[int], li
     return indptr, slots
 
 
+def token_slots(seq_slots: list[int], seq_tokens: list[int]) -> list[int]:
+    """The slot of every token (the per-token view of the same plan). Pure Python."""
+    return [slot for slot, n in zip(seq_slots, seq_tokens) for _ in range(n)]
+
+
+def make_plan(indptr: list[int], slots: list[int], seg_indptr: torch.Tensor, seg_slot: torch.Tensor,
+              token_slot: torch.Tensor) -> SegmentPlan:
+    """A SegmentPlan from host lists and their device copies (which the caller moved as it likes)."""
+    max_len = max((b - a for a, b in zip(indptr, indptr[1:])), default=0)
+    return SegmentPlan(seg_indptr=seg_indptr, seg_slot=seg_slot, token_slot=token_slot, max_seg_len=max_len,
+                       host_indptr=indptr, host_slot=slots)
+
+
 def build_segment_plan(seq_slots: list[int], seq_tokens: list[int], device: torch.device) -> SegmentPlan:
     indptr, slots = segments(seq_slots, seq_tokens)
-    token_slot = [slot for slot, n in zip(seq_slots, seq_tokens) for _ in range(n)]
-    lengths = [b - a for a, b in zip(indptr, indptr[1:])]
 
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=device)
 
-    return SegmentPlan(seg_indptr=tensor(indptr), seg_slot=tensor(slots), token_slot=tensor(token_slot),
-                       max_seg_len=max(lengths, default=0), host_indptr=indptr, host_slot=slots)
+    return make_plan(indptr, slots, tensor(indptr), tensor(slots), tensor(token_slots(seq_slots, seq_tokens)))
