@@ -44,7 +44,8 @@ def make_peft_adapter(base, out_dir: str, r: int, alpha: float, targets, seed: i
 
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
+    targets = targets if isinstance(targets, str) else list(targets)  # a string: "all-linear" or a regex
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
                      rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0)
     model = get_peft_model(copy.deepcopy(base), cfg)
     gen = torch.Generator().manual_seed(seed)

@@ -98,3 +98,17 @@ def test_request_alone_equals_request_in_full_batch(family):
     for i in (0, 3, 6):
         alone = llm.generate([ids[i]], params, lora=[LORAS[i]])[0]
         assert alone.token_ids == batched[i].token_ids
+
+
+def test_all_linear_and_regex_target_modules(tiny_models, tmp_path):
+    """PEFT's "all-linear" and a regex string for target_modules: the weights decide, as in PEFT."""
+    from factories import make_peft_adapter
+
+    hf_model, model_dir, _ = tiny_models["llama"]
+    adapters = {"all": make_peft_adapter(hf_model, str(tmp_path / "all"), 4, 8, "all-linear", 7),
+                "rx": make_peft_adapter(hf_model, str(tmp_path / "rx"), 4, 8, r".*\.(q|v)_proj", 8)}
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu")
+    ids, loras = prompts(3, seed=9), ["all", None, "rx"]
+    ours = [o.token_ids for o in llm.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                                                lora=loras)]
+    assert ours == peft_generate(peft_model(hf_model, adapters), ids, loras, 8)

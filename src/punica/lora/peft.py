@@ -73,7 +73,8 @@ def check_supported(cfg: dict, path: str) -> None:
         refuse("fan_in_fan_out", True, "only nn.Linear targets exist in LLaMA models")
     targets = cfg.get("target_modules") or []
     if isinstance(targets, (list, tuple, set)):
-        unknown = sorted(set(targets) - set(PROJECTIONS))
+        # entries may be module names or full paths ("all-linear" is saved expanded to paths)
+        unknown = sorted({t for t in targets if t.rsplit(".", 1)[-1] not in PROJECTIONS})
         if unknown:
             refuse("target_modules", unknown, f"only {', '.join(PROJECTIONS)} can carry adapters")
 
