@@ -168,9 +168,6 @@ class EngineConfig:
         _check(self.load_format in ("auto", "dummy"),
                f"load_format must be 'auto' (checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
 
-    def replace(self, **changes) -> EngineConfig:
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass
 class RuntimeInfo:

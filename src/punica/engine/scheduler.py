@@ -32,10 +32,6 @@ class ScheduledStep:
     work: dict[Sequence, int] = field(default_factory=dict)
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.work.values())
-
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, adapters: AdapterSlots):

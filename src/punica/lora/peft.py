@@ -31,10 +31,6 @@ class LoRAWeights:
     rank: int
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
-
 
 def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a base projection; k/v use the grouped-query width."""

@@ -44,10 +44,6 @@ class AdapterPool:
                 m.lora_a = torch.zeros(num_slots + 1, n * max_rank, m.in_features, dtype=dtype, device=device)
                 m.lora_b = torch.zeros(num_slots + 1, m.slice_offsets[-1], max_rank, dtype=dtype, device=device)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(m.lora_a.nbytes + m.lora_b.nbytes for modules in self.layers for m in modules.values())
-
     def clear(self, slot: int) -> None:
         for modules in self.layers:
             for m in modules.values():

@@ -32,7 +32,3 @@ class Batch:
     lora: SegmentPlan
     slot_rank: torch.Tensor
     logits_indices: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[0]

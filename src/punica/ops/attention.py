@@ -40,10 +40,6 @@ class AttentionMeta:
     host_cu_q: list[int]
     host_kv_lens: list[int]
 
-    @property
-    def is_decode(self) -> bool:
-        return self.max_q_len == 1
-
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           meta: AttentionMeta, scale: float) -> torch.Tensor:

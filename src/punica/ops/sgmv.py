@@ -43,8 +43,8 @@ class SegmentPlan:
     def num_segments(self) -> int:
         return len(self.host_slot)
 
-    @property
-    def has_lora(self) -> bool:
+    @functools.cached_property
+    def has_lora(self) -> bool:  # read by every LoRA layer of a step: computed once
         return any(self.host_slot)
 
 
