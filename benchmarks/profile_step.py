@@ -1,0 +1,181 @@
+"""Where a decode step's time goes: host phases of `Engine.step`, GPU time of the decode graph, and a
+kernel breakdown of one eager step, at the Llama-2-7B architecture (random weights) with LoRA.
+
+    python -m benchmarks.profile_step --batch-size 32 --context 400 --popularity distinct identical none
+
+Prints tables and writes `profile_step.jsonl` (one row per popularity) under --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_textgen_lora import LLAMA2_7B, TINY, write_adapters, write_model_dir
+from benchmarks.harness import copy_bandwidth, environment, print_table, write_jsonl
+from punica import Engine, SamplingParams
+from punica.engine.runner import host_batch, order_by_slot, to_device_batch
+from punica.workload import adapter_indices
+
+
+class PhaseTimer:
+    """Wraps bound methods of live objects and sums their wall time per name."""
+
+    def __init__(self):
+        self.total = collections.defaultdict(float)
+        self.undo = []
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[name] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+        self.undo.append((obj, attr))
+
+    def restore(self) -> None:
+        for obj, attr in self.undo:
+            delattr(obj, attr)  # the instance attribute shadowed the class method
+        self.undo.clear()
+
+
+def gpu_ms(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def kernel_table(fn, top: int = 25) -> list[dict]:
+    """GPU time per kernel name over one call of fn, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows.append(dict(kernel=e.key[:70], calls=e.count, us=round(us, 1)))
+    rows.sort(key=lambda r: -r["us"])
+    total = sum(r["us"] for r in rows)
+    return rows[:top] + [dict(kernel="TOTAL", calls=sum(r["calls"] for r in rows), us=round(total, 1))]
+
+
+def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int) -> dict:
+    vocab = engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    idx = adapter_indices(popularity, batch, len(names), seed=0) if names and popularity != "none" else None
+    for i in range(batch):
+        ids = torch.randint(3, vocab, (context,), generator=gen).tolist()
+        engine.add_request(ids, SamplingParams(max_tokens=steps * 3 + 8, temperature=0.0, ignore_eos=True),
+                           names[idx[i]] if idx is not None else None)
+    while any(s.num_remaining > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timer = PhaseTimer()
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(engine.runner, "forward", "forward (host)")
+    timer.wrap(engine.runner, "sample", "sample + read tokens")
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - t0) / steps
+    timer.restore()
+    phases = {f"{k} us": round(1e6 * v / steps) for k, v in timer.total.items()}
+    row = dict(popularity=popularity, batch=batch, context=context, step_ms=round(1e3 * wall, 3), **phases)
+    if not torch.cuda.is_available():
+        return row
+
+    work = {s: 1 for s in engine.scheduler.running}
+    ordered = order_by_slot(work)
+    hb = host_batch(ordered, engine.runner.block_size)
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        graphs.run(hb)
+        graph, _, _ = graphs.graphs[(next(b for b in graphs.buckets if b >= len(ordered)), any(hb.seq_slots))]
+        row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
+        row["graph_kernels"] = kernel_table(graph.replay)
+    device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
+    model = engine.model
+    row["eager_gpu_ms"] = round(gpu_ms(lambda: model(device_batch), reps=5), 3)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(device_batch)
+    row["eager_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)  # launches only: no sync inside
+    torch.cuda.synchronize()
+    row["eager_kernels"] = kernel_table(lambda: model(device_batch))
+    # a mixed step: the first sequence recomputes its last 128 tokens (a prefill chunk) among decodes
+    first = ordered[0][0]
+    first.num_computed -= 127
+    mixed = to_device_batch(host_batch([(first, 128)] + ordered[1:], engine.runner.block_size),
+                            engine.runner.slot_rank, engine.runner.device)
+    row["mixed_gpu_ms"] = round(gpu_ms(lambda: model(mixed), reps=5), 3)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(mixed)
+    row["mixed_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
+    torch.cuda.synchronize()
+    first.num_computed += 127
+    for seq in list(engine.scheduler.running):
+        engine.abort(seq.request_id)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--context", type=int, default=400)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--popularity", nargs="+", default=["distinct", "identical", "none"])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    cfg = TINY if args.tiny else LLAMA2_7B
+    bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
+    setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = write_model_dir(root, cfg)
+        adapters = write_adapters(root, cfg, args.batch_size, args.rank)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = Engine.from_args(model_dir, adapters, device=device, load_format="dummy",
+                                  max_num_seqs=args.batch_size, max_loras=len(adapters), max_cpu_loras=len(adapters),
+                                  max_lora_rank=args.rank, max_num_batched_tokens=4096)
+        rows = []
+        for pop in args.popularity:
+            row = profile(engine, pop, list(adapters), args.batch_size, args.context, args.steps)
+            for key in ("graph_kernels", "eager_kernels"):
+                if key in row:
+                    print(f"\n{pop}: {key}")
+                    print_table(row[key], ["kernel", "calls", "us"])
+            rows.append(row)
+            write_jsonl("profile_step", [row], setup, args.out_dir)
+    print()
+    print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample + read tokens us",
+                       "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms"])
+
+
+if __name__ == "__main__":
+    main()
