@@ -113,7 +113,7 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     graphs = engine.runner.graphs
     if graphs is not None:
         graphs.run(hb)
-        graph, _, _ = graphs.graphs[(next(b for b in graphs.buckets if b >= len(ordered)), any(hb.seq_slots))]
+        graph, _, _ = graphs.graphs[graphs._key(hb)]
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
     device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
@@ -128,8 +128,14 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     # a mixed step: the first sequence recomputes its last 128 tokens (a prefill chunk) among decodes
     first = ordered[0][0]
     first.num_computed -= 127
-    mixed = to_device_batch(host_batch([(first, 128)] + ordered[1:], engine.runner.block_size),
-                            engine.runner.slot_rank, engine.runner.device)
+    mixed_hb = host_batch([(first, 128)] + ordered[1:], engine.runner.block_size)
+    mixed = to_device_batch(mixed_hb, engine.runner.slot_rank, engine.runner.device)
+    if graphs is not None and graphs.can_run(mixed_hb):
+        row["mixed_graph_ms"] = round(gpu_ms(lambda: graphs.run(mixed_hb)), 3)
+        t0 = time.perf_counter()
+        graphs.run(mixed_hb)
+        row["mixed_graph_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
+        torch.cuda.synchronize()
     row["mixed_gpu_ms"] = round(gpu_ms(lambda: model(mixed), reps=5), 3)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             write_jsonl("profile_step", [row], setup, args.out_dir)
     print()
     print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample + read tokens us",
-                       "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms"])
+                       "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms",
+                       "mixed_graph_host_ms"])
 
 
 if __name__ == "__main__":

@@ -117,3 +117,49 @@ def test_add_and_remove_lora_between_calls(llama):
     llm.remove_lora("x")
     llm.add_lora("x", adapters["c16"])  # same name, new weights: must not reuse the stale slot
     assert llm.generate(ids, GREEDY, lora="x")[0].token_ids not in (base, with_x)
+
+
+def test_steps_overlap_tokens_arrive_one_step_later(llama):
+    """step() launches the next batch before reading the previous one's tokens: the prefill's token comes
+    with the second call. A request stopped by its stop token drops the token its in-flight step computed,
+    and a request at max_tokens is not scheduled again (its last decode would be wasted)."""
+    model_dir, adapters = llama
+    engine = Engine.from_args(model_dir, adapters, device="cpu")
+    ids = prompts(2, seed=7)
+    reference = list(engine.stream(ids[1], GREEDY, lora="b8"))[-1].token_ids
+    stop = reference[4]
+    free = engine.add_request(ids[0], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), "a4")
+    assert engine.step() == []  # the prefill runs; nothing read yet
+    first = engine.step()  # the first decode runs; the prefill's token is read
+    assert [o.request_id for o in first] == [free] and len(first[0].token_ids) == 1
+    stopped = engine.add_request(ids[1], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                        stop_token_ids=[stop]), "b8")
+    scheduled = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        step = schedule()
+        scheduled.append({s.request_id: n for s, n in step.work.items()})
+        return step
+
+    engine.scheduler.schedule = spy
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs[free].finish_reason == "length" and len(outs[free].token_ids) == 3
+    assert outs[stopped].finish_reason == "stop"
+    assert outs[stopped].token_ids == reference[:reference.index(stop) + 1]
+    # `free` had 1 token read and 1 in flight when the spy started: 1 more decode, not 2
+    assert sum(free in work for work in scheduled) == 1
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_abort_while_in_flight(llama):
+    model_dir, adapters = llama
+    engine = Engine.from_args(model_dir, adapters, device="cpu")
+    rid = engine.add_request(prompts(1, seed=8)[0], GREEDY, lora="c16")
+    engine.step()
+    engine.step()
+    assert engine.abort(rid)  # a decode of it is in flight
+    assert engine.step() == [] and not engine.has_unfinished()
+    assert engine.blocks.num_used == 0 and engine.adapters.slots.pins("c16") == 0

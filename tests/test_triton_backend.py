@@ -17,3 +17,34 @@ def test_triton_backend_mixed_batch_equals_peft(tiny_models, family):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_padded_graph_batches_equal_peft(tiny_models, family):
+    """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
+    per-token LoRA and mixed prefill/decode buckets with work lists give PEFT's tokens. A 24-token budget
+    with 16-token buckets (and a 24 one) forces chunked prefills mixed with decodes."""
+    from punica.engine import cuda_graph
+    from punica.engine.cuda_graph import CudaGraphRunner
+
+    hf_model, model_dir, adapters = tiny_models[family]
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton",
+              max_num_seqs=8, max_num_batched_tokens=24)
+    engine = llm.engine
+    saved = cuda_graph.MIN_MIXED_BUCKET
+    cuda_graph.MIN_MIXED_BUCKET = 16
+    try:
+        graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 8, 24, engine.info.max_model_len,
+                                 engine.config.cache.block_size, engine.runner.device)
+    finally:
+        cuda_graph.MIN_MIXED_BUCKET = saved
+    assert graphs.token_buckets == [16, 24]
+    engine.runner.graphs = graphs
+    used = []
+    run = graphs.run
+    graphs.run = lambda hb: used.append(graphs._key(hb)[0]) or run(hb)
+    ids = prompts(seed=12)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
+    assert {"decode", "mixed"} <= set(used)
+    assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 5)

@@ -102,6 +102,21 @@ def test_long_chunk_many_query_tiles(device):
           device=device)
 
 
+@pytest.mark.parametrize("capacity_extra", [0, 5])
+def test_prefill_work_list(device, capacity_extra):
+    """q_tiles (CUDA graphs of mixed steps): one program per (sequence, query block), padding entries
+    skipped, equal the reference."""
+    q_lens, kv_lens = [5, 1, 40, 0, 1, 2, 20], [37, 16, 40, 10, 33, 31, 90]
+    q, k_cache, v_cache, meta = make_case(q_lens, kv_lens, 4, 2, 16, dtype=torch.float16, device=device)
+    rows = attention.prefill_tile_rows(16, torch.float16, meta.max_q_len)
+    flat = attention.query_tiles(meta.host_cu_q, rows) + [-1, 0] * capacity_extra
+    meta.q_tiles = torch.tensor(flat, dtype=torch.int32, device=device).view(-1, 2)
+    meta.tile_rows = rows
+    out = attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.25)
+    assert_close(out, paged_attention_torch(q, k_cache, v_cache, meta, 0.25))
+    assert len(flat) // 2 - capacity_extra <= -(-sum(q_lens) // rows) + len(q_lens)
+
+
 def test_strided_q_view(device):
     q, k_cache, v_cache, meta = make_case([2, 1], [20, 3], 4, 2, 16, device=device)
     qkv = torch.cat([q.flatten(1), torch.randn(q.shape[0], 64, device=device)], dim=1)

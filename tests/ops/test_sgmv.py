@@ -7,6 +7,7 @@ GPU tier (-m gpu): Llama shapes in bf16 against an fp32 reference, CUDA-graph re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 
@@ -130,6 +131,35 @@ def test_launch_modes(tuning, mode, dtype):
     R, ranks = (128, (128, 65, 64, 3)) if "rank_chunks" in mode else (16, (16, 9, 1))
     y, expected = run_add_lora(plan, 70, (40, 8), R, ranks, dtype, "cpu", num_slots=5)
     assert_close(y, expected, dtype=dtype)
+
+
+def with_work_list(plan: SegmentPlan, rows: int, capacity: int) -> SegmentPlan:
+    """The same plan with its work list (padded to `capacity` items) attached."""
+    from punica.lora.plan import work_items
+    flat = work_items(plan.host_indptr, plan.host_slot, rows)
+    flat += [0, 0, 0] * (capacity - len(flat) // 3)
+    items = torch.tensor(flat, dtype=torch.int32, device=plan.seg_indptr.device).view(-1, 3)
+    return dataclasses.replace(plan, items=items, item_rows=rows)
+
+
+@interpreted
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_work_list_mode(tuning, split, dtype):
+    """Work-list tiling (CUDA graphs of mixed steps): blocks of <= 16 rows over segments of any length,
+    padded with slot-0 items, equal the reference."""
+    tuning(shrink_waves=1 << 10 if split else 0, max_block_k=32)
+    plan = with_work_list(make_plan([3, 0, 1, 37, 2, 0, 1], [0, 1, 1, 2, 3, 0, 4], "cpu"), 16, capacity=12)
+    y, expected = run_add_lora(plan, 70, (40, 8, 8), 16, (16, 9, 1), dtype, "cpu", num_slots=5)
+    assert_close(y, expected, dtype=dtype)
+
+
+def test_work_items_cover_adapter_tokens_once():
+    from punica.lora.plan import work_items
+    flat = work_items([0, 3, 3, 40, 42], [1, 0, 2, 3], 16)
+    items = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+    assert items == [(0, 3, 1), (3, 19, 2), (19, 35, 2), (35, 40, 2), (40, 42, 3)]
+    assert len(items) <= -(-42 // 16) + 4
 
 
 @interpreted

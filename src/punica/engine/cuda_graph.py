@@ -1,19 +1,29 @@
-"""Decode steps replayed as CUDA graphs, one per batch-size bucket and per "any adapter in the batch".
+"""Steps replayed as CUDA graphs: decode steps per batch-size bucket, and steps that mix prefill chunks with
+decodes per token-count bucket, each with and without adapters in the batch.
 
 The graphs read fixed-capacity buffers; a step copies its metadata into them and pads the rest with
-sentinels the kernels skip: KV slot -1 (not stored), context length 0 (no attention), adapter slot 0 (no
-LoRA). Adapters load into existing slots, so a graph stays valid as adapters come and go.
+sentinels the kernels skip: KV slot -1 (not stored), an empty query range and context length 0 (no
+attention), adapter slot 0 (no LoRA). Decode graphs tile LoRA per token (one segment per token) and use
+the split-K decode attention. Mixed graphs give the SGMV and prefill-attention kernels work lists cut on
+the host (SegmentPlan.items, AttentionMeta.q_tiles), so their grids depend on the bucket alone, whatever
+the step's segments and query lengths. Adapters load into existing slots, so graphs stay valid as adapters
+come and go.
+
+Until `capture` is called (CPU, tests) the runner runs the same padded batches eagerly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from punica.engine.runner import HostBatch
+from punica.engine.runner import HostBatch, resolve_pending
+from punica.lora.plan import segments, token_slots, work_items
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
-from punica.ops.attention import AttentionMeta
-from punica.ops.sgmv import SegmentPlan
+from punica.ops.attention import AttentionMeta, prefill_tile_rows, query_tiles
+from punica.ops.sgmv import SegmentPlan, work_list_rows
+
+MIN_MIXED_BUCKET = 64
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -21,34 +31,72 @@ def batch_buckets(max_batch: int) -> list[int]:
     return small + list(range(16, max_batch, 16)) + [max_batch]
 
 
-class StaticBuffers:
-    """Pinned host mirrors and device buffers: int64 [3, B] (ids, positions, KV slots) and int32
-    [B+1 | B | B | B*max_blocks] (cu_q, context lengths, per-token adapter slots, block tables)."""
+def token_buckets(max_tokens: int) -> list[int]:
+    """Token counts mixed steps are padded to: powers of two from MIN_MIXED_BUCKET, then max_tokens."""
+    out, t = [], MIN_MIXED_BUCKET
+    while t < max_tokens:
+        out.append(t)
+        t *= 2
+    return out + [max_tokens]
 
-    def __init__(self, max_batch: int, max_blocks: int, device: torch.device):
-        self.B, self.max_blocks = max_batch, max_blocks
-        self.host64 = torch.zeros(3, max_batch, dtype=torch.int64).pin_memory()
-        self.host32 = torch.zeros(3 * max_batch + 1 + max_batch * max_blocks, dtype=torch.int32).pin_memory()
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class StaticBuffers:
+    """Pinned host mirrors and device buffers of one step's metadata at capacity (T tokens, B sequences):
+    int64 [4, T] (ids, positions, KV slots, logits rows) and int32 (cu_q [B+1], context lengths [B],
+    per-token adapter slots [T], block tables [B, max_blocks], SGMV items [., 3], attention tiles [., 2])."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
+                 device: torch.device):
+        self.T, self.B, self.max_blocks = max_tokens, max_seqs, max_blocks
+        self.item_rows, self.tile_rows = item_rows, tile_rows
+        self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
+                          items=3 * self.item_capacity(max_tokens), tiles=2 * self.tile_capacity(max_tokens))
+        pin = device.type == "cuda"
+        self.host64 = torch.zeros(4, max_tokens, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(sum(self.sizes.values()), dtype=torch.int32, pin_memory=pin)
         self.dev64 = torch.zeros_like(self.host64, device=device)
         self.dev32 = torch.zeros_like(self.host32, device=device)
-        self.rows = torch.arange(max_batch, device=device)  # logits rows: a graph reads it at every replay
+        self.h = self.views(self.host32)
+        self.d = self.views(self.dev32)
 
-    def views32(self, buf: torch.Tensor):
-        B = self.B
-        cu_q, kv_lens, token_slot, tables = buf.split([B + 1, B, B, B * self.max_blocks])
-        return cu_q, kv_lens, token_slot, tables.view(B, self.max_blocks)
+    def item_capacity(self, t: int) -> int:
+        return _cdiv(t, self.item_rows) + self.B  # each segment adds at most one partial block
 
-    def fill(self, hb: HostBatch, b: int) -> None:
-        """Write a decode step of n <= b sequences, padded to b with sentinels, and copy it to the device."""
-        n = len(hb.kv_lens)
-        pad = b - n
-        self.host64[:, :b] = torch.tensor([hb.ids + [0] * pad, hb.positions + [0] * pad, hb.slot_mapping + [-1] * pad])
-        cu_q, kv_lens, token_slot, tables = self.views32(self.host32)
-        cu_q[:b + 1] = torch.arange(b + 1, dtype=torch.int32)
-        kv_lens[:b] = torch.tensor(hb.kv_lens + [0] * pad, dtype=torch.int32)
-        token_slot[:b] = torch.tensor(hb.seq_slots + [0] * pad, dtype=torch.int32)
-        width = max(len(t) for t in hb.block_tables)
-        tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in hb.block_tables], dtype=torch.int32)
+    def tile_capacity(self, t: int) -> int:
+        return _cdiv(t, self.tile_rows) + self.B
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = dict(zip(self.sizes, buf.split(list(self.sizes.values()))))
+        parts["tables"] = parts["tables"].view(self.B, self.max_blocks)
+        return parts
+
+    def write(self, hb: HostBatch, t: int, mixed: bool) -> None:
+        """Write a step of n <= B sequences and len(hb.ids) <= t tokens, padded with sentinels, and copy it
+        to the device. Rows past t and sequences past n keep stale values that no kernel reads."""
+        n, pad = len(hb.kv_lens), t - len(hb.ids)
+        b = self.B if mixed else t
+        logits = hb.logits_indices if mixed else list(range(t))
+        self.host64[:, :t] = torch.tensor([hb.ids + [0] * pad, hb.positions + [0] * pad,
+                                           hb.slot_mapping + [-1] * pad, logits + [0] * (t - len(logits))])
+        h = self.h
+        h["cu_q"][:b + 1] = torch.tensor(hb.cu_q + [hb.cu_q[-1]] * (b - n) if mixed else range(b + 1),
+                                         dtype=torch.int32)
+        h["kv_lens"][:b] = torch.tensor(hb.kv_lens + [0] * (b - n), dtype=torch.int32)
+        width = max(len(tbl) for tbl in hb.block_tables)
+        h["tables"][:n, :width] = torch.tensor([tbl + [0] * (width - len(tbl)) for tbl in hb.block_tables],
+                                               dtype=torch.int32)
+        h["token_slot"][:t] = torch.tensor(token_slots(hb.seq_slots, hb.seq_tokens) + [0] * pad, dtype=torch.int32)
+        if mixed:
+            items = work_items(*segments(hb.seq_slots, hb.seq_tokens), self.item_rows)
+            h["items"][:3 * self.item_capacity(t)] = torch.tensor(
+                items + [0] * (3 * self.item_capacity(t) - len(items)), dtype=torch.int32)
+            tiles = query_tiles(hb.cu_q, self.tile_rows)
+            h["tiles"][:2 * self.tile_capacity(t)] = torch.tensor(
+                tiles + [-1, 0] * (self.tile_capacity(t) - len(tiles) // 2), dtype=torch.int32)
         self.dev64.copy_(self.host64, non_blocking=True)
         self.dev32.copy_(self.host32, non_blocking=True)
 
@@ -57,57 +105,102 @@ class StaticBuffers:
         self.host64.zero_()
         self.host64[2] = -1
         self.host32.zero_()
+        self.h["tiles"].fill_(-1)
         self.dev64.copy_(self.host64)
         self.dev32.copy_(self.host32)
 
 
 class CudaGraphRunner:
-    def __init__(self, model: LlamaModel, slot_rank: torch.Tensor, max_batch: int, max_model_len: int,
-                 block_size: int, device: torch.device):
+    """Runs every step whose sizes fit a bucket from its captured graph; before `capture` (CPU, tests) it
+    runs the same padded batches eagerly."""
+
+    def __init__(self, model: LlamaModel, slot_rank: torch.Tensor, max_batch: int, max_tokens: int,
+                 max_model_len: int, block_size: int, device: torch.device):
         self.model = model
         self.slot_rank = slot_rank
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch)
-        self.buf = StaticBuffers(max_batch, -(-max_model_len // block_size), device)
-        # (bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches must
-        # stay alive as long as the graph, or its memory is reused under it
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]] = {}
+        self.token_buckets = token_buckets(max_tokens)
+        tile_rows = prefill_tile_rows(model.config.head_dim, model.embed_tokens.weight.dtype, max_tokens)
+        self.buf = StaticBuffers(max_tokens, max_batch, _cdiv(max_model_len, block_size), work_list_rows(),
+                                 tile_rows, device)
+        # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
+        # must stay alive as long as the graph, or its memory is reused under it
+        self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, Batch]] = {}
+        for b in self.buckets:
+            for with_lora in (True, False):
+                self.graphs[("decode", b, with_lora)] = (None, None, self._batch(b, with_lora, mixed=False))
+        for t in self.token_buckets:
+            for with_lora in (True, False):
+                self.graphs[("mixed", t, with_lora)] = (None, None, self._batch(t, with_lora, mixed=True))
 
-    def _batch(self, b: int, with_lora: bool) -> Batch:
-        ids, positions, slot_mapping = self.buf.dev64[:, :b]
-        cu_q, kv_lens, token_slot, tables = self.buf.views32(self.buf.dev32)
-        attn = AttentionMeta(cu_q=cu_q[:b + 1], kv_lens=kv_lens[:b], block_tables=tables[:b], max_q_len=1,
-                             max_kv_len=self.max_model_len, host_cu_q=list(range(b + 1)),
-                             host_kv_lens=[self.max_model_len] * b)
-        # one segment per token, so any mix of adapters fits the same graph; slot-0 tokens are skipped
-        lora = SegmentPlan(seg_indptr=cu_q[:b + 1], seg_slot=token_slot[:b], token_slot=token_slot[:b],
-                           max_seg_len=1, host_indptr=list(range(b + 1)), host_slot=[int(with_lora)] * b)
+    def _batch(self, t: int, with_lora: bool, mixed: bool) -> Batch:
+        """The Batch a graph of bucket t reads: views of the device buffers."""
+        ids, positions, slot_mapping, logits = self.buf.dev64[:, :t]
+        d, B = self.buf.d, self.buf.B if mixed else t
+        host_cu_q = list(range(B + 1))  # host bounds only: the kernels read the device buffers
+        if mixed:
+            attn = AttentionMeta(cu_q=d["cu_q"][:B + 1], kv_lens=d["kv_lens"][:B], block_tables=d["tables"][:B],
+                                 max_q_len=t, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,
+                                 host_kv_lens=[self.max_model_len] * B,
+                                 q_tiles=d["tiles"][:2 * self.buf.tile_capacity(t)].view(-1, 2),
+                                 tile_rows=self.buf.tile_rows)
+            # seg_indptr/seg_slot are not read in work-list mode; they only need the plan's shapes
+            lora = SegmentPlan(seg_indptr=d["cu_q"][:B + 1], seg_slot=d["kv_lens"][:B], token_slot=d["token_slot"][:t],
+                               max_seg_len=t, host_indptr=host_cu_q, host_slot=[int(with_lora)] * B,
+                               items=d["items"][:3 * self.buf.item_capacity(t)].view(-1, 3),
+                               item_rows=self.buf.item_rows)
+        else:
+            attn = AttentionMeta(cu_q=d["cu_q"][:t + 1], kv_lens=d["kv_lens"][:t], block_tables=d["tables"][:t],
+                                 max_q_len=1, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,
+                                 host_kv_lens=[self.max_model_len] * t)
+            # one segment per token, so any mix of adapters fits the same graph; slot-0 tokens are skipped
+            lora = SegmentPlan(seg_indptr=d["cu_q"][:t + 1], seg_slot=d["token_slot"][:t],
+                               token_slot=d["token_slot"][:t], max_seg_len=1, host_indptr=host_cu_q,
+                               host_slot=[int(with_lora)] * t)
         return Batch(input_ids=ids, positions=positions, slot_mapping=slot_mapping, attn=attn, lora=lora,
-                     slot_rank=self.slot_rank, logits_indices=self.buf.rows[:b])
+                     slot_rank=self.slot_rank, logits_indices=logits[:B])
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """Capture every graph, largest first so smaller ones reuse the memory pool."""
         pool = None
         self.buf.clear()
-        for b in reversed(self.buckets):
-            for with_lora in (True, False):
-                batch = self._batch(b, with_lora)
-                self.model(batch)  # warm up: compiles kernels, allocates lazily created buffers
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(batch)
-                pool = graph.pool()
-                self.graphs[(b, with_lora)] = (graph, out, batch)
+        for key in sorted(self.graphs, key=lambda k: (k[0] == "decode", -k[1])):
+            batch = self.graphs[key][2]
+            self.model(batch)  # warm up: compiles kernels, allocates lazily created buffers
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(batch)
+            pool = graph.pool()
+            self.graphs[key] = (graph, out, batch)
         torch.cuda.synchronize()
 
-    def can_run(self, hb: HostBatch) -> bool:
-        return hb.is_decode and len(hb.kv_lens) <= self.buckets[-1] and bool(self.graphs)
+    def _key(self, hb: HostBatch) -> tuple[str, int, bool] | None:
+        n, with_lora = len(hb.kv_lens), any(hb.seq_slots)
+        if hb.is_decode:
+            if n <= self.buckets[-1]:
+                return "decode", next(b for b in self.buckets if b >= n), with_lora
+            return None
+        tokens = len(hb.ids)
+        if n <= self.buf.B and tokens <= self.token_buckets[-1]:
+            return "mixed", next(t for t in self.token_buckets if t >= tokens), with_lora
+        return None
 
-    def run(self, hb: HostBatch) -> torch.Tensor:
-        n = len(hb.kv_lens)
-        b = next(b for b in self.buckets if b >= n)
-        self.buf.fill(hb, b)
-        graph, out, _ = self.graphs[(b, any(hb.seq_slots))]
-        graph.replay()
-        return out[:n]
+    def can_run(self, hb: HostBatch) -> bool:
+        return self._key(hb) is not None
+
+    def run(self, hb: HostBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the step's sequences that want one, in hb order. `previous`: the device tokens of the
+        step in flight, which placeholder ids refer to."""
+        kind, t, with_lora = key = self._key(hb)
+        self.buf.write(hb, t, mixed=kind == "mixed")
+        if hb.has_pending:
+            resolve_pending(self.buf.dev64[0, :t], previous)
+        graph, out, batch = self.graphs[key]
+        if graph is not None:
+            graph.replay()
+        else:
+            out = self.model(batch)
+        return out[:len(hb.logits_indices)]

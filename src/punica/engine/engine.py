@@ -11,7 +11,7 @@ import torch
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status
-from punica.engine.runner import ModelRunner
+from punica.engine.runner import InFlight, ModelRunner
 from punica.engine.scheduler import Scheduler
 from punica.engine.tokenizer import Tokenizer
 from punica.errors import BadRequestError, CapacityError
@@ -63,7 +63,10 @@ class Engine:
         self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
-        self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device, self._graphs(pool, max_len))
+        self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device, config.scheduler.max_num_seqs,
+                                  max_len, self._graphs(pool, max_len))
+        self._in_flight: InFlight | None = None  # the step launched last, its tokens not yet read
+        self._carried: list[RequestOutput] = []  # outputs of a step whose successor failed to launch
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.eos_ids = set(model_cfg.eos_token_ids)
@@ -72,11 +75,12 @@ class Engine:
             self.add_lora(name, path)
 
     def _graphs(self, pool: AdapterPool, max_len: int) -> CudaGraphRunner | None:
-        """Decode CUDA graphs on the Triton backend unless enforce_eager (the torch ops sync the host)."""
+        """CUDA graphs of every step on the Triton backend unless enforce_eager (the torch ops sync the host)."""
         if self.config.enforce_eager or self.info.backend != "triton" or self.info.device == "cpu":
             return None
-        graphs = CudaGraphRunner(self.model, pool.slot_rank, self.config.scheduler.max_num_seqs, max_len,
-                                 self.config.cache.block_size, torch.device(self.info.device))
+        sched = self.config.scheduler
+        graphs = CudaGraphRunner(self.model, pool.slot_rank, sched.max_num_seqs, sched.max_num_batched_tokens,
+                                 max_len, self.config.cache.block_size, torch.device(self.info.device))
         graphs.capture()
         return graphs
 
@@ -166,19 +170,35 @@ class Engine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; report every request that gained a token or finished."""
-        step = self.scheduler.schedule()
-        self.num_preemptions += len(step.preempted)
-        if not step.work:
-            return []
-        sampled = self.runner.run(step.work)
-        for seq, n in step.work.items():
-            seq.num_computed += n
-        return [self._append(seq, token) for seq, token in sampled.items()]
+        """Launch the next batch, then report every request that gained a token or finished in the batch
+        before it. The device runs one step while the host reads the previous one's tokens and schedules
+        the next: a request's tokens arrive one step() after the step that computed them."""
+        previous, self._in_flight = self._in_flight, None
+        try:
+            step = self.scheduler.schedule()
+            self.num_preemptions += len(step.preempted)
+            if step.work:
+                self._in_flight = self.runner.launch(step.work, previous)
+        except Exception:
+            if previous is not None:  # its tokens are good: report them with the next step
+                self._carried += self._read(previous)
+            raise
+        outputs, self._carried = self._carried, []
+        return outputs + (self._read(previous) if previous is not None else [])
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+    def _read(self, launched: InFlight) -> list[RequestOutput]:
+        """Put a finished step's tokens in place of their placeholders and report them."""
+        outputs = []
+        for seq, token in zip(launched.seqs, launched.tokens()):
+            if seq.status is Status.FINISHED:  # aborted, or stopped while this step ran
+                continue
+            outputs.append(self._accept(seq, token))
+        return outputs
+
+    def _accept(self, seq: Sequence, token: int) -> RequestOutput:
         old_text, old_len = seq.text, len(seq.output_ids)
-        seq.tokens.append(token)
+        seq.tokens[len(seq.tokens) - seq.num_pending] = token
+        seq.num_pending -= 1
         reason = self._stop_reason(seq, token)
         if reason is not None:
             self._finish(seq, reason)
@@ -199,11 +219,13 @@ class Engine:
                         return "stop"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
-        if len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.info.max_model_len:
+        if len(seq.output_ids) >= p.max_tokens or seq.num_known >= self.info.max_model_len:
             return "length"
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        del seq.tokens[seq.num_known:]  # tokens of steps still in flight are dropped
+        seq.num_pending = 0
         self.scheduler.finish(seq, reason)
         self.runner.forget(seq)
         self._requests.pop(seq.request_id, None)

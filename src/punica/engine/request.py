@@ -70,6 +70,10 @@ class Sequence:
     detok_read: int = 0
     num_preemptions: int = 0
     num_bypassed: int = 0  # requests that started before this one while it waited for an adapter slot
+    # tokens sampled by steps still running on the device: placeholders (-1 - row of that step's samples)
+    # at the end of `tokens`, replaced in order as their steps finish
+    num_pending: int = 0
+    finishing: bool = False  # its last pending token reaches max_tokens / max_model_len: not scheduled again
 
     def __post_init__(self):
         if not self.tokens:
@@ -77,7 +81,13 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.tokens[len(self.prompt_ids):]
+        """Generated tokens known on the host (pending ones excluded)."""
+        return self.tokens[len(self.prompt_ids):len(self.tokens) - self.num_pending]
+
+    @property
+    def num_known(self) -> int:
+        """Prompt and generated tokens known on the host."""
+        return len(self.tokens) - self.num_pending
 
     @property
     def num_remaining(self) -> int:

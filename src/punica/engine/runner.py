@@ -27,6 +27,7 @@ class HostBatch:
     logits_indices: list[int]
     seq_slots: list[int]
     seq_tokens: list[int]
+    has_pending: bool = False  # some ids are placeholders for tokens the previous step samples on the device
 
     @property
     def is_decode(self) -> bool:
@@ -48,7 +49,17 @@ def host_batch(work: list[tuple[Sequence, int]], block_size: int) -> HostBatch:
             hb.logits_indices.append(hb.cu_q[-1] - 1)
         hb.seq_slots.append(seq.slot)
         hb.seq_tokens.append(n)
+        hb.has_pending |= seq.num_pending > 0
     return hb
+
+
+def resolve_pending(ids: torch.Tensor, previous: torch.Tensor | None) -> None:
+    """Replace placeholder ids (-1 - row) in place by row `row` of the previous step's sampled tokens,
+    which are still on the device: the step after it is launched without waiting for them."""
+    if previous is None:
+        raise RuntimeError("a step reads tokens of a previous step that is not in flight")
+    rows = (-1 - ids).clamp_(min=0)
+    torch.where(ids < 0, previous.index_select(0, rows), ids, out=ids)
 
 
 def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device) -> Batch:
@@ -74,43 +85,85 @@ def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device
                  slot_rank=slot_rank, logits_indices=logits_idx)
 
 
+@dataclass
+class InFlight:
+    """A launched step: the sequences it samples a token for (in row order) and those tokens, on the device
+    and on their way to a pinned host buffer (`ready` marks their arrival)."""
+
+    seqs: list[Sequence]
+    device_tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    def tokens(self) -> list[int]:
+        """The sampled tokens, waiting for the device if need be (the step's only host synchronization)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host_tokens[:len(self.seqs)].tolist()
+
+
 class ModelRunner:
-    """Runs steps eagerly, or through `graphs` (a CudaGraphRunner) for decode steps it can take."""
+    """Runs steps eagerly, or through `graphs` (a CudaGraphRunner) for the steps it can take. A step is
+    launched without waiting for the one before it: token ids it needs from that step are read on the
+    device (see `resolve_pending`)."""
 
     def __init__(self, model: LlamaModel, slot_rank: torch.Tensor, block_size: int, device: torch.device,
-                 graphs=None):
+                 max_seqs: int, max_model_len: int, graphs=None):
         self.model = model
+        self.max_model_len = max_model_len
         self.slot_rank = slot_rank
         self.block_size = block_size
         self.device = device
         self.graphs = graphs
         self._generators: dict[str, torch.Generator] = {}
+        # two pinned buffers for sampled tokens, alternating: one step in flight while the next launches
+        cuda = device.type == "cuda"
+        self._host_tokens = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self._flip = 0
 
     def build_batch(self, work: list[tuple[Sequence, int]]) -> Batch:
         return to_device_batch(host_batch(work, self.block_size), self.slot_rank, self.device)
 
-    def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Logits of every sequence whose chunk reaches its end, in `work` order."""
+    def forward(self, work: list[tuple[Sequence, int]], previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every sequence whose chunk reaches its end, in `work` order. `previous`: the device
+        tokens of the step in flight, which placeholder ids refer to."""
         hb = host_batch(work, self.block_size)
         if self.graphs is not None and self.graphs.can_run(hb):
-            return self.graphs.run(hb)
-        return self.model(to_device_batch(hb, self.slot_rank, self.device))
+            return self.graphs.run(hb, previous)
+        batch = to_device_batch(hb, self.slot_rank, self.device)
+        if hb.has_pending:
+            resolve_pending(batch.input_ids, previous)
+        return self.model(batch)
 
-    def run(self, work: dict[Sequence, int]) -> dict[Sequence, int]:
-        """Run one step; returns the sampled next token of every sequence whose chunk reached its end."""
+    def launch(self, work: dict[Sequence, int], previous: InFlight | None) -> InFlight:
+        """Launch one step: the model, then sampling, on the device; the host does not wait. Each sequence
+        advances by its work and, if its chunk reaches its end, gets a placeholder for the token sampled."""
         ordered = order_by_slot(work)
-        logits = self.forward(ordered)
+        logits = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
-        if not done:
-            return {}
-        return dict(zip(done, self.sample(logits, done)))
+        tokens = self.sample(logits, done) if done else torch.zeros(0, dtype=torch.int64, device=self.device)
+        host, ready = tokens, None
+        if self.device.type == "cuda":
+            host = self._host_tokens[self._flip]
+            self._flip ^= 1
+            host[:len(done)].copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        for seq, n in ordered:
+            seq.num_computed += n
+        for row, seq in enumerate(done):
+            seq.tokens.append(-1 - row)
+            seq.num_pending += 1
+            p = seq.params
+            seq.finishing = len(seq.tokens) - len(seq.prompt_ids) >= p.max_tokens or \
+                len(seq.tokens) >= self.max_model_len
+        return InFlight(done, tokens, host, ready)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
         gens = [self._generator(s) for s in seqs]
-        out = sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
-                           [p.top_p for p in params], gens)
-        return out.tolist()
+        return sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
+                            [p.top_p for p in params], gens)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.temperature == 0:

@@ -51,7 +51,7 @@ class Scheduler:
         step = ScheduledStep()
         budget = self.cfg.max_num_batched_tokens
         for seq in sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival)):
-            if seq.status is not Status.RUNNING or budget == 0:
+            if seq.status is not Status.RUNNING or seq.finishing or budget == 0:
                 continue
             n = min(seq.num_remaining, budget)
             if self._make_room(seq, n, step):
@@ -70,6 +70,8 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                 return
             if blocked is not None and blocked.num_bypassed >= MAX_BYPASS:
+                return
+            if seq.num_pending:  # preempted while its last token was on the device: next step
                 return
             if blocked is not None and not (seq.lora is None or self.adapters.is_active(seq.lora)):
                 continue

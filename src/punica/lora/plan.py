@@ -27,6 +27,17 @@ def token_slots(seq_slots: list[int], seq_tokens: list[int]) -> list[int]:
     return [slot for slot, n in zip(seq_slots, seq_tokens) for _ in range(n)]
 
 
+def work_items(indptr: list[int], slots: list[int], rows: int) -> list[int]:
+    """Flat (start, end, slot) triples: every segment with an adapter cut into row blocks of <= `rows`
+    tokens (SegmentPlan.items). At most ceil(T / rows) + S of them. Pure Python."""
+    items: list[int] = []
+    for s, slot in enumerate(slots):
+        if slot:
+            for start in range(indptr[s], indptr[s + 1], rows):
+                items += (start, min(start + rows, indptr[s + 1]), slot)
+    return items
+
+
 def make_plan(indptr: list[int], slots: list[int], seg_indptr: torch.Tensor, seg_slot: torch.Tensor,
               token_slot: torch.Tensor) -> SegmentPlan:
     """A SegmentPlan from host lists and their device copies (which the caller moved as it likes)."""

@@ -30,6 +30,9 @@ class AttentionMeta:
     kv_lens:      [B] int32 tokens of context per sequence, including this step's
     block_tables: [B, max_blocks] int32 block ids (unused tail entries are 0)
     max_q_len / max_kv_len: host ints (grid bounds); host_cu_q / host_kv_lens: the same as lists
+    q_tiles:      optional [N, 2] int32 work list (sequence, query block of `tile_rows` rows), padded with
+                  sequence -1: when given, the prefill kernel runs one program per entry, so its grid
+                  depends on N alone (CUDA graphs of mixed steps)
     """
 
     cu_q: torch.Tensor
@@ -39,6 +42,8 @@ class AttentionMeta:
     max_kv_len: int
     host_cu_q: list[int]
     host_kv_lens: list[int]
+    q_tiles: torch.Tensor | None = None
+    tile_rows: int = 0
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -149,12 +154,20 @@ def _combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, cu_q_ptr, stride_ot, stri
 
 
 @_jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, scale_log2,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, tiles_ptr, scale_log2,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Program (query tile m, b, head): flash attention of BLOCK_M queries of b, causal over the paged KV."""
-    mb, b, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, TILED: tl.constexpr):
+    """Program (query tile m, b, head), or (work-list entry, 0, head) when TILED: flash attention of
+    BLOCK_M queries of b, causal over the paged KV."""
+    head = tl.program_id(2)
+    if TILED:
+        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        mb = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+        if b < 0:
+            return
+    else:
+        mb, b = tl.program_id(0), tl.program_id(1)
     q0 = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q0
     if mb * BLOCK_M >= q_len:
@@ -278,10 +291,38 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         return out
     cfg = prefill_config(d, q.dtype, meta.max_q_len)
     meta_args, strides = _launch_args(q, k_cache, meta, out)
-    _prefill_kernel[(triton.cdiv(meta.max_q_len, cfg["BLOCK_M"]), batch, h_q)](
-        q, k_cache, v_cache, out, *meta_args, scale * math.log2(math.e), *strides, GROUP=h_q // h_kv,
-        HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), **cfg)
+    tiles = meta.q_tiles
+    if tiles is None:
+        grid = (triton.cdiv(meta.max_q_len, cfg["BLOCK_M"]), batch, h_q)
+    else:
+        if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2 or not tiles.is_contiguous():
+            raise ValueError(f"q_tiles must be a contiguous [N, 2] int32 tensor, got {tiles.dtype} "
+                             f"{tuple(tiles.shape)}")
+        rows = meta.tile_rows
+        if rows < 16 or rows & (rows - 1):
+            raise ValueError(f"tile_rows must be a power of two >= 16, got {rows}")
+        cfg["BLOCK_M"] = rows
+        grid = (tiles.shape[0], 1, h_q)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, *meta_args, out if tiles is None else tiles, scale * math.log2(math.e),
+        *strides, GROUP=h_q // h_kv, HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), TILED=tiles is not None,
+        **cfg)
     return out
+
+
+def prefill_tile_rows(head_dim: int, dtype: torch.dtype, max_q_len: int) -> int:
+    """Query rows per prefill program: the block size a q_tiles work list must be cut into."""
+    return prefill_config(head_dim, dtype, max_q_len)["BLOCK_M"]
+
+
+def query_tiles(cu_q: list[int], rows: int) -> list[int]:
+    """Flat (sequence, query block) pairs covering every sequence's queries in blocks of `rows`
+    (AttentionMeta.q_tiles); at most ceil(T / rows) + B of them. Pure Python."""
+    tiles: list[int] = []
+    for b in range(len(cu_q) - 1):
+        for mb in range(-(-(cu_q[b + 1] - cu_q[b]) // rows)):
+            tiles += (b, mb)
+    return tiles
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -30,6 +30,9 @@ class SegmentPlan:
     token_slot: [T] int32 slot of each token (the same information, per token)
     max_seg_len: host int, an upper bound on any segment's length (sizes the grid without a sync)
     host_indptr / host_slot: the same as Python lists, for the torch reference
+    items:      optional [N, 3] int32 work list (start, end, slot) of row blocks of at most `item_rows`
+                tokens, padded with slot-0 rows: when given, the Triton kernels run one row program per
+                item, so the grid depends on N alone (CUDA graphs of steps with any segment structure)
     """
 
     seg_indptr: torch.Tensor
@@ -38,6 +41,8 @@ class SegmentPlan:
     max_seg_len: int
     host_indptr: list[int]
     host_slot: list[int]
+    items: torch.Tensor | None = None
+    item_rows: int = 0
 
     @property
     def num_segments(self) -> int:
@@ -113,6 +118,8 @@ def add_lora_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
 #                 multiplies with tl.dot (BLOCK_M >= 16); weights are read once per row block.
 #   token mode (BGMV): program m covers token m alone, slot = token_slot[m], and multiplies on the CUDA
 #                 cores; used when segments are all short (decode), where it saves the padded rows.
+#   work-list mode: program m covers plan.items[m] (rows start:end, at most item_rows of them, one slot),
+#                 cut on the host; the grid is the list's length, fixed for a CUDA graph.
 # Rank chunks at or past slot_rank[slot] read no weights, so work follows each adapter's own rank.
 # The shrink splits h_in over SPLIT_K programs when there are few row blocks; each writes fp32 partials
 # and the last one of its tile (an atomic counter that it resets) sums them in a fixed order, so results
@@ -129,23 +136,39 @@ def _jit(**kwargs):
     return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
 
 
-@_jit(do_not_specialize=["T", "seg_blocks"])
-def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
-                   stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
-                   PER_TOKEN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    if PER_TOKEN:
+SEGMENT, TOKEN, WORKLIST = 0, 1, 2  # row tiling modes (the kernels' MODE)
+
+
+@_jit()
+def _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """(start, end, slot) of the rows that row program pid_m covers. In WORKLIST mode `indptr_ptr` is the
+    plan's items [N, 3]."""
+    if MODE == 1:  # TOKEN
         start = pid_m
         end = pid_m + 1
         slot = tl.load(token_slot_ptr + pid_m)
+    elif MODE == 2:  # WORKLIST
+        start = tl.load(indptr_ptr + 3 * pid_m)
+        end = tl.load(indptr_ptr + 3 * pid_m + 1)
+        slot = tl.load(indptr_ptr + 3 * pid_m + 2)
     else:
         seg = pid_m // seg_blocks
         start = tl.load(indptr_ptr + seg) + (pid_m % seg_blocks) * BLOCK_M
         end = tl.load(indptr_ptr + seg + 1)
         slot = tl.load(seg_slot_ptr + seg)
+    return start, end, slot
+
+
+@_jit(do_not_specialize=["T", "seg_blocks"])
+def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
+                   stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
+                   MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
         return
     rank = tl.minimum(tl.load(rank_ptr + slot), R)
@@ -192,20 +215,12 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 @_jit(do_not_specialize=["seg_blocks"])
 def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, y_ptr,
                    stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2,
-                   PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
                    IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if PER_TOKEN:
-        start = pid_m
-        end = pid_m + 1
-        slot = tl.load(token_slot_ptr + pid_m)
-    else:
-        seg = pid_m // seg_blocks
-        start = tl.load(indptr_ptr + seg) + (pid_m % seg_blocks) * BLOCK_M
-        end = tl.load(indptr_ptr + seg + 1)
-        slot = tl.load(seg_slot_ptr + seg)
+    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
         return
     rank = tl.minimum(tl.load(rank_ptr + slot), R)
@@ -293,19 +308,34 @@ def _num_sms(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _row_tiling(T: int, S: int, L: int) -> tuple[bool, int, int, int]:
-    """(token_mode, BLOCK_M, row programs, blocks per segment) for T tokens in S segments of <= L tokens."""
+def _row_tiling(T: int, S: int, L: int, items: int, item_rows: int) -> tuple[int, int, int, int]:
+    """(mode, BLOCK_M, row programs, blocks per segment) for T tokens in S segments of <= L tokens, or for
+    a work list of `items` row blocks of <= item_rows tokens."""
+    if items:
+        return WORKLIST, item_rows, items, 1
     block_m = min(max(16, _pow2(L)), TUNING["max_block_m"])
     seg_blocks = _cdiv(L, block_m)
     if L <= TUNING["bgmv_max_seg"] or S * seg_blocks > 2 * T:
-        return True, 1, T, 1
-    return False, block_m, S * seg_blocks, seg_blocks
+        return TOKEN, 1, T, 1
+    return SEGMENT, block_m, S * seg_blocks, seg_blocks
+
+
+def work_list_rows() -> int:
+    """The row-block size plans should cut their work lists into (SegmentPlan.items)."""
+    return TUNING["max_block_m"]
+
+
+def _tiling(plan: SegmentPlan, T: int) -> tuple[int, int, int, int, int]:
+    """The lru-cache key of a plan's row tiling: (T, S, L, items, item_rows)."""
+    n = 0 if plan.items is None else plan.items.shape[0]
+    return T, plan.num_segments, plan.max_seg_len, n, plan.item_rows
 
 
 @functools.lru_cache(maxsize=4096)
-def _shrink_config(T: int, S: int, L: int, h_in: int, NR: int, n_slices: int, sms: int) -> tuple:
+def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int) -> tuple:
     """(grid, kernel args from H_IN on, num_warps)."""
-    token_mode, block_m, rows, seg_blocks = _row_tiling(T, S, L)
+    mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
+    token_mode = mode == TOKEN
     R = NR // n_slices
     block_r = min(max(16, _pow2(R)), TUNING["bgmv_block_r"] if token_mode else 64)
     r_programs = n_slices * _cdiv(R, block_r)
@@ -317,15 +347,15 @@ def _shrink_config(T: int, S: int, L: int, h_in: int, NR: int, n_slices: int, sm
     split = 1 << (split.bit_length() - 1)  # a power of two: SPLIT_K is a constexpr, so few values, few compiles
     k_per_split = _cdiv(_cdiv(h_in, split), block_k) * block_k
     split = _cdiv(h_in, k_per_split)
-    args = (h_in, R, NR, seg_blocks, k_per_split, token_mode, split, block_m, block_k, block_r, _cdiv(R, block_r),
+    args = (h_in, R, NR, seg_blocks, k_per_split, mode, split, block_m, block_k, block_r, _cdiv(R, block_r),
             TUNING["shrink_stages"])
     return (rows, split, r_programs), args, TUNING["shrink_warps"]
 
 
 @functools.lru_cache(maxsize=4096)
-def _expand_config(T: int, S: int, L: int, slice_offsets: tuple[int, ...], R: int, sms: int) -> tuple:
+def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: int) -> tuple:
     """(grid, kernel args from R on, num_warps)."""
-    token_mode, block_m, rows, seg_blocks = _row_tiling(T, S, L)
+    mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
     widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
     block_n, per_program = TUNING["expand_block_n"], TUNING["expand_tiles"]
     while block_n > 32 and rows * sum(_cdiv(w, block_n) for w in widths) < TUNING["expand_waves"] * sms:
@@ -333,7 +363,7 @@ def _expand_config(T: int, S: int, L: int, slice_offsets: tuple[int, ...], R: in
     tiles = [_cdiv(w, block_n) for w in widths] + [1 << 30] * (3 - len(widths))
     offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
     block_r = min(max(16, _pow2(R)), 64)
-    args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], token_mode,
+    args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], mode,
             block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
     return (rows, _cdiv(sum(tiles[:len(widths)]), per_program), 1), args, TUNING["expand_warps"]
 
@@ -399,6 +429,12 @@ def _check_triton(tensors: dict[str, torch.Tensor], slot_rank: torch.Tensor, pla
                          f"{tuple(plan.seg_indptr.shape)} and seg_slot {tuple(plan.seg_slot.shape)}")
     if len(plan.token_slot) != T:
         raise ValueError(f"plan.token_slot has {len(plan.token_slot)} entries for {T} tokens")
+    items = plan.items
+    if items is not None and (items.dtype != torch.int32 or items.get_device() != device or items.dim() != 2
+                              or items.shape[1] != 3 or not items.is_contiguous() or plan.item_rows < 1):
+        raise ValueError(f"plan.items must be a contiguous [N, 3] int32 tensor on the device of the others "
+                         f"with item_rows >= 1, got {items.dtype} {tuple(items.shape)} on {items.device}, "
+                         f"item_rows {plan.item_rows}")
 
 
 def _check_slices(slice_offsets: tuple[int, ...]) -> None:
@@ -413,12 +449,12 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
         return
     NR = lora_a.shape[1]
-    grid, tail, warps = _shrink_config(T, plan.num_segments, plan.max_seg_len, h_in, NR, n_slices,
-                                       _num_sms(x.get_device()))
+    grid, tail, warps = _shrink_config(_tiling(plan, T), h_in, NR, n_slices, _num_sms(x.get_device()))
     split = grid[1] > 1
     ws = torch.empty(grid[1], T, NR, dtype=torch.float32, device=x.device) if split else v
     locks = _lock_buffer(x.device) if split else v
-    tensors = (x, lora_a, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, v, ws, locks)
+    indptr = plan.seg_indptr if plan.items is None else plan.items
+    tensors = (x, lora_a, slot_rank, indptr, plan.seg_slot, plan.token_slot, v, ws, locks)
     strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0))
     _launch(_shrink_kernel, grid, tensors, strides, (T,), (*tail, x.dtype == torch.float32), warps)
 
@@ -428,9 +464,10 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
     T = y.shape[0]
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
         return
-    grid, tail, warps = _expand_config(T, plan.num_segments, plan.max_seg_len, tuple(slice_offsets),
-                                       lora_b.shape[2], _num_sms(y.get_device()))
-    tensors = (v, lora_b, slot_rank, plan.seg_indptr, plan.seg_slot, plan.token_slot, y)
+    grid, tail, warps = _expand_config(_tiling(plan, T), tuple(slice_offsets), lora_b.shape[2],
+                                       _num_sms(y.get_device()))
+    indptr = plan.seg_indptr if plan.items is None else plan.items
+    tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, y)
     strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0))
     _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32), warps)
 
