@@ -69,13 +69,17 @@ def write_adapters(root: Path, cfg: dict, n: int, rank: int) -> dict[str, str]:
 
 
 class StepMeter:
-    """Wraps the engine's scheduler and runner to time decode steps and compute each one's memory floor."""
+    """Wraps the engine's scheduler to time decode steps and compute each one's memory floor.
+
+    Engine.step() launches step k and then waits for step k-1's tokens, so in steady state one call lasts
+    as long as step k-1 takes on the device: a call's time is charged to the step launched before it."""
 
     def __init__(self, engine: Engine, weight_bytes: int, adapter_bytes: int, bandwidth: float):
         self.engine, self.weight_bytes, self.adapter_bytes, self.bw = engine, weight_bytes, adapter_bytes, bandwidth
         cfg = engine.model_config
         self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.kv_size * engine.model.embed_tokens.weight.element_size()
         self.decode_times, self.floors = [], []
+        self.previous: float | None = None  # the floor of the decode step launched by the last call, if any
 
     def step(self) -> list:
         schedule = self.engine.scheduler.schedule
@@ -90,12 +94,16 @@ class StepMeter:
         outs = self.engine.step()
         elapsed = time.perf_counter() - t0
         self.engine.scheduler.schedule = schedule
+        if self.previous is not None:
+            self.decode_times.append(elapsed)
+            self.floors.append(self.previous)
         work = captured["step"].work
+        self.previous = None
         if work and all(n == 1 for n in work.values()):
+            # num_computed is read after the launch: this step's context
             kv = sum(seq.num_computed for seq in work) * self.kv_bytes_per_token
             adapters = len({seq.lora for seq in work if seq.lora}) * self.adapter_bytes
-            self.decode_times.append(elapsed)
-            self.floors.append((self.weight_bytes + kv + adapters) / self.bw)
+            self.previous = (self.weight_bytes + kv + adapters) / self.bw
         return outs
 
 

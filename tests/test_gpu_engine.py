@@ -102,3 +102,19 @@ def test_bf16_logits_close_to_peft(tiny_models):
     with torch.no_grad():
         ref = peft(input_ids=torch.tensor(ids, device="cuda"), adapter_names=[n or "__base__" for n in LORAS])
     assert_close(last_token_logits(llm, ids, LORAS), ref.logits[:, -1].float(), dtype=torch.bfloat16, factor=2)
+
+
+def test_lora_side_stream_matches_one_stream(tiny_models):
+    """LoRA deltas computed on the second stream (inside graphs too) give the one-stream logits."""
+    from test_parity import last_token_logits
+
+    _, model_dir, adapters = tiny_models["llama"]
+    ids = prompts(seed=26)
+    logits = []
+    for side in (True, False):
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", lora_side_stream=side)
+        assert (llm.engine.model.layers[0].mlp.down_proj.side_stream is not None) == side
+        logits.append(last_token_logits(llm, ids, LORAS))
+        outs = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
+        assert all(len(o) == GREEDY.max_tokens for o in outs)
+    assert_close(logits[0], logits[1], dtype=torch.bfloat16)

@@ -156,6 +156,7 @@ class EngineConfig:
     device: str = "auto"
     backend: str = "auto"
     enforce_eager: bool = False
+    lora_side_stream: bool = True  # CUDA: LoRA deltas on a second stream, concurrent with the base GEMMs
     load_format: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

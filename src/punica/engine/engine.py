@@ -47,6 +47,7 @@ class Engine:
         backend = resolve_backend(config.backend, device)
         torch.manual_seed(config.seed)
         self.model = load_model(config.model, select_ops(backend), dtype, device, config.load_format)
+        self.model.overlap_lora(config.lora_side_stream and backend == "triton" and device.type == "cuda")
         self.model_config = model_cfg
         self.tokenizer = Tokenizer.from_dir(config.model)
         block_size = config.cache.block_size
@@ -183,6 +184,12 @@ class Engine:
             if previous is not None:  # its tokens are good: report them with the next step
                 self._carried += self._read(previous)
             raise
+        outputs, self._carried = self._carried, []
+        return outputs + (self._read(previous) if previous is not None else [])
+
+    def sync(self) -> list[RequestOutput]:
+        """Wait for the step in flight and report its tokens, launching nothing new."""
+        previous, self._in_flight = self._in_flight, None
         outputs, self._carried = self._carried, []
         return outputs + (self._read(previous) if previous is not None else [])
 

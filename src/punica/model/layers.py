@@ -31,12 +31,28 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(offsets[-1]), requires_grad=False) if bias else None
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        self.side_stream: torch.cuda.Stream | None = None  # set by LlamaModel.overlap_lora
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
-        if self.lora_a is not None and batch.lora.has_lora:
+        if self.lora_a is None or not batch.lora.has_lora:
+            return nn.functional.linear(x, self.weight, self.bias)
+        side = self.side_stream
+        if side is None:
+            y = nn.functional.linear(x, self.weight, self.bias)
             self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
-        return y
+            return y
+        # the LoRA delta on a second stream, concurrently with the base GEMM (also inside CUDA graphs, where
+        # the two become parallel branches): small latency-bound launches fill the GEMM's idle SMs
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            delta = torch.zeros(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
+            self.ops.add_lora(delta, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
+        y = nn.functional.linear(x, self.weight, self.bias)
+        main.wait_stream(side)
+        if not torch.cuda.is_current_stream_capturing():  # eager: keep delta's memory until main is done with it
+            delta.record_stream(main)
+        return y.add_(delta)
 
 
 class RMSNorm(nn.Module):

@@ -94,12 +94,14 @@ class LlamaModel(nn.Module):
         """After `to_empty`: re-tie the embeddings and recompute the rope table on the model's device."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.cos_sin = self._rope_table().to(self.cos_sin.device, self.cos_sin.dtype)
+        self.cos_sin = self._rope_table().to(self.cos_sin.device)
         for layer in self.layers:
             layer.self_attn.cos_sin = self.cos_sin
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if self.cos_sin.dtype != torch.float32:  # the rope table stays fp32 whatever the model's dtype
+            self.cos_sin = self._rope_table().to(self.cos_sin.device)
         for layer in self.layers:  # the rope table is shared by all layers and must follow the model's device
             layer.self_attn.cos_sin = self.cos_sin
         return self
@@ -108,6 +110,13 @@ class LlamaModel(nn.Module):
         """Attach the KV pool [num_layers, 2, num_blocks, block_size, Hkv, D] to the attention layers."""
         for i, layer in enumerate(self.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = kv[i, 0], kv[i, 1]
+
+    def overlap_lora(self, enable: bool) -> None:
+        """Compute LoRA deltas on a second CUDA stream, concurrently with the base GEMMs (CUDA only)."""
+        stream = torch.cuda.Stream(self.embed_tokens.weight.device) if enable else None
+        for i in range(len(self.layers)):
+            for module in self.lora_modules(i).values():
+                module.side_stream = stream
 
     def lora_modules(self, layer: int) -> dict[str, LoRALinear]:
         """The four LoRA-aware linear layers of decoder layer `layer`, by fused name."""
