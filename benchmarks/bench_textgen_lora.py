@@ -159,7 +159,7 @@ def run_hf(cfg: dict, adapters: dict[str, str], batch: int, popularity: str, new
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--system", choices=["punica", "backbone", "hf", "all"], default="punica")
+    ap.add_argument("--system", nargs="+", choices=["punica", "backbone", "hf", "all"], default=["punica"])
     ap.add_argument("--batch-size", type=int, nargs="+", default=[32])
     ap.add_argument("--popularity", nargs="+", default=list(POPULARITIES), choices=POPULARITIES)
     ap.add_argument("--num-requests", type=int, default=1000)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
-    systems = ["backbone", "punica", "hf"] if args.system == "all" else [args.system]
+    systems = ["backbone", "punica", "hf"] if "all" in args.system else list(dict.fromkeys(args.system))
     setup = dict(environment(), bench="textgen_lora", model="tiny" if args.tiny else "llama-2-7b-arch-random",
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),

@@ -82,12 +82,15 @@ def _at_decode(seqs):
     return seqs
 
 
-def test_graphs_and_eager_generate_the_same_tokens_bf16(tiny_models):
+def test_graphs_and_eager_generate_the_same_tokens(tiny_models):
+    """fp32: graphs pad the token count to a bucket, so their GEMMs may pick other kernels than the eager
+    step's; in bf16 that rounding flips near-tied argmaxes of the tiny random model (replay against the
+    same padded batch run eagerly is bitwise equal: the two tests above)."""
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=23)
     outs = []
     for eager in (False, True):
-        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", enforce_eager=eager)
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda", enforce_eager=eager)
         outs.append([o.token_ids[:3] for o in llm.generate(ids, GREEDY, lora=LORAS)])
     assert outs[0] == outs[1]
 
