@@ -114,14 +114,14 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     graphs = engine.runner.graphs
     if graphs is not None:
         graphs.run(hb)
-        graph, _, _ = graphs.graphs[graphs._key(hb)]
+        graph, _, _ = graphs.graphs[graphs.key(hb)]
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
         if any(hb.seq_slots):  # the same graph without the side stream
             engine.model.overlap_lora(False)
             graphs.capture()
             graphs.run(hb)
-            row["graph_replay_one_stream_ms"] = round(gpu_ms(graphs.graphs[graphs._key(hb)][0].replay), 3)
+            row["graph_replay_one_stream_ms"] = round(gpu_ms(graphs.graphs[graphs.key(hb)][0].replay), 3)
             engine.model.overlap_lora(True)
             graphs.capture()
     device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)

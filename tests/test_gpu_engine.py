@@ -29,20 +29,15 @@ def test_cuda_graph_replay_equals_eager(tiny_models):
     _, model_dir, adapters = tiny_models["llama"]
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16)
     engine, graphs = llm.engine, llm.engine.runner.graphs
-    seqs = []
-    for i, (ids, name) in enumerate(zip(prompts(seed=22), LORAS)):
-        seq = Sequence(request_id=f"g{i}", prompt_ids=ids, params=GREEDY, lora=name)
-        engine.blocks.grow(seq.block_table, len(ids) + 1)
-        seq.slot = engine.adapters.acquire(name) if name else 0
-        seq.num_computed = len(ids) - 1  # decode the last prompt token
-        seqs.append(seq)
-    seqs.sort(key=lambda s: s.slot)
+    seqs = _sequences(engine, seed=22)
+    for s in seqs:
+        s.num_computed = len(s.tokens) - 1  # decode the last prompt token
     hb = host_batch([(s, 1) for s in seqs], engine.runner.block_size)
     for s in seqs:  # fill the KV of the prefix eagerly
         s.num_computed = 0
     engine.model(engine.runner.build_batch([(s, len(s.tokens) - 1) for s in seqs]))
     replayed = graphs.run(hb).clone()
-    eager = engine.model(graphs.graphs[graphs._key(hb)][2])[: len(seqs)]
+    eager = engine.model(graphs.padded_batch(hb))[: len(seqs)]
     assert torch.equal(replayed, eager)
     graph_vs_plain = engine.model(engine.runner.build_batch([(s, 1) for s in _at_decode(seqs)]))
     assert_close(replayed, graph_vs_plain, dtype=torch.bfloat16)
@@ -55,25 +50,31 @@ def test_mixed_step_graph_replay_equals_eager(tiny_models):
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16,
               max_num_batched_tokens=256)
     engine, graphs = llm.engine, llm.engine.runner.graphs
-    seqs = []
-    for i, (ids, name) in enumerate(zip(prompts(seed=25), LORAS)):
-        seq = Sequence(request_id=f"m{i}", prompt_ids=ids, params=GREEDY, lora=name)
-        engine.blocks.grow(seq.block_table, len(ids) + 1)
-        seq.slot = engine.adapters.acquire(name) if name else 0
-        seqs.append(seq)
-    seqs.sort(key=lambda s: s.slot)
+    seqs = _sequences(engine, seed=25)
     work = [(s, len(s.tokens) if i % 2 else 1) for i, s in enumerate(seqs)]  # odd ones: whole prompt
     for s, n in work:  # the decodes' prefixes go in eagerly first
         if n == 1:
             engine.model(engine.runner.build_batch([(s, len(s.tokens) - 1)]))
             s.num_computed = len(s.tokens) - 1
     hb = host_batch(work, engine.runner.block_size)
-    assert graphs._key(hb)[0] == "mixed"
+    assert graphs.key(hb)[0] == "mixed"
     replayed = graphs.run(hb).clone()
-    eager = engine.model(graphs.graphs[graphs._key(hb)][2])[: len(hb.logits_indices)]
+    eager = engine.model(graphs.padded_batch(hb))[: len(hb.logits_indices)]
     assert torch.equal(replayed, eager)
     plain = engine.model(engine.runner.build_batch(work))
     assert_close(replayed, plain, dtype=torch.bfloat16)
+
+
+def _sequences(engine, seed):
+    """One sequence per test prompt, with KV blocks for it plus one token and its adapter's slot, in slot
+    order (as the runner orders a step)."""
+    seqs = []
+    for i, (ids, name) in enumerate(zip(prompts(seed=seed), LORAS)):
+        seq = Sequence(request_id=f"s{seed}-{i}", prompt_ids=ids, params=GREEDY, lora=name)
+        engine.blocks.grow(seq.block_table, len(ids) + 1)
+        seq.slot = engine.adapters.acquire(name) if name else 0
+        seqs.append(seq)
+    return sorted(seqs, key=lambda s: s.slot)
 
 
 def _at_decode(seqs):

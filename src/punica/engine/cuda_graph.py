@@ -177,7 +177,8 @@ class CudaGraphRunner:
             self.graphs[key] = (graph, out, batch)
         torch.cuda.synchronize()
 
-    def _key(self, hb: HostBatch) -> tuple[str, int, bool] | None:
+    def key(self, hb: HostBatch) -> tuple[str, int, bool] | None:
+        """(kind, bucket, with_lora) of the graph that runs `hb`, or None if no bucket fits it."""
         n, with_lora = len(hb.kv_lens), any(hb.seq_slots)
         if hb.is_decode:
             if n <= self.buckets[-1]:
@@ -188,13 +189,17 @@ class CudaGraphRunner:
             return "mixed", next(t for t in self.token_buckets if t >= tokens), with_lora
         return None
 
+    def padded_batch(self, hb: HostBatch) -> Batch:
+        """The Batch the graph for `hb` reads (after `run(hb)` it holds hb's metadata, padded)."""
+        return self.graphs[self.key(hb)][2]
+
     def can_run(self, hb: HostBatch) -> bool:
-        return self._key(hb) is not None
+        return self.key(hb) is not None
 
     def run(self, hb: HostBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the step's sequences that want one, in hb order. `previous`: the device tokens of the
         step in flight, which placeholder ids refer to."""
-        kind, t, with_lora = key = self._key(hb)
+        kind, t, with_lora = key = self.key(hb)
         self.buf.write(hb, t, mixed=kind == "mixed")
         if hb.has_pending:
             resolve_pending(self.buf.dev64[0, :t], previous)
