@@ -141,3 +141,30 @@ def test_bypassing_is_bounded_so_the_head_cannot_starve():
         sched.add(seq(3))
     run_step(sched)
     assert head.num_bypassed == MAX_BYPASS and len(sched.waiting) == 6  # head plus five that must wait behind it
+
+
+def test_pending_tokens_finishing_sequences_and_preempted_placeholders():
+    """With steps overlapped, a sequence's newest token may still be on the device (a placeholder):
+    decodes of it are scheduled, a sequence whose pending token is its last is not, and a sequence
+    preempted while a token is pending waits (holding back the queue) until the token is known."""
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), blocks, FakeAdapters())
+    a, b = seq(4, rid="a"), seq(4, rid="b")
+    for s in (a, b):
+        sched.add(s)
+    step = sched.schedule()
+    assert step.work == {a: 4, b: 4}
+    for s in (a, b):  # what the runner does at launch: advance, then a placeholder for the sampled token
+        s.num_computed += 4
+        s.tokens.append(-1)
+        s.num_pending = 1
+    a.finishing = True
+    assert sched.schedule().work == {b: 1}  # `a`'s pending token is its last: no decode for it
+    b.num_computed += 1
+    sched.preempt(b)
+    assert b.status is Status.WAITING and b.num_pending == 1
+    late = seq(2, rid="late")
+    sched.add(late)
+    assert sched.schedule().work == {}  # `b` heads the queue with an unknown token: nobody starts
+    b.tokens[-1], b.num_pending = 9, 0  # its step finished
+    assert sched.schedule().work == {b: 5, late: 2}
