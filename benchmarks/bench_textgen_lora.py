@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.harness import RESULTS, copy_bandwidth, environment, print_table, write_jsonl
+from benchmarks.harness import RESULTS, apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
 from punica import Engine, SamplingParams
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-requests", type=int, default=64,
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     args = ap.parse_args(argv)
+    tuning = apply_sgmv_tuning(args.sgmv_tuning)
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     setup = dict(environment(), bench="textgen_lora", model="tiny" if args.tiny else "llama-2-7b-arch-random",
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests)
+                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

@@ -145,3 +145,15 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def apply_sgmv_tuning(pairs: list[str] | None) -> dict[str, int]:
+    """`--sgmv-tuning name=value ...`: override punica.ops.sgmv.TUNING knobs for this run (recorded in the
+    setup of every result)."""
+    from punica.ops.sgmv import set_tuning
+    knobs = {}
+    for pair in pairs or []:
+        name, _, value = pair.partition("=")
+        knobs[name] = int(value)
+    set_tuning(**knobs)
+    return knobs

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_textgen_lora import LLAMA2_7B, TINY, write_adapters, write_model_dir
-from benchmarks.harness import copy_bandwidth, environment, print_table, write_jsonl
+from benchmarks.harness import apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
 from punica.workload import adapter_indices
@@ -165,10 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--popularity", nargs="+", default=["distinct", "identical", "none"])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     args = ap.parse_args(argv)
+    tuning = apply_sgmv_tuning(args.sgmv_tuning)
     cfg = TINY if args.tiny else LLAMA2_7B
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
-    setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1))
+    setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
+                 sgmv_tuning=tuning)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)

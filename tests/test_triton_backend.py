@@ -19,25 +19,30 @@ def test_triton_backend_mixed_batch_equals_peft(tiny_models, family):
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_padded_graph_batches_equal_peft(tiny_models, family):
+@pytest.mark.parametrize("family,hybrid", [("llama", 0), ("qwen2", 0), ("llama", 1)])
+def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
-    per-token LoRA and mixed prefill/decode buckets with work lists give PEFT's tokens. A 24-token budget
-    with 16-token buckets (and a 24 one) forces chunked prefills mixed with decodes."""
+    per-token LoRA and mixed prefill/decode buckets with work lists (or, `hybrid`, both with hybrid work
+    lists) give PEFT's tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked
+    prefills mixed with decodes."""
     from punica.engine import cuda_graph
     from punica.engine.cuda_graph import CudaGraphRunner
+    from punica.ops import sgmv
 
     hf_model, model_dir, adapters = tiny_models[family]
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton",
               max_num_seqs=8, max_num_batched_tokens=24)
     engine = llm.engine
-    saved = cuda_graph.MIN_MIXED_BUCKET
+    saved = cuda_graph.MIN_MIXED_BUCKET, sgmv.TUNING["hybrid_graphs"]
     cuda_graph.MIN_MIXED_BUCKET = 16
+    sgmv.set_tuning(hybrid_graphs=hybrid)
     try:
         graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 8, 24, engine.info.max_model_len,
                                  engine.config.cache.block_size, engine.runner.device)
     finally:
-        cuda_graph.MIN_MIXED_BUCKET = saved
+        cuda_graph.MIN_MIXED_BUCKET = saved[0]
+        sgmv.set_tuning(hybrid_graphs=saved[1])
+    assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == bool(hybrid)
     assert graphs.token_buckets == [16, 24]
     engine.runner.graphs = graphs
     used = []

@@ -154,6 +154,25 @@ def test_work_list_mode(tuning, split, dtype):
     assert_close(y, expected, dtype=dtype)
 
 
+@interpreted
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hybrid_work_list_mode(tuning, split, dtype):
+    """Hybrid tiling (single tokens on the CUDA cores, longer segments in 16-row tensor-core blocks, both
+    padded) in one launch equals the reference."""
+    from punica.lora.plan import hybrid_items
+    tuning(shrink_waves=1 << 10 if split else 0, max_block_k=32)
+    plan = make_plan([3, 0, 1, 37, 1, 2, 0, 1], [0, 1, 1, 2, 5, 3, 0, 4], "cpu")
+    singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, 16, single_max=1)
+    assert len(singles) // 3 == 3 and len(blocks) // 3 == 4
+    single_cap, block_cap = 5, 6
+    flat = singles + [0, 0, 0] * (single_cap - len(singles) // 3) + blocks + [0, 0, 0] * (block_cap - len(blocks) // 3)
+    items = torch.tensor(flat, dtype=torch.int32).view(-1, 3)
+    plan = dataclasses.replace(plan, items=items, item_rows=16, num_single=single_cap)
+    y, expected = run_add_lora(plan, 70, (40, 8, 8), 16, (16, 9, 1), dtype, "cpu", num_slots=6)
+    assert_close(y, expected, dtype=dtype)
+
+
 def test_work_items_cover_adapter_tokens_once():
     from punica.lora.plan import work_items
     flat = work_items([0, 3, 3, 40, 42], [1, 0, 2, 3], 16)
@@ -264,6 +283,32 @@ def test_gpu_fp16_fp32_rank128(dtype, T):
     y, expected = run_add_lora(plan, 4096, (2048, 512, 512), 128, (128, 100, 1, 64), dtype, "cuda",
                                num_slots=130)
     assert_close(y.float(), expected, dtype=dtype)
+
+
+def as_work_list(plan: SegmentPlan, hybrid: bool, rows: int = 32) -> SegmentPlan:
+    """The plan as the CUDA graphs give it: a work list (hybrid: single tokens first), padded."""
+    from punica.lora.plan import hybrid_items, work_items
+    if hybrid:
+        singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, rows, single_max=1)
+    else:
+        singles, blocks = [], work_items(plan.host_indptr, plan.host_slot, rows)
+    n_single = len(singles) // 3 + 2 if hybrid else 0
+    flat = singles + [0, 0, 0] * (n_single - len(singles) // 3) + blocks + [0, 0, 0] * 3
+    items = torch.tensor(flat, dtype=torch.int32, device=plan.seg_indptr.device).view(-1, 3)
+    return dataclasses.replace(plan, items=items, item_rows=rows, num_single=n_single)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("hybrid", [False, True])
+@pytest.mark.parametrize("T", [1, 31, 64, 255, 256])
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_gpu_work_lists(popularity, T, hybrid):
+    """Work-list and hybrid tilings (the CUDA graphs' LoRA) at Llama shapes in bf16."""
+    plan = as_work_list(gpu_plan(popularity, T, seed=9), hybrid)
+    y, expected = run_add_lora(plan, 4096, (4096, 1024, 1024), 64, (64, 16, 8), torch.bfloat16, "cuda",
+                               num_slots=130)
+    assert_close(y.float(), expected, dtype=torch.bfloat16)
 
 
 @gpu

@@ -6,8 +6,9 @@ sentinels the kernels skip: KV slot -1 (not stored), an empty query range and co
 attention), adapter slot 0 (no LoRA). Decode graphs tile LoRA per token (one segment per token) and use
 the split-K decode attention. Mixed graphs give the SGMV and prefill-attention kernels work lists cut on
 the host (SegmentPlan.items, AttentionMeta.q_tiles), so their grids depend on the bucket alone, whatever
-the step's segments and query lengths. Adapters load into existing slots, so graphs stay valid as adapters
-come and go.
+the step's segments and query lengths. With sgmv.TUNING["hybrid_graphs"], both kinds tile LoRA with hybrid
+work lists instead: single tokens on the CUDA cores (BGMV), longer segments in tensor-core row blocks.
+Adapters load into existing slots, so graphs stay valid as adapters come and go.
 
 Until `capture` is called (CPU, tests) the runner runs the same padded batches eagerly.
 """
@@ -17,11 +18,11 @@ from __future__ import annotations
 import torch
 
 from punica.engine.runner import HostBatch, resolve_pending
-from punica.lora.plan import segments, token_slots, work_items
+from punica.lora.plan import hybrid_items, segments, token_slots, work_items
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta, prefill_tile_rows, query_tiles
-from punica.ops.sgmv import SegmentPlan, work_list_rows
+from punica.ops.sgmv import TUNING, SegmentPlan, hybrid_graphs, work_list_rows
 
 MIN_MIXED_BUCKET = 64
 
@@ -50,11 +51,13 @@ class StaticBuffers:
     per-token adapter slots [T], block tables [B, max_blocks], SGMV items [., 3], attention tiles [., 2])."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
-                 device: torch.device):
+                 device: torch.device, hybrid: bool = False, single_max: int = 1):
         self.T, self.B, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.item_rows, self.tile_rows = item_rows, tile_rows
+        self.hybrid, self.single_max = hybrid, single_max
+        items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
-                          items=3 * self.item_capacity(max_tokens), tiles=2 * self.tile_capacity(max_tokens))
+                          items=3 * items, tiles=2 * self.tile_capacity(max_tokens))
         pin = device.type == "cuda"
         self.host64 = torch.zeros(4, max_tokens, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(sum(self.sizes.values()), dtype=torch.int32, pin_memory=pin)
@@ -63,8 +66,14 @@ class StaticBuffers:
         self.h = self.views(self.host32)
         self.d = self.views(self.dev32)
 
-    def item_capacity(self, t: int) -> int:
-        return _cdiv(t, self.item_rows) + self.B  # each segment adds at most one partial block
+    def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
+        """(single-token items, row-block items) a bucket of t tokens holds at most; (0, 0): decode graphs
+        tile per token. Each segment adds at most one partial block."""
+        if not self.hybrid:
+            return (0, _cdiv(t, self.item_rows) + self.B) if mixed else (0, 0)
+        if mixed:
+            return min(t, self.B * self.single_max), _cdiv(t, self.item_rows) + self.B
+        return t, _cdiv(t, self.item_rows) + t // (self.single_max + 1)
 
     def tile_capacity(self, t: int) -> int:
         return _cdiv(t, self.tile_rows) + self.B
@@ -90,10 +99,20 @@ class StaticBuffers:
         h["tables"][:n, :width] = torch.tensor([tbl + [0] * (width - len(tbl)) for tbl in hb.block_tables],
                                                dtype=torch.int32)
         h["token_slot"][:t] = torch.tensor(token_slots(hb.seq_slots, hb.seq_tokens) + [0] * pad, dtype=torch.int32)
+        n_single, n_block = self.item_capacity(t, mixed)
+        if n_single + n_block:
+            indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
+            if self.hybrid:
+                singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max)
+            else:
+                singles, blocks = [], work_items(indptr, slots, self.item_rows)
+            if len(singles) > 3 * n_single or len(blocks) > 3 * n_block:
+                raise RuntimeError(f"work list over its capacity: {len(singles) // 3} single and "
+                                   f"{len(blocks) // 3} block items for ({n_single}, {n_block})")
+            h["items"][:3 * (n_single + n_block)] = torch.tensor(
+                singles + [0] * (3 * n_single - len(singles)) + blocks + [0] * (3 * n_block - len(blocks)),
+                dtype=torch.int32)
         if mixed:
-            items = work_items(*segments(hb.seq_slots, hb.seq_tokens), self.item_rows)
-            h["items"][:3 * self.item_capacity(t)] = torch.tensor(
-                items + [0] * (3 * self.item_capacity(t) - len(items)), dtype=torch.int32)
             tiles = query_tiles(hb.cu_q, self.tile_rows)
             h["tiles"][:2 * self.tile_capacity(t)] = torch.tensor(
                 tiles + [-1, 0] * (self.tile_capacity(t) - len(tiles) // 2), dtype=torch.int32)
@@ -123,7 +142,7 @@ class CudaGraphRunner:
         self.token_buckets = token_buckets(max_tokens)
         tile_rows = prefill_tile_rows(model.config.head_dim, model.embed_tokens.weight.dtype, max_tokens)
         self.buf = StaticBuffers(max_tokens, max_batch, _cdiv(max_model_len, block_size), work_list_rows(),
-                                 tile_rows, device)
+                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["bgmv_max_seg"]))
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, Batch]] = {}
@@ -139,6 +158,9 @@ class CudaGraphRunner:
         ids, positions, slot_mapping, logits = self.buf.dev64[:, :t]
         d, B = self.buf.d, self.buf.B if mixed else t
         host_cu_q = list(range(B + 1))  # host bounds only: the kernels read the device buffers
+        n_single, n_block = self.buf.item_capacity(t, mixed)
+        work = dict(items=d["items"][:3 * (n_single + n_block)].view(-1, 3), item_rows=self.buf.item_rows,
+                    num_single=n_single) if n_single + n_block else {}
         if mixed:
             attn = AttentionMeta(cu_q=d["cu_q"][:B + 1], kv_lens=d["kv_lens"][:B], block_tables=d["tables"][:B],
                                  max_q_len=t, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,
@@ -147,17 +169,15 @@ class CudaGraphRunner:
                                  tile_rows=self.buf.tile_rows)
             # seg_indptr/seg_slot are not read in work-list mode; they only need the plan's shapes
             lora = SegmentPlan(seg_indptr=d["cu_q"][:B + 1], seg_slot=d["kv_lens"][:B], token_slot=d["token_slot"][:t],
-                               max_seg_len=t, host_indptr=host_cu_q, host_slot=[int(with_lora)] * B,
-                               items=d["items"][:3 * self.buf.item_capacity(t)].view(-1, 3),
-                               item_rows=self.buf.item_rows)
+                               max_seg_len=t, host_indptr=host_cu_q, host_slot=[int(with_lora)] * B, **work)
         else:
             attn = AttentionMeta(cu_q=d["cu_q"][:t + 1], kv_lens=d["kv_lens"][:t], block_tables=d["tables"][:t],
                                  max_q_len=1, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,
                                  host_kv_lens=[self.max_model_len] * t)
-            # one segment per token, so any mix of adapters fits the same graph; slot-0 tokens are skipped
+            # one segment per token (or a hybrid work list), so any mix of adapters fits the same graph
             lora = SegmentPlan(seg_indptr=d["cu_q"][:t + 1], seg_slot=d["token_slot"][:t],
                                token_slot=d["token_slot"][:t], max_seg_len=1, host_indptr=host_cu_q,
-                               host_slot=[int(with_lora)] * t)
+                               host_slot=[int(with_lora)] * t, **work)
         return Batch(input_ids=ids, positions=positions, slot_mapping=slot_mapping, attn=attn, lora=lora,
                      slot_rank=self.slot_rank, logits_indices=logits[:B])
 

@@ -38,6 +38,26 @@ def work_items(indptr: list[int], slots: list[int], rows: int) -> list[int]:
     return items
 
 
+def hybrid_items(indptr: list[int], slots: list[int], rows: int, single_max: int) -> tuple[list[int], list[int]]:
+    """Work lists for the hybrid tiling (SegmentPlan.num_single): (single-token items, row-block items) as
+    flat (start, end, slot) triples. Tokens of segments of at most `single_max` tokens become single items
+    (each reads its adapter alone); longer segments are cut into blocks of <= `rows` (one read of the
+    adapter per block). At most T singles and ceil(T / rows) + #segments blocks. Pure Python."""
+    singles: list[int] = []
+    blocks: list[int] = []
+    for s, slot in enumerate(slots):
+        start, end = indptr[s], indptr[s + 1]
+        if not slot:
+            continue
+        if end - start <= single_max:
+            for t in range(start, end):
+                singles += (t, t + 1, slot)
+        else:
+            for a in range(start, end, rows):
+                blocks += (a, min(a + rows, end), slot)
+    return singles, blocks
+
+
 def make_plan(indptr: list[int], slots: list[int], seg_indptr: torch.Tensor, seg_slot: torch.Tensor,
               token_slot: torch.Tensor) -> SegmentPlan:
     """A SegmentPlan from host lists and their device copies (which the caller moved as it likes)."""

@@ -33,6 +33,8 @@ class SegmentPlan:
     items:      optional [N, 3] int32 work list (start, end, slot) of row blocks of at most `item_rows`
                 tokens, padded with slot-0 rows: when given, the Triton kernels run one row program per
                 item, so the grid depends on N alone (CUDA graphs of steps with any segment structure)
+    num_single: with items, the first num_single of them are single tokens (padded with slot-0 rows),
+                computed on the CUDA cores (the BGMV path); the rest use tensor cores on item_rows-row tiles
     """
 
     seg_indptr: torch.Tensor
@@ -43,6 +45,7 @@ class SegmentPlan:
     host_slot: list[int]
     items: torch.Tensor | None = None
     item_rows: int = 0
+    num_single: int = 0
 
     @property
     def num_segments(self) -> int:
@@ -136,19 +139,19 @@ def _jit(**kwargs):
     return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
 
 
-SEGMENT, TOKEN, WORKLIST = 0, 1, 2  # row tiling modes (the kernels' MODE)
+SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' MODE)
 
 
 @_jit()
 def _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE: tl.constexpr,
                BLOCK_M: tl.constexpr):
-    """(start, end, slot) of the rows that row program pid_m covers. In WORKLIST mode `indptr_ptr` is the
-    plan's items [N, 3]."""
+    """(start, end, slot) of the rows that row program pid_m covers. In WORKLIST and HYBRID modes
+    `indptr_ptr` is the plan's items [N, 3]."""
     if MODE == 1:  # TOKEN
         start = pid_m
         end = pid_m + 1
         slot = tl.load(token_slot_ptr + pid_m)
-    elif MODE == 2:  # WORKLIST
+    elif MODE >= 2:  # WORKLIST, HYBRID
         start = tl.load(indptr_ptr + 3 * pid_m)
         end = tl.load(indptr_ptr + 3 * pid_m + 1)
         slot = tl.load(indptr_ptr + 3 * pid_m + 2)
@@ -160,18 +163,12 @@ def _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE
     return start, end, slot
 
 
-@_jit(do_not_specialize=["T", "seg_blocks"])
-def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
-                   stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
-                   MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
-    if (slot == 0) | (start >= end):
-        return
-    rank = tl.minimum(tl.load(rank_ptr + slot), R)
+@_jit()
+def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
+                 stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                 R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+    """v[start:end, cols] = x[start:end] @ lora_a[slot, cols].T over split pid_k of h_in (see the kernel)."""
     r0 = (pid_r % R_BLOCKS) * BLOCK_R
     cols = (pid_r // R_BLOCKS) * R + r0 + tl.arange(0, BLOCK_R)
     offs_m = start + tl.arange(0, BLOCK_M)
@@ -212,18 +209,40 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
             tl.atomic_xchg(lock, 0)
 
 
-@_jit(do_not_specialize=["seg_blocks"])
-def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, y_ptr,
-                   stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2,
-                   MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
-                   IEEE: tl.constexpr):
+@_jit(do_not_specialize=["T", "seg_blocks", "n_single"])
+def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
+                   stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
+                   n_single, MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
+                   STAGES: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(1)
+    pid_r = tl.program_id(2)
     start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
         return
     rank = tl.minimum(tl.load(rank_ptr + slot), R)
+    if MODE == 3:  # HYBRID: the first n_single items are single tokens, on the CUDA cores
+        if pid_m < n_single:
+            _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
+                         stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
+                         SPLIT_K, 1, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+        else:
+            _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
+                         stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
+                         SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+    else:
+        _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
+                     stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
+                     SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+
+
+@_jit()
+def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
+                 stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
+                 STAGES: tl.constexpr, IEEE: tl.constexpr):
+    """y[start:end, tiles of program pid_n] += v[start:end] @ lora_b[slot, tiles].T (see the kernel)."""
     offs_m = start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
     y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt
@@ -256,6 +275,33 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
         tl.store(y_rows + offs_n[None, :], (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit(do_not_specialize=["seg_blocks", "n_single"])
+def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, y_ptr,
+                   stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2, n_single,
+                   MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
+                   IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
+    if (slot == 0) | (start >= end):
+        return
+    rank = tl.minimum(tl.load(rank_ptr + slot), R)
+    if MODE == 3:  # HYBRID: the first n_single items are single tokens, on the CUDA cores
+        if pid_m < n_single:
+            _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
+                         stride_yt, R, N, O1, O2, TILES1, TILES2, 1, BLOCK_N, BLOCK_R, R_CHUNKS,
+                         TILES_PER_PROGRAM, STAGES, IEEE)
+        else:
+            _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
+                         stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
+                         TILES_PER_PROGRAM, STAGES, IEEE)
+    else:
+        _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
+                     stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
+                     TILES_PER_PROGRAM, STAGES, IEEE)
+
+
 # ---- Launch configuration (host ints only) --------------------------------------------------------
 
 # Knobs picked on an H200 by `python -m benchmarks.bench_sgmv --tune --apply` (benchmarks/results/sgmv_NOTES.md);
@@ -263,6 +309,7 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 # shared adapters ran faster in segment mode.
 TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
+    "hybrid_graphs": 0,         # 1: CUDA graphs tile LoRA with hybrid work lists (not yet measured on a GPU)
     "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
@@ -308,11 +355,11 @@ def _num_sms(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _row_tiling(T: int, S: int, L: int, items: int, item_rows: int) -> tuple[int, int, int, int]:
+def _row_tiling(T: int, S: int, L: int, items: int, item_rows: int, num_single: int) -> tuple[int, int, int, int]:
     """(mode, BLOCK_M, row programs, blocks per segment) for T tokens in S segments of <= L tokens, or for
-    a work list of `items` row blocks of <= item_rows tokens."""
+    a work list of `items` row blocks of <= item_rows tokens (the first num_single of them single tokens)."""
     if items:
-        return WORKLIST, item_rows, items, 1
+        return HYBRID if num_single else WORKLIST, item_rows, items, 1
     block_m = min(max(16, _pow2(L)), TUNING["max_block_m"])
     seg_blocks = _cdiv(L, block_m)
     if L <= TUNING["bgmv_max_seg"] or S * seg_blocks > 2 * T:
@@ -325,30 +372,37 @@ def work_list_rows() -> int:
     return TUNING["max_block_m"]
 
 
-def _tiling(plan: SegmentPlan, T: int) -> tuple[int, int, int, int, int]:
-    """The lru-cache key of a plan's row tiling: (T, S, L, items, item_rows)."""
+def hybrid_graphs() -> bool:
+    """Whether CUDA graphs should use hybrid work lists (SegmentPlan.num_single) for LoRA."""
+    return bool(TUNING["hybrid_graphs"])
+
+
+def _tiling(plan: SegmentPlan, T: int) -> tuple[int, ...]:
+    """The lru-cache key of a plan's row tiling: (T, S, L, items, item_rows, num_single)."""
     n = 0 if plan.items is None else plan.items.shape[0]
-    return T, plan.num_segments, plan.max_seg_len, n, plan.item_rows
+    return T, plan.num_segments, plan.max_seg_len, n, plan.item_rows, plan.num_single
 
 
 @functools.lru_cache(maxsize=4096)
 def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int) -> tuple:
     """(grid, kernel args from H_IN on, num_warps)."""
     mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
-    token_mode = mode == TOKEN
+    singles = mode in (TOKEN, HYBRID)  # some programs take one token on the CUDA cores
     R = NR // n_slices
-    block_r = min(max(16, _pow2(R)), TUNING["bgmv_block_r"] if token_mode else 64)
+    block_r = min(max(16, _pow2(R)), TUNING["bgmv_block_r"] if singles else 64)
     r_programs = n_slices * _cdiv(R, block_r)
-    block_k = 8192 // block_r if token_mode else TUNING["shrink_block_k"]
-    block_k = min(block_k, TUNING["max_block_k"], max(16, _pow2(h_in)))
+    block_k1 = min(8192 // block_r, TUNING["max_block_k"], max(16, _pow2(h_in)))  # single-token programs
+    block_k = block_k1 if mode == TOKEN else min(TUNING["shrink_block_k"], TUNING["max_block_k"],
+                                                 max(16, _pow2(h_in)))
     split = min(TUNING["shrink_waves"] * sms // (rows * r_programs), _cdiv(h_in, block_k),
                 TUNING["max_split_k"], TUNING["split_reduce_elems"] // (block_m * block_r))
     split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
     split = 1 << (split.bit_length() - 1)  # a power of two: SPLIT_K is a constexpr, so few values, few compiles
-    k_per_split = _cdiv(_cdiv(h_in, split), block_k) * block_k
+    step = max(block_k, block_k1) if singles else block_k
+    k_per_split = _cdiv(_cdiv(h_in, split), step) * step
     split = _cdiv(h_in, k_per_split)
-    args = (h_in, R, NR, seg_blocks, k_per_split, mode, split, block_m, block_k, block_r, _cdiv(R, block_r),
-            TUNING["shrink_stages"])
+    args = (h_in, R, NR, seg_blocks, k_per_split, tiling[-1], mode, split, block_m, block_k, block_k1, block_r,
+            _cdiv(R, block_r), TUNING["shrink_stages"])
     return (rows, split, r_programs), args, TUNING["shrink_warps"]
 
 
@@ -363,8 +417,8 @@ def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: i
     tiles = [_cdiv(w, block_n) for w in widths] + [1 << 30] * (3 - len(widths))
     offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
     block_r = min(max(16, _pow2(R)), 64)
-    args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], mode,
-            block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
+    args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], tiling[-1],
+            mode, block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
     return (rows, _cdiv(sum(tiles[:len(widths)]), per_program), 1), args, TUNING["expand_warps"]
 
 
