@@ -164,6 +164,16 @@ def _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE
 
 
 @_jit()
+def _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks, R, MODE: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """(pid_m, start, end, slot, rank) of this row program; the caller returns at once when slot == 0 or
+    start >= end."""
+    pid_m = tl.program_id(0)
+    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
+    return pid_m, start, end, slot, tl.minimum(tl.load(rank_ptr + slot), R)
+
+
+@_jit()
 def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
                  stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -215,13 +225,12 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    n_single, MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
                    STAGES: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
+    pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
+                                                 R, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
         return
-    rank = tl.minimum(tl.load(rank_ptr + slot), R)
+    pid_k = tl.program_id(1)
+    pid_r = tl.program_id(2)
     if MODE == 3:  # HYBRID: the first n_single items are single tokens, on the CUDA cores
         if pid_m < n_single:
             _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
@@ -281,12 +290,11 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
                    IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
+    pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
+                                                 R, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
         return
-    rank = tl.minimum(tl.load(rank_ptr + slot), R)
+    pid_n = tl.program_id(1)
     if MODE == 3:  # HYBRID: the first n_single items are single tokens, on the CUDA cores
         if pid_m < n_single:
             _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,

@@ -1,0 +1,70 @@
+"""Compile the Triton kernels for sm_90 (H100/H200) without a GPU, with Triton's bundled LLVM and ptxas.
+
+The CPU tier runs kernels in the interpreter, which never compiles them: a construct the compiler rejects
+would first fail on the GPU. Run as a script with TRITON_INTERPRET unset (test_compile_sm90.py does);
+prints one line per variant and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from punica.ops import attention, sgmv
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_variant(fn, args: list[tuple[str, str]], consts: dict) -> int:
+    """Compile fn for TARGET with typed args and constexprs; returns the cubin size."""
+    signature = dict(args) | {name: "constexpr" for name in consts}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=TARGET,
+                            options=dict(num_warps=4))
+    return len(kernel.asm["cubin"])
+
+
+def ints(*names: str) -> list[tuple[str, str]]:
+    return [(n, "i32") for n in names]
+
+
+SHRINK = ([("x_ptr", "*bf16"), ("a_ptr", "*bf16"), ("rank_ptr", "*i32"), ("indptr_ptr", "*i32"),
+           ("seg_slot_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("v_ptr", "*fp32"), ("ws_ptr", "*fp32"),
+           ("lock_ptr", "*i32")]
+          + ints("stride_xt", "stride_as", "stride_ar", "stride_vt", "T", "H_IN", "R", "NR", "seg_blocks",
+                 "k_per_split", "n_single"))
+EXPAND = ([("v_ptr", "*fp32"), ("b_ptr", "*bf16"), ("rank_ptr", "*i32"), ("indptr_ptr", "*i32"),
+           ("seg_slot_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("y_ptr", "*bf16")]
+          + ints("stride_vt", "stride_bs", "stride_bn", "stride_yt", "R", "seg_blocks", "N", "O1", "O2", "TILES1",
+                 "TILES2", "n_single"))
+PREFILL = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
+           + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr", "tiles_ptr")] + [("scale_log2", "fp32")]
+           + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
+                  "stride_oh"))
+DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
+          + [("part_o_ptr", "*fp32"), ("part_lse_ptr", "*fp32")]
+          + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr")] + [("scale_log2", "fp32")]
+          + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
+                 "stride_oh"))
+
+
+def variants():
+    for mode, split, block_m in [(sgmv.SEGMENT, 1, 32), (sgmv.SEGMENT, 4, 32), (sgmv.TOKEN, 8, 1),
+                                 (sgmv.WORKLIST, 4, 32), (sgmv.HYBRID, 1, 32), (sgmv.HYBRID, 4, 32)]:
+        yield f"shrink mode {mode} split {split}", sgmv._shrink_kernel, SHRINK, dict(
+            MODE=mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=512 if mode == sgmv.TOKEN else 128, BLOCK_K1=512,
+            BLOCK_R=16, R_BLOCKS=1, STAGES=3, IEEE=False)
+    for mode, block_m in [(sgmv.SEGMENT, 32), (sgmv.TOKEN, 1), (sgmv.WORKLIST, 32), (sgmv.HYBRID, 32)]:
+        yield f"expand mode {mode}", sgmv._expand_kernel, EXPAND, dict(
+            MODE=mode, BLOCK_M=block_m, BLOCK_N=128, BLOCK_R=16, R_CHUNKS=1, TILES_PER_PROGRAM=1, STAGES=2,
+            IEEE=False)
+    for tiled in (False, True):
+        yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
+            GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled)
+    yield "decode attention", attention._decode_kernel, DECODE, dict(
+        GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32")
+
+
+if __name__ == "__main__":
+    for name, fn, args, consts in variants():
+        print(f"{name}: {compile_variant(fn, args, consts)} bytes of cubin", flush=True)
