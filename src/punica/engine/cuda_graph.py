@@ -65,6 +65,7 @@ class StaticBuffers:
         self.dev32 = torch.zeros_like(self.host32, device=device)
         self.h = self.views(self.host32)
         self.d = self.views(self.dev32)
+        self._copied: torch.cuda.Event | None = None  # the last host -> device copy of these buffers
 
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
         """(single-token items, row-block items) a bucket of t tokens holds at most; (0, 0): decode graphs
@@ -86,6 +87,8 @@ class StaticBuffers:
     def write(self, hb: HostBatch, t: int, mixed: bool) -> None:
         """Write a step of n <= B sequences and len(hb.ids) <= t tokens, padded with sentinels, and copy it
         to the device. Rows past t and sequences past n keep stale values that no kernel reads."""
+        if self._copied is not None:  # the previous step's copy must have read the host buffers (it has,
+            self._copied.synchronize()  # in practice: it runs first in that step, which is in flight)
         n, pad = len(hb.kv_lens), t - len(hb.ids)
         b = self.B if mixed else t
         logits = hb.logits_indices if mixed else list(range(t))
@@ -118,6 +121,9 @@ class StaticBuffers:
                 tiles + [-1, 0] * (self.tile_capacity(t) - len(tiles) // 2), dtype=torch.int32)
         self.dev64.copy_(self.host64, non_blocking=True)
         self.dev32.copy_(self.host32, non_blocking=True)
+        if self.dev64.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def clear(self) -> None:
         """Every row a sentinel (used while capturing)."""

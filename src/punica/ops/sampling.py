@@ -12,29 +12,41 @@ def sample_torch(logits: torch.Tensor, temperature: list[float], top_k: list[int
     restricted to the top_k[i] (0 = all) most likely tokens and the smallest set of mass >= top_p[i].
 
     logits: [N, V] fp32; returns [N] int64. A row with a generator draws its noise from it alone, so a
-    seeded request samples the same tokens whatever else is in the batch.
+    seeded request samples the same tokens whatever else is in the batch. Nothing here waits for the
+    device: per-row parameters travel in one asynchronous copy from pinned memory.
     """
     greedy = logits.argmax(-1)
     if all(t == 0 for t in temperature):
         return greedy
-    device = logits.device
-    temp = torch.tensor([t if t > 0 else 1.0 for t in temperature], device=device)
+    n, vocab = logits.shape
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    rows = _to_device([[t if t > 0 else 1.0 for t in temperature], top_p, ks, [float(t == 0) for t in temperature]],
+                      logits.device)
+    temp, p, k, is_greedy = rows
     x = logits / temp[:, None]
-    if any(0 < k < x.shape[-1] for k in top_k):
-        x = _mask_top_k(x, top_k)
-    if any(p < 1.0 for p in top_p):
-        x = _mask_top_p(x, torch.tensor(top_p, device=device))
+    if any(k < vocab for k in ks):
+        x = _mask_top_k(x, k.long())
+    if any(q < 1.0 for q in top_p):
+        x = _mask_top_p(x, p)
     probs = x.softmax(-1)
-    noise = torch.empty_like(probs)
+    noise = torch.empty_like(probs).exponential_()  # one launch for the unseeded rows
     for i, gen in enumerate(generators):
-        noise[i].exponential_(generator=gen)
+        if gen is not None:
+            noise[i].exponential_(generator=gen)
     sampled = (probs / noise).argmax(-1)  # exponential race: an exact draw from `probs`
-    is_greedy = torch.tensor([t == 0 for t in temperature], device=device)
-    return torch.where(is_greedy, greedy, sampled)
+    return torch.where(is_greedy.bool(), greedy, sampled)
 
 
-def _mask_top_k(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    k = torch.tensor([k if 0 < k < x.shape[-1] else x.shape[-1] for k in top_k], device=x.device)
+def _to_device(rows: list[list[float]], device: torch.device) -> torch.Tensor:
+    """[len(rows), N] float32 on `device`; from pinned memory without a host sync on CUDA (a plain
+    torch.tensor(..., device="cuda") waits for the stream, here for the whole step in flight)."""
+    host = torch.tensor(rows, dtype=torch.float32)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _mask_top_k(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     kth = x.sort(-1, descending=True).values.gather(-1, (k - 1)[:, None])
     return x.masked_fill(x < kth, float("-inf"))
 

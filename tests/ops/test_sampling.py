@@ -1,0 +1,45 @@
+"""Batched sampling: greedy rows, temperature draws that follow softmax(logits / T), top-k and top-p
+masks, and seeded rows independent of the rest of the batch."""
+
+from __future__ import annotations
+
+import torch
+
+from punica.ops.sampling import sample_torch
+
+
+def draws(logits_row: torch.Tensor, n: int, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+    logits = logits_row.expand(n, -1).contiguous()
+    return sample_torch(logits, [temperature] * n, [top_k] * n, [top_p] * n, [None] * n)
+
+
+def test_draws_follow_the_tempered_softmax():
+    torch.manual_seed(0)
+    row = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    for temperature in (1.0, 0.5, 2.0):
+        counts = torch.bincount(draws(row, 40000, temperature), minlength=5).float() / 40000
+        expected = (row / temperature).softmax(-1)
+        assert (counts - expected).abs().max() < 0.012, (temperature, counts, expected)
+
+
+def test_top_k_and_top_p_keep_only_their_tokens():
+    torch.manual_seed(1)
+    row = torch.tensor([3.0, 2.9, 2.8, 0.0, -1.0, -2.0])
+    assert set(draws(row, 5000, top_k=2).tolist()) == {0, 1}
+    probs = row.softmax(-1)  # top_p 0.5: token 0 alone has 0.36 < 0.5, with token 1 0.68 >= 0.5
+    assert probs[0] < 0.5 < probs[0] + probs[1]
+    assert set(draws(row, 5000, top_p=0.5).tolist()) == {0, 1}
+    assert set(draws(row, 5000, top_k=1).tolist()) == {0}
+
+
+def test_greedy_rows_and_seeded_rows_in_a_mixed_batch():
+    torch.manual_seed(2)
+    logits = torch.randn(6, 50)
+    temps = [0.0, 1.0, 0.0, 0.8, 1.0, 1.2]
+    gens = [None, torch.Generator().manual_seed(7), None, None, torch.Generator().manual_seed(8), None]
+    out = sample_torch(logits, temps, [0] * 6, [0.9] * 6, gens)
+    assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+    alone = sample_torch(logits[1:2], [1.0], [0], [0.9], [torch.Generator().manual_seed(7)])
+    assert out[1] == alone[0]  # a seeded row does not depend on what else is in the batch
+    alone = sample_torch(logits[4:5], [1.0], [0], [0.9], [torch.Generator().manual_seed(8)])
+    assert out[4] == alone[0]
