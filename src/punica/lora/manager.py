@@ -30,7 +30,8 @@ class AdapterManager:
         self.device_evictions = 0
 
     def _read(self, name: str, path: str) -> LoRAWeights:
-        return load_peft_adapter(name, path, self.model_cfg, self.cfg.max_lora_rank, self.dtype)
+        weights = load_peft_adapter(name, path, self.model_cfg, self.cfg.max_lora_rank, self.dtype)
+        return weights.pinned() if self.pool.slot_rank.is_cuda else weights  # the CPU cache is page-locked
 
     def check_allowed(self, path: str) -> None:
         """Refuse paths outside `allowed_lora_dirs` (dynamic loading from the network)."""

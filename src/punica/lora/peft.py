@@ -31,6 +31,12 @@ class LoRAWeights:
     rank: int
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def pinned(self) -> LoRAWeights:
+        """The same weights in page-locked memory: copies to the GPU then run as DMA, without the host
+        staging them (CUDA only)."""
+        modules = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in self.modules.items()}
+        return LoRAWeights(self.name, self.path, self.rank, modules)
+
 
 def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a base projection; k/v use the grouped-query width."""
