@@ -163,3 +163,30 @@ def test_abort_while_in_flight(llama):
     assert engine.abort(rid)  # a decode of it is in flight
     assert engine.step() == [] and not engine.has_unfinished()
     assert engine.blocks.num_used == 0 and engine.adapters.slots.pins("c16") == 0
+
+
+def test_adapter_read_in_background_and_a_failed_read_fails_only_its_requests(llama, tmp_path):
+    """With a CPU cache of one adapter, the others are read from disk again on a worker thread when a
+    request needs them. An adapter whose files broke after registration fails its own requests with an
+    error naming it; everyone else finishes normally and the engine keeps serving."""
+    import shutil
+
+    model_dir, adapters = llama
+    broken = tmp_path / "b8"
+    shutil.copytree(adapters["b8"], broken)
+    engine = Engine.from_args(model_dir, {"a4": adapters["a4"], "b8": str(broken), "c16": adapters["c16"]},
+                              device="cpu", max_loras=1, max_cpu_loras=1)
+    assert "b8" not in engine.adapters.cache  # registered, then evicted from the CPU cache by c16
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    ids = prompts(3, seed=9)
+    rids = engine.add_requests(ids, [GREEDY] * 3, ["a4", "b8", None])
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    failed = outs[rids[1]]
+    assert failed.finish_reason == "error" and "'b8' could not be read" in failed.error
+    assert [len(outs[r].token_ids) for r in (rids[0], rids[2])] == [12, 12]
+    assert outs[rids[0]].error is None and outs[rids[2]].error is None
+    assert engine.blocks.num_used == 0
+    again = list(engine.stream(ids[0], GREEDY, lora="c16"))[-1]  # c16 comes back from disk, in the background
+    assert again.finished and len(again.token_ids) == 12

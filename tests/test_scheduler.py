@@ -9,8 +9,28 @@ from punica.kv.block_manager import BlockManager
 
 
 class FakeAdapters:
+    """Slots as the AdapterManager keeps them; adapters in `on_disk` are not ready until `finish_read`."""
+
     def __init__(self, slots: int = 2):
         self.slots, self.pins, self.placed = slots, {}, []
+        self.on_disk, self.reading, self.errors = set(), [], {}
+
+    def ready(self, name):
+        return name not in self.on_disk
+
+    def prefetch(self, name):
+        if name not in self.reading:
+            self.reading.append(name)
+
+    def read_error(self, name):
+        return self.errors.pop(name, None)
+
+    def finish_read(self, name, error=None):
+        self.reading.remove(name)
+        if error is None:
+            self.on_disk.discard(name)
+        else:
+            self.errors[name] = error
 
     def can_acquire(self, name):
         return name in self.placed or len(self.placed) < self.slots or any(not self.pins.get(n) for n in self.placed)
@@ -168,3 +188,25 @@ def test_pending_tokens_finishing_sequences_and_preempted_placeholders():
     assert sched.schedule().work == {}  # `b` heads the queue with an unknown token: nobody starts
     b.tokens[-1], b.num_pending = 9, 0  # its step finished
     assert sched.schedule().work == {b: 5, late: 2}
+
+
+def test_adapters_read_from_disk_in_the_background_and_failed_reads_fail_only_their_requests():
+    """A request whose adapter is not in the CPU cache waits while it is read (later requests start
+    meanwhile); when the read fails, exactly the requests for that adapter leave the queue as failed."""
+    adapters = FakeAdapters(slots=4)
+    adapters.on_disk = {"slow", "broken"}
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockManager(32, 4), adapters)
+    slow, broken1, base, broken2 = seq(3, "slow", "slow"), seq(3, "broken", "b1"), seq(3, None, "base"), \
+        seq(3, "broken", "b2")
+    for s in (slow, broken1, base, broken2):
+        sched.add(s)
+    step = run_step(sched)
+    assert list(step.work) == [base] and adapters.reading == ["slow", "broken"]
+    assert not step.failed
+    adapters.finish_read("broken", error=OSError("gone"))
+    step = run_step(sched)
+    assert [s.request_id for s, _ in step.failed] == ["b1", "b2"] and list(step.work) == [base]
+    assert all(isinstance(e, OSError) for _, e in step.failed)
+    adapters.finish_read("slow")
+    step = run_step(sched)
+    assert list(step.work) == [base, slow] and list(sched.waiting) == []

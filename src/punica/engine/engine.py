@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 
@@ -178,6 +179,8 @@ class Engine:
         try:
             step = self.scheduler.schedule()
             self.num_preemptions += len(step.preempted)
+            for seq, error in step.failed:
+                self._carried.append(self._fail(seq, f"adapter {seq.lora!r} could not be read: {error}"))
             if step.work:
                 self._in_flight = self.runner.launch(step.work, previous)
         except Exception:
@@ -238,6 +241,11 @@ class Engine:
         self._requests.pop(seq.request_id, None)
         if seq.lora is not None:
             self.adapters.unref(seq.lora)
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """Finish `seq` with an error (the others carry on)."""
+        self._finish(seq, "error")
+        return dataclasses.replace(self._output(seq, [], ""), error=message)
 
     def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
         return RequestOutput(request_id=seq.request_id, token_ids=list(seq.output_ids), text=seq.text,

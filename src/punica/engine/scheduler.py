@@ -14,6 +14,7 @@ from punica.engine.request import Sequence, Status
 from punica.kv.block_manager import BlockManager
 
 MAX_BYPASS = 64  # later requests that may start while the oldest waits for an adapter slot
+PREFETCH_AHEAD = 32  # waiting requests whose adapters are read from disk ahead of admission
 
 
 class AdapterSlots(Protocol):
@@ -21,6 +22,9 @@ class AdapterSlots(Protocol):
 
     def can_acquire(self, name: str) -> bool: ...
     def is_active(self, name: str) -> bool: ...
+    def ready(self, name: str) -> bool: ...
+    def prefetch(self, name: str) -> None: ...
+    def read_error(self, name: str) -> Exception | None: ...
     def acquire(self, name: str) -> int: ...
     def release(self, name: str) -> None: ...
 
@@ -31,6 +35,7 @@ class ScheduledStep:
 
     work: dict[Sequence, int] = field(default_factory=dict)
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # their adapter could not be read
 
 
 class Scheduler:
@@ -63,8 +68,20 @@ class Scheduler:
 
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
         """First come, first served, with one exception: while the oldest waiting request waits only for an
-        adapter slot, later requests that need no new slot (base model, or an adapter already running) may
-        start, up to MAX_BYPASS times, so a busy adapter does not stall everyone else."""
+        adapter (a free slot, or its weights from disk, read in the background meanwhile), later requests
+        that need no new slot (base model, or an adapter already running) may start, up to MAX_BYPASS
+        times, so a busy or slow adapter does not stall everyone else. Requests whose adapter failed to
+        read leave the queue in `step.failed`."""
+        errors: dict[str, Exception] = {}
+        for seq in list(self.waiting)[:PREFETCH_AHEAD]:  # disk reads start while the batch is still full
+            if seq.lora is not None and not self.adapters.ready(seq.lora):
+                error = errors.get(seq.lora) or self.adapters.read_error(seq.lora)
+                if error is not None:
+                    errors[seq.lora] = error
+                    self.waiting.remove(seq)
+                    step.failed.append((seq, error))
+                else:
+                    self.adapters.prefetch(seq.lora)
         blocked: Sequence | None = None
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
@@ -73,6 +90,13 @@ class Scheduler:
                 return
             if seq.num_pending:  # preempted while its last token was on the device: next step
                 return
+            if seq.lora is not None and not self.adapters.ready(seq.lora):
+                self.adapters.prefetch(seq.lora)
+                if blocked is None:
+                    if seq.num_bypassed >= MAX_BYPASS:
+                        return  # it has waited long enough: nobody overtakes it any more
+                    blocked = seq
+                continue
             if blocked is not None and not (seq.lora is None or self.adapters.is_active(seq.lora)):
                 continue
             if seq.lora is not None and not self.adapters.can_acquire(seq.lora):

@@ -1,9 +1,15 @@
 """Adapter residency: registry (name -> PEFT dir) -> CPU cache (LRU) -> device slots (LRU, pinned while
-a running request uses them). Implements the scheduler's AdapterSlots protocol."""
+a running request uses them). Implements the scheduler's AdapterSlots protocol.
+
+An adapter that waiting requests need and the CPU cache lacks is read from disk on a worker thread
+(`prefetch`); the engine thread takes the result into the cache when it asks (`ready`), so a slow disk
+stalls only the requests for that adapter, and a failed read fails only them (`read_error`).
+"""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -28,6 +34,9 @@ class AdapterManager:
         self._retired: dict[str, str] = {}  # unloaded while in use: path kept until the last request ends
         self.device_loads = 0
         self.device_evictions = 0
+        self._reads: dict[str, Future] = {}  # disk reads on the worker thread, by adapter name
+        self._read_errors: dict[str, Exception] = {}
+        self._reader: ThreadPoolExecutor | None = None
 
     def _read(self, name: str, path: str) -> LoRAWeights:
         weights = load_peft_adapter(name, path, self.model_cfg, self.cfg.max_lora_rank, self.dtype)
@@ -76,10 +85,42 @@ class AdapterManager:
                 self._forget(name)
 
     def _forget(self, name: str) -> None:
+        self._reads.pop(name, None)
+        self._read_errors.pop(name, None)
         slot = self.slots.drop(name)
         if slot is not None:
             self.pool.clear(slot)
         self.cache.discard(name)
+
+    def prefetch(self, name: str) -> None:
+        """Start reading `name` from disk on the worker thread unless it is cached, placed or being read."""
+        if name in self.cache or self.slots.slot_of(name) is not None or name in self._reads \
+                or name in self._read_errors:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="punica-lora-read")
+        self._reads[name] = self._reader.submit(self._read, name, self.paths.get(name) or self._retired[name])
+
+    def ready(self, name: str) -> bool:
+        """Whether acquiring `name` needs no disk read: placed in a slot or in the CPU cache (finished
+        background reads are taken into the cache here, on the caller's thread)."""
+        read = self._reads.get(name)
+        if read is not None and read.done():
+            del self._reads[name]
+            try:
+                self.cache.put(name, read.result())
+                self.cache.loads += 1
+            except Exception as exc:  # reported to the requests that need it, once
+                self._read_errors[name] = exc
+        return self.slots.slot_of(name) is not None or name in self.cache
+
+    def read_error(self, name: str) -> Exception | None:
+        """The error of the last background read of `name`, if it failed (cleared by reading it)."""
+        return self._read_errors.pop(name, None)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
 
     def is_active(self, name: str) -> bool:
         """In a slot and used by a running request: acquiring it needs no new slot and evicts nothing."""
