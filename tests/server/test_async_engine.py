@@ -1,0 +1,49 @@
+"""The engine thread in-process: a step that raises (a device fault, say) fails the requests it ran with
+an error, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+from test_parity import prompts
+
+from punica import Engine, SamplingParams
+from punica.server.async_engine import AsyncEngine
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+async def collect(stream) -> list:
+    return [delivery.output async for delivery in stream]
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_lives(tiny_models):
+    _, model_dir, adapters = tiny_models["llama"]
+    engine = Engine.from_args(model_dir, adapters, device="cpu")
+    launch, faults = engine.runner.launch, []
+
+    def flaky(work, previous):
+        if not faults:
+            faults.append(len(work))
+            raise RuntimeError("injected device fault")
+        return launch(work, previous)
+
+    engine.runner.launch = flaky
+    ids = prompts(2, seed=4)
+
+    async def scenario():
+        runner = AsyncEngine(engine)
+        runner.start()
+        try:
+            first = await collect(await runner.add([ids[0]], [GREEDY], "a4"))
+            second = await collect(await runner.add([ids[1]], [GREEDY], None))
+        finally:
+            await runner.stop()
+        return runner, first, second
+
+    runner, first, second = asyncio.run(scenario())
+    assert faults == [1]
+    assert first[-1].finish_reason == "error" and "injected device fault" in first[-1].error
+    assert second[-1].finished and second[-1].error is None and len(second[-1].token_ids) == 4
+    assert runner.step_errors == 1
+    assert engine.blocks.num_used == 0 and engine.adapters.slots.pins("a4") == 0
