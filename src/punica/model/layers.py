@@ -10,6 +10,11 @@ from punica.model.batch import Batch
 from punica.ops import Ops
 
 
+# Above this many tokens the GEMM is compute-bound and long: running the LoRA beside it gains little, while
+# its separate delta costs a zero-fill and an add over [T, out] (hundreds of MB for a 4096-token chunk).
+SIDE_STREAM_MAX_TOKENS = 512
+
+
 class LoRALinear(nn.Module):
     """y = x @ W.T + b, then y[:, slice i] += LoRA_i(x) for each token's adapter.
 
@@ -37,7 +42,7 @@ class LoRALinear(nn.Module):
         if self.lora_a is None or not batch.lora.has_lora:
             return nn.functional.linear(x, self.weight, self.bias)
         side = self.side_stream
-        if side is None:
+        if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:
             y = nn.functional.linear(x, self.weight, self.bias)
             self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
             return y
