@@ -9,7 +9,6 @@ from torch import nn
 from punica.model.batch import Batch
 from punica.ops import Ops
 
-
 # Above this many tokens the GEMM is compute-bound and long: running the LoRA beside it gains little, while
 # its separate delta costs a zero-fill and an add over [T, out] (hundreds of MB for a 4096-token chunk).
 SIDE_STREAM_MAX_TOKENS = 512
