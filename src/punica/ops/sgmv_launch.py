@@ -1,0 +1,152 @@
+"""SGMV launch configuration from host ints only (never device data, so CUDA graphs stay valid): row
+tiling modes, tile sizes, split-K, the tuned knobs, and the direct launch of compiled kernels."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' MODE)
+
+# Knobs picked on an H200 by `python -m benchmarks.bench_sgmv --tune --apply` (benchmarks/results/sgmv_NOTES.md);
+# `set_tuning` changes them for sweeps. Token mode only for all-distinct decode: Uniform/Zipf batches with
+# shared adapters ran faster in segment mode.
+TUNING = {
+    "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
+    "hybrid_graphs": 0,         # 1: CUDA graphs tile LoRA with hybrid work lists (not yet measured on a GPU)
+    "max_block_m": 32,
+    "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
+    "max_split_k": 32,
+    "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
+    "shrink_block_k": 128,      # segment mode
+    "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
+    "max_block_k": 512,
+    "shrink_stages": 3,
+    "shrink_warps": 4,
+    "expand_waves": 4,          # expand programs aimed at per SM; BLOCK_N halves until reached
+    "expand_block_n": 128,
+    "expand_tiles": 1,          # N tiles per expand program
+    "expand_stages": 2,
+    "expand_warps": 4,
+}
+_MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
+_locks: dict[torch.device, torch.Tensor] = {}
+_compiled: dict[tuple, object] = {}  # launch key -> Triton's compiled kernel
+_direct = True
+
+
+def set_tuning(**knobs: int) -> None:
+    """Override launch knobs (benchmark sweeps and tests); unknown names raise KeyError."""
+    for name, value in knobs.items():
+        if name not in TUNING:
+            raise KeyError(f"unknown SGMV knob {name!r}; known: {sorted(TUNING)}")
+        TUNING[name] = value
+    for cached in (_row_tiling, _shrink_config, _expand_config):
+        cached.cache_clear()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count if device_index >= 0 else 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_tiling(T: int, S: int, L: int, items: int, item_rows: int, num_single: int) -> tuple[int, int, int, int]:
+    """(mode, BLOCK_M, row programs, blocks per segment) for T tokens in S segments of <= L tokens, or for
+    a work list of `items` row blocks of <= item_rows tokens (the first num_single of them single tokens)."""
+    if items:
+        return HYBRID if num_single else WORKLIST, item_rows, items, 1
+    block_m = min(max(16, _pow2(L)), TUNING["max_block_m"])
+    seg_blocks = _cdiv(L, block_m)
+    if L <= TUNING["bgmv_max_seg"] or S * seg_blocks > 2 * T:
+        return TOKEN, 1, T, 1
+    return SEGMENT, block_m, S * seg_blocks, seg_blocks
+
+
+def work_list_rows() -> int:
+    """The row-block size plans should cut their work lists into (SegmentPlan.items)."""
+    return TUNING["max_block_m"]
+
+
+def hybrid_graphs() -> bool:
+    """Whether CUDA graphs should use hybrid work lists (SegmentPlan.num_single) for LoRA."""
+    return bool(TUNING["hybrid_graphs"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int) -> tuple:
+    """(grid, kernel args from H_IN on, num_warps)."""
+    mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
+    singles = mode in (TOKEN, HYBRID)  # some programs take one token on the CUDA cores
+    R = NR // n_slices
+    block_r = min(max(16, _pow2(R)), TUNING["bgmv_block_r"] if singles else 64)
+    r_programs = n_slices * _cdiv(R, block_r)
+    block_k1 = min(8192 // block_r, TUNING["max_block_k"], max(16, _pow2(h_in)))  # single-token programs
+    block_k = block_k1 if mode == TOKEN else min(TUNING["shrink_block_k"], TUNING["max_block_k"],
+                                                 max(16, _pow2(h_in)))
+    split = min(TUNING["shrink_waves"] * sms // (rows * r_programs), _cdiv(h_in, block_k),
+                TUNING["max_split_k"], TUNING["split_reduce_elems"] // (block_m * block_r))
+    split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
+    split = 1 << (split.bit_length() - 1)  # a power of two: SPLIT_K is a constexpr, so few values, few compiles
+    step = max(block_k, block_k1) if singles else block_k
+    k_per_split = _cdiv(_cdiv(h_in, split), step) * step
+    split = _cdiv(h_in, k_per_split)
+    args = (h_in, R, NR, seg_blocks, k_per_split, tiling[-1], mode, split, block_m, block_k, block_k1, block_r,
+            _cdiv(R, block_r), TUNING["shrink_stages"])
+    return (rows, split, r_programs), args, TUNING["shrink_warps"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: int) -> tuple:
+    """(grid, kernel args from R on, num_warps)."""
+    mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
+    widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
+    block_n, per_program = TUNING["expand_block_n"], TUNING["expand_tiles"]
+    while block_n > 32 and rows * sum(_cdiv(w, block_n) for w in widths) < TUNING["expand_waves"] * sms:
+        block_n //= 2
+    tiles = [_cdiv(w, block_n) for w in widths] + [1 << 30] * (3 - len(widths))
+    offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
+    block_r = min(max(16, _pow2(R)), 64)
+    args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], tiling[-1],
+            mode, block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
+    return (rows, _cdiv(sum(tiles[:len(widths)]), per_program), 1), args, TUNING["expand_warps"]
+
+
+def _lock_buffer(device: torch.device) -> torch.Tensor:
+    """Split-K counters, zero between launches (each launch resets those it used). Allocated on first use:
+    run one eager call before capturing a CUDA graph."""
+    if device not in _locks:
+        _locks[device] = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
+    return _locks[device]
+
+
+def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, tail: tuple, num_warps: int) -> None:
+    """kernel[grid](*tensors, *strides, *free, *tail). Once a specialization (dtypes, 16-byte alignment,
+    every int but the `free` ones) has compiled, later launches call the compiled kernel directly: Triton's
+    generic launch path costs tens of microseconds of Python per call."""
+    global _direct
+    args = (*tensors, *strides, *free, *tail)
+    if not tensors[0].is_cuda:  # the interpreter
+        kernel[grid](*args, num_warps=num_warps)
+        return
+    key = (kernel, tensors[0].get_device(), num_warps, strides, tail, *(t.dtype for t in tensors),
+           *(t.data_ptr() % 16 == 0 for t in tensors))
+    compiled = _compiled.get(key) if _direct else None
+    if compiled is not None:
+        try:
+            compiled[grid](*args)
+            return
+        except TypeError:  # a Triton whose launcher wants other arguments: stay on the generic path
+            _direct = False
+    compiled = kernel[grid](*args, num_warps=num_warps)
+    if compiled is not None and hasattr(compiled, "function"):
+        _compiled[key] = compiled
