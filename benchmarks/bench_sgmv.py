@@ -4,6 +4,7 @@ resident, against the backbone x @ W alone, a naive loop over adapters and gathe
     python -m benchmarks.bench_sgmv --quick        the issue's target cases as a table (+ sgmv_quick.jsonl)
     python -m benchmarks.bench_sgmv                the sweep (+ sgmv.jsonl and the backbone-vs-SGMV PNG)
     python -m benchmarks.bench_sgmv --tune         launch-knob sweep on the target cases (sgmv_tune.jsonl)
+    python -m benchmarks.bench_sgmv --work-lists   the CUDA graphs' tilings side by side (sgmv_work_lists.jsonl)
 
 Times are GPU microseconds, median over --reps, L2 flushed before each rep: `eager` (events around the
 Python call) and `graph` (one CUDA-graph replay). Achieved bandwidth counts the fewest bytes the op must
@@ -13,6 +14,7 @@ move (each used adapter's A and B once, x read, y read and written) against the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from punica.lora.plan import build_segment_plan
+from punica.lora.plan import build_segment_plan, hybrid_items, work_items
 from punica.ops import sgmv
 from punica.workload import adapter_indices
 
@@ -66,10 +68,14 @@ def weights(h_out: int, r: int) -> tuple[torch.Tensor, ...]:
     return a, b, slot_rank, W
 
 
-def make_problem(h_out: int, r: int, tokens: int, popularity: str) -> Problem:
+def make_problem(h_out: int, r: int, tokens: int, popularity: str, prefill: int = 0) -> Problem:
+    """`tokens` one-token requests with adapters drawn by `popularity`; with `prefill`, the first request
+    is a chunk of that many tokens instead (a step mixing a prefill with decodes)."""
     a, b, slot_rank, W = weights(h_out, r)
     slots = sorted(i + 1 for i in adapter_indices(popularity, tokens, NUM_ADAPTERS))
-    plan = build_segment_plan(slots, [1] * tokens, torch.device("cuda"))
+    lengths = [prefill or 1] + [1] * (tokens - 1)
+    plan = build_segment_plan(slots, lengths, torch.device("cuda"))
+    tokens = sum(lengths)
     x = torch.randn(tokens, H_IN, device="cuda").bfloat16()
     y = torch.randn(tokens, h_out, device="cuda").bfloat16()
     v = torch.randn(tokens, r, device="cuda").bfloat16()
@@ -173,6 +179,42 @@ def run_sweep(args, flush, copy_bw, setup) -> list[dict]:
                         f"{x['system']} {x['graph_us']:.1f}" for x in rows if x["tokens"] == tokens and
                         x["popularity"] == pop and x["r"] == r and x["h_out"] == h_out), flush=True)
     harness.write_jsonl("sgmv", rows, setup, args.out_dir)
+    return rows
+
+
+def with_tiling(plan: sgmv.SegmentPlan, tiling: str, rows: int = 32) -> sgmv.SegmentPlan:
+    """The plan as CUDA graphs give it: "work_list" (row blocks) or "hybrid" (single tokens first)."""
+    if tiling == "default":
+        return plan
+    if tiling == "hybrid":
+        singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, rows, single_max=1)
+    else:
+        singles, blocks = [], work_items(plan.host_indptr, plan.host_slot, rows)
+    items = torch.tensor(singles + blocks, dtype=torch.int32, device=plan.seg_indptr.device).view(-1, 3)
+    return dataclasses.replace(plan, items=items, item_rows=rows, num_single=len(singles) // 3)
+
+
+def run_work_lists(args, flush, copy_bw, setup) -> list[dict]:
+    """Graph replay of the add-on in the default tiling (token or segment), as a work list (mixed-step
+    graphs today) and as a hybrid work list, for decode batches and for a 128-token chunk among decodes."""
+    rows, table = [], []
+    for h_out, r in ((4096, 16), (11008, 16), (11008, 64)):
+        for tokens, prefill in ((32, 0), (128, 0), (256, 0), (32, 128)):
+            for pop in ("distinct", "uniform", "identical"):
+                p = make_problem(h_out, r, tokens, pop, prefill)
+                entry = dict(case=f"{H_IN}->{h_out} r{r}", T=p.tokens, prefill=prefill, popularity=pop)
+                for tiling in ("default", "work_list", "hybrid"):
+                    plan = with_tiling(p.plan, tiling)
+                    fn = functools.partial(sgmv.add_lora_triton, p.y, p.x, p.lora_a, p.lora_b, p.slot_rank, plan,
+                                           (0, p.h_out))
+                    us = harness.time_graph(fn, reps=args.reps, flush=flush)
+                    rows.append(dict(h_out=h_out, r=r, tokens=p.tokens, prefill=prefill, popularity=pop,
+                                     tiling=tiling, graph_us=us))
+                    entry[tiling] = us
+                table.append(entry)
+                print(entry, flush=True)
+    harness.write_jsonl("sgmv_work_lists", rows, setup, args.out_dir)
+    harness.print_table(table, list(table[0]))
     return rows
 
 
@@ -292,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-host", action="store_true", help="cProfile the eager Python path")
     ap.add_argument("--apply", action="store_true", help="with --tune: use the best knobs for what follows")
     ap.add_argument("--sweep", action="store_true", help="run the sweep also with --quick/--tune")
+    ap.add_argument("--work-lists", action="store_true", help="default vs work-list vs hybrid tiling")
     ap.add_argument("--h-out", type=int, nargs="+", default=[4096, 11008])
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
@@ -317,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"knobs: {sgmv.TUNING}", flush=True)
     if args.quick:
         run_quick(args, flush, copy_bw, setup)
-    if args.sweep or not (args.quick or args.tune or args.profile_host):
+    if args.work_lists:
+        run_work_lists(args, flush, copy_bw, setup)
+    if args.sweep or not (args.quick or args.tune or args.profile_host or args.work_lists):
         rows = run_sweep(args, flush, copy_bw, setup)
         path = plot(rows, args.out_dir)
         print(f"wrote {path}")
