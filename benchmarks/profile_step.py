@@ -144,6 +144,7 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         graphs.run(mixed_hb)
         row["mixed_graph_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
         torch.cuda.synchronize()
+        row["mixed_graph_kernels"] = kernel_table(lambda: graphs.run(mixed_hb))
     row["mixed_gpu_ms"] = round(gpu_ms(lambda: model(mixed), reps=5), 3)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for pop in args.popularity:
             row = profile(engine, pop, list(adapters), args.batch_size, args.context, args.steps)
-            for key in ("graph_kernels", "eager_kernels"):
+            for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels"):
                 if key in row:
                     print(f"\n{pop}: {key}")
                     print_table(row[key], ["kernel", "calls", "us"])
