@@ -131,3 +131,5 @@ def test_bad_engine_options(tiny_models):
         LLM(model=model_dir, device="cpu", block_size=12)
     with pytest.raises(ConfigError, match="dtype"):
         LLM(model=model_dir, device="cpu", dtype="float8")
+    with pytest.raises(ConfigError, match="max_graph_tokens must be positive"):
+        LLM(model=model_dir, device="cpu", max_graph_tokens=0)

@@ -122,3 +122,16 @@ def test_lora_side_stream_matches_one_stream(tiny_models):
         outs = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
         assert all(len(o) == GREEDY.max_tokens for o in outs)
     assert_close(logits[0], logits[1], dtype=torch.bfloat16)
+
+
+def test_steps_over_max_graph_tokens_run_eagerly(tiny_models):
+    """max_graph_tokens caps the mixed-step graphs; bigger steps run eagerly and give the same tokens."""
+    _, model_dir, adapters = tiny_models["llama"]
+    ids = [p * 6 for p in prompts(seed=27)]  # 8 x 42 tokens: prefill steps of up to 256 tokens
+    outs = []
+    for cap in (None, 64):
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda",
+                  max_num_batched_tokens=256, max_graph_tokens=cap)
+        assert llm.engine.runner.graphs.token_buckets[-1] == (cap or 256)
+        outs.append([o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)])
+    assert outs[0] == outs[1]

@@ -157,6 +157,7 @@ class EngineConfig:
     backend: str = "auto"
     enforce_eager: bool = False
     lora_side_stream: bool = True  # CUDA: LoRA deltas on a second stream, concurrent with the base GEMMs
+    max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)
     load_format: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -166,6 +167,8 @@ class EngineConfig:
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check(self.max_graph_tokens is None or self.max_graph_tokens > 0,
+               f"max_graph_tokens must be positive, got {self.max_graph_tokens}")
         _check(self.load_format in ("auto", "dummy"),
                f"load_format must be 'auto' (checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
 

@@ -81,7 +81,8 @@ class Engine:
         if self.config.enforce_eager or self.info.backend != "triton" or self.info.device == "cpu":
             return None
         sched = self.config.scheduler
-        graphs = CudaGraphRunner(self.model, pool.slot_rank, sched.max_num_seqs, sched.max_num_batched_tokens,
+        tokens = min(self.config.max_graph_tokens or sched.max_num_batched_tokens, sched.max_num_batched_tokens)
+        graphs = CudaGraphRunner(self.model, pool.slot_rank, sched.max_num_seqs, max(tokens, sched.max_num_seqs),
                                  max_len, self.config.cache.block_size, torch.device(self.info.device))
         graphs.capture()
         return graphs
