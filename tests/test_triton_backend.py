@@ -47,7 +47,7 @@ def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid):
     engine.runner.graphs = graphs
     used = []
     run = graphs.run
-    graphs.run = lambda hb, previous: used.append(graphs.key(hb)[0]) or run(hb, previous)
+    graphs.run = lambda hb, *rest: used.append(graphs.key(hb)[0]) or run(hb, *rest)
     ids = prompts(seed=12)
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]

@@ -222,10 +222,11 @@ class CudaGraphRunner:
     def can_run(self, hb: HostBatch) -> bool:
         return self.key(hb) is not None
 
-    def run(self, hb: HostBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, hb: HostBatch, previous: torch.Tensor | None = None,
+            key: tuple[str, int, bool] | None = None) -> torch.Tensor:
         """Logits of the step's sequences that want one, in hb order. `previous`: the device tokens of the
-        step in flight, which placeholder ids refer to."""
-        kind, t, with_lora = key = self.key(hb)
+        step in flight, which placeholder ids refer to; `key`: self.key(hb), if the caller has it."""
+        kind, t, with_lora = key = key or self.key(hb)
         self.buf.write(hb, t, mixed=kind == "mixed")
         if hb.has_pending:
             resolve_pending(self.buf.dev64[0, :t], previous)

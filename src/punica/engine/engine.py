@@ -66,7 +66,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
         self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device, config.scheduler.max_num_seqs,
-                                  max_len, self._graphs(pool, max_len))
+                                  self._graphs(pool, max_len))
         self._in_flight: InFlight | None = None  # the step launched last, its tokens not yet read
         self._carried: list[RequestOutput] = []  # outputs of a step whose successor failed to launch
         self._requests: dict[str, Sequence] = {}
@@ -184,16 +184,21 @@ class Engine:
                 self._carried.append(self._fail(seq, f"adapter {seq.lora!r} could not be read: {error}"))
             if step.work:
                 self._in_flight = self.runner.launch(step.work, previous)
+                for seq in self._in_flight.seqs:  # its pending token is its last: not scheduled again
+                    seq.finishing = self._at_length_limit(seq, len(seq.tokens))
         except Exception:
             if previous is not None:  # its tokens are good: report them with the next step
                 self._carried += self._read(previous)
             raise
-        outputs, self._carried = self._carried, []
-        return outputs + (self._read(previous) if previous is not None else [])
+        return self._report(previous)
 
     def sync(self) -> list[RequestOutput]:
         """Wait for the step in flight and report its tokens, launching nothing new."""
         previous, self._in_flight = self._in_flight, None
+        return self._report(previous)
+
+    def _report(self, previous: InFlight | None) -> list[RequestOutput]:
+        """Outputs held back by a failed launch, then those of `previous`."""
         outputs, self._carried = self._carried, []
         return outputs + (self._read(previous) if previous is not None else [])
 
@@ -230,9 +235,13 @@ class Engine:
                         return "stop"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
-        if len(seq.output_ids) >= p.max_tokens or seq.num_known >= self.info.max_model_len:
+        if self._at_length_limit(seq, seq.num_known):
             return "length"
         return None
+
+    def _at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` with `num_tokens` tokens (prompt included) has reached max_tokens or max_model_len."""
+        return num_tokens - len(seq.prompt_ids) >= seq.params.max_tokens or num_tokens >= self.info.max_model_len
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         del seq.tokens[seq.num_known:]  # tokens of steps still in flight are dropped

@@ -108,9 +108,8 @@ class ModelRunner:
     device (see `resolve_pending`)."""
 
     def __init__(self, model: LlamaModel, slot_rank: torch.Tensor, block_size: int, device: torch.device,
-                 max_seqs: int, max_model_len: int, graphs=None):
+                 max_seqs: int, graphs=None):
         self.model = model
-        self.max_model_len = max_model_len
         self.slot_rank = slot_rank
         self.block_size = block_size
         self.device = device
@@ -128,8 +127,9 @@ class ModelRunner:
         """Logits of every sequence whose chunk reaches its end, in `work` order. `previous`: the device
         tokens of the step in flight, which placeholder ids refer to."""
         hb = host_batch(work, self.block_size)
-        if self.graphs is not None and self.graphs.can_run(hb):
-            return self.graphs.run(hb, previous)
+        key = self.graphs.key(hb) if self.graphs is not None else None
+        if key is not None:
+            return self.graphs.run(hb, previous, key)
         batch = to_device_batch(hb, self.slot_rank, self.device)
         if hb.has_pending:
             resolve_pending(batch.input_ids, previous)
@@ -154,9 +154,6 @@ class ModelRunner:
         for row, seq in enumerate(done):
             seq.tokens.append(-1 - row)
             seq.num_pending += 1
-            p = seq.params
-            seq.finishing = len(seq.tokens) - len(seq.prompt_ids) >= p.max_tokens or \
-                len(seq.tokens) >= self.max_model_len
         return InFlight(done, tokens, host, ready)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

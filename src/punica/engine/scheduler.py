@@ -5,6 +5,7 @@ recomputed later. Nothing is dropped. Pure Python: no torch."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -73,7 +74,7 @@ class Scheduler:
         times, so a busy or slow adapter does not stall everyone else. Requests whose adapter failed to
         read leave the queue in `step.failed`."""
         errors: dict[str, Exception] = {}
-        for seq in list(self.waiting)[:PREFETCH_AHEAD]:  # disk reads start while the batch is still full
+        for seq in list(itertools.islice(self.waiting, PREFETCH_AHEAD)):  # reads start while the batch is full
             if seq.lora is not None and not self.adapters.ready(seq.lora):
                 error = errors.get(seq.lora) or self.adapters.read_error(seq.lora)
                 if error is not None:
