@@ -173,8 +173,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
-    ap.add_argument("--no-lora-epilogue", action="store_true",
-                    help="every projection adds its own LoRA delta (A/B of the fused epilogues)")
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
     cfg = TINY if args.tiny else LLAMA2_7B
@@ -184,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     setup = dict(environment(), bench="textgen_lora", model="tiny" if args.tiny else "llama-2-7b-arch-random",
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
-                 lora_epilogue=not args.no_lora_epilogue)
+                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
@@ -219,8 +216,7 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
         engine = Engine.from_args(model_dir, adapters if system == "punica" else None, device=device,
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
-                                  max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager,
-                                  lora_epilogue=not args.no_lora_epilogue)
+                                  max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager)
         for pop in args.popularity if system == "punica" else ["none"]:
             names = list(adapters)
             loras = ([names[i] for i in adapter_indices(pop, len(lengths), len(names), seed=1)]

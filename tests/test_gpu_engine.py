@@ -124,22 +124,6 @@ def test_lora_side_stream_matches_one_stream(tiny_models):
     assert_close(logits[0], logits[1], dtype=torch.bfloat16)
 
 
-def test_lora_epilogue_matches_separate_deltas(tiny_models):
-    """Deltas added inside the next op (in graphs, with the side stream) give the logits and tokens of
-    projections that add their own deltas."""
-    from test_parity import last_token_logits
-
-    _, model_dir, adapters = tiny_models["llama"]
-    ids = prompts(seed=28)
-    logits, tokens = [], []
-    for fused in (True, False):
-        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", lora_epilogue=fused)
-        logits.append(last_token_logits(llm, ids, LORAS))
-        tokens.append([o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)])
-        assert all(len(o) == GREEDY.max_tokens for o in tokens[-1])
-    assert_close(logits[0], logits[1], dtype=torch.bfloat16)
-
-
 def test_steps_over_max_graph_tokens_run_eagerly(tiny_models):
     """max_graph_tokens caps the mixed-step graphs; bigger steps run eagerly and give the same tokens."""
     _, model_dir, adapters = tiny_models["llama"]

@@ -53,31 +53,3 @@ def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid):
     ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
     assert {"decode", "mixed"} <= set(used)
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 5)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_lora_epilogues_equal_per_projection_deltas(tiny_models, backend, monkeypatch):
-    """With lora_epilogue, o/gate_up/down hand their deltas to the next op (checked by a spy), and the
-    logits equal those of the same engine adding every delta in its projection."""
-    import torch
-    from test_parity import last_token_logits
-
-    from punica.model.layers import LoRALinear
-    from punica.testing import assert_close
-
-    _, model_dir, adapters = tiny_models["llama"]
-    llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend=backend)
-    deferred = []
-    forward_deferred = LoRALinear.forward_deferred
-    monkeypatch.setattr(LoRALinear, "forward_deferred",
-                        lambda self, x, batch: deferred.append(out := forward_deferred(self, x, batch)) or out)
-    ids = prompts(seed=13)
-    fused = last_token_logits(llm, ids, LORAS)
-    assert deferred and all(d is not None for _, d in deferred)
-    deferred.clear()
-    llm.engine.model.defer_lora(False)
-    separate = last_token_logits(llm, ids, LORAS)
-    assert deferred and all(d is None for _, d in deferred)
-    assert_close(fused, separate, dtype=torch.float32)
-    assert not torch.equal(fused, last_token_logits(LLM(model=model_dir, dtype="float32", device="cpu",
-                                                        backend=backend), ids, [None] * len(ids)))

@@ -157,7 +157,6 @@ class EngineConfig:
     backend: str = "auto"
     enforce_eager: bool = False
     lora_side_stream: bool = True  # CUDA: LoRA deltas on a second stream, concurrent with the base GEMMs
-    lora_epilogue: bool = True  # small steps: the next op (norm, silu-mul) adds o/gate_up/down's LoRA delta
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)
     load_format: str = "auto"
     seed: int = 0

@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from punica.ops import attention, norm_rope, sgmv
+from punica.ops import attention, sgmv
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -47,13 +47,6 @@ DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
           + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
                  "stride_oh"))
 
-EPILOGUE = [(n, "*i32") for n in ("token_slot_ptr", "slot_rank_ptr")]
-LORA_NORM = ([(n, "*bf16") for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")]
-             + [("v_ptr", "*fp32"), ("b_ptr", "*bf16")] + EPILOGUE + ints("stride_x", "stride_r", "stride_v", "H")
-             + [("eps", "fp32")])
-LORA_SILU = ([("x_ptr", "*bf16"), ("out_ptr", "*bf16"), ("v_ptr", "*fp32"), ("b_ptr", "*bf16")] + EPILOGUE
-             + ints("stride_x", "stride_v", "inter"))
-
 
 def variants():
     for mode, split, block_m in [(sgmv.SEGMENT, 1, 32), (sgmv.SEGMENT, 4, 32), (sgmv.TOKEN, 8, 1),
@@ -70,10 +63,6 @@ def variants():
             GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled)
     yield "decode attention", attention._decode_kernel, DECODE, dict(
         GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32")
-    yield "add_rms_norm with LoRA delta", norm_rope._lora_add_rms_norm_kernel, LORA_NORM, dict(
-        R=16, ROUND_FIRST=True, CHUNK=1024, BLOCK_R=16)
-    yield "silu_and_mul with LoRA delta", norm_rope._silu_and_mul_kernel, LORA_SILU, dict(
-        R=64, LORA=True, BLOCK=256, BLOCK_R=16)
 
 
 if __name__ == "__main__":

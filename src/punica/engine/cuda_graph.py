@@ -148,7 +148,7 @@ class CudaGraphRunner:
         self.token_buckets = token_buckets(max_tokens)
         tile_rows = prefill_tile_rows(model.config.head_dim, model.embed_tokens.weight.dtype, max_tokens)
         self.buf = StaticBuffers(max_tokens, max_batch, _cdiv(max_model_len, block_size), work_list_rows(),
-                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["hybrid_single_max"]))
+                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["bgmv_max_seg"]))
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, Batch]] = {}

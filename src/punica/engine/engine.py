@@ -49,7 +49,6 @@ class Engine:
         torch.manual_seed(config.seed)
         self.model = load_model(config.model, select_ops(backend), dtype, device, config.load_format)
         self.model.overlap_lora(config.lora_side_stream and backend == "triton" and device.type == "cuda")
-        self.model.defer_lora(config.lora_epilogue)
         self.model_config = model_cfg
         self.tokenizer = Tokenizer.from_dir(config.model)
         block_size = config.cache.block_size

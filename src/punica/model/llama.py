@@ -11,9 +11,8 @@ from torch import nn
 
 from punica.config import ModelConfig
 from punica.model.batch import Batch
-from punica.model.layers import DEFER_MAX_TOKENS, LoRALinear, RMSNorm
+from punica.model.layers import LoRALinear, RMSNorm
 from punica.ops import Ops
-from punica.ops.lora_epilogue import LoRADelta
 from punica.ops.norm_rope import rope_cos_sin, rope_inv_freq
 
 
@@ -29,8 +28,7 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, LoRADelta | None]:
-        """(o_proj's output, its LoRA delta for the next norm to add)."""
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x, batch).split(self.qkv_proj.out_slices, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -39,7 +37,7 @@ class Attention(nn.Module):
         q, k = self.ops.apply_rope(q, k, batch.positions, self.cos_sin)
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, batch.attn, self.scale)
-        return self.o_proj.forward_deferred(out.reshape(T, -1), batch)
+        return self.o_proj(out.reshape(T, -1), batch)
 
 
 class MLP(nn.Module):
@@ -49,11 +47,8 @@ class MLP(nn.Module):
         self.gate_up_proj = LoRALinear(ops, cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size))
         self.down_proj = LoRALinear(ops, cfg.intermediate_size, (cfg.hidden_size,))
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, LoRADelta | None]:
-        """(down_proj's output, its LoRA delta for the next norm to add)."""
-        gate_up, delta = self.gate_up_proj.forward_deferred(x, batch)
-        h = self.ops.silu_and_mul(gate_up) if delta is None else self.ops.silu_and_mul(gate_up, delta)
-        return self.down_proj.forward_deferred(h, batch)
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x, batch)), batch)
 
 
 class DecoderLayer(nn.Module):
@@ -64,17 +59,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(ops, cfg)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, delta: LoRADelta | None, batch: Batch):
-        """(x, residual, delta) -> the same for the next layer; delta is the previous down_proj's LoRA delta,
-        which this layer's first norm adds."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: Batch):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual, delta)
-        x, delta = self.self_attn(x, batch)
-        x, residual = self.post_attention_layernorm(x, residual, delta)
-        x, delta = self.mlp(x, batch)
-        return x, residual, delta
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, batch), residual
 
 
 class LlamaModel(nn.Module):
@@ -126,13 +118,6 @@ class LlamaModel(nn.Module):
             for module in self.lora_modules(i).values():
                 module.side_stream = stream
 
-    def defer_lora(self, enable: bool) -> None:
-        """In steps of up to DEFER_MAX_TOKENS tokens, let the ops after o_proj, gate_up_proj and down_proj add
-        their LoRA deltas (the expand runs inside add_rms_norm / silu_and_mul: fewer launches per layer)."""
-        for i in range(len(self.layers)):
-            for module in self.lora_modules(i).values():
-                module.defer_max_tokens = DEFER_MAX_TOKENS if enable else 0
-
     def lora_modules(self, layer: int) -> dict[str, LoRALinear]:
         """The four LoRA-aware linear layers of decoder layer `layer`, by fused name."""
         blk = self.layers[layer]
@@ -142,11 +127,9 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Next-token logits [N, vocab] (fp32) at batch.logits_indices."""
-        x, residual, delta = self.embed_tokens(batch.input_ids), None, None
+        x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
-            x, residual, delta = layer(x, residual, delta, batch)
-        if delta is None:
-            x = self.norm((x + residual).index_select(0, batch.logits_indices))
-        else:  # the last down_proj's delta is added by the final norm, over every row
-            x = self.norm(x, residual, delta)[0].index_select(0, batch.logits_indices)
-        return self.lm_head(x).float()
+            x, residual = layer(x, residual, batch)
+        x = x + residual
+        x = x.index_select(0, batch.logits_indices)
+        return self.lm_head(self.norm(x)).float()

@@ -17,7 +17,6 @@ class Ops:
 
     backend: str
     add_lora: Callable
-    sgmv_shrink: Callable
     paged_attention: Callable
     store_kv: Callable
     rms_norm: Callable

@@ -6,8 +6,6 @@ import math
 
 import torch
 
-from punica.ops.lora_epilogue import LoRADelta, lora_delta_cols, token_rank
-
 try:
     import triton
     import triton.language as tl
@@ -24,19 +22,15 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return (xf.to(x.dtype) * weight) if weight.dtype == x.dtype else (xf * weight.float()).to(x.dtype)
 
 
-def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                       delta: LoRADelta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual = x (+ delta) + residual; return (rms_norm(residual), residual). x, residual: [T, H]."""
-    if delta is not None:
-        x = delta.added_to(x)
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual = x + residual; return (rms_norm(residual), residual). x, residual: [T, H]."""
     residual = x + residual
     return rms_norm_torch(residual, weight, eps), residual
 
 
-def silu_and_mul_torch(x: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tensor:
-    """out = silu(x[:, :I]) * x[:, I:], after x += delta when given. x: [T, 2I]; returns [T, I]."""
-    if delta is not None:
-        x = delta.added_to(x)
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    """out = silu(x[:, :I]) * x[:, I:]. x: [T, 2I]; returns [T, I]."""
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
@@ -101,40 +95,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
     tl.store(out_ptr + t * H + i, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
-def _lora_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, v_ptr, b_ptr, token_slot_ptr,
-                              slot_rank_ptr, stride_x, stride_r, stride_v, H, eps, R: tl.constexpr,
-                              ROUND_FIRST: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Row t: s = (x + LoRA delta, rounded) + residual, rounded and stored; out = rms_norm(s) * w. Two passes
-    over the row in CHUNK columns (a whole row of lora_b does not fit in registers)."""
-    t = tl.program_id(0)
-    slot, rank = token_rank(token_slot_ptr, slot_rank_ptr, t)
-    b_slot = b_ptr + slot.to(tl.int64) * H * R
-    sq = tl.zeros([CHUNK], dtype=tl.float32)
-    for h0 in range(0, H, CHUNK):
-        i = h0 + tl.arange(0, CHUNK)
-        mask = i < H
-        x = tl.load(x_ptr + t * stride_x + i, mask=mask, other=0.0).to(tl.float32)
-        x = (x + lora_delta_cols(v_ptr + t * stride_v, b_slot, i, mask, rank, R, CHUNK, BLOCK_R))
-        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
-        s = (x + tl.load(res_ptr + t * stride_r + i, mask=mask, other=0.0).to(tl.float32))
-        s = s.to(res_out_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + t * H + i, s, mask=mask)
-        sq += s.to(tl.float32) * s.to(tl.float32)
-    tl.debug_barrier()  # the second pass reads what other threads of this program stored
-    inv = 1.0 / tl.sqrt(tl.sum(sq, 0) / H + eps)
-    for h0 in range(0, H, CHUNK):
-        i = h0 + tl.arange(0, CHUNK)
-        mask = i < H
-        y = tl.load(res_out_ptr + t * H + i, mask=mask, other=0.0).to(tl.float32) * inv
-        if ROUND_FIRST:
-            y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * H + i, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                     delta: LoRADelta | None = None):
+def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     if x.dim() != 2 or weight.shape != (x.shape[1],) or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} must be [T, H] with unit last stride, weight [H], got "
                          f"{tuple(weight.shape)}")
@@ -143,15 +104,7 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     t, h = x.shape
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
-    if t and delta is not None:
-        if residual is None or len(delta.slice_offsets) != 2:
-            raise ValueError("a LoRA delta goes with a residual and has one output slice")
-        v, b, token_slot, slot_rank, stride_v, max_rank = delta.kernel_args(x)
-        _lora_add_rms_norm_kernel[(t,)](x, residual, weight, out, res_out, v, b, token_slot, slot_rank, x.stride(0),
-                                        residual.stride(0), stride_v, h, eps, R=max_rank,
-                                        ROUND_FIRST=weight.dtype == x.dtype, CHUNK=min(1024, triton.next_power_of_2(h)),
-                                        BLOCK_R=min(16, triton.next_power_of_2(max_rank)), num_warps=8)
-    elif t:
+    if t:
         block = triton.next_power_of_2(h)
         _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, x.stride(0),
                                (residual if residual is not None else x).stride(0), h, eps,
@@ -165,57 +118,33 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return _rms_norm_launch(x, None, weight, eps)[0]
 
 
-def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        delta: LoRADelta | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """add_rms_norm_torch in one launch: (rms_norm(x (+ delta) + residual), x (+ delta) + residual); new
-    tensors. x, residual: [T, H]; delta: a one-slice LoRADelta of width H (its expand runs in this kernel)."""
-    return _rms_norm_launch(x, residual, weight, eps, delta)
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_torch in one launch: (rms_norm(x + residual), x + residual); new tensors. x, residual: [T, H]."""
+    return _rms_norm_launch(x, residual, weight, eps)
 
 
 @_jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, v_ptr, b_ptr, token_slot_ptr, slot_rank_ptr, stride_x, stride_v, inter,
-                         R: tl.constexpr, LORA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Row t, columns block c: out = silu(gate) * up, rounding silu to the input dtype as torch does. With
-    LORA, gate and up first get their slices of the LoRA delta (rounded as the expand stores them)."""
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter, BLOCK: tl.constexpr):
+    """Row t, columns block c: out = silu(gate) * up, rounding silu to the input dtype as torch does."""
     t, c = tl.program_id(0), tl.program_id(1)
     i = c * BLOCK + tl.arange(0, BLOCK)
     mask = i < inter
     gate = tl.load(x_ptr + t * stride_x + i, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * stride_x + inter + i, mask=mask, other=0.0).to(tl.float32)
-    if LORA:
-        slot, rank = token_rank(token_slot_ptr, slot_rank_ptr, t)
-        b_slot = b_ptr + slot.to(tl.int64) * (2 * inter) * R
-        v_row = v_ptr + t * stride_v
-        gate = (gate + lora_delta_cols(v_row, b_slot, i, mask, rank, R, BLOCK, BLOCK_R))
-        up = (up + lora_delta_cols(v_row + R, b_slot + inter * R, i, mask, rank, R, BLOCK, BLOCK_R))
-        gate = gate.to(x_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(x_ptr.dtype.element_ty).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + t * inter + i, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tensor:
-    """silu_and_mul_torch in one launch. x: [T, 2I]; delta: a two-slice LoRADelta (gate, up) of x's width,
-    whose expand runs in this kernel. Returns [T, I]."""
+def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul_torch in one launch. x: [T, 2I]; returns [T, I]."""
     if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} must be [T, 2I] with unit last stride")
     t, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty((t, inter), dtype=x.dtype, device=x.device)
-    if not t:
-        return out
-    if delta is None:
-        block = min(1024, triton.next_power_of_2(inter))
-        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x, x, x, x, x.stride(0), 0, inter, R=1,
-                                                             LORA=False, BLOCK=block, BLOCK_R=1)
-        return out
-    if delta.slice_offsets != (0, inter, 2 * inter):
-        raise ValueError(f"a silu_and_mul LoRA delta must have slices (0, {inter}, {2 * inter}), got "
-                         f"{delta.slice_offsets}")
-    v, b, token_slot, slot_rank, stride_v, max_rank = delta.kernel_args(x)
-    block = min(256, triton.next_power_of_2(inter))
-    _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, v, b, token_slot, slot_rank, x.stride(0), stride_v,
-                                                         inter, R=max_rank, LORA=True, BLOCK=block,
-                                                         BLOCK_R=min(16, triton.next_power_of_2(max_rank)))
+    block = min(1024, triton.next_power_of_2(inter))
+    if t:
+        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), inter, BLOCK=block)
     return out
 
 

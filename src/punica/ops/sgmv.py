@@ -90,9 +90,8 @@ def check_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
 
 
 def sgmv_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor,
-                      plan: SegmentPlan, v: torch.Tensor, num_slices: int | None = None) -> None:
+                      plan: SegmentPlan, v: torch.Tensor) -> None:
     """v[t, :] = x[t] @ lora_a[slot(t)].T for every token of a segment with slot != 0 (others untouched).
-    (`num_slices` is the Triton kernel's hint that padded rank rows need not be read; here all are.)
 
     x: [T, h_in]; lora_a: [slots, n*R, h_in]; slot_rank: [slots] int32; v: [T, n*R], written in place.
     """

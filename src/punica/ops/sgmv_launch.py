@@ -14,8 +14,7 @@ SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' 
 # shared adapters ran faster in segment mode.
 TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
-    "hybrid_graphs": 0,         # 1: CUDA graphs tile LoRA with hybrid work lists (slower on uniform batches)
-    "hybrid_single_max": 1,     # hybrid work lists: segments of at most this many tokens run token by token
+    "hybrid_graphs": 0,         # 1: CUDA graphs tile LoRA with hybrid work lists (not yet measured on a GPU)
     "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
