@@ -241,7 +241,7 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
         print("matplotlib missing: no plot")
         return
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.2), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         sub = [r for r in rows if r["batch"] == batch]
         systems = list(dict.fromkeys(r["system"] for r in sub))
@@ -254,7 +254,7 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
         ax.set_xticks([i + 0.4 - 0.4 / len(systems) for i in range(len(POPULARITIES))], POPULARITIES)
         ax.set_title(f"batch {batch}")
         ax.set_ylabel("tokens/s")
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)
     fig.suptitle(f"Llama-2-7B text generation, LoRA r=16 ({gpu})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
