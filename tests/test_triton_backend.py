@@ -19,11 +19,11 @@ def test_triton_backend_mixed_batch_equals_peft(tiny_models, family):
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 6)
 
 
-@pytest.mark.parametrize("family,hybrid", [("llama", 0), ("qwen2", 0), ("llama", 1)])
+@pytest.mark.parametrize("family,hybrid", [("llama", 0), ("qwen2", 0), ("llama", 1), ("llama", 2)])
 def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
-    per-token LoRA and mixed prefill/decode buckets with work lists (or, `hybrid`, both with hybrid work
-    lists) give PEFT's tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked
+    per-token LoRA and mixed prefill/decode buckets with work lists (or, `hybrid` 1, both with hybrid work
+    lists; 2: the mixed ones) give PEFT's tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked
     prefills mixed with decodes."""
     from punica.engine import cuda_graph
     from punica.engine.cuda_graph import CudaGraphRunner
@@ -42,7 +42,8 @@ def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid):
     finally:
         cuda_graph.MIN_MIXED_BUCKET = saved[0]
         sgmv.set_tuning(hybrid_graphs=saved[1])
-    assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == bool(hybrid)
+    assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == (hybrid == 1)
+    assert bool(graphs.graphs[("mixed", 16, True)][2].lora.num_single) == (hybrid > 0)
     assert graphs.token_buckets == [16, 24]
     engine.runner.graphs = graphs
     used = []

@@ -6,8 +6,9 @@ sentinels the kernels skip: KV slot -1 (not stored), an empty query range and co
 attention), adapter slot 0 (no LoRA). Decode graphs tile LoRA per token (one segment per token) and use
 the split-K decode attention. Mixed graphs give the SGMV and prefill-attention kernels work lists cut on
 the host (SegmentPlan.items, AttentionMeta.q_tiles), so their grids depend on the bucket alone, whatever
-the step's segments and query lengths. With sgmv.TUNING["hybrid_graphs"], both kinds tile LoRA with hybrid
-work lists instead: single tokens on the CUDA cores (BGMV), longer segments in tensor-core row blocks.
+the step's segments and query lengths. With sgmv.TUNING["hybrid_graphs"] (1: both kinds, 2: mixed only),
+LoRA is tiled with hybrid work lists instead: single tokens on the CUDA cores (BGMV), longer segments in
+tensor-core row blocks.
 Adapters load into existing slots, so graphs stay valid as adapters come and go.
 
 Until `capture` is called (CPU, tests) the runner runs the same padded batches eagerly.
@@ -51,10 +52,10 @@ class StaticBuffers:
     per-token adapter slots [T], block tables [B, max_blocks], SGMV items [., 3], attention tiles [., 2])."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
-                 device: torch.device, hybrid: bool = False, single_max: int = 1):
+                 device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: int = 1):
         self.T, self.B, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.item_rows, self.tile_rows = item_rows, tile_rows
-        self.hybrid, self.single_max = hybrid, single_max
+        self.hybrid, self.single_max = hybrid, single_max  # the graph kinds ("decode", "mixed") on hybrid lists
         items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
                           items=3 * items, tiles=2 * self.tile_capacity(max_tokens))
@@ -70,7 +71,7 @@ class StaticBuffers:
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
         """(single-token items, row-block items) a bucket of t tokens holds at most; (0, 0): decode graphs
         tile per token. Each segment adds at most one partial block."""
-        if not self.hybrid:
+        if ("mixed" if mixed else "decode") not in self.hybrid:
             return (0, _cdiv(t, self.item_rows) + self.B) if mixed else (0, 0)
         if mixed:
             return min(t, self.B * self.single_max), _cdiv(t, self.item_rows) + self.B
@@ -105,7 +106,7 @@ class StaticBuffers:
         n_single, n_block = self.item_capacity(t, mixed)
         if n_single + n_block:
             indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
-            if self.hybrid:
+            if ("mixed" if mixed else "decode") in self.hybrid:
                 singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max)
             else:
                 singles, blocks = [], work_items(indptr, slots, self.item_rows)

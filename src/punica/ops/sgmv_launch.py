@@ -14,7 +14,7 @@ SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' 
 # shared adapters ran faster in segment mode.
 TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
-    "hybrid_graphs": 0,         # 1: CUDA graphs tile LoRA with hybrid work lists (not yet measured on a GPU)
+    "hybrid_graphs": 0,         # CUDA graphs tiling LoRA with hybrid work lists: 0 none, 1 all, 2 mixed steps only
     "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
@@ -77,9 +77,11 @@ def work_list_rows() -> int:
     return TUNING["max_block_m"]
 
 
-def hybrid_graphs() -> bool:
-    """Whether CUDA graphs should use hybrid work lists (SegmentPlan.num_single) for LoRA."""
-    return bool(TUNING["hybrid_graphs"])
+def hybrid_graphs() -> frozenset[str]:
+    """The kinds of CUDA graph ("decode", "mixed") that tile LoRA with hybrid work lists (SegmentPlan.num_single).
+    Measured on an H200: hybrid lists lose in decode graphs of uniform batches but win in mixed steps at the
+    kernel level (benchmarks/results/sgmv_NOTES.md); 2 (mixed only) is not yet measured end to end."""
+    return {0: frozenset(), 1: frozenset({"decode", "mixed"}), 2: frozenset({"mixed"})}[TUNING["hybrid_graphs"]]
 
 
 @functools.lru_cache(maxsize=4096)
