@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
+    ap.add_argument("--lora-stream-priority", type=int, default=0,
+                    help="CUDA priority of the LoRA side stream (< 0: above the main stream; an A/B, see profile_step)")
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
     cfg = TINY if args.tiny else LLAMA2_7B
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     setup = dict(environment(), bench="textgen_lora", model="tiny" if args.tiny else "llama-2-7b-arch-random",
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning)
+                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
+                 lora_stream_priority=args.lora_stream_priority)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
@@ -217,6 +220,9 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
                                   max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager)
+        if args.lora_stream_priority and device == "cuda" and not args.enforce_eager:
+            engine.model.overlap_lora(True, priority=args.lora_stream_priority)
+            engine.runner.graphs.capture()  # the graphs were captured with the default side stream
         for pop in args.popularity if system == "punica" else ["none"]:
             names = list(adapters)
             loras = ([names[i] for i in adapter_indices(pop, len(lengths), len(names), seed=1)]

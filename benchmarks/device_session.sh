@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The next device call (about 9 minutes on an H200), results under $OUT:
+# The next device call (about 10 minutes on an H200), results under $OUT:
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_session.sh
-# 1. the GPU test tier; 2. batch-32 text generation, hybrid work lists in mixed graphs off and on
-# (TUNING["hybrid_graphs"] 0 vs 2); 3. batches 128 and 256 of the issue-4 table (1000 requests, outputs <= 96),
+# 1. the GPU test tier; 2. batch-32 step profiles, with the LoRA side stream's priority A/B inside;
+# 3. batch-32 text generation A/Bs: as shipped, hybrid work lists in mixed graphs (hybrid_graphs=2), a
+# high-priority LoRA stream; 4. batches 128 and 256 of the issue-4 table (1000 requests, outputs <= 96),
 # which the last call ran out of time for. Each part writes as it goes, so a run cut short keeps what it measured.
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
@@ -10,9 +11,15 @@ OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
 python3 -m pytest -m gpu -q -n 8 tests/ops tests/test_gpu_engine.py 2>&1 | tail -20 > "$OUT/gpu_tests.log"
 tail -3 "$OUT/gpu_tests.log"
-for hybrid in 0 2; do
+python3 -m benchmarks.profile_step --batch-size 32 --popularity distinct identical --steps 20 --out-dir "$OUT" \
+  2>&1 | grep -v -i warn > "$OUT/profile_step.log"
+tail -4 "$OUT/profile_step.log"
+textgen() {
   python3 -m benchmarks.bench_textgen_lora --system punica --batch-size 32 --num-requests 256 --max-output 128 \
-    --warmup-requests 32 --sgmv-tuning hybrid_graphs=$hybrid --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -5
-done
+    --warmup-requests 32 --out-dir "$OUT" "$@" 2>&1 | grep -v -i warn | tail -5
+}
+textgen
+textgen --sgmv-tuning hybrid_graphs=2
+textgen --lora-stream-priority -1
 python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 128 256 --num-requests 1000 \
   --max-output 96 --warmup-requests 32 --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -11

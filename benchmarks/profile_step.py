@@ -122,6 +122,11 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
             graphs.capture()
             graphs.run(hb)
             row["graph_replay_one_stream_ms"] = round(gpu_ms(graphs.graphs[graphs.key(hb)][0].replay), 3)
+            engine.model.overlap_lora(True, priority=-1)  # and with the side stream above the main one
+            graphs.capture()
+            graphs.run(hb)
+            row["graph_replay_side_priority_ms"] = round(gpu_ms(graphs.graphs[graphs.key(hb)][0].replay), 3)
+            row["graph_kernels_side_priority"] = kernel_table(graphs.graphs[graphs.key(hb)][0].replay)
             engine.model.overlap_lora(True)
             graphs.capture()
     device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for pop in args.popularity:
             row = profile(engine, pop, list(adapters), args.batch_size, args.context, args.steps)
-            for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels"):
+            for key in ("graph_kernels", "graph_kernels_side_priority", "eager_kernels", "mixed_graph_kernels"):
                 if key in row:
                     print(f"\n{pop}: {key}")
                     print_table(row[key], ["kernel", "calls", "us"])
@@ -192,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             write_jsonl("profile_step", [row], setup, args.out_dir)
     print()
     print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
-                       "graph_replay_one_stream_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms",
-                       "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
+                       "graph_replay_one_stream_ms", "graph_replay_side_priority_ms", "eager_gpu_ms",
+                       "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
 
 
 if __name__ == "__main__":

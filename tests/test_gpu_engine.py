@@ -115,13 +115,18 @@ def test_lora_side_stream_matches_one_stream(tiny_models):
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=26)
     logits = []
-    for side in (True, False):
+    for side, priority in ((True, 0), (True, -1), (False, 0)):
         llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", lora_side_stream=side)
         assert (llm.engine.model.layers[0].mlp.down_proj.side_stream is not None) == side
+        if priority:  # a side stream above the main one (profile_step's A/B), in the graphs too
+            llm.engine.model.overlap_lora(True, priority=priority)
+            llm.engine.runner.graphs.capture()
+            assert llm.engine.model.layers[0].mlp.down_proj.side_stream.priority < 0
         logits.append(last_token_logits(llm, ids, LORAS))
         outs = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
         assert all(len(o) == GREEDY.max_tokens for o in outs)
-    assert_close(logits[0], logits[1], dtype=torch.bfloat16)
+    for other in logits[1:]:
+        assert_close(logits[0], other, dtype=torch.bfloat16)
 
 
 def test_steps_over_max_graph_tokens_run_eagerly(tiny_models):

@@ -111,9 +111,13 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = kv[i, 0], kv[i, 1]
 
-    def overlap_lora(self, enable: bool) -> None:
-        """Compute LoRA deltas on a second CUDA stream, concurrently with the base GEMMs (CUDA only)."""
-        stream = torch.cuda.Stream(self.embed_tokens.weight.device) if enable else None
+    def overlap_lora(self, enable: bool, priority: int = 0) -> None:
+        """Compute LoRA deltas on a second CUDA stream, concurrently with the base GEMMs (CUDA only).
+
+        `priority` < 0 makes it a higher-priority stream, whose kernels the GPU schedules before the GEMM's
+        pending blocks (CUDA graphs keep captured node priorities). Measure before making it the default:
+        benchmarks/profile_step.py reports the side stream's graph time with and without it."""
+        stream = torch.cuda.Stream(self.embed_tokens.weight.device, priority=priority) if enable else None
         for i in range(len(self.layers)):
             for module in self.lora_modules(i).values():
                 module.side_stream = stream
