@@ -16,6 +16,9 @@ Until `capture` is called (CPU, tests) the runner runs the same padded batches e
 
 from __future__ import annotations
 
+from itertools import chain
+
+import numpy as np
 import torch
 
 from punica.engine.runner import HostBatch, resolve_pending
@@ -66,6 +69,9 @@ class StaticBuffers:
         self.dev32 = torch.zeros_like(self.host32, device=device)
         self.h = self.views(self.host32)
         self.d = self.views(self.dev32)
+        # numpy views of the pinned host buffers: filling them from Python lists costs a third of torch.tensor's
+        self.np64 = self.host64.numpy()
+        self.np = {name: view.numpy() for name, view in self.h.items()}
         self._copied: torch.cuda.Event | None = None  # the last host -> device copy of these buffers
 
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
@@ -90,19 +96,27 @@ class StaticBuffers:
         to the device. Rows past t and sequences past n keep stale values that no kernel reads."""
         if self._copied is not None:  # the previous step's copy must have read the host buffers (it has,
             self._copied.synchronize()  # in practice: it runs first in that step, which is in flight)
-        n, pad = len(hb.kv_lens), t - len(hb.ids)
+        n, m = len(hb.kv_lens), len(hb.ids)
         b = self.B if mixed else t
-        logits = hb.logits_indices if mixed else list(range(t))
-        self.host64[:, :t] = torch.tensor([hb.ids + [0] * pad, hb.positions + [0] * pad,
-                                           hb.slot_mapping + [-1] * pad, logits + [0] * (t - len(logits))])
-        h = self.h
-        h["cu_q"][:b + 1] = torch.tensor(hb.cu_q + [hb.cu_q[-1]] * (b - n) if mixed else range(b + 1),
-                                         dtype=torch.int32)
-        h["kv_lens"][:b] = torch.tensor(hb.kv_lens + [0] * (b - n), dtype=torch.int32)
-        width = max(len(tbl) for tbl in hb.block_tables)
-        h["tables"][:n, :width] = torch.tensor([tbl + [0] * (width - len(tbl)) for tbl in hb.block_tables],
-                                               dtype=torch.int32)
-        h["token_slot"][:t] = torch.tensor(token_slots(hb.seq_slots, hb.seq_tokens) + [0] * pad, dtype=torch.int32)
+        h64, h = self.np64, self.np
+        for row, values, pad in ((0, hb.ids, 0), (1, hb.positions, 0), (2, hb.slot_mapping, -1)):
+            h64[row, :m] = values
+            h64[row, m:t] = pad
+        if mixed:
+            h64[3, :len(hb.logits_indices)] = hb.logits_indices
+            h64[3, len(hb.logits_indices):t] = 0
+        else:
+            h64[3, :t] = np.arange(t)
+        if mixed:
+            h["cu_q"][:n + 1] = hb.cu_q
+            h["cu_q"][n + 1:b + 1] = hb.cu_q[-1]
+        else:
+            h["cu_q"][:b + 1] = np.arange(b + 1)
+        h["kv_lens"][:n] = hb.kv_lens
+        h["kv_lens"][n:b] = 0
+        self._write_tables(hb.block_tables)
+        h["token_slot"][:m] = token_slots(hb.seq_slots, hb.seq_tokens)
+        h["token_slot"][m:t] = 0
         n_single, n_block = self.item_capacity(t, mixed)
         if n_single + n_block:
             indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
@@ -113,18 +127,30 @@ class StaticBuffers:
             if len(singles) > 3 * n_single or len(blocks) > 3 * n_block:
                 raise RuntimeError(f"work list over its capacity: {len(singles) // 3} single and "
                                    f"{len(blocks) // 3} block items for ({n_single}, {n_block})")
-            h["items"][:3 * (n_single + n_block)] = torch.tensor(
-                singles + [0] * (3 * n_single - len(singles)) + blocks + [0] * (3 * n_block - len(blocks)),
-                dtype=torch.int32)
+            items = h["items"]
+            items[:len(singles)] = singles
+            items[len(singles):3 * n_single] = 0
+            items[3 * n_single:3 * n_single + len(blocks)] = blocks
+            items[3 * n_single + len(blocks):3 * (n_single + n_block)] = 0
         if mixed:
             tiles = query_tiles(hb.cu_q, self.tile_rows)
-            h["tiles"][:2 * self.tile_capacity(t)] = torch.tensor(
-                tiles + [-1, 0] * (self.tile_capacity(t) - len(tiles) // 2), dtype=torch.int32)
+            h["tiles"][:len(tiles)] = tiles
+            h["tiles"][len(tiles):2 * self.tile_capacity(t)].reshape(-1, 2)[:] = (-1, 0)
         self.dev64.copy_(self.host64, non_blocking=True)
         self.dev32.copy_(self.host32, non_blocking=True)
         if self.dev64.is_cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
+
+    def _write_tables(self, tables: list[list[int]]) -> None:
+        """Row i of the block tables = tables[i]; columns past its length keep stale values no kernel reads.
+        One flat conversion and a scatter: a numpy call per row would cost more than all of it."""
+        lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+        total = int(lengths.sum())
+        flat = np.fromiter(chain.from_iterable(tables), np.int32, total)
+        rows = np.repeat(np.arange(len(tables)), lengths)
+        cols = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.np["tables"][rows, cols] = flat
 
     def clear(self) -> None:
         """Every row a sentinel (used while capturing)."""

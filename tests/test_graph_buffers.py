@@ -1,0 +1,82 @@
+"""StaticBuffers.write: a step's metadata lands in the graph buffers exactly, whatever a previous step left."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from punica.engine.cuda_graph import StaticBuffers
+from punica.engine.request import SamplingParams, Sequence
+from punica.engine.runner import host_batch, order_by_slot
+from punica.lora.plan import hybrid_items, segments, token_slots, work_items
+from punica.ops.attention import query_tiles
+
+BLOCK = 4
+
+
+def make_seqs(contexts: list[int], slots: list[int], first_block: int = 0) -> list[Sequence]:
+    seqs, block = [], first_block
+    for i, (ctx, slot) in enumerate(zip(contexts, slots)):
+        seq = Sequence(request_id=f"r{i}", prompt_ids=list(range(10 + i, 10 + i + ctx)), params=SamplingParams())
+        seq.num_computed = ctx - 1
+        n = -(-ctx // BLOCK)
+        seq.block_table = list(range(block, block + n))
+        block += n
+        seq.slot = slot
+        seqs.append(seq)
+    return seqs
+
+
+def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
+    m, n = len(hb.ids), len(hb.kv_lens)
+    h64, h = buf.host64, buf.h
+    assert h64[0, :t].tolist() == hb.ids + [0] * (t - m)
+    assert h64[1, :t].tolist() == hb.positions + [0] * (t - m)
+    assert h64[2, :t].tolist() == hb.slot_mapping + [-1] * (t - m)
+    logits = hb.logits_indices if mixed else list(range(t))
+    assert h64[3, :t].tolist() == logits + [0] * (t - len(logits))
+    b = buf.B if mixed else t
+    assert h["cu_q"][:b + 1].tolist() == (hb.cu_q + [hb.cu_q[-1]] * (b - n) if mixed else list(range(b + 1)))
+    assert h["kv_lens"][:b].tolist() == hb.kv_lens + [0] * (b - n)
+    for i, table in enumerate(hb.block_tables):
+        assert h["tables"][i, :len(table)].tolist() == table
+    assert h["token_slot"][:t].tolist() == token_slots(hb.seq_slots, hb.seq_tokens) + [0] * (t - m)
+    n_single, n_block = buf.item_capacity(t, mixed)
+    if not n_single + n_block:  # decode graphs without hybrid lists tile per token: no work list
+        assert not mixed and "decode" not in buf.hybrid
+        return
+    indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
+    if ("mixed" if mixed else "decode") in buf.hybrid:
+        singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max)
+    else:
+        singles, blocks = [], work_items(indptr, slots, buf.item_rows)
+    expected = singles + [0] * (3 * n_single - len(singles)) + blocks + [0] * (3 * n_block - len(blocks))
+    assert h["items"][:3 * (n_single + n_block)].tolist() == expected
+
+
+def check_tiles(buf: StaticBuffers, hb, t: int) -> None:
+    """A mixed step's attention tiles, padded with empty (-1, 0) tiles."""
+    tiles, capacity = query_tiles(hb.cu_q, buf.tile_rows), buf.tile_capacity(t)
+    assert buf.h["tiles"][:2 * capacity].tolist() == tiles + [-1, 0] * (capacity - len(tiles) // 2)
+
+
+@pytest.mark.parametrize("hybrid", [frozenset(), frozenset({"mixed"}), frozenset({"decode", "mixed"})])
+def test_write_overwrites_a_bigger_previous_step(hybrid):
+    buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid)
+    # a big mixed step first, so every buffer holds values the next steps must not leak
+    big = make_seqs([40, 33, 21, 9, 17, 5, 12, 8], [3, 3, 1, 0, 2, 2, 5, 5], first_block=100)
+    big[0].num_computed -= 30
+    work = order_by_slot({s: 31 if i == 0 else 1 for i, s in enumerate(big)})
+    hb = host_batch(work, BLOCK)
+    buf.write(hb, 64, True)
+    check(buf, hb, 64, True)
+    check_tiles(buf, hb, 64)
+    small = make_seqs([6, 13, 3], [2, 0, 2])
+    hb = host_batch(order_by_slot({s: 1 for s in small}), BLOCK)
+    buf.write(hb, 4, False)
+    check(buf, hb, 4, False)
+    small[1].num_computed -= 5
+    hb = host_batch(order_by_slot({s: 6 if i == 1 else 1 for i, s in enumerate(small)}), BLOCK)
+    buf.write(hb, 16, True)
+    check(buf, hb, 16, True)
+    check_tiles(buf, hb, 16)
