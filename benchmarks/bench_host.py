@@ -1,20 +1,32 @@
-"""Host time to turn a scheduled step into CUDA-graph inputs: `host_batch` (Python lists from the sequences)
-plus `StaticBuffers.write` (those lists into the pinned graph buffers). Runs on any machine (the buffers stay
-on the CPU; no copy is timed on a GPU). With overlapped steps this work hides behind the device's step, until
-the model is small enough that the host is the bottleneck.
+"""Host time per step, on any machine (nothing here is timed on a GPU):
 
-    python -m benchmarks.bench_host [--batch-size 32 128 256] [--context 400]
+1. turning a scheduled step into CUDA-graph inputs: `host_batch` (Python lists from the sequences) plus
+   `StaticBuffers.write` (those lists into the pinned graph buffers);
+2. a whole decode `Engine.step()` with the model replaced by a stub that returns zero logits: scheduling,
+   batch building, sampling, reading tokens, detokenizing and reporting, after `--generated` tokens per request.
+
+With overlapped steps this work hides behind the device's step, until the model is small enough that the
+host is the bottleneck.
+
+    python -m benchmarks.bench_host [--batch-size 32 128 256] [--context 400] [--generated 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks.bench_textgen_lora import TINY, write_adapters, write_model_dir
 from benchmarks.harness import environment, print_table, write_jsonl
+from punica.demo_model import default_model_dir
 from punica.engine.cuda_graph import StaticBuffers
+from punica.engine.engine import Engine
 from punica.engine.request import SamplingParams, Sequence
 from punica.engine.runner import host_batch, order_by_slot
 
@@ -63,18 +75,54 @@ def measure(batch: int, context: int, reps: int) -> list[dict]:
     return rows
 
 
+def engine_step(model_dir: str, adapters: dict[str, str], batch: int, context: int, generated: int,
+                reps: int) -> dict:
+    """Host time of a decode Engine.step() at `batch` requests, each `generated` tokens into its answer."""
+    engine = Engine.from_args(model_dir, adapters, device="cpu", load_format="dummy", max_num_seqs=batch,
+                              max_loras=len(adapters), max_cpu_loras=len(adapters), max_lora_rank=8,
+                              max_num_batched_tokens=max(4096, batch), max_model_len=context + generated + 4 * reps)
+    vocab = TINY["vocab_size"]
+    engine.model.forward = lambda b: torch.zeros(b.logits_indices.shape[0], vocab)  # host work only
+    names, gen = list(adapters), torch.Generator().manual_seed(0)
+    for i in range(batch):
+        ids = torch.randint(3, vocab, (context,), generator=gen).tolist()
+        engine.add_request(ids, SamplingParams(max_tokens=generated + 4 * reps, temperature=1.0, ignore_eos=True),
+                           names[i % len(names)])
+    while min((len(s.tokens) - len(s.prompt_ids) for s in engine.scheduler.running), default=0) < generated:
+        engine.step()
+    step_us = time_us(engine.step, reps)
+    return dict(kind="engine_step", batch=batch, context=context, generated=generated, step_us=round(step_us, 1))
+
+
+def tiny_model_with_tokenizer(root: Path) -> str:
+    """The tiny random model, with the demo model's tokenizer (its first 512 ids are ordinary tokens), so
+    detokenization is timed too."""
+    model_dir = write_model_dir(root, TINY)
+    demo = default_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(demo, name), os.path.join(model_dir, name))
+    return model_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--context", type=int, default=400)
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--generated", type=int, default=256, help="tokens already generated per request (engine step)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     setup = dict(environment(), bench="host", cpu_threads=1)
     rows = [row for b in args.batch_size for row in measure(b, args.context, args.reps)]
-    write_jsonl("host", rows, setup, args.out_dir)
     print_table(rows, ["kind", "batch", "tokens", "host_batch_us", "write_us", "total_us"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = tiny_model_with_tokenizer(root)
+        adapters = write_adapters(root, TINY, 64, 8)
+        steps = [engine_step(model_dir, adapters, b, args.context, args.generated, reps=20) for b in args.batch_size]
+    print_table(steps, ["kind", "batch", "generated", "step_us"])
+    write_jsonl("host", rows + steps, setup, args.out_dir)
 
 
 if __name__ == "__main__":
