@@ -2,7 +2,7 @@
 
 1. turning a scheduled step into CUDA-graph inputs: `host_batch` (Python lists from the sequences) plus
    `StaticBuffers.write` (those lists into the pinned graph buffers);
-2. a whole decode `Engine.step()` with the model replaced by a stub that returns zero logits: scheduling,
+2. a whole decode `Engine.step()` with the model replaced by a stub (greedy picks of random tokens): scheduling,
    batch building, sampling, reading tokens, detokenizing and reporting, after `--generated` tokens per request.
 
 With overlapped steps this work hides behind the device's step, until the model is small enough that the
@@ -81,12 +81,18 @@ def engine_step(model_dir: str, adapters: dict[str, str], batch: int, context: i
     engine = Engine.from_args(model_dir, adapters, device="cpu", load_format="dummy", max_num_seqs=batch,
                               max_loras=len(adapters), max_cpu_loras=len(adapters), max_lora_rank=8,
                               max_num_batched_tokens=max(4096, batch), max_model_len=context + generated + 4 * reps)
-    vocab = TINY["vocab_size"]
-    engine.model.forward = lambda b: torch.zeros(b.logits_indices.shape[0], vocab)  # host work only
+    vocab, picks = TINY["vocab_size"], torch.Generator().manual_seed(1)
+
+    def stub(b):  # host work only: logits whose greedy pick is a random ordinary token
+        rows = b.logits_indices.shape[0]
+        return torch.zeros(rows, vocab).index_put_((torch.arange(rows), torch.randint(3, vocab, (rows,),
+                                                                                     generator=picks)), torch.ones(1))
+
+    engine.model.forward = stub
     names, gen = list(adapters), torch.Generator().manual_seed(0)
     for i in range(batch):
         ids = torch.randint(3, vocab, (context,), generator=gen).tolist()
-        engine.add_request(ids, SamplingParams(max_tokens=generated + 4 * reps, temperature=1.0, ignore_eos=True),
+        engine.add_request(ids, SamplingParams(max_tokens=generated + 4 * reps, temperature=0.0, ignore_eos=True),
                            names[i % len(names)])
     while min((len(s.tokens) - len(s.prompt_ids) for s in engine.scheduler.running), default=0) < generated:
         engine.step()
