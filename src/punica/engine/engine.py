@@ -212,19 +212,19 @@ class Engine:
         return outputs
 
     def _accept(self, seq: Sequence, token: int) -> RequestOutput:
-        old_text, old_len = seq.text, len(seq.output_ids)
-        seq.tokens[len(seq.tokens) - seq.num_pending] = token
+        old_text, known = seq.text, seq.num_known
+        seq.tokens[known] = token  # the first placeholder
         seq.num_pending -= 1
         reason = self._stop_reason(seq, token)
         if reason is not None:
             self._finish(seq, reason)
-        return self._output(seq, seq.output_ids[old_len:], seq.text[len(old_text):])
+        return self._output(seq, [token], seq.text[len(old_text):])
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if self.tokenizer is not None:
             delta, seq.detok_prefix, seq.detok_read = self.tokenizer.decode_delta(
-                seq.output_ids, seq.detok_prefix, seq.detok_read)
+                seq.tokens, seq.detok_prefix, seq.detok_read, seq.num_known)
             if delta:
                 start = max(0, len(seq.text) - max((len(s) for s in p.stop), default=1) + 1)
                 seq.text += delta
@@ -258,7 +258,7 @@ class Engine:
         return dataclasses.replace(self._output(seq, [], ""), error=message)
 
     def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
-        return RequestOutput(request_id=seq.request_id, token_ids=list(seq.output_ids), text=seq.text,
+        return RequestOutput(request_id=seq.request_id, token_ids=seq.output_ids, text=seq.text,
                              new_token_ids=new_ids, new_text=new_text, finished=seq.status is Status.FINISHED,
                              finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids), lora=seq.lora)
 

@@ -66,8 +66,8 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     finish_reason: str | None = None
     text: str = ""
-    detok_prefix: int = 0  # incremental detokenization window over the output ids (Tokenizer.decode_delta)
-    detok_read: int = 0
+    detok_prefix: int = -1  # incremental detokenization window, as indices into tokens (Tokenizer.decode_delta)
+    detok_read: int = -1
     num_preemptions: int = 0
     num_bypassed: int = 0  # requests that started before this one while it waited for an adapter slot
     # tokens sampled by steps still running on the device: placeholders (-1 - row of that step's samples)
@@ -78,6 +78,8 @@ class Sequence:
     def __post_init__(self):
         if not self.tokens:
             self.tokens = list(self.prompt_ids)
+        if self.detok_read < 0:  # the output starts after the prompt
+            self.detok_prefix = self.detok_read = len(self.prompt_ids)
 
     @property
     def output_ids(self) -> list[int]:

@@ -33,14 +33,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def decode_delta(self, ids: list[int], prefix: int, read: int) -> tuple[str, int, int]:
-        """Text that ids[read:] add after ids[:read], decoding only the window from `prefix` (constant work
-        per token). Returns (delta, new prefix, new read); the delta is held back while it ends inside a
-        UTF-8 character. Start with prefix = read = 0."""
+    def decode_delta(self, ids: list[int], prefix: int, read: int, end: int | None = None) -> tuple[str, int, int]:
+        """Text that ids[read:end] add after ids[:read], decoding only the window from `prefix` (constant work
+        per token; `end` defaults to len(ids)). Returns (delta, new prefix, new read); the delta is held back
+        while it ends inside a UTF-8 character. Start with prefix = read = the index of the first id to decode."""
+        end = len(ids) if end is None else end
         before = self.decode(ids[prefix:read])
-        after = self.decode(ids[prefix:])
+        after = self.decode(ids[prefix:end])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            return after[len(before):], read, len(ids)
+            return after[len(before):], read, end
         return "", prefix, read
 
     def token_id(self, text: str | None) -> int | None:
