@@ -60,10 +60,12 @@ class Scheduler:
             if seq.status is not Status.RUNNING or seq.finishing or budget == 0:
                 continue
             n = min(seq.num_remaining, budget)
-            if self._make_room(seq, n, step):
+            if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n):  # most decodes fit their blocks
+                if not self._make_room(seq, n, step):
+                    continue
                 self.blocks.grow(seq.block_table, seq.num_computed + n)
-                step.work[seq] = n
-                budget -= n
+            step.work[seq] = n
+            budget -= n
         self._admit_waiting(step, budget)
         return step
 
