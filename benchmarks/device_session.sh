@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The next device call (about 10 minutes on an H200), results under $OUT:
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_session.sh
-# 1. the GPU test tier; 2. batch-32 step profiles, with the LoRA side stream's priority A/B inside;
+# 1. the GPU test tier; 2. batch-32 step profiles, with the LoRA side stream's priority A/B inside and each
+# decode graph's span split into LoRA-only / base-only / both / idle time (trace_overlap.py);
 # 3. batch-32 text generation A/Bs: as shipped, hybrid work lists in mixed graphs (hybrid_graphs=2), a
 # high-priority LoRA stream; 4. batches 128 and 256 of the issue-4 table (1000 requests, outputs <= 96),
 # which the last call ran out of time for. Each part writes as it goes, so a run cut short keeps what it measured.

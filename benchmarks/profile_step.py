@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 
 from benchmarks.bench_textgen_lora import LLAMA2_7B, TINY, write_adapters, write_model_dir
 from benchmarks.harness import apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
+from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
 from punica.workload import adapter_indices
@@ -79,6 +82,21 @@ def kernel_table(fn, top: int = 25) -> list[dict]:
     return rows[:top] + [dict(kernel="TOTAL", calls=sum(r["calls"] for r in rows), us=round(total, 1))]
 
 
+def graph_overlap(fn) -> dict:
+    """trace_overlap's split of one call of fn (a graph replay): LoRA alone, base alone, both, idle (us)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return overlap_summary(kernel_intervals(json.load(f)))
+
+
 def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -117,6 +135,7 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         graph, _, _ = graphs.graphs[graphs.key(hb)]
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
+        row["graph_overlap"] = graph_overlap(graph.replay)
         if any(hb.seq_slots):  # the same graph without the side stream
             engine.model.overlap_lora(False)
             graphs.capture()
@@ -127,6 +146,7 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
             graphs.run(hb)
             row["graph_replay_side_priority_ms"] = round(gpu_ms(graphs.graphs[graphs.key(hb)][0].replay), 3)
             row["graph_kernels_side_priority"] = kernel_table(graphs.graphs[graphs.key(hb)][0].replay)
+            row["graph_overlap_side_priority"] = graph_overlap(graphs.graphs[graphs.key(hb)][0].replay)
             engine.model.overlap_lora(True)
             graphs.capture()
     device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
@@ -196,6 +216,13 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             write_jsonl("profile_step", [row], setup, args.out_dir)
     print()
+    overlaps = [dict(popularity=r["popularity"], graph=name, **r[key]) for r in rows
+                for name, key in (("side stream", "graph_overlap"), ("side stream, priority -1",
+                                                                      "graph_overlap_side_priority")) if key in r]
+    if overlaps:  # the decode graph's span split by which kernels run (benchmarks/trace_overlap.py)
+        print_table(overlaps, ["popularity", "graph", "span_us", "lora_only_us", "base_only_us", "both_us",
+                               "idle_us", "lora_kernel_us", "base_kernel_us"])
+        print()
     print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
                        "graph_replay_one_stream_ms", "graph_replay_side_priority_ms", "eager_gpu_ms",
                        "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
