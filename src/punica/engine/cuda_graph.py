@@ -102,15 +102,13 @@ class StaticBuffers:
         for row, values, pad in ((0, hb.ids, 0), (1, hb.positions, 0), (2, hb.slot_mapping, -1)):
             h64[row, :m] = values
             h64[row, m:t] = pad
-        if mixed:
+        if mixed:  # logits rows of the sequences that finish a chunk; empty query ranges after the last
             h64[3, :len(hb.logits_indices)] = hb.logits_indices
             h64[3, len(hb.logits_indices):t] = 0
-        else:
-            h64[3, :t] = np.arange(t)
-        if mixed:
             h["cu_q"][:n + 1] = hb.cu_q
             h["cu_q"][n + 1:b + 1] = hb.cu_q[-1]
-        else:
+        else:  # a decode bucket: one token, one sequence, one logits row per row of the bucket
+            h64[3, :t] = np.arange(t)
             h["cu_q"][:b + 1] = np.arange(b + 1)
         h["kv_lens"][:n] = hb.kv_lens
         h["kv_lens"][n:b] = 0
