@@ -97,6 +97,15 @@ def graph_overlap(fn) -> dict:
             return overlap_summary(kernel_intervals(json.load(f)))
 
 
+def recaptured(engine: Engine, hb, side_stream: bool, priority: int = 0):
+    """Recapture every graph with the LoRA side stream set this way; the replay of the graph that runs hb."""
+    engine.model.overlap_lora(side_stream, priority)
+    graphs = engine.runner.graphs
+    graphs.capture()
+    graphs.run(hb)
+    return graphs.graphs[graphs.key(hb)][0].replay
+
+
 def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -136,19 +145,14 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
         row["graph_overlap"] = graph_overlap(graph.replay)
-        if any(hb.seq_slots):  # the same graph without the side stream
-            engine.model.overlap_lora(False)
-            graphs.capture()
-            graphs.run(hb)
-            row["graph_replay_one_stream_ms"] = round(gpu_ms(graphs.graphs[graphs.key(hb)][0].replay), 3)
-            engine.model.overlap_lora(True, priority=-1)  # and with the side stream above the main one
-            graphs.capture()
-            graphs.run(hb)
-            row["graph_replay_side_priority_ms"] = round(gpu_ms(graphs.graphs[graphs.key(hb)][0].replay), 3)
-            row["graph_kernels_side_priority"] = kernel_table(graphs.graphs[graphs.key(hb)][0].replay)
-            row["graph_overlap_side_priority"] = graph_overlap(graphs.graphs[graphs.key(hb)][0].replay)
-            engine.model.overlap_lora(True)
-            graphs.capture()
+        if any(hb.seq_slots):
+            replay = recaptured(engine, hb, side_stream=False)  # the same graph without the side stream
+            row["graph_replay_one_stream_ms"] = round(gpu_ms(replay), 3)
+            replay = recaptured(engine, hb, side_stream=True, priority=-1)  # the side stream above the main one
+            row["graph_replay_side_priority_ms"] = round(gpu_ms(replay), 3)
+            row["graph_kernels_side_priority"] = kernel_table(replay)
+            row["graph_overlap_side_priority"] = graph_overlap(replay)
+            recaptured(engine, hb, side_stream=True)  # as the engine runs
     device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
     model = engine.model
     row["eager_gpu_ms"] = round(gpu_ms(lambda: model(device_batch), reps=5), 3)

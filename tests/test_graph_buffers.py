@@ -43,10 +43,10 @@ def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
     assert h["token_slot"][:t].tolist() == token_slots(hb.seq_slots, hb.seq_tokens) + [0] * (t - m)
     n_single, n_block = buf.item_capacity(t, mixed)
     if not n_single + n_block:  # decode graphs without hybrid lists tile per token: no work list
-        assert not mixed and "decode" not in buf.hybrid
+        assert not mixed and not buf.is_hybrid(mixed)
         return
     indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
-    if ("mixed" if mixed else "decode") in buf.hybrid:
+    if buf.is_hybrid(mixed):
         singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max)
     else:
         singles, blocks = [], work_items(indptr, slots, buf.item_rows)

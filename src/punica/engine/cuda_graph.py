@@ -74,10 +74,14 @@ class StaticBuffers:
         self.np = {name: view.numpy() for name, view in self.h.items()}
         self._copied: torch.cuda.Event | None = None  # the last host -> device copy of these buffers
 
+    def is_hybrid(self, mixed: bool) -> bool:
+        """Whether graphs of this kind tile LoRA with hybrid work lists."""
+        return ("mixed" if mixed else "decode") in self.hybrid
+
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
         """(single-token items, row-block items) a bucket of t tokens holds at most; (0, 0): decode graphs
         tile per token. Each segment adds at most one partial block."""
-        if ("mixed" if mixed else "decode") not in self.hybrid:
+        if not self.is_hybrid(mixed):
             return (0, _cdiv(t, self.item_rows) + self.B) if mixed else (0, 0)
         if mixed:
             return min(t, self.B * self.single_max), _cdiv(t, self.item_rows) + self.B
@@ -118,7 +122,7 @@ class StaticBuffers:
         n_single, n_block = self.item_capacity(t, mixed)
         if n_single + n_block:
             indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
-            if ("mixed" if mixed else "decode") in self.hybrid:
+            if self.is_hybrid(mixed):
                 singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max)
             else:
                 singles, blocks = [], work_items(indptr, slots, self.item_rows)

@@ -27,14 +27,18 @@ def token_slots(seq_slots: list[int], seq_tokens: list[int]) -> list[int]:
     return [slot for slot, n in zip(seq_slots, seq_tokens) for _ in range(n)]
 
 
+def _row_blocks(start: int, end: int, slot: int, rows: int) -> list[int]:
+    """Tokens start..end of one segment as flat (start, end, slot) triples of at most `rows` tokens."""
+    return [v for a in range(start, end, rows) for v in (a, min(a + rows, end), slot)]
+
+
 def work_items(indptr: list[int], slots: list[int], rows: int) -> list[int]:
     """Flat (start, end, slot) triples: every segment with an adapter cut into row blocks of <= `rows`
     tokens (SegmentPlan.items). At most ceil(T / rows) + S of them. Pure Python."""
     items: list[int] = []
     for s, slot in enumerate(slots):
         if slot:
-            for start in range(indptr[s], indptr[s + 1], rows):
-                items += (start, min(start + rows, indptr[s + 1]), slot)
+            items += _row_blocks(indptr[s], indptr[s + 1], slot, rows)
     return items
 
 
@@ -50,11 +54,9 @@ def hybrid_items(indptr: list[int], slots: list[int], rows: int, single_max: int
         if not slot:
             continue
         if end - start <= single_max:
-            for t in range(start, end):
-                singles += (t, t + 1, slot)
+            singles += _row_blocks(start, end, slot, 1)
         else:
-            for a in range(start, end, rows):
-                blocks += (a, min(a + rows, end), slot)
+            blocks += _row_blocks(start, end, slot, rows)
     return singles, blocks
 
 
