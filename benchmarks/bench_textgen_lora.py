@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
-    ap.add_argument("--lora-stream-priority", type=int, default=0,
-                    help="CUDA priority of the LoRA side stream (< 0: above the main stream; an A/B, see profile_step)")
+    ap.add_argument("--lora-overlap", choices=("none", "delta", "shrink"), default=None,
+                    help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
+    ap.add_argument("--lora-stream-priority", type=int, default=None,
+                    help="CUDA priority of the LoRA side stream (< 0: above the main stream; default: the engine's)")
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
     cfg = TINY if args.tiny else LLAMA2_7B
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
-                 lora_stream_priority=args.lora_stream_priority)
+                 lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
@@ -216,13 +218,13 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                 r = run_hf(cfg, adapters, batch, pop, args.hf_new_tokens, prompt_len=128)
                 record(dict(system="hf", popularity=pop, batch=batch, **r))
             continue
+        overlap = {k: v for k, v in (("lora_overlap", args.lora_overlap),
+                                     ("lora_stream_priority", args.lora_stream_priority)) if v is not None}
         engine = Engine.from_args(model_dir, adapters if system == "punica" else None, device=device,
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
-                                  max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager)
-        if args.lora_stream_priority and device == "cuda" and not args.enforce_eager:
-            engine.model.overlap_lora(True, priority=args.lora_stream_priority)
-            engine.runner.graphs.capture()  # the graphs were captured with the default side stream
+                                  max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager,
+                                  **overlap)
         for pop in args.popularity if system == "punica" else ["none"]:
             names = list(adapters)
             loras = ([names[i] for i in adapter_indices(pop, len(lengths), len(names), seed=1)]

@@ -97,11 +97,17 @@ def graph_overlap(fn) -> dict:
             return overlap_summary(kernel_intervals(json.load(f)))
 
 
-def recaptured(engine: Engine, hb, side_stream: bool, priority: int = 0):
-    """Recapture every graph with the LoRA side stream set this way; the replay of the graph that runs hb."""
-    engine.model.overlap_lora(side_stream, priority)
+# the LoRA-overlap A/B: (label, LlamaModel.overlap_lora mode, stream priority)
+SMALL_GEMMS_SHRINK = {"o_proj": "shrink", "down_proj": "shrink"}
+ARRANGEMENTS = (("none", "none", 0), ("delta", "delta", 0), ("delta p-1", "delta", -1), ("shrink", "shrink", 0),
+                ("shrink p-1", "shrink", -1), ("o,down shrink p-1", SMALL_GEMMS_SHRINK, -1))
+
+
+def recaptured(engine: Engine, hb, overlap: str | dict, priority: int = 0):
+    """Recapture the graph that runs hb with the LoRA overlap arranged this way; its replay."""
+    engine.model.overlap_lora(overlap, priority)
     graphs = engine.runner.graphs
-    graphs.capture()
+    graphs.capture(only=graphs.key(hb))
     graphs.run(hb)
     return graphs.graphs[graphs.key(hb)][0].replay
 
@@ -145,14 +151,13 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
         row["graph_overlap"] = graph_overlap(graph.replay)
-        if any(hb.seq_slots):
-            replay = recaptured(engine, hb, side_stream=False)  # the same graph without the side stream
-            row["graph_replay_one_stream_ms"] = round(gpu_ms(replay), 3)
-            replay = recaptured(engine, hb, side_stream=True, priority=-1)  # the side stream above the main one
-            row["graph_replay_side_priority_ms"] = round(gpu_ms(replay), 3)
-            row["graph_kernels_side_priority"] = kernel_table(replay)
-            row["graph_overlap_side_priority"] = graph_overlap(replay)
-            recaptured(engine, hb, side_stream=True)  # as the engine runs
+        if any(hb.seq_slots):  # the same graph under each LoRA-overlap arrangement, then back to the engine's
+            for label, overlap, priority in ARRANGEMENTS:
+                replay = recaptured(engine, hb, overlap, priority)
+                row[f"graph_ms {label}"] = round(gpu_ms(replay), 3)
+                if overlap != "none":
+                    row[f"graph_overlap {label}"] = graph_overlap(replay)
+            recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
     device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
     model = engine.model
     row["eager_gpu_ms"] = round(gpu_ms(lambda: model(device_batch), reps=5), 3)
@@ -213,22 +218,24 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for pop in args.popularity:
             row = profile(engine, pop, list(adapters), args.batch_size, args.context, args.steps)
-            for key in ("graph_kernels", "graph_kernels_side_priority", "eager_kernels", "mixed_graph_kernels"):
+            for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels"):
                 if key in row:
                     print(f"\n{pop}: {key}")
                     print_table(row[key], ["kernel", "calls", "us"])
             rows.append(row)
             write_jsonl("profile_step", [row], setup, args.out_dir)
     print()
-    overlaps = [dict(popularity=r["popularity"], graph=name, **r[key]) for r in rows
-                for name, key in (("side stream", "graph_overlap"), ("side stream, priority -1",
-                                                                      "graph_overlap_side_priority")) if key in r]
+    overlaps = [dict(popularity=r["popularity"], graph=key.removeprefix("graph_overlap "), **value)
+                for r in rows for key, value in r.items() if key.startswith("graph_overlap ")]
     if overlaps:  # the decode graph's span split by which kernels run (benchmarks/trace_overlap.py)
         print_table(overlaps, ["popularity", "graph", "span_us", "lora_only_us", "base_only_us", "both_us",
                                "idle_us", "lora_kernel_us", "base_kernel_us"])
         print()
+    arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
+    print_table(rows, ["popularity", "graph_replay_ms", *arrangements])
+    print()
     print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
-                       "graph_replay_one_stream_ms", "graph_replay_side_priority_ms", "eager_gpu_ms",
+                       "eager_gpu_ms",
                        "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
 
 

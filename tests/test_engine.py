@@ -190,3 +190,13 @@ def test_adapter_read_in_background_and_a_failed_read_fails_only_its_requests(ll
     assert engine.blocks.num_used == 0
     again = list(engine.stream(ids[0], GREEDY, lora="c16"))[-1]  # c16 comes back from disk, in the background
     assert again.finished and len(again.token_ids) == 12
+
+
+def test_lora_overlap_modes_are_checked(llama):
+    """overlap_lora takes one mode or one per fused projection; anything else is an error naming it."""
+    model = LLM(model=llama[0], device="cpu").engine.model
+    for bad in ("both", {"o_proj": "half"}, {"x_proj": "shrink"}):
+        with pytest.raises(ValueError, match="LoRA overlap"):
+            model.overlap_lora(bad)
+    model.overlap_lora("none")  # no second stream: runs anywhere
+    assert all(m.side_stream is None and m.overlap == "none" for m in model.lora_modules(0).values())

@@ -133,3 +133,5 @@ def test_bad_engine_options(tiny_models):
         LLM(model=model_dir, device="cpu", dtype="float8")
     with pytest.raises(ConfigError, match="max_graph_tokens must be positive"):
         LLM(model=model_dir, device="cpu", max_graph_tokens=0)
+    with pytest.raises(ConfigError, match="lora_overlap must be one of"):
+        LLM(model=model_dir, device="cpu", lora_overlap="both")

@@ -109,19 +109,18 @@ def test_bf16_logits_close_to_peft(tiny_models):
 
 
 def test_lora_side_stream_matches_one_stream(tiny_models):
-    """LoRA deltas computed on the second stream (inside graphs too) give the one-stream logits."""
+    """Every LoRA-overlap arrangement (a second stream, inside graphs too) gives the one-stream logits."""
     from test_parity import last_token_logits
 
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=26)
     logits = []
-    for side, priority in ((True, 0), (True, -1), (False, 0)):
-        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", lora_side_stream=side)
-        assert (llm.engine.model.layers[0].mlp.down_proj.side_stream is not None) == side
-        if priority:  # a side stream above the main one (profile_step's A/B), in the graphs too
-            llm.engine.model.overlap_lora(True, priority=priority)
-            llm.engine.runner.graphs.capture()
-            assert llm.engine.model.layers[0].mlp.down_proj.side_stream.priority < 0
+    for overlap, priority in (("none", 0), ("delta", 0), ("delta", -1), ("shrink", 0), ("shrink", -1)):
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", lora_overlap=overlap,
+                  lora_stream_priority=priority)
+        side = llm.engine.model.layers[0].mlp.down_proj.side_stream
+        assert (side is not None) == (overlap != "none")
+        assert side is None or (side.priority < 0) == (priority < 0)
         logits.append(last_token_logits(llm, ids, LORAS))
         outs = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
         assert all(len(o) == GREEDY.max_tokens for o in outs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from punica.errors import ConfigError, ModelLoadError
 
 BACKENDS = ("auto", "torch", "triton")
+LORA_OVERLAPS = ("none", "delta", "shrink")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -156,7 +157,11 @@ class EngineConfig:
     device: str = "auto"
     backend: str = "auto"
     enforce_eager: bool = False
-    lora_side_stream: bool = True  # CUDA: LoRA deltas on a second stream, concurrent with the base GEMMs
+    # CUDA, steps of <= 512 tokens: what of a projection's LoRA runs on a second stream, concurrently with its
+    # base GEMM. "delta": shrink and expand into a zeroed delta, added after the GEMM; "shrink": the shrink only,
+    # the expand then accumulates into the GEMM's output; "none": both after the GEMM on one stream.
+    lora_overlap: str = "delta"
+    lora_stream_priority: int = 0  # CUDA priority of that stream; < 0 schedules its kernels before the GEMM's
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)
     load_format: str = "auto"
     seed: int = 0
@@ -167,6 +172,8 @@ class EngineConfig:
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check(self.lora_overlap in LORA_OVERLAPS,
+               f"lora_overlap must be one of {LORA_OVERLAPS}, got {self.lora_overlap!r}")
         _check(self.max_graph_tokens is None or self.max_graph_tokens > 0,
                f"max_graph_tokens must be positive, got {self.max_graph_tokens}")
         _check(self.load_format in ("auto", "dummy"),

@@ -217,11 +217,12 @@ class CudaGraphRunner:
                      slot_rank=self.slot_rank, logits_indices=logits[:B])
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every graph, largest first so smaller ones reuse the memory pool."""
+    def capture(self, only: tuple[str, int, bool] | None = None) -> None:
+        """Capture every graph, largest first so smaller ones reuse the memory pool; or the graph `only`
+        (after a change to the model, such as its LoRA overlap: profiling A/Bs), in a pool of its own."""
         pool = None
         self.buf.clear()
-        for key in sorted(self.graphs, key=lambda k: (k[0] == "decode", -k[1])):
+        for key in [only] if only else sorted(self.graphs, key=lambda k: (k[0] == "decode", -k[1])):
             batch = self.graphs[key][2]
             self.model(batch)  # warm up: compiles kernels, allocates lazily created buffers
             torch.cuda.synchronize()

@@ -48,7 +48,8 @@ class Engine:
         backend = resolve_backend(config.backend, device)
         torch.manual_seed(config.seed)
         self.model = load_model(config.model, select_ops(backend), dtype, device, config.load_format)
-        self.model.overlap_lora(config.lora_side_stream and backend == "triton" and device.type == "cuda")
+        if backend == "triton" and device.type == "cuda":
+            self.model.overlap_lora(config.lora_overlap, config.lora_stream_priority)
         self.model_config = model_cfg
         self.tokenizer = Tokenizer.from_dir(config.model)
         block_size = config.cache.block_size

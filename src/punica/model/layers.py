@@ -36,6 +36,7 @@ class LoRALinear(nn.Module):
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
         self.side_stream: torch.cuda.Stream | None = None  # set by LlamaModel.overlap_lora
+        self.overlap = "none"
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.lora_a is None or not batch.lora.has_lora:
@@ -45,18 +46,25 @@ class LoRALinear(nn.Module):
             y = nn.functional.linear(x, self.weight, self.bias)
             self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
             return y
-        # the LoRA delta on a second stream, concurrently with the base GEMM (also inside CUDA graphs, where
-        # the two become parallel branches): small latency-bound launches fill the GEMM's idle SMs
+        # LoRA work on a second stream, concurrently with the base GEMM (inside CUDA graphs the two become
+        # parallel branches): its small latency-bound launches fill the GEMM's idle SMs
         main = torch.cuda.current_stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            delta = torch.zeros(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
-            self.ops.add_lora(delta, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
+            if self.overlap == "shrink":  # v = x @ A beside the GEMM; y += v @ B after it, in place
+                out = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
+                self.ops.sgmv_shrink(x, self.lora_a, batch.slot_rank, batch.lora, out, len(self.out_slices))
+            else:  # the whole delta beside the GEMM, added after it
+                out = torch.zeros(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
+                self.ops.add_lora(out, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
         y = nn.functional.linear(x, self.weight, self.bias)
         main.wait_stream(side)
-        if not torch.cuda.is_current_stream_capturing():  # eager: keep delta's memory until main is done with it
-            delta.record_stream(main)
-        return y.add_(delta)
+        if not torch.cuda.is_current_stream_capturing():  # eager: keep out's memory until main is done with it
+            out.record_stream(main)
+        if self.overlap == "shrink":
+            self.ops.sgmv_expand(out, self.lora_b, batch.slot_rank, batch.lora, y, self.slice_offsets)
+            return y
+        return y.add_(out)
 
 
 class RMSNorm(nn.Module):

@@ -111,16 +111,26 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = kv[i, 0], kv[i, 1]
 
-    def overlap_lora(self, enable: bool, priority: int = 0) -> None:
-        """Compute LoRA deltas on a second CUDA stream, concurrently with the base GEMMs (CUDA only).
-
-        `priority` < 0 makes it a higher-priority stream, whose kernels the GPU schedules before the GEMM's
-        pending blocks (CUDA graphs keep captured node priorities). Measure before making it the default:
-        benchmarks/profile_step.py reports the side stream's graph time with and without it."""
-        stream = torch.cuda.Stream(self.embed_tokens.weight.device, priority=priority) if enable else None
+    def overlap_lora(self, mode: str | dict[str, str], priority: int = 0) -> None:
+        """What of each projection's LoRA runs on a second CUDA stream, concurrently with its base GEMM (also
+        inside CUDA graphs, where the two become parallel branches): "delta", "shrink" or "none" (see
+        EngineConfig.lora_overlap), or a mode per fused projection name ("o_proj": "shrink", ...; others
+        "delta"). `priority` < 0 makes it a higher-priority stream, whose kernels the GPU schedules before
+        the GEMM's pending blocks (graphs keep captured node priorities). Graphs captured before this call
+        keep the old arrangement until recaptured."""
+        names = list(self.lora_modules(0))
+        given = mode if isinstance(mode, dict) else dict.fromkeys(names, mode)
+        modes = {name: given.get(name, "delta") for name in names}
+        bad = sorted(set(given) - set(names)) + sorted(set(modes.values()) - {"none", "delta", "shrink"})
+        if bad:
+            raise ValueError(f"LoRA overlap: modes are 'none', 'delta' or 'shrink' for {names}, got {mode!r}")
+        stream = None
+        if set(modes.values()) != {"none"}:
+            stream = torch.cuda.Stream(self.embed_tokens.weight.device, priority=priority)
         for i in range(len(self.layers)):
-            for module in self.lora_modules(i).values():
-                module.side_stream = stream
+            for name, module in self.lora_modules(i).items():
+                module.overlap = modes[name]
+                module.side_stream = None if modes[name] == "none" else stream
 
     def lora_modules(self, layer: int) -> dict[str, LoRALinear]:
         """The four LoRA-aware linear layers of decoder layer `layer`, by fused name."""

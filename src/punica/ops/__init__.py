@@ -17,6 +17,8 @@ class Ops:
 
     backend: str
     add_lora: Callable
+    sgmv_shrink: Callable
+    sgmv_expand: Callable
     paged_attention: Callable
     store_kv: Callable
     rms_norm: Callable

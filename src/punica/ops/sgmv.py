@@ -90,10 +90,11 @@ def check_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
 
 
 def sgmv_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor,
-                      plan: SegmentPlan, v: torch.Tensor) -> None:
+                      plan: SegmentPlan, v: torch.Tensor, num_slices: int | None = None) -> None:
     """v[t, :] = x[t] @ lora_a[slot(t)].T for every token of a segment with slot != 0 (others untouched).
 
     x: [T, h_in]; lora_a: [slots, n*R, h_in]; slot_rank: [slots] int32; v: [T, n*R], written in place.
+    `num_slices` (n) lets a kernel skip the zero padding past each slot's rank; the reference reads it all.
     """
     p = plan.host_indptr
     for s, slot in enumerate(plan.host_slot):
