@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
-    ap.add_argument("--lora-overlap", choices=("none", "delta", "shrink"), default=None,
+    ap.add_argument("--lora-overlap", choices=("auto", "none", "delta", "shrink"), default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
     ap.add_argument("--lora-stream-priority", type=int, default=None,
                     help="CUDA priority of the LoRA side stream (< 0: above the main stream; default: the engine's)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from punica.errors import ConfigError, ModelLoadError
 
 BACKENDS = ("auto", "torch", "triton")
-LORA_OVERLAPS = ("none", "delta", "shrink")
+LORA_OVERLAPS = ("auto", "none", "delta", "shrink")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -159,8 +159,10 @@ class EngineConfig:
     enforce_eager: bool = False
     # CUDA, steps of <= 512 tokens: what of a projection's LoRA runs on a second stream, concurrently with its
     # base GEMM. "delta": shrink and expand into a zeroed delta, added after the GEMM; "shrink": the shrink only,
-    # the expand then accumulates into the GEMM's output; "none": both after the GEMM on one stream.
-    lora_overlap: str = "delta"
+    # the expand then accumulates into the GEMM's output; "none": both after the GEMM on one stream; "auto":
+    # "shrink" for o_proj and down_proj, "delta" for the longer qkv and gate_up GEMMs (the fastest decode
+    # graph on an H200: benchmarks/results/textgen_NOTES.md).
+    lora_overlap: str = "auto"
     lora_stream_priority: int = 0  # CUDA priority of that stream; < 0 schedules its kernels before the GEMM's
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)
     load_format: str = "auto"

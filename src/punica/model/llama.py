@@ -113,17 +113,19 @@ class LlamaModel(nn.Module):
 
     def overlap_lora(self, mode: str | dict[str, str], priority: int = 0) -> None:
         """What of each projection's LoRA runs on a second CUDA stream, concurrently with its base GEMM (also
-        inside CUDA graphs, where the two become parallel branches): "delta", "shrink" or "none" (see
+        inside CUDA graphs, where the two become parallel branches): "auto", "delta", "shrink" or "none" (see
         EngineConfig.lora_overlap), or a mode per fused projection name ("o_proj": "shrink", ...; others
         "delta"). `priority` < 0 makes it a higher-priority stream, whose kernels the GPU schedules before
         the GEMM's pending blocks (graphs keep captured node priorities). Graphs captured before this call
         keep the old arrangement until recaptured."""
+        if mode == "auto":
+            mode = {"o_proj": "shrink", "down_proj": "shrink"}
         names = list(self.lora_modules(0))
         given = mode if isinstance(mode, dict) else dict.fromkeys(names, mode)
         modes = {name: given.get(name, "delta") for name in names}
         bad = sorted(set(given) - set(names)) + sorted(set(modes.values()) - {"none", "delta", "shrink"})
         if bad:
-            raise ValueError(f"LoRA overlap: modes are 'none', 'delta' or 'shrink' for {names}, got {mode!r}")
+            raise ValueError(f"LoRA overlap: 'auto', or 'none', 'delta' or 'shrink' for {names}, got {mode!r}")
         stream = None
         if set(modes.values()) != {"none"}:
             stream = torch.cuda.Stream(self.embed_tokens.weight.device, priority=priority)

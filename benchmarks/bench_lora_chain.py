@@ -1,0 +1,129 @@
+"""The LoRA of a whole decode step, alone: shrink + expand on qkv, o, gate_up and down in each of 32 layers
+of Llama-2-7B (r=16), captured as one CUDA graph, as the engine's decode graphs run it. A kernel's cost
+inside a chain of hundreds of launches (its latency and tail, back to back) is what a decode step pays;
+a single-launch microbenchmark (bench_sgmv) cannot show it. Sweeps tilings and launch knobs.
+
+    python -m benchmarks.bench_lora_chain --batch-size 32 --popularity distinct uniform identical
+
+Prints us per layer for each variant and writes `lora_chain.jsonl` under --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import torch
+
+from benchmarks import harness
+from benchmarks.bench_sgmv import with_tiling
+from punica.lora.plan import build_segment_plan
+from punica.ops import sgmv
+from punica.workload import adapter_indices
+
+# (name, h_in, output slices) of Llama-2-7B's fused projections
+PROJECTIONS = (("qkv", 4096, (4096, 4096, 4096)), ("o", 4096, (4096,)), ("gate_up", 4096, (11008, 11008)),
+               ("down", 11008, (4096,)))
+VARIANTS = [{}, dict(max_split_k=1), dict(max_split_k=2), dict(max_split_k=4), dict(shrink_waves=1),
+            dict(shrink_waves=8), dict(shrink_block_k=256), dict(shrink_warps=8), dict(shrink_stages=1),
+            dict(max_block_k=1024), dict(expand_block_n=256), dict(expand_waves=1), dict(expand_warps=8),
+            dict(expand_stages=1), dict(shrink_block_k=64), dict(expand_warps=2)]
+
+
+class Chain:
+    """Adapter weights for every layer and projection, the step's buffers, and the chain of launches."""
+
+    def __init__(self, layers: int, slots: int, rank: int, tokens: int):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        self.weights = []
+        for _ in range(layers):
+            per_layer = []
+            for _, h_in, widths in PROJECTIONS:
+                a = torch.randn(slots, len(widths) * rank, h_in, device="cuda", generator=gen).bfloat16()
+                b = torch.randn(slots, sum(widths), rank, device="cuda", generator=gen).bfloat16()
+                a[0], b[0] = 0, 0
+                offsets = [0]
+                for w in widths:
+                    offsets.append(offsets[-1] + w)
+                per_layer.append((a, b, tuple(offsets)))
+            self.weights.append(per_layer)
+        self.slot_rank = torch.full((slots,), rank, dtype=torch.int32, device="cuda")
+        self.slot_rank[0] = 0
+        self.x = {h: torch.randn(tokens, h, device="cuda").bfloat16() for h in (4096, 11008)}
+        self.y = {sum(w): torch.zeros(tokens, sum(w), device="cuda", dtype=torch.bfloat16) for _, _, w in PROJECTIONS}
+
+    def run(self, plan: sgmv.SegmentPlan) -> None:
+        for per_layer in self.weights:
+            for (_, h_in, widths), (a, b, offsets) in zip(PROJECTIONS, per_layer):
+                sgmv.add_lora_triton(self.y[sum(widths)], self.x[h_in], a, b, self.slot_rank, plan, offsets)
+
+
+def replay_us(fn, reps: int = 20) -> float:
+    """Mean GPU time of one replay of fn captured as a CUDA graph (after an eager call that compiles)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = harness.capture(fn)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / reps * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    ap.add_argument("--popularity", nargs="+", default=["distinct", "uniform", "identical"])
+    ap.add_argument("--tilings", nargs="+", default=["work_list", "hybrid"])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this long")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    setup = dict(harness.environment(), bench="lora_chain", layers=args.layers, rank=args.rank)
+    defaults, t0 = dict(sgmv.TUNING), time.time()
+    rows, best = [], {}
+    for batch in args.batch_size:
+        num_adapters = min(2 * batch, 128)
+        chain = Chain(args.layers, num_adapters + 1, args.rank, batch)
+        plans = {}
+        for pop in args.popularity:
+            slots = sorted(i + 1 for i in adapter_indices(pop, batch, num_adapters, seed=0))
+            base = build_segment_plan(slots, [1] * batch, torch.device("cuda"))
+            for tiling in args.tilings:
+                plans[pop, tiling] = with_tiling(base, tiling, rows=sgmv.work_list_rows())
+        for knobs in VARIANTS:  # variants outside: each compiles once, and a cut-short sweep has whole variants
+            if time.time() - t0 > args.budget_s:
+                break
+            sgmv.set_tuning(**{**defaults, **knobs})
+            for (pop, tiling), plan in plans.items():
+                us = replay_us(functools.partial(chain.run, plan)) / args.layers
+                row = dict(batch=batch, popularity=pop, tiling=tiling, knobs=knobs, us_per_layer=round(us, 2))
+                rows.append(row)
+                harness.write_jsonl("lora_chain", [row], setup, args.out_dir)
+                case = best.setdefault((batch, pop, tiling), dict(batch=batch, popularity=pop, tiling=tiling,
+                                                                  default=row["us_per_layer"], best=1e9))
+                if row["us_per_layer"] < case["best"]:
+                    case.update(best=row["us_per_layer"], knobs=knobs)
+            print(knobs, [r["us_per_layer"] for r in rows[-len(plans):]], flush=True)
+        del chain
+        torch.cuda.empty_cache()
+    sgmv.set_tuning(**defaults)
+    harness.print_table(list(best.values()), ["batch", "popularity", "tiling", "default", "best", "knobs"])
+    by_knobs: dict[str, list[float]] = {}
+    for r in rows:  # the variants that ran on every case, by their total
+        by_knobs.setdefault(repr(r["knobs"]), []).append(r["us_per_layer"])
+    complete = {k: v for k, v in by_knobs.items() if len(v) == max(map(len, by_knobs.values()))}
+    ranked = sorted(complete.items(), key=lambda kv: sum(kv[1]))
+    harness.print_table([dict(knobs=k, total_us_per_layer=round(sum(v), 2)) for k, v in ranked[:8]],
+                        ["knobs", "total_us_per_layer"])
+
+
+if __name__ == "__main__":
+    main()
