@@ -25,11 +25,14 @@ from punica.workload import adapter_indices
 # (name, h_in, output slices) of Llama-2-7B's fused projections
 PROJECTIONS = (("qkv", 4096, (4096, 4096, 4096)), ("o", 4096, (4096,)), ("gate_up", 4096, (11008, 11008)),
                ("down", 11008, (4096,)))
-VARIANTS = [{}, dict(max_split_k=1), dict(max_split_k=2), dict(max_split_k=4), dict(shrink_waves=1),
-            dict(shrink_waves=8), dict(shrink_block_k=256), dict(shrink_warps=8), dict(shrink_stages=1),
-            dict(max_block_k=1024), dict(expand_block_n=256), dict(expand_waves=1), dict(expand_warps=8),
-            dict(expand_stages=1), dict(shrink_block_k=64), dict(expand_warps=2)]
-
+VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
+    "knobs": [{}, dict(max_split_k=1), dict(max_split_k=2), dict(max_split_k=4), dict(shrink_waves=1),
+              dict(shrink_waves=8), dict(shrink_block_k=256), dict(shrink_warps=8), dict(shrink_stages=1),
+              dict(max_block_k=1024), dict(expand_block_n=256), dict(expand_waves=1), dict(expand_warps=8),
+              dict(expand_stages=1), dict(shrink_block_k=64), dict(expand_warps=2)],
+    "fused": [{}, dict(fused_token=1), dict(fused_token=1, fused_waves=2), dict(fused_token=1, fused_waves=4),
+              dict(fused_token=1, fused_block_n=128), dict(fused_token=1, fused_warps=8)],
+}
 
 class Chain:
     """Adapter weights for every layer and projection, the step's buffers, and the chain of launches."""
@@ -80,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, nargs="+", default=[32])
     ap.add_argument("--popularity", nargs="+", default=["distinct", "uniform", "identical"])
-    ap.add_argument("--tilings", nargs="+", default=["work_list", "hybrid"])
+    ap.add_argument("--tilings", nargs="+", default=["token", "hybrid", "work_list"],
+                    help="token: decode graphs without hybrid lists; work_list: mixed graphs without them")
+    ap.add_argument("--variants", choices=sorted(VARIANTS), default="knobs")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this long")
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             base = build_segment_plan(slots, [1] * batch, torch.device("cuda"))
             for tiling in args.tilings:
                 plans[pop, tiling] = with_tiling(base, tiling, rows=sgmv.work_list_rows())
-        for knobs in VARIANTS:  # variants outside: each compiles once, and a cut-short sweep has whole variants
+        for knobs in VARIANTS[args.variants]:  # variants outside: each compiles once, and a cut-short sweep has whole variants
             if time.time() - t0 > args.budget_s:
                 break
             sgmv.set_tuning(**{**defaults, **knobs})

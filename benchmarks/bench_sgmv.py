@@ -183,9 +183,15 @@ def run_sweep(args, flush, copy_bw, setup) -> list[dict]:
 
 
 def with_tiling(plan: sgmv.SegmentPlan, tiling: str, rows: int = 32) -> sgmv.SegmentPlan:
-    """The plan as CUDA graphs give it: "work_list" (row blocks) or "hybrid" (single tokens first)."""
+    """The plan as CUDA graphs give it: "token" (a segment per token: decode graphs), "work_list" (row blocks:
+    mixed graphs) or "hybrid" (single tokens first, then row blocks: TUNING["hybrid_graphs"])."""
     if tiling == "default":
         return plan
+    if tiling == "token":
+        per_token = plan.token_slot.tolist()
+        indptr = torch.arange(len(per_token) + 1, dtype=torch.int32, device=plan.token_slot.device)
+        return dataclasses.replace(plan, seg_indptr=indptr, seg_slot=plan.token_slot, max_seg_len=1,
+                                   host_indptr=indptr.tolist(), host_slot=per_token)
     if tiling == "hybrid":
         singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, rows, single_max=1)
     else:

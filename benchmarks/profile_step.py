@@ -141,6 +141,8 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         return row
 
     work = {s: 1 for s in engine.scheduler.running}
+    for seq in work:  # the batches below bypass the scheduler: give each its next token's KV block
+        engine.blocks.grow(seq.block_table, seq.num_computed + 1)
     ordered = order_by_slot(work)
     hb = host_batch(ordered, engine.runner.block_size)
     graphs = engine.runner.graphs
