@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             base = build_segment_plan(slots, [1] * batch, torch.device("cuda"))
             for tiling in args.tilings:
                 plans[pop, tiling] = with_tiling(base, tiling, rows=sgmv.work_list_rows())
-        for knobs in VARIANTS[args.variants]:  # variants outside: each compiles once, and a cut-short sweep has whole variants
+        for knobs in VARIANTS[args.variants]:  # outside: each compiles once; a cut-short sweep has whole ones
             if time.time() - t0 > args.budget_s:
                 break
             sgmv.set_tuning(**{**defaults, **knobs})
