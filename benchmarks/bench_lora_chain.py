@@ -19,7 +19,7 @@ import torch
 from benchmarks import harness
 from benchmarks.bench_sgmv import with_tiling
 from punica.lora.plan import build_segment_plan
-from punica.ops import sgmv
+from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
 
 # (name, h_in, output slices) of Llama-2-7B's fused projections
@@ -86,12 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tilings", nargs="+", default=["token", "hybrid", "work_list"],
                     help="token: decode graphs without hybrid lists; work_list: mixed graphs without them")
     ap.add_argument("--variants", choices=sorted(VARIANTS), default="knobs")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (ops/pdl.py)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this long")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
-    setup = dict(harness.environment(), bench="lora_chain", layers=args.layers, rank=args.rank)
+    pdl.set_pdl(args.pdl)
+    setup = dict(harness.environment(), bench="lora_chain", layers=args.layers, rank=args.rank, pdl=args.pdl)
     defaults, t0 = dict(sgmv.TUNING), time.time()
     rows, best = [], {}
     for batch in args.batch_size:

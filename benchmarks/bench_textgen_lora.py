@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from benchmarks.harness import RESULTS, apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
 from punica import Engine, SamplingParams
+from punica.ops import pdl
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -175,10 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--lora-overlap", choices=("auto", "none", "delta", "shrink"), default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (ops/pdl.py)")
     ap.add_argument("--lora-stream-priority", type=int, default=None,
                     help="CUDA priority of the LoRA side stream (< 0: above the main stream; default: the engine's)")
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
+    pdl.set_pdl(args.pdl)
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
-                 lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority)
+                 lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, pdl=args.pdl)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

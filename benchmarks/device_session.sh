@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# The next device call (about 4 minutes on an H200), results under $OUT:
-#   PUNICA_GIT_REV=<rev> bash benchmarks/device_session.sh
-# 1. the fused shrink + expand kernel's GPU tests; 2. a batch-32 decode step's LoRA alone as one graph:
-# per-token tiling (decode graphs) with and without the fused kernel, and hybrid lists; 3. the batch-32
-# distinct decode graph with the fused kernel under each LoRA-overlap arrangement. Each part writes as it goes.
+# The next device call (about 10 minutes on an H200), results under $OUT. Set the revision here, not on the
+# device (its copy of .git can be stale):
+#   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_session.sh
+# 1. the GPU test tier (with the PDL bitwise test); 2. batch-32 step profiles: the decode graph with
+# programmatic dependent launch flipped (ops/pdl.py), and the LoRA-overlap arrangements; 3. the decode step's
+# LoRA alone with and without PDL; 4. batch-32 text generation, defaults vs --pdl; 5. batches 128 and 256 of
+# the issue-4 table. Each part writes as it goes, so a run cut short keeps what it measured.
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
-python3 -m pytest -m gpu -q -n 8 tests/ops/test_sgmv.py -k fused 2>&1 | tail -8 > "$OUT/gpu_tests_fused.log"
-tail -3 "$OUT/gpu_tests_fused.log"
-python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants fused --tilings token hybrid --budget-s 60 \
-  --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/lora_chain_fused.log"
-tail -20 "$OUT/lora_chain_fused.log"
-python3 -m benchmarks.profile_step --batch-size 32 --popularity distinct --steps 10 --out-dir "$OUT" \
-  --sgmv-tuning fused_token=1 2>&1 | grep -v -i warn > "$OUT/profile_step_fused.log"
-tail -12 "$OUT/profile_step_fused.log"
+python3 -m pytest -m gpu -q -n 8 tests/ops tests/test_gpu_engine.py 2>&1 | tail -20 > "$OUT/gpu_tests.log"
+tail -3 "$OUT/gpu_tests.log"
+python3 -m benchmarks.profile_step --batch-size 32 --popularity distinct identical none --steps 20 --out-dir "$OUT" \
+  2>&1 | grep -v -i warn > "$OUT/profile_step.log"
+tail -8 "$OUT/profile_step.log"
+for flag in "" --pdl; do
+  python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants fused --tilings token --budget-s 1 $flag \
+    --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -3
+done
+textgen() {
+  python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 32 --num-requests 256 \
+    --max-output 128 --warmup-requests 32 --out-dir "$OUT" "$@" 2>&1 | grep -v -i warn | tail -6
+}
+textgen
+textgen --pdl
+python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 128 256 --num-requests 1000 \
+  --max-output 96 --warmup-requests 32 --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -11

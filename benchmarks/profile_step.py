@@ -23,6 +23,7 @@ from benchmarks.harness import apply_sgmv_tuning, copy_bandwidth, environment, p
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
+from punica.ops import pdl
 from punica.workload import adapter_indices
 
 
@@ -159,6 +160,11 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
                 if overlap != "none":
                     row[f"graph_overlap {label}"] = graph_overlap(replay)
             recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+        pdl.set_pdl(not pdl.pdl_enabled())  # the same graph with programmatic dependent launch flipped
+        replay = recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+        row[f"graph_ms pdl {pdl.pdl_enabled()}"] = round(gpu_ms(replay), 3)
+        pdl.set_pdl(not pdl.pdl_enabled())
+        recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
     device_batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
     model = engine.model
     row["eager_gpu_ms"] = round(gpu_ms(lambda: model(device_batch), reps=5), 3)
@@ -202,12 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (ops/pdl.py)")
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
+    pdl.set_pdl(args.pdl)
     cfg = TINY if args.tiny else LLAMA2_7B
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 sgmv_tuning=tuning)
+                 sgmv_tuning=tuning, pdl=args.pdl)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                                "idle_us", "lora_kernel_us", "base_kernel_us"])
         print()
     arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
-    print_table(rows, ["popularity", "graph_replay_ms", *arrangements])
+    print_table(rows, ["popularity", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
     print()
     print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
                        "eager_gpu_ms",

@@ -139,3 +139,29 @@ def test_steps_over_max_graph_tokens_run_eagerly(tiny_models):
         assert llm.engine.runner.graphs.token_buckets[-1] == (cap or 256)
         outs.append([o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)])
     assert outs[0] == outs[1]
+
+
+def test_programmatic_dependent_launch_changes_no_bit(tiny_models):
+    """With PDL (ops/pdl.py) every kernel waits for the one before it: logits and tokens are bitwise those
+    without it, in graphs (decode and mixed steps) and eagerly."""
+    from test_parity import last_token_logits
+
+    from punica.ops import pdl
+
+    _, model_dir, adapters = tiny_models["llama"]
+    ids = prompts(seed=28)
+    results = {}
+    for eager in (False, True):
+        for enabled in (False, True):
+            pdl.set_pdl(enabled)
+            try:
+                llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda",
+                          enforce_eager=eager)
+                tokens = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
+                results[eager, enabled] = (last_token_logits(llm, ids, LORAS), tokens)
+            finally:
+                pdl.set_pdl(False)
+    assert pdl.options(torch.zeros(1, device="cuda")) == {"PDL": False}
+    for eager in (False, True):
+        (logits, tokens), (pdl_logits, pdl_tokens) = results[eager, False], results[eager, True]
+        assert torch.equal(pdl_logits, logits) and pdl_tokens == tokens

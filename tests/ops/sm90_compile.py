@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from punica.ops import attention, sgmv
+from punica.ops import attention, kv_store, norm_rope, sgmv
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -48,21 +48,49 @@ DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
                  "stride_oh"))
 
 
+FUSED = ([("x_ptr", "*bf16"), ("a_ptr", "*bf16"), ("b_ptr", "*bf16"), ("y_ptr", "*bf16"), ("token_slot_ptr", "*i32"),
+          ("rank_ptr", "*i32")]
+         + ints("stride_xt", "stride_as", "stride_ar", "stride_bs", "stride_bn", "stride_yt", "T", "H_IN", "R", "N",
+                "O1", "O2", "TILES1", "TILES2"))
+SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kernels
+    ("add_rms_norm", norm_rope._rms_norm_kernel,
+     [(n, "*bf16") for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")]
+     + ints("stride_x", "stride_r", "H") + [("eps", "fp32")], dict(ADD=True, ROUND_FIRST=True, BLOCK_H=4096)),
+    ("silu_and_mul", norm_rope._silu_and_mul_kernel, [("x_ptr", "*bf16"), ("out_ptr", "*bf16")]
+     + ints("stride_x", "inter"), dict(BLOCK=1024)),
+    ("rope", norm_rope._rope_kernel, [(n, "*bf16") for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr")]
+     + [("pos_ptr", "*i64"), ("cos_sin_ptr", "*fp32")] + ints("stride_qt", "stride_qh", "stride_kt", "stride_kh"),
+     dict(HQ=32, HKV=8, HALF=64, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_HALF=64)),
+    ("store_kv", kv_store._store_kv_kernel, [(n, "*bf16") for n in ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")]
+     + [("slot_ptr", "*i64")] + ints("stride_kt", "stride_kh", "stride_vt", "stride_vh"),
+     dict(H_KV=8, HEAD_DIM=128, BLOCK_H=8)),
+    ("combine", attention._combine_kernel, [("part_o_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("out_ptr", "*bf16"),
+                                            ("cu_q_ptr", "*i32")] + ints("stride_ot", "stride_oh"),
+     dict(HQ=32, HEAD_DIM=128, SPLITS=4, BLOCK_S=4)),
+]
+
+
 def variants():
+    """Every kernel's main specializations without PDL (ops/pdl.py), and each kernel once with it."""
     for mode, split, block_m in [(sgmv.SEGMENT, 1, 32), (sgmv.SEGMENT, 4, 32), (sgmv.TOKEN, 8, 1),
                                  (sgmv.WORKLIST, 4, 32), (sgmv.HYBRID, 1, 32), (sgmv.HYBRID, 4, 32)]:
         yield f"shrink mode {mode} split {split}", sgmv._shrink_kernel, SHRINK, dict(
             MODE=mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=512 if mode == sgmv.TOKEN else 128, BLOCK_K1=512,
-            BLOCK_R=16, R_BLOCKS=1, STAGES=3, IEEE=False)
+            BLOCK_R=16, R_BLOCKS=1, STAGES=3, IEEE=False, PDL=split == 8)
     for mode, block_m in [(sgmv.SEGMENT, 32), (sgmv.TOKEN, 1), (sgmv.WORKLIST, 32), (sgmv.HYBRID, 32)]:
         yield f"expand mode {mode}", sgmv._expand_kernel, EXPAND, dict(
             MODE=mode, BLOCK_M=block_m, BLOCK_N=128, BLOCK_R=16, R_CHUNKS=1, TILES_PER_PROGRAM=1, STAGES=2,
-            IEEE=False)
+            IEEE=False, PDL=mode == sgmv.TOKEN)
+    yield "fused token", sgmv._fused_token_kernel, FUSED, dict(COLS=1024, BLOCK_N=256, BLOCK_K=512, BLOCK_R=16,
+                                                               PDL=True)
     for tiled in (False, True):
         yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
-            GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled)
-    yield "decode attention", attention._decode_kernel, DECODE, dict(
-        GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32")
+            GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, PDL=tiled)
+    for pdl in (False, True):
+        yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
+            GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", PDL=pdl)
+    for name, fn, args, consts in SMALL:
+        yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 
 
 if __name__ == "__main__":

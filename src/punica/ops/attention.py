@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from punica.ops import pdl
+from punica.ops.pdl import pdl_start
+
 try:
     import triton
     import triton.language as tl
@@ -98,8 +101,10 @@ def _kv_offsets(bt_row_ptr, n, valid, kv_head, stride_kb, stride_ks, stride_kh, 
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
                    scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
+                   PDL: tl.constexpr):
     """Program (b, kv head h, split s): the GROUP query heads of h over split s of b's context."""
+    pdl_start(PDL)
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row = tl.load(cu_q_ptr + b)
     if tl.load(cu_q_ptr + b + 1) == row:
@@ -137,8 +142,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
 
 @_jit
 def _combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, cu_q_ptr, stride_ot, stride_oh, HQ: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Program (b, head): out = sum_s 2^lse_s * o_s / sum_s 2^lse_s over the decode splits."""
+    pdl_start(PDL)
     b, head = tl.program_id(0), tl.program_id(1)
     row = tl.load(cu_q_ptr + b)
     if tl.load(cu_q_ptr + b + 1) == row:
@@ -157,9 +163,11 @@ def _combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, cu_q_ptr, stride_ot, stri
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, tiles_ptr, scale_log2,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, TILED: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, TILED: tl.constexpr,
+                    PDL: tl.constexpr):
     """Program (query tile m, b, head), or (work-list entry, 0, head) when TILED: flash attention of
     BLOCK_M queries of b, causal over the paged KV."""
+    pdl_start(PDL)
     head = tl.program_id(2)
     if TILED:
         b = tl.load(tiles_ptr + 2 * tl.program_id(0))
@@ -274,10 +282,11 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _decode_kernel[(batch, h_kv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, *meta_args, scale * math.log2(math.e), *strides,
         GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=_precision(q.dtype),
-        **decode_config(d, group, q.dtype))
+        **decode_config(d, group, q.dtype), **pdl.options(q))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
-                                      HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+                                      HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+                                      **pdl.options(q))
     return out
 
 
@@ -306,7 +315,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, *meta_args, out if tiles is None else tiles, scale * math.log2(math.e),
         *strides, GROUP=h_q // h_kv, HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), TILED=tiles is not None,
-        **cfg)
+        **cfg, **pdl.options(q))
     return out
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from punica.ops import pdl
+from punica.ops.pdl import pdl_start
+
 try:
     import triton
     import triton.language as tl
@@ -28,8 +31,9 @@ def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 @_jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     H_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+                     H_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """Program t: copy token t's [Hkv, D] keys and values to flat cache row slot_mapping[t] (skip if < 0)."""
+    pdl_start(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -61,4 +65,5 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     if k.shape[0] == 0:
         return
     _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-                                     v.stride(1), H_KV=h_kv, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(h_kv))
+                                     v.stride(1), H_KV=h_kv, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(h_kv),
+                                     **pdl.options(k))

@@ -6,6 +6,9 @@ import math
 
 import torch
 
+from punica.ops import pdl
+from punica.ops.pdl import pdl_start
+
 try:
     import triton
     import triton.language as tl
@@ -77,8 +80,9 @@ def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 @_jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, H, eps,
-                     ADD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_H: tl.constexpr):
+                     ADD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """Row t: s = x (+ residual, rounded and stored when ADD); out = s * rsqrt(mean(s^2) + eps) * w."""
+    pdl_start(PDL)
     t = tl.program_id(0)
     i = tl.arange(0, BLOCK_H)
     mask = i < H
@@ -109,7 +113,7 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
         _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, x.stride(0),
                                (residual if residual is not None else x).stride(0), h, eps,
                                ADD=residual is not None, ROUND_FIRST=weight.dtype == x.dtype, BLOCK_H=block,
-                               num_warps=8 if block >= 4096 else 4)
+                               num_warps=8 if block >= 4096 else 4, **pdl.options(x))
     return out, res_out
 
 
@@ -125,8 +129,9 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 
 
 @_jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Row t, columns block c: out = silu(gate) * up, rounding silu to the input dtype as torch does."""
+    pdl_start(PDL)
     t, c = tl.program_id(0), tl.program_id(1)
     i = c * BLOCK + tl.arange(0, BLOCK)
     mask = i < inter
@@ -144,7 +149,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, inter), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
     if t:
-        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), inter, BLOCK=block)
+        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), inter, BLOCK=block,
+                                                             **pdl.options(x))
     return out
 
 
@@ -165,8 +171,9 @@ def _rotate_heads(x_ptr, o_ptr, t, stride_t, stride_h, cos, sin, H: tl.constexpr
 @_jit
 def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt,
                  stride_kh, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                 BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """Program t: rotate every q and k head of token t by the angles of positions[t]."""
+    pdl_start(PDL)
     t = tl.program_id(0)
     i = tl.arange(0, BLOCK_HALF)[None, :]
     row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
@@ -194,5 +201,5 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         _rope_kernel[(t,)](q, k, q_out, k_out, positions, cos_sin.float(), q.stride(0), q.stride(1), k.stride(0),
                            k.stride(1), HQ=h_q, HKV=k.shape[1], HALF=d // 2,
                            BLOCK_HQ=triton.next_power_of_2(h_q), BLOCK_HKV=triton.next_power_of_2(k.shape[1]),
-                           BLOCK_HALF=triton.next_power_of_2(d // 2))
+                           BLOCK_HALF=triton.next_power_of_2(d // 2), **pdl.options(q))
     return q_out, k_out

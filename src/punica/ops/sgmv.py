@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from punica.ops.pdl import pdl_start
 from punica.ops.sgmv_launch import (  # noqa: F401  (re-exported: the tiling modes and knobs of this op)
     HYBRID,
     SEGMENT,
@@ -240,7 +241,8 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
                    n_single, MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
-                   STAGES: tl.constexpr, IEEE: tl.constexpr):
+                   STAGES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
                                                  R, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
@@ -305,7 +307,8 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2, n_single,
                    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
                                                  R, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
@@ -329,10 +332,12 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 @_jit(do_not_specialize=["T"])
 def _fused_token_kernel(x_ptr, a_ptr, b_ptr, y_ptr, token_slot_ptr, rank_ptr, stride_xt, stride_as, stride_ar,
                         stride_bs, stride_bn, stride_yt, T, H_IN, R, N, O1, O2, TILES1, TILES2,
-                        COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                        COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        PDL: tl.constexpr):
     """Program (token t, column tile): v = x[t] @ lora_a[slot, slice].T, then y[t, tile] += v @ lora_b[slot,
     tile].T, in one launch (the fused token mode). Each program recomputes its slice's v: tiles of one
     token share A through L2, so few tiles per slice keep that traffic small."""
+    pdl_start(PDL)
     t = tl.program_id(0)
     tile = tl.program_id(1)
     slot = tl.load(token_slot_ptr + t)

@@ -7,6 +7,8 @@ import functools
 
 import torch
 
+from punica.ops import pdl
+
 SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' MODE)
 
 # Knobs picked on an H200 by `python -m benchmarks.bench_sgmv --tune --apply` (benchmarks/results/sgmv_NOTES.md);
@@ -166,6 +168,8 @@ def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, ta
     every int but the `free` ones) has compiled, later launches call the compiled kernel directly: Triton's
     generic launch path costs tens of microseconds of Python per call."""
     global _direct
+    options = pdl.options(tensors[0])
+    tail = (*tail, options.pop("PDL"))  # every kernel's last constexpr; options keeps launch_pdl with it
     args = (*tensors, *strides, *free, *tail)
     if not tensors[0].is_cuda:  # the interpreter
         kernel[grid](*args, num_warps=num_warps)
@@ -179,6 +183,6 @@ def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, ta
             return
         except TypeError:  # a Triton whose launcher wants other arguments: stay on the generic path
             _direct = False
-    compiled = kernel[grid](*args, num_warps=num_warps)
+    compiled = kernel[grid](*args, num_warps=num_warps, **options)
     if compiled is not None and hasattr(compiled, "function"):
         _compiled[key] = compiled
