@@ -4,7 +4,7 @@
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_session.sh
 # 1. the GPU test tier (with the PDL bitwise test); 2. batch-32 step profiles: the decode graph with
 # programmatic dependent launch flipped (ops/pdl.py), and the LoRA-overlap arrangements; 3. the decode step's
-# LoRA alone with and without PDL; 4. batch-32 text generation, defaults vs --pdl; 5. batches 128 and 256 of
+# LoRA alone in the decode graphs' per-token tiling: the launch-knob sweep, then the defaults with PDL; 4. batch-32 text generation, defaults vs --pdl; 5. batches 128 and 256 of
 # the issue-4 table. Each part writes as it goes, so a run cut short keeps what it measured.
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
@@ -15,10 +15,11 @@ tail -3 "$OUT/gpu_tests.log"
 python3 -m benchmarks.profile_step --batch-size 32 --popularity distinct identical none --steps 20 --out-dir "$OUT" \
   2>&1 | grep -v -i warn > "$OUT/profile_step.log"
 tail -8 "$OUT/profile_step.log"
-for flag in "" --pdl; do
-  python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants fused --tilings token --budget-s 1 $flag \
-    --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -3
-done
+python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants knobs --tilings token --budget-s 90 \
+  --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/lora_chain_token.log"
+tail -12 "$OUT/lora_chain_token.log"
+python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants fused --tilings token --budget-s 1 --pdl \
+  --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -3
 textgen() {
   python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 32 --num-requests 256 \
     --max-output 128 --warmup-requests 32 --out-dir "$OUT" "$@" 2>&1 | grep -v -i warn | tail -6
