@@ -30,8 +30,7 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
               dict(shrink_waves=8), dict(shrink_block_k=256), dict(shrink_warps=8), dict(shrink_stages=1),
               dict(max_block_k=1024), dict(expand_block_n=256), dict(expand_waves=1), dict(expand_warps=8),
               dict(expand_stages=1), dict(shrink_block_k=64), dict(expand_warps=2)],
-    "fused": [{}, dict(fused_token=1), dict(fused_token=1, fused_waves=2), dict(fused_token=1, fused_waves=4),
-              dict(fused_token=1, fused_block_n=128), dict(fused_token=1, fused_warps=8)],
+    "defaults": [{}],
 }
 
 class Chain:

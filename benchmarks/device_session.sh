@@ -18,7 +18,7 @@ tail -8 "$OUT/profile_step.log"
 python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants knobs --tilings token --budget-s 90 \
   --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/lora_chain_token.log"
 tail -12 "$OUT/lora_chain_token.log"
-python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants fused --tilings token --budget-s 1 --pdl \
+python3 -m benchmarks.bench_lora_chain --batch-size 32 --variants defaults --tilings token --pdl \
   --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -3
 textgen() {
   python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 32 --num-requests 256 \

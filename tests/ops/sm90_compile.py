@@ -48,10 +48,6 @@ DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
                  "stride_oh"))
 
 
-FUSED = ([("x_ptr", "*bf16"), ("a_ptr", "*bf16"), ("b_ptr", "*bf16"), ("y_ptr", "*bf16"), ("token_slot_ptr", "*i32"),
-          ("rank_ptr", "*i32")]
-         + ints("stride_xt", "stride_as", "stride_ar", "stride_bs", "stride_bn", "stride_yt", "T", "H_IN", "R", "N",
-                "O1", "O2", "TILES1", "TILES2"))
 SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kernels
     ("add_rms_norm", norm_rope._rms_norm_kernel,
      [(n, "*bf16") for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")]
@@ -81,8 +77,6 @@ def variants():
         yield f"expand mode {mode}", sgmv._expand_kernel, EXPAND, dict(
             MODE=mode, BLOCK_M=block_m, BLOCK_N=128, BLOCK_R=16, R_CHUNKS=1, TILES_PER_PROGRAM=1, STAGES=2,
             IEEE=False, PDL=mode == sgmv.TOKEN)
-    yield "fused token", sgmv._fused_token_kernel, FUSED, dict(COLS=1024, BLOCK_N=256, BLOCK_K=512, BLOCK_R=16,
-                                                               PDL=True)
     for tiled in (False, True):
         yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
             GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, PDL=tiled)

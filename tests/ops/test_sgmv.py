@@ -133,24 +133,6 @@ def test_launch_modes(tuning, mode, dtype):
     assert_close(y, expected, dtype=dtype)
 
 
-@interpreted
-@pytest.mark.parametrize("tiles", ["one", "several"])
-@pytest.mark.parametrize("widths", [(40,), (40, 8, 8), (24, 24)], ids=["one", "gqa_qkv", "gate_up"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_token_mode(tuning, tiles, widths, dtype):
-    """Shrink and expand fused in one launch (token mode): slot-0 tokens untouched, ranks below R, one or
-    several column tiles per slice (the last ones partial, past a slice's end)."""
-    tuning(fused_token=1, bgmv_max_seg=1 << 20, fused_waves=1 << 10 if tiles == "several" else 0, max_block_k=32,
-           fused_block_n=16)
-    plan = make_plan([2, 1, 1, 3, 0, 1], [0, 1, 2, 3, 0, 4], "cpu")
-    T = plan.host_indptr[-1]
-    assert sgmv.fused_token(sgmv._tiling(plan, T))
-    grid = sgmv._fused_config(T, offsets(widths), 70, 16, 1)[0]
-    assert (grid[1] > len(widths)) == (tiles == "several")
-    y, expected = run_add_lora(plan, 70, widths, 16, (16, 9, 1), dtype, "cpu", num_slots=5)
-    assert_close(y, expected, dtype=dtype)
-
-
 def with_work_list(plan: SegmentPlan, rows: int, capacity: int) -> SegmentPlan:
     """The same plan with its work list (padded to `capacity` items) attached."""
     from punica.lora.plan import work_items
@@ -367,32 +349,3 @@ def test_gpu_graph_replay_bitwise_equal_to_eager(popularity, T):
         torch.cuda.synchronize()
         assert torch.equal(y, runs[0])
 
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("T", [1, 3, 32, 64, 255])
-@pytest.mark.parametrize("popularity", ["distinct", "uniform", "identical"])
-@pytest.mark.parametrize("widths,h_in,R", [((4096, 1024, 1024), 4096, 64), ((11008, 11008), 4096, 16),
-                                           ((4096,), 11008, 128)], ids=["qkv_gqa", "gate_up", "down_r128"])
-def test_gpu_fused_token_mode(tuning, widths, h_in, R, popularity, T):
-    """The fused shrink + expand kernel (token mode, one sequence a token) at Llama shapes in bf16, and its
-    graph replay bitwise equal to eager."""
-    tuning(fused_token=1, bgmv_max_seg=1 << 20)
-    plan = workload_plan(popularity, T, 32 if popularity == "uniform" else 128, False, "cuda", seed=11)
-    assert sgmv.fused_token(sgmv._tiling(plan, T))
-    ranks = (R, 8, 16, 5)
-    y, expected = run_add_lora(plan, h_in, widths, R, ranks, torch.bfloat16, "cuda", num_slots=130)
-    assert_close(y.float(), expected, dtype=torch.bfloat16)
-    lora_a, lora_b, slot_rank = make_weights(130, h_in, widths, R, ranks, torch.bfloat16, "cuda")
-    x = torch.randn(T, h_in, device="cuda", dtype=torch.bfloat16)
-    y0 = torch.randn(T, sum(widths), device="cuda", dtype=torch.bfloat16)
-    eager = y0.clone()
-    sgmv.add_lora_triton(eager, x, lora_a, lora_b, slot_rank, plan, offsets(widths))
-    y = y0.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offsets(widths))
-    y.copy_(y0)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)

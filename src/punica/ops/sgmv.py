@@ -28,12 +28,10 @@ from punica.ops.sgmv_launch import (  # noqa: F401  (re-exported: the tiling mod
     TUNING,
     WORKLIST,
     _expand_config,
-    _fused_config,
     _launch,
     _lock_buffer,
     _num_sms,
     _shrink_config,
-    fused_token,
     hybrid_graphs,
     set_tuning,
     work_list_rows,
@@ -329,50 +327,6 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                      TILES_PER_PROGRAM, STAGES, IEEE)
 
 
-@_jit(do_not_specialize=["T"])
-def _fused_token_kernel(x_ptr, a_ptr, b_ptr, y_ptr, token_slot_ptr, rank_ptr, stride_xt, stride_as, stride_ar,
-                        stride_bs, stride_bn, stride_yt, T, H_IN, R, N, O1, O2, TILES1, TILES2,
-                        COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                        PDL: tl.constexpr):
-    """Program (token t, column tile): v = x[t] @ lora_a[slot, slice].T, then y[t, tile] += v @ lora_b[slot,
-    tile].T, in one launch (the fused token mode). Each program recomputes its slice's v: tiles of one
-    token share A through L2, so few tiles per slice keep that traffic small."""
-    pdl_start(PDL)
-    t = tl.program_id(0)
-    tile = tl.program_id(1)
-    slot = tl.load(token_slot_ptr + t)
-    if slot == 0:
-        return
-    rank = tl.minimum(tl.load(rank_ptr + slot), R)
-    sl = (tile >= TILES1).to(tl.int32) + (tile >= TILES2).to(tl.int32)  # output slice of this tile
-    n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, O2))
-    n_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, N))
-    n0 = n_lo + (tile - tl.where(sl == 0, 0, tl.where(sl == 1, TILES1, TILES2))) * COLS
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    offs_k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + t.to(tl.int64) * stride_xt
-    a_rows = a_ptr + slot.to(tl.int64) * stride_as + (sl * R + offs_r)[:, None] * stride_ar
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for k in tl.range(0, tl.where(rank > 0, H_IN, 0), BLOCK_K):
-        kk = k + offs_k
-        k_mask = kk < H_IN
-        xk = tl.load(x_row + kk, mask=k_mask, other=0.0)
-        ak = tl.load(a_rows + kk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += ak.to(tl.float32) * xk.to(tl.float32)[None, :]
-    v = tl.sum(acc, axis=1)  # [BLOCK_R] fp32, zero past the rank
-    y_row = y_ptr + t.to(tl.int64) * stride_yt
-    b_slot = b_ptr + slot.to(tl.int64) * stride_bs
-    for c in tl.range(0, COLS, BLOCK_N):
-        offs_n = n0 + c + tl.arange(0, BLOCK_N)
-        n_mask = (offs_n < n_hi) & (offs_n < n0 + COLS)
-        bt = tl.load(b_slot + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
-                     other=0.0)
-        delta = tl.sum(bt.to(tl.float32) * v[None, :], axis=1)
-        yv = tl.load(y_row + offs_n, mask=n_mask, other=0.0)
-        tl.store(y_row + offs_n, (yv.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
-
-
 # ---- Wrappers (launch configuration: sgmv_launch.py) ---------------------------------------------
 
 def _tiling(plan: SegmentPlan, T: int) -> tuple[int, ...]:
@@ -452,15 +406,6 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
     _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32), warps)
 
 
-def _fused(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor,
-           plan: SegmentPlan, slice_offsets: tuple[int, ...]) -> None:
-    T, h_in = x.shape
-    grid, tail, warps = _fused_config(T, tuple(slice_offsets), h_in, lora_b.shape[2], _num_sms(x.get_device()))
-    tensors = (x, lora_a, lora_b, y, plan.token_slot, slot_rank)
-    strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0))
-    _launch(_fused_token_kernel, grid, tensors, strides, (T,), tail, warps)
-
-
 def sgmv_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
                        v: torch.Tensor, num_slices: int | None = None) -> None:
     """v[t, :] = x[t] @ lora_a[slot(t)].T for every token of a segment with slot != 0 (others untouched).
@@ -514,10 +459,6 @@ def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
     _check_triton(dict(x=x, lora_a=lora_a, lora_b=lora_b, y=y), slot_rank, plan, x.shape[0])
     if len(slot_rank) != lora_a.shape[0]:
         raise ValueError(f"slot_rank has {len(slot_rank)} entries for {lora_a.shape[0]} slots")
-    T = x.shape[0]
-    if T and plan.max_seg_len and fused_token(_tiling(plan, T)):
-        _fused(y, x, lora_a, lora_b, slot_rank, plan, slice_offsets)
-        return
-    v = torch.empty(T, lora_a.shape[1], dtype=torch.float32, device=x.device)
+    v = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     _shrink(x, lora_a, slot_rank, plan, v, len(slice_offsets) - 1)
     _expand(v, lora_b, slot_rank, plan, y, slice_offsets)

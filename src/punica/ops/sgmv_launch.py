@@ -31,10 +31,6 @@ TUNING = {
     "expand_tiles": 1,          # N tiles per expand program
     "expand_stages": 2,
     "expand_warps": 4,
-    "fused_token": 0,           # 1: plans in token mode run shrink + expand as one kernel (_fused_token_kernel)
-    "fused_waves": 1,           # fused programs aimed at per SM; column tiles per slice shrink until reached
-    "fused_block_n": 256,       # columns per inner step of a fused program (fewer for ranks over 16)
-    "fused_warps": 4,
 }
 _MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
 _locks: dict[torch.device, torch.Tensor] = {}
@@ -48,7 +44,7 @@ def set_tuning(**knobs: int) -> None:
         if name not in TUNING:
             raise KeyError(f"unknown SGMV knob {name!r}; known: {sorted(TUNING)}")
         TUNING[name] = value
-    for cached in (_row_tiling, _shrink_config, _expand_config, _fused_config):
+    for cached in (_row_tiling, _shrink_config, _expand_config):
         cached.cache_clear()
 
 
@@ -128,31 +124,6 @@ def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: i
     args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], tiling[-1],
             mode, block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
     return (rows, _cdiv(sum(tiles[:len(widths)]), per_program), 1), args, TUNING["expand_warps"]
-
-
-def fused_token(tiling: tuple) -> bool:
-    """Whether a plan with this tiling runs the fused shrink + expand kernel: token mode (one token per row
-    program; decode graphs) with TUNING["fused_token"] on."""
-    return bool(TUNING["fused_token"]) and _row_tiling(*tiling)[0] == TOKEN
-
-
-@functools.lru_cache(maxsize=4096)
-def _fused_config(T: int, slice_offsets: tuple[int, ...], h_in: int, R: int, sms: int) -> tuple:
-    """(grid, kernel args from H_IN on, num_warps) of the fused token kernel. Column tiles per slice halve
-    from the whole slice until T x tiles programs pass half the aimed-at count: each tile of a token
-    re-reads its slice's A (from L2), so no more tiles than it takes to fill the GPU."""
-    widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
-    block_r = max(16, _pow2(R))
-    block_k = min(max(16, 8192 // block_r), TUNING["max_block_k"], max(16, _pow2(h_in)))
-    block_n = min(TUNING["fused_block_n"], max(16, 4096 // block_r), max(16, _pow2(max(widths))))
-    cols = max(block_n, _pow2(max(widths)))
-    while cols > block_n and 2 * T * sum(_cdiv(w, cols) for w in widths) <= TUNING["fused_waves"] * sms:
-        cols //= 2
-    tiles = [_cdiv(w, cols) for w in widths] + [1 << 30] * (3 - len(widths))
-    offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
-    args = (h_in, R, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], cols, block_n,
-            block_k, block_r)
-    return (T, sum(tiles[:len(widths)]), 1), args, TUNING["fused_warps"]
 
 
 def _lock_buffer(device: torch.device) -> torch.Tensor:
