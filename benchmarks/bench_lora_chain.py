@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tilings", nargs="+", default=["token", "hybrid", "work_list"],
                     help="token: decode graphs without hybrid lists; work_list: mixed graphs without them")
     ap.add_argument("--variants", choices=sorted(VARIANTS), default="knobs")
-    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (ops/pdl.py)")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                    help="programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this long")

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--lora-overlap", choices=("auto", "none", "delta", "shrink"), default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
-    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (ops/pdl.py)")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                    help="programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--lora-stream-priority", type=int, default=None,
                     help="CUDA priority of the LoRA side stream (< 0: above the main stream; default: the engine's)")
     args = ap.parse_args(argv)

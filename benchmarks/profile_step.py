@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
-    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (ops/pdl.py)")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                    help="programmatic dependent launch (ops/pdl.py)")
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
     pdl.set_pdl(args.pdl)

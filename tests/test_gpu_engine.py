@@ -150,6 +150,8 @@ def test_programmatic_dependent_launch_changes_no_bit(tiny_models):
 
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=28)
+    pdl.set_pdl(False)
+    assert pdl.options(torch.zeros(1, device="cuda")) == {"PDL": False}
     results = {}
     for eager in (False, True):
         for enabled in (False, True):
@@ -160,8 +162,7 @@ def test_programmatic_dependent_launch_changes_no_bit(tiny_models):
                 tokens = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
                 results[eager, enabled] = (last_token_logits(llm, ids, LORAS), tokens)
             finally:
-                pdl.set_pdl(False)
-    assert pdl.options(torch.zeros(1, device="cuda")) == {"PDL": False}
+                pdl.set_pdl(True)  # the default
     for eager in (False, True):
         (logits, tokens), (pdl_logits, pdl_tokens) = results[eager, False], results[eager, True]
         assert torch.equal(pdl_logits, logits) and pdl_tokens == tokens

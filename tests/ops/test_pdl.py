@@ -8,12 +8,12 @@ import torch
 from punica.ops import pdl
 
 
-def test_pdl_is_off_by_default_and_never_on_cpu_tensors():
-    assert not pdl.pdl_enabled()
-    assert pdl.options(torch.zeros(2)) == {"PDL": False}
-    pdl.set_pdl(True)
+def test_pdl_is_on_by_default_and_never_on_cpu_tensors():
+    assert pdl.pdl_enabled()
+    assert pdl.options(torch.zeros(2)) == {"PDL": False}  # the interpreter has no griddepcontrol
+    pdl.set_pdl(False)
     try:
-        assert pdl.pdl_enabled()
-        assert pdl.options(torch.zeros(2)) == {"PDL": False}  # the interpreter has no griddepcontrol
+        assert not pdl.pdl_enabled()
+        assert pdl.options(torch.zeros(2)) == {"PDL": False}
     finally:
-        pdl.set_pdl(False)
+        pdl.set_pdl(True)
