@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from punica.ops import attention, kv_store, norm_rope, sgmv
+from punica.ops import attention, kv_store, lora_gemm, norm_rope, sgmv
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class Ops:
 
     backend: str
     add_lora: Callable
+    lora_linear: Callable
     sgmv_shrink: Callable
     sgmv_expand: Callable
     paged_attention: Callable
@@ -38,7 +39,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def select_ops(backend: str) -> Ops:
     """The op table for "torch" or "triton"; an op without a Triton kernel uses its reference."""
-    modules = (sgmv, attention, kv_store, norm_rope)
+    modules = (sgmv, lora_gemm, attention, kv_store, norm_rope)
 
     def pick(name: str) -> Callable:
         module = next(m for m in modules if hasattr(m, f"{name}_torch"))
