@@ -53,7 +53,8 @@ CONFIG = {
     "epilogue_r": 8,  # rank columns of lora_b gathered at a time in a tile's epilogue
 }
 SHAPES: dict[tuple[int, int], dict] = {}  # (N, K) -> knobs that override CONFIG for that weight shape
-MAX_TOKENS = 64  # larger steps: cuBLAS + SGMV (the GEMM is no longer a thin stream of W)
+MAX_TOKENS = 64
+SMEM_BUDGET = 160 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)  # larger steps: cuBLAS + SGMV (the GEMM is no longer a thin stream of W)
 
 
 def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
@@ -176,16 +177,17 @@ def _pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_config(M: int, N: int, K: int, R: int, lora: bool, knobs: tuple) -> tuple[tuple, tuple, int]:
-    """(grid, constexprs from BLOCK_M on, num_warps)."""
+def _launch_config(M: int, N: int, K: int, R: int, elem: int, knobs: tuple) -> tuple[int, tuple, int]:
+    """(tiles, constexprs from BLOCK_M on, num_warps) for elem-byte inputs."""
     cfg = dict(knobs)
     block_m = max(16, _pow2(M))
     block_n, block_k = cfg["block_n"], min(cfg["block_k"], max(16, _pow2(K)))
     block_r = max(_pow2(R), 1)
     rc = min(cfg["epilogue_r"], block_r)
     tiles = -(-M // block_m) * -(-N // block_n)
+    stages = max(1, min(cfg["stages"], SMEM_BUDGET // ((block_n + block_m) * block_k * elem)))
     return tiles, (block_m, block_n, block_k, block_r, min(cfg["shrink_block_k"], max(16, _pow2(K))), rc,
-                   cfg["stages"]), cfg["warps"]
+                   stages), cfg["warps"]
 
 
 def _counters(device: torch.device, cache: dict) -> torch.Tensor:
@@ -237,8 +239,9 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         lora_strides = (0, 0, 0, 0, 0)
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("x and weight need unit stride in their last dimension")
-    tiles, consts, warps = _launch_config(T, N, K, R, lora, tuple(sorted({**CONFIG, **SHAPES.get((N, K), {})}.items())))
-    grid = (tiles + (T * ns if lora else 0),)
+    knobs = tuple(sorted({**CONFIG, **SHAPES.get((N, K), {})}.items()))
+    tiles, consts, warps = _launch_config(T, N, K, R, x.element_size(), knobs)
+    grid = (tiles + (T * ns if lora else 0), 1, 1)
     tensors = (x, weight, x if bias is None else bias, y, *lora_args)
     strides = (x.stride(0), weight.stride(0), y.stride(0), *lora_strides)
     _launch(_lora_linear_kernel, grid, tensors, strides, (T,),
