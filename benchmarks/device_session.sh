@@ -14,15 +14,14 @@ if ! timeout 240 python3 -m pytest -m gpu -q -n 8 tests/ops/test_lora_gemm.py > 
   exit 1
 fi
 tail -2 "$OUT/gpu_tests_lora_gemm.log"
-timeout 300 python3 -m benchmarks.bench_lora_gemm --batch-size 32 --budget-s 140 --out-dir "$OUT" \
+timeout 300 python3 -m benchmarks.bench_lora_gemm --batch-size 32 --budget-s 100 --out-dir "$OUT" \
   --save-config "$OUT/lora_gemm_config.json" 2>&1 | grep -v -i warn > "$OUT/lora_gemm.log"
 grep -v "^{" "$OUT/lora_gemm.log" | tail -24
 cat "$OUT/lora_gemm_config.json"
-timeout 120 python3 -m pytest -m gpu -q -n 8 tests/ops tests/test_gpu_engine.py 2>&1 | tail -20 > "$OUT/gpu_tests.log"
-tail -3 "$OUT/gpu_tests.log"
+timeout 200 python3 -m pytest -m gpu -q -n 8 --durations=8 tests/ops tests/test_gpu_engine.py 2>&1 | tail -30 > "$OUT/gpu_tests.log"
+tail -12 "$OUT/gpu_tests.log"
 textgen() {
   python3 -m benchmarks.bench_textgen_lora --system punica --batch-size 32 --num-requests 256 \
     --max-output 128 --warmup-requests 32 --out-dir "$OUT" "$@" 2>&1 | grep -v -i warn | tail -5
 }
 textgen --lora-overlap fused --lora-gemm-config "$OUT/lora_gemm_config.json"
-textgen --lora-overlap auto

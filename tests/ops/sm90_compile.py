@@ -88,7 +88,8 @@ def variants():
         yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
             GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", PDL=pdl)
     for lora in (False, True):
-        yield f"lora_linear lora={lora}", lora_gemm._lora_linear_kernel, LORA_LINEAR, dict(
+        args = LORA_LINEAR if lora else [(n, "*bf16" if t[0] == "*" else t) for n, t in LORA_LINEAR]  # x stands in
+        yield f"lora_linear lora={lora}", lora_gemm._lora_linear_kernel, args, dict(
             HAS_BIAS=not lora, LORA=lora, NS=3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, BLOCK_R=16, BLOCK_KS=512,
             RC=8, STAGES=4, PDL=lora)
     for name, fn, args, consts in SMALL:

@@ -53,8 +53,8 @@ CONFIG = {
     "epilogue_r": 8,  # rank columns of lora_b gathered at a time in a tile's epilogue
 }
 SHAPES: dict[tuple[int, int], dict] = {}  # (N, K) -> knobs that override CONFIG for that weight shape
-MAX_TOKENS = 64
-SMEM_BUDGET = 160 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)  # larger steps: cuBLAS + SGMV (the GEMM is no longer a thin stream of W)
+MAX_TOKENS = 64  # larger steps: cuBLAS + SGMV (the GEMM is no longer a thin stream of W)
+SMEM_BUDGET = 160 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
 
 
 def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
@@ -111,6 +111,38 @@ def _lora_epilogue(acc, v_ptr, b_ptr, rank_ptr, token_slot_ptr, offs_n, offs_m, 
     return acc
 
 
+@_jit()
+def _gemm_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, v_ptr, rank_ptr, token_slot_ptr, counters_ptr, tile, n_shrink,
+               stride_xm, stride_wn, stride_ym, stride_bs, stride_bn, stride_vm, M, N, K, R, O1, O2,
+               HAS_BIAS: tl.constexpr, LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RC: tl.constexpr, STAGES: tl.constexpr):
+    """y[rows, cols] of tile `tile` = x[rows] @ W[cols].T (+ bias) (+ the LoRA, once the shrinks are done)."""
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tile // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T: W's rows fill the MMA's long side
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_ok = (k + offs_k) < K
+        w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(xt), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if LORA:
+        done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
+        while done < n_shrink:
+            done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
+        acc = _lora_epilogue(acc, v_ptr, b_ptr, rank_ptr, token_slot_ptr, offs_n, offs_m, M, N, stride_vm,
+                             stride_bs, stride_bn, R, O1, O2, BLOCK_R, RC)
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
 @_jit(do_not_specialize=["M"])
 def _lora_linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, a_ptr, b_ptr, v_ptr, rank_ptr, token_slot_ptr, counters_ptr,
                         stride_xm, stride_wn, stride_ym, stride_as, stride_ar, stride_bs, stride_bn, stride_vm,
@@ -119,48 +151,28 @@ def _lora_linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, a_ptr, b_ptr, v_ptr, rank
                         BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr, RC: tl.constexpr, STAGES: tl.constexpr,
                         PDL: tl.constexpr):
     pdl_start(PDL)
-    n_shrink = M * NS if LORA else 0
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    total = n_shrink + tl.cdiv(M, BLOCK_M) * n_tiles_n
     if LORA:
+        n_shrink = M * NS
         ticket = tl.atomic_add(counters_ptr, 1)
-    else:
-        ticket = tl.program_id(0)
-    if ticket < n_shrink:
-        _shrink_program(x_ptr, a_ptr, v_ptr, rank_ptr, token_slot_ptr, ticket, stride_xm, stride_as, stride_ar,
-                        stride_vm, K, R, NS, BLOCK_R, BLOCK_KS)
-        tl.debug_barrier()
-        tl.atomic_add(counters_ptr + 1, 1, sem="release")
-    else:
-        tile = ticket - n_shrink
-        offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = (tile // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T: W's rows fill the MMA's long side
-        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            k_ok = (k + offs_k) < K
-            w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(w, tl.trans(xt), acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        if LORA:
-            done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
-            while done < n_shrink:
-                done = tl.atomic_add(counters_ptr + 1, 0, sem="acquire")
-            acc = _lora_epilogue(acc, v_ptr, b_ptr, rank_ptr, token_slot_ptr, offs_n, offs_m, M, N, stride_vm,
-                                 stride_bs, stride_bn, R, O1, O2, BLOCK_R, RC)
-        y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
-    if LORA:  # the last program out zeroes the counters for the next launch
+        if ticket < n_shrink:
+            _shrink_program(x_ptr, a_ptr, v_ptr, rank_ptr, token_slot_ptr, ticket, stride_xm, stride_as,
+                            stride_ar, stride_vm, K, R, NS, BLOCK_R, BLOCK_KS)
+            tl.debug_barrier()
+            tl.atomic_add(counters_ptr + 1, 1, sem="release")
+        else:
+            _gemm_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, v_ptr, rank_ptr, token_slot_ptr, counters_ptr,
+                       ticket - n_shrink, n_shrink, stride_xm, stride_wn, stride_ym, stride_bs, stride_bn, stride_vm,
+                       M, N, K, R, O1, O2, HAS_BIAS, True, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, RC, STAGES)
+        # the last program out zeroes the counters for the next launch
+        total = n_shrink + tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         if tl.atomic_add(counters_ptr + 2, 1, sem="acq_rel") == total - 1:
             tl.atomic_xchg(counters_ptr, 0)
             tl.atomic_xchg(counters_ptr + 1, 0)
             tl.atomic_xchg(counters_ptr + 2, 0)
+    else:
+        _gemm_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, v_ptr, rank_ptr, token_slot_ptr, counters_ptr,
+                   tl.program_id(0), 0, stride_xm, stride_wn, stride_ym, stride_bs, stride_bn, stride_vm,
+                   M, N, K, R, O1, O2, HAS_BIAS, False, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, RC, STAGES)
 
 
 def load_config(path: str) -> None:
