@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--budget-s", type=float, default=200.0, help="stop the tile sweeps after this long")
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="stop the tile sweeps after this long (0: the tiles in ops/lora_gemm.py only)")
     ap.add_argument("--save-config", default=None, metavar="JSON", help="write the best tiles per shape here")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             cublas = replay_us(partial(layers.run, [name], "cublas")) / args.layers
             record(batch=batch, proj=name, how="cublas", us_per_layer=round(cublas, 2))
             results, t0 = [], time.time()
-            for knobs in SWEEP:
+            current = {**lora_gemm.CONFIG, **lora_gemm.SHAPES.get(shape, {})}
+            for knobs in SWEEP if args.budget_s > 0 else [{k: current[k] for k in SWEEP[0]}]:  # 0: as configured
                 if time.time() - t0 > args.budget_s / len(names) and results:
                     break
                 lora_gemm.SHAPES[shape] = dict(knobs)

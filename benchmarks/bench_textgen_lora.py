@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
+    ap.add_argument("--triton-gemm", action=argparse.BooleanOptionalAction, default=True,
+                    help="the Triton GEMM on the projections without LoRA where it measured faster (ops/lora_gemm.py)")
     ap.add_argument("--lora-gemm-config", default=None, metavar="JSON",
                     help="fused projection tiles saved by bench_lora_gemm --save-config")
     ap.add_argument("--lora-overlap", choices=LORA_OVERLAPS, default=None,
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     pdl.set_pdl(args.pdl)
     if args.lora_gemm_config:
         lora_gemm.load_config(args.lora_gemm_config)
+    if not args.triton_gemm:
+        lora_gemm.PLAIN_SHAPES.clear()
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
                  lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, pdl=args.pdl,
-                 lora_gemm_shapes=[[*k, v] for k, v in lora_gemm.SHAPES.items()])
+                 lora_gemm_shapes=[[*k, v] for k, v in lora_gemm.SHAPES.items()],
+                 triton_gemm=sorted(lora_gemm.PLAIN_SHAPES))
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

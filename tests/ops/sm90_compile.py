@@ -47,9 +47,9 @@ DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
           + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
                  "stride_oh"))
 LORA_LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "a_ptr", "b_ptr")]
-               + [("v_ptr", "*fp32"), ("rank_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("counters_ptr", "*i32")]
+               + [("ws_ptr", "*fp32"), ("rank_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("counters_ptr", "*i32")]
                + ints("stride_xm", "stride_wn", "stride_ym", "stride_as", "stride_ar", "stride_bs", "stride_bn",
-                      "stride_vm", "M", "N", "K", "R", "O1", "O2"))
+                      "M", "N", "K", "R", "O1", "O2"))
 
 
 SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kernels
@@ -90,8 +90,8 @@ def variants():
     for lora in (False, True):
         args = LORA_LINEAR if lora else [(n, "*bf16" if t[0] == "*" else t) for n, t in LORA_LINEAR]  # x stands in
         yield f"lora_linear lora={lora}", lora_gemm._lora_linear_kernel, args, dict(
-            HAS_BIAS=not lora, LORA=lora, NS=3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, BLOCK_R=16, BLOCK_KS=512,
-            RC=8, STAGES=4, PDL=lora)
+            HAS_BIAS=not lora, LORA=lora, NS=3, SPLIT=8, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16,
+            BLOCK_KS=512, RC=8, STAGES=4, PDL=lora)
     for name, fn, args, consts in SMALL:
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 

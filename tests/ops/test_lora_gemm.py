@@ -42,7 +42,7 @@ def run_case(plan, h_in, widths, R, ranks, dtype, device, bias=False, num_slots=
     return y, expected, counters
 
 
-WIDTHS = {"one": (40,), "gqa_qkv": (32, 8, 8), "gate_up": (24, 24)}
+WIDTHS = {"one": (48,), "gqa_qkv": (32, 16, 16), "gate_up": (32, 32)}
 
 
 @interpreted
@@ -50,7 +50,7 @@ WIDTHS = {"one": (40,), "gqa_qkv": (32, 8, 8), "gate_up": (24, 24)}
 @pytest.mark.parametrize("num_seqs", [1, 5, 17])
 @pytest.mark.parametrize("widths", WIDTHS.values(), ids=WIDTHS.keys())
 def test_matches_reference(config, popularity, num_seqs, widths):
-    config(block_n=16, block_k=32, shrink_block_k=32, epilogue_r=4)
+    config(block_n=32, block_k=32, shrink_block_k=32, epilogue_r=4)
     plan = workload_plan(popularity, num_seqs, num_adapters=8, prefill=False, device="cpu")
     y, expected, counters = run_case(plan, 48, widths, 16, (16, 8, 5, 1), torch.float32, "cpu")
     assert_close(y, expected)
@@ -59,16 +59,17 @@ def test_matches_reference(config, popularity, num_seqs, widths):
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", ["bias", "no_lora", "odd_k", "rank_chunks", "all_slot0"])
+@pytest.mark.parametrize("case", ["bias", "no_lora", "odd_k", "rank_chunks", "all_slot0", "odd_slices"])
 def test_cases(config, dtype, case):
-    """Bias; the plain projection; K and N not multiples of the tiles; ranks over several epilogue chunks
-    and a non-power-of-two rank; a step where no token has an adapter."""
-    config(block_n=16, block_k=32, shrink_block_k=16, epilogue_r=4)
+    """Bias; the plain projection; K not a multiple of the tiles (several shrink partials); ranks over
+    several epilogue chunks and a non-power-of-two rank; a step where no token has an adapter; slices no tile
+    width divides (cuBLAS + SGMV instead)."""
+    config(block_n=32, block_k=32, shrink_block_k=16, epilogue_r=4)
     slots = [0, 0, 0] if case == "all_slot0" else [0, 1, 2, 3, 4]
     plan = make_plan([1] * len(slots), slots, "cpu")
     R, ranks = (24, (24, 13, 1)) if case == "rank_chunks" else (16, (16, 9, 1))
     h_in = 70 if case == "odd_k" else 48
-    widths = (40, 12) if case == "odd_k" else (32, 16)
+    widths = (40, 12) if case == "odd_slices" else (32, 16)
     y, expected, counters = run_case(plan, h_in, widths, R, ranks, dtype, "cpu", bias=case == "bias",
                                      num_slots=5, lora=case != "no_lora")
     assert_close(y, expected, dtype=dtype)
@@ -100,6 +101,22 @@ def test_llama_shapes_bf16(popularity, tokens, proj):
                                      num_slots=65)
     assert_close(y, expected, dtype=torch.bfloat16)
     assert not counters.any()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 16, 32, 33])
+@pytest.mark.parametrize("shape", [(12288, 4096), (4096, 4096), (22016, 4096)])
+def test_plain_linear_bf16(monkeypatch, tokens, shape):
+    """linear_triton: the Triton GEMM where PLAIN_SHAPES lists the shape (up to 32 tokens), cuBLAS elsewhere."""
+    calls = []
+    kernel = lora_gemm.lora_linear_triton
+    monkeypatch.setattr(lora_gemm, "lora_linear_triton", lambda *a: calls.append(1) or kernel(*a))
+    x = torch.randn(tokens, shape[1], device="cuda").bfloat16()
+    w = (torch.randn(*shape, device="cuda") / 64).bfloat16()
+    y = lora_gemm.linear_triton(x, w)
+    assert_close(y, x.float() @ w.float().T, dtype=torch.bfloat16)
+    assert bool(calls) == (tokens <= 32 and shape in lora_gemm.PLAIN_SHAPES)
 
 
 @gpu

@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.lora_a is None or not batch.lora.has_lora:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return self.ops.linear(x, self.weight, self.bias)
         if self.overlap == "fused" and x.shape[0] <= lora_gemm.MAX_TOKENS:
             return self._fused(x, batch)
         side = self.side_stream

@@ -16,6 +16,7 @@ class Ops:
     """The op table a model runs with; each field has the signature of its torch reference."""
 
     backend: str
+    linear: Callable
     add_lora: Callable
     lora_linear: Callable
     sgmv_shrink: Callable
