@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from benchmarks.harness import RESULTS, apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
 from punica import Engine, SamplingParams
 from punica.config import LORA_OVERLAPS
-from punica.ops import lora_gemm, pdl
+from punica.ops import gemm, pdl
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--triton-gemm", action=argparse.BooleanOptionalAction, default=True,
-                    help="the Triton GEMM on the projections without LoRA where it measured faster (ops/lora_gemm.py)")
-    ap.add_argument("--lora-gemm-config", default=None, metavar="JSON",
-                    help="fused projection tiles saved by bench_lora_gemm --save-config")
+                    help="the Triton GEMM on the projections without LoRA where it measured faster (ops/gemm.py)")
     ap.add_argument("--lora-overlap", choices=LORA_OVERLAPS, default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
@@ -188,10 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
     pdl.set_pdl(args.pdl)
-    if args.lora_gemm_config:
-        lora_gemm.load_config(args.lora_gemm_config)
     if not args.triton_gemm:
-        lora_gemm.PLAIN_SHAPES.clear()
+        gemm.PLAIN_SHAPES.clear()
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -201,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
                  lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, pdl=args.pdl,
-                 lora_gemm_shapes=[[*k, v] for k, v in lora_gemm.SHAPES.items()],
-                 triton_gemm=sorted(lora_gemm.PLAIN_SHAPES))
+                 triton_gemm=sorted(gemm.PLAIN_SHAPES))
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

@@ -115,12 +115,11 @@ def test_lora_side_stream_matches_one_stream(tiny_models):
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=26)
     logits = []
-    for overlap, priority in (("none", 0), ("delta", 0), ("delta", -1), ("shrink", 0), ("shrink", -1), ("auto", 0),
-                              ("fused", 0)):
+    for overlap, priority in (("none", 0), ("delta", 0), ("delta", -1), ("shrink", 0), ("shrink", -1), ("auto", 0)):
         llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", lora_overlap=overlap,
                   lora_stream_priority=priority)
         side = llm.engine.model.layers[0].mlp.down_proj.side_stream
-        assert (side is not None) == (overlap not in ("none", "fused"))
+        assert (side is not None) == (overlap != "none")
         assert side is None or (side.priority < 0) == (priority < 0)
         logits.append(last_token_logits(llm, ids, LORAS))
         outs = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from punica.errors import ConfigError, ModelLoadError
 
 BACKENDS = ("auto", "torch", "triton")
-LORA_OVERLAPS = ("auto", "none", "delta", "shrink", "fused")
+LORA_OVERLAPS = ("auto", "none", "delta", "shrink")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -161,8 +161,7 @@ class EngineConfig:
     # base GEMM. "delta": shrink and expand into a zeroed delta, added after the GEMM; "shrink": the shrink only,
     # the expand then accumulates into the GEMM's output; "none": both after the GEMM on one stream; "auto":
     # "shrink" for o_proj and down_proj, "delta" for the longer qkv and gate_up GEMMs (the fastest decode
-    # graph on an H200: benchmarks/results/textgen_NOTES.md); "fused": steps of <= 64 tokens run each projection
-    # and its LoRA as one Triton launch (ops/lora_gemm.py), the shrink's and expand's bytes streamed beside W's.
+    # graph on an H200: benchmarks/results/textgen_NOTES.md).
     lora_overlap: str = "auto"
     lora_stream_priority: int = 0  # CUDA priority of that stream; < 0 schedules its kernels before the GEMM's
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)

@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from punica.ops import attention, kv_store, lora_gemm, norm_rope, sgmv
+from punica.ops import attention, gemm, kv_store, norm_rope, sgmv
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -46,10 +46,8 @@ DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
           + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr")] + [("scale_log2", "fp32")]
           + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
                  "stride_oh"))
-LORA_LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "a_ptr", "b_ptr")]
-               + [("ws_ptr", "*fp32"), ("rank_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("counters_ptr", "*i32")]
-               + ints("stride_xm", "stride_wn", "stride_ym", "stride_as", "stride_ar", "stride_bs", "stride_bn",
-                      "M", "N", "K", "R", "O1", "O2"))
+LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")]
+          + ints("stride_xm", "stride_wn", "stride_ym", "M", "N", "K"))
 
 
 SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kernels
@@ -87,11 +85,8 @@ def variants():
     for pdl in (False, True):
         yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
             GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", PDL=pdl)
-    for lora in (False, True):
-        args = LORA_LINEAR if lora else [(n, "*bf16" if t[0] == "*" else t) for n, t in LORA_LINEAR]  # x stands in
-        yield f"lora_linear lora={lora}", lora_gemm._lora_linear_kernel, args, dict(
-            HAS_BIAS=not lora, LORA=lora, NS=3, SPLIT=8, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16,
-            BLOCK_KS=512, RC=8, STAGES=4, PDL=lora)
+    yield "decode gemm pdl", gemm._linear_kernel, LINEAR, dict(HAS_BIAS=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128,
+                                                                 STAGES=4, PDL=True)
     for name, fn, args, consts in SMALL:
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 

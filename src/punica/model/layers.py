@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from punica.model.batch import Batch
-from punica.ops import Ops, lora_gemm
+from punica.ops import Ops
 
 # Above this many tokens the GEMM is compute-bound and long: running the LoRA beside it gains little, while
 # its separate delta costs a zero-fill and an add over [T, out] (hundreds of MB for a 4096-token chunk).
@@ -37,22 +37,12 @@ class LoRALinear(nn.Module):
         self.lora_b: torch.Tensor | None = None
         self.side_stream: torch.cuda.Stream | None = None  # set by LlamaModel.overlap_lora
         self.overlap = "none"
-        self.counters: torch.Tensor | None = None  # the fused launch's tickets (ops/lora_gemm.py), this layer's own
-
-    def _fused(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The projection and its LoRA in one launch (overlap "fused", steps of <= lora_gemm.MAX_TOKENS)."""
-        if self.counters is None or self.counters.device != x.device:
-            self.counters = torch.zeros(4, dtype=torch.int32, device=x.device)
-        return self.ops.lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, batch.slot_rank, batch.lora,
-                                    self.slice_offsets, self.counters)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.lora_a is None or not batch.lora.has_lora:
             return self.ops.linear(x, self.weight, self.bias)
-        if self.overlap == "fused" and x.shape[0] <= lora_gemm.MAX_TOKENS:
-            return self._fused(x, batch)
         side = self.side_stream
-        if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:  # (fused mode's larger steps too)
+        if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:
             y = nn.functional.linear(x, self.weight, self.bias)
             self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
             return y

@@ -113,7 +113,7 @@ class LlamaModel(nn.Module):
 
     def overlap_lora(self, mode: str | dict[str, str], priority: int = 0) -> None:
         """What of each projection's LoRA runs on a second CUDA stream, concurrently with its base GEMM (also
-        inside CUDA graphs, where the two become parallel branches): "auto", "delta", "shrink", "none" or "fused" (see
+        inside CUDA graphs, where the two become parallel branches): "auto", "delta", "shrink" or "none" (see
         EngineConfig.lora_overlap), or a mode per fused projection name ("o_proj": "shrink", ...; others
         "delta"). `priority` < 0 makes it a higher-priority stream, whose kernels the GPU schedules before
         the GEMM's pending blocks (graphs keep captured node priorities). Graphs captured before this call
@@ -123,16 +123,16 @@ class LlamaModel(nn.Module):
         names = list(self.lora_modules(0))
         given = mode if isinstance(mode, dict) else dict.fromkeys(names, mode)
         modes = {name: given.get(name, "delta") for name in names}
-        bad = sorted(set(given) - set(names)) + sorted(set(modes.values()) - {"none", "delta", "shrink", "fused"})
+        bad = sorted(set(given) - set(names)) + sorted(set(modes.values()) - {"none", "delta", "shrink"})
         if bad:
-            raise ValueError(f"LoRA overlap: 'auto', or 'none', 'delta', 'shrink' or 'fused' for {names}, got {mode!r}")
+            raise ValueError(f"LoRA overlap: 'auto', or 'none', 'delta' or 'shrink' for {names}, got {mode!r}")
         stream = None
-        if set(modes.values()) & {"delta", "shrink"}:
+        if set(modes.values()) != {"none"}:
             stream = torch.cuda.Stream(self.embed_tokens.weight.device, priority=priority)
         for i in range(len(self.layers)):
             for name, module in self.lora_modules(i).items():
                 module.overlap = modes[name]
-                module.side_stream = stream if modes[name] in ("delta", "shrink") else None
+                module.side_stream = None if modes[name] == "none" else stream
 
     def lora_modules(self, layer: int) -> dict[str, LoRALinear]:
         """The four LoRA-aware linear layers of decoder layer `layer`, by fused name."""

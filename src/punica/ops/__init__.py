@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from punica.ops import attention, kv_store, lora_gemm, norm_rope, sgmv
+from punica.ops import attention, gemm, kv_store, norm_rope, sgmv
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,6 @@ class Ops:
     backend: str
     linear: Callable
     add_lora: Callable
-    lora_linear: Callable
     sgmv_shrink: Callable
     sgmv_expand: Callable
     paged_attention: Callable
@@ -40,7 +39,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def select_ops(backend: str) -> Ops:
     """The op table for "torch" or "triton"; an op without a Triton kernel uses its reference."""
-    modules = (sgmv, lora_gemm, attention, kv_store, norm_rope)
+    modules = (gemm, sgmv, attention, kv_store, norm_rope)
 
     def pick(name: str) -> Callable:
         module = next(m for m in modules if hasattr(m, f"{name}_torch"))

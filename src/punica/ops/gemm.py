@@ -1,0 +1,126 @@
+"""A skinny GEMM for decode steps, y = x @ W.T (+ b), where it measured faster than cuBLAS.
+
+At decode the projection streams W once and x is a few rows: each program takes a BLOCK_N-row strip of W
+and all tokens, and computes y.T = W @ x.T so that W's rows fill the MMA's long side. On an H200 at batch 32
+it beat cuBLAS on Llama-2-7B's qkv and o shapes and lost or tied on gate_up and down
+(benchmarks/results/lora_gemm.jsonl), so `linear_triton` uses it for the listed shapes only.
+
+A projection's LoRA fused into this kernel (shrink programs and an epilogue gather of lora_b, one launch) was
+built and measured slower than cuBLAS + SGMV by a third per layer; commit 47c5111 has it, sgmv_NOTES.md the
+numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from punica.ops.pdl import pdl_start
+from punica.ops.sgmv import _INTERPRETED, _launch, triton
+
+if triton is not None:
+    import triton.language as tl
+
+
+def _jit(**kwargs):
+    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
+
+
+# Tiles picked on an H200 at 32 tokens by `python -m benchmarks.bench_gemm` (set_config changes them):
+# CONFIG, with SHAPES' overrides per weight shape (N, K).
+CONFIG = {"block_n": 64, "block_k": 128, "stages": 5, "warps": 4}
+SHAPES: dict[tuple[int, int], dict] = {(12288, 4096): dict(stages=3)}
+# Where it beat cuBLAS, us per layer at 32 tokens (graph of 32 layers): qkv 26.8 vs 28.6, o 11.6 vs 13.5;
+# gate_up (47.4 vs 46.5) and down (27.4 vs 27.3) stay on cuBLAS.
+PLAIN_SHAPES = {(12288, 4096), (4096, 4096)}
+MAX_TOKENS = 32  # the token count it was measured at
+SMEM_BUDGET = 160 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
+
+
+def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
+    """Change knobs for every shape, or for weights of `shape` (N, K) only."""
+    for name in knobs:
+        if name not in CONFIG:
+            raise KeyError(f"unknown GEMM knob {name!r}; known: {sorted(CONFIG)}")
+    if shape is None:
+        CONFIG.update(knobs)
+    else:
+        SHAPES.setdefault(tuple(shape), {}).update(knobs)
+
+
+@_jit(do_not_specialize=["M"])
+def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, stride_xm, stride_wn, stride_ym, M, N, K,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   STAGES: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    tile = tl.program_id(0)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tile // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_ok = (k + offs_k) < K
+        w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(xt), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int, tuple, int]:
+    """(programs, constexprs from BLOCK_M on, num_warps) for elem-byte inputs."""
+    cfg = dict(knobs)
+    block_m = max(16, _pow2(M))
+    block_n, block_k = cfg["block_n"], min(cfg["block_k"], max(16, _pow2(K)))
+    stages = max(1, min(cfg["stages"], SMEM_BUDGET // ((block_n + block_m) * block_k * elem)))
+    return -(-M // block_m) * -(-N // block_n), (block_m, block_n, block_k, stages), cfg["warps"]
+
+
+def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T (+ bias) with this module's kernel, whatever the shape. x: [T, K]; weight: [N, K];
+    bias: [N] or None. No host sync; graph-capturable after one eager call."""
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or (
+            bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} must be [T, K], [N, K] and [N]")
+    if x.dtype != weight.dtype or x.device != weight.device or (not x.is_cuda and not _INTERPRETED):
+        raise ValueError(f"x ({x.dtype}, {x.device}) and weight ({weight.dtype}, {weight.device}) must share "
+                         "dtype and device, on CUDA (or under TRITON_INTERPRET=1)")
+    if weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("x and weight need unit stride in their last dimension")
+    (T, K), N = x.shape, weight.shape[0]
+    y = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y
+    knobs = tuple(sorted({**CONFIG, **SHAPES.get((N, K), {})}.items()))
+    programs, consts, warps = _launch_config(T, N, K, x.element_size(), knobs)
+    _launch(_linear_kernel, (programs, 1, 1), (x, weight, x if bias is None else bias, y),
+            (x.stride(0), weight.stride(0), y.stride(0)), (T,), (N, K, bias is not None, *consts), warps)
+    return y
+
+
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T (+ bias): a projection without LoRA."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_torch, with gemm_triton for steps of up to MAX_TOKENS tokens on the weight shapes where it
+    measured faster than cuBLAS (PLAIN_SHAPES); cuBLAS otherwise."""
+    if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.dtype == weight.dtype
+            and x.dtype in (torch.float16, torch.bfloat16) and tuple(weight.shape) in PLAIN_SHAPES):
+        return gemm_triton(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)

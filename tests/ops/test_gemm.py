@@ -1,0 +1,85 @@
+"""The decode GEMM (ops/gemm.py) against torch.
+
+CPU tier: the interpreter, small and odd shapes, fp32/fp16. GPU tier: the Llama-2-7B shapes in bf16 against
+an fp32 reference, `linear_triton`'s choice between it and cuBLAS, and CUDA-graph replay equal to eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sgmv import gpu, interpreted, needs_cuda
+
+from punica.ops import gemm
+from punica.testing import assert_close
+
+
+@pytest.fixture
+def config():
+    saved, shapes = dict(gemm.CONFIG), dict(gemm.SHAPES)
+    yield gemm.set_config
+    gemm.CONFIG.update(saved)
+    gemm.SHAPES.clear()
+    gemm.SHAPES.update(shapes)
+
+
+def operands(T, N, K, dtype, device, bias=False, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(T, K, generator=gen, device=device).to(dtype)
+    w = (torch.randn(N, K, generator=gen, device=device) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=gen, device=device).to(dtype) if bias else None
+    return x, w, b
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,N,K,bias", [(1, 64, 64, False), (5, 48, 70, True), (17, 100, 32, False),
+                                        (33, 32, 128, True)])
+def test_matches_torch(config, dtype, T, N, K, bias):
+    """Token counts over one and several row tiles, N and K not multiples of the tiles, a bias."""
+    config(block_n=32, block_k=32, stages=2)
+    x, w, b = operands(T, N, K, dtype, "cpu", bias)
+    expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert_close(gemm.gemm_triton(x, w, b), expected, dtype=dtype)
+
+
+@interpreted
+def test_per_shape_knobs_and_bad_input(config):
+    config((48, 64), block_n=16)
+    assert gemm.SHAPES[(48, 64)]["block_n"] == 16
+    x, w, _ = operands(3, 48, 64, torch.float32, "cpu")
+    assert_close(gemm.gemm_triton(x, w), x @ w.T)
+    with pytest.raises(KeyError, match="unknown GEMM knob"):
+        gemm.set_config(block_q=1)
+    with pytest.raises(ValueError, match="must be"):
+        gemm.gemm_triton(x, torch.zeros(4, 9))
+    assert torch.equal(gemm.linear_triton(x, w), torch.nn.functional.linear(x, w))  # CPU tensors: torch
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 16, 32, 33])
+@pytest.mark.parametrize("shape", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)])
+def test_llama_shapes_bf16(monkeypatch, tokens, shape):
+    """linear_triton: this GEMM where PLAIN_SHAPES lists the shape (up to MAX_TOKENS tokens), cuBLAS elsewhere;
+    the GEMM itself at every shape."""
+    calls = []
+    kernel = gemm.gemm_triton
+    monkeypatch.setattr(gemm, "gemm_triton", lambda *a: calls.append(1) or kernel(*a))
+    x, w, _ = operands(tokens, *shape, torch.bfloat16, "cuda")
+    expected = x.float() @ w.float().T
+    assert_close(gemm.linear_triton(x, w), expected, dtype=torch.bfloat16)
+    assert bool(calls) == (tokens <= gemm.MAX_TOKENS and shape in gemm.PLAIN_SHAPES)
+    assert_close(kernel(x, w), expected, dtype=torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_graph_replay_equals_eager():
+    x, w, b = operands(32, 12288, 4096, torch.bfloat16, "cuda", bias=True)
+    eager = gemm.gemm_triton(x, w, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm.gemm_triton(x, w, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
