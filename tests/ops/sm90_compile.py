@@ -46,8 +46,8 @@ DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
           + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr")] + [("scale_log2", "fp32")]
           + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
                  "stride_oh"))
-LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")]
-          + ints("stride_xm", "stride_wn", "stride_ym", "M", "N", "K"))
+LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")] + [("ws_ptr", "*fp32"), ("lock_ptr", "*i32")]
+          + ints("stride_xm", "stride_wn", "stride_ym", "M", "N", "K", "k_per_split"))
 
 
 SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kernels
@@ -85,8 +85,9 @@ def variants():
     for pdl in (False, True):
         yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
             GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", PDL=pdl)
-    yield "decode gemm pdl", gemm._linear_kernel, LINEAR, dict(HAS_BIAS=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128,
-                                                                 STAGES=4, PDL=True)
+    for split in (1, 4):
+        yield f"decode gemm split {split}", gemm._linear_kernel, LINEAR, dict(
+            HAS_BIAS=True, SPLIT_K=split, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, STAGES=4, PDL=split == 1)
     for name, fn, args, consts in SMALL:
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 

@@ -32,14 +32,19 @@ def operands(T, N, K, dtype, device, bias=False, seed=0):
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("T,N,K,bias", [(1, 64, 64, False), (5, 48, 70, True), (17, 100, 32, False),
                                         (33, 32, 128, True)])
-def test_matches_torch(config, dtype, T, N, K, bias):
-    """Token counts over one and several row tiles, N and K not multiples of the tiles, a bias."""
-    config(block_n=32, block_k=32, stages=2)
+def test_matches_torch(config, dtype, split_k, T, N, K, bias):
+    """Token counts over one and several row tiles, N and K not multiples of the tiles, a bias; K in one
+    piece or split over up to 3 programs per tile (fewer where K is short), the counters reset after."""
+    config(block_n=32, block_k=32, stages=2, split_k=split_k)
     x, w, b = operands(T, N, K, dtype, "cpu", bias)
     expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     assert_close(gemm.gemm_triton(x, w, b), expected, dtype=dtype)
+    assert_close(gemm.gemm_triton(x, w, b), expected, dtype=dtype)  # again: the split counters were reset
+    if split_k > 1:
+        assert not gemm._lock_buffer(x.device).any()
 
 
 @interpreted
@@ -74,12 +79,18 @@ def test_llama_shapes_bf16(monkeypatch, tokens, shape):
 
 @gpu
 @needs_cuda
-def test_graph_replay_equals_eager():
-    x, w, b = operands(32, 12288, 4096, torch.bfloat16, "cuda", bias=True)
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+def test_graph_replay_equals_eager(config, split_k):
+    """Replays equal eager bitwise (split-K sums its partials in a fixed order) and match the reference."""
+    config(split_k=split_k)
+    x, w, b = operands(32, 4096, 11008, torch.bfloat16, "cuda", bias=True)
     eager = gemm.gemm_triton(x, w, b)
+    assert_close(eager, torch.nn.functional.linear(x.float(), w.float(), b.float()), dtype=torch.bfloat16)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = gemm.gemm_triton(x, w, b)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    assert not gemm._lock_buffer(x.device).any()

@@ -29,13 +29,15 @@ def _jit(**kwargs):
 
 # Tiles picked on an H200 at 32 tokens by `python -m benchmarks.bench_gemm` (set_config changes them):
 # CONFIG, with SHAPES' overrides per weight shape (N, K).
-CONFIG = {"block_n": 64, "block_k": 128, "stages": 5, "warps": 4}
+CONFIG = {"block_n": 64, "block_k": 128, "stages": 5, "warps": 4, "split_k": 1}
 SHAPES: dict[tuple[int, int], dict] = {(12288, 4096): dict(stages=3)}
 # Where it beat cuBLAS, us per layer at 32 tokens (graph of 32 layers): qkv 26.8 vs 28.6, o 11.6 vs 13.5;
 # gate_up (47.4 vs 46.5) and down (27.4 vs 27.3) stay on cuBLAS.
 PLAIN_SHAPES = {(12288, 4096), (4096, 4096)}
 MAX_TOKENS = 32  # the token count it was measured at
-SMEM_BUDGET = 160 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
+SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
+MAX_LOCKS = 1 << 12  # split-K tiles per launch
+_locks: dict[torch.device, torch.Tensor] = {}
 
 
 def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
@@ -50,29 +52,54 @@ def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
 
 
 @_jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, stride_xm, stride_wn, stride_ym, M, N, K,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   STAGES: tl.constexpr, PDL: tl.constexpr):
+def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, stride_xm, stride_wn, stride_ym, M, N, K,
+                   k_per_split, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+    """Program (tile, split): y.T[tile] over columns [split * k_per_split, ...) of K. With SPLIT_K > 1 each
+    writes fp32 partials and the last one of its tile (an atomic counter that it resets) sums them in a fixed
+    order, so results are deterministic and no memset or extra launch is needed."""
     pdl_start(PDL)
-    tile = tl.program_id(0)
+    tile = tl.program_id(0) // SPLIT_K
+    split = tl.program_id(0) % SPLIT_K
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = (tile // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     m_ok = offs_m < M
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T
-    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        k_ok = (k + offs_k) < K
+    for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        k_ok = (k + offs_k) < k_hi
         w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(xt), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + (tile * SPLIT_K).to(tl.int64) * (BLOCK_N * BLOCK_M) \
+            + tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        tl.store(part + split * (BLOCK_N * BLOCK_M), acc)
+        tl.debug_barrier()
+        if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(part + s * (BLOCK_N * BLOCK_M), cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _pow2(n: int) -> int:
@@ -80,18 +107,32 @@ def _pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int, tuple, int]:
-    """(programs, constexprs from BLOCK_M on, num_warps) for elem-byte inputs."""
+def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int, int, tuple, int]:
+    """(tiles, programs, ints and constexprs from k_per_split on, num_warps) for elem-byte inputs."""
     cfg = dict(knobs)
     block_m = max(16, _pow2(M))
     block_n, block_k = cfg["block_n"], min(cfg["block_k"], max(16, _pow2(K)))
     stages = max(1, min(cfg["stages"], SMEM_BUDGET // ((block_n + block_m) * block_k * elem)))
-    return -(-M // block_m) * -(-N // block_n), (block_m, block_n, block_k, stages), cfg["warps"]
+    tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
+    split = max(1, cfg["split_k"]) if tiles <= MAX_LOCKS else 1
+    k_per_split = _cdiv(_cdiv(K, split), block_k) * block_k  # whole BLOCK_K steps; the last split may be short
+    split = _cdiv(K, k_per_split)
+    return tiles, tiles * split, (k_per_split, split, block_m, block_n, block_k, stages), cfg["warps"]
+
+
+def _lock_buffer(device: torch.device) -> torch.Tensor:
+    """Split-K counters, zero between launches (each launch resets those it used); the GEMM's own, apart from
+    SGMV's, which may run at the same time on another stream. Allocated on first use: run one eager call
+    before capturing a CUDA graph."""
+    if device not in _locks:
+        _locks[device] = torch.zeros(MAX_LOCKS, dtype=torch.int32, device=device)
+    return _locks[device]
 
 
 def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T (+ bias) with this module's kernel, whatever the shape. x: [T, K]; weight: [N, K];
-    bias: [N] or None. No host sync; graph-capturable after one eager call."""
+    bias: [N] or None. No host sync; graph-capturable after one eager call. Calls on different CUDA streams
+    at the same time must not split K (CONFIG["split_k"]): they would share the split counters."""
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or (
             bias is not None and tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
@@ -106,9 +147,12 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if T == 0:
         return y
     knobs = tuple(sorted({**CONFIG, **SHAPES.get((N, K), {})}.items()))
-    programs, consts, warps = _launch_config(T, N, K, x.element_size(), knobs)
-    _launch(_linear_kernel, (programs, 1, 1), (x, weight, x if bias is None else bias, y),
-            (x.stride(0), weight.stride(0), y.stride(0)), (T,), (N, K, bias is not None, *consts), warps)
+    tiles, programs, tail, warps = _launch_config(T, N, K, x.element_size(), knobs)
+    split, block_m, block_n = tail[1:4]
+    ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=x.device) if split > 1 else y
+    locks = _lock_buffer(x.device) if split > 1 else y
+    _launch(_linear_kernel, (programs, 1, 1), (x, weight, x if bias is None else bias, y, ws, locks),
+            (x.stride(0), weight.stride(0), y.stride(0)), (T,), (N, K, *tail[:1], bias is not None, *tail[1:]), warps)
     return y
 
 
