@@ -6,7 +6,9 @@ layer streams its weights from memory as in the model.
 
 Sweeps tiles per shape (--budget-s 0: the tiles in ops/gemm.py only), then times a whole layer's four
 projections as the engine runs them (linear_triton: this GEMM on PLAIN_SHAPES, cuBLAS elsewhere) against
-cuBLAS alone. Prints us per layer and writes `gemm.jsonl` under --out-dir; --save-config writes the best tiles.
+cuBLAS alone, with PLAIN_SHAPES set to the shapes where the best tiles beat cuBLAS. Prints us per layer and
+writes `gemm.jsonl` under --out-dir; --save-config writes the best tiles and those shapes (gemm.load_config
+and bench_textgen_lora's --gemm-config apply them).
 Session 5's runs (benchmarks/results/lora_gemm.jsonl) came from this script's earlier form, which also timed
 the projection with its LoRA fused in (commit 47c5111).
 """
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     pdl.set_pdl(args.pdl)
     setup = dict(harness.environment(), bench="gemm", layers=args.layers, pdl=args.pdl)
     names = [p[0] for p in PROJECTIONS]
-    summary = []
+    summary, plain = [], set()
 
     def record(**row):
         harness.write_jsonl("gemm", [row], setup, args.out_dir)
@@ -95,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
                 record(batch=batch, proj=name, how="triton", knobs=knobs, us_per_layer=round(us, 2))
             us, knobs = min(results, key=lambda r: r[0])
             gemm.SHAPES[shape] = dict(knobs)
+            if us < cublas:
+                plain.add(shape)
             summary.append(dict(batch=batch, proj=name, cublas=round(cublas, 2), triton=round(us, 2), knobs=knobs))
+        gemm.PLAIN_SHAPES.clear()
+        gemm.PLAIN_SHAPES.update(plain)
         us = {how: replay_us(partial(layers.run, names, how)) / args.layers for how in ("cublas", "engine")}
         for how, u in us.items():
             record(batch=batch, proj="layer", how=how, us_per_layer=round(u, 2))
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
     if args.save_config:
         with open(args.save_config, "w") as f:
-            json.dump({"shapes": [[*shape, knobs] for shape, knobs in gemm.SHAPES.items()]}, f)
+            json.dump({"shapes": [[*shape, knobs] for shape, knobs in gemm.SHAPES.items()],
+                       "plain": sorted(plain)}, f)
     print("\nus per layer (32 layers in one CUDA graph)")
     harness.print_table(summary, ["batch", "proj", "cublas", "triton", "knobs"])
 

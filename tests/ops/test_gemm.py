@@ -47,6 +47,18 @@ def test_matches_torch(config, dtype, split_k, T, N, K, bias):
         assert not gemm._lock_buffer(x.device).any()
 
 
+def test_load_config(config, tmp_path, monkeypatch):
+    """bench_gemm's saved measurements: per-shape tiles, and the shapes the engine runs on this GEMM."""
+    import json
+
+    monkeypatch.setattr(gemm, "PLAIN_SHAPES", {(1, 2)})
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps({"shapes": [[4096, 11008, {"split_k": 2, "stages": 7}]], "plain": [[4096, 11008]]}))
+    gemm.load_config(str(path))
+    assert gemm.SHAPES[(4096, 11008)] == {"split_k": 2, "stages": 7}
+    assert gemm.PLAIN_SHAPES == {(4096, 11008)}
+
+
 @interpreted
 def test_per_shape_knobs_and_bad_input(config):
     config((48, 64), block_n=16)

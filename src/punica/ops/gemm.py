@@ -51,6 +51,19 @@ def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
         SHAPES.setdefault(tuple(shape), {}).update(knobs)
 
 
+def load_config(path: str) -> None:
+    """Apply what `python -m benchmarks.bench_gemm --save-config PATH` measured: each shape's best tiles, and
+    the shapes where they beat cuBLAS as PLAIN_SHAPES."""
+    import json
+
+    with open(path) as f:
+        saved = json.load(f)
+    for n, k, knobs in saved["shapes"]:
+        set_config((n, k), **knobs)
+    PLAIN_SHAPES.clear()
+    PLAIN_SHAPES.update(tuple(shape) for shape in saved["plain"])
+
+
 @_jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, stride_xm, stride_wn, stride_ym, M, N, K,
                    k_per_split, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
