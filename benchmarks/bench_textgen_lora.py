@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--triton-gemm", action=argparse.BooleanOptionalAction, default=True,
                     help="the Triton GEMM on the projections without LoRA where it measured faster (ops/gemm.py)")
+    ap.add_argument("--triton-gemm-beside-lora", action="store_true",
+                    help="that GEMM also as the base of projections with LoRA in the step (gemm.BESIDE_LORA)")
     ap.add_argument("--gemm-config", default=None, metavar="JSON", help="tiles and shapes saved by bench_gemm")
     ap.add_argument("--lora-overlap", choices=LORA_OVERLAPS, default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         gemm.load_config(args.gemm_config)
     if not args.triton_gemm:
         gemm.PLAIN_SHAPES.clear()
+    gemm.BESIDE_LORA = args.triton_gemm_beside_lora
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
                  lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, pdl=args.pdl,
-                 triton_gemm=sorted(gemm.PLAIN_SHAPES), gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])
+                 triton_gemm=sorted(gemm.PLAIN_SHAPES), triton_gemm_beside_lora=gemm.BESIDE_LORA,
+                 gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The next device call (about 9.5 minutes on an H200), results under $OUT. Set the revision here, not on the
+# The next device call (about 8 minutes on an H200), results under $OUT. Set the revision here, not on the
 # device (its copy of .git can be stale):
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_session.sh
 # 1. the GPU tier (tests/ops/test_gemm.py's split-K cases have not run on a GPU); 2. the decode GEMM's tile
-# sweep with split K and deeper pipelines against cuBLAS, saving the winners; 3. the issue-4 table at batch 32
-# (1000 requests) with the defaults plus those winners. If a winner changes PLAIN_SHAPES, copy it into
-# ops/gemm.py. Every step has a timeout.
+# sweep with split K and deeper pipelines against cuBLAS, saving the winners ($OUT/gemm_config.json; copy
+# them into ops/gemm.py if they hold); 3. batch-32 text generation with those winners, the base GEMM of steps
+# with LoRA on cuBLAS (as shipped) and on the Triton GEMM (--triton-gemm-beside-lora: its grid leaves SMs to
+# the LoRA's side stream, which cuBLAS does not). Then: benchmarks/device_table.sh. Every step has a timeout.
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
@@ -17,5 +18,8 @@ timeout 200 python3 -m benchmarks.bench_gemm --batch-size 32 --budget-s 150 --sa
   --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/gemm.log"
 grep -v "^{" "$OUT/gemm.log" | tail -8
 cat "$OUT/gemm_config.json"
-timeout 300 python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 32 --num-requests 1000 \
-  --max-output 256 --gemm-config "$OUT/gemm_config.json" --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -6
+for beside in "" --triton-gemm-beside-lora; do
+  timeout 120 python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 32 --num-requests 256 \
+    --max-output 128 --warmup-requests 32 --gemm-config "$OUT/gemm_config.json" --out-dir "$OUT" $beside 2>&1 \
+    | grep -v -i warn | tail -6
+done

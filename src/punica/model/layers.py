@@ -43,7 +43,7 @@ class LoRALinear(nn.Module):
             return self.ops.linear(x, self.weight, self.bias)
         side = self.side_stream
         if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:
-            y = nn.functional.linear(x, self.weight, self.bias)
+            y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
             self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
             return y
         # LoRA work on a second stream, concurrently with the base GEMM (inside CUDA graphs the two become
@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
             else:  # the whole delta beside the GEMM, added after it
                 out = torch.zeros(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
                 self.ops.add_lora(out, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
         main.wait_stream(side)
         if not torch.cuda.is_current_stream_capturing():  # eager: keep out's memory until main is done with it
             out.record_stream(main)

@@ -35,6 +35,7 @@ SHAPES: dict[tuple[int, int], dict] = {(12288, 4096): dict(stages=3)}
 # gate_up (47.4 vs 46.5) and down (27.4 vs 27.3) stay on cuBLAS.
 PLAIN_SHAPES = {(12288, 4096), (4096, 4096)}
 MAX_TOKENS = 32  # the token count it was measured at
+BESIDE_LORA = False  # also the base GEMM of steps with LoRA (bench_textgen_lora --triton-gemm-beside-lora)
 SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
 MAX_LOCKS = 1 << 12  # split-K tiles per launch
 _locks: dict[torch.device, torch.Tensor] = {}
@@ -169,15 +170,19 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T (+ bias): a projection without LoRA."""
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 beside_lora: bool = False) -> torch.Tensor:
+    """y = x @ weight.T (+ bias), the base projection; `beside_lora`: the step adds LoRA to it."""
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  beside_lora: bool = False) -> torch.Tensor:
     """linear_torch, with gemm_triton for steps of up to MAX_TOKENS tokens on the weight shapes where it
-    measured faster than cuBLAS (PLAIN_SHAPES); cuBLAS otherwise."""
+    measured faster than cuBLAS (PLAIN_SHAPES); cuBLAS otherwise, and in steps with LoRA unless BESIDE_LORA
+    (there it shares the GPU with the LoRA's side stream: not yet measured)."""
     if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.dtype == weight.dtype
+            and (BESIDE_LORA or not beside_lora)
             and x.dtype in (torch.float16, torch.bfloat16) and tuple(weight.shape) in PLAIN_SHAPES):
         return gemm_triton(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
