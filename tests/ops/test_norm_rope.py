@@ -15,6 +15,7 @@ from punica.ops.norm_rope import (
     rms_norm_torch,
     rope_cos_sin,
     rope_inv_freq,
+    rope_store_kv_torch,
     silu_and_mul_torch,
 )
 from punica.testing import assert_close
@@ -73,6 +74,37 @@ def test_apply_rope_on_fused_qkv_views(device, dtype, h_q, h_kv, d):
         assert_close(ours, ref)
 
 
+def rope_store_case(t, h_q, h_kv, d, dtype, device, max_pos=512):
+    """Fused-qkv views q, k, v, positions, cos_sin, slots (two of them padding) and a random KV pool."""
+    qkv = randn(t, (h_q + 2 * h_kv) * d, dtype=dtype, device=device)
+    q, k, v = (qkv[:, a * d:b * d].view(t, -1, d) for a, b in ((0, h_q), (h_q, h_q + h_kv),
+                                                                (h_q + h_kv, h_q + 2 * h_kv)))
+    cos_sin = rope_cos_sin(rope_inv_freq(d, 10000.0, None), max_pos).to(device)
+    gen = torch.Generator().manual_seed(4)
+    positions = torch.randint(0, max_pos, (t,), generator=gen).to(device)
+    blocks, block = 2 * t, 16
+    slots = torch.randperm(blocks * block, generator=gen)[:t]
+    slots[1] = slots[-1] = -1
+    pool = randn(2, blocks, block, h_kv, d, dtype=dtype, device=device, seed=2)
+    return q, k, v, positions, cos_sin, slots.to(device), pool
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h_q,h_kv,d", [(4, 2, 16), (6, 3, 32), (8, 8, 64)])
+def test_rope_store_kv_equals_rope_then_store(device, dtype, h_q, h_kv, d):
+    """One launch: q rotated, k rotated into the pool and v beside it, padding rows (slot -1) untouched."""
+    q, k, v, positions, cos_sin, slots, pool = rope_store_case(6, h_q, h_kv, d, dtype, device)
+    ours, ref = pool.clone(), pool.clone()
+    q_ours = norm_rope.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots)
+    q_ref = rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots)
+    assert_close(q_ours, q_ref)
+    assert_close(ours, ref)
+    changed = ours.ne(pool).view(2, -1, k.shape[1] * k.shape[2]).any(-1)  # [k/v, pool row]
+    real = slots[slots >= 0].sort().values
+    for rows in changed:  # exactly the rows of real tokens, in both pools
+        assert torch.equal(rows.nonzero().flatten(), real)
+
+
 def test_rejects_bad_shapes(device):
     with pytest.raises(ValueError, match="weight"):
         norm_rope.rms_norm_triton(randn(2, 8, device=device), randn(4, device=device), 1e-6)
@@ -99,3 +131,8 @@ def test_gpu_llama2_7b_sizes_bf16():
     for ours, ref in zip(norm_rope.apply_rope_triton(q, k, positions, cos_sin),
                          apply_rope_torch(q, k, positions, cos_sin)):
         assert_close(ours, ref)
+    q, k, v, positions, cos_sin, slots, pool = rope_store_case(t, 32, 8, 128, torch.bfloat16, "cuda", 4096)
+    ours, ref = pool.clone(), pool.clone()
+    assert_close(norm_rope.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots),
+                 rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots))
+    assert_close(ours, ref)

@@ -34,8 +34,8 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.ops.apply_rope(q, k, batch.positions, self.cos_sin)
-        self.ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        q = self.ops.rope_store_kv(q, k, v, batch.positions, self.cos_sin, self.k_cache, self.v_cache,
+                                   batch.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, batch.attn, self.scale)
         return self.o_proj(out.reshape(T, -1), batch)
 

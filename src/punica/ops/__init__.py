@@ -25,6 +25,7 @@ class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
     apply_rope: Callable
+    rope_store_kv: Callable
     silu_and_mul: Callable
 
 

@@ -47,12 +47,9 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """store_kv_torch in one launch (one program per token); k, v may be strided views (unit head_dim stride).
-
-    k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D] contiguous; slot_mapping: [T] int.
-    """
+def check_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Raise ValueError unless the kernels that write the pool can take these (see store_kv_triton)."""
     h_kv, d = k_cache.shape[2:]
     if k.shape != v.shape or k.dim() != 3 or tuple(k.shape[1:]) != (h_kv, d) or k_cache.shape != v_cache.shape:
         raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} must be [T, {h_kv}, {d}] for caches "
@@ -62,6 +59,16 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
                          "stride in head_dim")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or d & (d - 1):
         raise ValueError("the caches must be contiguous with a power-of-two head_dim")
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """store_kv_torch in one launch (one program per token); k, v may be strided views (unit head_dim stride).
+
+    k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D] contiguous; slot_mapping: [T] int.
+    """
+    check_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    h_kv, d = k_cache.shape[2:]
     if k.shape[0] == 0:
         return
     _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),

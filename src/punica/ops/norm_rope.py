@@ -7,6 +7,7 @@ import math
 import torch
 
 from punica.ops import pdl
+from punica.ops.kv_store import check_kv_args, store_kv_torch
 from punica.ops.pdl import pdl_start
 
 try:
@@ -155,17 +156,19 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
-def _rotate_heads(x_ptr, o_ptr, t, stride_t, stride_h, cos, sin, H: tl.constexpr, HALF: tl.constexpr,
+def _rotate_heads(x_ptr, o_ptr, t, row, stride_t, stride_h, cos, sin, H: tl.constexpr, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate the H heads of token t: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), pairs (i, i + HALF)."""
+    """Rotate the H heads of token t into contiguous row `row` of o: (x1, x2) -> (x1 cos - x2 sin,
+    x2 cos + x1 sin), pairs (i, i + HALF), rounded to o's dtype as the reference rounds."""
     h, i = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < H) & (i < HALF)
     src = x_ptr + t * stride_t + h * stride_h + i
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    dst = o_ptr + (t * H + h) * (2 * HALF) + i
-    tl.store(dst, (x1 * cos - x2 * sin).to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(o_ptr.dtype.element_ty), mask=mask)
+    dst = o_ptr + (row * H + h) * (2 * HALF) + i
+    rounded = x_ptr.dtype.element_ty  # the reference returns x's dtype, which the cache may then convert
+    tl.store(dst, (x1 * cos - x2 * sin).to(rounded).to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(rounded).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -179,8 +182,66 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, strid
     row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
     cos = tl.load(row + i, mask=i < HALF, other=0.0)
     sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
-    _rotate_heads(q_ptr, q_out_ptr, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
-    _rotate_heads(k_ptr, k_out_ptr, t, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV, BLOCK_HALF)
+    _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, t, t, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV, BLOCK_HALF)
+
+
+@_jit
+def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos_sin_ptr, slot_ptr,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr,
+                          HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+    """Program t: rotate token t's q heads into q_out, and its k heads into KV-pool row slot_mapping[t] with
+    its v heads beside them (neither when that row is < 0: padding)."""
+    pdl_start(PDL)
+    t = tl.program_id(0)
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
+    cos = tl.load(row + i, mask=i < HALF, other=0.0)
+    sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
+    _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        _rotate_heads(k_ptr, k_cache_ptr, t, slot, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV,
+                      BLOCK_HALF)
+        h, d = tl.arange(0, BLOCK_HKV)[:, None], tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (h < HKV) & (d < 2 * HALF)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(v_cache_ptr + (slot * HKV + h) * (2 * HALF) + d, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_store_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+    """apply_rope, then store_kv of the rotated k and of v (ops/kv_store.py); returns the rotated q."""
+    q, k = apply_rope_torch(q, k, positions, cos_sin)
+    store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rope_store_kv_torch in one launch (one program per token); q, k, v may be strided views.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; positions, slot_mapping: [T] int; cos_sin: [max_positions, D] fp32;
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D] contiguous. Returns q rotated, [T, Hq, D].
+    """
+    t, h_q, d = q.shape
+    check_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    if d % 2 or q.stride(2) != 1 or positions.shape != (t,) or tuple(cos_sin.shape[1:]) != (d,) \
+            or not cos_sin.is_contiguous() or k.shape[0] != t:
+        raise ValueError(f"q {tuple(q.shape)} (even D, unit last stride), positions {tuple(positions.shape)} and "
+                         f"cos_sin {tuple(cos_sin.shape)} (contiguous) must be [T, Hq, D], [T], [max_positions, D]")
+    q_out = torch.empty((t, h_q, d), dtype=q.dtype, device=q.device)
+    if t:
+        h_kv = k.shape[1]
+        _rope_store_kv_kernel[(t,)](q, k, v, q_out, k_cache, v_cache, positions, cos_sin.float(), slot_mapping,
+                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                    HQ=h_q, HKV=h_kv, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(h_q),
+                                    BLOCK_HKV=triton.next_power_of_2(h_kv), BLOCK_HALF=triton.next_power_of_2(d // 2),
+                                    **pdl.options(q))
+    return q_out
 
 
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
