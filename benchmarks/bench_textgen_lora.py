@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from benchmarks.harness import RESULTS, apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
 from punica import Engine, SamplingParams
 from punica.config import LORA_OVERLAPS
+from punica.model import llama
 from punica.ops import gemm, pdl
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the Triton GEMM on the projections without LoRA where it measured faster (ops/gemm.py)")
     ap.add_argument("--triton-gemm-beside-lora", action="store_true",
                     help="that GEMM also as the base of projections with LoRA in the step (gemm.BESIDE_LORA)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
     ap.add_argument("--gemm-config", default=None, metavar="JSON", help="tiles and shapes saved by bench_gemm")
     ap.add_argument("--lora-overlap", choices=LORA_OVERLAPS, default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.triton_gemm:
         gemm.PLAIN_SHAPES.clear()
     gemm.BESIDE_LORA = args.triton_gemm_beside_lora
+    if args.unfused:
+        llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
                  lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, pdl=args.pdl,
                  triton_gemm=sorted(gemm.PLAIN_SHAPES), triton_gemm_beside_lora=gemm.BESIDE_LORA,
-                 gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])
+                 fusions=dict(llama.FUSIONS), gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

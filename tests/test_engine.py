@@ -200,3 +200,16 @@ def test_lora_overlap_modes_are_checked(llama):
             model.overlap_lora(bad)
     model.overlap_lora("none")  # no second stream: runs anywhere
     assert all(m.side_stream is None and m.overlap == "none" for m in model.lora_modules(0).values())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unfused_kernels_give_the_same_tokens(llama, monkeypatch, backend):
+    """llama.FUSIONS off (rope and the KV store as two kernels) generates what the fused default does."""
+    from punica.model import llama as llama_module
+
+    llm = LLM(model=llama[0], lora_modules=llama[1], device="cpu", backend=backend)
+    ids = prompts(seed=31)[:3]
+    loras = ["a4", None, "c16"]
+    fused = [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)]
+    monkeypatch.setattr(llama_module, "FUSIONS", {"rope_store_kv": False, "fold_delta": False})
+    assert [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)] == fused

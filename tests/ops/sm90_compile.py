@@ -54,16 +54,17 @@ SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kerne
     ("add_rms_norm", norm_rope._rms_norm_kernel,
      [(n, "*bf16") for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")]
      + ints("stride_x", "stride_r", "H") + [("eps", "fp32")], dict(ADD=True, ROUND_FIRST=True, BLOCK_H=4096)),
-    ("silu_and_mul", norm_rope._silu_and_mul_kernel, [("x_ptr", "*bf16"), ("out_ptr", "*bf16")]
-     + ints("stride_x", "inter"), dict(BLOCK=1024)),
+    ("silu_and_mul", norm_rope._silu_and_mul_kernel, [("x_ptr", "*bf16"), ("d_ptr", "*bf16"), ("out_ptr", "*bf16")]
+     + ints("stride_x", "inter"), dict(HAS_DELTA=True, BLOCK=1024)),
     ("rope", norm_rope._rope_kernel, [(n, "*bf16") for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr")]
      + [("pos_ptr", "*i64"), ("cos_sin_ptr", "*fp32")] + ints("stride_qt", "stride_qh", "stride_kt", "stride_kh"),
      dict(HQ=32, HKV=8, HALF=64, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_HALF=64)),
     ("rope_store_kv", norm_rope._rope_store_kv_kernel,
-     [(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr")]
+     [(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "q_out_ptr", "k_cache_ptr",
+                              "v_cache_ptr")]
      + [("pos_ptr", "*i64"), ("cos_sin_ptr", "*fp32"), ("slot_ptr", "*i64")]
      + ints("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"),
-     dict(HQ=32, HKV=8, HALF=64, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_HALF=64)),
+     dict(HQ=32, HKV=8, HALF=64, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_HALF=64, HAS_DELTA=True)),
     ("store_kv", kv_store._store_kv_kernel, [(n, "*bf16") for n in ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")]
      + [("slot_ptr", "*i64")] + ints("stride_kt", "stride_kh", "stride_vt", "stride_vh"),
      dict(H_KV=8, HEAD_DIM=128, BLOCK_H=8)),

@@ -91,18 +91,37 @@ def rope_store_case(t, h_q, h_kv, d, dtype, device, max_pos=512):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_q,h_kv,d", [(4, 2, 16), (6, 3, 32), (8, 8, 64)])
-def test_rope_store_kv_equals_rope_then_store(device, dtype, h_q, h_kv, d):
-    """One launch: q rotated, k rotated into the pool and v beside it, padding rows (slot -1) untouched."""
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_rope_store_kv_equals_rope_then_store(device, dtype, h_q, h_kv, d, with_delta):
+    """One launch: q rotated, k rotated into the pool and v beside it, padding rows (slot -1) untouched; with
+    a LoRA delta (views of a fused [T, N] tensor, like q, k, v) added to each first."""
     q, k, v, positions, cos_sin, slots, pool = rope_store_case(6, h_q, h_kv, d, dtype, device)
+    delta = None
+    if with_delta:
+        fused = randn(6, (h_q + 2 * h_kv) * d, dtype=dtype, device=device, seed=9)
+        delta = tuple(fused.as_strided(x.shape, x.stride(), x.storage_offset()) for x in (q, k, v))
     ours, ref = pool.clone(), pool.clone()
-    q_ours = norm_rope.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots)
-    q_ref = rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots)
+    q_ours = norm_rope.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, delta)
+    q_ref = rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots, delta)
+    if with_delta:  # the delta took part
+        plain = pool.clone()
+        assert not torch.equal(q_ref, rope_store_kv_torch(q, k, v, positions, cos_sin, plain[0], plain[1], slots))
     assert_close(q_ours, q_ref)
     assert_close(ours, ref)
     changed = ours.ne(pool).view(2, -1, k.shape[1] * k.shape[2]).any(-1)  # [k/v, pool row]
     real = slots[slots >= 0].sort().values
     for rows in changed:  # exactly the rows of real tokens, in both pools
         assert torch.equal(rows.nonzero().flatten(), real)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_adds_a_delta_first(device, dtype):
+    x, delta = randn(5, 96, dtype=dtype, device=device), randn(5, 96, dtype=dtype, device=device, seed=7)
+    ours = norm_rope.silu_and_mul_triton(x, delta)
+    assert_close(ours, silu_and_mul_torch(x, delta))
+    assert_close(ours, silu_and_mul_torch(x + delta))
+    with pytest.raises(ValueError, match="delta"):
+        norm_rope.silu_and_mul_triton(x, delta[:, :48])
 
 
 def test_rejects_bad_shapes(device):

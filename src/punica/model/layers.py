@@ -39,13 +39,19 @@ class LoRALinear(nn.Module):
         self.overlap = "none"
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        y, delta = self.forward_deferred(x, batch)
+        return y if delta is None else y.add_(delta)
+
+    def forward_deferred(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y, delta): the output is y + delta; delta (computed beside the GEMM, overlap "delta") is None when
+        already added. The caller folds the add into its next kernel (silu_and_mul, rope_store_kv)."""
         if self.lora_a is None or not batch.lora.has_lora:
-            return self.ops.linear(x, self.weight, self.bias)
+            return self.ops.linear(x, self.weight, self.bias), None
         side = self.side_stream
         if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:
             y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
             self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
-            return y
+            return y, None
         # LoRA work on a second stream, concurrently with the base GEMM (inside CUDA graphs the two become
         # parallel branches): its small latency-bound launches fill the GEMM's idle SMs
         main = torch.cuda.current_stream(x.device)
@@ -63,8 +69,8 @@ class LoRALinear(nn.Module):
             out.record_stream(main)
         if self.overlap == "shrink":
             self.ops.sgmv_expand(out, self.lora_b, batch.slot_rank, batch.lora, y, self.slice_offsets)
-            return y
-        return y.add_(out)
+            return y, None
+        return y, out
 
 
 class RMSNorm(nn.Module):

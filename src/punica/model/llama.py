@@ -15,6 +15,11 @@ from punica.model.layers import LoRALinear, RMSNorm
 from punica.ops import Ops
 from punica.ops.norm_rope import rope_cos_sin, rope_inv_freq
 
+# Kernel fusions the model uses (benchmarks A/B them with --unfused): "rope_store_kv" rotates q, k and writes
+# k, v to the KV pool in one launch; "fold_delta" adds the LoRA delta computed beside qkv and gate_up inside
+# that launch and silu_and_mul instead of in an add of its own.
+FUSIONS = {"rope_store_kv": True, "fold_delta": True}
+
 
 class Attention(nn.Module):
     def __init__(self, ops: Ops, cfg: ModelConfig, cos_sin: torch.Tensor):
@@ -28,14 +33,23 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views q [T, Hq, D], k, v [T, Hkv, D] of a fused [T, (Hq + 2 Hkv) D] projection output."""
+        q, k, v = qkv.split(self.qkv_proj.out_slices, dim=-1)
+        T = qkv.shape[0]
+        return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                v.view(T, self.num_kv_heads, self.head_dim))
+
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x, batch).split(self.qkv_proj.out_slices, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q = self.ops.rope_store_kv(q, k, v, batch.positions, self.cos_sin, self.k_cache, self.v_cache,
-                                   batch.slot_mapping)
+        qkv, delta = _deferred(self.qkv_proj, x, batch, FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"])
+        q, k, v = self.heads(qkv)
+        if FUSIONS["rope_store_kv"]:
+            q = self.ops.rope_store_kv(q, k, v, batch.positions, self.cos_sin, self.k_cache, self.v_cache,
+                                       batch.slot_mapping, None if delta is None else self.heads(delta))
+        else:
+            q, k = self.ops.apply_rope(q, k, batch.positions, self.cos_sin)
+            self.ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, batch.attn, self.scale)
         return self.o_proj(out.reshape(T, -1), batch)
 
@@ -48,7 +62,16 @@ class MLP(nn.Module):
         self.down_proj = LoRALinear(ops, cfg.intermediate_size, (cfg.hidden_size,))
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x, batch)), batch)
+        gate_up, delta = _deferred(self.gate_up_proj, x, batch, FUSIONS["fold_delta"])
+        return self.down_proj(self.ops.silu_and_mul(gate_up, delta), batch)
+
+
+def _deferred(proj: LoRALinear, x: torch.Tensor, batch: Batch, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """proj's output and the LoRA delta still to add to it: None unless `fold` (the next kernel adds it)."""
+    y, delta = proj.forward_deferred(x, batch)
+    if delta is not None and not fold:
+        return y.add_(delta), None
+    return y, delta
 
 
 class DecoderLayer(nn.Module):

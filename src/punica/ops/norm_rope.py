@@ -33,8 +33,11 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm_torch(residual, weight, eps), residual
 
 
-def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
-    """out = silu(x[:, :I]) * x[:, I:]. x: [T, 2I]; returns [T, I]."""
+def silu_and_mul_torch(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """out = silu(x[:, :I]) * x[:, I:] of x (+ delta, rounded to x's dtype: a LoRA delta not yet added).
+    x, delta: [T, 2I]; returns [T, I]."""
+    if delta is not None:
+        x = x + delta
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
@@ -130,41 +133,60 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 
 
 @_jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Row t, columns block c: out = silu(gate) * up, rounding silu to the input dtype as torch does."""
+def _load_sum(x_ptr, d_ptr, offs, mask, HAS_DELTA: tl.constexpr):
+    """x[offs] (+ d[offs], rounded to x's dtype as a torch add would) in fp32."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        x = (x.to(tl.float32) + tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@_jit
+def _silu_and_mul_kernel(x_ptr, d_ptr, out_ptr, stride_x, inter, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    """Row t, columns block c: out = silu(gate) * up of x (+ d, same strides), rounding silu to the input
+    dtype as torch does."""
     pdl_start(PDL)
     t, c = tl.program_id(0), tl.program_id(1)
     i = c * BLOCK + tl.arange(0, BLOCK)
     mask = i < inter
-    gate = tl.load(x_ptr + t * stride_x + i, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + t * stride_x + inter + i, mask=mask, other=0.0).to(tl.float32)
+    gate = _load_sum(x_ptr, d_ptr, t * stride_x + i, mask, HAS_DELTA)
+    up = _load_sum(x_ptr, d_ptr, t * stride_x + inter + i, mask, HAS_DELTA)
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + t * inter + i, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
-    """silu_and_mul_torch in one launch. x: [T, 2I]; returns [T, I]."""
+def _check_delta(name: str, x: torch.Tensor, delta: torch.Tensor | None) -> None:
+    if delta is not None and (delta.shape != x.shape or delta.stride() != x.stride() or delta.dtype != x.dtype):
+        raise ValueError(f"delta for {name} must match it in shape, strides and dtype: {tuple(delta.shape)} "
+                         f"{delta.stride()} {delta.dtype} vs {tuple(x.shape)} {x.stride()} {x.dtype}")
+
+
+def silu_and_mul_triton(x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul_torch in one launch. x, delta: [T, 2I] (delta with x's strides); returns [T, I]."""
     if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} must be [T, 2I] with unit last stride")
+    _check_delta("x", x, delta)
     t, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty((t, inter), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
     if t:
-        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), inter, BLOCK=block,
+        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, x if delta is None else delta, out, x.stride(0),
+                                                             inter, HAS_DELTA=delta is not None, BLOCK=block,
                                                              **pdl.options(x))
     return out
 
 
 @_jit
 def _rotate_heads(x_ptr, o_ptr, t, row, stride_t, stride_h, cos, sin, H: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate the H heads of token t into contiguous row `row` of o: (x1, x2) -> (x1 cos - x2 sin,
-    x2 cos + x1 sin), pairs (i, i + HALF), rounded to o's dtype as the reference rounds."""
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, d_ptr, HAS_DELTA: tl.constexpr):
+    """Rotate the H heads of token t (+ d's, same strides) into contiguous row `row` of o: (x1, x2) ->
+    (x1 cos - x2 sin, x2 cos + x1 sin), pairs (i, i + HALF), rounded to o's dtype as the reference rounds."""
     h, i = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < H) & (i < HALF)
-    src = x_ptr + t * stride_t + h * stride_h + i
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    offs = t * stride_t + h * stride_h + i
+    x1 = _load_sum(x_ptr, d_ptr, offs, mask, HAS_DELTA)
+    x2 = _load_sum(x_ptr, d_ptr, offs + HALF, mask, HAS_DELTA)
     dst = o_ptr + (row * H + h) * (2 * HALF) + i
     rounded = x_ptr.dtype.element_ty  # the reference returns x's dtype, which the cache may then convert
     tl.store(dst, (x1 * cos - x2 * sin).to(rounded).to(o_ptr.dtype.element_ty), mask=mask)
@@ -182,38 +204,46 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, strid
     row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
     cos = tl.load(row + i, mask=i < HALF, other=0.0)
     sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
-    _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
-    _rotate_heads(k_ptr, k_out_ptr, t, t, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV, BLOCK_HALF)
+    _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF, q_ptr,
+                  False)
+    _rotate_heads(k_ptr, k_out_ptr, t, t, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV, BLOCK_HALF, k_ptr,
+                  False)
 
 
 @_jit
-def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos_sin_ptr, slot_ptr,
-                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, HQ: tl.constexpr,
-                          HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                          BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr,
+                          cos_sin_ptr, slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                          HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                          BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_DELTA: tl.constexpr,
+                          PDL: tl.constexpr):
     """Program t: rotate token t's q heads into q_out, and its k heads into KV-pool row slot_mapping[t] with
-    its v heads beside them (neither when that row is < 0: padding)."""
+    its v heads beside them (neither when that row is < 0: padding); with HAS_DELTA, q, k, v plus dq, dk, dv
+    (a LoRA delta not yet added, same strides) first."""
     pdl_start(PDL)
     t = tl.program_id(0)
     i = tl.arange(0, BLOCK_HALF)[None, :]
     row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
     cos = tl.load(row + i, mask=i < HALF, other=0.0)
     sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
-    _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF,
+                  dq_ptr, HAS_DELTA)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         _rotate_heads(k_ptr, k_cache_ptr, t, slot, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV,
-                      BLOCK_HALF)
+                      BLOCK_HALF, dk_ptr, HAS_DELTA)
         h, d = tl.arange(0, BLOCK_HKV)[:, None], tl.arange(0, 2 * BLOCK_HALF)[None, :]
         mask = (h < HKV) & (d < 2 * HALF)
-        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+        v = _load_sum(v_ptr, dv_ptr, t * stride_vt + h * stride_vh + d, mask, HAS_DELTA).to(v_ptr.dtype.element_ty)
         tl.store(v_cache_ptr + (slot * HKV + h) * (2 * HALF) + d, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rope_store_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> torch.Tensor:
-    """apply_rope, then store_kv of the rotated k and of v (ops/kv_store.py); returns the rotated q."""
+                        slot_mapping: torch.Tensor, delta: tuple | None = None) -> torch.Tensor:
+    """apply_rope, then store_kv of the rotated k and of v (ops/kv_store.py); returns the rotated q. `delta`:
+    (dq, dk, dv), a LoRA delta not yet added to q, k, v (each sum rounded to their dtype first)."""
+    if delta is not None:
+        q, k, v = q + delta[0], k + delta[1], v + delta[2]
     q, k = apply_rope_torch(q, k, positions, cos_sin)
     store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
     return q
@@ -221,8 +251,9 @@ def rope_store_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 
 def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                          cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
-    """rope_store_kv_torch in one launch (one program per token); q, k, v may be strided views.
+                         slot_mapping: torch.Tensor, delta: tuple | None = None) -> torch.Tensor:
+    """rope_store_kv_torch in one launch (one program per token); q, k, v may be strided views, and each part
+    of delta must have the strides of its counterpart.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; positions, slot_mapping: [T] int; cos_sin: [max_positions, D] fp32;
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] contiguous. Returns q rotated, [T, Hq, D].
@@ -233,13 +264,16 @@ def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
             or not cos_sin.is_contiguous() or k.shape[0] != t:
         raise ValueError(f"q {tuple(q.shape)} (even D, unit last stride), positions {tuple(positions.shape)} and "
                          f"cos_sin {tuple(cos_sin.shape)} (contiguous) must be [T, Hq, D], [T], [max_positions, D]")
+    for name, x, dx in zip("qkv", (q, k, v), delta or (None,) * 3):
+        _check_delta(name, x, dx)
     q_out = torch.empty((t, h_q, d), dtype=q.dtype, device=q.device)
     if t:
         h_kv = k.shape[1]
-        _rope_store_kv_kernel[(t,)](q, k, v, q_out, k_cache, v_cache, positions, cos_sin.float(), slot_mapping,
-                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                    HQ=h_q, HKV=h_kv, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(h_q),
-                                    BLOCK_HKV=triton.next_power_of_2(h_kv), BLOCK_HALF=triton.next_power_of_2(d // 2),
+        _rope_store_kv_kernel[(t,)](q, k, v, *(delta or (q, k, v)), q_out, k_cache, v_cache, positions,
+                                    cos_sin.float(), slot_mapping, q.stride(0), q.stride(1), k.stride(0),
+                                    k.stride(1), v.stride(0), v.stride(1), HQ=h_q, HKV=h_kv, HALF=d // 2,
+                                    BLOCK_HQ=triton.next_power_of_2(h_q), BLOCK_HKV=triton.next_power_of_2(h_kv),
+                                    BLOCK_HALF=triton.next_power_of_2(d // 2), HAS_DELTA=delta is not None,
                                     **pdl.options(q))
     return q_out
 
