@@ -194,16 +194,21 @@ def _rotate_heads(x_ptr, o_ptr, t, row, stride_t, stride_h, cos, sin, H: tl.cons
 
 
 @_jit
+def _angles(cos_sin_ptr, pos_ptr, t, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """(cos, sin) [1, BLOCK_HALF] of token t's position, from the rope table."""
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
+    return tl.load(row + i, mask=i < HALF, other=0.0), tl.load(row + HALF + i, mask=i < HALF, other=0.0)
+
+
+@_jit
 def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt,
                  stride_kh, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
                  BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """Program t: rotate every q and k head of token t by the angles of positions[t]."""
     pdl_start(PDL)
     t = tl.program_id(0)
-    i = tl.arange(0, BLOCK_HALF)[None, :]
-    row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
-    cos = tl.load(row + i, mask=i < HALF, other=0.0)
-    sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
+    cos, sin = _angles(cos_sin_ptr, pos_ptr, t, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF, q_ptr,
                   False)
     _rotate_heads(k_ptr, k_out_ptr, t, t, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV, BLOCK_HALF, k_ptr,
@@ -221,10 +226,7 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, q_out_ptr
     (a LoRA delta not yet added, same strides) first."""
     pdl_start(PDL)
     t = tl.program_id(0)
-    i = tl.arange(0, BLOCK_HALF)[None, :]
-    row = cos_sin_ptr + tl.load(pos_ptr + t).to(tl.int64) * (2 * HALF)
-    cos = tl.load(row + i, mask=i < HALF, other=0.0)
-    sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0)
+    cos, sin = _angles(cos_sin_ptr, pos_ptr, t, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF,
                   dq_ptr, HAS_DELTA)
     slot = tl.load(slot_ptr + t).to(tl.int64)
