@@ -242,6 +242,17 @@ def test_wrapper_rejects_bad_inputs(bad):
         sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offs)
 
 
+@interpreted
+def test_plan_is_checked_once_per_step_shape():
+    """The plan's checks run once for the projections of a step, again for another token count."""
+    plan = make_plan([2, 1], [1, 2], "cpu")
+    lora_a, lora_b, slot_rank = make_weights(3, 16, (8,), 16, (16,), torch.float32, "cpu")
+    sgmv.add_lora_triton(torch.zeros(3, 8), torch.randn(3, 16), lora_a, lora_b, slot_rank, plan, (0, 8))
+    assert plan.__dict__["_checked"] == (id(slot_rank), -1, 3)
+    with pytest.raises(ValueError, match="token_slot has 3 entries for 4 tokens"):
+        sgmv.add_lora_triton(torch.zeros(4, 8), torch.randn(4, 16), lora_a, lora_b, slot_rank, plan, (0, 8))
+
+
 # ---- GPU tier -----------------------------------------------------------------------------------------
 
 LLAMA_WIDTHS = {"o": (4096,), "qkv_gqa": (4096, 1024, 1024), "gate_up": (11008, 11008)}

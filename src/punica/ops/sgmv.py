@@ -352,6 +352,14 @@ def _check_triton(tensors: dict[str, torch.Tensor], slot_rank: torch.Tensor, pla
         if t.dtype not in _FLOATS or t.get_device() != device or t.stride(-1) != 1:
             raise ValueError(f"{name} must be fp16/bf16/fp32 with unit stride in its last dimension, on the "
                              f"device of the others; got {t.dtype}, strides {t.stride()}, on {t.device}")
+    key = (id(slot_rank), device, T)  # a step's plan serves every projection: check it once per step
+    if plan.__dict__.get("_checked") == key:
+        return
+    _check_plan(slot_rank, plan, T, device)
+    plan.__dict__["_checked"] = key
+
+
+def _check_plan(slot_rank: torch.Tensor, plan: SegmentPlan, T: int, device: int) -> None:
     ints = dict(slot_rank=slot_rank, seg_indptr=plan.seg_indptr, seg_slot=plan.seg_slot,
                 token_slot=plan.token_slot)
     for name, t in ints.items():
