@@ -12,7 +12,7 @@ set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
-timeout 150 python3 -m pytest -m gpu -q -n 8 --durations=5 tests/ops tests/test_gpu_engine.py 2>&1 | tail -12 \
+timeout 150 python3 -m pytest -m gpu -q -n 8 --timeout 90 --durations=5 tests/ops tests/test_gpu_engine.py 2>&1 | tail -12 \
   > "$OUT/gpu_tests.log"
 tail -8 "$OUT/gpu_tests.log"
 timeout 200 python3 -m benchmarks.bench_gemm --batch-size 32 --budget-s 150 --save-config "$OUT/gemm_config.json" \
