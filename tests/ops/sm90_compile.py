@@ -59,7 +59,7 @@ SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kerne
     ("rope", norm_rope._rope_kernel, [(n, "*bf16") for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr")]
      + [("pos_ptr", "*i64"), ("cos_sin_ptr", "*fp32")] + ints("stride_qt", "stride_qh", "stride_kt", "stride_kh"),
      dict(HQ=32, HKV=8, HALF=64, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_HALF=64)),
-    ("rope_store_kv", norm_rope._rope_store_kv_kernel,
+    ("rope_store_kv", kv_store._rope_store_kv_kernel,
      [(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "q_out_ptr", "k_cache_ptr",
                               "v_cache_ptr")]
      + [("pos_ptr", "*i64"), ("cos_sin_ptr", "*fp32"), ("slot_ptr", "*i64")]

@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from punica.ops import norm_rope
+from punica.ops import kv_store, norm_rope
+from punica.ops.kv_store import rope_store_kv_torch
 from punica.ops.norm_rope import (
     add_rms_norm_torch,
     apply_rope_torch,
     rms_norm_torch,
     rope_cos_sin,
     rope_inv_freq,
-    rope_store_kv_torch,
     silu_and_mul_torch,
 )
 from punica.testing import assert_close
@@ -101,7 +101,7 @@ def test_rope_store_kv_equals_rope_then_store(device, dtype, h_q, h_kv, d, with_
         fused = randn(6, (h_q + 2 * h_kv) * d, dtype=dtype, device=device, seed=9)
         delta = tuple(fused.as_strided(x.shape, x.stride(), x.storage_offset()) for x in (q, k, v))
     ours, ref = pool.clone(), pool.clone()
-    q_ours = norm_rope.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, delta)
+    q_ours = kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, delta)
     q_ref = rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots, delta)
     if with_delta:  # the delta took part
         plain = pool.clone()
@@ -152,6 +152,6 @@ def test_gpu_llama2_7b_sizes_bf16():
         assert_close(ours, ref)
     q, k, v, positions, cos_sin, slots, pool = rope_store_case(t, 32, 8, 128, torch.bfloat16, "cuda", 4096)
     ours, ref = pool.clone(), pool.clone()
-    assert_close(norm_rope.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots),
+    assert_close(kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots),
                  rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots))
     assert_close(ours, ref)
