@@ -15,12 +15,13 @@ mkdir -p "$OUT"
 timeout 150 python3 -m pytest -m gpu -q -n 8 --timeout 90 --durations=5 tests/ops tests/test_gpu_engine.py 2>&1 | tail -12 \
   > "$OUT/gpu_tests.log"
 tail -8 "$OUT/gpu_tests.log"
-timeout 200 python3 -m benchmarks.bench_gemm --batch-size 32 --budget-s 150 --save-config "$OUT/gemm_config.json" \
+timeout 240 python3 -m benchmarks.bench_gemm --batch-size 32 --budget-s 120 --save-config "$OUT/gemm_config.json" \
   --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/gemm.log"
 grep -v "^{" "$OUT/gemm.log" | tail -8
-cat "$OUT/gemm_config.json"
+cfg=()
+if [ -f "$OUT/gemm_config.json" ]; then cat "$OUT/gemm_config.json"; cfg=(--gemm-config "$OUT/gemm_config.json"); fi
 for variant in "" --unfused --triton-gemm-beside-lora; do
   timeout 100 python3 -m benchmarks.bench_textgen_lora --system backbone punica --popularity distinct identical \
-    --batch-size 32 --num-requests 256 --max-output 128 --warmup-requests 32 --gemm-config "$OUT/gemm_config.json" \
-    --out-dir "$OUT" $variant 2>&1 | grep -v -i warn | tail -4
+    --batch-size 32 --num-requests 256 --max-output 128 --warmup-requests 32 "${cfg[@]}" --out-dir "$OUT" $variant \
+    2>&1 | grep -v -i warn | tail -4
 done
