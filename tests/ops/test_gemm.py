@@ -44,7 +44,7 @@ def test_matches_torch(config, dtype, split_k, T, N, K, bias):
     assert_close(gemm.gemm_triton(x, w, b), expected, dtype=dtype)
     assert_close(gemm.gemm_triton(x, w, b), expected, dtype=dtype)  # again: the split counters were reset
     if split_k > 1:
-        assert not gemm._lock_buffer(x.device).any()
+        assert not gemm._lock_buffer(x.device, "gemm").any()
 
 
 def test_load_config(config, tmp_path, monkeypatch):
@@ -108,4 +108,4 @@ def test_graph_replay_equals_eager(config, split_k):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
-    assert not gemm._lock_buffer(x.device).any()
+    assert not gemm._lock_buffer(x.device, "gemm").any()

@@ -13,18 +13,16 @@ numbers.
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 
 from punica.ops.pdl import pdl_start
-from punica.ops.sgmv import _INTERPRETED, _launch, triton
+from punica.ops.sgmv import _INTERPRETED, _jit, triton
+from punica.ops.sgmv_launch import _MAX_LOCKS, _cdiv, _launch, _lock_buffer, _pow2
 
 if triton is not None:
     import triton.language as tl
-
-
-def _jit(**kwargs):
-    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
 
 
 # Tiles picked on an H200 at 32 tokens by `python -m benchmarks.bench_gemm` (set_config changes them):
@@ -37,8 +35,6 @@ PLAIN_SHAPES = {(12288, 4096), (4096, 4096)}
 MAX_TOKENS = 32  # the token count it was measured at
 BESIDE_LORA = False  # also the base GEMM of steps with LoRA (bench_textgen_lora --triton-gemm-beside-lora)
 SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
-MAX_LOCKS = 1 << 12  # split-K tiles per launch
-_locks: dict[torch.device, torch.Tensor] = {}
 
 
 def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
@@ -55,8 +51,6 @@ def set_config(shape: tuple[int, int] | None = None, **knobs: int) -> None:
 def load_config(path: str) -> None:
     """Apply what `python -m benchmarks.bench_gemm --save-config PATH` measured: each shape's best tiles, and
     the shapes where they beat cuBLAS as PLAIN_SHAPES."""
-    import json
-
     with open(path) as f:
         saved = json.load(f)
     for n, k, knobs in saved["shapes"]:
@@ -112,14 +106,6 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, stride_xm, s
             tl.atomic_xchg(lock_ptr + tile, 0)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 @functools.lru_cache(maxsize=1024)
 def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int, int, tuple, int]:
     """(tiles, programs, ints and constexprs from k_per_split on, num_warps) for elem-byte inputs."""
@@ -128,19 +114,10 @@ def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int
     block_n, block_k = cfg["block_n"], min(cfg["block_k"], max(16, _pow2(K)))
     stages = max(1, min(cfg["stages"], SMEM_BUDGET // ((block_n + block_m) * block_k * elem)))
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
-    split = max(1, cfg["split_k"]) if tiles <= MAX_LOCKS else 1
+    split = max(1, cfg["split_k"]) if tiles <= _MAX_LOCKS else 1
     k_per_split = _cdiv(_cdiv(K, split), block_k) * block_k  # whole BLOCK_K steps; the last split may be short
     split = _cdiv(K, k_per_split)
     return tiles, tiles * split, (k_per_split, split, block_m, block_n, block_k, stages), cfg["warps"]
-
-
-def _lock_buffer(device: torch.device) -> torch.Tensor:
-    """Split-K counters, zero between launches (each launch resets those it used); the GEMM's own, apart from
-    SGMV's, which may run at the same time on another stream. Allocated on first use: run one eager call
-    before capturing a CUDA graph."""
-    if device not in _locks:
-        _locks[device] = torch.zeros(MAX_LOCKS, dtype=torch.int32, device=device)
-    return _locks[device]
 
 
 def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,7 +141,7 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     tiles, programs, tail, warps = _launch_config(T, N, K, x.element_size(), knobs)
     split, block_m, block_n = tail[1:4]
     ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=x.device) if split > 1 else y
-    locks = _lock_buffer(x.device) if split > 1 else y
+    locks = _lock_buffer(x.device, "gemm") if split > 1 else y
     _launch(_linear_kernel, (programs, 1, 1), (x, weight, x if bias is None else bias, y, ws, locks),
             (x.stride(0), weight.stride(0), y.stride(0)), (T,), (N, K, *tail[:1], bias is not None, *tail[1:]), warps)
     return y

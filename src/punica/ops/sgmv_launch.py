@@ -33,7 +33,7 @@ TUNING = {
     "expand_warps": 4,
 }
 _MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
-_locks: dict[torch.device, torch.Tensor] = {}
+_locks: dict[tuple[str, torch.device], torch.Tensor] = {}
 _compiled: dict[tuple, object] = {}  # launch key -> Triton's compiled kernel
 _direct = True
 
@@ -126,12 +126,13 @@ def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: i
     return (rows, _cdiv(sum(tiles[:len(widths)]), per_program), 1), args, TUNING["expand_warps"]
 
 
-def _lock_buffer(device: torch.device) -> torch.Tensor:
-    """Split-K counters, zero between launches (each launch resets those it used). Allocated on first use:
-    run one eager call before capturing a CUDA graph."""
-    if device not in _locks:
-        _locks[device] = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
-    return _locks[device]
+def _lock_buffer(device: torch.device, owner: str = "sgmv") -> torch.Tensor:
+    """Split-K counters, zero between launches (each launch resets those it used); one buffer per owning op,
+    since SGMV and the GEMM may run at the same time on two streams. Allocated on first use: run one eager
+    call before capturing a CUDA graph."""
+    if (owner, device) not in _locks:
+        _locks[owner, device] = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
+    return _locks[owner, device]
 
 
 def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, tail: tuple, num_warps: int) -> None:
