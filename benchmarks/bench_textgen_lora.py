@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--triton-gemm", action=argparse.BooleanOptionalAction, default=True,
                     help="the Triton GEMM on the projections without LoRA where it measured faster (ops/gemm.py)")
-    ap.add_argument("--triton-gemm-beside-lora", action="store_true",
+    ap.add_argument("--triton-gemm-beside-lora", action=argparse.BooleanOptionalAction, default=True,
                     help="that GEMM also as the base of projections with LoRA in the step (gemm.BESIDE_LORA)")
     ap.add_argument("--unfused", action="store_true",
                     help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")

@@ -23,6 +23,7 @@ from benchmarks.harness import apply_sgmv_tuning, copy_bandwidth, environment, p
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
+from punica.model import llama
 from punica.ops import pdl
 from punica.workload import adapter_indices
 
@@ -210,13 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                     help="programmatic dependent launch (ops/pdl.py)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
     args = ap.parse_args(argv)
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
     pdl.set_pdl(args.pdl)
+    if args.unfused:
+        llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
     cfg = TINY if args.tiny else LLAMA2_7B
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 sgmv_tuning=tuning, pdl=args.pdl)
+                 sgmv_tuning=tuning, pdl=args.pdl, fusions=dict(llama.FUSIONS))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)

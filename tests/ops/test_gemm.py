@@ -87,6 +87,7 @@ def test_llama_shapes_bf16(monkeypatch, tokens, shape):
     assert_close(gemm.linear_triton(x, w), expected, dtype=torch.bfloat16)
     assert bool(calls) == (tokens <= gemm.MAX_TOKENS and shape in gemm.PLAIN_SHAPES)
     calls.clear()
+    monkeypatch.setattr(gemm, "BESIDE_LORA", False)
     assert_close(gemm.linear_triton(x, w, beside_lora=True), expected, dtype=torch.bfloat16)
     assert not calls  # steps with LoRA keep cuBLAS unless BESIDE_LORA
     assert_close(kernel(x, w), expected, dtype=torch.bfloat16)

@@ -28,12 +28,15 @@ if triton is not None:
 # Tiles picked on an H200 at 32 tokens by `python -m benchmarks.bench_gemm` (set_config changes them):
 # CONFIG, with SHAPES' overrides per weight shape (N, K).
 CONFIG = {"block_n": 64, "block_k": 128, "stages": 5, "warps": 4, "split_k": 1}
-SHAPES: dict[tuple[int, int], dict] = {(12288, 4096): dict(stages=3)}
-# Where it beat cuBLAS, us per layer at 32 tokens (graph of 32 layers): qkv 26.8 vs 28.6, o 11.6 vs 13.5;
-# gate_up (47.4 vs 46.5) and down (27.4 vs 27.3) stay on cuBLAS.
-PLAIN_SHAPES = {(12288, 4096), (4096, 4096)}
+SHAPES: dict[tuple[int, int], dict] = {
+    (12288, 4096): dict(stages=3), (4096, 4096): dict(stages=7),
+    (22016, 4096): dict(stages=7), (4096, 11008): dict(split_k=2),
+}
+# Where it beat cuBLAS, us per layer at 32 tokens (H200, graph of 32 layers, bench_gemm's sweep at c324a43):
+# qkv 26.7 vs 28.7, o 11.2 vs 13.7, down (split K 2) 25.0 vs 27.2; gate_up (46.9 vs 46.1) stays on cuBLAS.
+PLAIN_SHAPES = {(12288, 4096), (4096, 4096), (4096, 11008)}
 MAX_TOKENS = 32  # the token count it was measured at
-BESIDE_LORA = False  # also the base GEMM of steps with LoRA (bench_textgen_lora --triton-gemm-beside-lora)
+BESIDE_LORA = True  # also the base GEMM of steps with LoRA: distinct 3501 vs 3366 tok/s at batch 32 (H200)
 SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
 
 
@@ -157,7 +160,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   beside_lora: bool = False) -> torch.Tensor:
     """linear_torch, with gemm_triton for steps of up to MAX_TOKENS tokens on the weight shapes where it
     measured faster than cuBLAS (PLAIN_SHAPES); cuBLAS otherwise, and in steps with LoRA unless BESIDE_LORA
-    (there it shares the GPU with the LoRA's side stream: not yet measured)."""
+    (there it shares the GPU with the LoRA's side stream; its 64-row strips leave SMs to it)."""
     if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.dtype == weight.dtype
             and (BESIDE_LORA or not beside_lora)
             and x.dtype in (torch.float16, torch.bfloat16) and tuple(weight.shape) in PLAIN_SHAPES):
