@@ -54,3 +54,18 @@ def test_store_kv_rejects_bad_shapes(device):
     cache = torch.zeros(2, 16, 4, 16, device=device)
     with pytest.raises(ValueError, match="must be"):
         kv_store.store_kv_triton(k, k, cache, cache, torch.zeros(3, dtype=torch.int64, device=device))
+
+
+def test_triton_op_table_uses_every_triton_kernel():
+    """select_ops("triton") picks each op's Triton kernel wherever it is defined, even when another ops
+    module imports the op's torch reference (kv_store imports apply_rope_torch)."""
+    from punica import ops
+
+    table = ops.select_ops("triton")
+    modules = (ops.gemm, ops.sgmv, ops.attention, ops.kv_store, ops.norm_rope)
+    for name in (f for f in ops.Ops.__dataclass_fields__ if f != "backend"):
+        kernels = [getattr(m, f"{name}_triton") for m in modules if hasattr(m, f"{name}_triton")]
+        if kernels:
+            assert getattr(table, name) is kernels[0], name
+    assert table.apply_rope is ops.norm_rope.apply_rope_triton
+    assert ops.select_ops("torch").apply_rope is ops.norm_rope.apply_rope_torch

@@ -42,8 +42,8 @@ def select_ops(backend: str) -> Ops:
     """The op table for "torch" or "triton"; an op without a Triton kernel uses its reference."""
     modules = (gemm, sgmv, attention, kv_store, norm_rope)
 
-    def pick(name: str) -> Callable:
-        module = next(m for m in modules if hasattr(m, f"{name}_torch"))
+    def pick(name: str) -> Callable:  # from the module that defines the reference, not one that imports it
+        module = next(m for m in modules if getattr(getattr(m, f"{name}_torch", None), "__module__", "") == m.__name__)
         if backend == "triton" and hasattr(module, f"{name}_triton"):
             return getattr(module, f"{name}_triton")
         return getattr(module, f"{name}_torch")
