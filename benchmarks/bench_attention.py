@@ -1,0 +1,131 @@
+"""Decode attention (ops/attention.py) against the time to read its K/V at copy bandwidth, as a decode step
+runs it: `--layers` layers, each with its own paged KV pool (16-token pages, shuffled), captured as one CUDA
+graph so every layer streams its cache from memory.
+
+    python -m benchmarks.bench_attention --batch-size 32 --context 400 mixed
+
+Sweeps the decode tiles (BLOCK_N, warps, stages) and the context splits; `max_kv_len` is the graph's
+capacity, as in the engine's captured steps (so the default splits are those the engine gets). "mixed"
+contexts: seeded uniform lengths in [64, 800]. Prints us per layer and floor ratios, writes
+`attention.jsonl` under --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from functools import partial
+
+import torch
+
+from benchmarks import harness
+from punica.ops import attention, pdl
+from punica.ops.attention import AttentionMeta
+
+PAGE = 16
+# (BLOCK_N, warps, stages); the first is the tree's default for bf16
+TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (32, 2, 4), (128, 4, 2), (128, 8, 2), (64, 8, 3)]
+
+
+def context_lens(spec: str, batch: int, seed: int = 0) -> list[int]:
+    if spec == "mixed":
+        rng = random.Random(seed)
+        return [rng.randint(64, 800) for _ in range(batch)]
+    return [int(spec)] * batch
+
+
+class Pools:
+    """Per layer a K and V pool holding `lens` contexts in shuffled pages; one q; the metadata."""
+
+    def __init__(self, layers: int, lens: list[int], h_q: int, h_kv: int, d: int, capacity: int, device: str):
+        gen = torch.Generator().manual_seed(0)
+        capacity = max(capacity, *lens)
+        pages = [-(-n // PAGE) for n in lens]
+        total = sum(pages)
+        tables = torch.zeros(len(lens), -(-capacity // PAGE), dtype=torch.int32)
+        perm, used = torch.randperm(total, generator=gen), 0
+        for b, n in enumerate(pages):
+            tables[b, :n] = perm[used:used + n]
+            used += n
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.kv = [(torch.randn(total, PAGE, h_kv, d, device=device).to(dtype),
+                    torch.randn(total, PAGE, h_kv, d, device=device).to(dtype)) for _ in range(layers)]
+        self.q = torch.randn(len(lens), h_q, d, device=device).to(dtype)
+        cu_q = list(range(len(lens) + 1))
+        self.meta = AttentionMeta(cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+                                  kv_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+                                  block_tables=tables.to(device), max_q_len=1, max_kv_len=capacity,
+                                  host_cu_q=cu_q, host_kv_lens=list(lens))
+        self.bytes = 2 * sum(lens) * h_kv * d * self.q.element_size() * layers
+
+    def run(self, splits: int | None) -> None:
+        for k, v in self.kv:
+            attention.decode_attention_triton(self.q, k, v, self.meta, 0.088, num_splits=splits)
+
+
+def time_us(fn) -> float:
+    if torch.cuda.is_available():
+        return harness.time_graph(fn, reps=20)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    ap.add_argument("--context", nargs="+", default=["400", "mixed", "1024"])
+    ap.add_argument("--heads", type=int, nargs=3, default=[32, 32, 128], metavar=("HQ", "HKV", "D"))
+    ap.add_argument("--capacity", type=int, default=4096, help="max_kv_len the graph is captured for")
+    ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 4], help="0: decode_splits' choice")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tiles", type=int, default=len(TILES), help="how many of TILES to sweep")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    pdl.set_pdl(args.pdl)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidth = harness.copy_bandwidth() if device == "cuda" else float("nan")
+    h_q, h_kv, d = args.heads
+    setup = dict(harness.environment(), bench="attention", layers=args.layers, heads=args.heads, page=PAGE,
+                 capacity=args.capacity, pdl=args.pdl, copy_bandwidth_GBps=round(bandwidth / 1e9, 1))
+    default_config = attention.decode_config
+    summary = []
+    try:
+        for batch in args.batch_size:
+            for ctx in args.context:
+                lens = context_lens(ctx, batch)
+                pools = Pools(args.layers, lens, h_q, h_kv, d, args.capacity, device)
+                floor = pools.bytes / bandwidth * 1e6 / args.layers
+                auto = attention.decode_splits(batch, h_kv, args.capacity, torch.device(device))
+                best = None
+                for block_n, warps, stages in TILES[:args.tiles]:
+                    config = dict(BLOCK_G=max(16, h_q // h_kv), BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    attention.decode_config = lambda *_, c=config: c
+                    for splits in args.splits:
+                        us = time_us(partial(pools.run, splits or None)) / args.layers
+                        row = dict(batch=batch, context=ctx, mean_context=round(sum(lens) / batch, 1),
+                                   block_n=block_n, warps=warps, stages=stages, splits=splits or auto,
+                                   auto_splits=not splits, us_per_layer=round(us, 2), floor_us=round(floor, 2),
+                                   floor_ratio=round(us / floor, 3))
+                        harness.write_jsonl("attention", [row], setup, args.out_dir)
+                        print(row, flush=True)
+                        if splits and (best is None or us < best["us_per_layer"]):
+                            best = row
+                        if (block_n, warps, stages) == TILES[0] and not splits:
+                            summary.append(dict(row, config="default"))
+                summary.append(dict(best, config="best"))
+                pools = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        attention.decode_config = default_config
+    print(f"\ndecode attention, us per layer ({args.layers} layers in one CUDA graph), floor = KV bytes at "
+          f"{bandwidth / 1e12:.2f} TB/s")
+    harness.print_table(summary, ["config", "batch", "context", "block_n", "warps", "stages", "splits", "us_per_layer",
+                                  "floor_us", "floor_ratio"])
+
+
+if __name__ == "__main__":
+    main()
