@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# The next device call (about 8 minutes on an H200), results under $OUT. Set the revision here, not on the
-# device (its copy of .git can be stale):
+# One device call (about 7 minutes on an H200), results under $OUT. Set the revision here, not on the device
+# (its copy of .git can be stale):
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_session.sh
-# 1. the GPU tier (session 5's last kernels have not run on a GPU: split-K GEMM, rope_store_kv, the LoRA
-# delta folded into rope_store_kv and silu_and_mul); 2. the decode GEMM's tile sweep with split K and deeper
-# pipelines against cuBLAS, saving the winners ($OUT/gemm_config.json; copy them into ops/gemm.py if they
-# hold); 3. batch-32 text generation with those winners: as shipped, --unfused (llama.FUSIONS off), and the
-# base GEMM of steps with LoRA on the Triton GEMM (--triton-gemm-beside-lora: its grid leaves SMs to the
-# LoRA's side stream, which cuBLAS does not). Then: benchmarks/device_table.sh. Every step has a timeout.
+# 1. the GPU tier; 2. the decode graph at batch 32 per LoRA-overlap arrangement (profile_step), which picks
+# the arrangement for 3. the batch-32 table (device_table.sh: 1000 requests) between "auto" and "delta" (all
+# four LoRA deltas beside their GEMMs, each added by the kernel after it). Every step has a timeout.
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
+start=$SECONDS
 timeout 150 python3 -m pytest -m gpu -q -n 8 --timeout 90 --durations=5 tests/ops tests/test_gpu_engine.py 2>&1 | tail -12 \
   > "$OUT/gpu_tests.log"
-tail -8 "$OUT/gpu_tests.log"
-timeout 240 python3 -m benchmarks.bench_gemm --batch-size 32 --budget-s 120 --save-config "$OUT/gemm_config.json" \
-  --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/gemm.log"
-grep -v "^{" "$OUT/gemm.log" | tail -8
-cfg=()
-if [ -f "$OUT/gemm_config.json" ]; then cat "$OUT/gemm_config.json"; cfg=(--gemm-config "$OUT/gemm_config.json"); fi
-for variant in "" --unfused --triton-gemm-beside-lora; do
-  timeout 100 python3 -m benchmarks.bench_textgen_lora --system backbone punica --popularity distinct identical \
-    --batch-size 32 --num-requests 256 --max-output 128 --warmup-requests 32 "${cfg[@]}" --out-dir "$OUT" $variant \
-    2>&1 | grep -v -i warn | tail -4
-done
+tail -3 "$OUT/gpu_tests.log"
+timeout 150 python3 -m benchmarks.profile_step --batch-size 32 --popularity distinct identical --steps 10 \
+  --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/profile_step.log"
+grep -A4 "graph_replay_ms  graph_ms none" "$OUT/profile_step.log"
+mode=$(python3 - "$OUT/profile_step.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+distinct = [r for r in rows if r["popularity"] == "distinct"]
+print("delta" if distinct and distinct[-1]["graph_ms delta"] < distinct[-1]["graph_ms auto"] else "auto")
+PY
+)
+echo "lora_overlap for the table: ${mode:-auto}"
+left=$((590 - (SECONDS - start)))
+OUT=$OUT timeout $left bash benchmarks/device_table.sh --lora-overlap "${mode:-auto}"

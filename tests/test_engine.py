@@ -213,3 +213,34 @@ def test_unfused_kernels_give_the_same_tokens(llama, monkeypatch, backend):
     fused = [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)]
     monkeypatch.setattr(llama_module, "FUSIONS", {"rope_store_kv": False, "fold_delta": False})
     assert [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)] == fused
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_deferred_lora_deltas_fold_into_the_next_kernels(llama, monkeypatch, backend):
+    """Every projection hands its LoRA delta to the kernel after it (rope_store_kv, silu_and_mul, the
+    add_rms_norms, the final residual add), as the side-stream "delta" overlap does on a GPU: the same tokens
+    as adding each delta at once, and not those of dropping the deltas. On the CPU no projection defers by
+    itself, so this one splits them."""
+    from punica.model.layers import LoRALinear
+
+    llm = LLM(model=llama[0], lora_modules=llama[1], device="cpu", backend=backend)
+    ids = prompts(seed=37)[:3]
+    loras = ["a4", "c16", "a4"]
+    at_once = [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)]
+    plain, calls = LoRALinear.forward_deferred, []
+
+    def split(keep: bool):
+        def forward_deferred(self, x, batch):
+            y, delta = plain(self, x, batch)
+            if delta is None and self.lora_a is not None and batch.lora.has_lora:
+                base = self.ops.linear(x, self.weight, self.bias)
+                calls.append(1)
+                return base, (y - base if keep else None)
+            return y, delta
+        return forward_deferred
+
+    monkeypatch.setattr(LoRALinear, "forward_deferred", split(keep=True))
+    assert [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)] == at_once
+    assert calls
+    monkeypatch.setattr(LoRALinear, "forward_deferred", split(keep=False))
+    assert [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)] != at_once

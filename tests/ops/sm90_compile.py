@@ -52,8 +52,9 @@ LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")] + [("w
 
 SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kernels
     ("add_rms_norm", norm_rope._rms_norm_kernel,
-     [(n, "*bf16") for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")]
-     + ints("stride_x", "stride_r", "H") + [("eps", "fp32")], dict(ADD=True, ROUND_FIRST=True, BLOCK_H=4096)),
+     [(n, "*bf16") for n in ("x_ptr", "d_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")]
+     + ints("stride_x", "stride_r", "H") + [("eps", "fp32")],
+     dict(ADD=True, HAS_DELTA=True, ROUND_FIRST=True, BLOCK_H=4096)),
     ("silu_and_mul", norm_rope._silu_and_mul_kernel, [("x_ptr", "*bf16"), ("d_ptr", "*bf16"), ("out_ptr", "*bf16")]
      + ints("stride_x", "inter"), dict(HAS_DELTA=True, BLOCK=1024)),
     ("rope", norm_rope._rope_kernel, [(n, "*bf16") for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr")]

@@ -115,6 +115,20 @@ def test_rope_store_kv_equals_rope_then_store(device, dtype, h_q, h_kv, d, with_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_adds_a_delta_first(device, dtype):
+    x, res, delta = (randn(5, 96, dtype=dtype, device=device, seed=s) for s in (1, 2, 3))
+    w = randn(96, dtype=dtype, device=device, seed=4)
+    ours = norm_rope.add_rms_norm_triton(x, res, w, 1e-6, delta)
+    for got, ref, plain in zip(ours, add_rms_norm_torch(x, res, w, 1e-6, delta),
+                               add_rms_norm_torch(x + delta, res, w, 1e-6)):
+        assert_close(got, ref)
+        assert_close(got, plain)
+    assert not torch.allclose(ours[1], add_rms_norm_torch(x, res, w, 1e-6)[1])  # the delta took part
+    with pytest.raises(ValueError, match="delta"):
+        norm_rope.add_rms_norm_triton(x, res, w, 1e-6, delta[:, :48])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_adds_a_delta_first(device, dtype):
     x, delta = randn(5, 96, dtype=dtype, device=device), randn(5, 96, dtype=dtype, device=device, seed=7)
     ours = norm_rope.silu_and_mul_triton(x, delta)

@@ -44,7 +44,7 @@ class LoRALinear(nn.Module):
 
     def forward_deferred(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(y, delta): the output is y + delta; delta (computed beside the GEMM, overlap "delta") is None when
-        already added. The caller folds the add into its next kernel (silu_and_mul, rope_store_kv)."""
+        already added. The caller folds the add into its next kernel (rope_store_kv, silu_and_mul, add_rms_norm)."""
         if self.lora_a is None or not batch.lora.has_lora:
             return self.ops.linear(x, self.weight, self.bias), None
         side = self.side_stream
@@ -80,8 +80,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without `residual`: rms_norm(x). With it: (rms_norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, delta: torch.Tensor | None = None):
+        """Without `residual`: rms_norm(x). With it: (rms_norm(x + residual), x + residual), x + delta first
+        when given (a LoRA delta not yet added to x)."""
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+        if delta is None:
+            return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps, delta)

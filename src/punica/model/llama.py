@@ -16,8 +16,9 @@ from punica.ops import Ops
 from punica.ops.norm_rope import rope_cos_sin, rope_inv_freq
 
 # Kernel fusions the model uses (benchmarks A/B them with --unfused): "rope_store_kv" rotates q, k and writes
-# k, v to the KV pool in one launch; "fold_delta" adds the LoRA delta computed beside qkv and gate_up inside
-# that launch and silu_and_mul instead of in an add of its own.
+# k, v to the KV pool in one launch; "fold_delta" adds a LoRA delta computed beside its projection's GEMM in
+# the next kernel instead of an add of its own: qkv's in rope_store_kv, gate_up's in silu_and_mul, o's and
+# down's in the add_rms_norm after them.
 FUSIONS = {"rope_store_kv": True, "fold_delta": True}
 
 
@@ -40,7 +41,8 @@ class Attention(nn.Module):
         return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
                 v.view(T, self.num_kv_heads, self.head_dim))
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """o_proj's output and its LoRA delta still to add (None when added)."""
         T = x.shape[0]
         qkv, delta = _deferred(self.qkv_proj, x, batch, FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"])
         q, k, v = self.heads(qkv)
@@ -51,7 +53,7 @@ class Attention(nn.Module):
             q, k = self.ops.apply_rope(q, k, batch.positions, self.cos_sin)
             self.ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, batch.attn, self.scale)
-        return self.o_proj(out.reshape(T, -1), batch)
+        return _deferred(self.o_proj, out.reshape(T, -1), batch, FUSIONS["fold_delta"])
 
 
 class MLP(nn.Module):
@@ -61,9 +63,10 @@ class MLP(nn.Module):
         self.gate_up_proj = LoRALinear(ops, cfg.hidden_size, (cfg.intermediate_size, cfg.intermediate_size))
         self.down_proj = LoRALinear(ops, cfg.intermediate_size, (cfg.hidden_size,))
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """down_proj's output and its LoRA delta still to add (None when added)."""
         gate_up, delta = _deferred(self.gate_up_proj, x, batch, FUSIONS["fold_delta"])
-        return self.down_proj(self.ops.silu_and_mul(gate_up, delta), batch)
+        return _deferred(self.down_proj, self.ops.silu_and_mul(gate_up, delta), batch, FUSIONS["fold_delta"])
 
 
 def _deferred(proj: LoRALinear, x: torch.Tensor, batch: Batch, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -82,14 +85,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(ops, cfg)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: Batch):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: Batch,
+                delta: torch.Tensor | None = None):
+        """(x, residual, delta): the layer's output is x + delta (delta None when added), the residual
+        stream before it `residual`; `delta` in is the previous layer's."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x, batch), residual
+            x, residual = self.input_layernorm(x, residual, delta)
+        x, delta = self.self_attn(x, batch)
+        x, residual = self.post_attention_layernorm(x, residual, delta)
+        x, delta = self.mlp(x, batch)
+        return x, residual, delta
 
 
 class LlamaModel(nn.Module):
@@ -166,9 +173,9 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Next-token logits [N, vocab] (fp32) at batch.logits_indices."""
-        x, residual = self.embed_tokens(batch.input_ids), None
+        x, residual, delta = self.embed_tokens(batch.input_ids), None, None
         for layer in self.layers:
-            x, residual = layer(x, residual, batch)
-        x = x + residual
+            x, residual, delta = layer(x, residual, batch, delta)
+        x = (x if delta is None else x + delta) + residual
         x = x.index_select(0, batch.logits_indices)
         return self.lm_head(self.norm(x)).float()

@@ -25,9 +25,12 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return (xf.to(x.dtype) * weight) if weight.dtype == x.dtype else (xf * weight.float()).to(x.dtype)
 
 
-def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual = x + residual; return (rms_norm(residual), residual). x, residual: [T, H]."""
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual = x (+ delta, rounded to x's dtype: a LoRA delta not yet added) + residual; return
+    (rms_norm(residual), residual). x, residual, delta: [T, H]."""
+    if delta is not None:
+        x = x + delta
     residual = x + residual
     return rms_norm_torch(residual, weight, eps), residual
 
@@ -82,19 +85,21 @@ def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 # ---- Triton kernels: one program per token row, fp32 math, roundings placed where the references round.
 
 @_jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, H, eps,
-                     ADD: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-    """Row t: s = x (+ residual, rounded and stored when ADD); out = s * rsqrt(mean(s^2) + eps) * w."""
+def _rms_norm_kernel(x_ptr, d_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, H, eps,
+                     ADD: tl.constexpr, HAS_DELTA: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK_H: tl.constexpr,
+                     PDL: tl.constexpr):
+    """Row t: s = x (+ d, same strides; + residual, rounded and stored when ADD); out = s * rsqrt(mean(s^2) +
+    eps) * w."""
     pdl_start(PDL)
     t = tl.program_id(0)
     i = tl.arange(0, BLOCK_H)
     mask = i < H
-    x = tl.load(x_ptr + t * stride_x + i, mask=mask, other=0.0)
+    xf = _load_sum(x_ptr, d_ptr, t * stride_x + i, mask, HAS_DELTA)
     if ADD:
-        x = (x.to(tl.float32) + tl.load(res_ptr + t * stride_r + i, mask=mask, other=0.0).to(tl.float32))
+        x = (xf + tl.load(res_ptr + t * stride_r + i, mask=mask, other=0.0).to(tl.float32))
         x = x.to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + t * H + i, x, mask=mask)
-    xf = x.to(tl.float32)
+        xf = x.to(tl.float32)
     y = xf * (1.0 / tl.sqrt(tl.sum(xf * xf, 0) / H + eps))
     if ROUND_FIRST:  # the reference casts to x.dtype before multiplying by a weight of that dtype
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -102,20 +107,23 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
     tl.store(out_ptr + t * H + i, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     delta: torch.Tensor | None = None):
     if x.dim() != 2 or weight.shape != (x.shape[1],) or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} must be [T, H] with unit last stride, weight [H], got "
                          f"{tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    _check_delta("x", x, delta)
     t, h = x.shape
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     if t:
         block = triton.next_power_of_2(h)
-        _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, x.stride(0),
-                               (residual if residual is not None else x).stride(0), h, eps,
-                               ADD=residual is not None, ROUND_FIRST=weight.dtype == x.dtype, BLOCK_H=block,
+        res = x if residual is None else residual
+        _rms_norm_kernel[(t,)](x, x if delta is None else delta, res, weight, out, res_out, x.stride(0),
+                               res.stride(0), h, eps, ADD=residual is not None, HAS_DELTA=delta is not None,
+                               ROUND_FIRST=weight.dtype == x.dtype, BLOCK_H=block,
                                num_warps=8 if block >= 4096 else 4, **pdl.options(x))
     return out, res_out
 
@@ -125,10 +133,13 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return _rms_norm_launch(x, None, weight, eps)[0]
 
 
-def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """add_rms_norm_torch in one launch: (rms_norm(x + residual), x + residual); new tensors. x, residual: [T, H]."""
-    return _rms_norm_launch(x, residual, weight, eps)
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_torch in one launch: (rms_norm(x (+ delta) + residual), x (+ delta) + residual); new
+    tensors. x, residual: [T, H]; delta with x's strides."""
+    if residual is None:
+        raise ValueError("add_rms_norm needs a residual")
+    return _rms_norm_launch(x, residual, weight, eps, delta)
 
 
 @_jit
