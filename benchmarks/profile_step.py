@@ -101,7 +101,7 @@ def graph_overlap(fn) -> dict:
 
 # the LoRA-overlap A/B: (label, LlamaModel.overlap_lora mode, stream priority)
 ARRANGEMENTS = (("none", "none", 0), ("delta", "delta", 0), ("delta p-1", "delta", -1), ("shrink", "shrink", 0),
-                ("shrink p-1", "shrink", -1), ("auto", "auto", 0), ("auto p-1", "auto", -1))
+                ("shrink p-1", "shrink", -1), ("o,down shrink", {"o_proj": "shrink", "down_proj": "shrink"}, 0))
 
 
 def recaptured(engine: Engine, hb, overlap: str | dict, priority: int = 0):

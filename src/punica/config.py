@@ -158,10 +158,11 @@ class EngineConfig:
     backend: str = "auto"
     enforce_eager: bool = False
     # CUDA, steps of <= 512 tokens: what of a projection's LoRA runs on a second stream, concurrently with its
-    # base GEMM. "delta": shrink and expand into a zeroed delta, added after the GEMM; "shrink": the shrink only,
-    # the expand then accumulates into the GEMM's output; "none": both after the GEMM on one stream; "auto":
-    # "shrink" for o_proj and down_proj, "delta" for the longer qkv and gate_up GEMMs (the fastest decode
-    # graph on an H200: benchmarks/results/textgen_NOTES.md).
+    # base GEMM. "delta": shrink and expand into a zeroed delta, which the kernel after the projection adds
+    # (llama.FUSIONS); "shrink": the shrink only, the expand then accumulates into the GEMM's output; "none":
+    # both after the GEMM on one stream; "auto": "delta" for all four, the fastest decode graph on an H200
+    # since the adds were folded (distinct, batch 32: 6.80 vs 6.91 ms with "shrink" for o and down;
+    # benchmarks/results/textgen_NOTES.md).
     lora_overlap: str = "auto"
     lora_stream_priority: int = 0  # CUDA priority of that stream; < 0 schedules its kernels before the GEMM's
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)

@@ -149,7 +149,7 @@ class LlamaModel(nn.Module):
         the GEMM's pending blocks (graphs keep captured node priorities). Graphs captured before this call
         keep the old arrangement until recaptured."""
         if mode == "auto":
-            mode = {"o_proj": "shrink", "down_proj": "shrink"}
+            mode = "delta"
         names = list(self.lora_modules(0))
         given = mode if isinstance(mode, dict) else dict.fromkeys(names, mode)
         modes = {name: given.get(name, "delta") for name in names}
