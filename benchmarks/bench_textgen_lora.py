@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--lora-stream-priority", type=int, default=None,
                     help="CUDA priority of the LoRA side stream (< 0: above the main stream; default: the engine's)")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw textgen_lora.png from the latest 1000-request rows per batch in textgen_lora.jsonl")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        return replot(Path(args.out_dir or RESULTS))
     tuning = apply_sgmv_tuning(args.sgmv_tuning)
     pdl.set_pdl(args.pdl)
     if args.gemm_config:
@@ -261,6 +265,20 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
         torch.cuda.empty_cache() if device == "cuda" else None
 
 
+def replot(folder: Path) -> None:
+    """The plot of the latest full runs: per batch, system and popularity the last row of 1000 requests (hf:
+    the last row, any count)."""
+    latest = {}
+    with open(folder / "textgen_lora.jsonl") as f:
+        for row in map(json.loads, f):
+            if row.get("num_requests") == 1000 or row["system"] == "hf":
+                latest[row["batch"], row["system"], row["popularity"]] = row
+    rows = list(latest.values())
+    for key in sorted({(r["batch"], r["system"], r["git"]) for r in rows}):
+        print("batch {} {}: git {}".format(*key))
+    plot(rows, folder / "textgen_lora.png", rows[-1].get("gpu", "cpu") if rows else "cpu")
+
+
 def plot(rows: list[dict], path: Path, gpu: str) -> None:
     """Grouped bars like the seed's textgen figure: tok/s per popularity, one bar per system, per batch."""
     try:
@@ -274,13 +292,14 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.2), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         sub = [r for r in rows if r["batch"] == batch]
-        systems = list(dict.fromkeys(r["system"] for r in sub))
+        systems = [name for name in ("hf", "backbone", "punica") if any(r["system"] == name for r in sub)]
         for j, system in enumerate(systems):
             for i, pop in enumerate(POPULARITIES):
                 match = [r for r in sub if r["system"] == system and r["popularity"] in (pop, "none")]
                 if match:
                     ax.bar(i + j * 0.8 / len(systems), match[0]["tok_per_s"], 0.8 / len(systems),
-                           label=system if i == 0 else None, color=f"C{j}")
+                           label=system if i == 0 else None,
+                           color={"backbone": "C0", "punica": "C1", "hf": "C2"}[system])
         ax.set_xticks([i + 0.4 - 0.4 / len(systems) for i in range(len(POPULARITIES))], POPULARITIES)
         ax.set_title(f"batch {batch}")
         ax.set_ylabel("tokens/s")
