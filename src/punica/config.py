@@ -161,7 +161,7 @@ class EngineConfig:
     # base GEMM. "delta": shrink and expand into a zeroed delta, which the kernel after the projection adds
     # (llama.FUSIONS); "shrink": the shrink only, the expand then accumulates into the GEMM's output; "none":
     # both after the GEMM on one stream; "auto": "delta" for all four, the fastest decode graph on an H200
-    # since the adds were folded (distinct, batch 32: 6.80 vs 6.91 ms with "shrink" for o and down;
+    # since the adds were folded (distinct, batch 32: 6.77 vs 6.90 ms with "shrink" for o and down;
     # benchmarks/results/textgen_NOTES.md).
     lora_overlap: str = "auto"
     lora_stream_priority: int = 0  # CUDA priority of that stream; < 0 schedules its kernels before the GEMM's
