@@ -85,7 +85,7 @@ def variants():
     for mode, block_m in [(sgmv.SEGMENT, 32), (sgmv.TOKEN, 1), (sgmv.WORKLIST, 32), (sgmv.HYBRID, 32)]:
         yield f"expand mode {mode}", sgmv._expand_kernel, EXPAND, dict(
             MODE=mode, BLOCK_M=block_m, BLOCK_N=128, BLOCK_R=16, R_CHUNKS=1, TILES_PER_PROGRAM=1, STAGES=2,
-            IEEE=False, PDL=mode == sgmv.TOKEN)
+            IEEE=False, OVERWRITE=mode == sgmv.TOKEN, PDL=mode == sgmv.TOKEN)
     for tiled in (False, True):
         yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
             GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, PDL=tiled)

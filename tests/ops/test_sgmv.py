@@ -78,17 +78,17 @@ def offsets(widths):
     return tuple(out)
 
 
-def run_add_lora(plan, h_in, widths, R, ranks, dtype, device, num_slots=9, seed=0):
-    """(triton y, fp32 reference y) for one case."""
+def run_add_lora(plan, h_in, widths, R, ranks, dtype, device, num_slots=9, seed=0, overwrite=False):
+    """(triton y, fp32 reference y) for one case; `overwrite`: y starts as NaN and must end as the delta."""
     T = plan.host_indptr[-1]
     lora_a, lora_b, slot_rank = make_weights(num_slots, h_in, widths, R, ranks, dtype, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(T, h_in, generator=gen, device=device).to(dtype)
     y0 = torch.randn(T, sum(widths), generator=gen, device=device).to(dtype)
-    expected = y0.float().clone()
+    expected = torch.zeros_like(y0, dtype=torch.float32) if overwrite else y0.float().clone()
     add_lora_torch(expected, x.float(), lora_a.float(), lora_b.float(), slot_rank, plan, offsets(widths))
-    y = y0.clone()
-    sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offsets(widths))
+    y = torch.full_like(y0, float("nan")) if overwrite else y0.clone()
+    sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offsets(widths), overwrite=overwrite)
     return y, expected
 
 
@@ -208,6 +208,24 @@ def test_expand_matches_reference(widths):
     sgmv_expand_torch(v, lora_b, slot_rank, plan, expected, offsets(widths))
     sgmv.sgmv_expand_triton(v, lora_b, slot_rank, plan, y, offsets(widths))
     assert_close(y, expected)
+
+
+@interpreted
+@pytest.mark.parametrize("lengths,slots", [([1] * 6, [0, 1, 2, 0, 3, 1]), ([3, 0, 1, 17, 2], [0, 1, 1, 2, 3]),
+                                           ([2, 1], [0, 0])], ids=["decode", "prefill", "no_adapter"])
+def test_overwrite_writes_the_delta_over_anything(lengths, slots):
+    """add_lora(overwrite=True): y = the delta, zero where a token has no adapter, whatever y held (NaN here):
+    in the expand kernel in token mode (decode), by zeroing y first otherwise."""
+    plan = make_plan(lengths, slots, "cpu")
+    token_mode = sgmv._row_tiling(*sgmv._tiling(plan, sum(lengths)))[0] == sgmv.TOKEN
+    assert token_mode == (lengths == [1] * 6)
+    y, expected = run_add_lora(plan, 48, (32, 8, 8), 16, (16, 8, 5), torch.float32, "cpu", overwrite=True)
+    assert not y.isnan().any()
+    assert_close(y, expected)
+    ref = torch.full_like(y, float("nan"))
+    a, b, ranks = make_weights(9, 48, (32, 8, 8), 16, (16, 8, 5), torch.float32, "cpu")
+    add_lora_torch(ref, torch.randn(len(y), 48), a, b, ranks, plan, offsets((32, 8, 8)), overwrite=True)
+    assert not ref.isnan().any()
 
 
 @interpreted

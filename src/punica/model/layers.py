@@ -60,9 +60,10 @@ class LoRALinear(nn.Module):
             if self.overlap == "shrink":  # v = x @ A beside the GEMM; y += v @ B after it, in place
                 out = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
                 self.ops.sgmv_shrink(x, self.lora_a, batch.slot_rank, batch.lora, out, len(self.out_slices))
-            else:  # the whole delta beside the GEMM, added after it
-                out = torch.zeros(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
-                self.ops.add_lora(out, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
+            else:  # the whole delta beside the GEMM, added after it; the expand writes every row (no zero-fill)
+                out = torch.empty(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
+                self.ops.add_lora(out, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets,
+                                  overwrite=True)
         y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
         main.wait_stream(side)
         if not torch.cuda.is_current_stream_capturing():  # eager: keep out's memory until main is done with it

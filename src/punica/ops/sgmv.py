@@ -31,6 +31,7 @@ from punica.ops.sgmv_launch import (  # noqa: F401  (re-exported: the tiling mod
     _launch,
     _lock_buffer,
     _num_sms,
+    _row_tiling,
     _shrink_config,
     hybrid_graphs,
     set_tuning,
@@ -122,8 +123,12 @@ def sgmv_expand_torch(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Te
 
 
 def add_lora_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...]) -> None:
-    """y += per-token LoRA delta: shrink then expand (see the module docstring for the layout)."""
+                   slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...],
+                   overwrite: bool = False) -> None:
+    """y += per-token LoRA delta: shrink then expand (see the module docstring for the layout); with
+    `overwrite`, y = that delta (zero for tokens without an adapter), whatever y held."""
+    if overwrite:
+        y.zero_()
     if not plan.has_lora:
         return
     check_shapes(x, lora_a, lora_b, slice_offsets, y)
@@ -266,8 +271,9 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
                  stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
-                 STAGES: tl.constexpr, IEEE: tl.constexpr):
-    """y[start:end, tiles of program pid_n] += v[start:end] @ lora_b[slot, tiles].T (see the kernel)."""
+                 STAGES: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr):
+    """y[start:end, tiles of program pid_n] += v[start:end] @ lora_b[slot, tiles].T (see the kernel); with
+    OVERWRITE, = instead of +=."""
     offs_m = start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
     y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt
@@ -281,7 +287,8 @@ def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_hi
         mask = m_mask[:, None] & n_mask[None, :]
-        y = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
+        if not OVERWRITE:
+            y = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in tl.static_range(R_CHUNKS):
             offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -297,7 +304,9 @@ def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, 
                     acc = tl.dot(vt.to(bt.dtype), tl.trans(bt), acc)
             else:  # BLOCK_M == 1: [BLOCK_N, BLOCK_R] * [1, BLOCK_R] summed over r
                 acc += tl.sum(bt.to(tl.float32) * vt.to(tl.float32), axis=1)[None, :]
-        tl.store(y_rows + offs_n[None, :], (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+        if not OVERWRITE:
+            acc = y.to(tl.float32) + acc
+        tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit(do_not_specialize=["seg_blocks", "n_single"])
@@ -305,26 +314,33 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2, n_single,
                    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
-                   IEEE: tl.constexpr, PDL: tl.constexpr):
+                   IEEE: tl.constexpr, OVERWRITE: tl.constexpr, PDL: tl.constexpr):
+    """y += v @ B per row program and output tile; OVERWRITE (token mode, where the row programs cover every
+    token): y = v @ B, and rows without an adapter are written zero."""
     pdl_start(PDL)
     pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
                                                  R, MODE, BLOCK_M)
-    if (slot == 0) | (start >= end):
+    if OVERWRITE:
+        rank = tl.where(slot == 0, 0, rank)  # slot 0: every v and B load masked, zeros written
+        skip = start >= end
+    else:
+        skip = (slot == 0) | (start >= end)
+    if skip:
         return
     pid_n = tl.program_id(1)
     if MODE == 3:  # HYBRID: the first n_single items are single tokens, on the CUDA cores
         if pid_m < n_single:
             _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
                          stride_yt, R, N, O1, O2, TILES1, TILES2, 1, BLOCK_N, BLOCK_R, R_CHUNKS,
-                         TILES_PER_PROGRAM, STAGES, IEEE)
+                         TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
         else:
             _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
                          stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
-                         TILES_PER_PROGRAM, STAGES, IEEE)
+                         TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
     else:
         _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
                      stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
-                     TILES_PER_PROGRAM, STAGES, IEEE)
+                     TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
 
 
 # ---- Wrappers (launch configuration: sgmv_launch.py) ---------------------------------------------
@@ -402,16 +418,23 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
 
 
 def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
-            y: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
+            y: torch.Tensor, slice_offsets: tuple[int, ...], overwrite: bool = False) -> None:
+    """y += v @ B; with `overwrite`, y = v @ B (zero rows without an adapter): in the kernel in token mode,
+    whose row programs cover every token, else by zeroing y first."""
     T = y.shape[0]
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
+        if overwrite:
+            y.zero_()
         return
-    grid, tail, warps = _expand_config(_tiling(plan, T), tuple(slice_offsets), lora_b.shape[2],
-                                       _num_sms(y.get_device()))
+    tiling = _tiling(plan, T)
+    grid, tail, warps = _expand_config(tiling, tuple(slice_offsets), lora_b.shape[2], _num_sms(y.get_device()))
+    if overwrite and _row_tiling(*tiling)[0] != TOKEN:
+        y.zero_()
+        overwrite = False
     indptr = plan.seg_indptr if plan.items is None else plan.items
     tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, y)
     strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0))
-    _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32), warps)
+    _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32, overwrite), warps)
 
 
 def sgmv_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
@@ -454,13 +477,17 @@ def sgmv_expand_triton(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.T
 
 
 def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...]) -> None:
-    """y += per-token LoRA delta: the Triton shrink into an fp32 v [T, n*R], then the Triton expand.
+                    slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...],
+                    overwrite: bool = False) -> None:
+    """y += per-token LoRA delta: the Triton shrink into an fp32 v [T, n*R], then the Triton expand; with
+    `overwrite`, y = that delta whatever y held (in token mode, decode, without zeroing y first).
 
     y: [T, off[-1]]; x: [T, h_in]; lora_a: [slots, n*R, h_in]; lora_b: [slots, off[-1], R];
     slot_rank: [slots] int32; 1 <= n <= 3 slices. No host sync; graph-capturable after one eager call.
     """
     if not plan.has_lora:
+        if overwrite:
+            y.zero_()
         return
     _check_slices(slice_offsets)
     check_shapes(x, lora_a, lora_b, slice_offsets, y)
@@ -469,4 +496,4 @@ def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         raise ValueError(f"slot_rank has {len(slot_rank)} entries for {lora_a.shape[0]} slots")
     v = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     _shrink(x, lora_a, slot_rank, plan, v, len(slice_offsets) - 1)
-    _expand(v, lora_b, slot_rank, plan, y, slice_offsets)
+    _expand(v, lora_b, slot_rank, plan, y, slice_offsets, overwrite)
