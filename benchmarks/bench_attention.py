@@ -24,8 +24,8 @@ from punica.ops import attention, pdl
 from punica.ops.attention import AttentionMeta
 
 PAGE = 16
-# (BLOCK_N, warps, stages); the first is the tree's default for bf16
-TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (32, 2, 4), (128, 4, 2), (128, 8, 2), (64, 8, 3)]
+# (BLOCK_N, warps, stages) to sweep
+TILES = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (32, 2, 4), (128, 4, 2), (128, 8, 2), (64, 8, 3)]
 
 
 def context_lens(spec: str, batch: int, seed: int = 0) -> list[int]:
@@ -59,9 +59,22 @@ class Pools:
                                   host_cu_q=cu_q, host_kv_lens=list(lens))
         self.bytes = 2 * sum(lens) * h_kv * d * self.q.element_size() * layers
 
+    def order(self, on: bool) -> None:
+        """Decode programs longest context first (AttentionMeta.seq_order, as the engine's decode graphs)."""
+        lens = self.meta.host_kv_lens
+        order = sorted(range(len(lens)), key=lambda b: -lens[b])
+        self.meta.seq_order = torch.tensor(order, dtype=torch.int32, device=self.q.device) if on else None
+
     def run(self, splits: int | None) -> None:
         for k, v in self.kv:
             attention.decode_attention_triton(self.q, k, v, self.meta, 0.088, num_splits=splits)
+
+
+def attention_default(group: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, stages) of ops/attention.py's decode_config on this device, bf16."""
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    c = attention.decode_config(d, group, torch.bfloat16, device)
+    return c["BLOCK_N"], c["num_warps"], c["num_stages"]
 
 
 def time_us(fn) -> float:
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 4], help="0: decode_splits' choice")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tiles", type=int, default=len(TILES), help="how many of TILES to sweep")
+    ap.add_argument("--order", nargs="+", choices=["plain", "longest-first"], default=["plain", "longest-first"],
+                    help="program order: grid order, or longest context first (AttentionMeta.seq_order)")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     h_q, h_kv, d = args.heads
     setup = dict(harness.environment(), bench="attention", layers=args.layers, heads=args.heads, page=PAGE,
                  capacity=args.capacity, pdl=args.pdl, copy_bandwidth_GBps=round(bandwidth / 1e9, 1))
-    default_config = attention.decode_config
+    default_config, default_tiles = attention.decode_config, attention_default(h_q // h_kv, d)
     summary = []
     try:
         for batch in args.batch_size:
@@ -103,17 +118,18 @@ def main(argv: list[str] | None = None) -> None:
                 for block_n, warps, stages in TILES[:args.tiles]:
                     config = dict(BLOCK_G=max(16, h_q // h_kv), BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     attention.decode_config = lambda *_, c=config: c
-                    for splits in args.splits:
+                    for splits, order in ((s, o) for s in args.splits for o in args.order):
+                        pools.order(order == "longest-first")
                         us = time_us(partial(pools.run, splits or None)) / args.layers
                         row = dict(batch=batch, context=ctx, mean_context=round(sum(lens) / batch, 1),
-                                   block_n=block_n, warps=warps, stages=stages, splits=splits or auto,
+                                   order=order, block_n=block_n, warps=warps, stages=stages, splits=splits or auto,
                                    auto_splits=not splits, us_per_layer=round(us, 2), floor_us=round(floor, 2),
                                    floor_ratio=round(us / floor, 3))
                         harness.write_jsonl("attention", [row], setup, args.out_dir)
                         print(row, flush=True)
-                        if splits and (best is None or us < best["us_per_layer"]):
+                        if best is None or us < best["us_per_layer"]:
                             best = row
-                        if (block_n, warps, stages) == TILES[0] and not splits:
+                        if (block_n, warps, stages) == default_tiles and not splits:
                             summary.append(dict(row, config="default"))
                 summary.append(dict(best, config="best"))
                 pools = None
@@ -123,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         attention.decode_config = default_config
     print(f"\ndecode attention, us per layer ({args.layers} layers in one CUDA graph), floor = KV bytes at "
           f"{bandwidth / 1e12:.2f} TB/s")
-    harness.print_table(summary, ["config", "batch", "context", "block_n", "warps", "stages", "splits", "us_per_layer",
-                                  "floor_us", "floor_ratio"])
+    harness.print_table(summary, ["config", "order", "batch", "context", "block_n", "warps", "stages", "splits",
+                                  "us_per_layer", "floor_us", "floor_ratio"])
 
 
 if __name__ == "__main__":

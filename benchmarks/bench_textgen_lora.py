@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from benchmarks.harness import RESULTS, apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
 from punica import Engine, SamplingParams
 from punica.config import LORA_OVERLAPS
-from punica.model import llama
+from punica.engine import cuda_graph
+from punica.model import layers, llama
 from punica.ops import gemm, pdl
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
@@ -182,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="that GEMM also as the base of projections with LoRA in the step (gemm.BESIDE_LORA)")
     ap.add_argument("--unfused", action="store_true",
                     help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
+    ap.add_argument("--decode-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode graphs start attention programs longest context first (cuda_graph.DECODE_ORDER)")
+    ap.add_argument("--delta-overwrite", action=argparse.BooleanOptionalAction, default=True,
+                    help="the side-stream LoRA delta written by the expand, no zero-fill (layers.DELTA_OVERWRITE)")
     ap.add_argument("--gemm-config", default=None, metavar="JSON", help="tiles and shapes saved by bench_gemm")
     ap.add_argument("--lora-overlap", choices=LORA_OVERLAPS, default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     gemm.BESIDE_LORA = args.triton_gemm_beside_lora
     if args.unfused:
         llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
+    cuda_graph.DECODE_ORDER, layers.DELTA_OVERWRITE = args.decode_order, args.delta_overwrite
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
                  lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, pdl=args.pdl,
                  triton_gemm=sorted(gemm.PLAIN_SHAPES), triton_gemm_beside_lora=gemm.BESIDE_LORA,
-                 fusions=dict(llama.FUSIONS), gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])
+                 fusions=dict(llama.FUSIONS), decode_order=args.decode_order,
+                 delta_overwrite=args.delta_overwrite, gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

@@ -41,6 +41,12 @@ def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
     for i, table in enumerate(hb.block_tables):
         assert h["tables"][i, :len(table)].tolist() == table
     assert h["token_slot"][:t].tolist() == token_slots(hb.seq_slots, hb.seq_tokens) + [0] * (t - m)
+    if not mixed:  # decode: a permutation of the bucket's rows, longest context first, padding last
+        order = h["order"][:t].tolist()
+        assert sorted(order) == list(range(t))
+        lens = hb.kv_lens + [0] * (t - n)
+        assert [lens[i] for i in order] == sorted(lens, reverse=True)
+        assert order[n:] == list(range(n, t)) or min(hb.kv_lens, default=1) == 0
     n_single, n_block = buf.item_capacity(t, mixed)
     if not n_single + n_block:  # decode graphs without hybrid lists tile per token: no work list
         assert not mixed and not buf.is_hybrid(mixed)

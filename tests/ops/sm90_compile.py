@@ -43,7 +43,7 @@ PREFILL = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
                   "stride_oh"))
 DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
           + [("part_o_ptr", "*fp32"), ("part_lse_ptr", "*fp32")]
-          + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr")] + [("scale_log2", "fp32")]
+          + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr", "order_ptr")] + [("scale_log2", "fp32")]
           + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
                  "stride_oh"))
 LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")] + [("ws_ptr", "*fp32"), ("lock_ptr", "*i32")]
@@ -91,7 +91,7 @@ def variants():
             GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, PDL=tiled)
     for pdl in (False, True):
         yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
-            GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", PDL=pdl)
+            GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", ORDERED=pdl, PDL=pdl)
     for split in (1, 4):
         yield f"decode gemm split {split}", gemm._linear_kernel, LINEAR, dict(
             HAS_BIAS=True, SPLIT_K=split, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, STAGES=4, PDL=split == 1)

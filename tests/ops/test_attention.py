@@ -68,6 +68,23 @@ def test_decode_default_splits_long_context(device, group):
     check(attention.paged_attention_triton, [1] * 3, [600, 257, 1000], group, 1, 16, device=device)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_in_seq_order_equals_unordered(device, splits):
+    """With meta.seq_order (longest context first, the empty one last) the decode programs start in that
+    order: the same outputs, bit for bit."""
+    kv_lens = [17, 40, 0, 1, 33]
+    q, k_cache, v_cache, meta = make_case([1, 1, 1, 1, 1], kv_lens, 4, 2, 16, device=device)
+    plain = attention.decode_attention_triton(q, k_cache, v_cache, meta, 0.25, num_splits=splits)
+    order = sorted(range(len(kv_lens)), key=lambda b: -kv_lens[b])
+    meta.seq_order = torch.tensor(order, dtype=torch.int32, device=device)
+    ordered = attention.decode_attention_triton(q, k_cache, v_cache, meta, 0.25, num_splits=splits)
+    assert torch.equal(ordered, plain)
+    assert_close(ordered, paged_attention_torch(q, k_cache, v_cache, meta, 0.25))
+    meta.seq_order = meta.seq_order.long()
+    with pytest.raises(ValueError, match="seq_order"):
+        attention.decode_attention_triton(q, k_cache, v_cache, meta, 0.25)
+
+
 def test_decode_padding_rows_are_zero(device):
     q, k_cache, v_cache, meta = make_case([1, 1, 1, 1, 1], [17, 0, 40, 0, 1], 4, 2, 16, device=device)
     out = attention.decode_attention_triton(q, k_cache, v_cache, meta, 0.25, num_splits=2)

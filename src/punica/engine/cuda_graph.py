@@ -45,6 +45,10 @@ def token_buckets(max_tokens: int) -> list[int]:
     return out + [max_tokens]
 
 
+# Decode graphs start attention programs longest context first (AttentionMeta.seq_order)
+DECODE_ORDER = True
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -52,7 +56,8 @@ def _cdiv(a: int, b: int) -> int:
 class StaticBuffers:
     """Pinned host mirrors and device buffers of one step's metadata at capacity (T tokens, B sequences):
     int64 [4, T] (ids, positions, KV slots, logits rows) and int32 (cu_q [B+1], context lengths [B],
-    per-token adapter slots [T], block tables [B, max_blocks], SGMV items [., 3], attention tiles [., 2])."""
+    per-token adapter slots [T], block tables [B, max_blocks], SGMV items [., 3], attention tiles [., 2],
+    decode order [B]: the sequences by decreasing context)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
                  device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: int = 1):
@@ -61,7 +66,7 @@ class StaticBuffers:
         self.hybrid, self.single_max = hybrid, single_max  # the graph kinds ("decode", "mixed") on hybrid lists
         items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
-                          items=3 * items, tiles=2 * self.tile_capacity(max_tokens))
+                          items=3 * items, tiles=2 * self.tile_capacity(max_tokens), order=max_seqs)
         pin = device.type == "cuda"
         self.host64 = torch.zeros(4, max_tokens, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(sum(self.sizes.values()), dtype=torch.int32, pin_memory=pin)
@@ -116,6 +121,8 @@ class StaticBuffers:
             h["cu_q"][:b + 1] = np.arange(b + 1)
         h["kv_lens"][:n] = hb.kv_lens
         h["kv_lens"][n:b] = 0
+        if not mixed:  # longest contexts first, so their attention programs do not form the step's tail
+            h["order"][:b] = np.argsort(-h["kv_lens"][:b], kind="stable")
         self._write_tables(hb.block_tables)
         h["token_slot"][:m] = token_slots(hb.seq_slots, hb.seq_tokens)
         h["token_slot"][m:t] = 0
@@ -160,6 +167,7 @@ class StaticBuffers:
         self.host64[2] = -1
         self.host32.zero_()
         self.h["tiles"].fill_(-1)
+        self.h["order"].copy_(torch.arange(self.B))
         self.dev64.copy_(self.host64)
         self.dev32.copy_(self.host32)
 
@@ -208,7 +216,8 @@ class CudaGraphRunner:
         else:
             attn = AttentionMeta(cu_q=d["cu_q"][:t + 1], kv_lens=d["kv_lens"][:t], block_tables=d["tables"][:t],
                                  max_q_len=1, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,
-                                 host_kv_lens=[self.max_model_len] * t)
+                                 host_kv_lens=[self.max_model_len] * t,
+                                 seq_order=d["order"][:t] if DECODE_ORDER else None)
             # one segment per token (or a hybrid work list), so any mix of adapters fits the same graph
             lora = SegmentPlan(seg_indptr=d["cu_q"][:t + 1], seg_slot=d["token_slot"][:t],
                                token_slot=d["token_slot"][:t], max_seg_len=1, host_indptr=host_cu_q,

@@ -12,6 +12,8 @@ from punica.ops import Ops
 # Above this many tokens the GEMM is compute-bound and long: running the LoRA beside it gains little, while
 # its separate delta costs a zero-fill and an add over [T, out] (hundreds of MB for a 4096-token chunk).
 SIDE_STREAM_MAX_TOKENS = 512
+# The side stream's delta is written by the expand itself (add_lora overwrite) instead of zero-filled first
+DELTA_OVERWRITE = True
 
 
 class LoRALinear(nn.Module):
@@ -61,9 +63,10 @@ class LoRALinear(nn.Module):
                 out = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
                 self.ops.sgmv_shrink(x, self.lora_a, batch.slot_rank, batch.lora, out, len(self.out_slices))
             else:  # the whole delta beside the GEMM, added after it; the expand writes every row (no zero-fill)
-                out = torch.empty(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
+                new = torch.empty if DELTA_OVERWRITE else torch.zeros
+                out = new(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
                 self.ops.add_lora(out, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets,
-                                  overwrite=True)
+                                  overwrite=DELTA_OVERWRITE)
         y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
         main.wait_stream(side)
         if not torch.cuda.is_current_stream_capturing():  # eager: keep out's memory until main is done with it

@@ -36,6 +36,9 @@ class AttentionMeta:
     q_tiles:      optional [N, 2] int32 work list (sequence, query block of `tile_rows` rows), padded with
                   sequence -1: when given, the prefill kernel runs one program per entry, so its grid
                   depends on N alone (CUDA graphs of mixed steps)
+    seq_order:    optional [B] int32 permutation of the sequences, longest context first: decode programs
+                  then start in that order (all heads of a sequence together), so the longest contexts do
+                  not run last (set by the CUDA-graph runner for decode steps)
     """
 
     cu_q: torch.Tensor
@@ -47,6 +50,7 @@ class AttentionMeta:
     host_kv_lens: list[int]
     q_tiles: torch.Tensor | None = None
     tile_rows: int = 0
+    seq_order: torch.Tensor | None = None
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -99,13 +103,19 @@ def _kv_offsets(bt_row_ptr, n, valid, kv_head, stride_kb, stride_ks, stride_kh, 
 
 @_jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
-                   scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+                   order_ptr, scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
-                   PDL: tl.constexpr):
-    """Program (b, kv head h, split s): the GROUP query heads of h over split s of b's context."""
+                   ORDERED: tl.constexpr, PDL: tl.constexpr):
+    """Program (b, kv head h, split s): the GROUP query heads of h over split s of b's context. ORDERED: the
+    grid is (h, i, s) and b = order[i], so programs start in the order's sequence order."""
     pdl_start(PDL)
-    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if ORDERED:
+        h, b, s = tl.program_id(0), tl.load(order_ptr + tl.program_id(1)), tl.program_id(2)
+        n_kv_heads = tl.num_programs(0)
+    else:
+        b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_kv_heads = tl.num_programs(1)
     row = tl.load(cu_q_ptr + b)
     if tl.load(cu_q_ptr + b + 1) == row:
         return
@@ -134,7 +144,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
     else:
-        part = (b * tl.num_programs(1) * GROUP + heads) * SPLITS + s
+        part = (b * n_kv_heads * GROUP + heads) * SPLITS + s
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=(g < GROUP)[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
@@ -224,6 +234,10 @@ def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError("q needs a unit stride in head_dim and the caches must be contiguous")
     if meta.block_tables.stride(1) != 1 or len(meta.host_cu_q) != len(meta.host_kv_lens) + 1:
         raise ValueError("block_tables needs a unit last stride and host_cu_q must have B+1 entries")
+    order = meta.seq_order
+    if order is not None and (order.dtype != torch.int32 or tuple(order.shape) != (len(meta.host_kv_lens),)
+                              or not order.is_contiguous()):
+        raise ValueError(f"seq_order must be a contiguous [B] int32 tensor, got {order.dtype} {tuple(order.shape)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,9 +310,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     part_o = q.new_empty((batch, h_q, splits, d) if splits > 1 else (1,), dtype=torch.float32)
     part_lse = q.new_empty((batch, h_q, splits) if splits > 1 else (1,), dtype=torch.float32)
     meta_args, strides = _launch_args(q, k_cache, meta, out)
-    _decode_kernel[(batch, h_kv, splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, *meta_args, scale * math.log2(math.e), *strides,
-        GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=_precision(q.dtype),
+    order = meta.seq_order
+    grid = (batch, h_kv, splits) if order is None else (h_kv, batch, splits)
+    _decode_kernel[grid](
+        q, k_cache, v_cache, out, part_o, part_lse, *meta_args, meta.cu_q if order is None else order,
+        scale * math.log2(math.e), *strides, GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits,
+        PREC=_precision(q.dtype), ORDERED=order is not None,
         **decode_config(d, group, q.dtype, q.device), **pdl.options(q))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
