@@ -49,10 +49,10 @@ def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
         assert order[n:] == list(range(n, t)) or min(hb.kv_lens, default=1) == 0
     n_single, n_block = buf.item_capacity(t, mixed)
     if not n_single + n_block:  # decode graphs without hybrid lists tile per token: no work list
-        assert not mixed and not buf.is_hybrid(mixed)
+        assert not mixed and not buf.is_hybrid(mixed, t)
         return
     indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
-    if buf.is_hybrid(mixed):
+    if buf.is_hybrid(mixed, t):
         singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max)
     else:
         singles, blocks = [], work_items(indptr, slots, buf.item_rows)
@@ -66,9 +66,12 @@ def check_tiles(buf: StaticBuffers, hb, t: int) -> None:
     assert buf.h["tiles"][:2 * capacity].tolist() == tiles + [-1, 0] * (capacity - len(tiles) // 2)
 
 
-@pytest.mark.parametrize("hybrid", [frozenset(), frozenset({"mixed"}), frozenset({"decode", "mixed"})])
-def test_write_overwrites_a_bigger_previous_step(hybrid):
-    buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid)
+@pytest.mark.parametrize("hybrid,decode_min", [(frozenset(), 0), (frozenset({"mixed"}), 0),
+                                               (frozenset({"decode", "mixed"}), 0), (frozenset({"mixed"}), 4)])
+def test_write_overwrites_a_bigger_previous_step(hybrid, decode_min):
+    buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid, hybrid_decode_min=decode_min)
+    assert buf.is_hybrid(False, 4) == ("decode" in hybrid or decode_min == 4)
+    assert not buf.is_hybrid(False, 2) or "decode" in hybrid
     # a big mixed step first, so every buffer holds values the next steps must not leak
     big = make_seqs([40, 33, 21, 9, 17, 5, 12, 8], [3, 3, 1, 0, 2, 2, 5, 5], first_block=100)
     big[0].num_computed -= 30

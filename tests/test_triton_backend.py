@@ -19,12 +19,14 @@ def test_triton_backend_mixed_batch_equals_peft(tiny_models, family):
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 6)
 
 
-@pytest.mark.parametrize("family,hybrid", [("llama", 0), ("qwen2", 0), ("llama", 1), ("llama", 2)])
-def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid):
+@pytest.mark.parametrize("family,hybrid,decode_min", [("llama", 0, 0), ("qwen2", 0, 0), ("llama", 1, 0),
+                                                     ("llama", 2, 0), ("llama", 2, 4)])
+def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid, decode_min):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
     per-token LoRA and mixed prefill/decode buckets with work lists (or, `hybrid` 1, both with hybrid work
-    lists; 2: the mixed ones) give PEFT's tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked
-    prefills mixed with decodes."""
+    lists; 2: the mixed ones; `decode_min`: also decode buckets of that many sequences on) give PEFT's
+    tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked prefills mixed with
+    decodes."""
     from punica.engine import cuda_graph
     from punica.engine.cuda_graph import CudaGraphRunner
     from punica.ops import sgmv
@@ -33,16 +35,17 @@ def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid):
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton",
               max_num_seqs=8, max_num_batched_tokens=24)
     engine = llm.engine
-    saved = cuda_graph.MIN_MIXED_BUCKET, sgmv.TUNING["hybrid_graphs"]
+    saved = cuda_graph.MIN_MIXED_BUCKET, sgmv.TUNING["hybrid_graphs"], sgmv.TUNING["hybrid_decode_min"]
     cuda_graph.MIN_MIXED_BUCKET = 16
-    sgmv.set_tuning(hybrid_graphs=hybrid)
+    sgmv.set_tuning(hybrid_graphs=hybrid, hybrid_decode_min=decode_min)
     try:
         graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 8, 24, engine.info.max_model_len,
                                  engine.config.cache.block_size, engine.runner.device)
     finally:
         cuda_graph.MIN_MIXED_BUCKET = saved[0]
-        sgmv.set_tuning(hybrid_graphs=saved[1])
-    assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == (hybrid == 1)
+        sgmv.set_tuning(hybrid_graphs=saved[1], hybrid_decode_min=saved[2])
+    assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == (hybrid == 1 or decode_min > 0)
+    assert (graphs.graphs[("decode", 2, True)][2].lora.num_single == 2) == (hybrid == 1)
     assert bool(graphs.graphs[("mixed", 16, True)][2].lora.num_single) == (hybrid > 0)
     assert graphs.token_buckets == [16, 24]
     engine.runner.graphs = graphs

@@ -60,10 +60,12 @@ class StaticBuffers:
     decode order [B]: the sequences by decreasing context)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
-                 device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: int = 1):
+                 device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: int = 1,
+                 hybrid_decode_min: int = 0):
         self.T, self.B, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.item_rows, self.tile_rows = item_rows, tile_rows
         self.hybrid, self.single_max = hybrid, single_max  # the graph kinds ("decode", "mixed") on hybrid lists
+        self.hybrid_decode_min = hybrid_decode_min  # > 0: decode buckets this big use them too
         items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
                           items=3 * items, tiles=2 * self.tile_capacity(max_tokens), order=max_seqs)
@@ -79,14 +81,16 @@ class StaticBuffers:
         self.np = {name: view.numpy() for name, view in self.h.items()}
         self._copied: torch.cuda.Event | None = None  # the last host -> device copy of these buffers
 
-    def is_hybrid(self, mixed: bool) -> bool:
-        """Whether graphs of this kind tile LoRA with hybrid work lists."""
-        return ("mixed" if mixed else "decode") in self.hybrid
+    def is_hybrid(self, mixed: bool, t: int) -> bool:
+        """Whether graphs of this kind and bucket t tile LoRA with hybrid work lists."""
+        if mixed:
+            return "mixed" in self.hybrid
+        return "decode" in self.hybrid or 0 < self.hybrid_decode_min <= t
 
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
         """(single-token items, row-block items) a bucket of t tokens holds at most; (0, 0): decode graphs
         tile per token. Each segment adds at most one partial block."""
-        if not self.is_hybrid(mixed):
+        if not self.is_hybrid(mixed, t):
             return (0, _cdiv(t, self.item_rows) + self.B) if mixed else (0, 0)
         if mixed:
             return min(t, self.B * self.single_max), _cdiv(t, self.item_rows) + self.B
@@ -129,7 +133,7 @@ class StaticBuffers:
         n_single, n_block = self.item_capacity(t, mixed)
         if n_single + n_block:
             indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
-            if self.is_hybrid(mixed):
+            if self.is_hybrid(mixed, t):
                 singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max)
             else:
                 singles, blocks = [], work_items(indptr, slots, self.item_rows)
@@ -185,7 +189,8 @@ class CudaGraphRunner:
         self.token_buckets = token_buckets(max_tokens)
         tile_rows = prefill_tile_rows(model.config.head_dim, model.embed_tokens.weight.dtype, max_tokens)
         self.buf = StaticBuffers(max_tokens, max_batch, _cdiv(max_model_len, block_size), work_list_rows(),
-                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["bgmv_max_seg"]))
+                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["bgmv_max_seg"]),
+                                 TUNING["hybrid_decode_min"])
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, Batch]] = {}

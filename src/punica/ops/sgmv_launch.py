@@ -17,6 +17,8 @@ SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' 
 TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
     "hybrid_graphs": 2,         # CUDA graphs tiling LoRA with hybrid work lists: 0 none, 1 all, 2 mixed steps only
+    "hybrid_decode_min": 0,     # > 0: decode graphs of at least this many sequences use them too (shared adapters
+                                # in tensor-core row blocks; not yet measured: see textgen_NOTES.md)
     "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
