@@ -158,7 +158,7 @@ class EngineConfig:
     backend: str = "auto"
     enforce_eager: bool = False
     # CUDA, steps of <= 512 tokens: what of a projection's LoRA runs on a second stream, concurrently with its
-    # base GEMM. "delta": shrink and expand into a zeroed delta, which the kernel after the projection adds
+    # base GEMM. "delta": shrink and expand into a delta of its own, which the kernel after the projection adds
     # (llama.FUSIONS); "shrink": the shrink only, the expand then accumulates into the GEMM's output; "none":
     # both after the GEMM on one stream; "auto": "delta" for all four, the fastest decode graph on an H200
     # since the adds were folded (distinct, batch 32: 6.77 vs 6.90 ms with "shrink" for o and down;

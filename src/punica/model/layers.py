@@ -10,7 +10,7 @@ from punica.model.batch import Batch
 from punica.ops import Ops
 
 # Above this many tokens the GEMM is compute-bound and long: running the LoRA beside it gains little, while
-# its separate delta costs a zero-fill and an add over [T, out] (hundreds of MB for a 4096-token chunk).
+# its separate delta costs a write and a read of [T, out] (hundreds of MB for a 4096-token chunk).
 SIDE_STREAM_MAX_TOKENS = 512
 # The side stream's delta is written by the expand itself (add_lora overwrite) instead of zero-filled first
 DELTA_OVERWRITE = True
