@@ -7,6 +7,7 @@ a decode timing table against the KV bytes read (GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -195,13 +196,18 @@ def test_gpu_other_dtypes_and_shapes(dtype, q_len):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("model", list(LLAMA_SHAPES))
-def test_gpu_decode_cuda_graph_replay_equals_eager(model):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_gpu_decode_cuda_graph_replay_equals_eager(model, ordered):
+    """Replays with new context lengths (and, `ordered`, the longest-first order written beside them, as the
+    engine's decode graphs do) equal an eager call in grid order, bit for bit."""
     h_q, h_kv, d = LLAMA_SHAPES[model]
     capacity = 4096  # every sequence owns blocks for this many tokens; two padding sequences own none
     q, k_cache, v_cache, meta = make_case([1] * 10, [capacity] * 8 + [0, 0], h_q, h_kv, d,
                                           dtype=torch.bfloat16, device="cuda")
     static_kv = meta.kv_lens  # the graph reads this buffer; each step writes its lengths into it
     static_kv.copy_(torch.tensor(random_lens(8, 1, capacity, seed=1) + [0, 0], dtype=torch.int32))
+    if ordered:
+        meta.seq_order = torch.arange(10, dtype=torch.int32, device="cuda")
     attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.1)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -211,8 +217,10 @@ def test_gpu_decode_cuda_graph_replay_equals_eager(model):
         new_lens = random_lens(8, 1, capacity, seed) + [0, 0]
         static_kv.copy_(torch.tensor(new_lens, dtype=torch.int32))
         meta.host_kv_lens = new_lens
+        if ordered:
+            meta.seq_order.copy_(torch.tensor(sorted(range(10), key=lambda b: -new_lens[b]), dtype=torch.int32))
         graph.replay()
-        eager = attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.1)
+        eager = attention.paged_attention_triton(q, k_cache, v_cache, dataclasses.replace(meta, seq_order=None), 0.1)
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
         assert_close(out, paged_attention_torch(q, k_cache, v_cache, meta, 0.1))
         assert torch.equal(out[8:], torch.zeros_like(out[8:]))
