@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Larger batches (about 6 minutes on an H200), results under $OUT: tensor-core row blocks for the LoRA of
+# Larger batches (about 8 minutes on an H200), results under $OUT: tensor-core row blocks for the LoRA of
 # shared adapters in decode graphs of >= 64 sequences (sgmv TUNING["hybrid_decode_min"], not yet measured)
-# against per-token tiling, at batches 64 and 128, 512 requests, outputs <= 96. At 128, identical adapters
+# against per-token tiling: the LoRA chain alone (bench_lora_chain), then text generation at batches 64 and
+# 128, 512 requests, outputs <= 96. At 128, identical adapters
 # cost 3.2 ms a step over the backbone for ~0 bytes of adapters: per-token programs re-read one adapter.
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_batches.sh
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
+timeout 150 python3 -m benchmarks.bench_lora_chain --batch-size 64 128 --popularity distinct uniform identical \
+  --tilings token hybrid --variants defaults --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -16
 for knob in hybrid_decode_min=0 hybrid_decode_min=64; do
   timeout 170 python3 -m benchmarks.bench_textgen_lora --system punica --popularity distinct skewed identical \
     --batch-size 64 128 --num-requests 512 --max-output 96 --warmup-requests 32 --sgmv-tuning $knob \
