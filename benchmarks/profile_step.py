@@ -113,7 +113,31 @@ def recaptured(engine: Engine, hb, overlap: str | dict, priority: int = 0):
     return graphs.graphs[graphs.key(hb)][0].replay
 
 
-def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int) -> dict:
+def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -> dict:
+    """A prefill-heavy step, like most of text generation's non-decode steps: `seqs` sequences each recompute
+    their last `chunk` tokens (their own adapters, as the popularity drew them). Graph replay where a bucket
+    fits, eager GPU time, and the kernels of one run."""
+    picked = ordered[:seqs]
+    for seq, _ in picked:
+        seq.num_computed -= chunk - 1
+    try:
+        hb = host_batch([(seq, chunk) for seq, _ in picked], engine.runner.block_size)
+        out = {"prefill_tokens": len(hb.ids)}
+        if graphs is not None and graphs.can_run(hb):
+            out["prefill_graph_ms"] = round(gpu_ms(lambda: graphs.run(hb), reps=5), 3)
+            out["prefill_kernels"] = kernel_table(lambda: graphs.run(hb))
+        batch = to_device_batch(hb, engine.runner.slot_rank, engine.runner.device)
+        out["prefill_gpu_ms"] = round(gpu_ms(lambda: engine.model(batch), reps=5), 3)
+        if "prefill_kernels" not in out:
+            out["prefill_kernels"] = kernel_table(lambda: engine.model(batch))
+        return out
+    finally:
+        for seq, _ in picked:
+            seq.num_computed += chunk - 1
+
+
+def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int,
+            prefill: tuple[int, int] = (0, 0)) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     idx = adapter_indices(popularity, batch, len(names), seed=0) if names and popularity != "none" else None
@@ -194,6 +218,8 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     row["mixed_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
     torch.cuda.synchronize()
     first.num_computed += 127
+    if prefill[0]:
+        row.update(prefill_step(engine, graphs, ordered, *prefill))
     for seq in list(engine.scheduler.running):
         engine.abort(seq.request_id)
     return row
@@ -211,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                     help="programmatic dependent launch (ops/pdl.py)")
+    ap.add_argument("--prefill", type=int, nargs=2, default=(0, 0), metavar=("SEQS", "CHUNK"),
+                    help="also a prefill step: SEQS sequences recompute their last CHUNK tokens (CHUNK < context)")
     ap.add_argument("--unfused", action="store_true",
                     help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
     args = ap.parse_args(argv)
@@ -232,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                                   max_lora_rank=args.rank, max_num_batched_tokens=4096)
         rows = []
         for pop in args.popularity:
-            row = profile(engine, pop, list(adapters), args.batch_size, args.context, args.steps)
-            for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels"):
+            row = profile(engine, pop, list(adapters), args.batch_size, args.context, args.steps, tuple(args.prefill))
+            for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels", "prefill_kernels"):
                 if key in row:
                     print(f"\n{pop}: {key}")
                     print_table(row[key], ["kernel", "calls", "us"])
@@ -252,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
                        "eager_gpu_ms",
                        "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
+    if args.prefill[0]:
+        print()
+        print_table(rows, ["popularity", "prefill_tokens", "prefill_graph_ms", "prefill_gpu_ms"])
 
 
 if __name__ == "__main__":
