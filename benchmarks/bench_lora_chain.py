@@ -11,6 +11,7 @@ Prints us per layer for each variant and writes `lora_chain.jsonl` under --out-d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -18,6 +19,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.bench_sgmv import with_tiling
+from punica.engine.cuda_graph import token_buckets
 from punica.lora.plan import build_segment_plan
 from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
@@ -61,6 +63,21 @@ class Chain:
                 sgmv.add_lora_triton(self.y[sum(widths)], self.x[h_in], a, b, self.slot_rank, plan, offsets)
 
 
+def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int) -> sgmv.SegmentPlan:
+    """A work-list plan padded with empty items to the capacity of the mixed-graph bucket holding `tokens`
+    (StaticBuffers.item_capacity), as the engine's graphs launch it; other plans as they are."""
+    if plan.items is None:
+        return plan
+    bucket = next(t for t in token_buckets(1 << 20) if t >= tokens)
+    rows = plan.item_rows
+    n_single = min(bucket, batch) if plan.num_single else 0
+    n_block = -(-bucket // rows) + batch
+    items = plan.items[:plan.num_single].tolist(), plan.items[plan.num_single:].tolist()
+    flat = [*items[0], *[[0, 0, 0]] * (n_single - len(items[0])), *items[1], *[[0, 0, 0]] * (n_block - len(items[1]))]
+    return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=plan.items.device),
+                               num_single=n_single)
+
+
 def replay_us(fn, reps: int = 20) -> float:
     """Mean GPU time of one replay of fn captured as a CUDA graph (after an eager call that compiles)."""
     fn()
@@ -87,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", choices=sorted(VARIANTS), default="knobs")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                     help="programmatic dependent launch (ops/pdl.py)")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="a mixed step instead: the first sequence brings a prefill chunk of this many tokens")
+    ap.add_argument("--padded", action="store_true",
+                    help="work lists padded to a mixed-graph bucket's capacity, as the engine's graphs run them")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this long")
@@ -98,20 +119,23 @@ def main(argv: list[str] | None = None) -> None:
     rows, best = [], {}
     for batch in args.batch_size:
         num_adapters = min(2 * batch, 128)
-        chain = Chain(args.layers, num_adapters + 1, args.rank, batch)
+        lengths = [args.chunk or 1] + [1] * (batch - 1)
+        chain = Chain(args.layers, num_adapters + 1, args.rank, sum(lengths))
         plans = {}
         for pop in args.popularity:
             slots = sorted(i + 1 for i in adapter_indices(pop, batch, num_adapters, seed=0))
-            base = build_segment_plan(slots, [1] * batch, torch.device("cuda"))
+            base = build_segment_plan(slots, lengths, torch.device("cuda"))
             for tiling in args.tilings:
-                plans[pop, tiling] = with_tiling(base, tiling, rows=sgmv.work_list_rows())
+                plan = with_tiling(base, tiling, rows=sgmv.work_list_rows())
+                plans[pop, tiling] = padded(plan, sum(lengths), batch) if args.padded else plan
         for knobs in VARIANTS[args.variants]:  # outside: each compiles once; a cut-short sweep has whole ones
             if time.time() - t0 > args.budget_s:
                 break
             sgmv.set_tuning(**{**defaults, **knobs})
             for (pop, tiling), plan in plans.items():
                 us = replay_us(functools.partial(chain.run, plan)) / args.layers
-                row = dict(batch=batch, popularity=pop, tiling=tiling, knobs=knobs, us_per_layer=round(us, 2))
+                row = dict(batch=batch, chunk=args.chunk, padded=args.padded, popularity=pop, tiling=tiling,
+                           knobs=knobs, us_per_layer=round(us, 2))
                 rows.append(row)
                 harness.write_jsonl("lora_chain", [row], setup, args.out_dir)
                 case = best.setdefault((batch, pop, tiling), dict(batch=batch, popularity=pop, tiling=tiling,
