@@ -173,6 +173,19 @@ def test_hybrid_work_list_mode(tuning, split, dtype):
     assert_close(y, expected, dtype=dtype)
 
 
+def test_split_by_tokens_sizes_split_k_by_real_row_blocks(tuning):
+    """A mixed graph's work list holds capacity for the worst case (a 256-token bucket at batch 32: 32
+    singles + 40 blocks); split_by_tokens sizes split K by the bucket's 8 row blocks instead, so the few
+    busy programs are not left with the whole K loop each. Other tilings are unaffected."""
+    hybrid = (256, 0, 0, 72, 32, 32)  # (T, S, L, items, item_rows, num_single)
+    token = (32, 32, 1, 0, 0, 0)
+    before = [sgmv._shrink_config(t, 4096, 48, 3, 132)[0] for t in (hybrid, token)]
+    tuning(split_by_tokens=1)
+    after = [sgmv._shrink_config(t, 4096, 48, 3, 132)[0] for t in (hybrid, token)]
+    assert after[0][1] > before[0][1] and after[0][0] == before[0][0] == 72
+    assert after[1] == before[1]
+
+
 def test_work_items_cover_adapter_tokens_once():
     from punica.lora.plan import work_items
     flat = work_items([0, 3, 3, 40, 42], [1, 0, 2, 3], 16)

@@ -23,6 +23,8 @@ TUNING = {
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
     "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
+    "split_by_tokens": 0,       # 1: size a work list's split K by its tokens' row blocks, not its capacity (a
+                                # mixed graph's list is padded for the worst case; not yet measured)
     "shrink_block_k": 128,      # segment mode
     "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
     "max_block_k": 512,
@@ -100,7 +102,10 @@ def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int) -
     block_k1 = min(8192 // block_r, TUNING["max_block_k"], max(16, _pow2(h_in)))  # single-token programs
     block_k = block_k1 if mode == TOKEN else min(TUNING["shrink_block_k"], TUNING["max_block_k"],
                                                  max(16, _pow2(h_in)))
-    split = min(TUNING["shrink_waves"] * sms // (rows * r_programs), _cdiv(h_in, block_k),
+    busy = rows  # row programs expected to have work
+    if TUNING["split_by_tokens"] and mode in (WORKLIST, HYBRID):
+        busy = min(rows, _cdiv(tiling[0], block_m))
+    split = min(TUNING["shrink_waves"] * sms // (busy * r_programs), _cdiv(h_in, block_k),
                 TUNING["max_split_k"], TUNING["split_reduce_elems"] // (block_m * block_r))
     split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
     split = 1 << (split.bit_length() - 1)  # a power of two: SPLIT_K is a constexpr, so few values, few compiles
