@@ -125,9 +125,11 @@ def run_punica(engine: Engine, lengths, loras, bandwidth: float, adapter_bytes: 
     wall = time.perf_counter() - t0  # the last step read its sampled tokens: the device is idle
     step_ms = 1e3 * sum(meter.decode_times) / max(len(meter.decode_times), 1)
     floor_ms = 1e3 * sum(meter.floors) / max(len(meter.floors), 1)
+    decode_s = sum(meter.decode_times)
     return dict(tokens=tokens, seconds=round(wall, 3), tok_per_s=round(tokens / wall, 1),
                 decode_step_ms=round(step_ms, 3), floor_ms=round(floor_ms, 3),
-                floor_ratio=round(step_ms / floor_ms, 3) if floor_ms else None, decode_steps=len(meter.decode_times))
+                floor_ratio=round(step_ms / floor_ms, 3) if floor_ms else None, decode_steps=len(meter.decode_times),
+                decode_s=round(decode_s, 3), other_s=round(wall - decode_s, 3))  # other: steps with prefill
 
 
 def run_hf(cfg: dict, adapters: dict[str, str], batch: int, popularity: str, new_tokens: int, prompt_len: int) -> dict:
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
             run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device, record)
     path = Path(args.out_dir or RESULTS) / "textgen_lora.png"
     plot(rows, path, setup.get("gpu", "cpu"))
-    print_table(rows, ["system", "popularity", "batch", "tok_per_s", "decode_step_ms", "floor_ms", "floor_ratio"])
+    print_table(rows, ["system", "popularity", "batch", "tok_per_s", "decode_step_ms", "floor_ms", "floor_ratio",
+                       "decode_s", "other_s"])
 
 
 def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device, record):
