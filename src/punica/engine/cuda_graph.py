@@ -125,7 +125,7 @@ class StaticBuffers:
             h["cu_q"][:b + 1] = np.arange(b + 1)
         h["kv_lens"][:n] = hb.kv_lens
         h["kv_lens"][n:b] = 0
-        if not mixed:  # longest contexts first, so their attention programs do not form the step's tail
+        if not mixed and DECODE_ORDER:  # longest contexts first: their attention programs do not form the tail
             h["order"][:b] = np.argsort(-h["kv_lens"][:b], kind="stable")
         self._write_tables(hb.block_tables)
         h["token_slot"][:m] = token_slots(hb.seq_slots, hb.seq_tokens)

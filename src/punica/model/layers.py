@@ -89,6 +89,4 @@ class RMSNorm(nn.Module):
         when given (a LoRA delta not yet added to x)."""
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
-        if delta is None:
-            return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps, delta)

@@ -261,10 +261,11 @@ def decode_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.d
     loads) read Llama-2-7B's KV at 1.0-1.08x the copy-bandwidth floor, a CUDA-core path for MHA at 1.4-1.5x.
     Three stages where shared memory allows: at batch 32 on an H200 (benchmarks/bench_attention.py) 58.0 vs
     60.2 us per layer at context 400, 66.5 vs 68.1 at mixed contexts, 127.4 vs 131.9 at 1024."""
-    stages = 2
-    if dtype != torch.float32 and _smem_per_block(device) >= 3 * 2 * 64 * head_dim * 2 + (16 << 10):
+    block_n, stages = 64, 2
+    tile_bytes = 2 * block_n * head_dim * 2  # a K and a V tile, 16-bit
+    if dtype != torch.float32 and _smem_per_block(device) >= 3 * tile_bytes + (16 << 10):
         stages = 3
-    return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=64,
+    return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                 num_warps=8 if dtype == torch.float32 else 4, num_stages=stages)
 
 

@@ -2,8 +2,8 @@
 
 At decode the projection streams W once and x is a few rows: each program takes a BLOCK_N-row strip of W
 and all tokens, and computes y.T = W @ x.T so that W's rows fill the MMA's long side. On an H200 at batch 32
-it beat cuBLAS on Llama-2-7B's qkv and o shapes and lost or tied on gate_up and down
-(benchmarks/results/lora_gemm.jsonl), so `linear_triton` uses it for the listed shapes only.
+it beat cuBLAS on Llama-2-7B's qkv, o and down shapes (down with K split in 2) and lost on gate_up
+(benchmarks/results/gemm.jsonl), so `linear_triton` uses it for the listed shapes only.
 
 A projection's LoRA fused into this kernel (shrink programs and an epilogue gather of lora_b, one launch) was
 built and measured slower than cuBLAS + SGMV by a third per layer; commit 47c5111 has it, sgmv_NOTES.md the
