@@ -23,12 +23,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.harness import RESULTS, apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
+from benchmarks.harness import (
+    RESULTS,
+    add_engine_knobs,
+    apply_engine_knobs,
+    copy_bandwidth,
+    environment,
+    print_table,
+    write_jsonl,
+)
 from punica import Engine, SamplingParams
 from punica.config import LORA_OVERLAPS
-from punica.engine import cuda_graph
-from punica.model import layers, llama
-from punica.ops import gemm, pdl
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -178,39 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-requests", type=int, default=64,
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
-    ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
-    ap.add_argument("--triton-gemm", action=argparse.BooleanOptionalAction, default=True,
-                    help="the Triton GEMM on the projections without LoRA where it measured faster (ops/gemm.py)")
-    ap.add_argument("--triton-gemm-beside-lora", action=argparse.BooleanOptionalAction, default=True,
-                    help="that GEMM also as the base of projections with LoRA in the step (gemm.BESIDE_LORA)")
-    ap.add_argument("--unfused", action="store_true",
-                    help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
-    ap.add_argument("--decode-order", action=argparse.BooleanOptionalAction, default=True,
-                    help="decode graphs start attention programs longest context first (cuda_graph.DECODE_ORDER)")
-    ap.add_argument("--delta-overwrite", action=argparse.BooleanOptionalAction, default=True,
-                    help="the side-stream LoRA delta written by the expand, no zero-fill (layers.DELTA_OVERWRITE)")
-    ap.add_argument("--gemm-config", default=None, metavar="JSON", help="tiles and shapes saved by bench_gemm")
     ap.add_argument("--lora-overlap", choices=LORA_OVERLAPS, default=None,
                     help="what of the LoRA runs beside the base GEMM (EngineConfig.lora_overlap; default: engine's)")
-    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
-                    help="programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--lora-stream-priority", type=int, default=None,
                     help="CUDA priority of the LoRA side stream (< 0: above the main stream; default: the engine's)")
+    add_engine_knobs(ap)
     ap.add_argument("--plot-only", action="store_true",
                     help="redraw textgen_lora.png from the latest 1000-request rows per batch in textgen_lora.jsonl")
     args = ap.parse_args(argv)
     if args.plot_only:
         return replot(Path(args.out_dir or RESULTS))
-    tuning = apply_sgmv_tuning(args.sgmv_tuning)
-    pdl.set_pdl(args.pdl)
-    if args.gemm_config:
-        gemm.load_config(args.gemm_config)
-    if not args.triton_gemm:
-        gemm.PLAIN_SHAPES.clear()
-    gemm.BESIDE_LORA = args.triton_gemm_beside_lora
-    if args.unfused:
-        llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
-    cuda_graph.DECODE_ORDER, layers.DELTA_OVERWRITE = args.decode_order, args.delta_overwrite
+    knobs = apply_engine_knobs(args)
     cfg = TINY if args.tiny else LLAMA2_7B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -218,11 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     setup = dict(environment(), bench="textgen_lora", model="tiny" if args.tiny else "llama-2-7b-arch-random",
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests, sgmv_tuning=tuning,
-                 lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, pdl=args.pdl,
-                 triton_gemm=sorted(gemm.PLAIN_SHAPES), triton_gemm_beside_lora=gemm.BESIDE_LORA,
-                 fusions=dict(llama.FUSIONS), decode_order=args.decode_order,
-                 delta_overwrite=args.delta_overwrite, gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])
+                 enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests,
+                 lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, **knobs)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured

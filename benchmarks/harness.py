@@ -5,6 +5,7 @@ that achieved bandwidth is reported against."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -157,3 +158,43 @@ def apply_sgmv_tuning(pairs: list[str] | None) -> dict[str, int]:
         knobs[name] = int(value)
     set_tuning(**knobs)
     return knobs
+
+
+def add_engine_knobs(ap: argparse.ArgumentParser) -> None:
+    """The engine's kernel switches, for benchmarks that run the whole model (A/Bs of one knob each)."""
+    flag = argparse.BooleanOptionalAction
+    ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
+    ap.add_argument("--pdl", action=flag, default=True, help="programmatic dependent launch (ops/pdl.py)")
+    ap.add_argument("--triton-gemm", action=flag, default=True,
+                    help="the Triton GEMM on the projections where it measured faster (ops/gemm.py)")
+    ap.add_argument("--triton-gemm-beside-lora", action=flag, default=True,
+                    help="that GEMM also as the base of projections with LoRA in the step (gemm.BESIDE_LORA)")
+    ap.add_argument("--gemm-config", default=None, metavar="JSON", help="tiles and shapes saved by bench_gemm")
+    ap.add_argument("--unfused", action="store_true",
+                    help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
+    ap.add_argument("--decode-order", action=flag, default=True,
+                    help="decode graphs start attention programs longest context first (cuda_graph.DECODE_ORDER)")
+    ap.add_argument("--delta-overwrite", action=flag, default=True,
+                    help="the side-stream LoRA delta written by the expand, no zero-fill (layers.DELTA_OVERWRITE)")
+
+
+def apply_engine_knobs(args: argparse.Namespace) -> dict:
+    """Set what add_engine_knobs parsed; returns it for the setup record of every result."""
+    from punica.engine import cuda_graph
+    from punica.model import layers, llama
+    from punica.ops import gemm, pdl
+
+    tuning = apply_sgmv_tuning(args.sgmv_tuning)
+    pdl.set_pdl(args.pdl)
+    if args.gemm_config:
+        gemm.load_config(args.gemm_config)
+    if not args.triton_gemm:
+        gemm.PLAIN_SHAPES.clear()
+    gemm.BESIDE_LORA = args.triton_gemm_beside_lora
+    if args.unfused:
+        llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
+    cuda_graph.DECODE_ORDER, layers.DELTA_OVERWRITE = args.decode_order, args.delta_overwrite
+    return dict(sgmv_tuning=tuning, pdl=args.pdl, triton_gemm=sorted(gemm.PLAIN_SHAPES),
+                triton_gemm_beside_lora=gemm.BESIDE_LORA, fusions=dict(llama.FUSIONS),
+                decode_order=args.decode_order, delta_overwrite=args.delta_overwrite,
+                gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])

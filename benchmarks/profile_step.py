@@ -19,11 +19,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_textgen_lora import LLAMA2_7B, TINY, write_adapters, write_model_dir
-from benchmarks.harness import apply_sgmv_tuning, copy_bandwidth, environment, print_table, write_jsonl
+from benchmarks.harness import (
+    add_engine_knobs,
+    apply_engine_knobs,
+    copy_bandwidth,
+    environment,
+    print_table,
+    write_jsonl,
+)
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
-from punica.model import llama
 from punica.ops import pdl
 from punica.workload import adapter_indices
 
@@ -234,22 +240,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--popularity", nargs="+", default=["distinct", "identical", "none"])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
-    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
-                    help="programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--prefill", type=int, nargs=2, default=(0, 0), metavar=("SEQS", "CHUNK"),
                     help="also a prefill step: SEQS sequences recompute their last CHUNK tokens (CHUNK < context)")
-    ap.add_argument("--unfused", action="store_true",
-                    help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
+    add_engine_knobs(ap)
     args = ap.parse_args(argv)
-    tuning = apply_sgmv_tuning(args.sgmv_tuning)
-    pdl.set_pdl(args.pdl)
-    if args.unfused:
-        llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
+    knobs = apply_engine_knobs(args)
     cfg = TINY if args.tiny else LLAMA2_7B
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 sgmv_tuning=tuning, pdl=args.pdl, fusions=dict(llama.FUSIONS))
+                 **knobs)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)
