@@ -33,6 +33,11 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
               dict(shrink_waves=8), dict(shrink_block_k=256), dict(shrink_warps=8), dict(shrink_stages=1),
               dict(max_block_k=1024), dict(expand_block_n=256), dict(expand_waves=1), dict(expand_warps=8),
               dict(expand_stages=1), dict(shrink_block_k=64), dict(expand_warps=2)],
+    # prefill-heavy steps: big row blocks, so the expand's tiles (a read and a write of y each) dominate
+    "prefill": [{}, dict(expand_tiles=2), dict(expand_tiles=4), dict(expand_block_n=256), dict(expand_block_n=64),
+                dict(expand_warps=8), dict(expand_stages=3), dict(max_block_m=64), dict(max_block_m=128),
+                dict(max_block_m=64, expand_warps=8), dict(max_block_m=64, expand_tiles=4),
+                dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
 }
 
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--chunk", type=int, default=0,
                     help="a mixed step instead: the first sequence brings a prefill chunk of this many tokens")
+    ap.add_argument("--prefill", type=int, nargs=2, default=None, metavar=("SEQS", "CHUNK"),
+                    help="a prefill step instead: SEQS sequences of CHUNK tokens each (--batch-size: the graphs' "
+                         "sequence capacity)")
     ap.add_argument("--padded", action="store_true",
                     help="work lists padded to a mixed-graph bucket's capacity, as the engine's graphs run them")
     ap.add_argument("--layers", type=int, default=32)
@@ -120,23 +128,25 @@ def main(argv: list[str] | None = None) -> None:
     rows, best = [], {}
     for batch in args.batch_size:
         num_adapters = min(2 * batch, 128)
-        lengths = [args.chunk or 1] + [1] * (batch - 1)
+        lengths = [args.prefill[1]] * args.prefill[0] if args.prefill else [args.chunk or 1] + [1] * (batch - 1)
         chain = Chain(args.layers, num_adapters + 1, args.rank, sum(lengths))
-        plans = {}
+        bases = {}
         for pop in args.popularity:
-            slots = sorted(i + 1 for i in adapter_indices(pop, batch, num_adapters, seed=0))
-            base = build_segment_plan(slots, lengths, torch.device("cuda"))
-            for tiling in args.tilings:
-                plan = with_tiling(base, tiling, rows=sgmv.work_list_rows())
-                plans[pop, tiling] = padded(plan, sum(lengths), batch) if args.padded else plan
+            slots = sorted(i + 1 for i in adapter_indices(pop, len(lengths), num_adapters, seed=0))
+            bases[pop] = build_segment_plan(slots, lengths, torch.device("cuda"))
         for knobs in VARIANTS[args.variants]:  # outside: each compiles once; a cut-short sweep has whole ones
             if time.time() - t0 > args.budget_s:
                 break
             sgmv.set_tuning(**{**defaults, **knobs})
+            plans = {}  # cut per knob set: max_block_m sets the work lists' rows
+            for pop, base in bases.items():
+                for tiling in args.tilings:
+                    plan = with_tiling(base, tiling, rows=sgmv.work_list_rows())
+                    plans[pop, tiling] = padded(plan, sum(lengths), batch) if args.padded else plan
             for (pop, tiling), plan in plans.items():
                 us = replay_us(functools.partial(chain.run, plan)) / args.layers
-                row = dict(batch=batch, chunk=args.chunk, padded=args.padded, popularity=pop, tiling=tiling,
-                           knobs=knobs, us_per_layer=round(us, 2))
+                row = dict(batch=batch, chunk=args.chunk, prefill=args.prefill, padded=args.padded, popularity=pop,
+                           tiling=tiling, knobs=knobs, us_per_layer=round(us, 2))
                 rows.append(row)
                 harness.write_jsonl("lora_chain", [row], setup, args.out_dir)
                 case = best.setdefault((batch, pop, tiling), dict(batch=batch, popularity=pop, tiling=tiling,

@@ -179,6 +179,7 @@ def test_split_by_tokens_sizes_split_k_by_real_row_blocks(tuning):
     busy programs are not left with the whole K loop each. Other tilings are unaffected."""
     hybrid = (256, 0, 0, 72, 32, 32)  # (T, S, L, items, item_rows, num_single)
     token = (32, 32, 1, 0, 0, 0)
+    tuning(split_by_tokens=0)
     before = [sgmv._shrink_config(t, 4096, 48, 3, 132)[0] for t in (hybrid, token)]
     tuning(split_by_tokens=1)
     after = [sgmv._shrink_config(t, 4096, 48, 3, 132)[0] for t in (hybrid, token)]

@@ -18,13 +18,14 @@ TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
     "hybrid_graphs": 2,         # CUDA graphs tiling LoRA with hybrid work lists: 0 none, 1 all, 2 mixed steps only
     "hybrid_decode_min": 0,     # > 0: decode graphs of at least this many sequences use them too (shared adapters
-                                # in tensor-core row blocks; not yet measured: see textgen_NOTES.md)
+                                # in tensor-core row blocks; measured no gain in text generation: textgen_NOTES.md)
     "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
     "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
-    "split_by_tokens": 0,       # 1: size a work list's split K by its tokens' row blocks, not its capacity (a
-                                # mixed graph's list is padded for the worst case; not yet measured)
+    "split_by_tokens": 1,       # 1: size a work list's split K by its tokens' row blocks, not its capacity (a
+                                # mixed graph's list is padded for the worst case): a 128-token chunk among 31
+                                # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md)
     "shrink_block_k": 128,      # segment mode
     "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
     "max_block_k": 512,
