@@ -52,10 +52,12 @@ def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
         assert not mixed and not buf.is_hybrid(mixed, t)
         return
     indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
+    # graphs' lists hold the base-model tokens too (slot-0 items): an overwriting expand writes their zeros
     if buf.is_hybrid(mixed, t):
-        singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max)
+        singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max, base=True)
     else:
-        singles, blocks = [], work_items(indptr, slots, buf.item_rows)
+        singles, blocks = [], work_items(indptr, slots, buf.item_rows, base=True)
+    assert 0 not in hb.seq_slots or 0 in (singles + blocks)[2::3]
     expected = singles + [0] * (3 * n_single - len(singles)) + blocks + [0] * (3 * n_block - len(blocks))
     assert h["items"][:3 * (n_single + n_block)].tolist() == expected
 

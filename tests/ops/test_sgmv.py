@@ -193,6 +193,10 @@ def test_work_items_cover_adapter_tokens_once():
     items = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
     assert items == [(0, 3, 1), (3, 19, 2), (19, 35, 2), (35, 40, 2), (40, 42, 3)]
     assert len(items) <= -(-42 // 16) + 4
+    flat = work_items([0, 3, 3, 40, 42], [1, 0, 2, 3], 16, base=True)  # base: the (empty) slot-0 segment too
+    assert flat == work_items([0, 3, 3, 40, 42], [1, 0, 2, 3], 16)
+    flat = work_items([0, 2, 5], [0, 7], 16, base=True)
+    assert [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)] == [(0, 2, 0), (2, 5, 7)]
 
 
 @interpreted
@@ -240,6 +244,33 @@ def test_overwrite_writes_the_delta_over_anything(lengths, slots):
     a, b, ranks = make_weights(9, 48, (32, 8, 8), 16, (16, 8, 5), torch.float32, "cpu")
     add_lora_torch(ref, torch.randn(len(y), 48), a, b, ranks, plan, offsets((32, 8, 8)), overwrite=True)
     assert not ref.isnan().any()
+
+
+@interpreted
+@pytest.mark.parametrize("hybrid", [False, True], ids=["work_list", "hybrid"])
+def test_overwrite_over_covering_work_list_writes_every_token_without_a_fill(hybrid):
+    """A CUDA graph's work list with slot-0 items for the base-model tokens (items_cover): the overwriting
+    expand writes the delta, zeros for tokens without an adapter, in the kernel. The bucket's padding rows
+    past the step's tokens, in no item, keep what they held (NaN): y was not zero-filled first."""
+    from punica.lora.plan import hybrid_items, work_items
+    lengths, slots = [3, 0, 1, 17, 1, 2, 1], [0, 1, 1, 2, 0, 3, 4]
+    real = sum(lengths)
+    plan = make_plan(lengths + [5], slots + [0], "cpu")  # 5 padding rows (token slot 0) after the step's tokens
+    indptr, host_slot = plan.host_indptr[:-1], plan.host_slot[:-1]
+    singles, blocks = hybrid_items(indptr, host_slot, 16, 1, base=True) if hybrid else \
+        ([], work_items(indptr, host_slot, 16, base=True))
+    assert {slot for slot in (singles + blocks)[2::3]} == {0, 1, 2, 3, 4}
+    flat = singles + [0, 0, 0] + blocks + [0, 0, 0] * 2  # padded like a graph's list
+    items = torch.tensor(flat, dtype=torch.int32).view(-1, 3)
+    plan = dataclasses.replace(plan, items=items, item_rows=16, num_single=len(singles) // 3 + 1 if hybrid else 0,
+                               items_cover=True)
+    y, expected = run_add_lora(plan, 48, (32, 8, 8), 16, (16, 8, 5), torch.float32, "cpu", overwrite=True)
+    assert not y[:real].isnan().any() and y[real:].isnan().all()
+    assert_close(y[:real], expected[:real])
+    assert torch.equal(y[:3], torch.zeros_like(y[:3])) and torch.equal(y[21], torch.zeros_like(y[21]))
+    uncovered = dataclasses.replace(plan, items_cover=False)  # without the flag: zero-filled first, as before
+    y, _ = run_add_lora(uncovered, 48, (32, 8, 8), 16, (16, 8, 5), torch.float32, "cpu", overwrite=True)
+    assert torch.equal(y[real:], torch.zeros_like(y[real:]))
 
 
 @interpreted

@@ -133,10 +133,11 @@ class StaticBuffers:
         n_single, n_block = self.item_capacity(t, mixed)
         if n_single + n_block:
             indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
+            # base-model tokens get (slot-0) items too: an overwriting expand writes their zeros (items_cover)
             if self.is_hybrid(mixed, t):
-                singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max)
+                singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max, base=True)
             else:
-                singles, blocks = [], work_items(indptr, slots, self.item_rows)
+                singles, blocks = [], work_items(indptr, slots, self.item_rows, base=True)
             if len(singles) > 3 * n_single or len(blocks) > 3 * n_block:
                 raise RuntimeError(f"work list over its capacity: {len(singles) // 3} single and "
                                    f"{len(blocks) // 3} block items for ({n_single}, {n_block})")
@@ -208,7 +209,7 @@ class CudaGraphRunner:
         host_cu_q = list(range(B + 1))  # host bounds only: the kernels read the device buffers
         n_single, n_block = self.buf.item_capacity(t, mixed)
         work = dict(items=d["items"][:3 * (n_single + n_block)].view(-1, 3), item_rows=self.buf.item_rows,
-                    num_single=n_single) if n_single + n_block else {}
+                    num_single=n_single, items_cover=True) if n_single + n_block else {}
         if mixed:
             attn = AttentionMeta(cu_q=d["cu_q"][:B + 1], kv_lens=d["kv_lens"][:B], block_tables=d["tables"][:B],
                                  max_q_len=t, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,

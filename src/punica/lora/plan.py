@@ -32,26 +32,29 @@ def _row_blocks(start: int, end: int, slot: int, rows: int) -> list[int]:
     return [v for a in range(start, end, rows) for v in (a, min(a + rows, end), slot)]
 
 
-def work_items(indptr: list[int], slots: list[int], rows: int) -> list[int]:
-    """Flat (start, end, slot) triples: every segment with an adapter cut into row blocks of <= `rows`
-    tokens (SegmentPlan.items). At most ceil(T / rows) + S of them. Pure Python."""
+def work_items(indptr: list[int], slots: list[int], rows: int, base: bool = False) -> list[int]:
+    """Flat (start, end, slot) triples: every segment with an adapter (with `base`, every segment: slot 0
+    too) cut into row blocks of <= `rows` tokens (SegmentPlan.items). At most ceil(T / rows) + S of them.
+    Pure Python."""
     items: list[int] = []
     for s, slot in enumerate(slots):
-        if slot:
+        if slot or base:
             items += _row_blocks(indptr[s], indptr[s + 1], slot, rows)
     return items
 
 
-def hybrid_items(indptr: list[int], slots: list[int], rows: int, single_max: int) -> tuple[list[int], list[int]]:
+def hybrid_items(indptr: list[int], slots: list[int], rows: int, single_max: int,
+                 base: bool = False) -> tuple[list[int], list[int]]:
     """Work lists for the hybrid tiling (SegmentPlan.num_single): (single-token items, row-block items) as
     flat (start, end, slot) triples. Tokens of segments of at most `single_max` tokens become single items
     (each reads its adapter alone); longer segments are cut into blocks of <= `rows` (one read of the
-    adapter per block). At most T singles and ceil(T / rows) + #segments blocks. Pure Python."""
+    adapter per block). Segments without an adapter only with `base`. At most T singles and
+    ceil(T / rows) + #segments blocks. Pure Python."""
     singles: list[int] = []
     blocks: list[int] = []
     for s, slot in enumerate(slots):
         start, end = indptr[s], indptr[s + 1]
-        if not slot:
+        if not (slot or base):
             continue
         if end - start <= single_max:
             singles += _row_blocks(start, end, slot, 1)

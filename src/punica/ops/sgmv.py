@@ -53,6 +53,10 @@ class SegmentPlan:
                 item, so the grid depends on N alone (CUDA graphs of steps with any segment structure)
     num_single: with items, the first num_single of them are single tokens (padded with slot-0 rows),
                 computed on the CUDA cores (the BGMV path); the rest use tensor cores on item_rows-row tiles
+    items_cover: the items also hold the tokens without an adapter (slot-0 items), so they cover every
+                token of the step; rows past them (a CUDA graph bucket's padding) carry results nobody
+                uses. An overwriting expand (add_lora overwrite) then writes zeros there instead of
+                zero-filling y first.
     """
 
     seg_indptr: torch.Tensor
@@ -64,6 +68,7 @@ class SegmentPlan:
     items: torch.Tensor | None = None
     item_rows: int = 0
     num_single: int = 0
+    items_cover: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -315,8 +320,8 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
                    IEEE: tl.constexpr, OVERWRITE: tl.constexpr, PDL: tl.constexpr):
-    """y += v @ B per row program and output tile; OVERWRITE (token mode, where the row programs cover every
-    token): y = v @ B, and rows without an adapter are written zero."""
+    """y += v @ B per row program and output tile; OVERWRITE (row programs that cover every token: token
+    mode, work lists with items_cover): y = v @ B, and rows without an adapter are written zero."""
     pdl_start(PDL)
     pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
                                                  R, MODE, BLOCK_M)
@@ -419,8 +424,8 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
 
 def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
             y: torch.Tensor, slice_offsets: tuple[int, ...], overwrite: bool = False) -> None:
-    """y += v @ B; with `overwrite`, y = v @ B (zero rows without an adapter): in the kernel in token mode,
-    whose row programs cover every token, else by zeroing y first."""
+    """y += v @ B; with `overwrite`, y = v @ B (zero rows without an adapter): in the kernel where its row
+    programs cover every token (token mode, work lists with items_cover), else by zeroing y first."""
     T = y.shape[0]
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
         if overwrite:
@@ -428,7 +433,7 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
         return
     tiling = _tiling(plan, T)
     grid, tail, warps = _expand_config(tiling, tuple(slice_offsets), lora_b.shape[2], _num_sms(y.get_device()))
-    if overwrite and _row_tiling(*tiling)[0] != TOKEN:
+    if overwrite and _row_tiling(*tiling)[0] != TOKEN and not (plan.items is not None and plan.items_cover):
         y.zero_()
         overwrite = False
     indptr = plan.seg_indptr if plan.items is None else plan.items
@@ -480,7 +485,8 @@ def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
                     slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...],
                     overwrite: bool = False) -> None:
     """y += per-token LoRA delta: the Triton shrink into an fp32 v [T, n*R], then the Triton expand; with
-    `overwrite`, y = that delta whatever y held (in token mode, decode, without zeroing y first).
+    `overwrite`, y = that delta whatever y held (without zeroing y first where the row programs cover every
+    token: token mode, work lists with items_cover).
 
     y: [T, off[-1]]; x: [T, h_in]; lora_a: [slots, n*R, h_in]; lora_b: [slots, off[-1], R];
     slot_rank: [slots] int32; 1 <= n <= 3 slices. No host sync; graph-capturable after one eager call.
