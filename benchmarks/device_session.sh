@@ -5,8 +5,9 @@
 # Built in session 7 after its last device call, so not yet run on a GPU: CUDA graphs' work lists hold the
 # base-model tokens as slot-0 items (SegmentPlan.items_cover), so the side-stream delta of a mixed step is
 # written by the expand without the zero-fill that cost 128 fill kernels a step. This call: 1. the GPU tier;
-# 2. batch-32 text generation with and without the overwrite, and with mixed steps' LoRA in line (256 requests); 3. the mixed graph's kernels
-# per popularity (profile_step); 4. the decode graph at batch 128, identical vs none. Then benchmarks/device_table.sh for the table of record.
+# 2. batch-32 text generation with and without the overwrite, and with mixed steps' LoRA in line (256
+# requests); 3. the mixed graph's kernels per popularity (profile_step); 4. the decode graph at batch 128,
+# identical vs none. Then benchmarks/device_table.sh for the table of record.
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
