@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from test_parity import LORAS, peft_generate, peft_model, prompts
 
 from punica import LLM, SamplingParams
@@ -19,17 +20,36 @@ def test_triton_backend_mixed_batch_equals_peft(tiny_models, family):
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 6)
 
 
-@pytest.mark.parametrize("family,hybrid,decode_min", [("llama", 0, 0), ("qwen2", 0, 0), ("llama", 1, 0),
-                                                     ("llama", 2, 0), ("llama", 2, 4)])
-def test_padded_graph_batches_equal_peft(tiny_models, family, hybrid, decode_min):
+def _nan_delta_deferred(self, x, batch):
+    """LoRALinear.forward_deferred in the side stream's "delta" arrangement, without a second stream: the
+    expand overwrites a NaN-filled delta (layers.DELTA_OVERWRITE), which the next kernel adds. NaN wherever the
+    expand writes nothing: a graph bucket's padding rows, which must not reach the real tokens."""
+    y = self.ops.linear(x, self.weight, self.bias)
+    if self.lora_a is None or not batch.lora.has_lora:
+        return y, None
+    delta = torch.full((x.shape[0], self.slice_offsets[-1]), float("nan"), dtype=x.dtype)
+    self.ops.add_lora(delta, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets,
+                      overwrite=True)
+    return y, delta
+
+
+@pytest.mark.parametrize("family,hybrid,decode_min,delta", [
+    ("llama", 0, 0, False), ("qwen2", 0, 0, False), ("llama", 1, 0, False), ("llama", 2, 0, False),
+    ("llama", 2, 4, False), ("llama", 0, 0, True), ("llama", 2, 4, True)])
+def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybrid, decode_min, delta):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
     per-token LoRA and mixed prefill/decode buckets with work lists (or, `hybrid` 1, both with hybrid work
     lists; 2: the mixed ones; `decode_min`: also decode buckets of that many sequences on) give PEFT's
     tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked prefills mixed with
-    decodes."""
+    decodes. `delta`: every LoRA as an overwritten delta added by the next kernel, as on CUDA (the graphs'
+    work lists cover the base-model tokens, so no zero-fill)."""
     from punica.engine import cuda_graph
     from punica.engine.cuda_graph import CudaGraphRunner
+    from punica.model.layers import LoRALinear
     from punica.ops import sgmv
+
+    if delta:
+        monkeypatch.setattr(LoRALinear, "forward_deferred", _nan_delta_deferred)
 
     hf_model, model_dir, adapters = tiny_models[family]
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton",
