@@ -28,7 +28,7 @@ from punica.workload import adapter_indices
 PROJECTIONS = (("qkv", 4096, (4096, 4096, 4096)), ("o", 4096, (4096,)), ("gate_up", 4096, (11008, 11008)),
                ("down", 11008, (4096,)))
 VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
-    "knobs": [{}, dict(split_by_tokens=1), dict(split_by_tokens=1, expand_tiles=4),
+    "knobs": [{}, dict(split_by_tokens=0), dict(expand_tiles=4),
               dict(max_split_k=1), dict(max_split_k=2), dict(max_split_k=4), dict(shrink_waves=1),
               dict(shrink_waves=8), dict(shrink_block_k=256), dict(shrink_warps=8), dict(shrink_stages=1),
               dict(max_block_k=1024), dict(expand_block_n=256), dict(expand_waves=1), dict(expand_warps=8),

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Larger batches and mixed steps (about 9 minutes on an H200), results under $OUT: tensor-core row blocks for the LoRA of
-# shared adapters in decode graphs of >= 64 sequences (sgmv TUNING["hybrid_decode_min"], not yet measured)
-# against per-token tiling: the LoRA chain alone (bench_lora_chain), then text generation at batches 64 and
-# 128, 512 requests, outputs <= 96. At 128, identical adapters
-# cost 3.2 ms a step over the backbone for ~0 bytes of adapters: per-token programs re-read one adapter.
+# Larger batches and mixed steps (about 9 minutes on an H200), results under $OUT: tensor-core row blocks for
+# the LoRA of shared adapters in decode graphs of >= 64 sequences (sgmv TUNING["hybrid_decode_min"]; session 7:
+# no gain in text generation, left off) against per-token tiling: the LoRA chain alone (bench_lora_chain), then
+# text generation at batches 64 and 128, 512 requests, outputs <= 96.
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_batches.sh
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
