@@ -143,7 +143,7 @@ def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -
 
 
 def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int,
-            prefill: tuple[int, int] = (0, 0)) -> dict:
+            prefill: tuple[int, int] = (0, 0), graph_only: bool = False) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     idx = adapter_indices(popularity, batch, len(names), seed=0) if names and popularity != "none" else None
@@ -184,6 +184,9 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
         row["graph_overlap"] = graph_overlap(graph.replay)
+        if graph_only:
+            abort_all(engine)
+            return row
         if any(hb.seq_slots):  # the same graph under each LoRA-overlap arrangement, then back to the engine's
             for label, overlap, priority in ARRANGEMENTS:
                 replay = recaptured(engine, hb, overlap, priority)
@@ -226,14 +229,19 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     first.num_computed += 127
     if prefill[0]:
         row.update(prefill_step(engine, graphs, ordered, *prefill))
+    abort_all(engine)
+    return row
+
+
+def abort_all(engine: Engine) -> None:
     for seq in list(engine.scheduler.running):
         engine.abort(seq.request_id)
-    return row
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[32],
+                    help="one engine sized for the largest; each batch size profiled in turn")
     ap.add_argument("--context", type=int, default=400)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30)
@@ -242,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--prefill", type=int, nargs=2, default=(0, 0), metavar=("SEQS", "CHUNK"),
                     help="also a prefill step: SEQS sequences recompute their last CHUNK tokens (CHUNK < context)")
+    ap.add_argument("--graph-only", action="store_true",
+                    help="the decode graph's replay time, kernels and overlap only (no arrangements, eager or mixed steps)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
@@ -252,31 +262,34 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)
-        adapters = write_adapters(root, cfg, args.batch_size, args.rank)
+        max_batch = max(args.batch_size)
+        adapters = write_adapters(root, cfg, max_batch, args.rank)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = Engine.from_args(model_dir, adapters, device=device, load_format="dummy",
-                                  max_num_seqs=args.batch_size, max_loras=len(adapters), max_cpu_loras=len(adapters),
+                                  max_num_seqs=max_batch, max_loras=len(adapters), max_cpu_loras=len(adapters),
                                   max_lora_rank=args.rank, max_num_batched_tokens=4096)
         rows = []
-        for pop in args.popularity:
-            row = profile(engine, pop, list(adapters), args.batch_size, args.context, args.steps, tuple(args.prefill))
+        for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
+            row = profile(engine, pop, list(adapters)[:2 * batch], batch, args.context, args.steps, tuple(args.prefill),
+                          args.graph_only)
             for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels", "prefill_kernels"):
                 if key in row:
-                    print(f"\n{pop}: {key}")
+                    print(f"\n{pop}, batch {batch}: {key}")
                     print_table(row[key], ["kernel", "calls", "us"])
             rows.append(row)
             write_jsonl("profile_step", [row], setup, args.out_dir)
     print()
-    overlaps = [dict(popularity=r["popularity"], graph=key.removeprefix("graph_overlap "), **value)
-                for r in rows for key, value in r.items() if key.startswith("graph_overlap ")]
+    overlaps = [dict(popularity=r["popularity"], batch=r["batch"],
+                     graph=key.removeprefix("graph_overlap").strip() or "engine's", **value)
+                for r in rows for key, value in r.items() if key.split(" ")[0] == "graph_overlap"]
     if overlaps:  # the decode graph's span split by which kernels run (benchmarks/trace_overlap.py)
-        print_table(overlaps, ["popularity", "graph", "span_us", "lora_only_us", "base_only_us", "both_us",
+        print_table(overlaps, ["popularity", "batch", "graph", "span_us", "lora_only_us", "base_only_us", "both_us",
                                "idle_us", "lora_kernel_us", "base_kernel_us"])
         print()
     arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
-    print_table(rows, ["popularity", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
+    print_table(rows, ["popularity", "batch", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
     print()
-    print_table(rows, ["popularity", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
+    print_table(rows, ["popularity", "batch", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
                        "eager_gpu_ms",
                        "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
     if args.prefill[0]:
