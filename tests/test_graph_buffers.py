@@ -68,12 +68,13 @@ def check_tiles(buf: StaticBuffers, hb, t: int) -> None:
     assert buf.h["tiles"][:2 * capacity].tolist() == tiles + [-1, 0] * (capacity - len(tiles) // 2)
 
 
-@pytest.mark.parametrize("hybrid,decode_min", [(frozenset(), 0), (frozenset({"mixed"}), 0),
-                                               (frozenset({"decode", "mixed"}), 0), (frozenset({"mixed"}), 4)])
-def test_write_overwrites_a_bigger_previous_step(hybrid, decode_min):
-    buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid, hybrid_decode_min=decode_min)
-    assert buf.is_hybrid(False, 4) == ("decode" in hybrid or decode_min == 4)
-    assert not buf.is_hybrid(False, 2) or "decode" in hybrid
+@pytest.mark.parametrize("hybrid,decode_max", [(frozenset(), 0), (frozenset({"mixed"}), 0),
+                                               (frozenset({"decode", "mixed"}), 0), (frozenset({"mixed"}), 4),
+                                               (frozenset({"mixed"}), 2)])
+def test_write_overwrites_a_bigger_previous_step(hybrid, decode_max):
+    buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid, single_max=2, hybrid_decode_max=decode_max)
+    assert buf.is_hybrid(False, 4) == ("decode" in hybrid or decode_max == 4)
+    assert buf.is_hybrid(False, 2) == ("decode" in hybrid or decode_max > 0)
     # a big mixed step first, so every buffer holds values the next steps must not leak
     big = make_seqs([40, 33, 21, 9, 17, 5, 12, 8], [3, 3, 1, 0, 2, 2, 5, 5], first_block=100)
     big[0].num_computed -= 30

@@ -33,13 +33,14 @@ def _nan_delta_deferred(self, x, batch):
     return y, delta
 
 
-@pytest.mark.parametrize("family,hybrid,decode_min,delta", [
-    ("llama", 0, 0, False), ("qwen2", 0, 0, False), ("llama", 1, 0, False), ("llama", 2, 0, False),
-    ("llama", 2, 4, False), ("llama", 0, 0, True), ("llama", 2, 4, True)])
-def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybrid, decode_min, delta):
+@pytest.mark.parametrize("family,hybrid,decode_max,single_max,delta", [
+    ("llama", 0, 0, 1, False), ("qwen2", 0, 0, 1, False), ("llama", 1, 0, 1, False), ("llama", 2, 0, 1, False),
+    ("llama", 2, 4, 3, False), ("llama", 0, 0, 1, True), ("llama", 2, 4, 3, True), ("llama", 2, 8, 2, True)])
+def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybrid, decode_max, single_max, delta):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
     per-token LoRA and mixed prefill/decode buckets with work lists (or, `hybrid` 1, both with hybrid work
-    lists; 2: the mixed ones; `decode_min`: also decode buckets of that many sequences on) give PEFT's
+    lists; 2: the mixed ones; `decode_max`: also decode buckets of at most that many sequences, with segments of
+    at most `single_max` tokens as single-token items) give PEFT's
     tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked prefills mixed with
     decodes. `delta`: every LoRA as an overwritten delta added by the next kernel, as on CUDA (the graphs'
     work lists cover the base-model tokens, so no zero-fill)."""
@@ -55,17 +56,19 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton",
               max_num_seqs=8, max_num_batched_tokens=24)
     engine = llm.engine
-    saved = cuda_graph.MIN_MIXED_BUCKET, sgmv.TUNING["hybrid_graphs"], sgmv.TUNING["hybrid_decode_min"]
+    saved = {k: sgmv.TUNING[k] for k in ("hybrid_graphs", "hybrid_decode_max", "hybrid_single_max")}
+    saved_bucket = cuda_graph.MIN_MIXED_BUCKET
     cuda_graph.MIN_MIXED_BUCKET = 16
-    sgmv.set_tuning(hybrid_graphs=hybrid, hybrid_decode_min=decode_min)
+    sgmv.set_tuning(hybrid_graphs=hybrid, hybrid_decode_max=decode_max, hybrid_single_max=single_max)
     try:
         graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 8, 24, engine.info.max_model_len,
                                  engine.config.cache.block_size, engine.runner.device)
     finally:
-        cuda_graph.MIN_MIXED_BUCKET = saved[0]
-        sgmv.set_tuning(hybrid_graphs=saved[1], hybrid_decode_min=saved[2])
-    assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == (hybrid == 1 or decode_min > 0)
-    assert (graphs.graphs[("decode", 2, True)][2].lora.num_single == 2) == (hybrid == 1)
+        cuda_graph.MIN_MIXED_BUCKET = saved_bucket
+        sgmv.set_tuning(**saved)
+    assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == (hybrid == 1 or decode_max >= 8)
+    assert (graphs.graphs[("decode", 2, True)][2].lora.num_single == 2) == (hybrid == 1 or decode_max >= 2)
+    assert graphs.buf.single_max == single_max
     assert bool(graphs.graphs[("mixed", 16, True)][2].lora.num_single) == (hybrid > 0)
     assert graphs.token_buckets == [16, 24]
     engine.runner.graphs = graphs

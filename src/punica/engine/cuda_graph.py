@@ -61,11 +61,11 @@ class StaticBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
                  device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: int = 1,
-                 hybrid_decode_min: int = 0):
+                 hybrid_decode_max: int = 0):
         self.T, self.B, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.item_rows, self.tile_rows = item_rows, tile_rows
         self.hybrid, self.single_max = hybrid, single_max  # the graph kinds ("decode", "mixed") on hybrid lists
-        self.hybrid_decode_min = hybrid_decode_min  # > 0: decode buckets this big use them too
+        self.hybrid_decode_max = hybrid_decode_max  # decode buckets at most this big use them too
         items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
                           items=3 * items, tiles=2 * self.tile_capacity(max_tokens), order=max_seqs)
@@ -85,7 +85,7 @@ class StaticBuffers:
         """Whether graphs of this kind and bucket t tile LoRA with hybrid work lists."""
         if mixed:
             return "mixed" in self.hybrid
-        return "decode" in self.hybrid or 0 < self.hybrid_decode_min <= t
+        return "decode" in self.hybrid or t <= self.hybrid_decode_max
 
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
         """(single-token items, row-block items) a bucket of t tokens holds at most; (0, 0): decode graphs
@@ -190,8 +190,8 @@ class CudaGraphRunner:
         self.token_buckets = token_buckets(max_tokens)
         tile_rows = prefill_tile_rows(model.config.head_dim, model.embed_tokens.weight.dtype, max_tokens)
         self.buf = StaticBuffers(max_tokens, max_batch, _cdiv(max_model_len, block_size), work_list_rows(),
-                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["bgmv_max_seg"]),
-                                 TUNING["hybrid_decode_min"])
+                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["hybrid_single_max"]),
+                                 TUNING["hybrid_decode_max"])
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, Batch]] = {}

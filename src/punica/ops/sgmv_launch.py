@@ -17,8 +17,12 @@ SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' 
 TUNING = {
     "bgmv_max_seg": 1,          # plans whose segments are all at most this long run in token (BGMV) mode
     "hybrid_graphs": 2,         # CUDA graphs tiling LoRA with hybrid work lists: 0 none, 1 all, 2 mixed steps only
-    "hybrid_decode_min": 0,     # > 0: decode graphs of at least this many sequences use them too (shared adapters
-                                # in tensor-core row blocks; measured no gain in text generation: textgen_NOTES.md)
+    "hybrid_decode_max": 32,    # decode graphs of at most this many sequences use them too: shared adapters' tokens
+                                # in tensor-core row blocks, each block reading its adapter once (per token: once a
+                                # token). Batch 32: identical +3%, skewed +2.6%, distinct and uniform even; at 128
+                                # distinct and uniform lost 4% (textgen_NOTES.md, session 8)
+    "hybrid_single_max": 3,     # hybrid lists: segments of at most this many tokens are single-token items (2-3
+                                # token segments padded to 32-row blocks made uniform batches slower)
     "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
