@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", type=int, nargs=2, default=(0, 0), metavar=("SEQS", "CHUNK"),
                     help="also a prefill step: SEQS sequences recompute their last CHUNK tokens (CHUNK < context)")
     ap.add_argument("--graph-only", action="store_true",
-                    help="the decode graph's replay time, kernels and overlap only (no arrangements, eager or mixed steps)")
+                    help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
@@ -289,9 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
     print_table(rows, ["popularity", "batch", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
     print()
-    print_table(rows, ["popularity", "batch", "step_ms", "schedule us", "forward (host) us", "sample us", "graph_replay_ms",
-                       "eager_gpu_ms",
-                       "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
+    print_table(rows, ["popularity", "batch", "step_ms", "schedule us", "forward (host) us", "sample us",
+                       "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
     if args.prefill[0]:
         print()
         print_table(rows, ["popularity", "prefill_tokens", "prefill_graph_ms", "prefill_gpu_ms"])
