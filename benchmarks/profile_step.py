@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, ["popularity", "batch", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
     print()
     print_table(rows, ["popularity", "batch", "step_ms", "schedule us", "forward (host) us", "sample us",
-                       "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms", "mixed_graph_ms", "mixed_graph_host_ms"])
+                       "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms",
+                       "mixed_graph_ms", "mixed_graph_host_ms"])
     if args.prefill[0]:
         print()
         print_table(rows, ["popularity", "prefill_tokens", "prefill_graph_ms", "prefill_gpu_ms"])
