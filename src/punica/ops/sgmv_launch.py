@@ -90,9 +90,10 @@ def work_list_rows() -> int:
 
 def hybrid_graphs() -> frozenset[str]:
     """The kinds of CUDA graph ("decode", "mixed") that tile LoRA with hybrid work lists (SegmentPlan.num_single).
-    Measured on an H200: hybrid lists lose in decode graphs of uniform batches but win in mixed steps
-    (benchmarks/results/sgmv_NOTES.md); mixed graphs only (2) beat none (0) in text generation at batch 32:
-    distinct +3%, uniform +1%, identical -0.4% (textgen_NOTES.md)."""
+    Measured on an H200: with one-token segments alone as single items, hybrid lists lost in decode graphs of
+    uniform batches but won in mixed steps (benchmarks/results/sgmv_NOTES.md); mixed graphs only (2) beat
+    none (0) in text generation at batch 32: distinct +3%, uniform +1%, identical -0.4% (textgen_NOTES.md).
+    Decode graphs up to TUNING["hybrid_decode_max"] sequences use them as well (StaticBuffers.is_hybrid)."""
     return {0: frozenset(), 1: frozenset({"decode", "mixed"}), 2: frozenset({"mixed"})}[TUNING["hybrid_graphs"]]
 
 
