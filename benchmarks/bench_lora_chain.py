@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.bench_sgmv import with_tiling
-from punica.engine.cuda_graph import token_buckets
+from punica.engine.cuda_graph import batch_buckets, item_capacity, token_buckets
 from punica.lora.plan import build_segment_plan
 from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
@@ -39,6 +39,7 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
                 dict(max_block_m=64, expand_warps=8), dict(max_block_m=64, expand_tiles=4),
                 dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
+    "hybrid_split": [{}, dict(split_by_tokens=2)],  # decode graphs' hybrid lists: K split per token
 }
 
 class Chain:
@@ -69,15 +70,17 @@ class Chain:
                 sgmv.add_lora_triton(self.y[sum(widths)], self.x[h_in], a, b, self.slot_rank, plan, offsets)
 
 
-def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int) -> sgmv.SegmentPlan:
-    """A work-list plan padded with empty items to the capacity of the mixed-graph bucket holding `tokens`
-    (StaticBuffers.item_capacity), as the engine's graphs launch it; other plans as they are."""
-    if plan.items is None:
+def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int, hybrid: bool) -> sgmv.SegmentPlan:
+    """A work-list plan padded with empty items to the capacity of the graph bucket holding `tokens`
+    (`cuda_graph.item_capacity`: a mixed graph's when tokens > batch, else a decode graph's), as the
+    engine's graphs launch it; other plans as they are. Decode graphs run no plain (non-hybrid) work list:
+    such a plan stays as cut."""
+    mixed = tokens > batch
+    if plan.items is None or not (mixed or hybrid):
         return plan
-    bucket = next(t for t in token_buckets(1 << 20) if t >= tokens)
-    rows = plan.item_rows
-    n_single = min(bucket, batch) if plan.num_single else 0
-    n_block = -(-bucket // rows) + batch
+    bucket = next(t for t in (token_buckets(1 << 20) if mixed else batch_buckets(batch)) if t >= tokens)
+    n_single, n_block = item_capacity(bucket, mixed, hybrid, batch, plan.item_rows,
+                                      sgmv.TUNING["hybrid_single_max"])
     items = plan.items[:plan.num_single].tolist(), plan.items[plan.num_single:].tolist()
     flat = [*items[0], *[[0, 0, 0]] * (n_single - len(items[0])), *items[1], *[[0, 0, 0]] * (n_block - len(items[1]))]
     return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=plan.items.device),
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             for pop, base in bases.items():
                 for tiling in args.tilings:
                     plan = with_tiling(base, tiling, rows=sgmv.work_list_rows())
-                    plans[pop, tiling] = padded(plan, sum(lengths), batch) if args.padded else plan
+                    plans[pop, tiling] = padded(plan, sum(lengths), batch, tiling == "hybrid") if args.padded else plan
             for (pop, tiling), plan in plans.items():
                 us = replay_us(functools.partial(chain.run, plan)) / args.layers
                 row = dict(batch=batch, chunk=args.chunk, prefill=args.prefill, padded=args.padded, popularity=pop,

@@ -36,6 +36,17 @@ def batch_buckets(max_batch: int) -> list[int]:
     return small + list(range(16, max_batch, 16)) + [max_batch]
 
 
+def item_capacity(t: int, mixed: bool, hybrid: bool, max_seqs: int, rows: int, single_max: int) -> tuple[int, int]:
+    """(single-token items, row-block items) that a graph's work list of t tokens holds at most: a mixed
+    graph (at most max_seqs sequences) or a decode graph (t sequences), on hybrid lists or not; (0, 0): a
+    decode graph that tiles per token. Each segment adds at most one partial block of `rows`."""
+    if not hybrid:
+        return (0, _cdiv(t, rows) + max_seqs) if mixed else (0, 0)
+    if mixed:
+        return min(t, max_seqs * single_max), _cdiv(t, rows) + max_seqs
+    return t, _cdiv(t, rows) + t // (single_max + 1)
+
+
 def token_buckets(max_tokens: int) -> list[int]:
     """Token counts mixed steps are padded to: powers of two from MIN_MIXED_BUCKET, then max_tokens."""
     out, t = [], MIN_MIXED_BUCKET
@@ -88,13 +99,8 @@ class StaticBuffers:
         return "decode" in self.hybrid or t <= self.hybrid_decode_max
 
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
-        """(single-token items, row-block items) a bucket of t tokens holds at most; (0, 0): decode graphs
-        tile per token. Each segment adds at most one partial block."""
-        if not self.is_hybrid(mixed, t):
-            return (0, _cdiv(t, self.item_rows) + self.B) if mixed else (0, 0)
-        if mixed:
-            return min(t, self.B * self.single_max), _cdiv(t, self.item_rows) + self.B
-        return t, _cdiv(t, self.item_rows) + t // (self.single_max + 1)
+        """(single-token items, row-block items) the work list of a bucket of t tokens holds at most."""
+        return item_capacity(t, mixed, self.is_hybrid(mixed, t), self.B, self.item_rows, self.single_max)
 
     def tile_capacity(self, t: int) -> int:
         return _cdiv(t, self.tile_rows) + self.B
