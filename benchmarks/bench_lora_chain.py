@@ -40,6 +40,7 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
                 dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
     "hybrid_split": [{}, dict(split_by_tokens=2)],  # decode graphs' hybrid lists: K split per token
+    "single_max": [{}, dict(hybrid_single_max=1), dict(hybrid_single_max=2)],  # hybrid lists' single items
 }
 
 class Chain:
