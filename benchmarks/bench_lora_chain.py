@@ -40,7 +40,7 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
                 dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
     "hybrid_split": [{}, dict(split_by_tokens=2)],  # decode graphs' hybrid lists: K split per token
-    "single_max": [{}, dict(hybrid_single_max=1), dict(hybrid_single_max=2)],  # hybrid lists' single items
+    "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
 }
 
 class Chain:
@@ -80,12 +80,16 @@ def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int, hybrid: bool) -> sgm
     if plan.items is None or not (mixed or hybrid):
         return plan
     bucket = next(t for t in (token_buckets(1 << 20) if mixed else batch_buckets(batch)) if t >= tokens)
-    n_single, n_block = item_capacity(bucket, mixed, hybrid, batch, plan.item_rows,
-                                      sgmv.TUNING["hybrid_single_max"])
+    n_single, n_block = item_capacity(bucket, mixed, hybrid, batch, plan.item_rows, single_max(mixed))
     items = plan.items[:plan.num_single].tolist(), plan.items[plan.num_single:].tolist()
     flat = [*items[0], *[[0, 0, 0]] * (n_single - len(items[0])), *items[1], *[[0, 0, 0]] * (n_block - len(items[1]))]
     return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=plan.items.device),
                                num_single=n_single)
+
+
+def single_max(mixed: bool) -> int:
+    """The engine's single-item limit for hybrid lists of this kind of graph (CudaGraphRunner)."""
+    return max(1, sgmv.TUNING["mixed_single_max" if mixed else "decode_single_max"])
 
 
 def replay_us(fn, reps: int = 20) -> float:
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             plans = {}  # cut per knob set: max_block_m sets the work lists' rows
             for pop, base in bases.items():
                 for tiling in args.tilings:
-                    plan = with_tiling(base, tiling, rows=sgmv.work_list_rows())
+                    plan = with_tiling(base, tiling, sgmv.work_list_rows(), single_max(sum(lengths) > batch))
                     plans[pop, tiling] = padded(plan, sum(lengths), batch, tiling == "hybrid") if args.padded else plan
             for (pop, tiling), plan in plans.items():
                 us = replay_us(functools.partial(chain.run, plan)) / args.layers

@@ -182,10 +182,10 @@ def run_sweep(args, flush, copy_bw, setup) -> list[dict]:
     return rows
 
 
-def with_tiling(plan: sgmv.SegmentPlan, tiling: str, rows: int = 32) -> sgmv.SegmentPlan:
+def with_tiling(plan: sgmv.SegmentPlan, tiling: str, rows: int = 32, single_max: int = 1) -> sgmv.SegmentPlan:
     """The plan as CUDA graphs give it: "token" (a segment per token: decode graphs), "work_list" (row blocks:
     mixed graphs) or "hybrid" (single tokens first, then row blocks: TUNING["hybrid_graphs"]; segments of at most
-    TUNING["hybrid_single_max"] tokens are single items)."""
+    `single_max` tokens are single items)."""
     if tiling == "default":
         return plan
     if tiling == "token":
@@ -194,7 +194,7 @@ def with_tiling(plan: sgmv.SegmentPlan, tiling: str, rows: int = 32) -> sgmv.Seg
         return dataclasses.replace(plan, seg_indptr=indptr, seg_slot=plan.token_slot, max_seg_len=1,
                                    host_indptr=indptr.tolist(), host_slot=per_token)
     if tiling == "hybrid":
-        singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, rows, sgmv.TUNING["hybrid_single_max"])
+        singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, rows, single_max)
     else:
         singles, blocks = [], work_items(plan.host_indptr, plan.host_slot, rows)
     items = torch.tensor(singles + blocks, dtype=torch.int32, device=plan.seg_indptr.device).view(-1, 3)

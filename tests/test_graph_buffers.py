@@ -54,7 +54,7 @@ def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
     indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
     # graphs' lists hold the base-model tokens too (slot-0 items): an overwriting expand writes their zeros
     if buf.is_hybrid(mixed, t):
-        singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max, base=True)
+        singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max(mixed), base=True)
     else:
         singles, blocks = [], work_items(indptr, slots, buf.item_rows, base=True)
     assert 0 not in hb.seq_slots or 0 in (singles + blocks)[2::3]
@@ -72,7 +72,8 @@ def check_tiles(buf: StaticBuffers, hb, t: int) -> None:
                                                (frozenset({"decode", "mixed"}), 0), (frozenset({"mixed"}), 4),
                                                (frozenset({"mixed"}), 2)])
 def test_write_overwrites_a_bigger_previous_step(hybrid, decode_max):
-    buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid, single_max=2, hybrid_decode_max=decode_max)
+    buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid, single_max=(2, 3),
+                        hybrid_decode_max=decode_max)
     assert buf.is_hybrid(False, 4) == ("decode" in hybrid or decode_max == 4)
     assert buf.is_hybrid(False, 2) == ("decode" in hybrid or decode_max > 0)
     # a big mixed step first, so every buffer holds values the next steps must not leak

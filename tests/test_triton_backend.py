@@ -56,10 +56,12 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton",
               max_num_seqs=8, max_num_batched_tokens=24)
     engine = llm.engine
-    saved = {k: sgmv.TUNING[k] for k in ("hybrid_graphs", "hybrid_decode_max", "hybrid_single_max")}
+    saved = {k: sgmv.TUNING[k] for k in ("hybrid_graphs", "hybrid_decode_max", "decode_single_max",
+                                         "mixed_single_max")}
     saved_bucket = cuda_graph.MIN_MIXED_BUCKET
     cuda_graph.MIN_MIXED_BUCKET = 16
-    sgmv.set_tuning(hybrid_graphs=hybrid, hybrid_decode_max=decode_max, hybrid_single_max=single_max)
+    sgmv.set_tuning(hybrid_graphs=hybrid, hybrid_decode_max=decode_max, decode_single_max=single_max,
+                    mixed_single_max=single_max)
     try:
         graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 8, 24, engine.info.max_model_len,
                                  engine.config.cache.block_size, engine.runner.device)
@@ -68,7 +70,7 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
         sgmv.set_tuning(**saved)
     assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == (hybrid == 1 or decode_max >= 8)
     assert (graphs.graphs[("decode", 2, True)][2].lora.num_single == 2) == (hybrid == 1 or decode_max >= 2)
-    assert graphs.buf.single_max == single_max
+    assert graphs.buf.single_max(False) == graphs.buf.single_max(True) == single_max
     assert bool(graphs.graphs[("mixed", 16, True)][2].lora.num_single) == (hybrid > 0)
     assert graphs.token_buckets == [16, 24]
     engine.runner.graphs = graphs

@@ -71,11 +71,12 @@ class StaticBuffers:
     decode order [B]: the sequences by decreasing context)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
-                 device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: int = 1,
+                 device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: tuple[int, int] = (1, 1),
                  hybrid_decode_max: int = 0):
         self.T, self.B, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.item_rows, self.tile_rows = item_rows, tile_rows
-        self.hybrid, self.single_max = hybrid, single_max  # the graph kinds ("decode", "mixed") on hybrid lists
+        self.hybrid = hybrid  # the graph kinds ("decode", "mixed") on hybrid lists
+        self.decode_single_max, self.mixed_single_max = single_max  # their segments this short: single items
         self.hybrid_decode_max = hybrid_decode_max  # decode buckets at most this big use them too
         items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
@@ -100,7 +101,11 @@ class StaticBuffers:
 
     def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
         """(single-token items, row-block items) the work list of a bucket of t tokens holds at most."""
-        return item_capacity(t, mixed, self.is_hybrid(mixed, t), self.B, self.item_rows, self.single_max)
+        return item_capacity(t, mixed, self.is_hybrid(mixed, t), self.B, self.item_rows, self.single_max(mixed))
+
+    def single_max(self, mixed: bool) -> int:
+        """Segments of at most this many tokens are single-token items in this kind of graph's hybrid lists."""
+        return self.mixed_single_max if mixed else self.decode_single_max
 
     def tile_capacity(self, t: int) -> int:
         return _cdiv(t, self.tile_rows) + self.B
@@ -141,7 +146,7 @@ class StaticBuffers:
             indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
             # base-model tokens get (slot-0) items too: an overwriting expand writes their zeros (items_cover)
             if self.is_hybrid(mixed, t):
-                singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max, base=True)
+                singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max(mixed), base=True)
             else:
                 singles, blocks = [], work_items(indptr, slots, self.item_rows, base=True)
             if len(singles) > 3 * n_single or len(blocks) > 3 * n_block:
@@ -196,7 +201,8 @@ class CudaGraphRunner:
         self.token_buckets = token_buckets(max_tokens)
         tile_rows = prefill_tile_rows(model.config.head_dim, model.embed_tokens.weight.dtype, max_tokens)
         self.buf = StaticBuffers(max_tokens, max_batch, _cdiv(max_model_len, block_size), work_list_rows(),
-                                 tile_rows, device, hybrid_graphs(), max(1, TUNING["hybrid_single_max"]),
+                                 tile_rows, device, hybrid_graphs(),
+                                 (max(1, TUNING["decode_single_max"]), max(1, TUNING["mixed_single_max"])),
                                  TUNING["hybrid_decode_max"])
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it

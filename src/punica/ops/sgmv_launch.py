@@ -21,8 +21,11 @@ TUNING = {
                                 # in tensor-core row blocks, each block reading its adapter once (per token: once a
                                 # token). Batch 32: identical +3%, skewed +2.6%, distinct and uniform even; at 128
                                 # distinct and uniform lost 4% (textgen_NOTES.md, session 8)
-    "hybrid_single_max": 3,     # hybrid lists: segments of at most this many tokens are single-token items (2-3
-                                # token segments padded to 32-row blocks made uniform batches slower)
+    "decode_single_max": 3,     # decode graphs' hybrid lists: segments of at most this many tokens are single-token
+                                # items (2-3 token segments padded to 32-row blocks made uniform batches slower)
+    "mixed_single_max": 1,      # mixed graphs' hybrid lists: the same. Their capacity grows with it (batch x this),
+                                # and empty items cost: a 256-token chunk among decodes, LoRA a layer, 3 vs 1:
+                                # 101 vs 80 us at batch 32, 297 vs 192 at 128 (textgen_NOTES.md, session 8)
     "max_block_m": 32,
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
@@ -31,7 +34,7 @@ TUNING = {
                                 # mixed graph's list is padded for the worst case): a 128-token chunk among 31
                                 # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md).
                                 # 2: as 1, but a hybrid list whose single items could hold every token (a decode
-                                # graph's) counts one row per token, as per-token tiling does (not yet measured)
+                                # graph's) counts one row per token, as per-token tiling does (batch 128: no gain)
     "shrink_block_k": 128,      # segment mode
     "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
     "max_block_k": 512,
