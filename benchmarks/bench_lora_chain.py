@@ -41,6 +41,8 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
     "defaults": [{}],
     "hybrid_split": [{}, dict(split_by_tokens=2)],  # decode graphs' hybrid lists: K split per token
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
+    # padded lists walked on a fixed grid of this many expand programs per SM (real items only)
+    "persistent": [{}, dict(expand_persistent=4), dict(expand_persistent=8), dict(expand_persistent=16)],
 }
 
 class Chain:
@@ -83,8 +85,10 @@ def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int, hybrid: bool) -> sgm
     n_single, n_block = item_capacity(bucket, mixed, hybrid, batch, plan.item_rows, single_max(mixed))
     items = plan.items[:plan.num_single].tolist(), plan.items[plan.num_single:].tolist()
     flat = [*items[0], *[[0, 0, 0]] * (n_single - len(items[0])), *items[1], *[[0, 0, 0]] * (n_block - len(items[1]))]
-    return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=plan.items.device),
-                               num_single=n_single)
+    device = plan.items.device
+    count = torch.tensor([len(items[0]), len(items[1])], dtype=torch.int32, device=device)
+    return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=device), num_single=n_single,
+                               item_count=count)
 
 
 def single_max(mixed: bool) -> int:

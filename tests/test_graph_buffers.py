@@ -58,6 +58,7 @@ def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
     else:
         singles, blocks = [], work_items(indptr, slots, buf.item_rows, base=True)
     assert 0 not in hb.seq_slots or 0 in (singles + blocks)[2::3]
+    assert h["item_count"].tolist() == [len(singles) // 3, len(blocks) // 3]
     expected = singles + [0] * (3 * n_single - len(singles)) + blocks + [0] * (3 * n_block - len(blocks))
     assert h["items"][:3 * (n_single + n_block)].tolist() == expected
 

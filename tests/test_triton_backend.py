@@ -33,17 +33,20 @@ def _nan_delta_deferred(self, x, batch):
     return y, delta
 
 
-@pytest.mark.parametrize("family,hybrid,decode_max,single_max,delta", [
-    ("llama", 0, 0, 1, False), ("qwen2", 0, 0, 1, False), ("llama", 1, 0, 1, False), ("llama", 2, 0, 1, False),
-    ("llama", 2, 4, 3, False), ("llama", 0, 0, 1, True), ("llama", 2, 4, 3, True), ("llama", 2, 8, 2, True)])
-def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybrid, decode_max, single_max, delta):
+@pytest.mark.parametrize("family,hybrid,decode_max,single_max,delta,persistent", [
+    ("llama", 0, 0, 1, False, 0), ("qwen2", 0, 0, 1, False, 0), ("llama", 1, 0, 1, False, 0),
+    ("llama", 2, 0, 1, False, 0), ("llama", 2, 4, 3, False, 0), ("llama", 0, 0, 1, True, 0),
+    ("llama", 2, 4, 3, True, 0), ("llama", 2, 8, 2, True, 0), ("llama", 2, 4, 3, True, 2)])
+def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybrid, decode_max, single_max, delta,
+                                         persistent):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
     per-token LoRA and mixed prefill/decode buckets with work lists (or, `hybrid` 1, both with hybrid work
     lists; 2: the mixed ones; `decode_max`: also decode buckets of at most that many sequences, with segments of
     at most `single_max` tokens as single-token items) give PEFT's
     tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked prefills mixed with
     decodes. `delta`: every LoRA as an overwritten delta added by the next kernel, as on CUDA (the graphs'
-    work lists cover the base-model tokens, so no zero-fill)."""
+    work lists cover the base-model tokens, so no zero-fill). `persistent`: the expand walks the work lists'
+    real items (their counts in the graph buffers) on a fixed grid (TUNING["expand_persistent"])."""
     from punica.engine import cuda_graph
     from punica.engine.cuda_graph import CudaGraphRunner
     from punica.model.layers import LoRALinear
@@ -79,6 +82,10 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     graphs.run = lambda hb, *rest: used.append(graphs.key(hb)[0]) or run(hb, *rest)
     ids = prompts(seed=12)
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
+    sgmv.set_tuning(expand_persistent=persistent)
+    try:
+        ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
+    finally:
+        sgmv.set_tuning(expand_persistent=0)
     assert {"decode", "mixed"} <= set(used)
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 5)

@@ -173,6 +173,42 @@ def test_hybrid_work_list_mode(tuning, split, dtype):
     assert_close(y, expected, dtype=dtype)
 
 
+@interpreted
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("programs_per_sm", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_persistent_expand_walks_the_real_items_only(tuning, overwrite, programs_per_sm, dtype):
+    """With item counts (CUDA graphs' lists), the persistent expand walks the real items on a fixed grid:
+    it equals the reference, and the padding past the counts is never read (here it holds items that would
+    add adapter 1 to every token, as the per-item grid shows)."""
+    from punica.lora.plan import hybrid_items
+    plan = make_plan([3, 0, 1, 37, 1, 2, 0, 1], [0, 1, 1, 2, 5, 3, 0, 4], "cpu")
+    T, widths = plan.host_indptr[-1], (40, 8, 8)
+    singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, 16, single_max=1, base=True)
+    n_s, n_b = len(singles) // 3, len(blocks) // 3
+    poison = [0, T, 1]
+    plan = dataclasses.replace(plan, items=torch.tensor(singles + poison * 2 + blocks + poison * 3,
+                                                        dtype=torch.int32).view(-1, 3),
+                               item_rows=16, num_single=n_s + 2, items_cover=True,
+                               item_count=torch.tensor([n_s, n_b], dtype=torch.int32))
+    _, lora_b, slot_rank = make_weights(6, 70, widths, 16, (16, 9, 1), dtype, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(T, 3 * 16, generator=gen)
+    y0 = torch.randn(T, sum(widths), generator=gen).to(dtype)
+    expected = torch.zeros(T, sum(widths)) if overwrite else y0.float().clone()
+    sgmv_expand_torch(v, lora_b.float(), slot_rank, plan, expected, offsets(widths))
+    results = []
+    for programs in (programs_per_sm, 0):
+        tuning(expand_persistent=programs)
+        grid = sgmv._expand_config(sgmv._tiling(plan, T), offsets(widths), 16, 1, True)[0]
+        assert (grid == (programs, 1, 1)) == (programs > 0)
+        y = torch.full_like(y0, float("nan")) if overwrite else y0.clone()
+        sgmv._expand(v, lora_b, slot_rank, plan, y, offsets(widths), overwrite)
+        results.append(y)
+    assert_close(results[0], expected, dtype=dtype)
+    assert not torch.allclose(results[1].float(), expected, atol=1e-2)  # the per-item grid reads the padding
+
+
 def test_split_by_tokens_sizes_split_k_by_real_row_blocks(tuning):
     """A mixed graph's work list holds capacity for the worst case (a 256-token bucket at batch 32: 32
     singles + 40 blocks); split_by_tokens sizes split K by the bucket's 8 row blocks instead, so the few
@@ -367,8 +403,9 @@ def test_gpu_fp16_fp32_rank128(dtype, T):
     assert_close(y.float(), expected, dtype=dtype)
 
 
-def as_work_list(plan: SegmentPlan, hybrid: bool, rows: int = 32) -> SegmentPlan:
-    """The plan as the CUDA graphs give it: a work list (hybrid: single tokens first), padded."""
+def as_work_list(plan: SegmentPlan, hybrid: bool, rows: int = 32, counted: bool = False) -> SegmentPlan:
+    """The plan as the CUDA graphs give it: a work list (hybrid: single tokens first), padded; `counted`:
+    with the real items' counts (SegmentPlan.item_count)."""
     from punica.lora.plan import hybrid_items, work_items
     if hybrid:
         singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, rows, single_max=1)
@@ -377,17 +414,22 @@ def as_work_list(plan: SegmentPlan, hybrid: bool, rows: int = 32) -> SegmentPlan
     n_single = len(singles) // 3 + 2 if hybrid else 0
     flat = singles + [0, 0, 0] * (n_single - len(singles) // 3) + blocks + [0, 0, 0] * 3
     items = torch.tensor(flat, dtype=torch.int32, device=plan.seg_indptr.device).view(-1, 3)
-    return dataclasses.replace(plan, items=items, item_rows=rows, num_single=n_single)
+    count = torch.tensor([len(singles) // 3, len(blocks) // 3], dtype=torch.int32, device=items.device)
+    return dataclasses.replace(plan, items=items, item_rows=rows, num_single=n_single,
+                               item_count=count if counted else None)
 
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("persistent", [0, 4])
 @pytest.mark.parametrize("hybrid", [False, True])
 @pytest.mark.parametrize("T", [1, 31, 64, 255, 256])
 @pytest.mark.parametrize("popularity", POPULARITIES)
-def test_gpu_work_lists(popularity, T, hybrid):
-    """Work-list and hybrid tilings (the CUDA graphs' LoRA) at Llama shapes in bf16."""
-    plan = as_work_list(gpu_plan(popularity, T, seed=9), hybrid)
+def test_gpu_work_lists(tuning, popularity, T, hybrid, persistent):
+    """Work-list and hybrid tilings (the CUDA graphs' LoRA) at Llama shapes in bf16; `persistent`: the
+    expand walks the real items on a fixed grid (TUNING["expand_persistent"])."""
+    tuning(expand_persistent=persistent)
+    plan = as_work_list(gpu_plan(popularity, T, seed=9), hybrid, counted=bool(persistent))
     y, expected = run_add_lora(plan, 4096, (4096, 1024, 1024), 64, (64, 16, 8), torch.bfloat16, "cuda",
                                num_slots=130)
     assert_close(y.float(), expected, dtype=torch.bfloat16)
@@ -403,6 +445,43 @@ def test_gpu_both_tilings(tuning, mode, popularity):
     y, expected = run_add_lora(plan, 4096, (4096, 1024, 1024), 64, (64, 16), torch.bfloat16, "cuda",
                                num_slots=130)
     assert_close(y.float(), expected, dtype=torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_gpu_persistent_expand_graph_follows_the_counts(tuning):
+    """A captured persistent expand reads its items and their counts at replay: after the buffers are
+    rewritten with another step's list (other segments, other counts), the replay equals that step eagerly."""
+    tuning(expand_persistent=4)
+    widths, T = (4096, 1024, 1024), 256
+    _, lora_b, slot_rank = make_weights(130, 4096, widths, 64, (64, 16, 8), torch.bfloat16, "cuda")
+    v = torch.randn(T, 3 * 64, device="cuda")
+    steps = [as_work_list(gpu_plan(pop, T, seed=i), True, counted=True)
+             for i, pop in enumerate(("identical", "distinct", "skewed"))]
+    n_single = max(p.num_single for p in steps)  # one capacity for every step, as a graph bucket has
+    n_block = max(len(p.items) - p.num_single for p in steps)
+
+    def relayout(plan):
+        singles, blocks = plan.items[:plan.num_single], plan.items[plan.num_single:]
+        pad = [torch.zeros(n, 3, dtype=torch.int32, device="cuda")
+               for n in (n_single - len(singles), n_block - len(blocks))]
+        return dataclasses.replace(plan, items=torch.cat([singles, pad[0], blocks, pad[1]]), num_single=n_single)
+
+    steps = [relayout(p) for p in steps]
+    graph_plan = dataclasses.replace(steps[0], items=steps[0].items.clone(), item_count=steps[0].item_count.clone())
+    y = torch.zeros(T, sum(widths), device="cuda", dtype=torch.bfloat16)
+    sgmv._expand(v, lora_b, slot_rank, graph_plan, y, offsets(widths), True)  # compiles before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sgmv._expand(v, lora_b, slot_rank, graph_plan, y, offsets(widths), True)
+    for step in (*steps, steps[0]):
+        graph_plan.items.copy_(step.items)
+        graph_plan.item_count.copy_(step.item_count)
+        graph.replay()
+        expected = torch.full_like(y, float("nan"))
+        sgmv._expand(v, lora_b, slot_rank, step, expected, offsets(widths), True)
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected)
 
 
 @gpu

@@ -67,8 +67,8 @@ def _cdiv(a: int, b: int) -> int:
 class StaticBuffers:
     """Pinned host mirrors and device buffers of one step's metadata at capacity (T tokens, B sequences):
     int64 [4, T] (ids, positions, KV slots, logits rows) and int32 (cu_q [B+1], context lengths [B],
-    per-token adapter slots [T], block tables [B, max_blocks], SGMV items [., 3], attention tiles [., 2],
-    decode order [B]: the sequences by decreasing context)."""
+    per-token adapter slots [T], block tables [B, max_blocks], SGMV items [., 3] and how many of them are
+    real [2], attention tiles [., 2], decode order [B]: the sequences by decreasing context)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
                  device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: tuple[int, int] = (1, 1),
@@ -80,7 +80,7 @@ class StaticBuffers:
         self.hybrid_decode_max = hybrid_decode_max  # decode buckets at most this big use them too
         items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
-                          items=3 * items, tiles=2 * self.tile_capacity(max_tokens), order=max_seqs)
+                          items=3 * items, item_count=2, tiles=2 * self.tile_capacity(max_tokens), order=max_seqs)
         pin = device.type == "cuda"
         self.host64 = torch.zeros(4, max_tokens, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(sum(self.sizes.values()), dtype=torch.int32, pin_memory=pin)
@@ -157,6 +157,7 @@ class StaticBuffers:
             items[len(singles):3 * n_single] = 0
             items[3 * n_single:3 * n_single + len(blocks)] = blocks
             items[3 * n_single + len(blocks):3 * (n_single + n_block)] = 0
+            h["item_count"][:] = len(singles) // 3, len(blocks) // 3
         if mixed:
             tiles = query_tiles(hb.cu_q, self.tile_rows)
             h["tiles"][:len(tiles)] = tiles
@@ -221,7 +222,7 @@ class CudaGraphRunner:
         host_cu_q = list(range(B + 1))  # host bounds only: the kernels read the device buffers
         n_single, n_block = self.buf.item_capacity(t, mixed)
         work = dict(items=d["items"][:3 * (n_single + n_block)].view(-1, 3), item_rows=self.buf.item_rows,
-                    num_single=n_single, items_cover=True) if n_single + n_block else {}
+                    num_single=n_single, items_cover=True, item_count=d["item_count"]) if n_single + n_block else {}
         if mixed:
             attn = AttentionMeta(cu_q=d["cu_q"][:B + 1], kv_lens=d["kv_lens"][:B], block_tables=d["tables"][:B],
                                  max_q_len=t, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,

@@ -57,6 +57,9 @@ class SegmentPlan:
                 token of the step; rows past them (a CUDA graph bucket's padding) carry results nobody
                 uses. An overwriting expand (add_lora overwrite) then writes zeros there instead of
                 zero-filling y first.
+    item_count: with items, optional [2] int32 device tensor: how many of the single-token items and of the
+                row-block items are real (the rest is padding). With TUNING["expand_persistent"], the expand
+                then walks the real items alone on a fixed grid instead of one program per item and tile.
     """
 
     seg_indptr: torch.Tensor
@@ -69,6 +72,7 @@ class SegmentPlan:
     item_rows: int = 0
     num_single: int = 0
     items_cover: bool = False
+    item_count: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -314,15 +318,60 @@ def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, 
         tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit()
+def _expand_item(v_ptr, b_ptr, rank_ptr, y_ptr, pid_n, single, start, end, slot, stride_vt, stride_bs,
+                 stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+                 TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
+                 OVERWRITE: tl.constexpr):
+    """Column program pid_n of one work item (rows start:end of one slot; `single`: one token, on the CUDA
+    cores) in the persistent expand."""
+    rank = tl.minimum(tl.load(rank_ptr + slot), R)
+    if OVERWRITE:
+        rank = tl.where(slot == 0, 0, rank)
+        busy = start < end
+    else:
+        busy = (slot != 0) & (start < end)
+    if busy:
+        if MODE == 3:
+            if single:
+                _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
+                             stride_yt, R, N, O1, O2, TILES1, TILES2, 1, BLOCK_N, BLOCK_R, R_CHUNKS,
+                             TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+            else:
+                _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
+                             stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
+                             TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+        else:
+            _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
+                         stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
+                         TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+
+
 @_jit(do_not_specialize=["seg_blocks", "n_single"])
-def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, y_ptr,
+def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, count_ptr, y_ptr,
                    stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2, n_single,
-                   MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   COLS, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
-                   IEEE: tl.constexpr, OVERWRITE: tl.constexpr, PDL: tl.constexpr):
+                   PERSISTENT: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr, PDL: tl.constexpr):
     """y += v @ B per row program and output tile; OVERWRITE (row programs that cover every token: token
-    mode, work lists with items_cover): y = v @ B, and rows without an adapter are written zero."""
+    mode, work lists with items_cover): y = v @ B, and rows without an adapter are written zero.
+    PERSISTENT (work lists with item counts): a fixed grid walks the units (real item, column program) of
+    the step, item-major, so the padding of a graph's list costs no programs."""
     pdl_start(PDL)
+    if PERSISTENT:
+        n_s = tl.load(count_ptr)  # real single items; the real row-block items follow the padded singles
+        n_units = (n_s + tl.load(count_ptr + 1)) * COLS
+        for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
+            j = u // COLS
+            m = tl.where(j < n_s, j, n_single + j - n_s)
+            start = tl.load(indptr_ptr + 3 * m)
+            end = tl.load(indptr_ptr + 3 * m + 1)
+            slot = tl.load(indptr_ptr + 3 * m + 2)
+            _expand_item(v_ptr, b_ptr, rank_ptr, y_ptr, u % COLS, j < n_s, start, end, slot, stride_vt,
+                         stride_bs, stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE, BLOCK_M, BLOCK_N,
+                         BLOCK_R, R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+        return
     pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
                                                  R, MODE, BLOCK_M)
     if OVERWRITE:
@@ -432,12 +481,15 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
             y.zero_()
         return
     tiling = _tiling(plan, T)
-    grid, tail, warps = _expand_config(tiling, tuple(slice_offsets), lora_b.shape[2], _num_sms(y.get_device()))
+    counted = plan.items is not None and plan.item_count is not None
+    grid, tail, warps = _expand_config(tiling, tuple(slice_offsets), lora_b.shape[2], _num_sms(y.get_device()),
+                                       counted)
     if overwrite and _row_tiling(*tiling)[0] != TOKEN and not (plan.items is not None and plan.items_cover):
         y.zero_()
         overwrite = False
     indptr = plan.seg_indptr if plan.items is None else plan.items
-    tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, y)
+    count = plan.item_count if counted else plan.token_slot  # read only by the persistent kernel
+    tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, count, y)
     strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0))
     _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32, overwrite), warps)
 

@@ -45,6 +45,9 @@ TUNING = {
     "expand_tiles": 1,          # N tiles per expand program
     "expand_stages": 2,
     "expand_warps": 4,
+    "expand_persistent": 0,     # > 0: work lists with item counts (CUDA graphs) expand on a fixed grid of this many
+                                # programs per SM that walks the real items only; the padding of a graph's list
+                                # otherwise launches a program per empty item and tile (not yet measured)
 }
 _MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
 _locks: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -130,8 +133,9 @@ def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int) -
 
 
 @functools.lru_cache(maxsize=4096)
-def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: int) -> tuple:
-    """(grid, kernel args from R on, num_warps)."""
+def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: int, counted: bool = False) -> tuple:
+    """(grid, kernel args from R on, num_warps); `counted`: a work list with item counts on the device, which
+    the persistent kernel (TUNING["expand_persistent"]) takes."""
     mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
     widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
     block_n, per_program = TUNING["expand_block_n"], TUNING["expand_tiles"]
@@ -140,9 +144,13 @@ def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: i
     tiles = [_cdiv(w, block_n) for w in widths] + [1 << 30] * (3 - len(widths))
     offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
     block_r = min(max(16, _pow2(R)), 64)
+    cols = _cdiv(sum(tiles[:len(widths)]), per_program)
+    persistent = bool(counted and TUNING["expand_persistent"] and mode in (WORKLIST, HYBRID))
     args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], tiling[-1],
-            mode, block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"])
-    return (rows, _cdiv(sum(tiles[:len(widths)]), per_program), 1), args, TUNING["expand_warps"]
+            cols, mode, block_m, block_n, block_r, _cdiv(R, block_r), per_program, TUNING["expand_stages"],
+            persistent)
+    grid = (min(rows * cols, TUNING["expand_persistent"] * sms), 1, 1) if persistent else (rows, cols, 1)
+    return grid, args, TUNING["expand_warps"]
 
 
 def _lock_buffer(device: torch.device, owner: str = "sgmv") -> torch.Tensor:
