@@ -119,6 +119,34 @@ def test_add_and_remove_lora_between_calls(llama):
     assert llm.generate(ids, GREEDY, lora="x")[0].token_ids not in (base, with_x)
 
 
+def test_reloading_a_name_in_use_serves_the_new_weights_to_new_requests(llama):
+    """Unload "x" while a request runs on it and load other weights as "x": the old request finishes on the
+    weights it started with, new requests get the new ones (not the old slot's), and once the old request
+    ends its load is gone."""
+    model_dir, adapters = llama
+    ids = prompts(2, seed=9)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    refs = Engine.from_args(model_dir, adapters, device="cpu")
+    expected = {name: list(refs.stream(ids[i], params, lora=name))[-1].token_ids
+                for i, name in enumerate(("b8", "c16"))}
+    engine = Engine.from_args(model_dir, {"x": adapters["b8"]}, device="cpu")
+    old = engine.add_request(ids[0], params, "x")
+    engine.step()
+    engine.step()
+    engine.remove_lora("x")
+    engine.add_lora("x", adapters["c16"])
+    new = engine.add_request(ids[1], params, "x")
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs[old].token_ids == expected["b8"]
+    assert outs[new].token_ids == expected["c16"]
+    assert engine.list_loras() == {"x": adapters["c16"]}
+    assert engine.adapters.slots.slot_of("x") is None  # the first load's slot was freed with its last request
+    again = list(engine.stream(ids[0], params, lora="x"))[-1].token_ids
+    assert again == list(refs.stream(ids[0], params, lora="c16"))[-1].token_ids
+
+
 def test_steps_overlap_tokens_arrive_one_step_later(llama):
     """step() launches the next batch before reading the previous one's tokens: the prefill's token comes
     with the second call. A request stopped by its stop token drops the token its in-flight step computed,

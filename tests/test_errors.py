@@ -116,9 +116,11 @@ def test_unknown_adapter_and_bad_requests(llm):
         llm.generate(["hello"], GREEDY)
     with pytest.raises(BadRequestError, match="lora entries"):
         llm.generate([[1, 2]], GREEDY, lora=["a4", None])
-    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(stop=[""])):
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(stop=[""]),
+                dict(seed=2 ** 64), dict(seed=-2 ** 63 - 1), dict(seed=1.5)):
         with pytest.raises(BadRequestError):
             SamplingParams(**bad)
+    assert SamplingParams(seed=-1).seed == SamplingParams(seed=2 ** 64 - 1).seed == 2 ** 64 - 1  # torch's wrap
     assert not llm.engine.has_unfinished()  # a failed generate leaves nothing behind
     still_works(llm)
 

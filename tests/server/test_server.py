@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import random
 import shutil
@@ -170,6 +171,38 @@ def test_request_errors_have_openai_shape(main, client):
         openai.OpenAI(base_url=f"{main.url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_bad_inputs_are_refused_up_front_and_others_keep_running(main, client):
+    """Inputs that used to fail deep in the engine or tokenizer (a seed out of torch's range, a lone UTF-16
+    surrogate, a prompt far past the context) get a 400 naming the cause, quickly, and a request running
+    meanwhile finishes untouched."""
+    post = lambda body, path="completions": httpx.post(f"{main.url}/v1/{path}", json=body, headers=AUTH, timeout=60)
+    ok = {"model": BASE, "prompt": "w5 w6", "max_tokens": 4}
+    stream = client.completions.create(model="a4", prompt=words(10, 4), max_tokens=40, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    first = next(chunks)
+    assert_openai_error(post({**ok, "seed": 10 ** 23}), 400, "seed")
+    assert_openai_error(post({**ok, "seed": -2 ** 64}), 400, "seed")
+    top = post({**ok, "seed": 2 ** 64 - 1, "n": 2, "temperature": 1.0})  # choice 1's seed wraps to 0
+    assert top.status_code == 200 and len(top.json()["choices"]) == 2
+    surrogate = httpx.post(f"{main.url}/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
+                           content='{"model": "%s", "prompt": "a \\udfff b", "max_tokens": 2}' % BASE)
+    assert_openai_error(surrogate, 400, "surrogate")
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "a \udfff"}]}
+    chat = httpx.post(f"{main.url}/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"},
+                      content=json.dumps(chat))  # ASCII with a \\u escape: httpx's json= cannot encode it
+    assert_openai_error(chat, 400, "surrogate")
+    started = time.monotonic()
+    assert_openai_error(post({**ok, "prompt": "w5 " * 400_000}), 400, "characters", "max_model_len")
+    assert time.monotonic() - started < 10  # refused by its length, not after tokenizing 800k words
+    assert_openai_error(post({**ok, "response_format": {"type": "json_object"}}), 400, "response_format")
+    assert_openai_error(post({**ok, "tool_choice": "auto"}, "chat/completions"), 400)
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert len((first.choices[0].text + "".join(c.choices[0].text for c in rest)).split()) == 40
+    assert httpx.get(f"{main.url}/health").status_code == 200
+
+
 def test_load_and_unload_adapters(main, client, servers):
     allowed, adapters = servers["files"]["allowed"], servers["files"]["adapters"]
     load = lambda name, path, headers=AUTH: httpx.post(f"{main.url}/v1/load_lora_adapter", headers=headers,
@@ -186,6 +219,8 @@ def test_load_and_unload_adapters(main, client, servers):
     assert_openai_error(load("x", os.path.join(allowed, "missing")), 400, "missing")
     assert_openai_error(load(BASE, os.path.join(allowed, "copy-c16")), 400, "base model")
     assert_openai_error(load("x", os.path.join(allowed, "copy-c16"), headers={}), 401)
+    assert_openai_error(load("x", os.path.join(allowed, "copy-c16") + "\0"), 400, "NUL")
+    assert_openai_error(load("x\ty", os.path.join(allowed, "copy-c16")), 400, "printable")
     unload = lambda name: httpx.post(f"{main.url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=AUTH)
     assert_openai_error(unload("never-loaded"), 404, "never-loaded")
     assert httpx.get(f"{main.url}/health").status_code == 200
@@ -289,6 +324,9 @@ def test_queue_full_is_503_with_retry_after_and_waiting_disconnect_aborts(server
         full = small_post(small, {"prompt": "w8", "max_tokens": 2})
         assert_openai_error(full, 503, "waiting")
         assert full.headers["retry-after"] == "1"
+        never = small_post(small, {"prompt": "w8", "max_tokens": 2, "n": 2})  # 2 sequences, max_waiting 1
+        assert "retry-after" not in never.headers
+        assert_openai_error(never, 400, "max_waiting")
     waiter.join(30)
     assert not waiter.is_alive()
 

@@ -113,9 +113,8 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise BadRequestError(f"request id {request_id!r} is already in use")
-        if lora is not None:
-            self.adapters.ref(lora)
-        seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora)
+        key = self.adapters.ref(lora) if lora is not None else None
+        seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora, lora_key=key)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -127,6 +126,10 @@ class Engine:
         if not len(prompts) == len(params) == len(loras):
             raise BadRequestError(f"{len(prompts)} prompts need as many params and loras, got {len(params)} "
                                   f"and {len(loras)}")
+        limit = self.config.scheduler.max_waiting
+        if len(prompts) > limit:
+            raise BadRequestError(f"{len(prompts)} sequences in one request (prompts x n) exceed the {limit} that "
+                                  "may wait at once (max_waiting); split the request")
         added: list[str] = []
         try:
             for prompt, p, lora in zip(prompts, params, loras):
@@ -251,7 +254,7 @@ class Engine:
         self.runner.forget(seq)
         self._requests.pop(seq.request_id, None)
         if seq.lora is not None:
-            self.adapters.unref(seq.lora)
+            self.adapters.unref(seq.lora_key)
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """Finish `seq` with an error (the others carry on)."""

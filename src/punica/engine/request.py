@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from punica.errors import BadRequestError
 
+SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -34,6 +36,10 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             bad(f"top_k must be -1, 0 (both: no limit) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None:
+            if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_MIN <= self.seed < SEED_END:
+                bad(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
+            object.__setattr__(self, "seed", self.seed % SEED_END)  # -1 and 2**64 - 1 seed alike, as in torch
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             bad(f"stop must be non-empty strings, got {self.stop!r}")
@@ -58,6 +64,8 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     lora: str | None = None
+    # the adapter load it runs on (AdapterManager.ref): its name, unless the name was reloaded meanwhile
+    lora_key: str | None = None
     tokens: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -78,6 +86,8 @@ class Sequence:
     def __post_init__(self):
         if not self.tokens:
             self.tokens = list(self.prompt_ids)
+        if self.lora_key is None:
+            self.lora_key = self.lora
         if self.detok_read < 0:  # the output starts after the prompt
             self.detok_prefix = self.detok_read = len(self.prompt_ids)
 

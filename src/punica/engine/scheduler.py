@@ -77,14 +77,14 @@ class Scheduler:
         read leave the queue in `step.failed`."""
         errors: dict[str, Exception] = {}
         for seq in list(itertools.islice(self.waiting, PREFETCH_AHEAD)):  # reads start while the batch is full
-            if seq.lora is not None and not self.adapters.ready(seq.lora):
-                error = errors.get(seq.lora) or self.adapters.read_error(seq.lora)
+            if seq.lora is not None and not self.adapters.ready(seq.lora_key):
+                error = errors.get(seq.lora_key) or self.adapters.read_error(seq.lora_key)
                 if error is not None:
-                    errors[seq.lora] = error
+                    errors[seq.lora_key] = error
                     self.waiting.remove(seq)
                     step.failed.append((seq, error))
                 else:
-                    self.adapters.prefetch(seq.lora)
+                    self.adapters.prefetch(seq.lora_key)
         blocked: Sequence | None = None
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
@@ -93,16 +93,16 @@ class Scheduler:
                 return
             if seq.num_pending:  # preempted while its last token was on the device: next step
                 return
-            if seq.lora is not None and not self.adapters.ready(seq.lora):
-                self.adapters.prefetch(seq.lora)
+            if seq.lora is not None and not self.adapters.ready(seq.lora_key):
+                self.adapters.prefetch(seq.lora_key)
                 if blocked is None:
                     if seq.num_bypassed >= MAX_BYPASS:
                         return  # it has waited long enough: nobody overtakes it any more
                     blocked = seq
                 continue
-            if blocked is not None and not (seq.lora is None or self.adapters.is_active(seq.lora)):
+            if blocked is not None and not (seq.lora is None or self.adapters.is_active(seq.lora_key)):
                 continue
-            if seq.lora is not None and not self.adapters.can_acquire(seq.lora):
+            if seq.lora is not None and not self.adapters.can_acquire(seq.lora_key):
                 if blocked is None and seq.num_bypassed < MAX_BYPASS:
                     blocked = seq
                     continue
@@ -135,7 +135,7 @@ class Scheduler:
         if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n) + len(self.running) > self.blocks.num_free:
             return 0
         if seq.lora is not None:
-            seq.slot = self.adapters.acquire(seq.lora)
+            seq.slot = self.adapters.acquire(seq.lora_key)
         self.blocks.grow(seq.block_table, seq.num_computed + n)
         seq.status = Status.RUNNING
         self.running.append(seq)
@@ -161,5 +161,5 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
         if seq.lora is not None:
-            self.adapters.release(seq.lora)
+            self.adapters.release(seq.lora_key)
             seq.slot = 0

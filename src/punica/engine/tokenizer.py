@@ -28,7 +28,16 @@ class Tokenizer:
         return Tokenizer(model_dir) if os.path.isfile(os.path.join(model_dir, "tokenizer.json")) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not), so a server can tokenize a long prompt on a worker
+        # thread while its event loop keeps serving
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token decodes to (its vocabulary string's length: one
+        character per byte in byte-level vocabularies, and a UTF-8 character has at least one byte), so a
+        text of more than n * max_token_chars characters cannot fit in n tokens."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

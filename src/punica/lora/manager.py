@@ -1,6 +1,10 @@
 """Adapter residency: registry (name -> PEFT dir) -> CPU cache (LRU) -> device slots (LRU, pinned while
 a running request uses them). Implements the scheduler's AdapterSlots protocol.
 
+Residency is keyed by a load's key, not its name: `ref(name)` gives requests the key of the name's current
+load. A name unloaded while requests still use it and then loaded again (other weights, same name) gets a
+new key, so the old requests finish on the old weights and new ones get the new weights.
+
 An adapter that waiting requests need and the CPU cache lacks is read from disk on a worker thread
 (`prefetch`); the engine thread takes the result into the cache when it asks (`ready`), so a slow disk
 stalls only the requests for that adapter, and a failed read fails only them (`read_error`).
@@ -8,6 +12,7 @@ stalls only the requests for that adapter, and a failed read fails only them (`r
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -20,6 +25,8 @@ from punica.lora.peft import LoRAWeights, load_peft_adapter
 from punica.lora.pool import AdapterPool
 from punica.lora.slots import SlotTable
 
+RELOAD = "\0"  # in a key: the name, RELOAD, and the reload's number
+
 
 class AdapterManager:
     def __init__(self, model_cfg: ModelConfig, lora_cfg: LoRAConfig, pool: AdapterPool, dtype: torch.dtype):
@@ -27,19 +34,22 @@ class AdapterManager:
         self.cfg = lora_cfg
         self.pool = pool
         self.dtype = dtype
-        self.paths: dict[str, str] = {}
+        self.paths: dict[str, str] = {}  # registered names -> their PEFT directories
         self.cache = AdapterCache(lora_cfg.max_cpu_loras, self._read)
         self.slots = SlotTable(lora_cfg.max_loras)
-        self._refs: dict[str, int] = {}  # unfinished requests per adapter, removed ones included
-        self._retired: dict[str, str] = {}  # unloaded while in use: path kept until the last request ends
+        self._keys: dict[str, str] = {}  # registered name -> the key of its current load
+        self._key_paths: dict[str, str] = {}  # key -> directory, for current loads and retired ones in use
+        self._refs: dict[str, int] = {}  # unfinished requests per key, retired ones included
+        self._reloads = itertools.count(1)
         self.device_loads = 0
         self.device_evictions = 0
         self._reads: dict[str, Future] = {}  # disk reads on the worker thread, by adapter name
         self._read_errors: dict[str, Exception] = {}
         self._reader: ThreadPoolExecutor | None = None
 
-    def _read(self, name: str, path: str) -> LoRAWeights:
-        weights = load_peft_adapter(name, path, self.model_cfg, self.cfg.max_lora_rank, self.dtype)
+    def _read(self, key: str, path: str) -> LoRAWeights:
+        weights = load_peft_adapter(key.partition(RELOAD)[0], path, self.model_cfg, self.cfg.max_lora_rank,
+                                    self.dtype)
         return weights.pinned() if self.pool.slot_rank.is_cuda else weights  # the CPU cache is page-locked
 
     def check_allowed(self, path: str) -> None:
@@ -51,95 +61,99 @@ class AdapterManager:
 
     def register(self, name: str, path: str) -> LoRAWeights:
         """Validate the adapter at `path` now (errors surface here, not mid-batch) and make it servable."""
-        if not name or name in self.paths:
-            raise AdapterError(f"adapter name {name!r} is empty or already registered")
-        weights = self._read(name, path)
-        self.paths[name] = path
-        self.cache.put(name, weights)  # the next request need not touch the disk
+        if not name or name in self.paths or RELOAD in name:
+            raise AdapterError(f"adapter name {name!r} is empty, already registered or holds a NUL character")
+        key = name if name not in self._key_paths else f"{name}{RELOAD}{next(self._reloads)}"  # old one in use
+        weights = self._read(key, path)
+        self.paths[name], self._keys[name], self._key_paths[key] = path, key, path
+        self.cache.put(key, weights)  # the next request need not touch the disk
         return weights
 
     def unregister(self, name: str) -> None:
-        """New requests for `name` fail from now on; requests already in flight finish first."""
+        """New requests for `name` fail from now on; requests already in flight finish first (on the weights
+        they started with, even if `name` is registered again meanwhile)."""
         if name not in self.paths:
             raise UnknownModelError(f"adapter {name!r} is not loaded")
-        path = self.paths.pop(name)
-        if self._refs.get(name):
-            self._retired[name] = path
-        else:
-            self._forget(name)
+        del self.paths[name]
+        key = self._keys.pop(name)
+        if not self._refs.get(key):
+            self._forget(key)
 
     def resolve(self, name: str) -> None:
         if name not in self.paths:
             raise UnknownModelError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.paths)}")
 
-    def ref(self, name: str) -> None:
+    def ref(self, name: str) -> str:
+        """Count one more request for `name`; returns the key (of its current load) it must use."""
         self.resolve(name)
-        self._refs[name] = self._refs.get(name, 0) + 1
+        key = self._keys[name]
+        self._refs[key] = self._refs.get(key, 0) + 1
+        return key
 
-    def unref(self, name: str) -> None:
-        self._refs[name] -= 1
-        if not self._refs[name]:
-            del self._refs[name]
-            if name in self._retired:
-                del self._retired[name]
-                self._forget(name)
+    def unref(self, key: str) -> None:
+        self._refs[key] -= 1
+        if not self._refs[key]:
+            del self._refs[key]
+            if self._keys.get(key.partition(RELOAD)[0]) != key:  # retired: unloaded (and maybe reloaded)
+                self._forget(key)
 
-    def _forget(self, name: str) -> None:
-        self._reads.pop(name, None)
-        self._read_errors.pop(name, None)
-        slot = self.slots.drop(name)
+    def _forget(self, key: str) -> None:
+        self._key_paths.pop(key, None)
+        self._reads.pop(key, None)
+        self._read_errors.pop(key, None)
+        slot = self.slots.drop(key)
         if slot is not None:
             self.pool.clear(slot)
-        self.cache.discard(name)
+        self.cache.discard(key)
 
-    def prefetch(self, name: str) -> None:
-        """Start reading `name` from disk on the worker thread unless it is cached, placed or being read."""
-        if name in self.cache or self.slots.slot_of(name) is not None or name in self._reads \
-                or name in self._read_errors:
+    def prefetch(self, key: str) -> None:
+        """Start reading `key` from disk on the worker thread unless it is cached, placed or being read."""
+        if key in self.cache or self.slots.slot_of(key) is not None or key in self._reads \
+                or key in self._read_errors:
             return
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="punica-lora-read")
-        self._reads[name] = self._reader.submit(self._read, name, self.paths.get(name) or self._retired[name])
+        self._reads[key] = self._reader.submit(self._read, key, self._key_paths[key])
 
-    def ready(self, name: str) -> bool:
-        """Whether acquiring `name` needs no disk read: placed in a slot or in the CPU cache (finished
+    def ready(self, key: str) -> bool:
+        """Whether acquiring `key` needs no disk read: placed in a slot or in the CPU cache (finished
         background reads are taken into the cache here, on the caller's thread)."""
-        read = self._reads.get(name)
+        read = self._reads.get(key)
         if read is not None and read.done():
-            del self._reads[name]
+            del self._reads[key]
             try:
-                self.cache.put(name, read.result())
+                self.cache.put(key, read.result())
                 self.cache.loads += 1
             except Exception as exc:  # reported to the requests that need it, once
-                self._read_errors[name] = exc
-        return self.slots.slot_of(name) is not None or name in self.cache
+                self._read_errors[key] = exc
+        return self.slots.slot_of(key) is not None or key in self.cache
 
-    def read_error(self, name: str) -> Exception | None:
-        """The error of the last background read of `name`, if it failed (cleared by reading it)."""
-        return self._read_errors.pop(name, None)
+    def read_error(self, key: str) -> Exception | None:
+        """The error of the last background read of `key`, if it failed (cleared by reading it)."""
+        return self._read_errors.pop(key, None)
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.shutdown(wait=False, cancel_futures=True)
 
-    def is_active(self, name: str) -> bool:
+    def is_active(self, key: str) -> bool:
         """In a slot and used by a running request: acquiring it needs no new slot and evicts nothing."""
-        return self.slots.pins(name) > 0
+        return self.slots.pins(key) > 0
 
-    def can_acquire(self, name: str) -> bool:
-        return self.slots.can_place(name)
+    def can_acquire(self, key: str) -> bool:
+        return self.slots.can_place(key)
 
-    def acquire(self, name: str) -> int:
+    def acquire(self, key: str) -> int:
         weights = None
-        if self.slots.slot_of(name) is None:  # read before placing: a failed read must not leave an empty slot
-            weights = self.cache.get(name, self.paths.get(name) or self._retired[name])
-        slot, evicted, load = self.slots.place(name)
+        if self.slots.slot_of(key) is None:  # read before placing: a failed read must not leave an empty slot
+            weights = self.cache.get(key, self._key_paths[key])
+        slot, evicted, load = self.slots.place(key)
         if load:
             self.pool.write(slot, weights)
             self.device_loads += 1
             self.device_evictions += evicted is not None
-        self.slots.pin(name)
+        self.slots.pin(key)
         return slot
 
-    def release(self, name: str) -> None:
-        self.slots.unpin(name)
+    def release(self, key: str) -> None:
+        self.slots.unpin(key)

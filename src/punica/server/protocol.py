@@ -11,13 +11,34 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from punica import BadRequestError, SamplingParams
+from punica.engine.request import SEED_END, SEED_MIN
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def check_unicode(value: Any, name: str) -> None:
+    """BadRequestError if a string in `value` (nested lists, dicts, models) holds an unpaired surrogate
+    (JSON's "\\udfff" escape), which no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRequestError(f"{name} contains invalid Unicode (an unpaired surrogate at character "
+                                  f"{exc.start}); send valid UTF-16 pairs or UTF-8 text") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_unicode(item, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, name)
+            check_unicode(item, name)
+    elif isinstance(value, BaseModel):
+        check_unicode(value.model_dump(), name)
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
@@ -40,7 +61,7 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=64)
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -51,10 +72,30 @@ class SamplingFields(BaseModel):
     top_k: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
+    response_format: dict | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        for name in ("prompt", "messages", "stop"):
+            check_unicode(getattr(self, name, None), name)
+        return self
 
     def unsupported(self) -> list[str]:
         """Names of set fields whose meaning Punica does not implement."""
-        bad = [f for f in ("presence_penalty", "frequency_penalty") if getattr(self, f)]
+        bad = [f for f in ("presence_penalty", "frequency_penalty", "functions", "function_call", "top_logprobs")
+               if getattr(self, f)]
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            bad.append("response_format")
+        if self.tool_choice not in (None, "none"):
+            bad.append("tool_choice")
+        if self.parallel_tool_calls:
+            bad.append("parallel_tool_calls")
         return bad + (["logit_bias"] if self.logit_bias else [])
 
     def sampling_params(self, max_tokens: int, choice: int, end_of_turn: tuple[int, ...] = ()) -> SamplingParams:
@@ -63,14 +104,15 @@ class SamplingFields(BaseModel):
         which stop generation like EOS unless `ignore_eos`."""
         bad = self.unsupported()
         if bad:
-            raise BadRequestError(f"unsupported parameter(s): {', '.join(bad)}; remove them or set them to 0")
+            raise BadRequestError(f"unsupported parameter(s): {', '.join(bad)}; Punica does not implement them, so "
+                                  "remove them from the request")
         defaults = SamplingParams()
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             top_k=defaults.top_k if self.top_k is None else self.top_k,
-            seed=None if self.seed is None else self.seed + choice,
+            seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
             ignore_eos=self.ignore_eos)
 
@@ -150,8 +192,22 @@ class LoadLoRARequest(BaseModel):
     """POST /v1/load_lora_adapter: register the PEFT directory `lora_path` (inside an allowed directory)
     under the model name `lora_name`."""
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=256)
     lora_path: str = Field(min_length=1)
+
+    @field_validator("lora_name")
+    @classmethod
+    def _printable_name(cls, name: str) -> str:
+        if not name.isprintable() or name != name.strip():
+            raise ValueError("must be printable, without control characters or surrounding spaces")
+        return name
+
+    @field_validator("lora_path")
+    @classmethod
+    def _path_without_nul(cls, path: str) -> str:
+        if "\0" in path:
+            raise ValueError("must not contain a NUL character")
+        return path
 
 
 class UnloadLoRARequest(BaseModel):

@@ -94,6 +94,8 @@ class OpenAIServing:
         self.max_model_len = engine.engine.info.max_model_len
         eos = self.tokenizer.token_id(self.tokenizer.eos_token) if self.tokenizer is not None else None
         self.end_of_turn = () if eos is None else (eos,)  # the chat template's end token, maybe not config's eos
+        # longer texts cannot fit the context: refused before tokenizing them (which would take seconds)
+        self.max_chars = self.max_model_len * (self.tokenizer.max_token_chars if self.tokenizer else 1)
 
     def resolve_lora(self, model: str) -> str | None:
         """None for the base model, else the adapter's name; 404 for a name nobody serves."""
@@ -105,11 +107,29 @@ class OpenAIServing:
         return model
 
     def encode(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
+        """Token ids of one prompt (run on a worker thread: the tokenizer releases the GIL)."""
         if not isinstance(prompt, str):
             return list(prompt)
         if self.tokenizer is None:
             raise BadRequestError("this model directory has no tokenizer.json: send token ids, not text")
+        self.check_chars(len(prompt), "the prompt")
         return self.tokenizer.encode(prompt, add_special_tokens=special_tokens)
+
+    def check_chars(self, chars: int, what: str) -> None:
+        if chars > self.max_chars:
+            raise BadRequestError(f"{what} has {chars} characters, more than {self.max_model_len} tokens (the context, "
+                                  f"max_model_len) can hold; shorten it")
+
+    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        """The chat template over the messages, tokenized (run on a worker thread)."""
+        if self.tokenizer is None:
+            raise BadRequestError("this model directory has no tokenizer.json, so it has no chat template")
+        messages = [m.as_template_dict() for m in req.messages]
+        if len(messages) > self.max_model_len:
+            raise BadRequestError(f"{len(messages)} messages cannot fit the context of {self.max_model_len} tokens")
+        self.check_chars(sum(len(m["content"]) for m in messages), "the conversation")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        return self.encode(text, special_tokens=False)
 
     def max_tokens(self, prompt: list[int], requested: int | None, explicit: bool) -> int:
         """`requested` if it fits the context; an implicit default is clipped to the room left."""
@@ -126,7 +146,7 @@ class OpenAIServing:
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
-        prompts = [self.encode(p) for p in req.prompts()]
+        prompts = await asyncio.to_thread(lambda: [self.encode(p) for p in req.prompts()])
         explicit = "max_tokens" in req.model_fields_set
         limits = [self.max_tokens(p, req.max_tokens, explicit) for p in prompts]
         fmt = CompletionFormat(req.model, random_id("cmpl"))
@@ -134,11 +154,7 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
-        if self.tokenizer is None:
-            raise BadRequestError("this model directory has no tokenizer.json, so it has no chat template")
-        messages = [m.as_template_dict() for m in req.messages]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-        prompt = self.encode(text, special_tokens=False)
+        prompt = await asyncio.to_thread(self.render_chat, req)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         fmt = ChatFormat(req.model, random_id("chatcmpl"))
         return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
