@@ -154,7 +154,11 @@ def test_request_errors_have_openai_shape(main, client):
     assert assert_openai_error(post({**ok, "model": "nope"}), 404, "nope")["code"] == "model_not_found"
     assert_openai_error(post({**ok, "temperature": -1}), 400, "temperature")
     assert_openai_error(post({**ok, "top_p": 0}), 400, "top_p")
-    assert_openai_error(post({**ok, "n": 0}), 400, "n")
+    assert assert_openai_error(post({**ok, "n": 0}), 400, "n")["param"] == "n"
+    raw = lambda content, kind: httpx.post(f"{main.url}/v1/completions", content=content,
+                                           headers={**AUTH, "Content-Type": kind})
+    assert_openai_error(raw(b'{"model": "m", "prompt": ', "application/json"), 400, "not valid JSON")
+    assert_openai_error(raw(b"model=m&prompt=x", "text/plain"), 400, "JSON object", "Content-Type")
     assert_openai_error(post({**ok, "prompt": words(7, 300)}), 400, "max_model_len")
     assert_openai_error(post({**ok, "max_tokens": 1000}), 400, "max_tokens")
     assert_openai_error(post({**ok, "logprobs": 2}), 400, "logprobs")

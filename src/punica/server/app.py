@@ -70,12 +70,25 @@ def error_response(exc: Exception, retry_after: int) -> JSONResponse:
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
 
 
-def validation_message(exc: RequestValidationError) -> str:
-    parts = []
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    """A 400 naming each invalid field (`param`: the first one), or what is wrong with the body itself."""
+    parts, params = [], []
     for err in exc.errors():
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+        loc = err.get("loc", ())
+        if err.get("type") == "json_invalid":
+            at = loc[1] if len(loc) > 1 else "?"
+            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')} at "
+                         f"character {at})")
+        elif err.get("type") == "model_attributes_type" and tuple(loc) == ("body",):
+            kind = "text" if isinstance(err.get("input"), (bytes, str)) else type(err.get("input")).__name__
+            parts.append(f"the body must be a JSON object sent as Content-Type: application/json, got {kind}")
+        else:
+            where = ".".join(str(x) for x in loc if x != "body")
+            params.append(where)
+            parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    body = error_body("invalid request: " + "; ".join(parts), "invalid_request_error",
+                      param=params[0] if params and params[0] else None)
+    return JSONResponse(body, status_code=400)
 
 
 class CountStatus:
@@ -134,8 +147,7 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
     app = FastAPI(title="Punica", lifespan=lifespan)
     app.state.engine, app.state.metrics = async_engine, metrics
     app.add_middleware(CountStatus, metrics=metrics)
-    app.add_exception_handler(RequestValidationError, lambda _r, e: JSONResponse(
-        error_body(validation_message(e), "invalid_request_error"), status_code=400))
+    app.add_exception_handler(RequestValidationError, lambda _r, e: validation_error(e))
     app.add_exception_handler(StarletteHTTPException, lambda _r, e: JSONResponse(
         error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code, headers=e.headers))
     app.add_exception_handler(Exception, lambda _r, e: error_response(e, cfg.retry_after))
