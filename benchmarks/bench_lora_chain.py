@@ -41,8 +41,9 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
     "defaults": [{}],
     "hybrid_split": [{}, dict(split_by_tokens=2)],  # decode graphs' hybrid lists: K split per token
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
-    # padded lists walked on a fixed grid of this many expand programs per SM (real items only)
-    "persistent": [{}, dict(expand_persistent=4), dict(expand_persistent=8), dict(expand_persistent=16)],
+    # padded lists walked on fixed grids of this many programs per SM (real items only)
+    "persistent": [{}, dict(expand_persistent=8), dict(shrink_persistent=4, expand_persistent=4),
+                   dict(shrink_persistent=8, expand_persistent=8), dict(shrink_persistent=16, expand_persistent=16)],
 }
 
 class Chain:

@@ -45,8 +45,9 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     at most `single_max` tokens as single-token items) give PEFT's
     tokens. A 24-token budget with 16-token buckets (and a 24 one) forces chunked prefills mixed with
     decodes. `delta`: every LoRA as an overwritten delta added by the next kernel, as on CUDA (the graphs'
-    work lists cover the base-model tokens, so no zero-fill). `persistent`: the expand walks the work lists'
-    real items (their counts in the graph buffers) on a fixed grid (TUNING["expand_persistent"])."""
+    work lists cover the base-model tokens, so no zero-fill). `persistent`: the shrink and expand walk the work
+    lists' real items (their counts in the graph buffers) on fixed grids (TUNING["shrink_persistent"],
+    ["expand_persistent"])."""
     from punica.engine import cuda_graph
     from punica.engine.cuda_graph import CudaGraphRunner
     from punica.model.layers import LoRALinear
@@ -82,10 +83,10 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     graphs.run = lambda hb, *rest: used.append(graphs.key(hb)[0]) or run(hb, *rest)
     ids = prompts(seed=12)
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    sgmv.set_tuning(expand_persistent=persistent)
+    sgmv.set_tuning(shrink_persistent=persistent, expand_persistent=persistent)
     try:
         ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
     finally:
-        sgmv.set_tuning(expand_persistent=0)
+        sgmv.set_tuning(shrink_persistent=0, expand_persistent=0)
     assert {"decode", "mixed"} <= set(used)
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 5)

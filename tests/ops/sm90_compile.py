@@ -31,8 +31,9 @@ def ints(*names: str) -> list[tuple[str, str]]:
 SHRINK = ([("x_ptr", "*bf16"), ("a_ptr", "*bf16"), ("rank_ptr", "*i32"), ("indptr_ptr", "*i32"),
            ("seg_slot_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("v_ptr", "*fp32"), ("ws_ptr", "*fp32"),
            ("lock_ptr", "*i32")]
+          + [("count_ptr", "*i32")]
           + ints("stride_xt", "stride_as", "stride_ar", "stride_vt", "T", "H_IN", "R", "NR", "seg_blocks",
-                 "k_per_split", "n_single"))
+                 "k_per_split", "n_single", "n_r"))
 EXPAND = ([("v_ptr", "*fp32"), ("b_ptr", "*bf16"), ("rank_ptr", "*i32"), ("indptr_ptr", "*i32"),
            ("seg_slot_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("count_ptr", "*i32"), ("y_ptr", "*bf16")]
           + ints("stride_vt", "stride_bs", "stride_bn", "stride_yt", "R", "seg_blocks", "N", "O1", "O2", "TILES1",
@@ -77,11 +78,14 @@ SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kerne
 
 def variants():
     """Every kernel's main specializations without PDL (ops/pdl.py), and each kernel once with it."""
-    for mode, split, block_m in [(sgmv.SEGMENT, 1, 32), (sgmv.SEGMENT, 4, 32), (sgmv.TOKEN, 8, 1),
-                                 (sgmv.WORKLIST, 4, 32), (sgmv.HYBRID, 1, 32), (sgmv.HYBRID, 4, 32)]:
-        yield f"shrink mode {mode} split {split}", sgmv._shrink_kernel, SHRINK, dict(
-            MODE=mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=512 if mode == sgmv.TOKEN else 128, BLOCK_K1=512,
-            BLOCK_R=16, R_BLOCKS=1, STAGES=3, IEEE=False, PDL=split == 8)
+    for mode, split, block_m, persistent in [
+            (sgmv.SEGMENT, 1, 32, False), (sgmv.SEGMENT, 4, 32, False), (sgmv.TOKEN, 8, 1, False),
+            (sgmv.WORKLIST, 4, 32, False), (sgmv.HYBRID, 1, 32, False), (sgmv.HYBRID, 4, 32, False),
+            (sgmv.WORKLIST, 4, 32, True), (sgmv.HYBRID, 4, 32, True)]:
+        yield f"shrink mode {mode} split {split}{' persistent' if persistent else ''}", sgmv._shrink_kernel, SHRINK, \
+            dict(MODE=mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=512 if mode == sgmv.TOKEN else 128,
+                 BLOCK_K1=512, BLOCK_R=16, R_BLOCKS=1, STAGES=3, PERSISTENT=persistent, IEEE=False,
+                 PDL=split == 8 or persistent)
     for mode, block_m, persistent in [(sgmv.SEGMENT, 32, False), (sgmv.TOKEN, 1, False), (sgmv.WORKLIST, 32, False),
                                       (sgmv.HYBRID, 32, False), (sgmv.WORKLIST, 32, True), (sgmv.HYBRID, 32, True)]:
         yield f"expand mode {mode}{' persistent' if persistent else ''}", sgmv._expand_kernel, EXPAND, dict(

@@ -209,6 +209,34 @@ def test_persistent_expand_walks_the_real_items_only(tuning, overwrite, programs
     assert not torch.allclose(results[1].float(), expected, atol=1e-2)  # the per-item grid reads the padding
 
 
+@interpreted
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("programs_per_sm", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_persistent_shrink_and_expand_walk_the_real_items_only(tuning, split, programs_per_sm, dtype):
+    """Both kernels persistent (split K or not): add_lora over a list whose padding holds items that would
+    add adapter 1 to every token equals the reference; the per-item grids read that padding."""
+    from punica.lora.plan import hybrid_items
+    tuning(shrink_waves=1 << 10 if split else 0, max_block_k=32)
+    plan = make_plan([3, 0, 1, 37, 1, 2, 0, 1], [0, 1, 1, 2, 5, 3, 0, 4], "cpu")
+    T = plan.host_indptr[-1]
+    singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, 16, single_max=1)
+    n_s, n_b = len(singles) // 3, len(blocks) // 3
+    poison = [0, T, 1]
+    plan = dataclasses.replace(plan, items=torch.tensor(singles + poison * 2 + blocks + poison * 3,
+                                                        dtype=torch.int32).view(-1, 3),
+                               item_rows=16, num_single=n_s + 2, item_count=torch.tensor([n_s, n_b], dtype=torch.int32))
+    tuning(shrink_persistent=programs_per_sm, expand_persistent=programs_per_sm)
+    tiling = sgmv._tiling(plan, T)
+    grid, args, _ = sgmv._shrink_config(tiling, 70, 48, 3, 1, True)
+    assert grid == (programs_per_sm, 1, 1) and (args[8] > 1) == split  # args[8]: SPLIT_K
+    y, expected = run_add_lora(plan, 70, (40, 8, 8), 16, (16, 9, 1), dtype, "cpu", num_slots=6)
+    assert_close(y, expected, dtype=dtype)
+    tuning(shrink_persistent=0, expand_persistent=0)
+    wrong, _ = run_add_lora(plan, 70, (40, 8, 8), 16, (16, 9, 1), dtype, "cpu", num_slots=6)
+    assert not torch.allclose(wrong.float(), expected, atol=1e-2)
+
+
 def test_split_by_tokens_sizes_split_k_by_real_row_blocks(tuning):
     """A mixed graph's work list holds capacity for the worst case (a 256-token bucket at batch 32: 32
     singles + 40 blocks); split_by_tokens sizes split K by the bucket's 8 row blocks instead, so the few
@@ -427,8 +455,8 @@ def as_work_list(plan: SegmentPlan, hybrid: bool, rows: int = 32, counted: bool 
 @pytest.mark.parametrize("popularity", POPULARITIES)
 def test_gpu_work_lists(tuning, popularity, T, hybrid, persistent):
     """Work-list and hybrid tilings (the CUDA graphs' LoRA) at Llama shapes in bf16; `persistent`: the
-    expand walks the real items on a fixed grid (TUNING["expand_persistent"])."""
-    tuning(expand_persistent=persistent)
+    shrink and expand walk the real items on fixed grids (TUNING["shrink_persistent"], ["expand_persistent"])."""
+    tuning(shrink_persistent=persistent, expand_persistent=persistent)
     plan = as_work_list(gpu_plan(popularity, T, seed=9), hybrid, counted=bool(persistent))
     y, expected = run_add_lora(plan, 4096, (4096, 1024, 1024), 64, (64, 16, 8), torch.bfloat16, "cuda",
                                num_slots=130)
@@ -449,13 +477,14 @@ def test_gpu_both_tilings(tuning, mode, popularity):
 
 @gpu
 @needs_cuda
-def test_gpu_persistent_expand_graph_follows_the_counts(tuning):
-    """A captured persistent expand reads its items and their counts at replay: after the buffers are
-    rewritten with another step's list (other segments, other counts), the replay equals that step eagerly."""
-    tuning(expand_persistent=4)
+def test_gpu_persistent_lora_graph_follows_the_counts(tuning):
+    """A captured persistent shrink + expand reads its items and their counts at replay: after the buffers
+    are rewritten with another step's list (other segments, other counts), the replay equals that step
+    eagerly."""
+    tuning(shrink_persistent=4, expand_persistent=4)
     widths, T = (4096, 1024, 1024), 256
-    _, lora_b, slot_rank = make_weights(130, 4096, widths, 64, (64, 16, 8), torch.bfloat16, "cuda")
-    v = torch.randn(T, 3 * 64, device="cuda")
+    lora_a, lora_b, slot_rank = make_weights(130, 4096, widths, 64, (64, 16, 8), torch.bfloat16, "cuda")
+    x = torch.randn(T, 4096, device="cuda", dtype=torch.bfloat16)
     steps = [as_work_list(gpu_plan(pop, T, seed=i), True, counted=True)
              for i, pop in enumerate(("identical", "distinct", "skewed"))]
     n_single = max(p.num_single for p in steps)  # one capacity for every step, as a graph bucket has
@@ -470,16 +499,18 @@ def test_gpu_persistent_expand_graph_follows_the_counts(tuning):
     steps = [relayout(p) for p in steps]
     graph_plan = dataclasses.replace(steps[0], items=steps[0].items.clone(), item_count=steps[0].item_count.clone())
     y = torch.zeros(T, sum(widths), device="cuda", dtype=torch.bfloat16)
-    sgmv._expand(v, lora_b, slot_rank, graph_plan, y, offsets(widths), True)  # compiles before the capture
+    run = lambda plan, out: sgmv.add_lora_triton(out, x, lora_a, lora_b, slot_rank, plan, offsets(widths),
+                                                 overwrite=True)
+    run(graph_plan, y)  # compiles (and allocates the split-K counters) before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sgmv._expand(v, lora_b, slot_rank, graph_plan, y, offsets(widths), True)
+        run(graph_plan, y)
     for step in (*steps, steps[0]):
         graph_plan.items.copy_(step.items)
         graph_plan.item_count.copy_(step.item_count)
         graph.replay()
         expected = torch.full_like(y, float("nan"))
-        sgmv._expand(v, lora_b, slot_rank, step, expected, offsets(widths), True)
+        run(step, expected)
         torch.cuda.synchronize()
         assert torch.equal(y, expected)
 

@@ -203,7 +203,7 @@ def _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
 
 
 @_jit()
-def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
+def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, n_r, start, end, slot, rank,
                  stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
@@ -239,7 +239,7 @@ def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, sta
         ws_tile = ws_ptr + offs_m[:, None] * NR + cols[None, :]
         tl.store(ws_tile + pid_k * T * NR, acc, mask=out_mask)
         tl.debug_barrier()
-        lock = lock_ptr + pid_m * tl.num_programs(2) + pid_r
+        lock = lock_ptr + pid_m * n_r + pid_r  # one counter per (row program or item, rank block)
         if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
@@ -248,32 +248,62 @@ def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, sta
             tl.atomic_xchg(lock, 0)
 
 
+@_jit()
+def _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, single, start, end, slot, rank,
+                 stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split, MODE: tl.constexpr,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr,
+                 BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+    """Split pid_k and rank block pid_r of row program (or work item) m; `single`: one token, on the CUDA
+    cores (HYBRID's first items)."""
+    if MODE == 3:
+        if single:
+            _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, start, end, slot, rank,
+                         stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
+                         SPLIT_K, 1, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+        else:
+            _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, start, end, slot, rank,
+                         stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
+                         SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+    else:
+        _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, start, end, slot, rank,
+                     stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
+                     SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+
+
 @_jit(do_not_specialize=["T", "seg_blocks", "n_single"])
 def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
-                   stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
-                   n_single, MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   count_ptr, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
+                   n_single, n_r, MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
-                   STAGES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                   STAGES: tl.constexpr, PERSISTENT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    """PERSISTENT (work lists with item counts): a fixed grid walks the units (real item, split, rank block)
+    of the step, so the padding of a graph's list costs no programs; else a program per unit of the grid
+    (row program or item, split, rank block)."""
     pdl_start(PDL)
+    if PERSISTENT:
+        n_s = tl.load(count_ptr)  # real single items; the real row-block items follow the padded singles
+        per_item = SPLIT_K * n_r
+        n_units = (n_s + tl.load(count_ptr + 1)) * per_item
+        for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
+            j = u // per_item
+            m = tl.where(j < n_s, j, n_single + j - n_s)
+            start = tl.load(indptr_ptr + 3 * m)
+            end = tl.load(indptr_ptr + 3 * m + 1)
+            slot = tl.load(indptr_ptr + 3 * m + 2)
+            if (slot != 0) & (start < end):
+                rank = tl.minimum(tl.load(rank_ptr + slot), R)
+                _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, (u % per_item) // n_r, u % n_r, n_r, j < n_s,
+                             start, end, slot, rank, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR,
+                             k_per_split, MODE, SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES,
+                             IEEE)
+        return
     pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
                                                  R, MODE, BLOCK_M)
     if (slot == 0) | (start >= end):
         return
-    pid_k = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    if MODE == 3:  # HYBRID: the first n_single items are single tokens, on the CUDA cores
-        if pid_m < n_single:
-            _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
-                         stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
-                         SPLIT_K, 1, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, IEEE)
-        else:
-            _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
-                         stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
-                         SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
-    else:
-        _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, start, end, slot, rank,
-                     stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
-                     SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+    _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, tl.program_id(1), tl.program_id(2), n_r,
+                 pid_m < n_single, start, end, slot, rank, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R,
+                 NR, k_per_split, MODE, SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, IEEE)
 
 
 @_jit()
@@ -447,6 +477,11 @@ def _check_plan(slot_rank: torch.Tensor, plan: SegmentPlan, T: int, device: int)
         raise ValueError(f"plan.items must be a contiguous [N, 3] int32 tensor on the device of the others "
                          f"with item_rows >= 1, got {items.dtype} {tuple(items.shape)} on {items.device}, "
                          f"item_rows {plan.item_rows}")
+    count = plan.item_count
+    if count is not None and (items is None or count.dtype != torch.int32 or count.get_device() != device
+                              or tuple(count.shape) != (2,)):
+        raise ValueError(f"plan.item_count must be a [2] int32 tensor on the device of the others, beside items; "
+                         f"got {count.dtype} {tuple(count.shape)} on {count.device}")
 
 
 def _check_slices(slice_offsets: tuple[int, ...]) -> None:
@@ -461,12 +496,14 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
         return
     NR = lora_a.shape[1]
-    grid, tail, warps = _shrink_config(_tiling(plan, T), h_in, NR, n_slices, _num_sms(x.get_device()))
-    split = grid[1] > 1
-    ws = torch.empty(grid[1], T, NR, dtype=torch.float32, device=x.device) if split else v
-    locks = _lock_buffer(x.device) if split else v
+    counted = plan.items is not None and plan.item_count is not None
+    grid, tail, warps = _shrink_config(_tiling(plan, T), h_in, NR, n_slices, _num_sms(x.get_device()), counted)
+    split_k = tail[8]  # SPLIT_K (args: H_IN, R, NR, seg_blocks, k_per_split, n_single, n_r, MODE, SPLIT_K, ...)
+    ws = torch.empty(split_k, T, NR, dtype=torch.float32, device=x.device) if split_k > 1 else v
+    locks = _lock_buffer(x.device) if split_k > 1 else v
     indptr = plan.seg_indptr if plan.items is None else plan.items
-    tensors = (x, lora_a, slot_rank, indptr, plan.seg_slot, plan.token_slot, v, ws, locks)
+    count = plan.item_count if counted else plan.token_slot  # read only by the persistent kernel
+    tensors = (x, lora_a, slot_rank, indptr, plan.seg_slot, plan.token_slot, v, ws, locks, count)
     strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0))
     _launch(_shrink_kernel, grid, tensors, strides, (T,), (*tail, x.dtype == torch.float32), warps)
 

@@ -48,6 +48,7 @@ TUNING = {
     "expand_persistent": 0,     # > 0: work lists with item counts (CUDA graphs) expand on a fixed grid of this many
                                 # programs per SM that walks the real items only; the padding of a graph's list
                                 # otherwise launches a program per empty item and tile (not yet measured)
+    "shrink_persistent": 0,     # the same for the shrink (programs per SM; not yet measured)
 }
 _MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
 _locks: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -106,8 +107,9 @@ def hybrid_graphs() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int) -> tuple:
-    """(grid, kernel args from H_IN on, num_warps)."""
+def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int, counted: bool = False) -> tuple:
+    """(grid, kernel args from H_IN on, num_warps); `counted`: a work list with item counts on the device,
+    which the persistent kernel (TUNING["shrink_persistent"]) takes."""
     mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
     singles = mode in (TOKEN, HYBRID)  # some programs take one token on the CUDA cores
     R = NR // n_slices
@@ -127,9 +129,12 @@ def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int) -
     step = max(block_k, block_k1) if singles else block_k
     k_per_split = _cdiv(_cdiv(h_in, split), step) * step
     split = _cdiv(h_in, k_per_split)
-    args = (h_in, R, NR, seg_blocks, k_per_split, tiling[-1], mode, split, block_m, block_k, block_k1, block_r,
-            _cdiv(R, block_r), TUNING["shrink_stages"])
-    return (rows, split, r_programs), args, TUNING["shrink_warps"]
+    persistent = bool(counted and TUNING["shrink_persistent"] and mode in (WORKLIST, HYBRID))
+    args = (h_in, R, NR, seg_blocks, k_per_split, tiling[-1], r_programs, mode, split, block_m, block_k, block_k1,
+            block_r, _cdiv(R, block_r), TUNING["shrink_stages"], persistent)
+    units = rows * split * r_programs
+    grid = (min(units, TUNING["shrink_persistent"] * sms), 1, 1) if persistent else (rows, split, r_programs)
+    return grid, args, TUNING["shrink_warps"]
 
 
 @functools.lru_cache(maxsize=4096)
