@@ -203,6 +203,22 @@ def _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
 
 
 @_jit()
+def _num_units(count_ptr, per_item):
+    """Units of a persistent walk: per_item of them for each real item (SegmentPlan.item_count)."""
+    return (tl.load(count_ptr) + tl.load(count_ptr + 1)) * per_item
+
+
+@_jit()
+def _real_item(u, per_item, count_ptr, n_single, indptr_ptr):
+    """(single, item index, start, end, slot) of unit u of a persistent walk. Units run item-major over the
+    real single items, then over the real row-block items, which follow the singles' padded capacity."""
+    n_s = tl.load(count_ptr)
+    j = u // per_item
+    m = tl.where(j < n_s, j, n_single + j - n_s)
+    return j < n_s, m, tl.load(indptr_ptr + 3 * m), tl.load(indptr_ptr + 3 * m + 1), tl.load(indptr_ptr + 3 * m + 2)
+
+
+@_jit()
 def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, n_r, start, end, slot, rank,
                  stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -281,18 +297,12 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
     (row program or item, split, rank block)."""
     pdl_start(PDL)
     if PERSISTENT:
-        n_s = tl.load(count_ptr)  # real single items; the real row-block items follow the padded singles
         per_item = SPLIT_K * n_r
-        n_units = (n_s + tl.load(count_ptr + 1)) * per_item
-        for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
-            j = u // per_item
-            m = tl.where(j < n_s, j, n_single + j - n_s)
-            start = tl.load(indptr_ptr + 3 * m)
-            end = tl.load(indptr_ptr + 3 * m + 1)
-            slot = tl.load(indptr_ptr + 3 * m + 2)
+        for u in range(tl.program_id(0), _num_units(count_ptr, per_item), tl.num_programs(0)):
+            single, m, start, end, slot = _real_item(u, per_item, count_ptr, n_single, indptr_ptr)
             if (slot != 0) & (start < end):
                 rank = tl.minimum(tl.load(rank_ptr + slot), R)
-                _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, (u % per_item) // n_r, u % n_r, n_r, j < n_s,
+                _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, (u % per_item) // n_r, u % n_r, n_r, single,
                              start, end, slot, rank, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR,
                              k_per_split, MODE, SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES,
                              IEEE)
@@ -354,11 +364,11 @@ def _expand_item(v_ptr, b_ptr, rank_ptr, y_ptr, pid_n, single, start, end, slot,
                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
                  TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
                  OVERWRITE: tl.constexpr):
-    """Column program pid_n of one work item (rows start:end of one slot; `single`: one token, on the CUDA
-    cores) in the persistent expand."""
+    """Column program pid_n of one row program or work item (rows start:end of one slot; `single`: one token,
+    on the CUDA cores: HYBRID's first items)."""
     rank = tl.minimum(tl.load(rank_ptr + slot), R)
     if OVERWRITE:
-        rank = tl.where(slot == 0, 0, rank)
+        rank = tl.where(slot == 0, 0, rank)  # slot 0: every v and B load masked, zeros written
         busy = start < end
     else:
         busy = (slot != 0) & (start < end)
@@ -390,41 +400,17 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
     the step, item-major, so the padding of a graph's list costs no programs."""
     pdl_start(PDL)
     if PERSISTENT:
-        n_s = tl.load(count_ptr)  # real single items; the real row-block items follow the padded singles
-        n_units = (n_s + tl.load(count_ptr + 1)) * COLS
-        for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
-            j = u // COLS
-            m = tl.where(j < n_s, j, n_single + j - n_s)
-            start = tl.load(indptr_ptr + 3 * m)
-            end = tl.load(indptr_ptr + 3 * m + 1)
-            slot = tl.load(indptr_ptr + 3 * m + 2)
-            _expand_item(v_ptr, b_ptr, rank_ptr, y_ptr, u % COLS, j < n_s, start, end, slot, stride_vt,
+        for u in range(tl.program_id(0), _num_units(count_ptr, COLS), tl.num_programs(0)):
+            single, _, start, end, slot = _real_item(u, COLS, count_ptr, n_single, indptr_ptr)
+            _expand_item(v_ptr, b_ptr, rank_ptr, y_ptr, u % COLS, single, start, end, slot, stride_vt,
                          stride_bs, stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE, BLOCK_M, BLOCK_N,
                          BLOCK_R, R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
         return
-    pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
-                                                 R, MODE, BLOCK_M)
-    if OVERWRITE:
-        rank = tl.where(slot == 0, 0, rank)  # slot 0: every v and B load masked, zeros written
-        skip = start >= end
-    else:
-        skip = (slot == 0) | (start >= end)
-    if skip:
-        return
-    pid_n = tl.program_id(1)
-    if MODE == 3:  # HYBRID: the first n_single items are single tokens, on the CUDA cores
-        if pid_m < n_single:
-            _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
-                         stride_yt, R, N, O1, O2, TILES1, TILES2, 1, BLOCK_N, BLOCK_R, R_CHUNKS,
-                         TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
-        else:
-            _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
-                         stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
-                         TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
-    else:
-        _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
-                     stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
-                     TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+    pid_m = tl.program_id(0)
+    start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
+    _expand_item(v_ptr, b_ptr, rank_ptr, y_ptr, tl.program_id(1), pid_m < n_single, start, end, slot, stride_vt,
+                 stride_bs, stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE, BLOCK_M, BLOCK_N, BLOCK_R,
+                 R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
 
 
 # ---- Wrappers (launch configuration: sgmv_launch.py) ---------------------------------------------
