@@ -119,6 +119,39 @@ def test_add_and_remove_lora_between_calls(llama):
     assert llm.generate(ids, GREEDY, lora="x")[0].token_ids not in (base, with_x)
 
 
+def test_an_interrupted_generate_leaves_the_engine_usable(llama, monkeypatch):
+    """Ctrl-C in the middle of a step (here: the third launch raises KeyboardInterrupt) stops that call's
+    requests; the next generate starts clean and gives the same tokens as a fresh engine."""
+    model_dir, adapters = llama
+    ids = prompts(seed=3)
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu")
+    expected = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
+    launch, calls = llm.engine.runner.launch, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return launch(*args)
+
+    monkeypatch.setattr(llm.engine.runner, "launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(ids, GREEDY, lora=LORAS)
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
+    assert [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)] == expected
+
+
+def test_closing_a_stream_early_aborts_its_request(llama):
+    model_dir, adapters = llama
+    engine = Engine.from_args(model_dir, adapters, device="cpu")
+    stream = engine.stream(prompts(1, seed=2)[0], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
+                           lora="b8")
+    next(stream)
+    stream.close()
+    assert not engine.has_unfinished() and engine.blocks.num_used == 0
+    assert engine.adapters.slots.pins("b8") == 0
+
+
 def test_reloading_a_name_in_use_serves_the_new_weights_to_new_requests(llama):
     """Unload "x" while a request runs on it and load other weights as "x": the old request finishes on the
     weights it started with, new requests get the new ones (not the old slot's), and once the old request

@@ -117,10 +117,16 @@ def test_unknown_adapter_and_bad_requests(llm):
     with pytest.raises(BadRequestError, match="lora entries"):
         llm.generate([[1, 2]], GREEDY, lora=["a4", None])
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(stop=[""]),
-                dict(seed=2 ** 64), dict(seed=-2 ** 63 - 1), dict(seed=1.5)):
+                dict(seed=2 ** 64), dict(seed=-2 ** 63 - 1), dict(seed=1.5), dict(max_tokens=True),
+                dict(temperature=float("inf")), dict(temperature=float("nan")), dict(stop=5),
+                dict(stop_token_ids=[-1]), dict(stop_token_ids=5)):
         with pytest.raises(BadRequestError):
             SamplingParams(**bad)
     assert SamplingParams(seed=-1).seed == SamplingParams(seed=2 ** 64 - 1).seed == 2 ** 64 - 1  # torch's wrap
+    with pytest.raises(BadRequestError, match="SamplingParams"):
+        llm.generate([[1, 2]], {"max_tokens": 2})
+    with pytest.raises(BadRequestError, match="got bytes"):
+        llm.generate([b"w3"], GREEDY)
     assert not llm.engine.has_unfinished()  # a failed generate leaves nothing behind
     still_works(llm)
 

@@ -106,7 +106,9 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     lora: str | None = None, request_id: str | None = None) -> str:
         """Queue a request; returns its id. Raises BadRequestError, UnknownModelError or CapacityError."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise BadRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting already; retry later")
@@ -134,13 +136,15 @@ class Engine:
         try:
             for prompt, p, lora in zip(prompts, params, loras):
                 added.append(self.add_request(prompt, p, lora))
-        except Exception:
+        except BaseException:
             for rid in added:
                 self.abort(rid)
             raise
         return added
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, (str, list, tuple)):
+            raise BadRequestError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise BadRequestError("this model directory has no tokenizer.json: pass token ids, not text")
@@ -190,8 +194,8 @@ class Engine:
                 self._in_flight = self.runner.launch(step.work, previous)
                 for seq in self._in_flight.seqs:  # its pending token is its last: not scheduled again
                     seq.finishing = self._at_length_limit(seq, len(seq.tokens))
-        except Exception:
-            if previous is not None:  # its tokens are good: report them with the next step
+        except BaseException:  # an error, or Ctrl-C mid-step: the previous step's tokens are still good
+            if previous is not None:  # report them with the next step, or placeholders wait for them forever
                 self._carried += self._read(previous)
             raise
         return self._report(previous)
@@ -271,9 +275,12 @@ class Engine:
         """Add one request and step until it finishes, yielding its outputs (single-consumer helper;
         other requests in the engine advance too)."""
         rid = self.add_request(prompt, params, lora)
-        while True:
-            for out in self.step():
-                if out.request_id == rid:
-                    yield out
-                    if out.finished:
-                        return
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:  # the consumer stopped early (closed the iterator, or raised): the request stops too
+            self.abort(rid)

@@ -28,12 +28,19 @@ class LLM:
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
                  lora: list[str | None] | str | None = None, progress: bool | None = None) -> list[RequestOutput]:
-        """Outputs in prompt order. `lora`: one adapter name (or None) per prompt, or one for all."""
+        """Outputs in prompt order. `prompts`: texts or token-id lists (one text alone is one prompt).
+        `lora`: one adapter name (or None) per prompt, or one for all."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         loras = lora if isinstance(lora, list) else [lora] * len(prompts)
         if len(loras) != len(prompts):
             raise BadRequestError(f"got {len(loras)} lora entries for {len(prompts)} prompts")
         ids = self.engine.add_requests(prompts, [params] * len(prompts), loras)
-        return self._run(ids, progress if progress is not None else len(ids) >= 64)
+        try:
+            return self._run(ids, progress if progress is not None else len(ids) >= 64)
+        except BaseException:  # an error or Ctrl-C: stop this call's requests so the next call starts clean
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
 
     def _run(self, ids: list[str], progress: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
