@@ -47,10 +47,32 @@ def still_works(llm: LLM) -> None:
     ("use_dora", True, "use_dora"), ("modules_to_save", ["lm_head"], "modules_to_save"),
     ("bias", "all", "bias"), ("peft_type", "IA3", "peft_type"),
     ("target_modules", ["embed_tokens", "q_proj"], "target_modules"),
+    ("layer_replication", [[0, 1], [0, 1]], "layer_replication"), ("lora_bias", True, "lora_bias"),
+    ("init_lora_weights", "pissa_niter_4", "base weights"), ("use_qalora", True, "use_qalora"),
+    ("target_modules", ["q_proj"], "target_modules .* leave out"),  # the copy has weights for more
+    ("layers_to_transform", [0], "layers_to_transform"), ("r", 8, "rank 4 but the config says r=8"),
 ])
 def test_unsupported_peft_options_are_refused(llm, adapter_copy, option, value, match):
     path = adapter_copy("a4")
     edit_config(path, **{option: value})
+    with pytest.raises(AdapterError, match=match):
+        llm.add_lora("bad", path)
+    still_works(llm)
+
+
+@pytest.mark.parametrize("case,match", [("nan", "NaN"), ("int", "floating point"), ("list_config", "JSON object")])
+def test_broken_adapter_contents_are_refused(llm, adapter_copy, case, match):
+    path = adapter_copy("a4")
+    st = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(st)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    if case == "nan":
+        tensors[key][0, 0] = float("nan")
+    elif case == "int":
+        tensors = {k: v.to(torch.int32) for k, v in tensors.items()}
+    else:
+        json.dump([1, 2], open(os.path.join(path, "adapter_config.json"), "w"))
+    save_file(tensors, st)
     with pytest.raises(AdapterError, match=match):
         llm.add_lora("bad", path)
     still_works(llm)
@@ -143,3 +165,16 @@ def test_bad_engine_options(tiny_models):
         LLM(model=model_dir, device="cpu", max_graph_tokens=0)
     with pytest.raises(ConfigError, match="lora_overlap must be one of"):
         LLM(model=model_dir, device="cpu", lora_overlap="both")
+    with pytest.raises(ConfigError, match="device must be"):
+        LLM(model=model_dir, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA device"):
+            LLM(model=model_dir, device="cuda")
+    with pytest.raises(ConfigError, match="max_waiting must be positive"):
+        LLM(model=model_dir, device="cpu", max_waiting=0)
+    with pytest.raises(ConfigError, match="cpu_cache_bytes must be positive"):
+        LLM(model=model_dir, device="cpu", cpu_cache_bytes=0)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        LLM(model=model_dir, device="cpu", max_model_len=100_000)
+    with pytest.raises(ConfigError, match="KV cache's 2 blocks"):
+        LLM(model=model_dir, device="cpu", max_model_len=64, num_blocks=2, block_size=16)

@@ -113,6 +113,7 @@ class CacheConfig:
                f"block_size must be a power of two, got {self.block_size}")
         _check(self.num_blocks is None or self.num_blocks > 0, f"num_blocks must be positive, got {self.num_blocks}")
         _check(0.0 < self.memory_fraction <= 1.0, f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        _check(self.cpu_cache_bytes > 0, f"cpu_cache_bytes must be positive, got {self.cpu_cache_bytes}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class SchedulerConfig:
         _check(self.max_num_batched_tokens >= self.max_num_seqs,
                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
+        _check(self.max_waiting > 0, f"max_waiting must be positive (requests that may wait), got {self.max_waiting}")
 
 
 @dataclass(frozen=True)

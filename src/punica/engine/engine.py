@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -15,7 +16,7 @@ from punica.engine.request import RequestOutput, SamplingParams, Sequence, Statu
 from punica.engine.runner import InFlight, ModelRunner
 from punica.engine.scheduler import Scheduler
 from punica.engine.tokenizer import Tokenizer
-from punica.errors import BadRequestError, CapacityError
+from punica.errors import BadRequestError, CapacityError, ConfigError
 from punica.kv.block_manager import BlockManager, blocks_for
 from punica.kv.cache import allocate_kv_pool, num_blocks_for
 from punica.lora.manager import AdapterManager
@@ -23,11 +24,25 @@ from punica.lora.pool import AdapterPool
 from punica.model.loader import DTYPES, load_model
 from punica.ops import resolve_backend, select_ops
 
+log = logging.getLogger("punica.engine")
+
 
 def resolve_device(device: str) -> torch.device:
+    """"auto": CUDA where there is a device, else the CPU. ConfigError for a device this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s) visible to torch "
+                              f"{torch.__version__}; use --device cpu or another index")
+    return dev
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
@@ -53,12 +68,21 @@ class Engine:
         self.model_config = model_cfg
         self.tokenizer = Tokenizer.from_dir(config.model)
         block_size = config.cache.block_size
-        max_len = min(config.scheduler.max_model_len or model_cfg.max_position_embeddings,
-                      model_cfg.max_position_embeddings)
+        asked = config.scheduler.max_model_len
+        if asked is not None and asked > model_cfg.max_position_embeddings:
+            raise ConfigError(f"max_model_len={asked} exceeds the model's max_position_embeddings="
+                              f"{model_cfg.max_position_embeddings}")
+        max_len = min(asked or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         useful = config.scheduler.max_num_seqs * blocks_for(max_len, block_size)
         num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device, useful)
         self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
-        max_len = min(max_len, num_blocks * block_size)
+        if max_len > num_blocks * block_size:
+            if asked is not None:
+                raise ConfigError(f"max_model_len={asked} exceeds the KV cache's {num_blocks} blocks of {block_size} "
+                                  f"tokens; raise num_blocks (or the memory for them) or lower max_model_len")
+            log.warning("max_model_len is %d, what the KV cache's %d blocks of %d tokens hold (the model allows %d)",
+                        num_blocks * block_size, num_blocks, block_size, max_len)
+            max_len = num_blocks * block_size
         self.info = RuntimeInfo(device=str(device), dtype=str(dtype).removeprefix("torch."), backend=backend,
                                 num_blocks=num_blocks, max_model_len=max_len)
         layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]

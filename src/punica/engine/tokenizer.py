@@ -67,7 +67,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise BadRequestError("this model has no chat template; use /v1/completions instead")
+            raise BadRequestError("this model has no chat template: send plain prompts (/v1/completions, or "
+                                  "punica generate without --chat)")
         return self._compiled_chat_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")

@@ -25,9 +25,12 @@ def num_blocks_for(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, dev
         budget = free - (1 - cache.memory_fraction) * total
     else:
         budget = cache.cpu_cache_bytes
-    if budget < per_block:
+    if budget < per_block and device.type == "cuda":
         raise CapacityError(f"no device memory left for the KV cache ({budget / 2**30:.2f} GiB available after "
                             f"memory_fraction={cache.memory_fraction}); free memory or raise memory_fraction")
+    if budget < per_block:
+        raise CapacityError(f"cpu_cache_bytes={cache.cpu_cache_bytes} holds no KV block of {per_block} bytes; "
+                            "raise cpu_cache_bytes")
     return min(int(budget // per_block), max_useful)
 
 

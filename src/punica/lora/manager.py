@@ -61,8 +61,11 @@ class AdapterManager:
 
     def register(self, name: str, path: str) -> LoRAWeights:
         """Validate the adapter at `path` now (errors surface here, not mid-batch) and make it servable."""
-        if not name or name in self.paths or RELOAD in name:
-            raise AdapterError(f"adapter name {name!r} is empty, already registered or holds a NUL character")
+        if not name or RELOAD in name:
+            raise AdapterError(f"adapter name {name!r} is empty or holds a NUL character")
+        if name in self.paths:
+            raise AdapterError(f"adapter {name!r} is already registered (from {self.paths[name]}); unload it first "
+                               "or choose another name")
         key = name if name not in self._key_paths else f"{name}{RELOAD}{next(self._reloads)}"  # old one in use
         weights = self._read(key, path)
         self.paths[name], self._keys[name], self._key_paths[key] = path, key, path

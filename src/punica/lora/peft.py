@@ -53,9 +53,12 @@ def read_adapter_config(path: str) -> dict:
         raise AdapterError(f"{path!r} has no adapter_config.json: not a PEFT adapter directory")
     try:
         with open(cfg_path) as f:
-            return json.load(f)
+            cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def check_supported(cfg: dict, path: str) -> None:
@@ -73,6 +76,16 @@ def check_supported(cfg: dict, path: str) -> None:
         refuse("bias", cfg["bias"], "only bias='none' adapters are served")
     if cfg.get("fan_in_fan_out"):
         refuse("fan_in_fan_out", True, "only nn.Linear targets exist in LLaMA models")
+    for option, why in (("layer_replication", "it changes the base model's layers"),
+                        ("lora_bias", "LoRA-B biases are not served"),
+                        ("use_qalora", "QA-LoRA pools its inputs"),
+                        ("megatron_config", "Megatron-parallel layers are not served")):
+        if cfg.get(option):
+            refuse(option, cfg[option], why)
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        refuse("init_lora_weights", init, "this initialization changes the base weights; convert the adapter to "
+               "plain LoRA first (PEFT's path_initial_model_for_weight_conversion)")
     targets = cfg.get("target_modules") or []
     if isinstance(targets, (list, tuple, set)):
         # entries may be module names or full paths ("all-linear" is saved expanded to paths)
@@ -116,11 +129,28 @@ def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: in
         pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
     if not pairs:
         raise AdapterError(f"adapter {path!r} holds no LoRA weights")
+    _check_coverage(cfg, path, pairs)
     weights = LoRAWeights(name=name, path=path, rank=0)
     for (layer, proj), ab in sorted(pairs.items()):
         weights.modules[(layer, proj)] = _scaled_pair(cfg, path, model_cfg, max_rank, layer, proj, ab, dtype)
         weights.rank = max(weights.rank, ab["A"].shape[0])
     return weights
+
+
+def _check_coverage(cfg: dict, path: str, pairs: dict[tuple[int, str], dict]) -> None:
+    """Refuse weights that the config's target_modules (a list) or layers_to_transform leave out: PEFT would
+    not apply them, so serving them would not reproduce the adapter."""
+    targets = cfg.get("target_modules")
+    names = {t.rsplit(".", 1)[-1] for t in targets} if isinstance(targets, (list, tuple)) else None
+    layers = cfg.get("layers_to_transform")
+    layers = {layers} if isinstance(layers, int) else set(layers) if isinstance(layers, (list, tuple)) else None
+    for layer, proj in sorted(pairs):
+        if names is not None and proj not in names:
+            raise AdapterError(f"adapter {path!r}: has weights for {proj} (layer {layer}), which its "
+                               f"target_modules {sorted(names)} leave out")
+        if layers is not None and layer not in layers:
+            raise AdapterError(f"adapter {path!r}: has weights for layer {layer}, which its layers_to_transform "
+                               f"{sorted(layers)} leaves out")
 
 
 def _scaled_pair(cfg: dict, path: str, model_cfg: ModelConfig, max_rank: int, layer: int, proj: str,
@@ -139,6 +169,13 @@ def _scaled_pair(cfg: dict, path: str, model_cfg: ModelConfig, max_rank: int, la
                            "Was it trained on another base model?")
     if r > max_rank:
         raise AdapterError(f"{where}: rank {r} exceeds max_lora_rank={max_rank}; raise --max-lora-rank")
+    configured = _pattern_value(cfg.get("rank_pattern"), layer, proj, cfg.get("r", r))
+    if configured != r:
+        raise AdapterError(f"{where}: the weights have rank {r} but the config says r={configured}")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise AdapterError(f"{where}: weights must be floating point, got {a.dtype} / {b.dtype}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(f"{where}: the weights hold NaN or infinite values")
     alpha = _pattern_value(cfg.get("alpha_pattern"), layer, proj, cfg.get("lora_alpha", 8))
     scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
     return a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()

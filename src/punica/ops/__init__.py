@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from punica.errors import ConfigError
 from punica.ops import attention, gemm, kv_store, norm_rope, sgmv
 
 
@@ -34,7 +35,12 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         return "triton" if torch.device(device).type == "cuda" else "torch"
     if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise ConfigError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and sgmv.triton is None:
+        raise ConfigError("backend 'triton' needs the triton package; install it or use --backend torch")
+    if backend == "triton" and torch.device(device).type == "cpu" and not sgmv._INTERPRETED:
+        raise ConfigError("backend 'triton' on the CPU runs in Triton's interpreter: set TRITON_INTERPRET=1 "
+                          "before starting (slow; for tests), or use --backend torch")
     return backend
 
 

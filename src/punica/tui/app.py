@@ -212,8 +212,8 @@ def main(args: Namespace) -> int:
         model, adapters, notice = resolve_models(args)
         print(f"punica demo: loading {model} with {len(adapters)} adapter(s)…", file=sys.stderr)
         engine = Engine.from_args(model, adapters, **engine_options(args, len(adapters)))
-        temperature = getattr(args, "temperature", None)
-        params = demo_sampling_params(engine, getattr(args, "max_tokens", None) or DEFAULT_MAX_TOKENS,
+        temperature, max_tokens = getattr(args, "temperature", None), getattr(args, "max_tokens", None)
+        params = demo_sampling_params(engine, DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
                                       DEFAULT_TEMPERATURE if temperature is None else temperature)
     except PunicaError as e:
         print(f"punica demo: error: {e}", file=sys.stderr)
