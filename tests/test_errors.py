@@ -167,6 +167,10 @@ def test_bad_engine_options(tiny_models):
         LLM(model=model_dir, device="cpu", lora_overlap="both")
     with pytest.raises(ConfigError, match="device must be"):
         LLM(model=model_dir, device="bogus")
+    with pytest.raises(ConfigError, match="max_loras must be int, got str"):
+        LLM(model=model_dir, device="cpu", max_loras="4")
+    with pytest.raises(ConfigError, match="lora_modules must map"):
+        LLM(model=model_dir, lora_modules=["a4"], device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA device"):
             LLM(model=model_dir, device="cuda")

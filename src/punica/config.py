@@ -199,6 +199,21 @@ class RuntimeInfo:
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig}
 
 
+_TYPE_CHECKS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                "str": lambda v: isinstance(v, (str, os.PathLike)), "bool": lambda v: isinstance(v, bool),
+                "None": lambda v: v is None, "tuple": lambda v: isinstance(v, (tuple, list))}
+
+
+def _check_type(key: str, value, annotation: str) -> None:
+    """ConfigError unless `value` fits the field's annotation ("int | None", "tuple[str, ...]", ...); section
+    fields (CacheConfig, ...) are not checked here."""
+    kinds = [part.strip().split("[")[0] for part in str(annotation).split("|")]
+    checks = [_TYPE_CHECKS[k] for k in kinds if k in _TYPE_CHECKS]
+    if checks and not any(check(value) for check in checks):
+        raise ConfigError(f"engine option {key} must be {annotation}, got {type(value).__name__} {value!r}")
+
+
 def engine_config(**flat) -> EngineConfig:
     """Build an EngineConfig from flat keyword arguments: each name is a field of EngineConfig or of one
     of its sections (`max_loras=4`, `block_size=32`). Unknown names raise ConfigError."""
@@ -206,7 +221,10 @@ def engine_config(**flat) -> EngineConfig:
     sections: dict[str, dict] = {name: {} for name in _SECTIONS}
     owners = {f.name: sec for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
     kwargs = {}
+    types = {f.name: f.type for cls in (EngineConfig, *_SECTIONS.values()) for f in dataclasses.fields(cls)}
     for key, value in flat.items():
+        if key in types:
+            _check_type(key, value, types[key])
         if key in top:
             kwargs[key] = value
         elif key in owners:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -56,6 +57,11 @@ class Engine:
     """add_request -> step (repeatedly) -> RequestOutputs; abort at any time."""
 
     def __init__(self, config: EngineConfig, lora_modules: dict[str, str] | None = None):
+        if lora_modules is not None and (not isinstance(lora_modules, dict) or not all(
+                isinstance(k, str) and isinstance(v, (str, os.PathLike)) for k, v in lora_modules.items())):
+            raise ConfigError(f"lora_modules must map adapter names to PEFT directories, got {lora_modules!r}")
+        if not isinstance(config.model, (str, os.PathLike)) or not str(config.model):
+            raise ConfigError(f"model must be a model directory (a path), got {config.model!r}")
         self.config = config
         device = resolve_device(config.device)
         model_cfg = read_model_config(config.model)
