@@ -245,9 +245,13 @@ class ServerConfig:
     served_model_name: str | None = None
     retry_after: int = 1
     log_level: str = "info"
+    max_request_bytes: int = 64 << 20  # larger request bodies get 413 before they are read whole
 
     def __post_init__(self):
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
+        _check(self.max_request_bytes > 0, f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        _check(self.served_model_name is None or bool(self.served_model_name.strip()),
+               "served_model_name must not be empty (omit it to use the model directory's name)")
         _check(self.retry_after >= 0, f"retry_after must be >= 0, got {self.retry_after}")
         _check(self.api_key is None or bool(self.api_key), "api_key must not be empty (omit it to disable auth)")
 

@@ -23,7 +23,8 @@ def servers(llama_with_tokenizer, tmp_path_factory):
                         os.path.join(root, "main.log"))
     small = start_server([*common, "--allowed-lora-dir", files["small_allowed"], "--max-num-seqs", "1",
                           "--max-num-batched-tokens", "64", "--max-waiting", "1", "--max-loras", "1",
-                          "--max-cpu-loras", "1", "--num-blocks", "300"], os.path.join(root, "small.log"))
+                          "--max-cpu-loras", "1", "--num-blocks", "300", "--max-request-bytes", "100000"],
+                         os.path.join(root, "small.log"))
     try:
         main.wait_ready()
         small.wait_ready()

@@ -86,6 +86,13 @@ def test_errors_exit_with_a_message_not_a_traceback(llama_with_tokenizer, capsys
     assert "punica generate: error:" in capsys.readouterr().err
     assert cli.main(["serve", "--model", model, "--device", "cpu", "--lora", "x=/does/not/exist"]) == 1
     assert "does not exist" in capsys.readouterr().err
+    for flags, message in ((["--served-model-name", " "], "served_model_name must not be empty"),
+                           (["--allowed-lora-dir", "/does/not/exist"], "is not a directory"),
+                           (["--max-request-bytes", "0"], "max_request_bytes must be positive"),
+                           (["--device", "cuda:7"], "CUDA device")):
+        assert cli.main(["serve", "--model", model, *flags]) == 1
+        err = capsys.readouterr().err
+        assert "punica serve: error:" in err and message in err, err
 
 
 def test_demo_and_convert_hand_their_arguments_over(monkeypatch):

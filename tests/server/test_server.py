@@ -328,6 +328,8 @@ def test_queue_full_is_503_with_retry_after_and_waiting_disconnect_aborts(server
         full = small_post(small, {"prompt": "w8", "max_tokens": 2})
         assert_openai_error(full, 503, "waiting")
         assert full.headers["retry-after"] == "1"
+        big = small_post(small, {"prompt": "w8 " * 40_000, "max_tokens": 2})  # 120 kB, max_request_bytes 100 kB
+        assert assert_openai_error(big, 413, "max_request_bytes")["code"] == "request_too_large"
         never = small_post(small, {"prompt": "w8", "max_tokens": 2, "n": 2})  # 2 sequences, max_waiting 1
         assert "retry-after" not in never.headers
         assert_openai_error(never, 400, "max_waiting")

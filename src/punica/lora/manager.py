@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from punica.config import LoRAConfig, ModelConfig
-from punica.errors import AdapterError, UnknownModelError
+from punica.errors import AdapterError, ConfigError, UnknownModelError
 from punica.lora.cache import AdapterCache
 from punica.lora.peft import LoRAWeights, load_peft_adapter
 from punica.lora.pool import AdapterPool
@@ -30,6 +30,9 @@ RELOAD = "\0"  # in a key: the name, RELOAD, and the reload's number
 
 class AdapterManager:
     def __init__(self, model_cfg: ModelConfig, lora_cfg: LoRAConfig, pool: AdapterPool, dtype: torch.dtype):
+        for d in lora_cfg.allowed_lora_dirs:
+            if not os.path.isdir(d):
+                raise ConfigError(f"allowed_lora_dirs: {d!r} is not a directory")
         self.model_cfg = model_cfg
         self.cfg = lora_cfg
         self.pool = pool

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import os
 
@@ -113,6 +114,55 @@ class CountStatus:
             self.metrics.count_http(scope["path"], status[0])
 
 
+class LimitBody:
+    """ASGI middleware: a request body over `limit` bytes gets 413 (by its Content-Length before anything is
+    read, or as soon as a chunked body passes the limit)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen, started = 0, [False]
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(413, self.message)
+            return message
+
+        async def noting(message) -> None:
+            started[0] |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, noting)
+        except _TooLarge:
+            if not started[0]:
+                await self._refuse(send)
+
+    @property
+    def message(self) -> str:
+        return f"the request body exceeds {self.limit} bytes (max_request_bytes)"
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps(error_body(self.message, "invalid_request_error", "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(StarletteHTTPException):
+    """A body passed LimitBody's limit while the app read it (an HTTP 413 wherever it is caught)."""
+
+
 def api_key_check(api_key: str | None):
     """A dependency: `Authorization: Bearer <api_key>` on every /v1 route when a key is set."""
 
@@ -146,6 +196,7 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
 
     app = FastAPI(title="Punica", lifespan=lifespan)
     app.state.engine, app.state.metrics = async_engine, metrics
+    app.add_middleware(LimitBody, limit=cfg.max_request_bytes)
     app.add_middleware(CountStatus, metrics=metrics)
     app.add_exception_handler(RequestValidationError, lambda _r, e: validation_error(e))
     app.add_exception_handler(StarletteHTTPException, lambda _r, e: JSONResponse(
