@@ -39,7 +39,6 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
                 dict(max_block_m=64, expand_warps=8), dict(max_block_m=64, expand_tiles=4),
                 dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
-    "hybrid_split": [{}, dict(split_by_tokens=2)],  # decode graphs' hybrid lists: K split per token
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
     # padded lists walked on fixed grids of this many programs per SM (real items only)
     "persistent": [{}, dict(expand_persistent=8), dict(shrink_persistent=4, expand_persistent=4),

@@ -32,9 +32,7 @@ TUNING = {
     "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
     "split_by_tokens": 1,       # 1: size a work list's split K by its tokens' row blocks, not its capacity (a
                                 # mixed graph's list is padded for the worst case): a 128-token chunk among 31
-                                # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md).
-                                # 2: as 1, but a hybrid list whose single items could hold every token (a decode
-                                # graph's) counts one row per token, as per-token tiling does (batch 128: no gain)
+                                # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md)
     "shrink_block_k": 128,      # segment mode
     "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
     "max_block_k": 512,
@@ -120,8 +118,7 @@ def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int, c
                                                  max(16, _pow2(h_in)))
     busy = rows  # row programs expected to have work
     if TUNING["split_by_tokens"] and mode in (WORKLIST, HYBRID):
-        T, num_single = tiling[0], tiling[-1]
-        busy = min(rows, T if TUNING["split_by_tokens"] >= 2 and num_single >= T else _cdiv(T, block_m))
+        busy = min(rows, _cdiv(tiling[0], block_m))
     split = min(TUNING["shrink_waves"] * sms // (busy * r_programs), _cdiv(h_in, block_k),
                 TUNING["max_split_k"], TUNING["split_reduce_elems"] // (block_m * block_r))
     split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
