@@ -228,8 +228,8 @@ def test_persistent_shrink_and_expand_walk_the_real_items_only(tuning, split, pr
                                item_rows=16, num_single=n_s + 2, item_count=torch.tensor([n_s, n_b], dtype=torch.int32))
     tuning(shrink_persistent=programs_per_sm, expand_persistent=programs_per_sm)
     tiling = sgmv._tiling(plan, T)
-    grid, args, _ = sgmv._shrink_config(tiling, 70, 48, 3, 1, True)
-    assert grid == (programs_per_sm, 1, 1) and (args[8] > 1) == split  # args[8]: SPLIT_K
+    grid, _, _, split_k = sgmv._shrink_config(tiling, 70, 48, 3, 1, True)
+    assert grid == (programs_per_sm, 1, 1) and (split_k > 1) == split
     y, expected = run_add_lora(plan, 70, (40, 8, 8), 16, (16, 9, 1), dtype, "cpu", num_slots=6)
     assert_close(y, expected, dtype=dtype)
     tuning(shrink_persistent=0, expand_persistent=0)

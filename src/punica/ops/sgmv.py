@@ -203,16 +203,10 @@ def _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
 
 
 @_jit()
-def _num_units(count_ptr, per_item):
-    """Units of a persistent walk: per_item of them for each real item (SegmentPlan.item_count)."""
-    return (tl.load(count_ptr) + tl.load(count_ptr + 1)) * per_item
-
-
-@_jit()
-def _real_item(u, per_item, count_ptr, n_single, indptr_ptr):
-    """(single, item index, start, end, slot) of unit u of a persistent walk. Units run item-major over the
-    real single items, then over the real row-block items, which follow the singles' padded capacity."""
-    n_s = tl.load(count_ptr)
+def _real_item(u, per_item, n_s, n_single, indptr_ptr):
+    """(single, item index, start, end, slot) of unit u of a persistent walk over a work list with n_s real
+    single items (SegmentPlan.item_count). Units run item-major over the real single items, then over the
+    real row-block items, which follow the singles' padded capacity n_single."""
     j = u // per_item
     m = tl.where(j < n_s, j, n_single + j - n_s)
     return j < n_s, m, tl.load(indptr_ptr + 3 * m), tl.load(indptr_ptr + 3 * m + 1), tl.load(indptr_ptr + 3 * m + 2)
@@ -298,8 +292,10 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
     pdl_start(PDL)
     if PERSISTENT:
         per_item = SPLIT_K * n_r
-        for u in range(tl.program_id(0), _num_units(count_ptr, per_item), tl.num_programs(0)):
-            single, m, start, end, slot = _real_item(u, per_item, count_ptr, n_single, indptr_ptr)
+        n_s = tl.load(count_ptr)
+        n_units = (n_s + tl.load(count_ptr + 1)) * per_item
+        for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
+            single, m, start, end, slot = _real_item(u, per_item, n_s, n_single, indptr_ptr)
             if (slot != 0) & (start < end):
                 rank = tl.minimum(tl.load(rank_ptr + slot), R)
                 _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, (u % per_item) // n_r, u % n_r, n_r, single,
@@ -400,8 +396,10 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
     the step, item-major, so the padding of a graph's list costs no programs."""
     pdl_start(PDL)
     if PERSISTENT:
-        for u in range(tl.program_id(0), _num_units(count_ptr, COLS), tl.num_programs(0)):
-            single, _, start, end, slot = _real_item(u, COLS, count_ptr, n_single, indptr_ptr)
+        n_s = tl.load(count_ptr)
+        n_units = (n_s + tl.load(count_ptr + 1)) * COLS
+        for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
+            single, _, start, end, slot = _real_item(u, COLS, n_s, n_single, indptr_ptr)
             _expand_item(v_ptr, b_ptr, rank_ptr, y_ptr, u % COLS, single, start, end, slot, stride_vt,
                          stride_bs, stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE, BLOCK_M, BLOCK_N,
                          BLOCK_R, R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
@@ -482,9 +480,9 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
         return
     NR = lora_a.shape[1]
-    counted = plan.items is not None and plan.item_count is not None
-    grid, tail, warps = _shrink_config(_tiling(plan, T), h_in, NR, n_slices, _num_sms(x.get_device()), counted)
-    split_k = tail[8]  # SPLIT_K (args: H_IN, R, NR, seg_blocks, k_per_split, n_single, n_r, MODE, SPLIT_K, ...)
+    counted = plan.item_count is not None  # _check_plan: only beside items
+    grid, tail, warps, split_k = _shrink_config(_tiling(plan, T), h_in, NR, n_slices, _num_sms(x.get_device()),
+                                                counted)
     ws = torch.empty(split_k, T, NR, dtype=torch.float32, device=x.device) if split_k > 1 else v
     locks = _lock_buffer(x.device) if split_k > 1 else v
     indptr = plan.seg_indptr if plan.items is None else plan.items
@@ -504,7 +502,7 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
             y.zero_()
         return
     tiling = _tiling(plan, T)
-    counted = plan.items is not None and plan.item_count is not None
+    counted = plan.item_count is not None  # _check_plan: only beside items
     grid, tail, warps = _expand_config(tiling, tuple(slice_offsets), lora_b.shape[2], _num_sms(y.get_device()),
                                        counted)
     if overwrite and _row_tiling(*tiling)[0] != TOKEN and not (plan.items is not None and plan.items_cover):

@@ -106,8 +106,8 @@ def hybrid_graphs() -> frozenset[str]:
 
 @functools.lru_cache(maxsize=4096)
 def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int, counted: bool = False) -> tuple:
-    """(grid, kernel args from H_IN on, num_warps); `counted`: a work list with item counts on the device,
-    which the persistent kernel (TUNING["shrink_persistent"]) takes."""
+    """(grid, kernel args from H_IN on, num_warps, SPLIT_K); `counted`: a work list with item counts on the
+    device, which the persistent kernel (TUNING["shrink_persistent"]) takes."""
     mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
     singles = mode in (TOKEN, HYBRID)  # some programs take one token on the CUDA cores
     R = NR // n_slices
@@ -131,7 +131,7 @@ def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int, c
             block_r, _cdiv(R, block_r), TUNING["shrink_stages"], persistent)
     units = rows * split * r_programs
     grid = (min(units, TUNING["shrink_persistent"] * sms), 1, 1) if persistent else (rows, split, r_programs)
-    return grid, args, TUNING["shrink_warps"]
+    return grid, args, TUNING["shrink_warps"], split
 
 
 @functools.lru_cache(maxsize=4096)
