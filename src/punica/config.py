@@ -199,8 +199,16 @@ class RuntimeInfo:
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig}
 
 
-_TYPE_CHECKS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+def is_int(value) -> bool:
+    """An int that is not a bool (True is an int to Python, never to a config or a request)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_TYPE_CHECKS = {"int": is_int, "float": is_number,
                 "str": lambda v: isinstance(v, (str, os.PathLike)), "bool": lambda v: isinstance(v, bool),
                 "None": lambda v: v is None, "tuple": lambda v: isinstance(v, (tuple, list))}
 

@@ -7,6 +7,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from punica.config import is_int, is_number
 from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
@@ -29,16 +30,16 @@ class SamplingParams:
         def bad(msg: str) -> None:
             raise BadRequestError(msg)
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+        if not is_number(self.temperature) or not 0 <= self.temperature < math.inf:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             bad(f"top_k must be -1, 0 (both: no limit) or a positive integer, got {self.top_k!r}")
         if self.seed is not None:
-            if not _is_int(self.seed) or not SEED_MIN <= self.seed < SEED_END:
+            if not is_int(self.seed) or not SEED_MIN <= self.seed < SEED_END:
                 bad(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
             object.__setattr__(self, "seed", self.seed % SEED_END)  # -1 and 2**64 - 1 seed alike, as in torch
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -47,18 +48,11 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             bad(f"stop must be non-empty strings, got {self.stop!r}")
         ids = self.stop_token_ids
-        if ids is not None and (not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids)):
+        if ids is not None and (not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids)):
             bad(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Status(enum.Enum):

@@ -127,7 +127,7 @@ class LimitBody:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
-        seen, started = 0, [False]
+        seen, started = 0, False
 
         async def counted():
             nonlocal seen
@@ -139,13 +139,14 @@ class LimitBody:
             return message
 
         async def noting(message) -> None:
-            started[0] |= message["type"] == "http.response.start"
+            nonlocal started
+            started |= message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, noting)
         except _TooLarge:
-            if not started[0]:
+            if not started:
                 await self._refuse(send)
 
     @property
