@@ -41,8 +41,8 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
     "defaults": [{}],
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
     # padded lists walked on fixed grids of this many programs per SM (real items only)
-    "persistent": [{}, dict(expand_persistent=8), dict(shrink_persistent=4, expand_persistent=4),
-                   dict(shrink_persistent=8, expand_persistent=8), dict(shrink_persistent=16, expand_persistent=16)],
+    "persistent": [{}, dict(expand_persistent=16), dict(shrink_persistent=8, expand_persistent=8),
+                   dict(shrink_persistent=16, expand_persistent=16), dict(shrink_persistent=32, expand_persistent=32)],
 }
 
 class Chain:
