@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.bench_sgmv import with_tiling
-from punica.engine.cuda_graph import batch_buckets, item_capacity, token_buckets
+from punica.engine.cuda_graph import batch_buckets, counts_items, item_capacity, token_buckets
 from punica.lora.plan import build_segment_plan
 from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
@@ -40,9 +40,9 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
                 dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
-    # padded lists walked on fixed grids of this many programs per SM (real items only)
-    "persistent": [{}, dict(expand_persistent=16), dict(shrink_persistent=8, expand_persistent=8),
-                   dict(shrink_persistent=16, expand_persistent=16), dict(shrink_persistent=32, expand_persistent=32)],
+    # padded lists walked on fixed grids of this many programs per SM (real items only), in every graph
+    "persistent": [dict(expand_persistent=0), {}, *(dict(persistent_min_batch=0, shrink_persistent=n,
+                                                         expand_persistent=n) for n in (8, 16, 32))],
 }
 
 class Chain:
@@ -88,7 +88,7 @@ def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int, hybrid: bool) -> sgm
     device = plan.items.device
     count = torch.tensor([len(items[0]), len(items[1])], dtype=torch.int32, device=device)
     return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=device), num_single=n_single,
-                               item_count=count)
+                               item_count=count if counts_items(mixed, batch) else None)
 
 
 def single_max(mixed: bool) -> int:

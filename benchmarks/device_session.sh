@@ -2,14 +2,9 @@
 # One device call (about 8 minutes on an H200), results under $OUT. Set the revision here, not on the device
 # (its copy of .git can be stale):
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_session.sh
-# Then benchmarks/device_table.sh and benchmarks/device_batches.sh for the tables of record (session 8's ran
-# mixed graphs with 3-token single items, since put back to 1).
-# Built after session 8's last device call, interpreter- and sm_90-compile-tested only: the persistent shrink and
-# expand (TUNING shrink_persistent, expand_persistent, off). A graph's work list is padded to its bucket's worst case and each empty item
-# launched a program per output tile: a mixed step's LoRA (256-token chunk among 127 decodes) took 192 us a
-# layer padded against ~150-170 cut to the step (bench_lora_chain, session 8). This call: the GPU tier (now with
-# the persistent expand in work-list tests and a graph replay that follows the item counts), the chain padded as
-# the graphs run it with 0/4/8/16 persistent programs per SM, then text generation with 8.
+# Then benchmarks/device_table.sh and benchmarks/device_batches.sh for the tables of record.
+# Session 9 ran it first: the GPU tier on the restructured SGMV kernels, the chain with the persistent walk at
+# 0/4/8/16 programs per SM (now in device_persistent.sh), and text generation at batch 32 with and without.
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}

@@ -43,12 +43,28 @@ def test_cuda_graph_replay_equals_eager(tiny_models):
     assert_close(replayed, graph_vs_plain, dtype=torch.bfloat16)
 
 
-def test_mixed_step_graph_replay_equals_eager(tiny_models):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_mixed_step_graph_replay_equals_eager(tiny_models, persistent):
     """A step mixing prefill chunks (one per adapter) with decodes runs from a mixed-bucket graph: replay
-    equals the same padded batch run eagerly (bitwise) and the unpadded eager step (bf16 tolerance)."""
+    equals the same padded batch run eagerly (bitwise) and the unpadded eager step (bf16 tolerance).
+    `persistent`: the graph's list carries its item counts at this small batch too, so the shrink and expand
+    walk the real items on fixed grids (TUNING["persistent_min_batch"])."""
+    from punica.ops import sgmv
     _, model_dir, adapters = tiny_models["llama"]
-    llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16,
-              max_num_batched_tokens=256)
+    saved = dict(sgmv.TUNING)
+    sgmv.set_tuning(persistent_min_batch=0 if persistent else 1 << 20, shrink_persistent=8 * persistent)
+    try:
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16,
+                  max_num_batched_tokens=256)
+        _check_mixed_replay(llm)
+    finally:
+        sgmv.set_tuning(**saved)
+    mixed = [batch.lora for (kind, _, with_lora), (_, _, batch) in llm.engine.runner.graphs.graphs.items()
+             if kind == "mixed" and with_lora]
+    assert mixed and all((lora.item_count is not None) == persistent for lora in mixed)
+
+
+def _check_mixed_replay(llm):
     engine, graphs = llm.engine, llm.engine.runner.graphs
     seqs = _sequences(engine, seed=25)
     work = [(s, len(s.tokens) if i % 2 else 1) for i, s in enumerate(seqs)]  # odd ones: whole prompt

@@ -61,11 +61,13 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
               max_num_seqs=8, max_num_batched_tokens=24)
     engine = llm.engine
     saved = {k: sgmv.TUNING[k] for k in ("hybrid_graphs", "hybrid_decode_max", "decode_single_max",
-                                         "mixed_single_max")}
+                                         "mixed_single_max", "persistent_min_batch", "shrink_persistent",
+                                         "expand_persistent")}
     saved_bucket = cuda_graph.MIN_MIXED_BUCKET
     cuda_graph.MIN_MIXED_BUCKET = 16
+    min_batch = 0 if persistent else saved["persistent_min_batch"]  # 0: item counts in every mixed graph
     sgmv.set_tuning(hybrid_graphs=hybrid, hybrid_decode_max=decode_max, decode_single_max=single_max,
-                    mixed_single_max=single_max)
+                    mixed_single_max=single_max, persistent_min_batch=min_batch)
     try:
         graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 8, 24, engine.info.max_model_len,
                                  engine.config.cache.block_size, engine.runner.device)
@@ -76,6 +78,9 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     assert (graphs.graphs[("decode", 2, True)][2].lora.num_single == 2) == (hybrid == 1 or decode_max >= 2)
     assert graphs.buf.single_max(False) == graphs.buf.single_max(True) == single_max
     assert bool(graphs.graphs[("mixed", 16, True)][2].lora.num_single) == (hybrid > 0)
+    # item counts (the persistent walk) in mixed graphs only, and at this batch of 8 only when forced
+    assert (graphs.graphs[("mixed", 16, True)][2].lora.item_count is not None) == bool(persistent)
+    assert all(graphs.graphs[("decode", b, True)][2].lora.item_count is None for b in graphs.buckets)
     assert graphs.token_buckets == [16, 24]
     engine.runner.graphs = graphs
     used = []
@@ -83,10 +88,11 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     graphs.run = lambda hb, *rest: used.append(graphs.key(hb)[0]) or run(hb, *rest)
     ids = prompts(seed=12)
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    sgmv.set_tuning(shrink_persistent=persistent, expand_persistent=persistent)
+    if persistent:
+        sgmv.set_tuning(shrink_persistent=persistent, expand_persistent=persistent)
     try:
         ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
     finally:
-        sgmv.set_tuning(shrink_persistent=0, expand_persistent=0)
+        sgmv.set_tuning(**saved)
     assert {"decode", "mixed"} <= set(used)
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 5)

@@ -64,6 +64,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def counts_items(mixed: bool, max_batch: int) -> bool:
+    """Whether a graph's work list carries how many of its items are real, so that the SGMV kernels walk
+    those alone on fixed grids (TUNING["expand_persistent"], ["shrink_persistent"]): mixed graphs of at
+    least TUNING["persistent_min_batch"] sequences, whose lists are mostly padding unless every sequence has
+    its own adapter."""
+    return mixed and max_batch >= TUNING["persistent_min_batch"]
+
+
 class StaticBuffers:
     """Pinned host mirrors and device buffers of one step's metadata at capacity (T tokens, B sequences):
     int64 [4, T] (ids, positions, KV slots, logits rows) and int32 (cu_q [B+1], context lengths [B],
@@ -221,8 +229,9 @@ class CudaGraphRunner:
         d, B = self.buf.d, self.buf.B if mixed else t
         host_cu_q = list(range(B + 1))  # host bounds only: the kernels read the device buffers
         n_single, n_block = self.buf.item_capacity(t, mixed)
+        count = d["item_count"] if counts_items(mixed, self.buf.B) else None
         work = dict(items=d["items"][:3 * (n_single + n_block)].view(-1, 3), item_rows=self.buf.item_rows,
-                    num_single=n_single, items_cover=True, item_count=d["item_count"]) if n_single + n_block else {}
+                    num_single=n_single, items_cover=True, item_count=count) if n_single + n_block else {}
         if mixed:
             attn = AttentionMeta(cu_q=d["cu_q"][:B + 1], kv_lens=d["kv_lens"][:B], block_tables=d["tables"][:B],
                                  max_q_len=t, max_kv_len=self.max_model_len, host_cu_q=host_cu_q,

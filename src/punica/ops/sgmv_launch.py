@@ -43,10 +43,14 @@ TUNING = {
     "expand_tiles": 1,          # N tiles per expand program
     "expand_stages": 2,
     "expand_warps": 4,
-    "expand_persistent": 0,     # > 0: work lists with item counts (CUDA graphs) expand on a fixed grid of this many
-                                # programs per SM that walks the real items only; the padding of a graph's list
-                                # otherwise launches a program per empty item and tile (not yet measured)
-    "shrink_persistent": 0,     # the same for the shrink (programs per SM; not yet measured)
+    "expand_persistent": 16,    # > 0: work lists with item counts expand on a fixed grid of this many programs per
+                                # SM that walks the real items only; else a graph's padding launches a program per
+                                # empty item and tile. LoRA of a layer, 256-token chunk among 127 decodes, padded
+                                # (distinct, uniform, skewed, identical): 192, 176, 159, 151 us -> 190, 160, 105, 69.
+                                # Decode at 128: 141, 138, 109, 98 -> 159, 148, 85, 45 (sgmv_NOTES.md, session 9)
+    "shrink_persistent": 0,     # the same for the shrink: a loss wherever distinct adapters fill the list
+    "persistent_min_batch": 128,  # item counts reach the kernels in mixed graphs of at least this many sequences
+                                # only (cuda_graph.counts_items); at batch 32 the walk lost 5 us a layer distinct
 }
 _MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
 _locks: dict[tuple[str, torch.device], torch.Tensor] = {}
