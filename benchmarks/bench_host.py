@@ -54,10 +54,10 @@ def time_us(fn, reps: int) -> float:
     return 1e6 * (time.perf_counter() - t0) / reps
 
 
-def time_step(work, buf: StaticBuffers, t: int, mixed: bool, reps: int) -> dict:
+def time_step(work, buf: StaticBuffers, t: int, kind: str, reps: int) -> dict:
     hb = host_batch(work, BLOCK)
     build = time_us(lambda: host_batch(work, BLOCK), reps)
-    write = time_us(lambda: buf.write(hb, t, mixed), reps)
+    write = time_us(lambda: buf.write(hb, t, kind), reps)
     return dict(tokens=len(hb.ids), host_batch_us=round(build, 1), write_us=round(write, 1),
                 total_us=round(build + write, 1))
 
@@ -67,11 +67,11 @@ def measure(batch: int, context: int, reps: int) -> list[dict]:
     seqs = sequences(batch, context, num_adapters=batch)
     buf = StaticBuffers(max(4096, batch), batch, -(-4096 // BLOCK), 32, 64, torch.device("cpu"))
     rows = [dict(kind="decode", batch=batch, context=context,
-                 **time_step(order_by_slot({s: 1 for s in seqs}), buf, batch, False, reps))]
+                 **time_step(order_by_slot({s: 1 for s in seqs}), buf, batch, "decode", reps))]
     seqs[0].num_computed -= 127
     work = order_by_slot({s: 128 if i == 0 else 1 for i, s in enumerate(seqs)})
     bucket = 1 << (127 + batch - 1).bit_length()
-    rows.append(dict(kind="mixed", batch=batch, context=context, **time_step(work, buf, bucket, True, reps)))
+    rows.append(dict(kind="mixed", batch=batch, context=context, **time_step(work, buf, bucket, "mixed", reps)))
     return rows
 
 

@@ -88,7 +88,7 @@ def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int, hybrid: bool) -> sgm
     device = plan.items.device
     count = torch.tensor([len(items[0]), len(items[1])], dtype=torch.int32, device=device)
     return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=device), num_single=n_single,
-                               item_count=count if counts_items(mixed, batch) else None)
+                               item_count=count if counts_items("mixed" if mixed else "decode", batch) else None)
 
 
 def single_max(mixed: bool) -> int:

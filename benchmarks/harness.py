@@ -148,14 +148,14 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
 
-def apply_sgmv_tuning(pairs: list[str] | None) -> dict[str, int]:
+def apply_sgmv_tuning(pairs: list[str] | None) -> dict[str, float]:
     """`--sgmv-tuning name=value ...`: override punica.ops.sgmv.TUNING knobs for this run (recorded in the
-    setup of every result)."""
+    setup of every result); values are ints, or fractions such as sparse_decode=0.5."""
     from punica.ops.sgmv import set_tuning
     knobs = {}
     for pair in pairs or []:
         name, _, value = pair.partition("=")
-        knobs[name] = int(value)
+        knobs[name] = float(value) if "." in value else int(value)
     set_tuning(**knobs)
     return knobs
 
@@ -163,7 +163,7 @@ def apply_sgmv_tuning(pairs: list[str] | None) -> dict[str, int]:
 def add_engine_knobs(ap: argparse.ArgumentParser) -> None:
     """The engine's kernel switches, for benchmarks that run the whole model (A/Bs of one knob each)."""
     flag = argparse.BooleanOptionalAction
-    ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=INT", help="override punica.ops.sgmv.TUNING")
+    ap.add_argument("--sgmv-tuning", nargs="*", metavar="KNOB=VALUE", help="override punica.ops.sgmv.TUNING")
     ap.add_argument("--pdl", action=flag, default=True, help="programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--triton-gemm", action=flag, default=True,
                     help="the Triton GEMM on the projections where it measured faster (ops/gemm.py)")

@@ -25,9 +25,19 @@ def test_cuda_fp32_mixed_batch_equals_peft(tiny_models, family):
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 10)
 
 
-def test_cuda_graph_replay_equals_eager(tiny_models):
+@pytest.mark.parametrize("sparse", [0, 1.0])
+def test_cuda_graph_replay_equals_eager(tiny_models, sparse):
+    """A decode step replayed from its bucket's graph equals the same padded batch run eagerly (bitwise)
+    and the unpadded eager step (bf16 tolerance). `sparse` 1.0: from the bucket's sparse graph (a hybrid list
+    the expand walks, TUNING["sparse_decode"])."""
+    from punica.ops import sgmv
     _, model_dir, adapters = tiny_models["llama"]
-    llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16)
+    saved = dict(sgmv.TUNING)
+    sgmv.set_tuning(sparse_decode=sparse)
+    try:
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16)
+    finally:
+        sgmv.set_tuning(**saved)
     engine, graphs = llm.engine, llm.engine.runner.graphs
     seqs = _sequences(engine, seed=22)
     for s in seqs:
@@ -36,6 +46,7 @@ def test_cuda_graph_replay_equals_eager(tiny_models):
     for s in seqs:  # fill the KV of the prefix eagerly
         s.num_computed = 0
     engine.model(engine.runner.build_batch([(s, len(s.tokens) - 1) for s in seqs]))
+    assert graphs.key(hb)[0] == ("sparse" if sparse else "decode")
     replayed = graphs.run(hb).clone()
     eager = engine.model(graphs.padded_batch(hb))[: len(seqs)]
     assert torch.equal(replayed, eager)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from punica.engine.cuda_graph import StaticBuffers
+from punica.engine.cuda_graph import StaticBuffers, is_sparse
 from punica.engine.request import SamplingParams, Sequence
 from punica.engine.runner import host_batch, order_by_slot
 from punica.lora.plan import hybrid_items, segments, token_slots, work_items
@@ -27,8 +27,9 @@ def make_seqs(contexts: list[int], slots: list[int], first_block: int = 0) -> li
     return seqs
 
 
-def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
+def check(buf: StaticBuffers, hb, t: int, kind: str) -> None:
     m, n = len(hb.ids), len(hb.kv_lens)
+    mixed = kind == "mixed"
     h64, h = buf.host64, buf.h
     assert h64[0, :t].tolist() == hb.ids + [0] * (t - m)
     assert h64[1, :t].tolist() == hb.positions + [0] * (t - m)
@@ -47,14 +48,14 @@ def check(buf: StaticBuffers, hb, t: int, mixed: bool) -> None:
         lens = hb.kv_lens + [0] * (t - n)
         assert [lens[i] for i in order] == sorted(lens, reverse=True)
         assert order[n:] == list(range(n, t)) or min(hb.kv_lens, default=1) == 0
-    n_single, n_block = buf.item_capacity(t, mixed)
+    n_single, n_block = buf.item_capacity(t, kind)
     if not n_single + n_block:  # decode graphs without hybrid lists tile per token: no work list
-        assert not mixed and not buf.is_hybrid(mixed, t)
+        assert kind == "decode" and not buf.is_hybrid(kind, t)
         return
     indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
     # graphs' lists hold the base-model tokens too (slot-0 items): an overwriting expand writes their zeros
-    if buf.is_hybrid(mixed, t):
-        singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max(mixed), base=True)
+    if buf.is_hybrid(kind, t):
+        singles, blocks = hybrid_items(indptr, slots, buf.item_rows, buf.single_max(kind), base=True)
     else:
         singles, blocks = [], work_items(indptr, slots, buf.item_rows, base=True)
     assert 0 not in hb.seq_slots or 0 in (singles + blocks)[2::3]
@@ -75,22 +76,36 @@ def check_tiles(buf: StaticBuffers, hb, t: int) -> None:
 def test_write_overwrites_a_bigger_previous_step(hybrid, decode_max):
     buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid, single_max=(2, 3),
                         hybrid_decode_max=decode_max)
-    assert buf.is_hybrid(False, 4) == ("decode" in hybrid or decode_max == 4)
-    assert buf.is_hybrid(False, 2) == ("decode" in hybrid or decode_max > 0)
+    assert buf.is_hybrid("decode", 4) == ("decode" in hybrid or decode_max == 4)
+    assert buf.is_hybrid("decode", 2) == ("decode" in hybrid or decode_max > 0)
+    assert buf.is_hybrid("sparse", 8) and buf.is_hybrid("mixed", 64) == ("mixed" in hybrid)
     # a big mixed step first, so every buffer holds values the next steps must not leak
     big = make_seqs([40, 33, 21, 9, 17, 5, 12, 8], [3, 3, 1, 0, 2, 2, 5, 5], first_block=100)
     big[0].num_computed -= 30
     work = order_by_slot({s: 31 if i == 0 else 1 for i, s in enumerate(big)})
     hb = host_batch(work, BLOCK)
-    buf.write(hb, 64, True)
-    check(buf, hb, 64, True)
+    buf.write(hb, 64, "mixed")
+    check(buf, hb, 64, "mixed")
     check_tiles(buf, hb, 64)
     small = make_seqs([6, 13, 3], [2, 0, 2])
     hb = host_batch(order_by_slot({s: 1 for s in small}), BLOCK)
-    buf.write(hb, 4, False)
-    check(buf, hb, 4, False)
+    for kind in ("decode", "sparse"):  # a decode bucket's two graphs
+        buf.write(hb, 4, kind)
+        check(buf, hb, 4, kind)
     small[1].num_computed -= 5
     hb = host_batch(order_by_slot({s: 6 if i == 1 else 1 for i, s in enumerate(small)}), BLOCK)
-    buf.write(hb, 16, True)
-    check(buf, hb, 16, True)
+    buf.write(hb, 16, "mixed")
+    check(buf, hb, 16, "mixed")
     check_tiles(buf, hb, 16)
+
+
+@pytest.mark.parametrize("slots,single_max,fraction,expected", [
+    ([1, 2, 3, 4], 1, 0.5, False),        # every sequence its own adapter: 4 single items
+    ([1, 1, 1, 1], 1, 0.0, True),         # one shared adapter: no single items
+    ([1, 1, 2, 3, 3, 3], 1, 0.25, True),  # runs of 2, 1, 3: one single item of 6
+    ([1, 1, 2, 3, 3, 3], 2, 0.25, False),  # with runs of up to 2 as single items: 3 of 6
+    ([1, 1, 2, 3, 3, 3], 2, 0.5, True),
+    ([0, 0, 5], 3, 0.9, False),           # slot 0 (no adapter) counts like any run
+])
+def test_is_sparse_counts_the_single_items_of_a_decode_step(slots, single_max, fraction, expected):
+    assert is_sparse(slots, single_max, fraction) == expected

@@ -8,7 +8,9 @@ the split-K decode attention. Mixed graphs give the SGMV and prefill-attention k
 the host (SegmentPlan.items, AttentionMeta.q_tiles), so their grids depend on the bucket alone, whatever
 the step's segments and query lengths. With sgmv.TUNING["hybrid_graphs"] (1: both kinds, 2: mixed only),
 LoRA is tiled with hybrid work lists instead: single tokens on the CUDA cores (BGMV), longer segments in
-tensor-core row blocks.
+tensor-core row blocks. With sgmv.TUNING["sparse_decode"], each decode bucket also has a "sparse" graph for
+steps whose sequences mostly share adapters: a hybrid list whose real items the expand walks on a fixed grid
+(counts_items), chosen per step (CudaGraphRunner.key).
 Adapters load into existing slots, so graphs stay valid as adapters come and go.
 
 Until `capture` is called (CPU, tests) the runner runs the same padded batches eagerly.
@@ -64,12 +66,26 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def counts_items(mixed: bool, max_batch: int) -> bool:
+def counts_items(kind: str, max_batch: int) -> bool:
     """Whether a graph's work list carries how many of its items are real, so that the SGMV kernels walk
-    those alone on fixed grids (TUNING["expand_persistent"], ["shrink_persistent"]): mixed graphs of at
-    least TUNING["persistent_min_batch"] sequences, whose lists are mostly padding unless every sequence has
-    its own adapter."""
-    return mixed and max_batch >= TUNING["persistent_min_batch"]
+    those alone on fixed grids (TUNING["expand_persistent"], ["shrink_persistent"]): sparse decode graphs,
+    and mixed graphs of at least TUNING["persistent_min_batch"] sequences, whose lists are mostly padding
+    unless every sequence has its own adapter."""
+    return kind == "sparse" or (kind == "mixed" and max_batch >= TUNING["persistent_min_batch"])
+
+
+def is_sparse(seq_slots: list[int], single_max: int, fraction: float) -> bool:
+    """Whether a decode step (one token per sequence, sequences ordered by slot) runs its bucket's sparse
+    graph: at most `fraction` of its sequences are in runs of at most `single_max` sharing an adapter (the
+    hybrid list's single items), the rest in shared row blocks."""
+    singles, run = 0, 1
+    for i in range(1, len(seq_slots) + 1):
+        if i < len(seq_slots) and seq_slots[i] == seq_slots[i - 1]:
+            run += 1
+            continue
+        singles += run if run <= single_max else 0
+        run = 1
+    return singles <= fraction * len(seq_slots)
 
 
 class StaticBuffers:
@@ -86,7 +102,8 @@ class StaticBuffers:
         self.hybrid = hybrid  # the graph kinds ("decode", "mixed") on hybrid lists
         self.decode_single_max, self.mixed_single_max = single_max  # their segments this short: single items
         self.hybrid_decode_max = hybrid_decode_max  # decode buckets at most this big use them too
-        items = max(sum(self.item_capacity(max_tokens, True)), sum(self.item_capacity(max_seqs, False)))
+        items = max(sum(self.item_capacity(max_tokens, "mixed")), sum(self.item_capacity(max_seqs, "decode")),
+                    sum(self.item_capacity(max_seqs, "sparse")))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
                           items=3 * items, item_count=2, tiles=2 * self.tile_capacity(max_tokens), order=max_seqs)
         pin = device.type == "cuda"
@@ -101,19 +118,21 @@ class StaticBuffers:
         self.np = {name: view.numpy() for name, view in self.h.items()}
         self._copied: torch.cuda.Event | None = None  # the last host -> device copy of these buffers
 
-    def is_hybrid(self, mixed: bool, t: int) -> bool:
-        """Whether graphs of this kind and bucket t tile LoRA with hybrid work lists."""
-        if mixed:
+    def is_hybrid(self, kind: str, t: int) -> bool:
+        """Whether graphs of this kind ("decode", "sparse", "mixed") and bucket t tile LoRA with hybrid work
+        lists."""
+        if kind == "mixed":
             return "mixed" in self.hybrid
-        return "decode" in self.hybrid or t <= self.hybrid_decode_max
+        return kind == "sparse" or "decode" in self.hybrid or t <= self.hybrid_decode_max
 
-    def item_capacity(self, t: int, mixed: bool) -> tuple[int, int]:
+    def item_capacity(self, t: int, kind: str) -> tuple[int, int]:
         """(single-token items, row-block items) the work list of a bucket of t tokens holds at most."""
-        return item_capacity(t, mixed, self.is_hybrid(mixed, t), self.B, self.item_rows, self.single_max(mixed))
+        return item_capacity(t, kind == "mixed", self.is_hybrid(kind, t), self.B, self.item_rows,
+                             self.single_max(kind))
 
-    def single_max(self, mixed: bool) -> int:
+    def single_max(self, kind: str) -> int:
         """Segments of at most this many tokens are single-token items in this kind of graph's hybrid lists."""
-        return self.mixed_single_max if mixed else self.decode_single_max
+        return self.mixed_single_max if kind == "mixed" else self.decode_single_max
 
     def tile_capacity(self, t: int) -> int:
         return _cdiv(t, self.tile_rows) + self.B
@@ -123,12 +142,14 @@ class StaticBuffers:
         parts["tables"] = parts["tables"].view(self.B, self.max_blocks)
         return parts
 
-    def write(self, hb: HostBatch, t: int, mixed: bool) -> None:
-        """Write a step of n <= B sequences and len(hb.ids) <= t tokens, padded with sentinels, and copy it
-        to the device. Rows past t and sequences past n keep stale values that no kernel reads."""
+    def write(self, hb: HostBatch, t: int, kind: str) -> None:
+        """Write a step of n <= B sequences and len(hb.ids) <= t tokens for a graph of this kind, padded
+        with sentinels, and copy it to the device. Rows past t and sequences past n keep stale values that
+        no kernel reads."""
         if self._copied is not None:  # the previous step's copy must have read the host buffers (it has,
             self._copied.synchronize()  # in practice: it runs first in that step, which is in flight)
         n, m = len(hb.kv_lens), len(hb.ids)
+        mixed = kind == "mixed"
         b = self.B if mixed else t
         h64, h = self.np64, self.np
         for row, values, pad in ((0, hb.ids, 0), (1, hb.positions, 0), (2, hb.slot_mapping, -1)):
@@ -149,12 +170,12 @@ class StaticBuffers:
         self._write_tables(hb.block_tables)
         h["token_slot"][:m] = token_slots(hb.seq_slots, hb.seq_tokens)
         h["token_slot"][m:t] = 0
-        n_single, n_block = self.item_capacity(t, mixed)
+        n_single, n_block = self.item_capacity(t, kind)
         if n_single + n_block:
             indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
             # base-model tokens get (slot-0) items too: an overwriting expand writes their zeros (items_cover)
-            if self.is_hybrid(mixed, t):
-                singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max(mixed), base=True)
+            if self.is_hybrid(kind, t):
+                singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max(kind), base=True)
             else:
                 singles, blocks = [], work_items(indptr, slots, self.item_rows, base=True)
             if len(singles) > 3 * n_single or len(blocks) > 3 * n_block:
@@ -213,23 +234,27 @@ class CudaGraphRunner:
                                  tile_rows, device, hybrid_graphs(),
                                  (max(1, TUNING["decode_single_max"]), max(1, TUNING["mixed_single_max"])),
                                  TUNING["hybrid_decode_max"])
+        self.sparse_fraction = TUNING["sparse_decode"]  # 0: no sparse decode graphs
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, Batch]] = {}
         for b in self.buckets:
             for with_lora in (True, False):
-                self.graphs[("decode", b, with_lora)] = (None, None, self._batch(b, with_lora, mixed=False))
+                self.graphs[("decode", b, with_lora)] = (None, None, self._batch(b, with_lora, "decode"))
+            if self.sparse_fraction:
+                self.graphs[("sparse", b, True)] = (None, None, self._batch(b, True, "sparse"))
         for t in self.token_buckets:
             for with_lora in (True, False):
-                self.graphs[("mixed", t, with_lora)] = (None, None, self._batch(t, with_lora, mixed=True))
+                self.graphs[("mixed", t, with_lora)] = (None, None, self._batch(t, with_lora, "mixed"))
 
-    def _batch(self, t: int, with_lora: bool, mixed: bool) -> Batch:
-        """The Batch a graph of bucket t reads: views of the device buffers."""
+    def _batch(self, t: int, with_lora: bool, kind: str) -> Batch:
+        """The Batch a graph of this kind and bucket t reads: views of the device buffers."""
+        mixed = kind == "mixed"
         ids, positions, slot_mapping, logits = self.buf.dev64[:, :t]
         d, B = self.buf.d, self.buf.B if mixed else t
         host_cu_q = list(range(B + 1))  # host bounds only: the kernels read the device buffers
-        n_single, n_block = self.buf.item_capacity(t, mixed)
-        count = d["item_count"] if counts_items(mixed, self.buf.B) else None
+        n_single, n_block = self.buf.item_capacity(t, kind)
+        count = d["item_count"] if counts_items(kind, self.buf.B) else None
         work = dict(items=d["items"][:3 * (n_single + n_block)].view(-1, 3), item_rows=self.buf.item_rows,
                     num_single=n_single, items_cover=True, item_count=count) if n_single + n_block else {}
         if mixed:
@@ -259,7 +284,7 @@ class CudaGraphRunner:
         (after a change to the model, such as its LoRA overlap: profiling A/Bs), in a pool of its own."""
         pool = None
         self.buf.clear()
-        for key in [only] if only else sorted(self.graphs, key=lambda k: (k[0] == "decode", -k[1])):
+        for key in [only] if only else sorted(self.graphs, key=lambda k: (k[0] != "mixed", -k[1])):
             batch = self.graphs[key][2]
             self.model(batch)  # warm up: compiles kernels, allocates lazily created buffers
             torch.cuda.synchronize()
@@ -274,9 +299,13 @@ class CudaGraphRunner:
         """(kind, bucket, with_lora) of the graph that runs `hb`, or None if no bucket fits it."""
         n, with_lora = len(hb.kv_lens), any(hb.seq_slots)
         if hb.is_decode:
-            if n <= self.buckets[-1]:
-                return "decode", next(b for b in self.buckets if b >= n), with_lora
-            return None
+            if n > self.buckets[-1]:
+                return None
+            b = next(b for b in self.buckets if b >= n)
+            if with_lora and self.sparse_fraction and is_sparse(hb.seq_slots, self.buf.decode_single_max,
+                                                                 self.sparse_fraction):
+                return "sparse", b, True
+            return "decode", b, with_lora
         tokens = len(hb.ids)
         if n <= self.buf.B and tokens <= self.token_buckets[-1]:
             return "mixed", next(t for t in self.token_buckets if t >= tokens), with_lora
@@ -294,7 +323,7 @@ class CudaGraphRunner:
         """Logits of the step's sequences that want one, in hb order. `previous`: the device tokens of the
         step in flight, which placeholder ids refer to; `key`: self.key(hb), if the caller has it."""
         kind, t, with_lora = key = key or self.key(hb)
-        self.buf.write(hb, t, mixed=kind == "mixed")
+        self.buf.write(hb, t, kind)
         if hb.has_pending:
             resolve_pending(self.buf.dev64[0, :t], previous)
         graph, out, batch = self.graphs[key]
