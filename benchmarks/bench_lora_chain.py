@@ -40,6 +40,12 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
                 dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
+    # kernels with fewer registers, so more programs per SM: on sm_90 (Triton 3.8's compiler), hybrid expand with
+    # BLOCK_N 128 / 64: 95 / 47 registers a thread (overwrite), its walk 156 / 80; the shrink's tl.dot path with
+    # BLOCK_M 32 and BLOCK_K 128 / 64: 254 / 164 (`python tests/ops/sm90_compile.py --registers`)
+    "occupancy": [{}, dict(expand_block_n=64), dict(shrink_block_k=64), dict(max_block_m=16),
+                  dict(expand_block_n=64, shrink_block_k=64), dict(expand_block_n=64, persistent_min_batch=0),
+                  dict(expand_block_n=64, shrink_block_k=64, persistent_min_batch=0)],
     # padded lists walked on fixed grids of this many programs per SM (real items only), in every graph
     "persistent": [dict(expand_persistent=0), {}, *(dict(persistent_min_batch=0, shrink_persistent=n,
                                                          expand_persistent=n) for n in (8, 16, 32))],

@@ -2,10 +2,17 @@
 
 The CPU tier runs kernels in the interpreter, which never compiles them: a construct the compiler rejects
 would first fail on the GPU. Run as a script with TRITON_INTERPRET unset (test_compile_sm90.py does);
-prints one line per variant and exits non-zero on the first failure.
+prints one line per variant and exits non-zero on the first failure; `--registers` adds ptxas's register and
+spill counts of each.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -16,12 +23,24 @@ from punica.ops import attention, gemm, kv_store, norm_rope, sgmv
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_variant(fn, args: list[tuple[str, str]], consts: dict) -> int:
-    """Compile fn for TARGET with typed args and constexprs; returns the cubin size."""
+def compile_variant(fn, args: list[tuple[str, str]], consts: dict):
+    """Compile fn for TARGET with typed args and constexprs."""
     signature = dict(args) | {name: "constexpr" for name in consts}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=TARGET,
-                            options=dict(num_warps=4))
-    return len(kernel.asm["cubin"])
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=TARGET,
+                          options=dict(num_warps=4))
+
+
+def registers(kernel) -> str:
+    """ptxas's register and spill report for a compiled kernel (Triton's bundled ptxas, -v): registers a
+    thread bound how many programs an SM holds at once, which memory-bound kernels need many of."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        out = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{TARGET.arch}a", str(ptx), "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    return "; ".join(line.split("info    : ")[-1].strip() for line in out.splitlines()
+                     if "registers" in line or "spill" in line)
 
 
 def ints(*names: str) -> list[tuple[str, str]]:
@@ -106,5 +125,8 @@ def variants():
 
 
 if __name__ == "__main__":
+    show_registers = "--registers" in sys.argv[1:]
     for name, fn, args, consts in variants():
-        print(f"{name}: {compile_variant(fn, args, consts)} bytes of cubin", flush=True)
+        kernel = compile_variant(fn, args, consts)
+        extra = f"; {registers(kernel)}" if show_registers else ""
+        print(f"{name}: {len(kernel.asm['cubin'])} bytes of cubin{extra}", flush=True)
