@@ -27,6 +27,7 @@ from punica.workload import adapter_indices
 # (name, h_in, output slices) of Llama-2-7B's fused projections
 PROJECTIONS = (("qkv", 4096, (4096, 4096, 4096)), ("o", 4096, (4096,)), ("gate_up", 4096, (11008, 11008)),
                ("down", 11008, (4096,)))
+EVERY_GRAPH_WALKS = dict(persistent_min_batch=0, sparse_decode=1.0)  # item counts in mixed and (sparse) decode graphs
 VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
     "knobs": [{}, dict(split_by_tokens=0), dict(expand_tiles=4),
               dict(max_split_k=1), dict(max_split_k=2), dict(max_split_k=4), dict(shrink_waves=1),
@@ -44,11 +45,11 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
     # BLOCK_N 128 / 64: 95 / 47 registers a thread (overwrite), its walk 156 / 80; the shrink's tl.dot path with
     # BLOCK_M 32 and BLOCK_K 128 / 64: 254 / 164 (`python tests/ops/sm90_compile.py --registers`)
     "occupancy": [{}, dict(expand_block_n=64), dict(shrink_block_k=64), dict(max_block_m=16),
-                  dict(expand_block_n=64, shrink_block_k=64), dict(expand_block_n=64, persistent_min_batch=0),
-                  dict(expand_block_n=64, shrink_block_k=64, persistent_min_batch=0)],
+                  dict(expand_block_n=64, shrink_block_k=64), dict(expand_block_n=64, **EVERY_GRAPH_WALKS),
+                  dict(expand_block_n=64, shrink_block_k=64, **EVERY_GRAPH_WALKS)],
     # padded lists walked on fixed grids of this many programs per SM (real items only), in every graph
-    "persistent": [dict(expand_persistent=0), {}, *(dict(persistent_min_batch=0, shrink_persistent=n,
-                                                         expand_persistent=n) for n in (8, 16, 32))],
+    "persistent": [dict(expand_persistent=0), {}, *(dict(shrink_persistent=n, expand_persistent=n, **EVERY_GRAPH_WALKS)
+                                                    for n in (8, 16, 32))],
 }
 
 class Chain:
@@ -83,10 +84,12 @@ def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int, hybrid: bool) -> sgm
     """A work-list plan padded with empty items to the capacity of the graph bucket holding `tokens`
     (`cuda_graph.item_capacity`: a mixed graph's when tokens > batch, else a decode graph's), as the
     engine's graphs launch it; other plans as they are. Decode graphs run no plain (non-hybrid) work list:
-    such a plan stays as cut."""
+    such a plan stays as cut. With TUNING["sparse_decode"], a hybrid decode list is a sparse graph's, whose
+    item counts the kernels read (`cuda_graph.counts_items`)."""
     mixed = tokens > batch
     if plan.items is None or not (mixed or hybrid):
         return plan
+    kind = "mixed" if mixed else "sparse" if sgmv.TUNING["sparse_decode"] else "decode"
     bucket = next(t for t in (token_buckets(1 << 20) if mixed else batch_buckets(batch)) if t >= tokens)
     n_single, n_block = item_capacity(bucket, mixed, hybrid, batch, plan.item_rows, single_max(mixed))
     items = plan.items[:plan.num_single].tolist(), plan.items[plan.num_single:].tolist()
@@ -94,7 +97,7 @@ def padded(plan: sgmv.SegmentPlan, tokens: int, batch: int, hybrid: bool) -> sgm
     device = plan.items.device
     count = torch.tensor([len(items[0]), len(items[1])], dtype=torch.int32, device=device)
     return dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32, device=device), num_single=n_single,
-                               item_count=count if counts_items("mixed" if mixed else "decode", batch) else None)
+                               item_count=count if counts_items(kind, batch) else None)
 
 
 def single_max(mixed: bool) -> int:
