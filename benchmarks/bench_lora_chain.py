@@ -41,12 +41,15 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
                 dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
-    # kernels with fewer registers, so more programs per SM: on sm_90 (Triton 3.8's compiler), hybrid expand with
-    # BLOCK_N 128 / 64: 95 / 47 registers a thread (overwrite), its walk 156 / 80; the shrink's tl.dot path with
-    # BLOCK_M 32 and BLOCK_K 128 / 64: 254 / 164 (`python tests/ops/sm90_compile.py --registers`)
-    "occupancy": [{}, dict(expand_block_n=64), dict(shrink_block_k=64), dict(max_block_m=16),
-                  dict(expand_block_n=64, shrink_block_k=64), dict(expand_block_n=64, **EVERY_GRAPH_WALKS),
-                  dict(expand_block_n=64, shrink_block_k=64, **EVERY_GRAPH_WALKS)],
+    # kernels with fewer registers, so more programs per SM. On sm_90 with Triton 3.8's compiler (`python
+    # tests/ops/sm90_compile.py --registers`; registers a thread): expand, hybrid, overwrite, BLOCK_N 128 / 64:
+    # 95 / 47 (walking: 156 / 80); shrink, hybrid, split K (BLOCK_M, BLOCK_K, single-token BLOCK_K): (32, 128,
+    # 512) 168, (32, 64, 256) 128, (16, 128, 256) 96, (32, 32, 256) 94; token mode's shrink, BLOCK_K 512 / 256:
+    # 123 / 54. max_block_k=256 halves the single-token BLOCK_K (the A tile of a token: 16 x 256)
+    "occupancy": [{}, dict(expand_block_n=64), dict(max_block_k=256), dict(max_block_k=256, max_block_m=16),
+                  dict(max_block_k=256, shrink_block_k=32), dict(expand_block_n=64, max_block_k=256),
+                  dict(expand_block_n=64, max_block_k=256, max_block_m=16),
+                  dict(expand_block_n=64, **EVERY_GRAPH_WALKS)],
     # padded lists walked on fixed grids of this many programs per SM (real items only), in every graph
     "persistent": [dict(expand_persistent=0), {}, *(dict(shrink_persistent=n, expand_persistent=n, **EVERY_GRAPH_WALKS)
                                                     for n in (8, 16, 32))],
