@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from punica import LLM, SamplingParams
 from punica.lora.convert import convert_adapter, main
@@ -102,3 +104,29 @@ def _wider_model(tmp_path, model_dir: str) -> str:
     wider.mkdir()
     (wider / "config.json").write_text(json.dumps({**cfg, "hidden_size": 2 * cfg["hidden_size"]}))
     return str(wider)
+
+
+def _full_disk_weights(tensors, path, metadata=None):
+    open(path, "wb").write(b"\0" * 100)  # what safetensors leaves when the disk fills up mid-file
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _full_disk_config(obj, f, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fails", ["weights", "config"])
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_failed_write_leaves_nothing_behind(tiny_models, tmp_path, capsys, monkeypatch, fails, out_exists):
+    _, model_dir, adapters = tiny_models["llama"]
+    out = tmp_path / "out"
+    if out_exists:
+        out.mkdir()
+    if fails == "weights":
+        monkeypatch.setattr("punica.lora.convert.save_file", _full_disk_weights)
+    else:
+        monkeypatch.setattr("punica.lora.convert.json.dump", _full_disk_config)
+    assert main(convert_args(adapters["a4"], model_dir, out)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("punica convert: error: cannot write") and "No space left" in err, err
+    assert (os.listdir(out) == []) if out_exists else not out.exists()

@@ -7,6 +7,7 @@ problem raises AdapterError naming the cause, from the same validation that serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from punica.config import ModelConfig, read_model_config
@@ -78,16 +80,26 @@ def convert_adapter(adapter_dir: str, model_dir: str, out_dir: str | None = None
 
 
 def _write(out_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Each file written beside its final name, then renamed over it: no reader sees half a file."""
+    """Each file written beside its final name, then renamed over it: no reader sees half a file. A failed
+    write leaves neither temporary files nor a directory it created."""
+    created = not os.path.exists(out_dir)
+    tmp = {name: os.path.join(out_dir, name + ".tmp") for name in (WEIGHTS, CONFIG)}
     try:
         os.makedirs(out_dir, exist_ok=True)
-        save_file(tensors, os.path.join(out_dir, WEIGHTS + ".tmp"), metadata={"format": "pt"})
-        with open(os.path.join(out_dir, CONFIG + ".tmp"), "w") as f:
+        save_file(tensors, tmp[WEIGHTS], metadata={"format": "pt"})
+        with open(tmp[CONFIG], "w") as f:
             json.dump(config, f, indent=2)
-        for name in (WEIGHTS, CONFIG):
-            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    except OSError as e:
+        for name, path in tmp.items():
+            os.replace(path, os.path.join(out_dir, name))
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
         raise AdapterError(f"cannot write the converted adapter to {out_dir!r}: {e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            for path in tmp.values():
+                if os.path.exists(path):
+                    os.remove(path)
+            if created and not os.listdir(out_dir):
+                os.rmdir(out_dir)
 
 
 def _fmt(values) -> str:
