@@ -61,3 +61,30 @@ def test_missing_and_unsupported_models_raise(tmp_path, tiny_models):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*not supported"):
         LLM(model=str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("breakage, match", [
+    ("truncated", "cannot read .*model-00001-of-.*incomplete metadata"),
+    ("empty", "cannot read .*model-00001-of-.*header too small"),
+    ("shard_missing", "names shards missing .*model-00002-of-"),
+    ("index_not_json", "cannot read .*index.json \\(JSONDecodeError"),
+    ("index_without_weight_map", "cannot read .*index.json \\(KeyError: 'weight_map'"),
+])
+def test_corrupt_checkpoint_files_raise(llama3_dir, tmp_path, breakage, match):
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(llama3_dir[1], path)
+    first = sorted(path.glob("model-00001-of-*.safetensors"))[0]
+    if breakage == "truncated":  # an interrupted download
+        first.write_bytes(first.read_bytes()[:-10])
+    elif breakage == "empty":
+        first.write_bytes(b"")
+    elif breakage == "shard_missing":
+        next(path.glob("model-00002-of-*.safetensors")).unlink()
+    elif breakage == "index_not_json":
+        (path / "model.safetensors.index.json").write_text("{")
+    else:
+        (path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=match):
+        LLM(model=str(path), dtype="float32", device="cpu")

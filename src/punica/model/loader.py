@@ -6,7 +6,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from punica.config import read_model_config
 from punica.errors import ModelLoadError
@@ -19,8 +19,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def checkpoint_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"cannot read {index} ({type(e).__name__}: {e}): it must map 'weight_map' "
+                                 "to {tensor name: shard file}") from e
+        missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
+        if missing:
+            raise ModelLoadError(f"{index} names shards missing from {model_dir!r}: {missing[:5]}")
         return [os.path.join(model_dir, s) for s in shards]
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.isfile(single):
@@ -54,18 +61,25 @@ def load_weights(model: LlamaModel, model_dir: str) -> None:
     """Copy every tensor of the checkpoint into `model`; refuse unknown, missing or mis-shaped tensors."""
     dests = _destinations(model)
     for path in checkpoint_files(model_dir):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if "rotary_emb" in name or (name == "lm_head.weight" and model.config.tie_word_embeddings):
-                    continue
-                if name not in dests:
-                    raise ModelLoadError(f"unexpected tensor {name!r} in {path}")
-                tensor, dst = f.get_tensor(name), dests.pop(name)
-                if dst.shape != tensor.shape:
-                    raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
-                dst.copy_(tensor)
+        try:
+            _load_file(path, dests, model.config.tie_word_embeddings)
+        except (OSError, SafetensorError) as e:  # a truncated or corrupt file, e.g. an interrupted download
+            raise ModelLoadError(f"cannot read {path}: {e}; download or convert the checkpoint again") from e
     if dests:
         raise ModelLoadError(f"checkpoint in {model_dir!r} lacks tensors: {sorted(dests)[:5]}")
+
+
+def _load_file(path: str, dests: dict[str, torch.Tensor], tied: bool) -> None:
+    with safe_open(path, framework="pt") as f:
+        for name in f.keys():
+            if "rotary_emb" in name or (name == "lm_head.weight" and tied):
+                continue
+            if name not in dests:
+                raise ModelLoadError(f"unexpected tensor {name!r} in {path}")
+            tensor, dst = f.get_tensor(name), dests.pop(name)
+            if dst.shape != tensor.shape:
+                raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
+            dst.copy_(tensor)
 
 
 def init_dummy_weights(model: LlamaModel, seed: int = 0) -> None:
