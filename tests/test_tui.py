@@ -132,6 +132,14 @@ def test_main_builds_the_engine_from_args(llama_with_tokenizer, monkeypatch, cap
     assert "punica demo: error:" in capsys.readouterr().err
 
 
+def test_main_refuses_a_model_without_tokenizer(tiny_models, monkeypatch, capsys):
+    _, model_dir, adapters = tiny_models["llama"]  # no tokenizer.json: the TUI could not encode a prompt
+    monkeypatch.setattr(MultiLoRAApp, "run", lambda app: pytest.fail("the TUI started"))
+    args = argparse.Namespace(model=model_dir, lora=[f"a4={adapters['a4']}"], device="cpu", backend="torch")
+    assert main(args) == 1
+    assert "punica demo: error: the demo needs a tokenizer.json" in capsys.readouterr().err
+
+
 def test_command_line_options(tmp_path):
     args = argparse.Namespace(model=str(tmp_path), lora=None, device="cpu", dtype=None, max_loras=None,
                               block_size=32, prompt=None)

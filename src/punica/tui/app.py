@@ -212,6 +212,8 @@ def main(args: Namespace) -> int:
         model, adapters, notice = resolve_models(args)
         print(f"punica demo: loading {model} with {len(adapters)} adapter(s)…", file=sys.stderr)
         engine = Engine.from_args(model, adapters, **engine_options(args, len(adapters)))
+        if engine.tokenizer is None:  # every prompt typed into the demo is text
+            raise ConfigError(f"the demo needs a tokenizer.json in {model!r} to encode its prompts")
         temperature, max_tokens = getattr(args, "temperature", None), getattr(args, "max_tokens", None)
         params = demo_sampling_params(engine, DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
                                       DEFAULT_TEMPERATURE if temperature is None else temperature)
