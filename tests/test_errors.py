@@ -182,3 +182,13 @@ def test_bad_engine_options(tiny_models):
         LLM(model=model_dir, device="cpu", max_model_len=100_000)
     with pytest.raises(ConfigError, match="KV cache's 2 blocks"):
         LLM(model=model_dir, device="cpu", max_model_len=64, num_blocks=2, block_size=16)
+
+
+@pytest.mark.parametrize("chat", [[], ["--chat"]])
+def test_generate_without_tokenizer_says_so(tiny_models, capsys, chat):
+    from punica import cli
+
+    _, model_dir, _ = tiny_models["llama"]  # no tokenizer.json, and the CLI takes only text prompts
+    assert cli.main(["generate", "--model", model_dir, "--device", "cpu", "--prompt", "w5", *chat]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == "punica generate: error: generate needs a tokenizer.json in the model directory to encode --prompt"

@@ -112,6 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loras = generation_loras(args.use_lora, len(args.prompt))
     params = SamplingParams(**given(args, SamplingParams, SAMPLING_PREFIX))
     engine = build_engine(args)
+    if engine.tokenizer is None:
+        raise ConfigError("generate needs a tokenizer.json in the model directory to encode --prompt")
     prompts = [chat_prompt(engine, p) if args.chat else p for p in args.prompt]
     if args.chat and engine.tokenizer is not None and engine.tokenizer.eos_token:
         eos = engine.tokenizer.token_id(engine.tokenizer.eos_token)
@@ -137,8 +139,6 @@ def generation_loras(names: list[str] | None, num_prompts: int) -> list[str | No
 
 
 def chat_prompt(engine, text: str) -> str:
-    if engine.tokenizer is None:
-        raise ConfigError("--chat needs a tokenizer.json (and a chat template) in the model directory")
     return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
 
 
