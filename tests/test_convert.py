@@ -7,6 +7,7 @@ import copy
 import errno
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -96,6 +97,17 @@ def test_broken_adapter_fails_with_a_clear_message(tiny_models, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("punica convert: error:") and message in err, err
     assert not out.exists()
+
+
+def test_converted_weights_are_as_readable_as_the_config(tiny_models, tmp_path):
+    _, model_dir, adapters = tiny_models["llama"]
+    old_umask = os.umask(0o022)  # a server running as another user must be able to read the output
+    try:
+        convert_adapter(adapters["a4"], model_dir, str(tmp_path / "out"))
+    finally:
+        os.umask(old_umask)
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) for name in os.listdir(tmp_path / "out")}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
 
 
 def _wider_model(tmp_path, model_dir: str) -> str:

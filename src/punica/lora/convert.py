@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ def _write(out_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> None
         save_file(tensors, tmp[WEIGHTS], metadata={"format": "pt"})
         with open(tmp[CONFIG], "w") as f:
             json.dump(config, f, indent=2)
+        # safetensors 0.8 creates files 0600 whatever the umask: give the weights the mode open() gave the config
+        os.chmod(tmp[WEIGHTS], stat.S_IMODE(os.stat(tmp[CONFIG]).st_mode))
         for name, path in tmp.items():
             os.replace(path, os.path.join(out_dir, name))
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError

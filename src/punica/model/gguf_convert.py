@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from typing import Callable
 
@@ -247,6 +248,8 @@ def _write_hf_dir(out_dir: str, tensors: dict[str, torch.Tensor], config: dict, 
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, weights, metadata={"format": "pt"})
     _write_json(config_path, config)
+    # safetensors 0.8 creates files 0600 whatever the umask: give the weights the mode open() gave config.json
+    os.chmod(weights, stat.S_IMODE(os.stat(config_path).st_mode))
     _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(meta))
     _write_json(os.path.join(out_dir, "tokenizer_config.json"),
                 tokenizer_config(meta, config["max_position_embeddings"]))
