@@ -60,6 +60,27 @@ def test_unsupported_peft_options_are_refused(llm, adapter_copy, option, value, 
     still_works(llm)
 
 
+@pytest.mark.parametrize("option,value,match", [
+    ("lora_alpha", "16", "lora_alpha must be a finite number, got str '16'"),
+    ("lora_alpha", None, "lora_alpha must be a finite number, got NoneType None"),
+    ("r", "4", "r must be a positive integer, got str '4'"),  # it read "rank 4 but the config says r=4"
+    ("r", 4.5, "r must be a positive integer, got float 4.5"),
+    ("rank_pattern", ["q_proj"], "rank_pattern must be an object"),
+    ("rank_pattern", {"q_proj": "4"}, "rank_pattern must be an object .* got dict"),
+    ("alpha_pattern", {"v_proj": None}, "alpha_pattern must be an object"),
+    ("rank_pattern", {"q_proj(": 4}, r"rank_pattern key 'q_proj\(' is not a valid regular expression"),
+    ("alpha_pattern", {"[v": 4}, r"alpha_pattern key '\[v' is not a valid regular expression"),
+    ("peft_type", None, "peft_type must be a string, got NoneType None"),
+    ("target_modules", [1, 2], "target_modules must be a module name or regex, a list of module names"),
+])
+def test_adapter_config_values_of_the_wrong_type_are_refused(llm, adapter_copy, option, value, match):
+    path = adapter_copy("a4")
+    edit_config(path, **{option: value})
+    with pytest.raises(AdapterError, match=match):
+        llm.add_lora("bad", path)
+    still_works(llm)
+
+
 @pytest.mark.parametrize("case,match", [("nan", "NaN"), ("int", "floating point"), ("list_config", "JSON object")])
 def test_broken_adapter_contents_are_refused(llm, adapter_copy, case, match):
     path = adapter_copy("a4")

@@ -8,6 +8,7 @@ subset of q/k/v/o/gate/up/down, a regex, or "all-linear"), `layers_to_transform`
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file
 
-from punica.config import ModelConfig
+from punica.config import ModelConfig, is_int, is_number
 from punica.errors import AdapterError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -58,7 +59,47 @@ def read_adapter_config(path: str) -> dict:
         raise AdapterError(f"cannot read {cfg_path}: {e}") from e
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    check_values(cfg, path)
     return cfg
+
+
+def _is_rank(value) -> bool:
+    return is_int(value) and value > 0
+
+
+def _is_alpha(value) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
+def _is_targets(value) -> bool:
+    return value is None or isinstance(value, str) or isinstance(value, list) and all(isinstance(t, str) for t in value)
+
+
+_VALUE_CHECKS = {  # option: (accepts its value, what it must be); an option left out keeps its default
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (_is_rank, "a positive integer"),
+    "lora_alpha": (_is_alpha, "a finite number"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_is_rank, v.values())),
+                     "an object mapping module patterns to positive integers"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_is_alpha, v.values())),
+                      "an object mapping module patterns to finite numbers"),
+    "target_modules": (_is_targets, "a module name or regex, a list of module names, or null"),
+}
+
+
+def check_values(cfg: dict, path: str) -> None:
+    """Refuse option values of the wrong type and rank/alpha_pattern keys that are not regular expressions."""
+    for option, (accepts, kind) in _VALUE_CHECKS.items():
+        if option in cfg and not accepts(cfg[option]):
+            value = cfg[option]
+            raise AdapterError(f"adapter {path!r}: {option} must be {kind}, got {type(value).__name__} {value!r}")
+    for option in ("rank_pattern", "alpha_pattern"):
+        for key in cfg.get(option) or {}:
+            try:
+                re.compile(_suffix_pattern(key))
+            except re.error as e:
+                raise AdapterError(f"adapter {path!r}: {option} key {key!r} is not a valid regular expression "
+                                   f"({e})") from e
 
 
 def check_supported(cfg: dict, path: str) -> None:
@@ -106,11 +147,16 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     raise AdapterError(f"{path!r} has neither adapter_model.safetensors nor adapter_model.bin")
 
 
+def _suffix_pattern(key: str) -> str:
+    """PEFT's regex for a rank/alpha_pattern key: the key matches a module's full name as a suffix."""
+    return rf"(.*\.)?({key})$"
+
+
 def _pattern_value(patterns: dict, layer: int, proj: str, default):
     """PEFT's rank/alpha_pattern lookup: the first key that matches the module's full name as a suffix."""
     full = f"model.layers.{layer}.{'mlp' if proj in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{proj}"
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", full):
+        if re.match(_suffix_pattern(key), full):
             return value
     return default
 
