@@ -127,6 +127,9 @@ def test_adapter_for_another_base_model(llm, tmp_path):
 def test_missing_files(llm, adapter_copy, tmp_path):
     with pytest.raises(AdapterError, match="does not exist"):
         llm.add_lora("x", str(tmp_path / "nowhere"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(AdapterError, match="'.*file' is not a directory"):  # it said "does not exist"
+        llm.add_lora("x", str(tmp_path / "file"))
     path = adapter_copy("a4")
     os.remove(os.path.join(path, "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="neither adapter_model.safetensors nor adapter_model.bin"):

@@ -48,8 +48,11 @@ def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
 
 def read_adapter_config(path: str) -> dict:
     cfg_path = os.path.join(path, "adapter_config.json")
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         raise AdapterError(f"adapter directory {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise AdapterError(f"adapter {path!r} is not a directory: pass the PEFT adapter's folder (with "
+                           "adapter_config.json)")
     if not os.path.isfile(cfg_path):
         raise AdapterError(f"{path!r} has no adapter_config.json: not a PEFT adapter directory")
     try:
