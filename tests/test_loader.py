@@ -63,6 +63,17 @@ def test_missing_and_unsupported_models_raise(tmp_path, tiny_models):
         LLM(model=str(tmp_path), device="cpu")
 
 
+@pytest.mark.parametrize("config, match", [
+    ([1, 2], "config.json must hold a JSON object, got list"),
+])
+def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
+    """`config` is merged into the tiny llama's config.json, or replaces it where it is not a dict."""
+    base = json.loads(open(os.path.join(tiny_models["llama"][1], "config.json")).read())
+    (tmp_path / "config.json").write_text(json.dumps({**base, **config} if isinstance(config, dict) else config))
+    with pytest.raises(ModelLoadError, match=match):
+        LLM(model=str(tmp_path), device="cpu")
+
+
 @pytest.mark.parametrize("breakage, match", [
     ("truncated", "cannot read .*model-00001-of-.*incomplete metadata"),
     ("empty", "cannot read .*model-00001-of-.*header too small"),
