@@ -63,14 +63,27 @@ def test_missing_and_unsupported_models_raise(tmp_path, tiny_models):
         LLM(model=str(tmp_path), device="cpu")
 
 
+def write_config(model_dir, tiny_models, config) -> None:
+    """A config.json in `model_dir`: `config` merged into the tiny llama's, or in its place where not a dict."""
+    base = json.loads(open(os.path.join(tiny_models["llama"][1], "config.json")).read())
+    (model_dir / "config.json").write_text(json.dumps({**base, **config} if isinstance(config, dict) else config))
+
+
 @pytest.mark.parametrize("config, match", [
     ([1, 2], "config.json must hold a JSON object, got list"),
 ])
 def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
-    """`config` is merged into the tiny llama's config.json, or replaces it where it is not a dict."""
-    base = json.loads(open(os.path.join(tiny_models["llama"][1], "config.json")).read())
-    (tmp_path / "config.json").write_text(json.dumps({**base, **config} if isinstance(config, dict) else config))
+    write_config(tmp_path, tiny_models, config)
     with pytest.raises(ModelLoadError, match=match):
+        LLM(model=str(tmp_path), device="cpu")
+
+
+def test_architectures_as_a_string_is_refused(tmp_path, tiny_models):
+    """A string is refused, not read as a one-name list: it used to be indexed to its first letter ("architecture
+    'L' is not supported"), and transformers and other HF tools would misread the same config.json, so the fix
+    belongs in the file."""
+    write_config(tmp_path, tiny_models, {"architectures": "LlamaForCausalLM"})
+    with pytest.raises(ModelLoadError, match="architectures in .*config.json must be a list.*got 'LlamaForCausalLM'"):
         LLM(model=str(tmp_path), device="cpu")
 
 

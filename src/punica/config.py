@@ -78,7 +78,10 @@ def read_model_config(model_dir: str) -> ModelConfig:
 def _model_config(hf: dict, path: str) -> ModelConfig:
     if not isinstance(hf, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, got {type(hf).__name__}")
-    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    archs = hf.get("architectures") or ["LlamaForCausalLM"]
+    if not isinstance(archs, list):
+        raise ModelLoadError(f"architectures in {path} must be a list, like [\"LlamaForCausalLM\"], got {archs!r}")
+    arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"architecture {arch!r} in {path} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
     rope = hf.get("rope_parameters") or {}
