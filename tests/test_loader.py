@@ -71,6 +71,10 @@ def write_config(model_dir, tiny_models, config) -> None:
 
 @pytest.mark.parametrize("config, match", [
     ([1, 2], "config.json must hold a JSON object, got list"),
+    *[({name: value}, f"{name}={value!r} in .*config.json must be a positive integer")  # not a shape mismatch later
+      for name in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+                   "num_key_value_heads") for value in (0, -2)],
+    ({"hidden_size": "64"}, "hidden_size='64' in .*config.json must be a positive integer"),
 ])
 def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
     write_config(tmp_path, tiny_models, config)

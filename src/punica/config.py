@@ -87,11 +87,12 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     eos = hf.get("eos_token_id")
-    heads = hf["num_attention_heads"]
+    heads, hidden = _size(hf, "num_attention_heads", path), _size(hf, "hidden_size", path)
     return ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=_size(hf, "vocab_size", path), hidden_size=hidden,
+        intermediate_size=_size(hf, "intermediate_size", path), num_layers=_size(hf, "num_hidden_layers", path),
+        num_heads=heads, num_kv_heads=_size(hf, "num_key_value_heads", path, default=heads),
+        head_dim=hf.get("head_dim") or hidden // heads,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
@@ -101,6 +102,14 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         bos_token_id=hf.get("bos_token_id"), architecture=arch,
         torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
     )
+
+
+def _size(hf: dict, name: str, path: str, default: int | None = None) -> int:
+    """hf[name], which must be a positive integer; `default` where it is absent or null, if given."""
+    value = hf[name] if default is None or hf.get(name) is not None else default
+    if not (is_int(value) and value > 0):
+        raise ModelLoadError(f"{name}={value!r} in {path} must be a positive integer")
+    return value
 
 
 @dataclass(frozen=True)
