@@ -75,7 +75,7 @@ def test_converting_in_place_keeps_the_tensors(tiny_models, tmp_path):
     ("other_base", "do not fit the base projection"),
     ("dora", "use_dora"),
     ("no_weights", "neither adapter_model.safetensors nor adapter_model.bin"),
-    ("no_model", "config.json"),
+    ("no_model", "missing' does not exist"),
 ])
 def test_broken_adapter_fails_with_a_clear_message(tiny_models, tmp_path, capsys, breakage, message):
     import shutil

@@ -58,6 +58,11 @@ def test_half_precision_runs_and_mostly_agrees(tiny_models, dtype):
 def test_missing_and_unsupported_models_raise(tmp_path, tiny_models):
     with pytest.raises(ModelLoadError, match="no config.json"):
         LLM(model=str(tmp_path), device="cpu")
+    with pytest.raises(ModelLoadError, match="'.*nowhere' does not exist"):  # these said "no config.json in"
+        LLM(model=str(tmp_path / "nowhere"), device="cpu")
+    (tmp_path / "model.gguf").write_text("")
+    with pytest.raises(ModelLoadError, match="'.*model.gguf' is not a directory"):
+        LLM(model=str(tmp_path / "model.gguf"), device="cpu")
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*not supported"):
         LLM(model=str(tmp_path), device="cpu")

@@ -66,6 +66,10 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 def read_model_config(model_dir: str) -> ModelConfig:
     """ModelConfig from `model_dir/config.json`, refusing architectures we do not implement."""
     path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(model_dir):
+        raise ModelLoadError(f"model directory {model_dir!r} does not exist")
+    if not os.path.isdir(model_dir):
+        raise ModelLoadError(f"model {model_dir!r} is not a directory: pass an HF model directory")
     if not os.path.isfile(path):
         raise ModelLoadError(f"no config.json in {model_dir!r}: pass an HF model directory")
     try:
