@@ -1,12 +1,15 @@
-"""Incremental detokenization: streamed deltas add up to the full decode, also across multi-byte characters."""
+"""Incremental detokenization: streamed deltas add up to the full decode, also across multi-byte characters; unreadable
+tokenizer files raise ModelLoadError."""
 
 from __future__ import annotations
 
 import pytest
+from factories import write_word_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from punica.engine.tokenizer import Tokenizer
+from punica.errors import ModelLoadError
 
 TEXT = "Déjà vu: naïve café — 東京 ünïcödé 🙂🚀 and plain ascii words, again and again."
 
@@ -34,3 +37,15 @@ def test_deltas_concatenate_to_the_full_decode(byte_bpe, text):
             assert delta == "", "a token that ends inside a character must be held back"
         out += delta
     assert out == byte_bpe.decode(ids) == text
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer.json", '{"version": "1.0", "model": 5'),  # tokenizers raised a bare Exception
+    ("tokenizer.json", '{"version": "1.0"}'),
+    ("tokenizer_config.json", "{"),
+])
+def test_unreadable_tokenizer_files_raise(tmp_path, name, content):
+    write_word_tokenizer(str(tmp_path))
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ModelLoadError, match=f"cannot read .*{name}: "):
+        Tokenizer(str(tmp_path))

@@ -6,19 +6,25 @@ import functools
 import json
 import os
 
-from punica.errors import BadRequestError
+from punica.errors import BadRequestError, ModelLoadError
 
 
 class Tokenizer:
     def __init__(self, model_dir: str):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-        cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+        tok_path, cfg_path = os.path.join(model_dir, "tokenizer.json"), os.path.join(model_dir, "tokenizer_config.json")
+        try:
+            self._tok = HFTokenizer.from_file(tok_path)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ModelLoadError(f"cannot read {tok_path}: {e}") from e
         cfg = {}
         if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                cfg = json.load(f)
+            try:
+                with open(cfg_path) as f:
+                    cfg = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
         self.chat_template: str | None = cfg.get("chat_template")
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
