@@ -139,6 +139,14 @@ def test_missing_wheel_names_the_pip_command(monkeypatch):
         demo_model.default_model_dir()
 
 
+@pytest.mark.parametrize("cache", ["file", "file/below"])
+def test_cache_at_or_under_a_file_raises(gguf_path, tmp_path, monkeypatch, cache):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PUNICA_CACHE", str(tmp_path / cache))
+    with pytest.raises(ModelLoadError, match=f"cannot create the demo model's cache in '.*/{cache}'"):
+        demo_model.default_model_dir()
+
+
 @pytest.mark.parametrize("content", ["not_gguf", "truncated"])
 def test_unreadable_gguf_raises(tmp_path, content):
     bad = tmp_path / "model.gguf"

@@ -62,8 +62,12 @@ def _convert_atomically(gguf_path: str, target: str, stamp: dict) -> None:
     from punica.model.gguf_convert import convert_gguf
 
     parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=parent)
+    except OSError as e:  # the cache path, or a folder above it, is a file, or is not writable
+        raise ModelLoadError(f"cannot create the demo model's cache in {parent!r} ({e}); set PUNICA_CACHE to a "
+                             "writable directory") from e
     os.chmod(tmp, 0o755)
     try:
         convert_gguf(gguf_path, tmp)
