@@ -72,6 +72,10 @@ def test_unsupported_peft_options_are_refused(llm, adapter_copy, option, value, 
     ("alpha_pattern", {"[v": 4}, r"alpha_pattern key '\[v' is not a valid regular expression"),
     ("peft_type", None, "peft_type must be a string, got NoneType None"),
     ("target_modules", [1, 2], "target_modules must be a module name or regex, a list of module names"),
+    ("layers_to_transform", ["0", 1], "layers_to_transform must be a layer index"),  # was a TypeError
+    ("layers_to_transform", -1, "layers_to_transform must be a layer index"),
+    ("use_rslora", "false", "use_rslora must be true or false, got str 'false'"),  # read as on
+    ("use_dora", "false", "use_dora must be true or false"),  # read as DoRA
 ])
 def test_adapter_config_values_of_the_wrong_type_are_refused(llm, adapter_copy, option, value, match):
     path = adapter_copy("a4")

@@ -74,6 +74,12 @@ def _is_alpha(value) -> bool:
     return is_number(value) and math.isfinite(value)
 
 
+def _is_layers(value) -> bool:
+    def is_layer(v) -> bool:
+        return is_int(v) and v >= 0
+    return value is None or is_layer(value) or isinstance(value, list) and all(map(is_layer, value))
+
+
 def _is_targets(value) -> bool:
     return value is None or isinstance(value, str) or isinstance(value, list) and all(isinstance(t, str) for t in value)
 
@@ -87,6 +93,10 @@ _VALUE_CHECKS = {  # option: (accepts its value, what it must be); an option lef
     "alpha_pattern": (lambda v: v is None or isinstance(v, dict) and all(map(_is_alpha, v.values())),
                       "an object mapping module patterns to finite numbers"),
     "target_modules": (_is_targets, "a module name or regex, a list of module names, or null"),
+    "layers_to_transform": (_is_layers, "a layer index, a list of layer indices, or null"),
+    # switches: a string such as "false" would read as on
+    **{flag: (lambda v: v is None or isinstance(v, bool), "true or false")
+       for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "use_qalora", "lora_bias")},
 }
 
 
