@@ -80,6 +80,8 @@ def write_config(model_dir, tiny_models, config) -> None:
       for name in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
                    "num_key_value_heads") for value in (0, -2)],
     ({"hidden_size": "64"}, "hidden_size='64' in .*config.json must be a positive integer"),
+    ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads=3 .* must divide"),
+    ({"num_attention_heads": 4, "hidden_size": 66, "head_dim": None}, "hidden_size=66 .* not a multiple"),
 ])
 def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
     write_config(tmp_path, tiny_models, config)

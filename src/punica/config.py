@@ -74,7 +74,11 @@ def read_model_config(model_dir: str) -> ModelConfig:
         raise ModelLoadError(f"no config.json in {model_dir!r}: pass an HF model directory")
     try:
         with open(path) as f:
-            return _model_config(json.load(f), path)
+            hf = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, or not JSON (JSONDecodeError is a ValueError)
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    try:
+        return _model_config(hf, path)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"cannot read {path}: missing or malformed field {e}") from e
 
@@ -92,10 +96,16 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     eos = hf.get("eos_token_id")
     heads, hidden = _size(hf, "num_attention_heads", path), _size(hf, "hidden_size", path)
+    kv_heads = _size(hf, "num_key_value_heads", path, default=heads)
+    if heads % kv_heads:
+        raise ModelLoadError(f"num_key_value_heads={kv_heads} in {path} must divide num_attention_heads={heads}")
+    if not hf.get("head_dim") and hidden % heads:
+        raise ModelLoadError(f"hidden_size={hidden} in {path} is not a multiple of num_attention_heads={heads}; "
+                             f"set head_dim")
     return ModelConfig(
         vocab_size=_size(hf, "vocab_size", path), hidden_size=hidden,
         intermediate_size=_size(hf, "intermediate_size", path), num_layers=_size(hf, "num_hidden_layers", path),
-        num_heads=heads, num_kv_heads=_size(hf, "num_key_value_heads", path, default=heads),
+        num_heads=heads, num_kv_heads=kv_heads,
         head_dim=hf.get("head_dim") or hidden // heads,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
