@@ -177,7 +177,18 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP spin-waits on a busy machine")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for name in ("rank", "alpha", "steps", "batch_size", "max_len", "lr", "threads", "log_every"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # `not > 0` refuses nan too
+            ap.error(f"--{name.replace('_', '-')} must be positive, not {value}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be 0 or more, not {args.warmup}")
+    if not 0 <= args.dropout < 1:
+        ap.error(f"--dropout must be at least 0 and below 1, not {args.dropout}")
+    if not 0 <= args.raw_fraction <= 1:
+        ap.error(f"--raw-fraction must be between 0 and 1, not {args.raw_fraction}")
+    return args
 
 
 def check_room(tok, examples: list[dict], args) -> None:
