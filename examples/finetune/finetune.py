@@ -201,12 +201,36 @@ def check_room(tok, examples: list[dict], args) -> None:
                          f"({len(chat[0][0])} tokens or more); raise --max-len")
 
 
+def read_examples(path: str, batch_size: int) -> list[dict]:
+    """The examples of a .jsonl from prepare_data.py; exits with a message naming the file (and line) when it is
+    unreadable, malformed, or holds fewer examples than one batch (the batches would never come)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"finetune: cannot read --data {path}: {getattr(e, 'strerror', None) or e}") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError:
+            example = None
+        if not (isinstance(example, dict) and all(isinstance(example.get(k), str) for k in ("topic", "text"))):
+            raise SystemExit(f'finetune: {path} line {number} is not {{"topic": "...", "text": "..."}} '
+                             f"as prepare_data.py writes")
+        examples.append(example)
+    if len(examples) < batch_size:
+        raise SystemExit(f"finetune: {path} holds {len(examples)} examples, fewer than --batch-size {batch_size}")
+    return examples
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    with open(args.data, encoding="utf-8") as f:
-        examples = [json.loads(line) for line in f]
+    examples = read_examples(args.data, args.batch_size)
     tok, model = load(args)
     check_room(tok, examples, args)
     log(f"{len(examples)} examples from {args.data}; rank {args.rank}, {args.steps} steps of {args.batch_size}")
