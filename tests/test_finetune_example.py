@@ -4,6 +4,7 @@ llama writes an adapter that Punica loads."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -20,6 +21,16 @@ def load_script(name: str):
 
 
 finetune = load_script("finetune")
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """main() sets torch's thread count (--threads); later tests in the session should not run on one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--lr", "-1"), ("--lr", "nan"), ("--rank", "0"),
@@ -53,3 +64,43 @@ def test_bad_data_exits_with_a_message_before_loading_the_model(content, message
     with pytest.raises(SystemExit) as exit_info:
         finetune.main(argv)
     assert str(data) in str(exit_info.value) and message in str(exit_info.value), exit_info.value
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny random llama with a word-level tokenizer (no pad token, as Llama's) and a chat template."""
+    from factories import make_hf_model, write_word_tokenizer
+
+    model_dir = str(tmp_path_factory.mktemp("finetune") / "model")
+    make_hf_model("llama").save_pretrained(model_dir)
+    write_word_tokenizer(model_dir)
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE, "eos_token": "</s>", "bos_token": "<s>"}, f)
+    return model_dir
+
+
+def write_data(path, n: int = 4) -> str:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"topic": f"w{10 + i}", "text": " ".join(f"w{j}" for j in range(3 + i, 20 + i))}) + "\n")
+    return str(path)
+
+
+def train_args(tiny_llama, tmp_path, *extra) -> list[str]:
+    return ["--data", write_data(tmp_path / "data.jsonl"), "--out", str(tmp_path / "adapter"), "--model", tiny_llama,
+            "--steps", "2", "--batch-size", "2", "--max-len", "32", "--rank", "4", "--no-bf16", *extra]
+
+
+def test_a_short_run_writes_an_adapter_punica_loads(tiny_llama, tmp_path, capsys):
+    from punica.lora.convert import convert_adapter
+
+    finetune.main(train_args(tiny_llama, tmp_path))
+    out = tmp_path / "adapter"
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "training.json"]
+    assert "step    2/2  loss" in capsys.readouterr().err
+    conversion = convert_adapter(str(out), tiny_llama, str(tmp_path / "converted"))
+    assert set(conversion.projections) == set(finetune.PROJECTIONS) and conversion.max_rank == 4

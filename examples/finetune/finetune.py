@@ -81,6 +81,8 @@ def load(args):
 
     model_dir = args.model or default_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:  # Llama's tokenizers have none; padding is masked out, so any token will do
+        tok.pad_token = tok.eos_token
     base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=args.dropout,
                       target_modules=PROJECTIONS, task_type="CAUSAL_LM")
