@@ -98,9 +98,40 @@ def train_args(tiny_llama, tmp_path, *extra) -> list[str]:
 def test_a_short_run_writes_an_adapter_punica_loads(tiny_llama, tmp_path, capsys):
     from punica.lora.convert import convert_adapter
 
-    finetune.main(train_args(tiny_llama, tmp_path))
     out = tmp_path / "adapter"
+    out.mkdir()  # an empty directory is as good as none
+    finetune.main(train_args(tiny_llama, tmp_path))
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "training.json"]
     assert "step    2/2  loss" in capsys.readouterr().err
     conversion = convert_adapter(str(out), tiny_llama, str(tmp_path / "converted"))
     assert set(conversion.projections) == set(finetune.PROJECTIONS) and conversion.max_rank == 4
+
+
+@pytest.mark.parametrize("kind", ["file", "full directory"])
+def test_an_out_that_is_a_file_or_holds_files_is_refused_before_loading(kind, tmp_path):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        (out / "adapter_config.json").write_text("{}")
+    argv = ["--data", write_data(tmp_path / "data.jsonl"), "--out", str(out), "--batch-size", "2",
+            "--model", str(tmp_path / "no-model")]
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    assert str(exit_info.value).startswith(f"finetune: --out {out} is a "), exit_info.value
+    assert out.is_file() if kind == "file" else (out / "adapter_config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("error, message", [(KeyboardInterrupt, "interrupted; nothing written to"),
+                                            (OSError(28, "No space left on device"), "No space left")],
+                         ids=["ctrl-c", "disk-full"])
+def test_an_interrupted_or_failed_save_leaves_no_adapter(error, message, tiny_llama, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):  # after PEFT wrote its config and weights, before the bf16 copy
+        raise error
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as exit_info:  # (a KeyboardInterrupt would stop pytest)
+        finetune.main(train_args(tiny_llama, tmp_path))
+    assert exit_info.type is SystemExit and message in str(exit_info.value), exit_info.value
+    assert sorted(os.listdir(tmp_path)) == ["data.jsonl"]

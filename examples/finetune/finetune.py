@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -142,6 +143,20 @@ def greedy(model, tok, prompt: str, max_new_tokens: int = 60) -> str:
 
 
 def save(model, out: str, args, stats: dict) -> None:
+    """Write the adapter beside `out`, then rename it into place: an interrupted or failed save leaves no
+    directory at `out` that looks like a complete adapter."""
+    partial = os.path.normpath(out) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write_adapter(model, partial, args, stats)
+        os.replace(partial, out)  # onto a missing or empty directory (check_out saw to that)
+    except OSError as e:
+        raise SystemExit(f"finetune: cannot write {out}: {e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def write_adapter(model, out: str, args, stats: dict) -> None:
     """A standard PEFT directory, weights in bf16 (half the size; Punica casts to its own dtype)."""
     from safetensors.torch import load_file, save_file
 
@@ -228,8 +243,24 @@ def read_examples(path: str, batch_size: int) -> list[dict]:
     return examples
 
 
+def check_out(out: str) -> None:
+    """Exit before any training when --out is a file or a directory with something in it: nothing is overwritten."""
+    if not os.path.lexists(out) or os.path.isdir(out) and not os.listdir(out):
+        return
+    what = "a directory that is not empty" if os.path.isdir(out) else "a file"
+    raise SystemExit(f"finetune: --out {out} is {what}; name a new directory")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_out(args.out)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        raise SystemExit(f"finetune: interrupted; nothing written to {args.out}") from None
+
+
+def run(args) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     examples = read_examples(args.data, args.batch_size)
