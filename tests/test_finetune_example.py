@@ -71,17 +71,20 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% e
                  "{% if add_generation_prompt %}assistant{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A tiny random llama with a word-level tokenizer (no pad token, as Llama's) and a chat template."""
+def write_tiny_model(family: str, model_dir: str) -> str:
+    """A tiny random model with a word-level tokenizer (no pad token, as Llama's) and a chat template."""
     from factories import make_hf_model, write_word_tokenizer
 
-    model_dir = str(tmp_path_factory.mktemp("finetune") / "model")
-    make_hf_model("llama").save_pretrained(model_dir)
+    make_hf_model(family).save_pretrained(model_dir)
     write_word_tokenizer(model_dir)
     with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": CHAT_TEMPLATE, "eos_token": "</s>", "bos_token": "<s>"}, f)
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return write_tiny_model("llama", str(tmp_path_factory.mktemp("finetune") / "model"))
 
 
 def write_data(path, n: int = 4) -> str:
@@ -164,3 +167,13 @@ def test_an_unusable_base_model_exits_with_a_message(model, message, tiny_llama,
         finetune.main(train_args(None if model == "no demo wheel" else str(base), tmp_path))
     assert str(exit_info.value).startswith("finetune: ") and message in str(exit_info.value), exit_info.value
     assert "\n" not in str(exit_info.value)
+
+
+def test_a_qwen2_base_is_trained_with_its_qkv_bias(tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = write_tiny_model("qwen2", str(tmp_path / "qwen2"))
+    _, model = finetune.load(finetune.parse_args(train_args(model_dir, tmp_path)))
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    saved = load_file(os.path.join(model_dir, "model.safetensors"))["model.layers.0.self_attn.q_proj.bias"]
+    assert q_proj.bias is not None and q_proj.bias.equal(saved)

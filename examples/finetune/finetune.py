@@ -78,7 +78,7 @@ def collate(rows: list[tuple[list, list]], pad_id: int) -> dict[str, torch.Tenso
 
 def load(args):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = base_model_dir(args.model)
     try:
@@ -89,7 +89,7 @@ def load(args):
     if not tok.chat_template:
         raise SystemExit(f"finetune: the tokenizer of {model_dir} has no chat template, which the chat examples need")
     try:
-        base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except OSError as e:  # "Error no file named model.safetensors, or pytorch_model.bin, found in ..."
         raise SystemExit(f"finetune: cannot load the weights of {model_dir}: {e}") from None
     if tok.pad_token is None:  # Llama's tokenizers have none; padding is masked out, so any token will do
