@@ -110,6 +110,8 @@ def test_a_short_run_writes_an_adapter_punica_loads(tiny_llama, tmp_path, capsys
     assert "step    2/2  loss" in capsys.readouterr().err
     conversion = convert_adapter(str(out), tiny_llama, str(tmp_path / "converted"))
     assert set(conversion.projections) == set(finetune.PROJECTIONS) and conversion.max_rank == 4
+    with open(out / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == tiny_llama  # not the demo model's name
 
 
 @pytest.mark.parametrize("kind", ["file", "full directory"])

@@ -185,7 +185,8 @@ def write_adapter(model, out: str, args, stats: dict) -> None:
     cfg_path = os.path.join(out, "adapter_config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    cfg["base_model_name_or_path"] = BASE_NAME  # not the local cache path of the converted GGUF
+    if not args.model:  # the demo model: its name, not the local cache path of the converted GGUF
+        cfg["base_model_name_or_path"] = BASE_NAME
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     if os.path.exists(os.path.join(out, "README.md")):
