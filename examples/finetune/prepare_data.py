@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=4000, help="examples kept per corpus")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    args.workdir = os.path.abspath(args.workdir)  # the commands run in it, so a relative one would nest
     os.makedirs(args.workdir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     for corpus in args.corpora:
