@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -206,3 +207,32 @@ def test_prepare_data_with_a_relative_workdir_finds_its_downloads(tmp_path, monk
     prepare_data.main(["--corpora", "shakespeare", "--workdir", "downloads", "--out", "data"])
     with open(tmp_path / "data" / "shakespeare.jsonl") as f:
         assert [json.loads(line)["text"] for line in f] == [SPEECH.split("\n", 1)[1].strip()]
+
+
+def test_a_failing_or_missing_command_is_reported_with_its_reason(tmp_path):
+    fail = [sys.executable, "-c", "import sys; print('E: Unable to locate package bible-kjv', file=sys.stderr); "
+            "sys.exit(100)"]
+    with pytest.raises(SystemExit, match="failed: E: Unable to locate package bible-kjv$"):
+        prepare_data.run(fail, str(tmp_path))
+    with pytest.raises(SystemExit, match="no-such-tool is not installed"):
+        prepare_data.run(["no-such-tool", "download"], str(tmp_path))
+
+
+@pytest.mark.parametrize("flag, message", [("--limit", "--limit must be positive"),
+                                           ("--out", "cannot create the folder"),
+                                           ("--workdir", "cannot create the folder")])
+def test_prepare_data_refuses_bad_arguments(flag, message, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    argv = ["--corpora", "python", "--out", str(tmp_path / "data"), "--workdir", str(tmp_path / "downloads"),
+            flag, "0" if flag == "--limit" else str(tmp_path / "a-file")]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(argv)
+    assert message in str(exit_info.value) + capsys.readouterr().err
+    assert not (tmp_path / "data" / "python.jsonl").exists()
+
+
+def test_an_empty_corpus_is_an_error_not_an_empty_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})  # no .py files
+    with pytest.raises(SystemExit, match="python: no passages"):
+        prepare_data.main(["--corpora", "python", "--out", str(tmp_path / "data"), "--workdir", str(tmp_path)])
+    assert not (tmp_path / "data" / "python.jsonl").exists()

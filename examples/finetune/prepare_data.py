@@ -42,7 +42,13 @@ STOPWORDS = set(
 
 def run(cmd: list[str], cwd: str) -> str:
     print("  $", " ".join(cmd), file=sys.stderr)
-    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
+    try:
+        return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        raise SystemExit(f"prepare_data: {cmd[0]} is not installed; this corpus needs it") from None
+    except subprocess.CalledProcessError as e:  # its stderr was captured: show the line that says why
+        reason = (e.stderr.strip().splitlines() or [f"exit status {e.returncode}"])[-1]
+        raise SystemExit(f"prepare_data: {' '.join(cmd)} failed: {reason}") from None
 
 
 def apt_extract(packages: list[str], workdir: str) -> str:
@@ -157,12 +163,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=4000, help="examples kept per corpus")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.limit < 1:
+        ap.error(f"--limit must be positive, not {args.limit}")
     args.workdir = os.path.abspath(args.workdir)  # the commands run in it, so a relative one would nest
-    os.makedirs(args.workdir, exist_ok=True)
-    os.makedirs(args.out, exist_ok=True)
+    for folder in (args.workdir, args.out):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:  # a file, or under one, or not writable
+            raise SystemExit(f"prepare_data: cannot create the folder {folder}: {e.strerror}") from None
     for corpus in args.corpora:
         print(f"{corpus}: preparing", file=sys.stderr)
         examples = build(corpus, args.workdir, args.limit, args.seed)
+        if not examples:
+            raise SystemExit(f"prepare_data: {corpus}: no passages of {MIN_CHARS}-{MAX_CHARS} characters found")
         path = os.path.join(args.out, f"{corpus}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
