@@ -113,6 +113,8 @@ def test_a_short_run_writes_an_adapter_punica_loads(tiny_llama, tmp_path, capsys
     assert set(conversion.projections) == set(finetune.PROJECTIONS) and conversion.max_rank == 4
     with open(out / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == tiny_llama  # not the demo model's name
+    # as readable as the config beside it (safetensors alone writes 0600): a server may run as another user
+    assert (out / "adapter_model.safetensors").stat().st_mode == (out / "adapter_config.json").stat().st_mode
 
 
 @pytest.mark.parametrize("kind", ["file", "full directory"])

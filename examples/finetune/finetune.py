@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import stat
 import sys
 import time
 
@@ -193,6 +194,7 @@ def write_adapter(model, out: str, args, stats: dict) -> None:
         os.remove(os.path.join(out, "README.md"))  # PEFT's empty model-card template
     with open(os.path.join(out, "training.json"), "w") as f:
         json.dump({"args": vars(args), **stats}, f, indent=2)
+    os.chmod(weights, stat.S_IMODE(os.stat(cfg_path).st_mode))  # safetensors writes 0600 whatever the umask
 
 
 def parse_args(argv: list[str] | None):
