@@ -74,18 +74,13 @@ def counts_items(kind: str, max_batch: int) -> bool:
     return kind == "sparse" or (kind == "mixed" and max_batch >= TUNING["persistent_min_batch"])
 
 
-def is_sparse(seq_slots: list[int], single_max: int, fraction: float) -> bool:
-    """Whether a decode step (one token per sequence, sequences ordered by slot) runs its bucket's sparse
-    graph: at most `fraction` of its sequences are in runs of at most `single_max` sharing an adapter (the
-    hybrid list's single items), the rest in shared row blocks."""
-    singles, run = 0, 1
-    for i in range(1, len(seq_slots) + 1):
-        if i < len(seq_slots) and seq_slots[i] == seq_slots[i - 1]:
-            run += 1
-            continue
-        singles += run if run <= single_max else 0
-        run = 1
-    return singles <= fraction * len(seq_slots)
+def is_sparse(seq_slots: list[int], seq_tokens: list[int], single_max: int, fraction: float) -> bool:
+    """Whether a decode step (sequences ordered by slot) runs its bucket's sparse graph: at most `fraction` of
+    its tokens are in segments of at most `single_max` sharing an adapter (the hybrid list's single items),
+    the rest in shared row blocks."""
+    indptr, _ = segments(seq_slots, seq_tokens)
+    singles = sum(n for n in (b - a for a, b in zip(indptr, indptr[1:])) if n <= single_max)
+    return singles <= fraction * indptr[-1]
 
 
 class StaticBuffers:
@@ -302,8 +297,8 @@ class CudaGraphRunner:
             if n > self.buckets[-1]:
                 return None
             b = next(b for b in self.buckets if b >= n)
-            if with_lora and self.sparse_fraction and is_sparse(hb.seq_slots, self.buf.decode_single_max,
-                                                                 self.sparse_fraction):
+            if with_lora and self.sparse_fraction and is_sparse(hb.seq_slots, hb.seq_tokens,
+                                                                 self.buf.decode_single_max, self.sparse_fraction):
                 return "sparse", b, True
             return "decode", b, with_lora
         tokens = len(hb.ids)
