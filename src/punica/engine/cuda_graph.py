@@ -97,8 +97,8 @@ class StaticBuffers:
         self.hybrid = hybrid  # the graph kinds ("decode", "mixed") on hybrid lists
         self.decode_single_max, self.mixed_single_max = single_max  # their segments this short: single items
         self.hybrid_decode_max = hybrid_decode_max  # decode buckets at most this big use them too
-        items = max(sum(self.item_capacity(max_tokens, "mixed")), sum(self.item_capacity(max_seqs, "decode")),
-                    sum(self.item_capacity(max_seqs, "sparse")))
+        # a sparse graph's list (hybrid) holds at least what a decode graph's does
+        items = max(sum(self.item_capacity(max_tokens, "mixed")), sum(self.item_capacity(max_seqs, "sparse")))
         self.sizes = dict(cu_q=max_seqs + 1, kv_lens=max_seqs, token_slot=max_tokens, tables=max_seqs * max_blocks,
                           items=3 * items, item_count=2, tiles=2 * self.tile_capacity(max_tokens), order=max_seqs)
         pin = device.type == "cuda"
