@@ -49,10 +49,11 @@ TUNING = {
                                 # (distinct, uniform, skewed, identical): 192, 176, 159, 151 us -> 190, 160, 105, 69.
                                 # Decode at 128: 141, 138, 109, 98 -> 159, 148, 85, 45 (sgmv_NOTES.md, session 9)
     "shrink_persistent": 0,     # the same for the shrink: a loss wherever distinct adapters fill the list
-    "sparse_decode": 0,         # > 0: decode buckets get a second ("sparse") graph, a hybrid list the expand walks
+    "sparse_decode": 0.5,       # > 0: decode buckets get a second ("sparse") graph, a hybrid list the expand walks
                                 # (persistent), run by steps where at most this fraction of sequences are single
                                 # items (cuda_graph.is_sparse). Chain, decode at 128, skewed and identical: 108.8
-                                # and 97.8 us a layer -> 84.7 and 45.2 (the walk at 16); not yet run end to end
+                                # and 97.8 us a layer -> 84.7 and 45.2. Text generation at 128 (256 requests),
+                                # step / floor skewed 1.56 -> 1.43, identical 1.65 -> 1.40; batch 32 unchanged
     "persistent_min_batch": 128,  # item counts reach the kernels in mixed graphs of at least this many sequences
                                 # only (cuda_graph.counts_items); at batch 32 the walk lost 5 us a layer distinct
 }
