@@ -36,9 +36,9 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
               dict(expand_stages=1), dict(shrink_block_k=64), dict(expand_warps=2)],
     # prefill-heavy steps: big row blocks, so the expand's tiles (a read and a write of y each) dominate
     "prefill": [{}, dict(expand_tiles=2), dict(expand_tiles=4), dict(expand_block_n=256), dict(expand_block_n=64),
-                dict(expand_warps=8), dict(expand_stages=3), dict(max_block_m=64), dict(max_block_m=128),
-                dict(max_block_m=64, expand_warps=8), dict(max_block_m=64, expand_tiles=4),
-                dict(max_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
+                dict(expand_warps=8), dict(expand_stages=3), dict(list_block_m=64), dict(list_block_m=128),
+                dict(list_block_m=64, expand_warps=8), dict(list_block_m=64, expand_tiles=4),
+                dict(list_block_m=128, expand_warps=8), dict(shrink_block_k=256), dict(shrink_warps=8)],
     "defaults": [{}],
     "single_max": [{}, dict(mixed_single_max=3), dict(decode_single_max=1)],  # hybrid lists' single items
     # kernels with fewer registers, so more programs per SM. On sm_90 with Triton 3.8's compiler (`python
@@ -46,9 +46,10 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
     # 95 / 47 (walking: 156 / 80); shrink, hybrid, split K (BLOCK_M, BLOCK_K, single-token BLOCK_K): (32, 128,
     # 512) 168, (32, 64, 256) 128, (16, 128, 256) 96, (32, 32, 256) 94; token mode's shrink, BLOCK_K 512 / 256:
     # 123 / 54. max_block_k=256 halves the single-token BLOCK_K (the A tile of a token: 16 x 256)
-    "occupancy": [{}, dict(expand_block_n=64), dict(max_block_k=256), dict(max_block_k=256, max_block_m=16),
+    # Session 10 adopted max_block_k=256, list_block_m=16 (the first entry here is the earlier default)
+    "occupancy": [dict(max_block_k=512, list_block_m=32), {}, dict(expand_block_n=64), dict(list_block_m=32),
                   dict(max_block_k=256, shrink_block_k=32), dict(expand_block_n=64, max_block_k=256),
-                  dict(expand_block_n=64, max_block_k=256, max_block_m=16),
+                  dict(expand_block_n=64, max_block_k=256, list_block_m=16),
                   dict(expand_block_n=64, **EVERY_GRAPH_WALKS)],
     # padded lists walked on fixed grids of this many programs per SM (real items only), in every graph
     "persistent": [dict(expand_persistent=0), {}, *(dict(shrink_persistent=n, expand_persistent=n, **EVERY_GRAPH_WALKS)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             if time.time() - t0 > args.budget_s:
                 break
             sgmv.set_tuning(**{**defaults, **knobs})
-            plans = {}  # cut per knob set: max_block_m sets the work lists' rows
+            plans = {}  # cut per knob set: list_block_m sets the work lists' rows
             for pop, base in bases.items():
                 for tiling in args.tilings:
                     plan = with_tiling(base, tiling, sgmv.work_list_rows(), single_max(sum(lengths) > batch))
