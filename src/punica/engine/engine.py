@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import torch
 
@@ -21,11 +22,13 @@ from punica.errors import BadRequestError, CapacityError, ConfigError
 from punica.kv.block_manager import BlockManager, blocks_for
 from punica.kv.cache import allocate_kv_pool, num_blocks_for
 from punica.lora.manager import AdapterManager
+from punica.lora.peft import LoRAWeights
 from punica.lora.pool import AdapterPool
 from punica.model.loader import DTYPES, load_model
 from punica.ops import resolve_backend, select_ops
 
 log = logging.getLogger("punica.engine")
+STALLED_WAIT_S = 0.005  # nothing could be scheduled (e.g. the queue waits on adapter reads): a driver's pause
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,7 +98,8 @@ class Engine:
         pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device)
         self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters,
+                                   max_prefetch_loras=config.lora.max_cpu_loras)
         self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device, config.scheduler.max_num_seqs,
                                   self._graphs(pool, max_len))
         self._in_flight: InFlight | None = None  # the step launched last, its tokens not yet read
@@ -123,11 +127,20 @@ class Engine:
         return cls(engine_config(model=model, **options), lora_modules)
 
     # adapters
-    def add_lora(self, name: str, path: str) -> None:
-        self.adapters.register(name, path)
+    def read_lora(self, name: str, path: str) -> LoRAWeights:
+        """Read and validate an adapter for `add_lora` without touching the engine: safe on any thread, so a
+        server reads beside the engine thread instead of stalling its steps."""
+        return self.adapters.read(name, path)
 
-    def remove_lora(self, name: str) -> None:
-        self.adapters.unregister(name)
+    def add_lora(self, name: str, path: str, weights: LoRAWeights | None = None) -> None:
+        """Serve the adapter at `path` as `name` (`weights`: what `read_lora` returned, else read here)."""
+        self.adapters.register(name, path, weights)
+
+    def remove_lora(self, name: str) -> Future | None:
+        """New requests for `name` fail from now on; those in flight finish on its weights. Returns the disk
+        read that brings those weights back into memory when the CPU cache no longer has them: the
+        adapter's directory must stay until it is done."""
+        return self.adapters.unregister(name)
 
     def list_loras(self) -> dict[str, str]:
         return dict(self.adapters.paths)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from punica.engine.engine import Engine
+from punica.engine.engine import STALLED_WAIT_S, Engine
 from punica.engine.request import RequestOutput, SamplingParams
 from punica.errors import BadRequestError
 
@@ -46,10 +46,13 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         start, tokens = time.perf_counter(), 0
         while len(done) < len(ids):
-            for out in self.engine.step():
+            outs = self.engine.step()
+            for out in outs:
                 tokens += len(out.new_token_ids)
                 if out.finished:
                     done[out.request_id] = out
+            if not outs and not self.engine.num_running:  # the queue waits on adapter reads: let them run
+                time.sleep(STALLED_WAIT_S)
             if progress:
                 rate = tokens / max(time.perf_counter() - start, 1e-9)
                 print(f"\r{len(done)}/{len(ids)} done, {tokens} tokens, {rate:.1f} tok/s", end="", file=sys.stderr)

@@ -40,10 +40,14 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, adapters: AdapterSlots):
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, adapters: AdapterSlots,
+                 max_prefetch_loras: int = PREFETCH_AHEAD):
         self.cfg = cfg
         self.blocks = blocks
         self.adapters = adapters
+        # adapters read ahead at once: no more than the CPU cache holds, or finished reads evict each other
+        # (the head's too) before anyone uses them, and the head may wait forever (see _prefetch)
+        self.max_prefetch_loras = max_prefetch_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -75,16 +79,7 @@ class Scheduler:
         that need no new slot (base model, or an adapter already running) may start, up to MAX_BYPASS
         times, so a busy or slow adapter does not stall everyone else. Requests whose adapter failed to
         read leave the queue in `step.failed`."""
-        errors: dict[str, Exception] = {}
-        for seq in list(itertools.islice(self.waiting, PREFETCH_AHEAD)):  # reads start while the batch is full
-            if seq.lora is not None and not self.adapters.ready(seq.lora_key):
-                error = errors.get(seq.lora_key) or self.adapters.read_error(seq.lora_key)
-                if error is not None:
-                    errors[seq.lora_key] = error
-                    self.waiting.remove(seq)
-                    step.failed.append((seq, error))
-                else:
-                    self.adapters.prefetch(seq.lora_key)
+        self._prefetch(step)
         blocked: Sequence | None = None
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
@@ -93,8 +88,7 @@ class Scheduler:
                 return
             if seq.num_pending:  # preempted while its last token was on the device: next step
                 return
-            if seq.lora is not None and not self.adapters.ready(seq.lora_key):
-                self.adapters.prefetch(seq.lora_key)
+            if seq.lora is not None and not self.adapters.ready(seq.lora_key):  # read in turn (_prefetch)
                 if blocked is None:
                     if seq.num_bypassed >= MAX_BYPASS:
                         return  # it has waited long enough: nobody overtakes it any more
@@ -115,6 +109,30 @@ class Scheduler:
             budget -= n
             if blocked is not None:
                 blocked.num_bypassed += 1
+
+    def _prefetch(self, step: ScheduledStep) -> None:
+        """Start background reads for the adapters of the first waiting requests, in queue order, up to
+        `max_prefetch_loras` distinct ones besides those running (a finished read enters the bounded CPU
+        cache: reading more would evict the head's adapter before it starts). Requests whose adapter failed
+        to read leave the queue in `step.failed`."""
+        errors: dict[str, Exception] = {}
+        keys: set[str] = set()
+        for seq in list(itertools.islice(self.waiting, PREFETCH_AHEAD)):  # reads start while the batch is full
+            key = seq.lora_key
+            if seq.lora is None or self.adapters.is_active(key):
+                continue
+            if key not in keys and len(keys) >= self.max_prefetch_loras:
+                continue
+            keys.add(key)
+            if self.adapters.ready(key):
+                continue
+            error = errors.get(key) or self.adapters.read_error(key)
+            if error is not None:
+                errors[key] = error
+                self.waiting.remove(seq)
+                step.failed.append((seq, error))
+            else:
+                self.adapters.prefetch(key)
 
     def _make_room(self, seq: Sequence, n: int, step: ScheduledStep) -> bool:
         """Preempt the newest running sequences until `seq` can grow by `n` tokens; False if `seq` itself

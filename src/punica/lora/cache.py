@@ -34,5 +34,8 @@ class AdapterCache(Generic[W]):
     def discard(self, name: str) -> None:
         self._items.pop(name, None)
 
+    def pop(self, name: str) -> W:
+        return self._items.pop(name)
+
     def __contains__(self, name: str) -> bool:
         return name in self._items

@@ -8,6 +8,9 @@ new key, so the old requests finish on the old weights and new ones get the new 
 An adapter that waiting requests need and the CPU cache lacks is read from disk on a worker thread
 (`prefetch`); the engine thread takes the result into the cache when it asks (`ready`), so a slow disk
 stalls only the requests for that adapter, and a failed read fails only them (`read_error`).
+
+A retired load still in use keeps its weights in memory outside the cache (`unregister`): once an adapter
+is unloaded its directory may be deleted, and its requests in flight must not need it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class AdapterManager:
         self._keys: dict[str, str] = {}  # registered name -> the key of its current load
         self._key_paths: dict[str, str] = {}  # key -> directory, for current loads and retired ones in use
         self._refs: dict[str, int] = {}  # unfinished requests per key, retired ones included
+        self._held: dict[str, LoRAWeights] = {}  # retired keys still in use -> their weights
         self._reloads = itertools.count(1)
         self.device_loads = 0
         self.device_evictions = 0
@@ -62,28 +66,48 @@ class AdapterManager:
         if not any(os.path.commonpath([real, root]) == root for root in roots):
             raise PermissionError(f"adapter path {path!r} is outside the allowed directories {roots}")
 
-    def register(self, name: str, path: str) -> LoRAWeights:
-        """Validate the adapter at `path` now (errors surface here, not mid-batch) and make it servable."""
+    def read(self, name: str, path: str) -> LoRAWeights:
+        """Read and validate the adapter at `path` for `register`, touching no state: any thread may call it,
+        so a server reads on a worker thread while the engine thread keeps stepping."""
+        self.check_name(name)
+        return self._read(name, path)
+
+    def check_name(self, name: str) -> None:
+        """AdapterError unless `name` can be registered now."""
         if not name or RELOAD in name:
             raise AdapterError(f"adapter name {name!r} is empty or holds a NUL character")
         if name in self.paths:
             raise AdapterError(f"adapter {name!r} is already registered (from {self.paths[name]}); unload it first "
                                "or choose another name")
+
+    def register(self, name: str, path: str, weights: LoRAWeights | None = None) -> LoRAWeights:
+        """Validate the adapter at `path` now (errors surface here, not mid-batch) and make it servable.
+        `weights`: what `read(name, path)` returned, if it was read already."""
+        self.check_name(name)
         key = name if name not in self._key_paths else f"{name}{RELOAD}{next(self._reloads)}"  # old one in use
-        weights = self._read(key, path)
+        weights = self._read(key, path) if weights is None else weights
         self.paths[name], self._keys[name], self._key_paths[key] = path, key, path
         self.cache.put(key, weights)  # the next request need not touch the disk
         return weights
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str) -> Future | None:
         """New requests for `name` fail from now on; requests already in flight finish first (on the weights
-        they started with, even if `name` is registered again meanwhile)."""
+        they started with, even if `name` is registered again or its directory deleted meanwhile). Returns
+        the disk read that brings those weights into memory when the CPU cache no longer has them: the
+        directory must stay until it is done."""
         if name not in self.paths:
             raise UnknownModelError(f"adapter {name!r} is not loaded")
         del self.paths[name]
         key = self._keys.pop(name)
         if not self._refs.get(key):
             self._forget(key)
+            return None
+        if key in self.cache:
+            self._held[key] = self.cache.pop(key)
+            return None
+        if key not in self._reads:
+            self._reads[key] = self._reader_pool().submit(self._read, key, self._key_paths[key])
+        return self._reads[key]
 
     def resolve(self, name: str) -> None:
         if name not in self.paths:
@@ -107,6 +131,7 @@ class AdapterManager:
         self._key_paths.pop(key, None)
         self._reads.pop(key, None)
         self._read_errors.pop(key, None)
+        self._held.pop(key, None)
         slot = self.slots.drop(key)
         if slot is not None:
             self.pool.clear(slot)
@@ -114,25 +139,31 @@ class AdapterManager:
 
     def prefetch(self, key: str) -> None:
         """Start reading `key` from disk on the worker thread unless it is cached, placed or being read."""
-        if key in self.cache or self.slots.slot_of(key) is not None or key in self._reads \
+        if key in self.cache or key in self._held or self.slots.slot_of(key) is not None or key in self._reads \
                 or key in self._read_errors:
             return
+        self._reads[key] = self._reader_pool().submit(self._read, key, self._key_paths[key])
+
+    def _reader_pool(self) -> ThreadPoolExecutor:
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="punica-lora-read")
-        self._reads[key] = self._reader.submit(self._read, key, self._key_paths[key])
+        return self._reader
 
     def ready(self, key: str) -> bool:
-        """Whether acquiring `key` needs no disk read: placed in a slot or in the CPU cache (finished
-        background reads are taken into the cache here, on the caller's thread)."""
+        """Whether acquiring `key` needs no disk read: placed in a slot, in the CPU cache or held (finished
+        background reads are taken in here, on the caller's thread)."""
         read = self._reads.get(key)
         if read is not None and read.done():
             del self._reads[key]
             try:
-                self.cache.put(key, read.result())
+                if self._keys.get(key.partition(RELOAD)[0]) == key:
+                    self.cache.put(key, read.result())
+                else:  # retired
+                    self._held[key] = read.result()
                 self.cache.loads += 1
             except Exception as exc:  # reported to the requests that need it, once
                 self._read_errors[key] = exc
-        return self.slots.slot_of(key) is not None or key in self.cache
+        return self.slots.slot_of(key) is not None or key in self.cache or key in self._held
 
     def read_error(self, key: str) -> Exception | None:
         """The error of the last background read of `key`, if it failed (cleared by reading it)."""
@@ -152,7 +183,7 @@ class AdapterManager:
     def acquire(self, key: str) -> int:
         weights = None
         if self.slots.slot_of(key) is None:  # read before placing: a failed read must not leave an empty slot
-            weights = self.cache.get(key, self._key_paths[key])
+            weights = self._held[key] if key in self._held else self.cache.get(key, self._key_paths[key])
         slot, evicted, load = self.slots.place(key)
         if load:
             self.pool.write(slot, weights)

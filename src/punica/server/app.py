@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -237,12 +238,22 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
         engine.engine.adapters.check_allowed(req.lora_path)
         if not os.path.isdir(req.lora_path):
             raise AdapterError(f"adapter path {req.lora_path!r} is not a directory")
-        await engine.call(engine.engine.add_lora, req.lora_name, req.lora_path)
+        path = os.path.realpath(req.lora_path)  # re-reads follow what was checked, not a symlink swapped later
+        # read and validate on a worker thread: on the engine thread a large adapter would stall every stream
+        weights = await asyncio.to_thread(engine.engine.read_lora, req.lora_name, path)
+        await engine.call(engine.engine.add_lora, req.lora_name, path, weights)
+        serving.metrics.adapter_loaded(req.lora_name)
         return {"object": "lora_adapter", "id": req.lora_name, "root": req.lora_path, "status": "loaded"}
 
     @router.post("/unload_lora_adapter")
     async def unload_lora_adapter(req: UnloadLoRARequest) -> dict:
-        await engine.call(engine.engine.remove_lora, req.lora_name)
+        if req.lora_name == model_name:
+            raise BadRequestError(f"{req.lora_name!r} is the base model, which cannot be unloaded; only adapters can")
+        holding = await engine.call(engine.engine.remove_lora, req.lora_name)
+        serving.metrics.adapter_unloaded(req.lora_name)
+        if holding is not None:  # requests in flight need its weights: answer once they are in memory
+            with contextlib.suppress(Exception):  # a failed read fails those requests, not the unload
+                await asyncio.wrap_future(holding)
         return {"object": "lora_adapter", "id": req.lora_name, "status": "unloaded"}
 
     return router

@@ -19,6 +19,7 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lor
           "/v1/unload_lora_adapter", "/health", "/metrics")
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class EngineCollector(Collector):
@@ -65,13 +66,40 @@ class ServerMetrics:
         self.e2e = Histogram("punica_e2e_request_latency_seconds", "Arrival to last token, per request",
                              ["model"], buckets=TTFT_BUCKETS, registry=r)
         r.register(EngineCollector(stats))
+        self._open: dict[str, int] = {}  # accepted requests per model whose response is not over
+        self._retired: set[str] = set()  # unloaded adapters whose series go when their last request closes
 
     def count_http(self, path: str, status: int) -> None:
         self.http.labels(path if path in ROUTES else "other", str(status)).inc()
 
     def track(self, model: str, arrival: float) -> RequestTracker:
         self.requests.labels(model).inc()
+        self._open[model] = self._open.get(model, 0) + 1
         return RequestTracker(self, model, arrival)
+
+    def adapter_loaded(self, name: str) -> None:
+        self._retired.discard(name)
+
+    def adapter_unloaded(self, name: str) -> None:
+        """Drop `name`'s per-model series once its requests in flight are over (adapters come and go by the
+        thousand: series of unloaded ones would pile up in every scrape)."""
+        self._retired.add(name)
+        self._drop_if_idle(name)
+
+    def request_closed(self, model: str) -> None:
+        self._open[model] -= 1
+        if not self._open[model]:
+            del self._open[model]
+            self._drop_if_idle(model)
+
+    def _drop_if_idle(self, model: str) -> None:
+        if model not in self._retired or model in self._open:
+            return
+        self._retired.discard(model)
+        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e):
+            _remove(metric, model)
+        for reason in FINISH_REASONS:
+            _remove(self.finished, model, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -99,7 +127,8 @@ class RequestTracker:
             self._tokens[d.index] = len(d.output.token_ids)
             self.m.generation_tokens.labels(self.model).inc(new)
         if d.output.finished:
-            self.m.finished.labels(self.model, d.output.finish_reason or "error").inc()
+            reason = d.output.finish_reason
+            self.m.finished.labels(self.model, reason if reason in FINISH_REASONS else "error").inc()
 
     def on_prompts(self, num_tokens: int) -> None:
         self.m.prompt_tokens.labels(self.model).inc(num_tokens)
@@ -109,3 +138,11 @@ class RequestTracker:
         for _ in aborted:
             self.m.finished.labels(self.model, "abort").inc()
         self.m.e2e.labels(self.model).observe(now - self.arrival)
+        self.m.request_closed(self.model)
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # older prometheus_client raises for a series it never had
+        pass
