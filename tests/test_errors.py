@@ -215,3 +215,15 @@ def test_generate_without_tokenizer_says_so(tiny_models, capsys, chat):
     assert cli.main(["generate", "--model", model_dir, "--device", "cpu", "--prompt", "w5", *chat]) == 1
     err = capsys.readouterr().err.splitlines()[-1]
     assert err == "punica generate: error: generate needs a tokenizer.json in the model directory to encode --prompt"
+
+
+def test_an_unknown_adapter_error_names_at_most_twenty_loaded_ones(tiny_models):
+    """With thousands of adapters loaded the 404 body stays short: twenty names, then a count."""
+    from punica.lora.manager import LIST_MAX
+
+    _, model_dir, adapters = tiny_models["llama"]
+    path = next(iter(adapters.values()))
+    llm = LLM(model=model_dir, lora_modules={f"n{i:02d}": path for i in range(LIST_MAX + 5)}, device="cpu")
+    with pytest.raises(UnknownModelError, match=r"'n19' and 5 more") as err:
+        llm.generate([[1, 2, 3]], GREEDY, lora=["nope"])
+    assert "'n20'" not in str(err.value)

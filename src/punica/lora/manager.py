@@ -30,6 +30,7 @@ from punica.lora.slots import SlotTable
 
 RELOAD = "\0"  # in a key: the name, RELOAD, and the reload's number
 
+LIST_MAX = 20  # adapters named in an unknown-adapter error (a server may hold thousands)
 
 class AdapterManager:
     def __init__(self, model_cfg: ModelConfig, lora_cfg: LoRAConfig, pool: AdapterPool, dtype: torch.dtype):
@@ -111,7 +112,11 @@ class AdapterManager:
 
     def resolve(self, name: str) -> None:
         if name not in self.paths:
-            raise UnknownModelError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.paths)}")
+            names = sorted(self.paths)
+            listed = ", ".join(map(repr, names[:LIST_MAX]))
+            if len(names) > LIST_MAX:
+                listed += f" and {len(names) - LIST_MAX} more"
+            raise UnknownModelError(f"unknown adapter {name!r}; loaded adapters: {listed or 'none'}")
 
     def ref(self, name: str) -> str:
         """Count one more request for `name`; returns the key (of its current load) it must use."""
