@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from test_parity import prompts
 
 from punica import Engine, SamplingParams
-from punica.server.async_engine import AsyncEngine
+from punica.server.async_engine import AsyncEngine, EngineFailure, EngineStats
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -47,3 +48,32 @@ def test_a_failing_step_fails_its_requests_and_the_engine_lives(tiny_models):
     assert second[-1].finished and second[-1].error is None and len(second[-1].token_ids) == 4
     assert runner.step_errors == 1
     assert engine.blocks.num_used == 0 and engine.adapters.slots.pins("a4") == 0
+
+
+def test_a_dead_engine_thread_fails_its_streams_and_later_calls(tiny_models, monkeypatch):
+    """A bug outside a step kills the engine thread: the open streams end with an error naming it, and
+    later calls raise EngineFailure instead of waiting forever."""
+    _, model_dir, adapters = tiny_models["llama"]
+    engine = Engine.from_args(model_dir, adapters, device="cpu")
+    ids = prompts(1, seed=5)
+
+    def broken(*_args):
+        raise RuntimeError("injected bug")
+
+    async def scenario():
+        runner = AsyncEngine(engine)
+        runner.start()
+        try:
+            stream = await runner.add([ids[0]], [SamplingParams(max_tokens=64, ignore_eos=True)], None)
+            monkeypatch.setattr(EngineStats, "of", broken)
+            outputs = await asyncio.wait_for(collect(stream), 30)
+            await asyncio.to_thread(runner._thread.join, 10)
+            with pytest.raises(EngineFailure, match="engine thread died .*injected bug"):
+                await asyncio.wait_for(runner.call(engine.list_loras), 10)
+        finally:
+            await runner.stop()
+        return runner, outputs
+
+    runner, outputs = asyncio.run(scenario())
+    assert not runner.alive
+    assert outputs[-1].finish_reason == "error" and "injected bug" in outputs[-1].error

@@ -25,7 +25,7 @@ from punica import (
     UnknownModelError,
 )
 from punica.config import ServerConfig
-from punica.server.async_engine import AsyncEngine
+from punica.server.async_engine import AsyncEngine, EngineFailure
 from punica.server.metrics import CONTENT_TYPE, ServerMetrics
 from punica.server.protocol import (
     ChatCompletionRequest,
@@ -36,7 +36,7 @@ from punica.server.protocol import (
     UnloadLoRARequest,
     error_body,
 )
-from punica.server.serving import EngineFailure, OpenAIServing
+from punica.server.serving import OpenAIServing
 
 log = logging.getLogger("punica.server")
 

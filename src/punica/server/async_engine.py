@@ -24,6 +24,10 @@ log = logging.getLogger("punica.server")
 IDLE_POLL_S = 0.1  # how often an idle engine thread looks at its stop flag
 
 
+class EngineFailure(Exception):
+    """A step of the engine raised while it ran this request, or the engine thread died (HTTP 500)."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A consistent snapshot of the engine's counters, taken by the engine thread after every step."""
@@ -93,6 +97,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._dead: str | None = None  # why the engine thread died, once it has
 
     # lifecycle (event loop side)
     def start(self) -> None:
@@ -111,9 +116,12 @@ class AsyncEngine:
 
     # commands (event loop side)
     async def call(self, fn: Callable[..., Any], *args) -> Any:
-        """Run `fn(*args)` on the engine thread between steps; return its result or raise its exception."""
+        """Run `fn(*args)` on the engine thread between steps; return its result or raise its exception
+        (EngineFailure once the engine thread has died)."""
         future = self._loop.create_future()
         self._commands.put((fn, args, future))
+        if self._dead is not None:  # the thread may have drained the queue before this put
+            self._fail_commands()
         return await future
 
     async def add(self, prompts: list[list[int]], params: list[SamplingParams], lora: str | None) -> RequestStream:
@@ -138,6 +146,24 @@ class AsyncEngine:
             self.engine.abort(rid)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug outside a step: fail everyone instead of leaving them waiting
+            log.exception("the engine thread died")
+            self._dead = f"the engine thread died ({type(exc).__name__}: {exc}); restart the server"
+            self._fail_commands()
+            self._deliver([self._failure(rid, self._dead) for rid in list(self._sinks)])
+
+    def _fail_commands(self) -> None:
+        while True:
+            try:
+                _, _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
+                self._loop.call_soon_threadsafe(_resolve, future, None, EngineFailure(self._dead))
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             busy = self.engine.has_unfinished()
             self._run_commands(wait=None if busy else IDLE_POLL_S)
@@ -182,7 +208,7 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now, batch = time.monotonic(), []
         for out in outputs:
-            sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+            sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
             if sink is not None:
                 batch.append((sink[0], Delivery(sink[1], out, now)))
         if batch:

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from punica import BadRequestError, SamplingParams, UnknownModelError
-from punica.server.async_engine import AsyncEngine, Delivery, RequestStream
+from punica.server.async_engine import AsyncEngine, Delivery, EngineFailure, RequestStream
 from punica.server.formats import ChatFormat, CompletionFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
 from punica.server.protocol import (
@@ -26,10 +26,6 @@ from punica.server.protocol import (
 )
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by the client
-
-
-class EngineFailure(Exception):
-    """A step of the engine raised while it ran this request (HTTP 500)."""
 
 
 @dataclass
