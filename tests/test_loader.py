@@ -1,4 +1,4 @@
-"""Checkpoint variants: Llama-3 rope scaling, tied embeddings, sharded safetensors, half precision."""
+"""Checkpoint variants: linear and Llama-3 rope scaling, tied embeddings, sharded safetensors, half precision."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from factories import make_hf_model
 
 from punica import LLM, ModelLoadError, SamplingParams
+from punica.config import read_model_config
+from punica.ops.norm_rope import rope_inv_freq
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
@@ -40,6 +42,15 @@ def test_llama3_rope_tied_sharded_matches_hf(llama3_dir):
     llm = LLM(model=path, dtype="float32", device="cpu")
     ours = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
     assert ours == hf_greedy(model, ids, 8)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, LLAMA3_ROPE])
+def test_rope_scaling_read_from_config_matches_hf(tmp_path, scaling):
+    model = make_hf_model("llama", rope_scaling=scaling, max_position_embeddings=512)
+    model.save_pretrained(str(tmp_path))
+    cfg = read_model_config(str(tmp_path))
+    ours = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    torch.testing.assert_close(ours, model.model.rotary_emb.inv_freq.float())
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -82,6 +93,10 @@ def write_config(model_dir, tiny_models, config) -> None:
     ({"hidden_size": "64"}, "hidden_size='64' in .*config.json must be a positive integer"),
     ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads=3 .* must divide"),
     ({"num_attention_heads": 4, "hidden_size": 66, "head_dim": None}, "hidden_size=66 .* not a multiple"),
+    # not a ValueError with a stack trace from the rope table
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' in .* not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' in .* lacks low_freq_factor, high_freq"),
+    ({"rope_scaling": "linear"}, "rope_scaling in .* must be an object or null, got 'linear'"),
 ])
 def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
     write_config(tmp_path, tiny_models, config)

@@ -17,14 +17,22 @@ import typing
 from collections.abc import Sequence
 
 from punica import CacheConfig, EngineConfig, LoRAConfig, PunicaError, SamplingParams, SchedulerConfig
-from punica.config import BACKENDS, DTYPES, LORA_OVERLAPS, ServerConfig, engine_config, parse_lora_specs
+from punica.config import (
+    BACKENDS,
+    DTYPES,
+    LOAD_FORMATS,
+    LORA_OVERLAPS,
+    ServerConfig,
+    engine_config,
+    parse_lora_specs,
+)
 from punica.errors import ConfigError
 
 ENGINE_SECTIONS = (EngineConfig, CacheConfig, SchedulerConfig, LoRAConfig)
 NOT_FLAGS = {"model", "cache", "scheduler", "lora"}  # --model is written by hand; sections are flattened
 FLAG_NAMES = {"allowed_lora_dirs": "--allowed-lora-dir", "stop_token_ids": "--stop-token-id",
               "seed@SamplingParams": "--sampling-seed"}
-CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "lora_overlap": LORA_OVERLAPS,
+CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "lora_overlap": LORA_OVERLAPS, "load_format": LOAD_FORMATS,
            "log_level": ("critical", "error", "warning", "info", "debug")}
 SAMPLING_PREFIX = "sampling_"
 

@@ -16,6 +16,7 @@ from punica.errors import ConfigError, ModelLoadError
 BACKENDS = ("auto", "torch", "triton")
 LORA_OVERLAPS = ("auto", "none", "delta", "shrink")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "dummy")  # the checkpoint, or random weights (benchmarks)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -61,6 +62,9 @@ class ModelConfig:
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# rope_scaling types ops/norm_rope.rope_inv_freq implements -> the fields each needs
+ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 def read_model_config(model_dir: str) -> ModelConfig:
@@ -110,12 +114,28 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling=_rope_scaling(scaling, path), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         bos_token_id=hf.get("bos_token_id"), architecture=arch,
         torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
     )
+
+
+def _rope_scaling(scaling, path: str) -> dict | None:
+    """`scaling` if it is a rope scaling we implement with the fields it needs; else ModelLoadError."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ModelLoadError(f"rope_scaling in {path} must be an object or null, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind is not None and kind not in ROPE_SCALING_FIELDS:
+        raise ModelLoadError(f"rope_scaling type {kind!r} in {path} is not supported; supported: "
+                             f"{', '.join(ROPE_SCALING_FIELDS)}")
+    missing = [name for name in ROPE_SCALING_FIELDS.get(kind, ()) if name not in scaling]
+    if missing:
+        raise ModelLoadError(f"rope_scaling type {kind!r} in {path} lacks {', '.join(missing)}")
+    return scaling
 
 
 def _size(hf: dict, name: str, path: str, default: int | None = None) -> int:
@@ -209,7 +229,7 @@ class EngineConfig:
                f"lora_overlap must be one of {LORA_OVERLAPS}, got {self.lora_overlap!r}")
         _check(self.max_graph_tokens is None or self.max_graph_tokens > 0,
                f"max_graph_tokens must be positive, got {self.max_graph_tokens}")
-        _check(self.load_format in ("auto", "dummy"),
+        _check(self.load_format in LOAD_FORMATS,
                f"load_format must be 'auto' (checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
 
 

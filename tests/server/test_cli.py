@@ -47,6 +47,9 @@ def test_flags_map_to_config_fields_with_their_types():
     assert ServerConfig(**cli.given(args, ServerConfig)) == ServerConfig(api_key="k", port=0)
     with pytest.raises(SystemExit):
         parse("serve", "--dtype", "float8")
+    with pytest.raises(SystemExit):  # --help lists the choices
+        parse("serve", "--load-format", "gguf")
+    assert cli.engine_options(parse("serve", "--load-format", "dummy")) == {"load_format": "dummy"}
 
 
 def test_sampling_flags_of_generate():

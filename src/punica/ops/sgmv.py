@@ -6,7 +6,7 @@ Weight layout (the only one in the package; `lora/pool.py` writes it, kernels re
                                             zero-padded from the adapter's rank r to R = max_lora_rank
     lora_b[slot, off[i]:off[i+1], :]      = B of output slice i times its scale (alpha/r or alpha/sqrt(r)),
                                             as PEFT stores `lora_B.weight` ([h_out_i, r]), zero-padded to R
-    slot_rank[slot]                        = r rounded up to the kernels' rank granule, 0 for empty slots
+    slot_rank[slot]                        = r (the largest of the adapter's ranks), 0 for empty slots
 
 Slot 0 means "no adapter": kernels skip its segments and its weights stay zero. A projection with
 several output slices (fused qkv: 3, gate_up: 2) applies one adapter per slice in the same launch.

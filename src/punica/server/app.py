@@ -155,7 +155,7 @@ class LimitBody:
         return f"the request body exceeds {self.limit} bytes (max_request_bytes)"
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(error_body(self.message, "invalid_request_error", "request_too_large")).encode()
+        body = json.dumps(too_large_body(self.message)).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -163,6 +163,11 @@ class LimitBody:
 
 class _TooLarge(StarletteHTTPException):
     """A body passed LimitBody's limit while the app read it (an HTTP 413 wherever it is caught)."""
+
+
+def too_large_body(message: str) -> dict:
+    """The 413's body, the same whether Content-Length or the bytes read passed the limit."""
+    return error_body(message, "invalid_request_error", "request_too_large")
 
 
 def api_key_check(api_key: str | None):
@@ -203,6 +208,7 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
     app.add_exception_handler(RequestValidationError, lambda _r, e: validation_error(e))
     app.add_exception_handler(StarletteHTTPException, lambda _r, e: JSONResponse(
         error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code, headers=e.headers))
+    app.add_exception_handler(_TooLarge, lambda _r, e: JSONResponse(too_large_body(str(e.detail)), status_code=413))
     app.add_exception_handler(Exception, lambda _r, e: error_response(e, cfg.retry_after))
     for cls in (HTTPError, PunicaError, PermissionError, EngineFailure):
         app.add_exception_handler(cls, lambda _r, e: error_response(e, cfg.retry_after))

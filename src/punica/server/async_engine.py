@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from punica import Engine, RequestOutput, SamplingParams
-from punica.engine.engine import STALLED_WAIT_S
 
 log = logging.getLogger("punica.server")
 IDLE_POLL_S = 0.1  # how often an idle engine thread looks at its stop flag
+STALLED_WAIT_S = 0.005  # nothing could be scheduled: wait this long for a command before retrying
 
 
 class EngineFailure(Exception):
