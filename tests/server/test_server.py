@@ -77,6 +77,8 @@ def test_models_lists_base_and_adapters_with_parent(client):
     assert set(models) >= {BASE, *ADAPTERS}
     assert models[BASE].parent is None
     assert all(models[a].parent == BASE for a in ADAPTERS)
+    time.sleep(1.1)  # `created` is when the model came to be served, not when it was listed
+    assert {m.id: m.created for m in client.models.list().data} == {m.id: m.created for m in models.values()}
 
 
 @pytest.mark.parametrize("model", [BASE, "a4", "d8"])

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import os
+import time
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -219,6 +220,7 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
 
 def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, model_name: str) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(cfg.api_key))])
+    started, loaded = int(time.time()), {}  # /v1/models' `created`: server start, or an adapter's load
 
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -230,9 +232,11 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
 
     @router.get("/models")
     async def models() -> ModelList:
-        base = ModelCard(id=model_name, root=engine.engine.config.model, max_model_len=serving.max_model_len)
+        base = ModelCard(id=model_name, created=started, root=engine.engine.config.model,
+                         max_model_len=serving.max_model_len)
         adapters = await engine.call(engine.engine.list_loras)
-        cards = [ModelCard(id=name, root=path, parent=model_name) for name, path in sorted(adapters.items())]
+        cards = [ModelCard(id=name, created=loaded.get(name, started), root=path, parent=model_name)
+                 for name, path in sorted(adapters.items())]
         return ModelList(data=[base, *cards])
 
     @router.post("/load_lora_adapter")
@@ -249,6 +253,7 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
         weights = await asyncio.to_thread(engine.engine.read_lora, req.lora_name, path)
         await engine.call(engine.engine.add_lora, req.lora_name, path, weights)
         serving.metrics.adapter_loaded(req.lora_name)
+        loaded[req.lora_name] = int(time.time())
         return {"object": "lora_adapter", "id": req.lora_name, "root": req.lora_path, "status": "loaded"}
 
     @router.post("/unload_lora_adapter")
@@ -257,6 +262,7 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
             raise BadRequestError(f"{req.lora_name!r} is the base model, which cannot be unloaded; only adapters can")
         holding = await engine.call(engine.engine.remove_lora, req.lora_name)
         serving.metrics.adapter_unloaded(req.lora_name)
+        loaded.pop(req.lora_name, None)
         if holding is not None:  # requests in flight need its weights: answer once they are in memory
             with contextlib.suppress(Exception):  # a failed read fails those requests, not the unload
                 await asyncio.wrap_future(holding)
