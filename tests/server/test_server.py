@@ -203,6 +203,9 @@ def test_bad_inputs_are_refused_up_front_and_others_keep_running(main, client):
     assert time.monotonic() - started < 10  # refused by its length, not after tokenizing 800k words
     assert_openai_error(post({**ok, "response_format": {"type": "json_object"}}), 400, "response_format")
     assert_openai_error(post({**ok, "tool_choice": "auto"}, "chat/completions"), 400)
+    for field, value in (("max_tokens", "3"), ("n", True), ("temperature", "0.5"), ("stream", "yes")):
+        assert_openai_error(post({**ok, field: value}), 400, field)  # no silent coercion of the wrong type
+    assert post({**ok, "temperature": 1}).status_code == 200  # an integer is a number
     rest = list(chunks)
     assert rest[-1].choices[0].finish_reason == "length"
     assert len((first.choices[0].text + "".join(c.choices[0].text for c in rest)).split()) == 40

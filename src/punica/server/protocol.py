@@ -55,7 +55,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # as OpenAI: "3" is no integer, true no number
 
     model: str
     n: int = Field(1, ge=1, le=64)
