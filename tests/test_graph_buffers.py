@@ -108,4 +108,4 @@ def test_write_overwrites_a_bigger_previous_step(hybrid, decode_max):
     ([0, 0, 5], 3, 0.9, False),           # slot 0 (no adapter) counts like any run
 ])
 def test_is_sparse_counts_the_single_items_of_a_decode_step(slots, single_max, fraction, expected):
-    assert is_sparse(slots, [1] * len(slots), single_max, fraction) == expected
+    assert is_sparse(segments(slots, [1] * len(slots))[0], single_max, fraction) == expected

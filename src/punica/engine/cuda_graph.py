@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from punica.engine.runner import HostBatch, resolve_pending
-from punica.lora.plan import hybrid_items, segments, token_slots, work_items
+from punica.lora.plan import hybrid_items, token_slots, work_items
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta, prefill_tile_rows, query_tiles
@@ -74,11 +74,10 @@ def counts_items(kind: str, max_batch: int) -> bool:
     return kind == "sparse" or (kind == "mixed" and max_batch >= TUNING["persistent_min_batch"])
 
 
-def is_sparse(seq_slots: list[int], seq_tokens: list[int], single_max: int, fraction: float) -> bool:
-    """Whether a decode step (sequences ordered by slot) runs its bucket's sparse graph: at most `fraction` of
-    its tokens are in segments of at most `single_max` sharing an adapter (the hybrid list's single items),
-    the rest in shared row blocks."""
-    indptr, _ = segments(seq_slots, seq_tokens)
+def is_sparse(indptr: list[int], single_max: int, fraction: float) -> bool:
+    """Whether a decode step runs its bucket's sparse graph: at most `fraction` of its tokens are in segments
+    (`indptr`: plan.segments' bounds) of at most `single_max` sharing an adapter (the hybrid list's single
+    items), the rest in shared row blocks."""
     singles = sum(n for n in (b - a for a, b in zip(indptr, indptr[1:])) if n <= single_max)
     return singles <= fraction * indptr[-1]
 
@@ -167,7 +166,7 @@ class StaticBuffers:
         h["token_slot"][m:t] = 0
         n_single, n_block = self.item_capacity(t, kind)
         if n_single + n_block:
-            indptr, slots = segments(hb.seq_slots, hb.seq_tokens)
+            indptr, slots = hb.segments
             # base-model tokens get (slot-0) items too: an overwriting expand writes their zeros (items_cover)
             if self.is_hybrid(kind, t):
                 singles, blocks = hybrid_items(indptr, slots, self.item_rows, self.single_max(kind), base=True)
@@ -297,8 +296,8 @@ class CudaGraphRunner:
             if n > self.buckets[-1]:
                 return None
             b = next(b for b in self.buckets if b >= n)
-            if with_lora and self.sparse_fraction and is_sparse(hb.seq_slots, hb.seq_tokens,
-                                                                 self.buf.decode_single_max, self.sparse_fraction):
+            if with_lora and self.sparse_fraction and is_sparse(hb.segments[0], self.buf.decode_single_max,
+                                                                 self.sparse_fraction):
                 return "sparse", b, True
             return "decode", b, with_lora
         tokens = len(hb.ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,12 @@ class HostBatch:
     @property
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.seq_tokens)
+
+    @functools.cached_property
+    def segments(self) -> tuple[list[int], list[int]]:
+        """(indptr, slots) of the runs of sequences sharing an adapter (plan.segments), once the batch is built:
+        the graph runner reads them twice a step (choosing the graph, writing its work list)."""
+        return segments(self.seq_slots, self.seq_tokens)
 
 
 def host_batch(work: list[tuple[Sequence, int]], block_size: int) -> HostBatch:
@@ -64,7 +71,7 @@ def resolve_pending(ids: torch.Tensor, previous: torch.Tensor | None) -> None:
 
 def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device) -> Batch:
     """Pack every int field into one pinned host buffer and move it with a single copy."""
-    indptr, seg_slots = segments(hb.seq_slots, hb.seq_tokens)
+    indptr, seg_slots = hb.segments
     token_slot = token_slots(hb.seq_slots, hb.seq_tokens)
     width = max(len(t) for t in hb.block_tables)
     tables = [b for t in hb.block_tables for b in (t + [0] * (width - len(t)))]

@@ -32,6 +32,7 @@ RELOAD = "\0"  # in a key: the name, RELOAD, and the reload's number
 
 LIST_MAX = 20  # adapters named in an unknown-adapter error (a server may hold thousands)
 
+
 class AdapterManager:
     def __init__(self, model_cfg: ModelConfig, lora_cfg: LoRAConfig, pool: AdapterPool, dtype: torch.dtype):
         for d in lora_cfg.allowed_lora_dirs:
