@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
 
 from benchmarks import harness
 from punica.lora.plan import build_segment_plan, hybrid_items, work_items
-from punica.ops import sgmv
+from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
 
 H_IN = 4096
@@ -286,14 +287,18 @@ def best_knobs(rows: list[dict]) -> dict:
 
 
 def profile_host(tokens: int = 64) -> None:
-    """Where the Python time of one eager add-on call goes (cProfile over 500 calls)."""
+    """Where the Python time of one eager add-on call goes: the host floor of its parts (a bare Triton
+    launch, an allocation), then cProfile over 500 calls."""
     import cProfile
     import pstats
 
-    fn = system_fns(make_problem(4096, 16, tokens, "distinct"))["ours"]
+    p = make_problem(4096, 16, tokens, "distinct")
+    fn = system_fns(p)["ours"]
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
+    for name, us in host_floor(p, fn).items():
+        print(f"host floor, {name}: {us:.1f} us", flush=True)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(500):
@@ -301,6 +306,50 @@ def profile_host(tokens: int = 64) -> None:
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+@triton.jit
+def _empty_kernel(x):
+    pass
+
+
+def host_floor(p: Problem, fn) -> dict[str, float]:
+    """Python time per call (the GPU not waited for) of the add-on call and of what it cannot do without:
+    its shrink launch through Triton's JIT entry, through the compiled kernel, and through the bare launcher
+    (`CompiledKernel.run`, no hooks: the least any Triton launch from Python costs), a launch of an empty
+    one-argument kernel, and one torch.empty."""
+    launches = []
+
+    def record(kernel, grid, tensors, strides, free, tail, num_warps):
+        launches.append((kernel, grid, tensors, strides, free, tail, num_warps))
+        launch(kernel, grid, tensors, strides, free, tail, num_warps)
+
+    launch, sgmv._launch = sgmv._launch, record
+    try:
+        fn()
+    finally:
+        sgmv._launch = launch
+    kernel, grid, tensors, strides, free, tail, num_warps = launches[0]
+    options = pdl.options(tensors[0])
+    args = (*tensors, *strides, *free, *tail, options.pop("PDL"))
+    compiled = kernel[grid](*args, num_warps=num_warps, **options)
+    device = tensors[0].get_device()
+    stream = torch.cuda.current_stream(device).cuda_stream
+    run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
+    empty = _empty_kernel[(1,)](p.x)
+    e_run, e_function, e_meta = empty.run, empty.function, empty.packed_metadata
+    return {
+        "add-on call (shrink + expand)": harness.host_overhead_us(fn),
+        "shrink via JITFunction": harness.host_overhead_us(
+            lambda: kernel[grid](*args, num_warps=num_warps, **options)),
+        "shrink via CompiledKernel[grid]": harness.host_overhead_us(lambda: compiled[grid](*args)),
+        "shrink via bare launcher": harness.host_overhead_us(
+            lambda: run(*grid, stream, function, meta, None, None, None, *args)),
+        "empty kernel via bare launcher": harness.host_overhead_us(
+            lambda: e_run(1, 1, 1, stream, e_function, e_meta, None, None, None, p.x)),
+        "torch.empty([T, r] fp32)": harness.host_overhead_us(
+            lambda: torch.empty(p.tokens, p.r, dtype=torch.float32, device="cuda")),
+    }
 
 
 def plot(rows: list[dict], out_dir: Path, h_out: int = 4096, r: int = 16) -> Path | None:
