@@ -46,7 +46,7 @@ VARIANTS = {  # named sets of launch-knob variants ({} = the defaults)
     # 95 / 47 (walking: 156 / 80); shrink, hybrid, split K (BLOCK_M, BLOCK_K, single-token BLOCK_K): (32, 128,
     # 512) 168, (32, 64, 256) 128, (16, 128, 256) 96, (32, 32, 256) 94; token mode's shrink, BLOCK_K 512 / 256:
     # 123 / 54. max_block_k=256 halves the single-token BLOCK_K (the A tile of a token: 16 x 256)
-    # Session 10 adopted max_block_k=256, list_block_m=16 (the first entry here is the earlier default)
+    # Session 10 adopted max_block_k=256, list_block_m=16; session 11 set list_block_m back to 32 (end to end at 128)
     "occupancy": [dict(max_block_k=512, list_block_m=32), {}, dict(expand_block_n=64), dict(list_block_m=32),
                   dict(max_block_k=256, shrink_block_k=32), dict(expand_block_n=64, max_block_k=256),
                   dict(expand_block_n=64, max_block_k=256, list_block_m=16),

@@ -27,11 +27,11 @@ TUNING = {
                                 # and empty items cost: a 256-token chunk among decodes, LoRA a layer, 3 vs 1:
                                 # 101 vs 80 us at batch 32, 297 vs 192 at 128 (textgen_NOTES.md, session 8)
     "max_block_m": 32,          # segment mode (eager steps): row blocks of a segment
-    "list_block_m": 16,         # work lists (every graph): the row blocks plans cut. With max_block_k 256, LoRA of
-                                # a layer, chain padded as the graphs run it, us (distinct, uniform, skewed, identical)
-                                # 32 and 512 -> 16 and 256: decode at 32 59.2, 58.2, 51.4, 32.0 -> 54.2, 52.6, 47.8,
-                                # 30.6; decode at 128 (sparse) skewed 85.0 -> 80.8; 256-token chunk among 127
-                                # decodes 190.6, 159.9, 104.5, 69.0 -> 171.2, 140.3, 103.5, 79.6 (sgmv_NOTES.md)
+    "list_block_m": 32,         # work lists (every graph): the row blocks plans cut. 16 won in the LoRA chain alone
+                                # (decode at 32, distinct 59.2 -> 54.2 us a layer; a 256-token chunk among 127
+                                # decodes 190.6 -> 171.2) but lost end to end at batch 128 in all four
+                                # popularities, in either order (distinct 5181 -> 4824 tok/s, identical 6667 -> 6590;
+                                # textgen_NOTES.md, session 11)
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
     "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
@@ -40,7 +40,8 @@ TUNING = {
                                 # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md)
     "shrink_block_k": 128,      # segment mode
     "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
-    "max_block_k": 256,         # single-token shrink tiles 16 x 256: 54 registers where 16 x 512 took 123
+    "max_block_k": 256,         # single-token shrink tiles 16 x 256: 54 registers where 16 x 512 took 123; issue
+                                # 3's r64/T=32 Distinct row 34.7 -> 33.3 us, end to end at 128 within noise of 512
     "shrink_stages": 3,
     "shrink_warps": 4,
     "expand_waves": 4,          # expand programs aimed at per SM; BLOCK_N halves until reached
