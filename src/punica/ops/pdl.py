@@ -46,6 +46,11 @@ def _supported(device_index: int) -> bool:
     return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def active(device_index: int) -> bool:
+    """Whether launches on this CUDA device use PDL now."""
+    return _enabled and _supported(device_index)
+
+
 def options(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel with a `PDL` constexpr, for tensors on t's device: PDL on where it is
     enabled and the device and Triton support it (never in the interpreter, on CPU tensors)."""

@@ -9,6 +9,16 @@ import torch
 
 from punica.ops import pdl
 
+try:
+    from triton import knobs  # the launch hooks (profilers) that a direct launch would skip
+except ImportError:  # no Triton, or one older than its knobs
+    knobs = None
+try:
+    from torch._C import _cuda_getCurrentRawStream as _current_stream  # what Triton's own launches ask
+except ImportError:
+    def _current_stream(device: int) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
 SEGMENT, TOKEN, WORKLIST, HYBRID = 0, 1, 2, 3  # row tiling modes (the kernels' MODE)
 
 # Knobs picked on an H200 by `python -m benchmarks.bench_sgmv --tune --apply` (benchmarks/results/sgmv_NOTES.md);
@@ -65,7 +75,7 @@ TUNING = {
 }
 _MAX_LOCKS = 1 << 14  # split-K tiles per shrink launch; more tiles than this never need a split
 _locks: dict[tuple[str, torch.device], torch.Tensor] = {}
-_compiled: dict[tuple, object] = {}  # launch key -> Triton's compiled kernel
+_launchers: dict[tuple, tuple] = {}  # launch key -> (launcher, function, metadata) of a compiled kernel
 _direct = True
 
 
@@ -181,24 +191,27 @@ def _lock_buffer(device: torch.device, owner: str = "sgmv") -> torch.Tensor:
 
 def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, tail: tuple, num_warps: int) -> None:
     """kernel[grid](*tensors, *strides, *free, *tail). Once a specialization (dtypes, 16-byte alignment,
-    every int but the `free` ones) has compiled, later launches call the compiled kernel directly: Triton's
-    generic launch path costs tens of microseconds of Python per call."""
+    every int but the `free` ones) has compiled, later launches go straight to its launcher: Triton's JIT
+    entry costs about 38 us of Python a launch on the H200's host, its compiled kernel's `[grid]` 15, the
+    launcher alone 11 (bench_sgmv --profile-host)."""
     global _direct
-    options = pdl.options(tensors[0])
-    tail = (*tail, options.pop("PDL"))  # every kernel's last constexpr; options keeps launch_pdl with it
-    args = (*tensors, *strides, *free, *tail)
-    if not tensors[0].is_cuda:  # the interpreter
-        kernel[grid](*args, num_warps=num_warps)
+    first = tensors[0]
+    if not first.is_cuda:  # the interpreter
+        kernel[grid](*tensors, *strides, *free, *tail, False, num_warps=num_warps)
         return
-    key = (kernel, tensors[0].get_device(), num_warps, strides, tail, *(t.dtype for t in tensors),
-           *(t.data_ptr() % 16 == 0 for t in tensors))
-    compiled = _compiled.get(key) if _direct else None
-    if compiled is not None:
-        try:
-            compiled[grid](*args)
-            return
-        except TypeError:  # a Triton whose launcher wants other arguments: stay on the generic path
-            _direct = False
-    compiled = kernel[grid](*args, num_warps=num_warps, **options)
-    if compiled is not None and hasattr(compiled, "function"):
-        _compiled[key] = compiled
+    device = first.get_device()
+    use_pdl = pdl.active(device)
+    args = (*tensors, *strides, *free, *tail, use_pdl)  # PDL: every kernel's last constexpr
+    key = (kernel, device, num_warps, strides, tail, use_pdl, *[(t.dtype, t.data_ptr() & 15 == 0) for t in tensors])
+    launcher = _launchers.get(key) if _direct else None
+    if launcher is not None:
+        run, function, metadata = launcher
+        if knobs is None or knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None:
+            try:
+                run(*grid, _current_stream(device), function, metadata, None, None, None, *args)
+                return
+            except TypeError:  # a Triton whose launcher takes other arguments: stay on the JIT entry
+                _direct = False
+    compiled = kernel[grid](*args, num_warps=num_warps, **({"launch_pdl": True} if use_pdl else {}))
+    if compiled is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        _launchers[key] = compiled.run, compiled.function, compiled.packed_metadata
