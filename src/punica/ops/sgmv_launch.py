@@ -189,6 +189,14 @@ def _lock_buffer(device: torch.device, owner: str = "sgmv") -> torch.Tensor:
     return _locks[owner, device]
 
 
+def _launch_hooks() -> bool:
+    """Whether a profiler (proton, say) has set Triton's launch hooks, which only Triton's own path calls."""
+    if knobs is None:
+        return False
+    hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)  # HookChain or a callable
+
+
 def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, tail: tuple, num_warps: int) -> None:
     """kernel[grid](*tensors, *strides, *free, *tail). Once a specialization (dtypes, 16-byte alignment,
     every int but the `free` ones) has compiled, later launches go straight to its launcher: Triton's JIT
@@ -202,11 +210,11 @@ def _launch(kernel, grid: tuple, tensors: tuple, strides: tuple, free: tuple, ta
     device = first.get_device()
     use_pdl = pdl.active(device)
     args = (*tensors, *strides, *free, *tail, use_pdl)  # PDL: every kernel's last constexpr
-    key = (kernel, device, num_warps, strides, tail, use_pdl, *[(t.dtype, t.data_ptr() & 15 == 0) for t in tensors])
+    key = (kernel, device, num_warps, strides, tail, use_pdl, *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
     launcher = _launchers.get(key) if _direct else None
     if launcher is not None:
         run, function, metadata = launcher
-        if knobs is None or knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None:
+        if not _launch_hooks():
             try:
                 run(*grid, _current_stream(device), function, metadata, None, None, None, *args)
                 return
