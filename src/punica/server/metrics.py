@@ -114,6 +114,7 @@ class RequestTracker:
         self.arrival = arrival
         self._last: dict[int, float] = {}
         self._tokens: dict[int, int] = {}
+        self.closed = False
 
     def on_output(self, d: Delivery) -> None:
         new = len(d.output.token_ids) - self._tokens.get(d.index, 0)
@@ -134,7 +135,11 @@ class RequestTracker:
         self.m.prompt_tokens.labels(self.model).inc(num_tokens)
 
     def close(self, now: float, aborted: list[int]) -> None:
-        """The response is over; `aborted` lists the choices that never finished (client gone)."""
+        """The response is over; `aborted` lists the choices that never finished (client gone). Once: later
+        calls do nothing."""
+        if self.closed:
+            return
+        self.closed = True
         for _ in aborted:
             self.m.finished.labels(self.model, "abort").inc()
         self.m.e2e.labels(self.model).observe(now - self.arrival)

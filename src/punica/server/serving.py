@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -163,7 +163,7 @@ class OpenAIServing:
         choices = Choices(len(params), max((len(s) for s in params[0].stop), default=1) - 1)
         if job.req.stream:
             body = self._events(stream, choices, job, tracker)
-            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return EventStream(body, lambda: self._close(stream, tracker))
         try:
             if not await _until_done_or_gone(self._consume(stream, choices, tracker), request):
                 return Response(status_code=CLIENT_CLOSED)
@@ -201,9 +201,27 @@ class OpenAIServing:
             self._close(stream, tracker)
 
     def _close(self, stream: RequestStream, tracker: RequestTracker) -> None:
+        """Stop the engine requests still running and close the metrics (once, however often called)."""
         aborted = list(stream.unfinished)
         stream.abort()
         tracker.close(time.monotonic(), aborted)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events. However the response ends, `on_end` runs: also when the client leaves before the
+    first byte, where Starlette cancels the response before it starts the body (whose own `finally` then
+    never runs, and the engine would go on generating for nobody)."""
+
+    def __init__(self, body: AsyncGenerator[str, None], on_end: Callable[[], None]):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._body, self._on_end = body, on_end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
+            await self._body.aclose()
 
 
 async def _until_done_or_gone(work, request: Request) -> bool:
