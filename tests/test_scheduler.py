@@ -210,3 +210,20 @@ def test_adapters_read_from_disk_in_the_background_and_failed_reads_fail_only_th
     adapters.finish_read("slow")
     step = run_step(sched)
     assert list(step.work) == [base, slow] and list(sched.waiting) == []
+
+
+def test_a_preempted_sequence_gives_back_its_share_of_the_step():
+    """Decodes are scheduled first; when an older prefill then needs blocks and the newest sequence (a decode
+    already given a token of this step) is preempted for them, that token goes to the next sequence in line."""
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8), blocks, FakeAdapters())
+    a, c, b = seq(12, rid="a"), seq(8, rid="c"), seq(4, rid="b")  # arrival order a, c, b
+    b.tokens.append(7)  # b decodes its first output
+    for s, computed, held in ((a, 4, 4), (c, 4, 8), (b, 4, 8)):  # a: 1 block, c and b: 2 (one free block left)
+        s.num_computed, s.status = computed, Status.RUNNING
+        blocks.grow(s.block_table, held)
+        sched.running.append(s)
+    step = sched.schedule()
+    assert step.preempted == [b]  # a's chunk of 7 needs 2 more blocks: b, the newest, made room
+    assert step.work == {a: 7, c: 1}  # b's decode token went to c
+    assert blocks.num_free + blocks.num_used == blocks.num_blocks

@@ -65,7 +65,8 @@ class Scheduler:
                 continue
             n = min(seq.num_remaining, budget)
             if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n):  # most decodes fit their blocks
-                if not self._make_room(seq, n, step):
+                budget += self._make_room(seq, n, step)  # preempted sequences give back what they were given
+                if seq.status is not Status.RUNNING:
                     continue
                 self.blocks.grow(seq.block_table, seq.num_computed + n)
             step.work[seq] = n
@@ -134,17 +135,18 @@ class Scheduler:
             else:
                 self.adapters.prefetch(key)
 
-    def _make_room(self, seq: Sequence, n: int, step: ScheduledStep) -> bool:
-        """Preempt the newest running sequences until `seq` can grow by `n` tokens; False if `seq` itself
-        had to go."""
+    def _make_room(self, seq: Sequence, n: int, step: ScheduledStep) -> int:
+        """Preempt the newest running sequences until `seq` can grow by `n` tokens (or `seq` itself had to go);
+        returns the tokens this step had scheduled for the preempted ones."""
+        given_back = 0
         while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
             victim = max(self.running, key=lambda s: s.arrival)
             self.preempt(victim)
-            step.work.pop(victim, None)
+            given_back += step.work.pop(victim, 0)
             step.preempted.append(victim)
             if victim is seq:
-                return False
-        return True
+                break
+        return given_back
 
     def _try_admit(self, seq: Sequence, budget: int) -> int:
         """Move `seq` to running and return its first chunk's size, or 0 if its KV does not fit now."""
