@@ -380,6 +380,20 @@ def test_plan_is_checked_once_per_step_shape():
         sgmv.add_lora_triton(torch.zeros(4, 8), torch.randn(4, 16), lora_a, lora_b, slot_rank, plan, (0, 8))
 
 
+def test_direct_launches_leave_profiler_hooks_to_triton():
+    """Launches skip Triton's launch path only while no launch hook is set (a profiler's would be skipped)."""
+    from punica.ops import sgmv_launch
+    knobs = pytest.importorskip("triton").knobs
+    assert not sgmv_launch._launch_hooks()
+    hook = lambda *args: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert sgmv_launch._launch_hooks()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert not sgmv_launch._launch_hooks()
+
+
 # ---- GPU tier -----------------------------------------------------------------------------------------
 
 LLAMA_WIDTHS = {"o": (4096,), "qkv_gqa": (4096, 1024, 1024), "gate_up": (11008, 11008)}
@@ -533,3 +547,22 @@ def test_gpu_graph_replay_bitwise_equal_to_eager(popularity, T):
         torch.cuda.synchronize()
         assert torch.equal(y, runs[0])
 
+
+@gpu
+@needs_cuda
+def test_gpu_direct_launches_keep_alignment_specializations_apart():
+    """A kernel compiled for 16-byte aligned tensors must not be launched directly for unaligned ones (its
+    vector loads would fault or read wrong data): aligned, unaligned (views one element in), aligned again."""
+    plan = gpu_plan("skewed", 64, seed=2)
+    lora_a, lora_b, slot_rank = make_weights(130, 4096, (4096,), 64, (64, 16), torch.bfloat16, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for shift in (0, 1, 0, 1):
+        x = torch.randn(64 * 4096 + 1, generator=gen, device="cuda").bfloat16()[shift:shift + 64 * 4096].view(64, 4096)
+        y0 = torch.randn(64 * 4096 + 1, generator=gen, device="cuda").bfloat16()[shift:shift + 64 * 4096].view(64, 4096)
+        assert (x.data_ptr() % 16 == 0) == (shift == 0)
+        expected = y0.float().clone()
+        add_lora_torch(expected, x.float(), lora_a.float(), lora_b.float(), slot_rank, plan, (0, 4096))
+        y = y0.clone() if shift == 0 else torch.empty(64 * 4096 + 1, device="cuda").bfloat16()[1:].view(64, 4096)
+        y.copy_(y0)
+        sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, (0, 4096))
+        assert_close(y.float(), expected, dtype=torch.bfloat16)
