@@ -177,6 +177,21 @@ def test_request_errors_have_openai_shape(main, client):
         openai.OpenAI(base_url=f"{main.url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_null_max_tokens_and_chat_message_checks(main):
+    """`"max_tokens": null` on /v1/completions is the default 16 (it ran to the end of the context); a chat
+    message needs one of OpenAI's roles, and content unless it is the assistant's."""
+    post = lambda body, path: httpx.post(f"{main.url}/v1/{path}", json=body, headers=AUTH, timeout=60)
+    done = post({"model": BASE, "prompt": "w5 w6", "max_tokens": None, "ignore_eos": True}, "completions")
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 16
+    user = {"role": "user", "content": "w5 w6"}
+    chat = lambda *messages: post({"model": BASE, "messages": list(messages), "max_tokens": 2}, "chat/completions")
+    assert_openai_error(chat({"role": "wizard", "content": "w5"}), 400, "role", "assistant")
+    assert_openai_error(chat({"role": "user", "content": None}), 400, "content", "'user'")
+    assert_openai_error(chat({"role": "system", "content": None}, user), 400, "content", "'system'")
+    assert chat({"role": "system", "content": "be brief"}, user, {"role": "assistant", "content": None},
+                user).status_code == 200
+
+
 def test_bad_inputs_are_refused_up_front_and_others_keep_running(main, client):
     """Inputs that used to fail deep in the engine or tokenizer (a seed out of torch's range, a lone UTF-16
     surrogate, a prompt far past the context) get a 400 naming the cause, quickly, and a request running

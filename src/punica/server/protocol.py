@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from punica import BadRequestError, SamplingParams
 from punica.engine.request import SEED_END, SEED_MIN
 
+COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's default)
+
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -123,14 +125,19 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt`: text, a list of texts, token ids, or a list of token-id lists;
-    each prompt gets `n` choices (choice index = prompt index * n + j). `max_tokens` defaults to 16."""
+    each prompt gets `n` choices (choice index = prompt index * n + j). `max_tokens` defaults to 16, also
+    when sent as null (OpenAI's default), clipped to the context."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = None
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+
+    @property
+    def requested_max_tokens(self) -> int:
+        return COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
@@ -154,12 +161,20 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One turn of a conversation. `content` is text or a list of text parts."""
+    """One turn of a conversation, with one of OpenAI's roles. `content` is text or a list of text parts; only
+    an assistant's turn may leave it null (OpenAI allows that beside tool calls)."""
 
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role!r} message needs content (text or a list of text parts); only an "
+                             "assistant's may be null")
+        return self
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content

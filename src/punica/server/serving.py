@@ -143,8 +143,8 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
         prompts = await asyncio.to_thread(lambda: [self.encode(p) for p in req.prompts()])
-        explicit = "max_tokens" in req.model_fields_set
-        limits = [self.max_tokens(p, req.max_tokens, explicit) for p in prompts]
+        explicit = req.max_tokens is not None  # the default (omitted or null) is clipped to the room left
+        limits = [self.max_tokens(p, req.requested_max_tokens, explicit) for p in prompts]
         fmt = CompletionFormat(req.model, random_id("cmpl"))
         return await self._generate(Job(req, prompts, limits, lora, fmt, arrival), request)
 
