@@ -227,3 +227,26 @@ def test_a_preempted_sequence_gives_back_its_share_of_the_step():
     assert step.preempted == [b]  # a's chunk of 7 needs 2 more blocks: b, the newest, made room
     assert step.work == {a: 7, c: 1}  # b's decode token went to c
     assert blocks.num_free + blocks.num_used == blocks.num_blocks
+
+
+def test_prompts_that_cannot_both_fit_run_one_after_the_other_without_preemption():
+    """Two long prompts whose KV does not fit together: the second starts once the first is done, instead
+    of starting its chunked prefill, growing into the first's room and being preempted (recomputed) over
+    and over. Both finish."""
+    blocks = BlockManager(num_blocks=20, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), blocks, FakeAdapters())
+    first, second = seq(44, rid="first"), seq(44, rid="second")  # 11 blocks each, 20 in all
+    for s in (first, second):
+        sched.add(s)
+    preempted, steps = 0, 0
+    while sched.has_work():
+        step = run_step(sched)
+        steps += 1
+        preempted += len(step.preempted)
+        assert not (first in step.work and second in step.work)
+        for s in list(sched.running):
+            if len(s.output_ids) >= 8:
+                sched.finish(s, "length")
+        assert steps < 100
+    assert preempted == 0
+    assert [len(s.output_ids) for s in (first, second)] == [8, 8]

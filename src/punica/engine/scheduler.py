@@ -1,6 +1,6 @@
 """Continuous batching. Each step: running sequences (decodes first, then unfinished prefills) under a
-token budget, then waiting ones in arrival order while KV blocks, adapter slots and `max_num_seqs`
-allow. When KV blocks run out the newest running sequence is preempted: its blocks are freed and it is
+token budget, then waiting ones in arrival order while KV blocks (for the whole prompt), adapter slots
+and `max_num_seqs` allow. When KV blocks run out the newest running sequence is preempted: its blocks are freed and it is
 recomputed later. Nothing is dropped. Pure Python: no torch."""
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class Scheduler:
         times, so a busy or slow adapter does not stall everyone else. Requests whose adapter failed to
         read leave the queue in `step.failed`."""
         self._prefetch(step)
+        reserved = sum(self._prefill_blocks(s) for s in self.running)
         blocked: Sequence | None = None
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
@@ -102,9 +103,10 @@ class Scheduler:
                     blocked = seq
                     continue
                 return
-            n = self._try_admit(seq, budget)
+            n = self._try_admit(seq, budget, reserved)
             if not n:
                 return  # out of KV blocks: nobody overtakes
+            reserved += self._prefill_blocks(seq)
             self.waiting.remove(seq)
             step.work[seq] = n
             budget -= n
@@ -148,11 +150,20 @@ class Scheduler:
                 break
         return given_back
 
-    def _try_admit(self, seq: Sequence, budget: int) -> int:
-        """Move `seq` to running and return its first chunk's size, or 0 if its KV does not fit now."""
+    def _prefill_blocks(self, seq: Sequence) -> int:
+        """Blocks a running sequence still needs for the prompt it has not computed (a decode's next block
+        is the one free block kept per running sequence)."""
+        return self.blocks.extra_blocks(seq.block_table, len(seq.tokens)) if seq.num_remaining > 1 else 0
+
+    def _try_admit(self, seq: Sequence, budget: int, reserved: int) -> int:
+        """Move `seq` to running and return its first chunk's size, or 0 if its KV does not fit now: the
+        blocks of its whole prompt (for a preempted sequence, of every token it has), beside the `reserved`
+        blocks that running prefills still need and one free block per running sequence for its next
+        decode. Admitting a prompt whose later chunks do not fit would preempt someone (or it)
+        before its first token, and recomputing long prompts back and forth thrashes."""
         n = min(seq.num_remaining, budget)
-        # keep one free block per running sequence so admitting does not force an immediate preemption
-        if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n) + len(self.running) > self.blocks.num_free:
+        need = self.blocks.extra_blocks(seq.block_table, len(seq.tokens))
+        if need + reserved + len(self.running) > self.blocks.num_free:
             return 0
         if seq.lora is not None:
             seq.slot = self.adapters.acquire(seq.lora_key)
