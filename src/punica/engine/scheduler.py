@@ -1,7 +1,7 @@
 """Continuous batching. Each step: running sequences (decodes first, then unfinished prefills) under a
 token budget, then waiting ones in arrival order while KV blocks (for the whole prompt), adapter slots
-and `max_num_seqs` allow. When KV blocks run out the newest running sequence is preempted: its blocks are freed and it is
-recomputed later. Nothing is dropped. Pure Python: no torch."""
+and `max_num_seqs` allow. When KV blocks run out the newest running sequence is preempted: its blocks are
+freed and it is recomputed later. Nothing is dropped. Pure Python: no torch."""
 
 from __future__ import annotations
 
