@@ -68,6 +68,7 @@ WRONG_TYPES = [  # values of the wrong type, which used to end in tracebacks or 
     ("layers_to_transform", -1, "layers_to_transform must be a layer index"),
     ("use_rslora", "false", "use_rslora must be true or false, got str 'false'"),  # read as on
     ("use_dora", "false", "use_dora must be true or false"),  # read as DoRA
+    ("lora_alpha", 1e30, "lora_alpha / r = 2.5e[+]29"),  # finite, but the outputs were empty text (NaN logits)
 ]
 
 

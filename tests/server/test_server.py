@@ -239,6 +239,12 @@ def test_load_and_unload_adapters(main, client, servers):
     assert_openai_error(load("dyn", os.path.join(allowed, "copy-c16")), 400, "already registered")
     assert_openai_error(load("x", adapters["b8"]), 403, "outside the allowed")
     assert_openai_error(load("x", os.path.join(allowed, "..", "..")), 403, "outside the allowed")
+    for linked in ("adapter_model.safetensors", "adapter_config.json"):  # a real directory, a file linked outside
+        inner = os.path.join(allowed, f"links-{linked}")
+        shutil.copytree(adapters["b8"], inner)
+        os.remove(os.path.join(inner, linked))
+        os.symlink(os.path.join(adapters["b8"], linked), os.path.join(inner, linked))
+        assert_openai_error(load("x", inner), 403, linked, "links outside the allowed")
     assert_openai_error(load("x", os.path.join(allowed, "dora")), 400, "use_dora")
     assert_openai_error(load("x", os.path.join(allowed, "missing")), 400, "missing")
     assert_openai_error(load(BASE, os.path.join(allowed, "copy-c16")), 400, "base model")

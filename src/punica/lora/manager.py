@@ -24,7 +24,7 @@ import torch
 from punica.config import LoRAConfig, ModelConfig
 from punica.errors import AdapterError, ConfigError, UnknownModelError
 from punica.lora.cache import AdapterCache
-from punica.lora.peft import LoRAWeights, load_peft_adapter
+from punica.lora.peft import CONFIG_FILE, WEIGHT_FILES, LoRAWeights, load_peft_adapter
 from punica.lora.pool import AdapterPool
 from punica.lora.slots import SlotTable
 
@@ -62,11 +62,20 @@ class AdapterManager:
         return weights.pinned() if self.pool.slot_rank.is_cuda else weights  # the CPU cache is page-locked
 
     def check_allowed(self, path: str) -> None:
-        """Refuse paths outside `allowed_lora_dirs` (dynamic loading from the network)."""
-        real = os.path.realpath(path)
+        """Refuse paths outside `allowed_lora_dirs` (dynamic loading from the network), the files an adapter is
+        read from included: a directory inside may hold links to files outside."""
         roots = [os.path.realpath(d) for d in self.cfg.allowed_lora_dirs]
-        if not any(os.path.commonpath([real, root]) == root for root in roots):
+
+        def inside(p: str) -> bool:
+            real = os.path.realpath(p)
+            return any(os.path.commonpath([real, root]) == root for root in roots)
+
+        if not inside(path):
             raise PermissionError(f"adapter path {path!r} is outside the allowed directories {roots}")
+        for name in (CONFIG_FILE, *WEIGHT_FILES):
+            file = os.path.join(path, name)
+            if os.path.lexists(file) and not inside(file):
+                raise PermissionError(f"{name} in adapter path {path!r} links outside the allowed directories {roots}")
 
     def read(self, name: str, path: str) -> LoRAWeights:
         """Read and validate the adapter at `path` for `register`, touching no state: any thread may call it,

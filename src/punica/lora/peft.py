@@ -20,6 +20,8 @@ from punica.config import ModelConfig, is_int, is_number
 from punica.errors import AdapterError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_FILE, WEIGHT_FILES = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")
+MAX_SCALED_WEIGHT = 65504.0  # fp16's largest value: a scaled lora_B entry past it overflows activations downstream
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -47,7 +49,7 @@ def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
 
 
 def read_adapter_config(path: str) -> dict:
-    cfg_path = os.path.join(path, "adapter_config.json")
+    cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(path):
         raise AdapterError(f"adapter directory {path!r} does not exist")
     if not os.path.isdir(path):
@@ -149,7 +151,7 @@ def check_supported(cfg: dict, path: str) -> None:
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
-    st, bin_ = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    st, bin_ = (os.path.join(path, f) for f in WEIGHT_FILES)
     try:
         if os.path.isfile(st):
             return load_file(st)
@@ -237,4 +239,9 @@ def _scaled_pair(cfg: dict, path: str, model_cfg: ModelConfig, max_rank: int, la
         raise AdapterError(f"{where}: the weights hold NaN or infinite values")
     alpha = _pattern_value(cfg.get("alpha_pattern"), layer, proj, cfg.get("lora_alpha", 8))
     scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
-    return a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()
+    a, b = a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()
+    if not (torch.isfinite(a).all() and b.abs().max() <= MAX_SCALED_WEIGHT):  # max() of an empty B: r >= 1
+        raise AdapterError(f"{where}: lora_B scaled by lora_alpha / r = {scale:g} reaches "
+                           f"{b.float().abs().max().item():g} (or lora_A overflows {dtype}); no trained adapter "
+                           f"comes near {MAX_SCALED_WEIGHT:g}, and its outputs would be infinite. Check lora_alpha")
+    return a, b
