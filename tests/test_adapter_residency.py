@@ -1,10 +1,16 @@
-"""Host-side adapter residency: device slot LRU with pins, and the bounded CPU cache."""
+"""Host-side adapter residency: device slot LRU with pins, the bounded CPU cache, and reads that leave nothing
+behind."""
 
 from __future__ import annotations
+
+import gc
+import os
+import tracemalloc
 
 import pytest
 
 from punica.lora.cache import AdapterCache
+from punica.lora.peft import load_tensors
 from punica.lora.slots import SlotTable
 
 
@@ -44,3 +50,24 @@ def test_cpu_cache_is_bounded_and_reloads_on_demand():
     assert reads == ["a", "b", "c", "b"] and cache.loads == 4
     cache.put("z", "w-z")
     assert "z" in cache and len([n for n in "abcz" if n in cache]) == 2
+
+
+def test_reading_an_adapter_keeps_nothing_alive(tiny_models):
+    """A server loads and unloads adapters for as long as it runs: reading one must leave no memory behind
+    (safetensors' load_file kept about 50 bytes a tensor alive per call)."""
+
+    path = tiny_models["llama"][2]["a4"]
+    assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
+    for _ in range(3):
+        load_tensors(path)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(100):
+            load_tensors(path)
+        gc.collect()
+        kept = (tracemalloc.get_traced_memory()[0] - before) / 100
+    finally:
+        tracemalloc.stop()
+    assert kept < 64, f"{kept:.0f} bytes kept alive per read"
