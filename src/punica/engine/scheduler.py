@@ -81,7 +81,9 @@ class Scheduler:
         times, so a busy or slow adapter does not stall everyone else. Requests whose adapter failed to
         read leave the queue in `step.failed`."""
         self._prefetch(step)
-        reserved = sum(self._prefill_blocks(s) for s in self.running)
+        if not self.waiting or budget == 0:
+            return
+        reserved = sum(self._prefill_blocks(s) for s in self.running)  # once a step, only with someone waiting
         blocked: Sequence | None = None
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
