@@ -54,7 +54,7 @@ def active(device_index: int) -> bool:
 def options(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel with a `PDL` constexpr, for tensors on t's device: PDL on where it is
     enabled and the device and Triton support it (never in the interpreter, on CPU tensors)."""
-    if _enabled and t.is_cuda and _supported(t.get_device()):
+    if t.is_cuda and active(t.get_device()):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 
