@@ -181,24 +181,22 @@ class OpenAIServing:
 
     async def _events(self, stream: RequestStream, choices: Choices, job: Job,
                       tracker: RequestTracker) -> AsyncIterator[str]:
+        """The SSE body; EventStream stops the engine requests and closes the metrics however it ends."""
         fmt = job.fmt
-        try:
-            for i in range(choices.n):
-                if fmt.opening(i):
-                    yield sse(fmt.opening(i))
-            async for d in stream:
-                tracker.on_output(d)
-                if d.output.error:
-                    yield sse(error_body(d.output.error, "server_error", "engine_failure"))
-                    return
-                new = choices.advance(d)
-                if new or d.output.finished:
-                    yield sse(fmt.chunk(d.index, new, d.output.finish_reason if d.output.finished else None))
-            if job.req.include_usage:
-                yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens)))
-            yield sse("[DONE]")
-        finally:  # also reached when the client disconnects: the response task is cancelled
-            self._close(stream, tracker)
+        for i in range(choices.n):
+            if fmt.opening(i):
+                yield sse(fmt.opening(i))
+        async for d in stream:
+            tracker.on_output(d)
+            if d.output.error:
+                yield sse(error_body(d.output.error, "server_error", "engine_failure"))
+                return
+            new = choices.advance(d)
+            if new or d.output.finished:
+                yield sse(fmt.chunk(d.index, new, d.output.finish_reason if d.output.finished else None))
+        if job.req.include_usage:
+            yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens)))
+        yield sse("[DONE]")
 
     def _close(self, stream: RequestStream, tracker: RequestTracker) -> None:
         """Stop the engine requests still running and close the metrics (once, however often called)."""
