@@ -8,6 +8,12 @@ Sweeps the decode tiles (BLOCK_N, warps, stages) and the context splits; `max_kv
 capacity, as in the engine's captured steps (so the default splits are those the engine gets). "mixed"
 contexts: seeded uniform lengths in [64, 800]. Prints us per layer and floor ratios, writes
 `attention.jsonl` under --out-dir.
+
+    python -m benchmarks.bench_attention --batch-size 32 128 --mixed 128
+
+instead times a mixed step's attention: sequence 0 computes a CHUNK-token prefill chunk after its context,
+the others decode; with a mixed graph's work list, the decodes on the prefill kernel or on the decode kernel
+(`attention.SPLIT_MIXED`).
 """
 
 from __future__ import annotations
@@ -69,6 +75,65 @@ class Pools:
         for k, v in self.kv:
             attention.decode_attention_triton(self.q, k, v, self.meta, 0.088, num_splits=splits)
 
+    def make_mixed(self, chunk: int) -> None:
+        """Sequence 0's last `chunk` context tokens become its queries (a prefill chunk), as a mixed graph
+        runs them: a work list of query tiles padded to its capacity, max_q_len the chunk."""
+        meta, lens = self.meta, self.meta.host_kv_lens
+        q_lens = [chunk] + [1] * (len(lens) - 1)
+        cu_q = [0]
+        for n in q_lens:
+            cu_q.append(cu_q[-1] + n)
+        device = self.q.device
+        self.q = torch.randn(cu_q[-1], *self.q.shape[1:], device=device).to(self.q.dtype)
+        rows = attention.prefill_tile_rows(self.q.shape[2], self.q.dtype, chunk)
+        capacity = -(-cu_q[-1] // rows) + len(lens)
+        meta.cu_q, meta.host_cu_q, meta.max_q_len, meta.tile_rows = (
+            torch.tensor(cu_q, dtype=torch.int32, device=device), cu_q, chunk, rows)
+        self.capacity, self.rows = capacity, rows
+
+    def run_mixed(self) -> None:
+        for k, v in self.kv:
+            attention.paged_attention_triton(self.q, k, v, self.meta, 0.088)
+
+    def set_tiles(self) -> None:
+        """The work list for the current attention.SPLIT_MIXED, padded to the graph's capacity."""
+        flat = attention.query_tiles(self.meta.host_cu_q, self.rows)
+        flat += [-1, 0] * (self.capacity - len(flat) // 2)
+        self.meta.q_tiles = torch.tensor(flat, dtype=torch.int32, device=self.q.device).view(-1, 2)
+
+
+def bench_mixed(args, setup: dict, bandwidth: float, device: str) -> None:
+    """A mixed step's attention, the decodes on the prefill kernel (split off) or the decode kernel (on)."""
+    h_q, h_kv, d = args.heads
+    summary = []
+    try:
+        for batch in args.batch_size:
+            for ctx in args.context:
+                lens = context_lens(ctx, batch)
+                lens[0] += args.mixed
+                pools = Pools(args.layers, lens, h_q, h_kv, d, args.capacity, device)
+                pools.make_mixed(args.mixed)
+                floor = pools.bytes / bandwidth * 1e6 / args.layers
+                for split in (False, True):
+                    attention.SPLIT_MIXED = split
+                    pools.set_tiles()
+                    us = time_us(pools.run_mixed) / args.layers
+                    row = dict(batch=batch, context=ctx, chunk=args.mixed, mean_context=round(sum(lens) / batch, 1),
+                               split_mixed=split, us_per_layer=round(us, 2), floor_us=round(floor, 2),
+                               floor_ratio=round(us / floor, 3))
+                    harness.write_jsonl("attention", [row], setup, args.out_dir)
+                    summary.append(row)
+                    print(row, flush=True)
+                pools = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        attention.SPLIT_MIXED = True
+    print(f"\nmixed-step attention, us per layer ({args.layers} layers in one CUDA graph), floor = KV bytes at "
+          f"{bandwidth / 1e12:.2f} TB/s")
+    harness.print_table(summary, ["batch", "context", "chunk", "split_mixed", "us_per_layer", "floor_us",
+                                  "floor_ratio"])
+
 
 def attention_default(group: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_N, warps, stages) of ops/attention.py's decode_config on this device, bf16."""
@@ -97,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--order", nargs="+", choices=["plain", "longest-first"], default=["plain", "longest-first"],
                     help="program order: grid order, or longest context first (AttentionMeta.seq_order)")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--mixed", type=int, default=0, metavar="CHUNK",
+                    help="time a mixed step instead: a CHUNK-token prefill chunk among decodes, split off and on")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     pdl.set_pdl(args.pdl)
@@ -105,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     h_q, h_kv, d = args.heads
     setup = dict(harness.environment(), bench="attention", layers=args.layers, heads=args.heads, page=PAGE,
                  capacity=args.capacity, pdl=args.pdl, copy_bandwidth_GBps=round(bandwidth / 1e9, 1))
+    if args.mixed:
+        bench_mixed(args, setup, bandwidth, device)
+        return
     default_config, default_tiles = attention.decode_config, attention_default(h_q // h_kv, d)
     summary = []
     try:

@@ -113,7 +113,8 @@ def variants():
             PDL=mode == sgmv.TOKEN or persistent)
     for tiled in (False, True):
         yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
-            GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, PDL=tiled)
+            GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, SKIP_SINGLE=tiled,
+            PDL=tiled)
     for pdl in (False, True):
         yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
             GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", ORDERED=pdl, PDL=pdl)

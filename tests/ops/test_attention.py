@@ -135,6 +135,47 @@ def test_prefill_work_list(device, capacity_extra):
     assert len(flat) // 2 - capacity_extra <= -(-sum(q_lens) // rows) + len(q_lens)
 
 
+MIXED_Q_LENS, MIXED_KV_LENS = [5, 1, 40, 0, 1, 2, 20], [37, 16, 40, 10, 33, 31, 90]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_mixed_step_with_and_without_the_decode_kernel(device, monkeypatch, split, tiled):
+    """SPLIT_MIXED on: one-query sequences go to the decode kernel, the rest to the prefill kernel (tiles
+    leave the one-query sequences out); off: all of them through the prefill kernel. Both equal the reference."""
+    monkeypatch.setattr(attention, "SPLIT_MIXED", split)
+    q, k_cache, v_cache, meta = make_case(MIXED_Q_LENS, MIXED_KV_LENS, 4, 2, 16, dtype=torch.float16,
+                                          device=device)
+    if tiled:
+        meta.tile_rows = attention.prefill_tile_rows(16, torch.float16, meta.max_q_len)
+        flat = attention.query_tiles(meta.host_cu_q, meta.tile_rows) + [-1, 0] * 2
+        meta.q_tiles = torch.tensor(flat, dtype=torch.int32, device=device).view(-1, 2)
+        singles = [b for b, n in enumerate(MIXED_Q_LENS) if n == 1]
+        assert any(b in singles for b in flat[0::2]) != split
+    assert attention.splits_mixed(meta) == split
+    out = attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.25)
+    assert_close(out, paged_attention_torch(q, k_cache, v_cache, meta, 0.25))
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_mixed_step_kernels_keep_to_their_own_sequences(device, monkeypatch, splits):
+    """The decode kernel writes only the rows of one-query sequences, the prefill kernel (split) only the
+    others: each leaves the other's rows as they were."""
+    q, k_cache, v_cache, meta = make_case(MIXED_Q_LENS, MIXED_KV_LENS, 4, 2, 16, device=device)
+    ref = paged_attention_torch(q, k_cache, v_cache, meta, 0.25)
+    single = torch.zeros(q.shape[0], dtype=torch.bool)
+    for b, n in enumerate(MIXED_Q_LENS):
+        single[meta.host_cu_q[b]:meta.host_cu_q[b + 1]] = n == 1
+    out = torch.full_like(q, 7.0)
+    attention._decode_into(out, q, k_cache, v_cache, meta, 0.25, num_splits=splits)
+    assert torch.equal(out[~single], torch.full_like(out[~single], 7.0))
+    assert_close(out[single], ref[single])
+    monkeypatch.setattr(attention, "_decode_into", lambda out, *args, **kw: out.fill_(7.0))
+    out = attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.25)
+    assert torch.equal(out[single], torch.full_like(out[single], 7.0))
+    assert_close(out[~single], ref[~single])
+
+
 def test_strided_q_view(device):
     q, k_cache, v_cache, meta = make_case([2, 1], [20, 3], 4, 2, 16, device=device)
     qkv = torch.cat([q.flatten(1), torch.randn(q.shape[0], 64, device=device)], dim=1)

@@ -24,6 +24,10 @@ except ImportError:  # the torch backend runs without Triton
     triton = tl = None
     _jit = lambda fn: fn  # noqa: E731
 
+# Steps that mix prefill chunks with decodes run their one-query sequences through the decode kernel and only
+# the longer ones through the prefill kernel, whose 64-row query tiles would hold one real row per decode.
+SPLIT_MIXED = True
+
 
 @dataclass
 class AttentionMeta:
@@ -117,7 +121,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kv_heads = tl.num_programs(1)
     row = tl.load(cu_q_ptr + b)
-    if tl.load(cu_q_ptr + b + 1) == row:
+    if tl.load(cu_q_ptr + b + 1) - row != 1:  # no query (padding), or a prefill chunk (the prefill kernel's)
         return
     kv_len = tl.load(kv_lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), SPLITS) * BLOCK_N
@@ -157,7 +161,7 @@ def _combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, cu_q_ptr, stride_ot, stri
     pdl_start(PDL)
     b, head = tl.program_id(0), tl.program_id(1)
     row = tl.load(cu_q_ptr + b)
-    if tl.load(cu_q_ptr + b + 1) == row:
+    if tl.load(cu_q_ptr + b + 1) - row != 1:
         return
     s, d = tl.arange(0, BLOCK_S), tl.arange(0, HEAD_DIM)
     part = (b * HQ + head) * SPLITS + s
@@ -174,9 +178,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, TILED: tl.constexpr,
-                    PDL: tl.constexpr):
+                    SKIP_SINGLE: tl.constexpr, PDL: tl.constexpr):
     """Program (query tile m, b, head), or (work-list entry, 0, head) when TILED: flash attention of
-    BLOCK_M queries of b, causal over the paged KV."""
+    BLOCK_M queries of b, causal over the paged KV. SKIP_SINGLE: sequences of one query are the decode
+    kernel's."""
     pdl_start(PDL)
     head = tl.program_id(2)
     if TILED:
@@ -188,7 +193,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
         mb, b = tl.program_id(0), tl.program_id(1)
     q0 = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q0
-    if mb * BLOCK_M >= q_len:
+    if mb * BLOCK_M >= q_len or (SKIP_SINGLE and q_len == 1):
         return
     kv_len = tl.load(kv_lens_ptr + b)
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -302,10 +307,16 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     nothing, those with kv_len 0 write zeros (padding for CUDA graphs).
     """
     check_attention_args(q, k_cache, v_cache, meta)
-    batch, (_, page, h_kv, d), h_q = len(meta.host_kv_lens), k_cache.shape, q.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if batch == 0 or q.shape[0] == 0:
-        return out
+    if len(meta.host_kv_lens) and q.shape[0]:
+        _decode_into(out, q, k_cache, v_cache, meta, scale, num_splits)
+    return out
+
+
+def _decode_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMeta, scale: float, num_splits: int | None = None) -> None:
+    """The decode kernel (and its split combine): out's rows of the sequences with exactly one query."""
+    batch, (_, page, h_kv, d), h_q = len(meta.host_kv_lens), k_cache.shape, q.shape[1]
     splits = num_splits or decode_splits(batch, h_kv, meta.max_kv_len, q.device)
     group = h_q // h_kv
     part_o = q.new_empty((batch, h_q, splits, d) if splits > 1 else (1,), dtype=torch.float32)
@@ -322,12 +333,21 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
                                       HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
                                       **pdl.options(q))
-    return out
+
+
+def splits_mixed(meta: AttentionMeta) -> bool:
+    """Whether a step with prefill queries hands its one-query sequences to the decode kernel (SPLIT_MIXED):
+    always for a work list (a mixed CUDA graph cannot know its steps' lengths), else when there is one."""
+    if not SPLIT_MIXED:
+        return False
+    cu = meta.host_cu_q
+    return meta.q_tiles is not None or any(cu[b + 1] - cu[b] == 1 for b in range(len(cu) - 1))
 
 
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              meta: AttentionMeta, scale: float) -> torch.Tensor:
-    """paged_attention_torch for any query lengths (prefill chunks mixed with decodes), flash-attention."""
+    """paged_attention_torch for any query lengths (prefill chunks mixed with decodes), flash-attention; the
+    decodes among them on the decode kernel (splits_mixed)."""
     check_attention_args(q, k_cache, v_cache, meta)
     batch, (_, page, h_kv, d), h_q = len(meta.host_kv_lens), k_cache.shape, q.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -347,10 +367,13 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             raise ValueError(f"tile_rows must be a power of two >= 16, got {rows}")
         cfg["BLOCK_M"] = rows
         grid = (tiles.shape[0], 1, h_q)
+    split = splits_mixed(meta)
+    if split:
+        _decode_into(out, q, k_cache, v_cache, meta, scale)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, *meta_args, out if tiles is None else tiles, scale * math.log2(math.e),
         *strides, GROUP=h_q // h_kv, HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), TILED=tiles is not None,
-        **cfg, **pdl.options(q))
+        SKIP_SINGLE=split, **cfg, **pdl.options(q))
     return out
 
 
@@ -361,11 +384,15 @@ def prefill_tile_rows(head_dim: int, dtype: torch.dtype, max_q_len: int) -> int:
 
 def query_tiles(cu_q: list[int], rows: int) -> list[int]:
     """Flat (sequence, query block) pairs covering every sequence's queries in blocks of `rows`
-    (AttentionMeta.q_tiles); at most ceil(T / rows) + B of them. Pure Python."""
+    (AttentionMeta.q_tiles); at most ceil(T / rows) + B of them. Under SPLIT_MIXED the sequences of one
+    query are left out (the decode kernel runs them). Pure Python."""
     tiles: list[int] = []
+    least = 2 if SPLIT_MIXED else 1
     for b in range(len(cu_q) - 1):
-        for mb in range(-(-(cu_q[b + 1] - cu_q[b]) // rows)):
-            tiles += (b, mb)
+        n = cu_q[b + 1] - cu_q[b]
+        if n >= least:
+            for mb in range(-(-n // rows)):
+                tiles += (b, mb)
     return tiles
 
 
