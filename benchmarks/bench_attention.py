@@ -13,7 +13,7 @@ contexts: seeded uniform lengths in [64, 800]. Prints us per layer and floor rat
 
 instead times a mixed step's attention: sequence 0 computes a CHUNK-token prefill chunk after its context,
 the others decode; with a mixed graph's work list, the decodes on the prefill kernel or on the decode kernel
-(`attention.SPLIT_MIXED`).
+(`attention.SPLIT_MIXED`), the two kernels one after the other or on two streams (`attention.OVERLAP_MIXED`).
 """
 
 from __future__ import annotations
@@ -114,13 +114,13 @@ def bench_mixed(args, setup: dict, bandwidth: float, device: str) -> None:
                 pools = Pools(args.layers, lens, h_q, h_kv, d, args.capacity, device)
                 pools.make_mixed(args.mixed)
                 floor = pools.bytes / bandwidth * 1e6 / args.layers
-                for split in (False, True):
-                    attention.SPLIT_MIXED = split
+                for split, overlap in ((False, False), (True, False), (True, True)):
+                    attention.SPLIT_MIXED, attention.OVERLAP_MIXED = split, overlap
                     pools.set_tiles()
                     us = time_us(pools.run_mixed) / args.layers
                     row = dict(batch=batch, context=ctx, chunk=args.mixed, mean_context=round(sum(lens) / batch, 1),
-                               split_mixed=split, us_per_layer=round(us, 2), floor_us=round(floor, 2),
-                               floor_ratio=round(us / floor, 3))
+                               split_mixed=split, overlap_mixed=overlap, us_per_layer=round(us, 2),
+                               floor_us=round(floor, 2), floor_ratio=round(us / floor, 3))
                     harness.write_jsonl("attention", [row], setup, args.out_dir)
                     summary.append(row)
                     print(row, flush=True)
@@ -128,11 +128,11 @@ def bench_mixed(args, setup: dict, bandwidth: float, device: str) -> None:
                 if device == "cuda":
                     torch.cuda.empty_cache()
     finally:
-        attention.SPLIT_MIXED = True
+        attention.SPLIT_MIXED = attention.OVERLAP_MIXED = True
     print(f"\nmixed-step attention, us per layer ({args.layers} layers in one CUDA graph), floor = KV bytes at "
           f"{bandwidth / 1e12:.2f} TB/s")
-    harness.print_table(summary, ["batch", "context", "chunk", "split_mixed", "us_per_layer", "floor_us",
-                                  "floor_ratio"])
+    harness.print_table(summary, ["batch", "context", "chunk", "split_mixed", "overlap_mixed", "us_per_layer",
+                                  "floor_us", "floor_ratio"])
 
 
 def attention_default(group: int, d: int) -> tuple[int, int, int]:

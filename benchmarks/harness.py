@@ -178,6 +178,8 @@ def add_engine_knobs(ap: argparse.ArgumentParser) -> None:
                     help="the side-stream LoRA delta written by the expand, no zero-fill (layers.DELTA_OVERWRITE)")
     ap.add_argument("--split-mixed-attention", action=flag, default=True,
                     help="mixed steps run their decodes on the decode attention kernel (attention.SPLIT_MIXED)")
+    ap.add_argument("--overlap-mixed-attention", action=flag, default=True,
+                    help="those two attention kernels on two streams (attention.OVERLAP_MIXED)")
     ap.add_argument("--side-stream-max-tokens", type=int, default=None, metavar="N",
                     help="steps of at most N tokens run LoRA beside the GEMM (layers.SIDE_STREAM_MAX_TOKENS)")
 
@@ -198,12 +200,12 @@ def apply_engine_knobs(args: argparse.Namespace) -> dict:
     if args.unfused:
         llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
     cuda_graph.DECODE_ORDER, layers.DELTA_OVERWRITE = args.decode_order, args.delta_overwrite
-    attention.SPLIT_MIXED = args.split_mixed_attention
+    attention.SPLIT_MIXED, attention.OVERLAP_MIXED = args.split_mixed_attention, args.overlap_mixed_attention
     if args.side_stream_max_tokens is not None:
         layers.SIDE_STREAM_MAX_TOKENS = args.side_stream_max_tokens
     return dict(sgmv_tuning=tuning, pdl=args.pdl, triton_gemm=sorted(gemm.PLAIN_SHAPES),
                 triton_gemm_beside_lora=gemm.BESIDE_LORA, fusions=dict(llama.FUSIONS),
                 decode_order=args.decode_order, delta_overwrite=args.delta_overwrite,
-                split_mixed_attention=args.split_mixed_attention,
+                split_mixed_attention=args.split_mixed_attention, overlap_mixed_attention=args.overlap_mixed_attention,
                 side_stream_max_tokens=layers.SIDE_STREAM_MAX_TOKENS,
                 gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])

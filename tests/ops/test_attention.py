@@ -267,6 +267,35 @@ def test_gpu_decode_cuda_graph_replay_equals_eager(model, ordered):
         assert torch.equal(out[8:], torch.zeros_like(out[8:]))
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("model", list(LLAMA_SHAPES))
+def test_gpu_mixed_step_on_two_streams_equals_one_and_replays(model, monkeypatch):
+    """A mixed step as its CUDA graph runs it (a 128-token chunk among 31 decodes, a padded work list): the
+    prefill kernel on the side stream (OVERLAP_MIXED) gives the same bits as one stream, also when replayed
+    from a graph with both streams as branches; and equals the reference."""
+    h_q, h_kv, d = LLAMA_SHAPES[model]
+    q_lens, kv_lens = [128] + [1] * 31, [528] + random_lens(31, 1, 800, seed=4)
+    q, k_cache, v_cache, meta = make_case(q_lens, kv_lens, h_q, h_kv, d, dtype=torch.bfloat16, device="cuda")
+    meta.tile_rows = attention.prefill_tile_rows(d, torch.bfloat16, 256)
+    flat = attention.query_tiles(meta.host_cu_q, meta.tile_rows) + [-1, 0] * 8
+    meta.q_tiles = torch.tensor(flat, dtype=torch.int32, device="cuda").view(-1, 2)
+    monkeypatch.setattr(attention, "OVERLAP_MIXED", False)
+    one = attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.1)
+    monkeypatch.setattr(attention, "OVERLAP_MIXED", True)
+    two = attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.1)
+    torch.cuda.synchronize()
+    assert torch.equal(one, two)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention.paged_attention_triton(q, k_cache, v_cache, meta, 0.1)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, one)
+    assert_close(one, paged_attention_torch(q, k_cache, v_cache, meta, 0.1))
+
+
 # ---- timing (python tests/ops/test_attention.py, on a GPU)
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:

@@ -27,6 +27,10 @@ except ImportError:  # the torch backend runs without Triton
 # Steps that mix prefill chunks with decodes run their one-query sequences through the decode kernel and only
 # the longer ones through the prefill kernel, whose 64-row query tiles would hold one real row per decode.
 SPLIT_MIXED = True
+# ... and on CUDA the prefill kernel runs on a second, higher-priority stream beside the decode kernel (two
+# branches in a CUDA graph): a chunk's few long programs start first instead of trailing the decodes' wave.
+OVERLAP_MIXED = True
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 @dataclass
@@ -368,13 +372,32 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         cfg["BLOCK_M"] = rows
         grid = (tiles.shape[0], 1, h_q)
     split = splits_mixed(meta)
-    if split:
+
+    def prefill():
+        _prefill_kernel[grid](
+            q, k_cache, v_cache, out, *meta_args, out if tiles is None else tiles, scale * math.log2(math.e),
+            *strides, GROUP=h_q // h_kv, HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), TILED=tiles is not None,
+            SKIP_SINGLE=split, **cfg, **pdl.options(q))
+
+    if not split:
+        prefill()
+    elif not (OVERLAP_MIXED and q.is_cuda):
         _decode_into(out, q, k_cache, v_cache, meta, scale)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, out, *meta_args, out if tiles is None else tiles, scale * math.log2(math.e),
-        *strides, GROUP=h_q // h_kv, HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), TILED=tiles is not None,
-        SKIP_SINGLE=split, **cfg, **pdl.options(q))
+        prefill()
+    else:  # the two kernels write disjoint rows of out; nothing is allocated on the side stream
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            prefill()
+        _decode_into(out, q, k_cache, v_cache, meta, scale)
+        main.wait_stream(side)
     return out
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device, priority=-1)
+    return _side_streams[device]
 
 
 def prefill_tile_rows(head_dim: int, dtype: torch.dtype, max_q_len: int) -> int:
