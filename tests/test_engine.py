@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_parity import prompts
 
@@ -251,6 +253,41 @@ def test_adapter_read_in_background_and_a_failed_read_fails_only_its_requests(ll
     assert engine.blocks.num_used == 0
     again = list(engine.stream(ids[0], GREEDY, lora="c16"))[-1]  # c16 comes back from disk, in the background
     assert again.finished and len(again.token_ids) == 12
+
+
+def test_a_confined_adapter_is_checked_again_when_read_back(llama, tmp_path):
+    """A dynamic load (confined to the allowed directories) evicted from the CPU cache is read again from
+    disk: if a weights file has since become a link out of the allowed directories, its requests fail with
+    that reason, the others finish, and the engine keeps serving."""
+    import shutil
+
+    model_dir, adapters = llama
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    engine = Engine.from_args(model_dir, {"a4": adapters["a4"], "c16": adapters["c16"]}, device="cpu",
+                              max_loras=1, max_cpu_loras=1, allowed_lora_dirs=[str(allowed)])
+    dyn = allowed / "dyn"
+    shutil.copytree(adapters["b8"], dyn)
+    engine.adapters.check_allowed(str(dyn))
+    engine.add_lora("dyn", str(dyn), confined=True)
+    ids = prompts(3, seed=11)
+    first = list(engine.stream(ids[0], GREEDY, lora="dyn"))[-1]
+    assert first.finished and first.error is None
+    list(engine.stream(ids[1], GREEDY, lora="c16"))  # evicts dyn from its slot and the CPU cache
+    assert "dyn" not in engine.adapters.cache
+    weights = dyn / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(os.path.join(adapters["b8"], "adapter_model.safetensors"))
+    rids = engine.add_requests(ids, [GREEDY] * 3, ["dyn", "a4", None])
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    failed = outs[rids[0]]
+    assert failed.finish_reason == "error" and "links outside the allowed" in failed.error
+    assert all(outs[r].error is None and len(outs[r].token_ids) == 12 for r in rids[1:])
+    assert engine.blocks.num_used == 0
+    again = list(engine.stream(ids[2], GREEDY, lora="c16"))[-1]
+    assert again.finished and again.error is None
 
 
 def test_lora_overlap_modes_are_checked(llama):

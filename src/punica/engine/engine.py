@@ -132,9 +132,11 @@ class Engine:
         server reads beside the engine thread instead of stalling its steps."""
         return self.adapters.read(name, path)
 
-    def add_lora(self, name: str, path: str, weights: LoRAWeights | None = None) -> None:
-        """Serve the adapter at `path` as `name` (`weights`: what `read_lora` returned, else read here)."""
-        self.adapters.register(name, path, weights)
+    def add_lora(self, name: str, path: str, weights: LoRAWeights | None = None, confined: bool = False) -> None:
+        """Serve the adapter at `path` as `name` (`weights`: what `read_lora` returned, else read here).
+        `confined`: every later read from disk checks again that its files stay inside the allowed
+        directories (`LoRAConfig.allowed_lora_dirs`), as a dynamic load's first read did."""
+        self.adapters.register(name, path, weights, confined)
 
     def remove_lora(self, name: str) -> Future | None:
         """New requests for `name` fail from now on; those in flight finish on its weights. Returns the disk

@@ -50,6 +50,7 @@ class AdapterManager:
         self._refs: dict[str, int] = {}  # unfinished requests per key, retired ones included
         self._held: dict[str, LoRAWeights] = {}  # retired keys still in use -> their weights
         self._reloads = itertools.count(1)
+        self._confined: set[str] = set()  # keys loaded through check_allowed: every re-read checks again
         self.device_loads = 0
         self.device_evictions = 0
         self._reads: dict[str, Future] = {}  # disk reads on the worker thread, by adapter name
@@ -57,6 +58,8 @@ class AdapterManager:
         self._reader: ThreadPoolExecutor | None = None
 
     def _read(self, key: str, path: str) -> LoRAWeights:
+        if key in self._confined:  # its files may have become links out of the allowed directories since
+            self.check_allowed(path)
         weights = load_peft_adapter(key.partition(RELOAD)[0], path, self.model_cfg, self.cfg.max_lora_rank,
                                     self.dtype)
         return weights.pinned() if self.pool.slot_rank.is_cuda else weights  # the CPU cache is page-locked
@@ -91,12 +94,20 @@ class AdapterManager:
             raise AdapterError(f"adapter {name!r} is already registered (from {self.paths[name]}); unload it first "
                                "or choose another name")
 
-    def register(self, name: str, path: str, weights: LoRAWeights | None = None) -> LoRAWeights:
+    def register(self, name: str, path: str, weights: LoRAWeights | None = None,
+                 confined: bool = False) -> LoRAWeights:
         """Validate the adapter at `path` now (errors surface here, not mid-batch) and make it servable.
-        `weights`: what `read(name, path)` returned, if it was read already."""
+        `weights`: what `read(name, path)` returned, if it was read already. `confined`: a dynamic load,
+        whose every read from disk (after eviction from the CPU cache, say) passes `check_allowed` again."""
         self.check_name(name)
         key = name if name not in self._key_paths else f"{name}{RELOAD}{next(self._reloads)}"  # old one in use
-        weights = self._read(key, path) if weights is None else weights
+        if confined:
+            self._confined.add(key)
+        try:
+            weights = self._read(key, path) if weights is None else weights
+        except BaseException:
+            self._confined.discard(key)
+            raise
         self.paths[name], self._keys[name], self._key_paths[key] = path, key, path
         self.cache.put(key, weights)  # the next request need not touch the disk
         return weights
@@ -143,6 +154,7 @@ class AdapterManager:
                 self._forget(key)
 
     def _forget(self, key: str) -> None:
+        self._confined.discard(key)
         self._key_paths.pop(key, None)
         self._reads.pop(key, None)
         self._read_errors.pop(key, None)
