@@ -19,6 +19,14 @@ def llama(tiny_models):
     return model_dir, adapters
 
 
+def run_to_end(engine: Engine) -> dict:
+    """Step until every request has finished; each request's last output, by id."""
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+    return outs
+
+
 def test_preemption_keeps_outputs_identical(llama):
     model_dir, adapters = llama
     ids = prompts(seed=3)
@@ -171,9 +179,7 @@ def test_reloading_a_name_in_use_serves_the_new_weights_to_new_requests(llama):
     engine.remove_lora("x")
     engine.add_lora("x", adapters["c16"])
     new = engine.add_request(ids[1], params, "x")
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step()})
+    outs = run_to_end(engine)
     assert outs[old].token_ids == expected["b8"]
     assert outs[new].token_ids == expected["c16"]
     assert engine.list_loras() == {"x": adapters["c16"]}
@@ -206,9 +212,7 @@ def test_steps_overlap_tokens_arrive_one_step_later(llama):
         return step
 
     engine.scheduler.schedule = spy
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step()})
+    outs = run_to_end(engine)
     assert outs[free].finish_reason == "length" and len(outs[free].token_ids) == 3
     assert outs[stopped].finish_reason == "stop"
     assert outs[stopped].token_ids == reference[:reference.index(stop) + 1]
@@ -243,9 +247,7 @@ def test_adapter_read_in_background_and_a_failed_read_fails_only_its_requests(ll
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     ids = prompts(3, seed=9)
     rids = engine.add_requests(ids, [GREEDY] * 3, ["a4", "b8", None])
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    outs = run_to_end(engine)
     failed = outs[rids[1]]
     assert failed.finish_reason == "error" and "'b8' could not be read" in failed.error
     assert [len(outs[r].token_ids) for r in (rids[0], rids[2])] == [12, 12]
@@ -279,9 +281,7 @@ def test_a_confined_adapter_is_checked_again_when_read_back(llama, tmp_path):
     weights.unlink()
     weights.symlink_to(os.path.join(adapters["b8"], "adapter_model.safetensors"))
     rids = engine.add_requests(ids, [GREEDY] * 3, ["dyn", "a4", None])
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    outs = run_to_end(engine)
     failed = outs[rids[0]]
     assert failed.finish_reason == "error" and "links outside the allowed" in failed.error
     assert all(outs[r].error is None and len(outs[r].token_ids) == 12 for r in rids[1:])
