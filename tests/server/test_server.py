@@ -380,3 +380,24 @@ def test_failing_adapter_read_fails_its_request_and_the_server_lives(servers, re
     assert small_post(small, {"model": "b8", "prompt": "w5", "max_tokens": 2}).status_code == 200
     assert metric(small.url, "punica_engine_step_errors_total") == 0  # only that request failed
     assert httpx.get(f"{small.url}/health").status_code == 200
+
+
+def test_a_dynamic_adapter_whose_file_became_a_link_outside_is_refused_when_read_again(servers):
+    """A dynamic load's files are checked again whenever they are read back into memory: a weights file
+    swapped for a link out of --allowed-lora-dir after the load fails that adapter's request, not the server."""
+    small, allowed, outside = servers["small"], servers["files"]["small_allowed"], servers["files"]["adapters"]
+    load = lambda name, path: httpx.post(f"{small.url}/v1/load_lora_adapter",
+                                         json={"lora_name": name, "lora_path": os.path.join(allowed, path)})
+    assert load("c16-linked", "c16").status_code == 200
+    assert load("b8-evicts", "b8").status_code == 200  # c16-linked leaves the 1-adapter CPU cache
+    weights = os.path.join(allowed, "c16", "adapter_model.safetensors")
+    os.rename(weights, weights + ".moved")
+    os.symlink(os.path.join(outside["c16"], "adapter_model.safetensors"), weights)
+    try:
+        assert_openai_error(small_post(small, {"model": "c16-linked", "prompt": "w5", "max_tokens": 2}), 500,
+                            "'c16-linked' could not be read", "links outside the allowed")
+    finally:
+        os.remove(weights)
+        os.rename(weights + ".moved", weights)
+    assert small_post(small, {"model": "c16-linked", "prompt": "w5", "max_tokens": 2}).status_code == 200
+    assert httpx.get(f"{small.url}/health").status_code == 200

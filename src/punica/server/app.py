@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -251,7 +252,7 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
         path = os.path.realpath(req.lora_path)  # re-reads follow what was checked, not a symlink swapped later
         # read and validate on a worker thread: on the engine thread a large adapter would stall every stream
         weights = await asyncio.to_thread(engine.engine.read_lora, req.lora_name, path)
-        await engine.call(engine.engine.add_lora, req.lora_name, path, weights, True)
+        await engine.call(functools.partial(engine.engine.add_lora, confined=True), req.lora_name, path, weights)
         serving.metrics.adapter_loaded(req.lora_name)
         loaded[req.lora_name] = int(time.time())
         return {"object": "lora_adapter", "id": req.lora_name, "root": req.lora_path, "status": "loaded"}
