@@ -6,11 +6,12 @@ sentinels the kernels skip: KV slot -1 (not stored), an empty query range and co
 attention), adapter slot 0 (no LoRA). Decode graphs tile LoRA per token (one segment per token) and use
 the split-K decode attention. Mixed graphs give the SGMV and prefill-attention kernels work lists cut on
 the host (SegmentPlan.items, AttentionMeta.q_tiles), so their grids depend on the bucket alone, whatever
-the step's segments and query lengths. With sgmv.TUNING["hybrid_graphs"] (1: both kinds, 2: mixed only),
-LoRA is tiled with hybrid work lists instead: single tokens on the CUDA cores (BGMV), longer segments in
-tensor-core row blocks. With sgmv.TUNING["sparse_decode"], each decode bucket also has a "sparse" graph for
-steps whose sequences mostly share adapters: a hybrid list whose real items the expand walks on a fixed grid
-(counts_items), chosen per step (CudaGraphRunner.key).
+the step's segments and query lengths; their one-query sequences take the decode attention kernel, on the
+main stream beside the prefill kernel's branch (attention.SPLIT_MIXED). With sgmv.TUNING["hybrid_graphs"]
+(1: both kinds, 2: mixed only), LoRA is tiled with hybrid work lists instead: single tokens on the CUDA
+cores (BGMV), longer segments in tensor-core row blocks. With sgmv.TUNING["sparse_decode"], each decode
+bucket also has a "sparse" graph for steps whose sequences mostly share adapters: a hybrid list whose real
+items the expand walks on a fixed grid (counts_items), chosen per step (CudaGraphRunner.key).
 Adapters load into existing slots, so graphs stay valid as adapters come and go.
 
 Until `capture` is called (CPU, tests) the runner runs the same padded batches eagerly.

@@ -43,7 +43,7 @@ class AttentionMeta:
     max_q_len / max_kv_len: host ints (grid bounds); host_cu_q / host_kv_lens: the same as lists
     q_tiles:      optional [N, 2] int32 work list (sequence, query block of `tile_rows` rows), padded with
                   sequence -1: when given, the prefill kernel runs one program per entry, so its grid
-                  depends on N alone (CUDA graphs of mixed steps)
+                  depends on N alone (CUDA graphs of mixed steps); built by query_tiles
     seq_order:    optional [B] int32 permutation of the sequences, longest context first: decode programs
                   then start in that order (all heads of a sequence together), so the longest contexts do
                   not run last (set by the CUDA-graph runner for decode steps)
