@@ -88,7 +88,9 @@ class StepMeter:
         cfg = engine.model_config
         self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.kv_size * engine.model.embed_tokens.weight.element_size()
         self.decode_times, self.floors = [], []
-        self.previous: float | None = None  # the floor of the decode step launched by the last call, if any
+        self.other_times, self.other_tokens = [], []  # steps with prefill chunks: time, tokens
+        self.previous: tuple[str, float] | None = None  # the step the last call launched: ("decode", its floor)
+                                                        # or ("other", its tokens)
 
     def step(self) -> list:
         schedule = self.engine.scheduler.schedule
@@ -104,15 +106,20 @@ class StepMeter:
         elapsed = time.perf_counter() - t0
         self.engine.scheduler.schedule = schedule
         if self.previous is not None:
-            self.decode_times.append(elapsed)
-            self.floors.append(self.previous)
+            kind, value = self.previous
+            times, values = (self.decode_times, self.floors) if kind == "decode" else (self.other_times,
+                                                                                       self.other_tokens)
+            times.append(elapsed)
+            values.append(value)
         work = captured["step"].work
         self.previous = None
         if work and all(n == 1 for n in work.values()):
             # num_computed is read after the launch: this step's context
             kv = sum(seq.num_computed for seq in work) * self.kv_bytes_per_token
             adapters = len({seq.lora for seq in work if seq.lora}) * self.adapter_bytes
-            self.previous = (self.weight_bytes + kv + adapters) / self.bw
+            self.previous = "decode", (self.weight_bytes + kv + adapters) / self.bw
+        elif work:
+            self.previous = "other", sum(work.values())
         return outs
 
 
@@ -130,11 +137,13 @@ def run_punica(engine: Engine, lengths, loras, bandwidth: float, adapter_bytes: 
     wall = time.perf_counter() - t0  # the last step read its sampled tokens: the device is idle
     step_ms = 1e3 * sum(meter.decode_times) / max(len(meter.decode_times), 1)
     floor_ms = 1e3 * sum(meter.floors) / max(len(meter.floors), 1)
-    decode_s = sum(meter.decode_times)
+    decode_s, others = sum(meter.decode_times), max(len(meter.other_times), 1)
     return dict(tokens=tokens, seconds=round(wall, 3), tok_per_s=round(tokens / wall, 1),
                 decode_step_ms=round(step_ms, 3), floor_ms=round(floor_ms, 3),
                 floor_ratio=round(step_ms / floor_ms, 3) if floor_ms else None, decode_steps=len(meter.decode_times),
-                decode_s=round(decode_s, 3), other_s=round(wall - decode_s, 3))  # other: steps with prefill
+                decode_s=round(decode_s, 3), other_s=round(wall - decode_s, 3),  # other: steps with prefill
+                other_steps=len(meter.other_times), other_step_ms=round(1e3 * sum(meter.other_times) / others, 3),
+                other_step_tokens=round(sum(meter.other_tokens) / others, 1))
 
 
 def run_hf(cfg: dict, adapters: dict[str, str], batch: int, popularity: str, new_tokens: int, prompt_len: int) -> dict:
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.out_dir or RESULTS) / "textgen_lora.png"
     plot(rows, path, setup.get("gpu", "cpu"))
     print_table(rows, ["system", "popularity", "batch", "tok_per_s", "decode_step_ms", "floor_ms", "floor_ratio",
-                       "decode_s", "other_s"])
+                       "decode_s", "other_s", "other_steps", "other_step_ms"])
 
 
 def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device, record):
