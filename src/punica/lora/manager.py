@@ -101,13 +101,12 @@ class AdapterManager:
         whose every read from disk (after eviction from the CPU cache, say) passes `check_allowed` again."""
         self.check_name(name)
         key = name if name not in self._key_paths else f"{name}{RELOAD}{next(self._reloads)}"  # old one in use
+        if weights is None:
+            if confined:
+                self.check_allowed(path)
+            weights = self._read(key, path)
         if confined:
             self._confined.add(key)
-        try:
-            weights = self._read(key, path) if weights is None else weights
-        except BaseException:
-            self._confined.discard(key)
-            raise
         self.paths[name], self._keys[name], self._key_paths[key] = path, key, path
         self.cache.put(key, weights)  # the next request need not touch the disk
         return weights
