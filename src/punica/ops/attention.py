@@ -60,6 +60,12 @@ class AttentionMeta:
     tile_rows: int = 0
     seq_order: torch.Tensor | None = None
 
+    @functools.cached_property
+    def has_single_query(self) -> bool:
+        """Whether some sequence has exactly one query (once per step, not per layer)."""
+        cu = self.host_cu_q
+        return any(cu[b + 1] - cu[b] == 1 for b in range(len(cu) - 1))
+
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           meta: AttentionMeta, scale: float) -> torch.Tensor:
@@ -342,10 +348,7 @@ def _decode_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
 def splits_mixed(meta: AttentionMeta) -> bool:
     """Whether a step with prefill queries hands its one-query sequences to the decode kernel (SPLIT_MIXED):
     always for a work list (a mixed CUDA graph cannot know its steps' lengths), else when there is one."""
-    if not SPLIT_MIXED:
-        return False
-    cu = meta.host_cu_q
-    return meta.q_tiles is not None or any(cu[b + 1] - cu[b] == 1 for b in range(len(cu) - 1))
+    return SPLIT_MIXED and (meta.q_tiles is not None or meta.has_single_query)
 
 
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
