@@ -152,11 +152,17 @@ def apply_sgmv_tuning(pairs: list[str] | None) -> dict[str, float]:
     """`--sgmv-tuning name=value ...`: override punica.ops.sgmv.TUNING knobs for this run (recorded in the
     setup of every result); values are ints, or fractions such as sparse_decode=0.5."""
     from punica.ops.sgmv import set_tuning
+    knobs = parse_tuning(pairs or [])
+    set_tuning(**knobs)
+    return knobs
+
+
+def parse_tuning(pairs: list[str]) -> dict[str, float]:
+    """["name=value", ...] -> {name: value}; values are ints, or fractions such as sparse_decode=0.5."""
     knobs = {}
-    for pair in pairs or []:
+    for pair in pairs:
         name, _, value = pair.partition("=")
         knobs[name] = float(value) if "." in value else int(value)
-    set_tuning(**knobs)
     return knobs
 
 

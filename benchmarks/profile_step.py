@@ -24,13 +24,14 @@ from benchmarks.harness import (
     apply_engine_knobs,
     copy_bandwidth,
     environment,
+    parse_tuning,
     print_table,
     write_jsonl,
 )
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
-from punica.ops import pdl
+from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
 
 
@@ -119,6 +120,30 @@ def recaptured(engine: Engine, hb, overlap: str | dict, priority: int = 0):
     return graphs.graphs[graphs.key(hb)][0].replay
 
 
+def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...]) -> dict:
+    """The graph that runs hb recaptured under each set of SGMV knobs ("name=value,name=value"; "" = the
+    defaults), in the given order; {"graph_ms knobs <set>": replay ms}. The engine's graph is recaptured under
+    the defaults afterwards."""
+    defaults = dict(sgmv.TUNING)
+    out = {}
+    try:
+        for knobs in knob_sets:
+            sgmv.set_tuning(**{**defaults, **parse_tuning([k for k in knobs.split(",") if k])})
+            replay = recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+            key = f"graph_ms knobs {knob_label(knobs)}"
+            while key in out:  # a set given twice (the defaults first and last: drift)
+                key += " again"
+            out[key] = round(gpu_ms(replay), 3)
+    finally:
+        sgmv.set_tuning(**defaults)
+        recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+    return out
+
+
+def knob_label(knobs: str) -> str:
+    return knobs or "defaults"
+
+
 def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -> dict:
     """A prefill-heavy step, like most of text generation's non-decode steps: `seqs` sequences each recompute
     their last `chunk` tokens (their own adapters, as the popularity drew them). Graph replay where a bucket
@@ -143,7 +168,7 @@ def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -
 
 
 def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int,
-            prefill: tuple[int, int] = (0, 0), graph_only: bool = False) -> dict:
+            prefill: tuple[int, int] = (0, 0), graph_only: bool = False, knob_sets: tuple[str, ...] = ()) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     idx = adapter_indices(popularity, batch, len(names), seed=0) if names and popularity != "none" else None
@@ -184,6 +209,8 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
         row["graph_overlap"] = graph_overlap(graph.replay)
+        if knob_sets:
+            row.update(knob_sweep(engine, hb, knob_sets))
         if graph_only:
             abort_all(engine)
             return row
@@ -252,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also a prefill step: SEQS sequences recompute their last CHUNK tokens (CHUNK < context)")
     ap.add_argument("--graph-only", action="store_true",
                     help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
+    ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="also the decode graph recaptured under each set of SGMV knobs (\"\" = the defaults)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
@@ -271,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
             row = profile(engine, pop, list(adapters)[:2 * batch], batch, args.context, args.steps, tuple(args.prefill),
-                          args.graph_only)
+                          args.graph_only, tuple(args.knobs))
             for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels", "prefill_kernels"):
                 if key in row:
                     print(f"\n{pop}, batch {batch}: {key}")
@@ -286,6 +315,11 @@ def main(argv: list[str] | None = None) -> None:
         print_table(overlaps, ["popularity", "batch", "graph", "span_us", "lora_only_us", "base_only_us", "both_us",
                                "idle_us", "lora_kernel_us", "base_kernel_us"])
         print()
+    for r in rows:  # ms to three decimals (print_table keeps one)
+        sweep = [f"{key.removeprefix('graph_ms knobs ')}: {v}" for key, v in r.items()
+                 if key.startswith("graph_ms knobs")]
+        if sweep:
+            print(r["popularity"], r["batch"], *sweep, sep="  ")
     arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
     print_table(rows, ["popularity", "batch", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
     print()
