@@ -120,9 +120,9 @@ def recaptured(engine: Engine, hb, overlap: str | dict, priority: int = 0):
     return graphs.graphs[graphs.key(hb)][0].replay
 
 
-def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...]) -> dict:
+def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...], prefix: str = "graph_ms") -> dict:
     """The graph that runs hb recaptured under each set of SGMV knobs ("name=value,name=value"; "" = the
-    defaults), in the given order; {"graph_ms knobs <set>": replay ms}. The engine's graph is recaptured under
+    defaults), in the given order; {"<prefix> knobs <set>": replay ms}. The engine's graph is recaptured under
     the defaults afterwards."""
     defaults = dict(sgmv.TUNING)
     out = {}
@@ -130,7 +130,7 @@ def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...]) -> dict:
         for knobs in knob_sets:
             sgmv.set_tuning(**{**defaults, **parse_tuning([k for k in knobs.split(",") if k])})
             replay = recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
-            key = f"graph_ms knobs {knob_label(knobs)}"
+            key = f"{prefix} knobs {knob_label(knobs)}"
             while key in out:  # a set given twice (the defaults first and last: drift)
                 key += " again"
             out[key] = round(gpu_ms(replay), 3)
@@ -247,6 +247,8 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row["mixed_graph_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
         torch.cuda.synchronize()
         row["mixed_graph_kernels"] = kernel_table(lambda: graphs.run(mixed_hb))
+        if knob_sets:
+            row.update(knob_sweep(engine, mixed_hb, knob_sets, "mixed_graph_ms"))
     row["mixed_gpu_ms"] = round(gpu_ms(lambda: model(mixed), reps=5), 3)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--graph-only", action="store_true",
                     help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
-                    help="also the decode graph recaptured under each set of SGMV knobs (\"\" = the defaults)")
+                    help="also the decode graph (and, without --graph-only, the mixed step's) recaptured under "
+                         "each set of SGMV knobs (\"\" = the defaults)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
@@ -315,11 +318,6 @@ def main(argv: list[str] | None = None) -> None:
         print_table(overlaps, ["popularity", "batch", "graph", "span_us", "lora_only_us", "base_only_us", "both_us",
                                "idle_us", "lora_kernel_us", "base_kernel_us"])
         print()
-    for r in rows:  # ms to three decimals (print_table keeps one)
-        sweep = [f"{key.removeprefix('graph_ms knobs ')}: {v}" for key, v in r.items()
-                 if key.startswith("graph_ms knobs")]
-        if sweep:
-            print(r["popularity"], r["batch"], *sweep, sep="  ")
     arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
     print_table(rows, ["popularity", "batch", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
     print()
@@ -329,6 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.prefill[0]:
         print()
         print_table(rows, ["popularity", "prefill_tokens", "prefill_graph_ms", "prefill_gpu_ms"])
+    for r in rows:  # --knobs: ms to three decimals (print_table keeps one)
+        for graph in ("graph_ms", "mixed_graph_ms"):
+            sweep = [f"{key.removeprefix(graph + ' knobs ')}: {v}" for key, v in r.items()
+                     if key.startswith(graph + " knobs")]
+            if sweep:
+                print(r["popularity"], r["batch"], graph, *sweep, sep="  ")
 
 
 if __name__ == "__main__":
