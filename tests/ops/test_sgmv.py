@@ -249,15 +249,14 @@ def test_split_by_tokens_sizes_split_k_by_real_row_blocks(tuning):
     after = [sgmv._shrink_config(t, 4096, 48, 3, 132)[0] for t in (hybrid, token)]
     assert after[0][1] > before[0][1] and after[0][0] == before[0][0] == 72
     assert after[1] == before[1]
-    # 2: only where single items cannot hold every token. A decode graph's list (32 singles + 9 blocks at
-    # batch 32) keeps the split of its capacity; the mixed graph's is sized by tokens as with 1
+    # A decode graph's list (32 singles + 9 blocks at batch 32), whose singles could hold every token, keeps
+    # the split of its capacity up to split_by_capacity_max tokens; beyond, it is sized by tokens
     decode = (32, 0, 0, 41, 32, 32)
     tuning(split_by_tokens=0)
     decode_before = sgmv._shrink_config(decode, 4096, 48, 3, 132)[0]
-    tuning(split_by_tokens=2)
-    assert sgmv._shrink_config(hybrid, 4096, 48, 3, 132)[0] == after[0]
-    assert sgmv._shrink_config(decode, 4096, 48, 3, 132)[0] == decode_before
     tuning(split_by_tokens=1)
+    assert sgmv._shrink_config(decode, 4096, 48, 3, 132)[0] == decode_before
+    tuning(split_by_capacity_max=16)
     assert sgmv._shrink_config(decode, 4096, 48, 3, 132)[0][1] > decode_before[1]
 
 

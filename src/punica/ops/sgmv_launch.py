@@ -45,12 +45,14 @@ TUNING = {
     "shrink_waves": 4,          # shrink programs aimed at per SM; split-K fills up to this
     "max_split_k": 32,
     "split_reduce_elems": 16384,  # SPLIT_K * BLOCK_M * BLOCK_R cap: what the last program of a tile sums
-    "split_by_tokens": 2,       # 1: size a work list's split K by its tokens' row blocks, not its capacity (a
+    "split_by_tokens": 1,       # 1: size a work list's split K by its tokens' row blocks, not its capacity (a
                                 # mixed graph's list is padded for the worst case): a 128-token chunk among 31
-                                # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md). 2: only
-                                # where single items cannot hold every token (mixed graphs of more tokens than
-                                # sequences); a decode graph's tokens may all be busy singles, and sizing by one
-                                # row block split its shrinks 32 ways (sgmv_NOTES.md, session 13)
+                                # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md)
+    "split_by_capacity_max": 32,  # except lists of at most this many tokens whose single items could hold every
+                                # token (decode graphs): those may all be busy singles, and sizing by one row block
+                                # split their shrinks 32 ways. Decode graph at batch 32 (sgmv_NOTES.md, session 13):
+                                # distinct, skewed, identical 6.665, 6.376, 6.131 -> 6.641, 6.306, 6.065 ms. Larger
+                                # (sparse) decode graphs, where blocks hold most tokens, were not measured: 0 there
     "shrink_block_k": 128,      # segment mode
     "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
     "max_block_k": 256,         # single-token shrink tiles 16 x 256: 54 registers where 16 x 512 took 123; issue
@@ -145,9 +147,10 @@ def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int, c
     block_k = block_k1 if mode == TOKEN else min(TUNING["shrink_block_k"], TUNING["max_block_k"],
                                                  max(16, _pow2(h_in)))
     busy = rows  # row programs expected to have work
-    by_tokens = TUNING["split_by_tokens"]
-    if by_tokens and mode in (WORKLIST, HYBRID) and not (by_tokens == 2 and tiling[-1] >= tiling[0]):
-        busy = min(rows, _cdiv(tiling[0], block_m))
+    T, num_single = tiling[0], tiling[-1]
+    decode_like = num_single >= T and T <= TUNING["split_by_capacity_max"]
+    if TUNING["split_by_tokens"] and mode in (WORKLIST, HYBRID) and not decode_like:
+        busy = min(rows, _cdiv(T, block_m))
     split = min(TUNING["shrink_waves"] * sms // (busy * r_programs), _cdiv(h_in, block_k),
                 TUNING["max_split_k"], TUNING["split_reduce_elems"] // (block_m * block_r))
     split = 1 if rows * r_programs > _MAX_LOCKS else max(split, 1)
