@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 from test_parity import prompts
 
-from punica import LLM, Engine, SamplingParams
+from punica import LLM, BadRequestError, Engine, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 LORAS = ["a4", None, "b8", "c16", "a4", "d8", None, "b8"]
@@ -101,6 +102,35 @@ def test_text_prompts_stop_strings_and_streaming(llama_with_tokenizer):
     assert out.finish_reason == "stop" and stop not in out.text and full.text.startswith(out.text)
     pieces = [o.new_text for o in llm.engine.stream("w5 w6 w7", GREEDY, lora="b8")]
     assert "".join(pieces) == full.text
+
+
+def test_logprobs_follow_the_tokens_through_sampling_preemption_and_streaming(llama):
+    """A sampled token's logprob is in its row's top list where it ranks there, tops are sorted, every token
+    has one (also across preemption), a stream's new_logprobs add up to the final list, and a request that
+    asks for none gets none."""
+    model_dir, adapters = llama
+    ids = prompts(seed=8)
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=5, ignore_eos=True, logprobs=3)
+    small = LLM(model=model_dir, lora_modules=adapters, device="cpu", num_blocks=8, block_size=4, max_loras=2)
+    outs = small.generate(ids, p, lora=LORAS)
+    assert small.engine.num_preemptions > 0
+    roomy = LLM(model=model_dir, lora_modules=adapters, device="cpu").generate(ids, p, lora=LORAS)
+    for out, ref in zip(outs, roomy):
+        assert [lp.token_id for lp in out.logprobs] == out.token_ids == ref.token_ids
+        assert [lp.logprob for lp in out.logprobs] == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-5)
+        for lp in out.logprobs:
+            values = [v for _, v in lp.top]
+            assert len(lp.top) == 3 and values == sorted(values, reverse=True) and lp.logprob <= 0
+            assert lp.logprob <= values[0] + 1e-6
+            if lp.token_id in dict(lp.top):
+                assert dict(lp.top)[lp.token_id] == pytest.approx(lp.logprob)
+    pieces = list(small.engine.stream(ids[0], dataclasses.replace(p, logprobs=0), lora=LORAS[0]))
+    assert [lp for o in pieces for lp in o.new_logprobs] == pieces[-1].logprobs
+    assert all(lp.top == () for lp in pieces[-1].logprobs) and len(pieces[-1].logprobs) == 10
+    assert small.generate(ids[:1], dataclasses.replace(p, logprobs=None))[0].logprobs is None
+    for bad in (-1, 21, True, 2.0):
+        with pytest.raises(BadRequestError, match="logprobs"):
+            SamplingParams(logprobs=bad)
 
 
 def test_abort_frees_blocks_and_slot(llama):

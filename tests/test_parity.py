@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,6 +90,36 @@ def test_mixed_batch_logits_close_to_peft(family):
     with torch.no_grad():
         expected = peft(input_ids=inputs, adapter_names=[n or "__base__" for n in LORAS]).logits[:, -1]
     torch.testing.assert_close(last_token_logits(llm, ids, LORAS), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_logprobs_equal_peft_log_softmax(family):
+    """Each generated token's logprob and the top 5 are log_softmax of PEFT's logits at that step, in a mixed
+    batch; the request that asked for none gets none."""
+    llm, peft = family
+    ids = prompts(seed=5)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5)
+    outs = llm.engine.add_requests(ids, [params] * (len(ids) - 1) + [dataclasses.replace(params, logprobs=None)],
+                                   LORAS)
+    done = {}
+    while llm.engine.has_unfinished():
+        done.update({o.request_id: o for o in llm.engine.step() if o.finished})
+    ours = [done[rid] for rid in outs]
+    inputs = torch.tensor(ids)
+    with torch.no_grad():
+        hf = peft.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=6,
+                           do_sample=False, adapter_names=[n or "__base__" for n in LORAS], eos_token_id=None,
+                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    expected = torch.stack(hf.logits, 1).float().log_softmax(-1)  # [prompts, steps, vocab]
+    assert ours[-1].logprobs is None
+    for i, out in enumerate(ours[:-1]):
+        assert [lp.token_id for lp in out.logprobs] == out.token_ids == hf.sequences[i, inputs.shape[1]:].tolist()
+        got = torch.tensor([lp.logprob for lp in out.logprobs])
+        torch.testing.assert_close(got, expected[i].gather(1, torch.tensor(out.token_ids)[:, None])[:, 0],
+                                   rtol=1e-4, atol=1e-4)
+        top = expected[i].topk(5, dim=-1)
+        assert [[t for t, _ in lp.top] for lp in out.logprobs] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([[v for _, v in lp.top] for lp in out.logprobs]), top.values,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_request_alone_equals_request_in_full_batch(family):

@@ -3,7 +3,7 @@
 from punica.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, engine_config
 from punica.engine.engine import Engine
 from punica.engine.llm import LLM
-from punica.engine.request import RequestOutput, SamplingParams
+from punica.engine.request import RequestOutput, SamplingParams, TokenLogprobs
 from punica.errors import (
     AdapterError,
     BadRequestError,
@@ -15,8 +15,8 @@ from punica.errors import (
 )
 
 __all__ = [
-    "LLM", "Engine", "SamplingParams", "RequestOutput", "EngineConfig", "CacheConfig", "SchedulerConfig",
-    "LoRAConfig", "engine_config", "PunicaError", "AdapterError", "BadRequestError", "CapacityError",
+    "LLM", "Engine", "SamplingParams", "RequestOutput", "TokenLogprobs", "EngineConfig", "CacheConfig",
+    "SchedulerConfig", "LoRAConfig", "engine_config", "PunicaError", "AdapterError", "BadRequestError", "CapacityError",
     "ConfigError", "ModelLoadError", "UnknownModelError",
 ]
 __version__ = "0.1.0"

@@ -132,6 +132,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         done.update({o.request_id: o for o in engine.step() if o.finished})
     for prompt, lora, rid in zip(args.prompt, loras, ids):
         print(f"--- {lora or 'base model'} | {prompt!r} ({done[rid].finish_reason})\n{done[rid].text}")
+        text = engine.tokenizer.token_text
+        for lp in done[rid].logprobs or ():  # --logprobs N: a line per generated token
+            top = "".join(f"  {text(t)!r} {v:.3f}" for t, v in lp.top)
+            print(f"  {text(lp.token_id)!r} {lp.logprob:.3f}" + (f"   top:{top}" if top else ""))
     return 0
 
 

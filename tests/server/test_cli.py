@@ -83,6 +83,20 @@ def test_generate_prints_what_the_engine_generates(llama_with_tokenizer, capsys)
     assert "--- b8 |" in out and "--- base model |" in out
 
 
+def test_generate_prints_each_tokens_logprobs_when_asked(llama_with_tokenizer, capsys):
+    model, _ = llama_with_tokenizer
+    assert cli.main(["generate", "--model", model, "--device", "cpu", "--prompt", "w5 w6", "--max-tokens", "4",
+                     "--temperature", "0", "--ignore-eos", "--logprobs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    llm = LLM(model=model, device="cpu")
+    expected = llm.generate(["w5 w6"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2))[0]
+    assert lines[1] == expected.text and len(lines) == 2 + 4
+    text = llm.engine.tokenizer.token_text  # w<id>, or <s> for 1 (special tokens are shown too)
+    for line, lp in zip(lines[2:], expected.logprobs):
+        (t1, v1), (t2, v2) = lp.top
+        assert line == f"  {text(lp.token_id)!r} {lp.logprob:.3f}   top:  {text(t1)!r} {v1:.3f}  {text(t2)!r} {v2:.3f}"
+
+
 def test_errors_exit_with_a_message_not_a_traceback(llama_with_tokenizer, capsys):
     model, _ = llama_with_tokenizer
     assert cli.main(["generate", "--model", model, "--device", "cpu", "--prompt", "w5", "--use-lora", "nope"]) == 1

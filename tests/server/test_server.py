@@ -128,6 +128,54 @@ def test_stop_strings_cut_streams_and_whole_alike(client):
     assert streamed == whole.text
 
 
+def test_logprobs_whole_and_streamed(client, servers):
+    """Completions' legacy logprobs and chat's per-token list carry the engine's numbers for every generated
+    token, the same whole and streamed."""
+    files = servers["files"]
+    llm = LLM(model=files["model"], lora_modules=files["adapters"], device="cpu")
+    prompt = words(11, 5)
+    ref = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2),
+                       lora="c16")[0]
+    kw = dict(model="c16", prompt=prompt, max_tokens=6, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].logprobs
+    assert whole.token_logprobs == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-5)
+    text = llm.engine.tokenizer.token_text
+    assert whole.tokens == [text(lp.token_id) for lp in ref.logprobs]
+    assert whole.text_offset == [sum(map(len, whole.tokens[:i])) for i in range(6)]
+    for top, lp in zip(whole.top_logprobs, ref.logprobs):  # the 2 most likely, and the chosen one
+        assert top == pytest.approx({text(t): v for t, v in (*lp.top, (lp.token_id, lp.logprob))}, abs=1e-5)
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)]
+    assert [t for c in chunks if c for t in c.token_logprobs] == whole.token_logprobs
+    assert [t for c in chunks if c for t in c.text_offset] == whole.text_offset
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model="c16", messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)  # greedy: the top one
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    streamed = client.chat.completions.create(model="c16", messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True)
+    assert [c for ch in streamed if ch.choices and ch.choices[0].logprobs
+            for c in ch.choices[0].logprobs.content] == content
+    plain = client.chat.completions.create(model="c16", messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprob_formats_carry_no_infinity_and_continue_offsets():
+    """A zero probability's -inf would make the body invalid JSON; a chunk's text_offset continues the last."""
+    from punica import TokenLogprobs
+    from punica.server.formats import ChatFormat, CompletionFormat
+    entries = [TokenLogprobs(5, -0.5, ((5, -0.5), (6, float("-inf")))), TokenLogprobs(7, float("-inf"))]
+    fmt = CompletionFormat("m", "id", lambda t: f"t{t}")
+    first, second = fmt.logprobs(0, entries[:1]), fmt.logprobs(0, entries[1:])
+    assert first["text_offset"] == [0] and second["text_offset"] == [2]
+    assert fmt.logprobs(1, entries)["text_offset"] == [0, 2]  # each choice counts its own
+    assert json.loads(json.dumps(second, allow_nan=False))["token_logprobs"] == [-9999.0]
+    chat = ChatFormat("m", "id", lambda t: f"t{t}").logprobs(0, entries)
+    assert json.loads(json.dumps(chat, allow_nan=False))["content"][0]["top_logprobs"][1]["logprob"] == -9999.0
+
+
 def test_n_choices_seeds_and_prompt_lists(client):
     kw = dict(model="b8", prompt=words(4, 5), max_tokens=8, temperature=1.0, seed=7, n=3)
     first = client.completions.create(**kw)
@@ -163,7 +211,11 @@ def test_request_errors_have_openai_shape(main, client):
     assert_openai_error(raw(b"model=m&prompt=x", "text/plain"), 400, "JSON object", "Content-Type")
     assert_openai_error(post({**ok, "prompt": words(7, 300)}), 400, "max_model_len")
     assert_openai_error(post({**ok, "max_tokens": 1000}), 400, "max_tokens")
-    assert_openai_error(post({**ok, "logprobs": 2}), 400, "logprobs")
+    assert_openai_error(post({**ok, "logprobs": 21}), 400, "logprobs")
+    assert_openai_error(post({**ok, "echo": True, "logprobs": 1}), 400, "echo")
+    assert_openai_error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}
+    assert_openai_error(httpx.post(f"{main.url}/v1/chat/completions", json=chat, headers=AUTH), 400, "logprobs")
     assert_openai_error(post({"prompt": "w5"}), 400, "model")
     assert_openai_error(post(ok, headers={}), 401, "API key")
     assert_openai_error(post(ok, headers={"Authorization": "Bearer wrong"}), 401, "API key")

@@ -14,7 +14,7 @@ import torch
 
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
-from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status
+from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
 from punica.engine.runner import InFlight, ModelRunner
 from punica.engine.scheduler import Scheduler
 from punica.engine.tokenizer import Tokenizer
@@ -258,20 +258,23 @@ class Engine:
     def _read(self, launched: InFlight) -> list[RequestOutput]:
         """Put a finished step's tokens in place of their placeholders and report them."""
         outputs = []
-        for seq, token in zip(launched.seqs, launched.tokens()):
+        tokens = launched.tokens()
+        for seq, token, logprobs in zip(launched.seqs, tokens, launched.logprobs(tokens)):
             if seq.status is Status.FINISHED:  # aborted, or stopped while this step ran
                 continue
-            outputs.append(self._accept(seq, token))
+            outputs.append(self._accept(seq, token, logprobs))
         return outputs
 
-    def _accept(self, seq: Sequence, token: int) -> RequestOutput:
+    def _accept(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         old_text, known = seq.text, seq.num_known
         seq.tokens[known] = token  # the first placeholder
         seq.num_pending -= 1
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
         reason = self._stop_reason(seq, token)
         if reason is not None:
             self._finish(seq, reason)
-        return self._output(seq, [token], seq.text[len(old_text):])
+        return self._output(seq, [token], seq.text[len(old_text):], None if logprobs is None else [logprobs])
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -310,10 +313,15 @@ class Engine:
         self._finish(seq, "error")
         return dataclasses.replace(self._output(seq, [], ""), error=message)
 
-    def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str,
+                new_logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
+        logprobs = None if seq.logprobs is None else list(seq.logprobs)
+        if logprobs is not None and new_logprobs is None:
+            new_logprobs = []
         return RequestOutput(request_id=seq.request_id, token_ids=seq.output_ids, text=seq.text,
                              new_token_ids=new_ids, new_text=new_text, finished=seq.status is Status.FINISHED,
-                             finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids), lora=seq.lora)
+                             finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids), lora=seq.lora,
+                             logprobs=logprobs, new_logprobs=new_logprobs)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
                lora: str | None = None) -> Iterator[RequestOutput]:

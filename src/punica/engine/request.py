@@ -11,6 +11,7 @@ from punica.config import is_int, is_number
 from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20  # most likely tokens reported beside each generated one at most (OpenAI's limit too)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str | None = None
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
+    # None: no log-probabilities; k: each generated token's, and the k most likely tokens' (TokenLogprobs)
+    logprobs: int | None = None
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -50,9 +53,23 @@ class SamplingParams:
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids)):
             bad(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (the most likely tokens reported beside "
+                f"each generated one), or None, got {self.logprobs!r}")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
 
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model's distribution (log_softmax of its logits, before
+    temperature, top-k and top-p), and the `SamplingParams.logprobs` most likely tokens' (id, logprob), most
+    likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Status(enum.Enum):
@@ -90,6 +107,7 @@ class Sequence:
     # at the end of `tokens`, replaced in order as their steps finish
     num_pending: int = 0
     finishing: bool = False  # its last pending token reaches max_tokens / max_model_len: not scheduled again
+    logprobs: list[TokenLogprobs] | None = None  # one per known generated token, when the params ask for them
 
     def __post_init__(self):
         if not self.tokens:
@@ -98,6 +116,8 @@ class Sequence:
             self.lora_key = self.lora
         if self.detok_read < 0:  # the output starts after the prompt
             self.detok_prefix = self.detok_read = len(self.prompt_ids)
+        if self.logprobs is None and self.params.logprobs is not None:
+            self.logprobs = []
 
     @property
     def output_ids(self) -> list[int]:
@@ -129,3 +149,6 @@ class RequestOutput:
     num_prompt_tokens: int
     lora: str | None = None
     error: str | None = None
+    # with SamplingParams.logprobs: one per token of token_ids, and those of new_token_ids
+    logprobs: list[TokenLogprobs] | None = None
+    new_logprobs: list[TokenLogprobs] | None = None

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from punica.engine.request import Sequence
+from punica.engine.request import Sequence, TokenLogprobs
 from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta
-from punica.ops.sampling import sample_torch
+from punica.ops.sampling import sample_torch, token_logprobs
 
 
 @dataclass
@@ -95,18 +95,29 @@ def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device
 @dataclass
 class InFlight:
     """A launched step: the sequences it samples a token for (in row order) and those tokens, on the device
-    and on their way to a pinned host buffer (`ready` marks their arrival)."""
+    and on their way to a pinned host buffer (`ready` marks their arrival); `host_logprobs`, when some of
+    them asked for log-probabilities: token_logprobs' three tensors, on their way to the host too."""
 
     seqs: list[Sequence]
     device_tokens: torch.Tensor
     host_tokens: torch.Tensor
     ready: torch.cuda.Event | None
+    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def tokens(self) -> list[int]:
         """The sampled tokens, waiting for the device if need be (the step's only host synchronization)."""
         if self.ready is not None:
             self.ready.synchronize()
         return self.host_tokens[:len(self.seqs)].tolist()
+
+    def logprobs(self, tokens: list[int]) -> list[TokenLogprobs | None]:
+        """Per row, the token's log-probabilities if its sequence asked for them (after `tokens()`)."""
+        if self.host_logprobs is None:
+            return [None] * len(self.seqs)
+        chosen, values, ids = (t.tolist() for t in self.host_logprobs)
+        return [None if seq.params.logprobs is None else
+                TokenLogprobs(token, chosen[row], tuple(zip(ids[row], values[row]))[:seq.params.logprobs])
+                for row, (seq, token) in enumerate(zip(self.seqs, tokens))]
 
 
 class ModelRunner:
@@ -149,11 +160,15 @@ class ModelRunner:
         logits = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
         tokens = self.sample(logits, done) if done else torch.zeros(0, dtype=torch.int64, device=self.device)
+        asked = [s.params.logprobs for s in done if s.params.logprobs is not None]
+        logprobs = token_logprobs(logits, tokens, max(asked)) if asked else None
         host, ready = tokens, None
         if self.device.type == "cuda":
             host = self._host_tokens[self._flip]
             self._flip ^= 1
             host[:len(done)].copy_(tokens, non_blocking=True)
+            if logprobs is not None:  # a few KB, rarely: fresh pinned buffers
+                logprobs = tuple(t.to("cpu", non_blocking=True) for t in logprobs)
             ready = torch.cuda.Event()
             ready.record()
         for seq, n in ordered:
@@ -161,7 +176,7 @@ class ModelRunner:
         for row, seq in enumerate(done):
             seq.tokens.append(-1 - row)
             seq.num_pending += 1
-        return InFlight(done, tokens, host, ready)
+        return InFlight(done, tokens, host, ready, logprobs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]

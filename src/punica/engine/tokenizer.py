@@ -48,6 +48,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, special tokens included (what logprobs show for it)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
     def decode_delta(self, ids: list[int], prefix: int, read: int, end: int | None = None) -> tuple[str, int, int]:
         """Text that ids[read:end] add after ids[:read], decoding only the window from `prefix` (constant work
         per token; `end` defaults to len(ids)). Returns (delta, new prefix, new read); the delta is held back

@@ -1,5 +1,6 @@
 """Batched next-token sampling: greedy, temperature, top-k, top-p, per-request seeds. Runs on the
-logits' device; the only host transfer is the caller reading the sampled ids."""
+logits' device; the only host transfer is the caller reading the sampled ids (and, for requests that ask
+for them, their log-probabilities)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def sample_torch(logits: torch.Tensor, temperature: list[float], top_k: list[int
             noise[i].exponential_(generator=gen)
     sampled = (probs / noise).argmax(-1)  # exponential race: an exact draw from `probs`
     return torch.where(is_greedy.bool(), greedy, sampled)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For logits [N, V] and the tokens sampled from them [N]: (each token's logprob [N], the `top` largest
+    logprobs of each row [N, top], their token ids [N, top]) under the model's distribution, log_softmax of
+    the logits: before temperature, top-k and top-p, which only shape the draw. fp32, on the logits' device."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    values, ids = logp.topk(top, dim=-1)
+    return chosen, values, ids
 
 
 def _to_device(rows: list[list[float]], device: torch.device) -> torch.Tensor:

@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 
+from punica import TokenLogprobs
 from punica.server.protocol import Usage
+
+TokenText = Callable[[int], str]  # a token id's text (Tokenizer.token_text)
+LOGPROB_FLOOR = -9999.0  # a zero probability's -inf, which JSON cannot carry
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
 
 
 def sse(payload: dict | str) -> str:
@@ -23,33 +32,52 @@ def finish_reason(reason: str | None) -> str | None:
 
 class CompletionFormat:
     """Completion: {id, object: "text_completion", created, model, choices: [{index, text, logprobs,
-    finish_reason}], usage}. Chunks have the same shape with the new text in `text`."""
+    finish_reason}], usage}. Chunks have the same shape with the new text in `text`. `logprobs`, when asked
+    for: {tokens, token_logprobs, top_logprobs (each token's top entries and itself: token text -> logprob),
+    text_offset (where each token's text starts in the completion)}."""
 
     object = "text_completion"
 
-    def __init__(self, model: str, request_id: str):
+    def __init__(self, model: str, request_id: str, token_text: TokenText = str):
         self.model = model
         self.id = request_id
         self.created = int(time.time())
+        self.token_text = token_text
+        self._offsets: dict[int, int] = {}  # choice -> characters of token text given so far (text_offset)
 
     def _envelope(self, choices: list[dict], obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def choice(self, index: int, text: str, reason: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
+
+    def logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> dict:
+        """The `logprobs` of choice `index`'s next tokens (all of them, or a chunk's: each call continues
+        where the last ended)."""
+        tokens = [self.token_text(e.token_id) for e in entries]
+        starts, offset = [], self._offsets.get(index, 0)
+        for token in tokens:
+            starts.append(offset)
+            offset += len(token)
+        self._offsets[index] = offset
+        tops = [{self.token_text(t): finite(v) for t, v in (*e.top, (e.token_id, e.logprob))} for e in entries]
+        return {"tokens": tokens, "token_logprobs": [finite(e.logprob) for e in entries], "top_logprobs": tops,
+                "text_offset": starts}
 
     def opening(self, index: int) -> dict | None:
         """A chunk sent before any text of choice `index` (none for completions)."""
         return None
 
-    def chunk(self, index: int, text: str, reason: str | None) -> dict:
-        return self._envelope([self.choice(index, text, reason)], self.object)
+    def chunk(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        return self._envelope([self.choice(index, text, reason, logprobs)], self.object)
 
     def usage_chunk(self, usage: Usage) -> dict:
         return {**self._envelope([], self.object), "usage": usage.model_dump()}
 
-    def whole(self, texts: list[str], reasons: list[str | None], usage: Usage) -> dict:
-        choices = [self.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
+    def whole(self, texts: list[str], reasons: list[str | None], usage: Usage,
+              logprobs: list[dict | None] | None = None) -> dict:
+        logprobs = logprobs or [None] * len(texts)
+        choices = [self.choice(i, t, r, lp) for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         return {**self._envelope(choices, self.object), "usage": usage.model_dump()}
 
 
@@ -60,19 +88,27 @@ class ChatFormat(CompletionFormat):
 
     object = "chat.completion"
 
-    def choice(self, index: int, text: str, reason: str | None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason(reason)}
 
-    def _delta(self, index: int, delta: dict, reason: str | None) -> dict:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason(reason)}
+    def logprobs(self, index: int, entries: Sequence[TokenLogprobs]) -> dict:
+        """{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], refusal: null}."""
+        def item(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+        content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
+
+    def _delta(self, index: int, delta: dict, reason: str | None, logprobs: dict | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
         return self._envelope([choice], "chat.completion.chunk")
 
     def opening(self, index: int) -> dict | None:
         return self._delta(index, {"role": "assistant", "content": ""}, None)
 
-    def chunk(self, index: int, text: str, reason: str | None) -> dict:
-        return self._delta(index, {"content": text} if text else {}, reason)
+    def chunk(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        return self._delta(index, {"content": text} if text else {}, reason, logprobs)
 
     def usage_chunk(self, usage: Usage) -> dict:
         return {**self._envelope([], "chat.completion.chunk"), "usage": usage.model_dump()}

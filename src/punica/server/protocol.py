@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from punica import BadRequestError, SamplingParams
-from punica.engine.request import SEED_END, SEED_MIN
+from punica.engine.request import MAX_LOGPROBS, SEED_END, SEED_MIN
 
 COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's default)
 
@@ -80,7 +80,6 @@ class SamplingFields(BaseModel):
     functions: list | None = None
     function_call: Any = None
     parallel_tool_calls: bool | None = None
-    top_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _valid_unicode(self):
@@ -90,8 +89,7 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> list[str]:
         """Names of set fields whose meaning Punica does not implement."""
-        bad = [f for f in ("presence_penalty", "frequency_penalty", "functions", "function_call", "top_logprobs")
-               if getattr(self, f)]
+        bad = [f for f in ("presence_penalty", "frequency_penalty", "functions", "function_call") if getattr(self, f)]
         if self.response_format and self.response_format.get("type", "text") != "text":
             bad.append("response_format")
         if self.tool_choice not in (None, "none"):
@@ -116,7 +114,12 @@ class SamplingFields(BaseModel):
             top_k=defaults.top_k if self.top_k is None else self.top_k,
             seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos, logprobs=self.num_logprobs)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None, or how many most likely tokens to report beside each generated one."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -131,9 +134,11 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = None
     echo: bool = False
-    logprobs: int | None = None
+    # each generated token's logprob and the `logprobs` most likely tokens' (OpenAI's legacy shape)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+    top_logprobs: int | None = None  # a chat field: refused here by name rather than ignored
 
     @property
     def requested_max_tokens(self) -> int:
@@ -141,8 +146,13 @@ class CompletionRequest(SamplingFields):
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        bad += [f for f in ("echo", "logprobs", "suffix") if getattr(self, f)]
+        bad += [f for f in ("echo", "suffix") if getattr(self, f)]
+        bad += ["top_logprobs (a chat field; completions take logprobs=N)"] if self.top_logprobs is not None else []
         return bad + (["best_of"] if self.best_of not in (None, self.n) else [])
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -191,12 +201,23 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
-    logprobs: bool = False
+    logprobs: bool = False  # each generated token's logprob, and those of the `top_logprobs` most likely tokens
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        return bad + [f for f in ("logprobs", "tools") if getattr(self, f)]
+        return bad + (["tools"] if self.tools else [])
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:

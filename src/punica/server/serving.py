@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from punica import BadRequestError, SamplingParams, UnknownModelError
+from punica import BadRequestError, SamplingParams, TokenLogprobs, UnknownModelError
 from punica.server.async_engine import AsyncEngine, Delivery, EngineFailure, RequestStream
 from punica.server.formats import ChatFormat, CompletionFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
@@ -37,9 +37,11 @@ class Choices:
     texts: list[str] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)  # when the request asks for them
 
     def __post_init__(self):
         self.texts, self.reasons, self.tokens = [""] * self.n, [None] * self.n, [0] * self.n
+        self.logprobs = [None] * self.n
 
     def advance(self, d: Delivery) -> str:
         """The new text of `d`'s choice that is safe to send now (streamed text is always a prefix of the
@@ -49,9 +51,16 @@ class Choices:
         new = text[len(self.texts[i]):] if text.startswith(self.texts[i]) else ""
         self.texts[i] += new
         self.tokens[i] = len(out.token_ids)
+        if out.logprobs is not None:
+            self.logprobs[i] = out.logprobs
         if out.finished:
             self.reasons[i] = out.finish_reason
         return new
+
+    def new_logprobs(self, d: Delivery, sent: int) -> list[TokenLogprobs] | None:
+        """Log-probabilities of `d`'s choice past the first `sent` (None: the request asked for none)."""
+        entries = self.logprobs[d.index]
+        return None if entries is None else entries[sent:]
 
     def usage(self, num_prompt_tokens: int) -> Usage:
         done = sum(self.tokens)
@@ -92,6 +101,9 @@ class OpenAIServing:
         self.end_of_turn = () if eos is None else (eos,)  # the chat template's end token, maybe not config's eos
         # longer texts cannot fit the context: refused before tokenizing them (which would take seconds)
         self.max_chars = self.max_model_len * (self.tokenizer.max_token_chars if self.tokenizer else 1)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id) if self.tokenizer is not None else str(token_id)
 
     def resolve_lora(self, model: str) -> str | None:
         """None for the base model, else the adapter's name; 404 for a name nobody serves."""
@@ -145,14 +157,14 @@ class OpenAIServing:
         prompts = await asyncio.to_thread(lambda: [self.encode(p) for p in req.prompts()])
         explicit = req.max_tokens is not None  # the default (omitted or null) is clipped to the room left
         limits = [self.max_tokens(p, req.requested_max_tokens, explicit) for p in prompts]
-        fmt = CompletionFormat(req.model, random_id("cmpl"))
+        fmt = CompletionFormat(req.model, random_id("cmpl"), self.token_text)
         return await self._generate(Job(req, prompts, limits, lora, fmt, arrival), request)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
         prompt = await asyncio.to_thread(self.render_chat, req)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
-        fmt = ChatFormat(req.model, random_id("chatcmpl"))
+        fmt = ChatFormat(req.model, random_id("chatcmpl"), self.token_text)
         return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
 
     async def _generate(self, job: Job, request: Request) -> Response:
@@ -169,7 +181,9 @@ class OpenAIServing:
                 return Response(status_code=CLIENT_CLOSED)
         finally:
             self._close(stream, tracker)
-        return JSONResponse(job.fmt.whole(choices.texts, choices.reasons, choices.usage(job.num_prompt_tokens)))
+        logprobs = [None if lp is None else job.fmt.logprobs(i, lp) for i, lp in enumerate(choices.logprobs)]
+        return JSONResponse(job.fmt.whole(choices.texts, choices.reasons, choices.usage(job.num_prompt_tokens),
+                                          logprobs))
 
     async def _consume(self, stream: RequestStream, choices: Choices, tracker: RequestTracker) -> None:
         async for d in stream:
@@ -186,14 +200,18 @@ class OpenAIServing:
         for i in range(choices.n):
             if fmt.opening(i):
                 yield sse(fmt.opening(i))
+        sent = [0] * choices.n  # logprobs streamed per choice
         async for d in stream:
             tracker.on_output(d)
             if d.output.error:
                 yield sse(error_body(d.output.error, "server_error", "engine_failure"))
                 return
             new = choices.advance(d)
-            if new or d.output.finished:
-                yield sse(fmt.chunk(d.index, new, d.output.finish_reason if d.output.finished else None))
+            entries = choices.new_logprobs(d, sent[d.index])
+            if new or entries or d.output.finished:
+                logprobs = None if entries is None else fmt.logprobs(d.index, entries)
+                sent[d.index] += len(entries or ())
+                yield sse(fmt.chunk(d.index, new, d.output.finish_reason if d.output.finished else None, logprobs))
         if job.req.include_usage:
             yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens)))
         yield sse("[DONE]")
