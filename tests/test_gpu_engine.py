@@ -124,11 +124,13 @@ def test_graphs_and_eager_generate_the_same_tokens(tiny_models):
 
 
 def test_logprobs_from_graph_steps_equal_the_cpu_engines(tiny_models):
-    """fp32 on CUDA with graphs (steps launched ahead, tokens and logprobs read a step later) against the CPU
-    engine: the same greedy tokens and their logprobs and top-3 alternatives, one request asking for none."""
+    """fp32 on CUDA with graphs (steps launched ahead, tokens and logprobs read a step later; steps computing
+    prompt logprobs run eagerly) against the CPU engine: the same greedy tokens, their logprobs and top-3
+    alternatives, and the prompts' logprobs; one request asking for none."""
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=24)
-    params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)] * (len(ids) - 1) + [GREEDY]
+    asks = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    params = [asks] * (len(ids) - 1) + [GREEDY]
     outs = []
     for device in ("cuda", "cpu"):
         llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device=device)
@@ -136,9 +138,11 @@ def test_logprobs_from_graph_steps_equal_the_cpu_engines(tiny_models):
         while llm.engine.has_unfinished():
             done.update({o.request_id: o for o in llm.engine.step() if o.finished})
         outs.append([done[rid] for rid in rids])
-    assert outs[0][-1].logprobs is None
+    assert outs[0][-1].logprobs is None and outs[0][-1].prompt_logprobs is None
     for gpu, cpu in zip(outs[0][:-1], outs[1][:-1]):
         assert gpu.token_ids[:3] == cpu.token_ids[:3] and len(gpu.logprobs) == len(gpu.token_ids)
+        assert [lp.logprob for lp in gpu.prompt_logprobs[1:]] == pytest.approx(
+            [lp.logprob for lp in cpu.prompt_logprobs[1:]], abs=1e-3)
         for a, b in zip(gpu.logprobs[:3], cpu.logprobs[:3]):
             assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
             assert a.logprob == pytest.approx(b.logprob, abs=1e-3)

@@ -122,6 +122,30 @@ def test_logprobs_equal_peft_log_softmax(family):
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_prompt_logprobs_equal_peft_log_softmax(family, tiny_models):
+    """Each prompt token's logprob given those before it, and the top 3, equal log_softmax of PEFT's logits
+    over the prompt, mixed adapters in one batch; also with the prompt computed in chunks of 3 tokens."""
+    llm, peft = family
+    ids = prompts(seed=6)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    inputs = torch.tensor(ids)
+    with torch.no_grad():
+        logits = peft(input_ids=inputs, adapter_names=[n or "__base__" for n in LORAS]).logits.float()
+    expected = logits.log_softmax(-1)[:, :-1]  # position p predicts token p + 1
+    chunked = LLM(model=llm.engine.config.model, lora_modules=llm.engine.list_loras(), dtype="float32", device="cpu",
+                  backend="torch", max_num_batched_tokens=8, max_num_seqs=8)
+    for engine_llm in (llm, chunked):
+        outs = engine_llm.generate(ids, params, lora=LORAS)
+        for i, out in enumerate(outs):
+            lps = out.prompt_logprobs
+            assert len(lps) == PROMPT_LEN and lps[0].token_id == ids[i][0] and lps[0].logprob is None
+            assert [lp.token_id for lp in lps] == ids[i] and out.logprobs is None
+            want = expected[i].gather(1, torch.tensor(ids[i][1:])[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor([lp.logprob for lp in lps[1:]]), want, rtol=1e-4, atol=1e-4)
+            top = expected[i].topk(3, dim=-1)
+            assert [[t for t, _ in lp.top] for lp in lps[1:]] == top.indices.tolist()
+
+
 def test_request_alone_equals_request_in_full_batch(family):
     llm, _ = family
     ids = prompts(seed=2)

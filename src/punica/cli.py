@@ -133,9 +133,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for prompt, lora, rid in zip(args.prompt, loras, ids):
         print(f"--- {lora or 'base model'} | {prompt!r} ({done[rid].finish_reason})\n{done[rid].text}")
         text = engine.tokenizer.token_text
-        for lp in done[rid].logprobs or ():  # --logprobs N: a line per generated token
-            top = "".join(f"  {text(t)!r} {v:.3f}" for t, v in lp.top)
-            print(f"  {text(lp.token_id)!r} {lp.logprob:.3f}" + (f"   top:{top}" if top else ""))
+        for heading, entries in (("prompt", done[rid].prompt_logprobs), ("output", done[rid].logprobs)):
+            if entries is not None:  # --prompt-logprobs N, --logprobs N: a line per token
+                print(f"{heading} logprobs:")
+            for lp in entries or ():
+                top = "".join(f"  {text(t)!r} {v:.3f}" for t, v in lp.top)
+                value = "-" if lp.logprob is None else f"{lp.logprob:.3f}"
+                print(f"  {text(lp.token_id)!r} {value}" + (f"   top:{top}" if top else ""))
     return 0
 
 

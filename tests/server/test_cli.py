@@ -90,9 +90,9 @@ def test_generate_prints_each_tokens_logprobs_when_asked(llama_with_tokenizer, c
     lines = capsys.readouterr().out.splitlines()
     llm = LLM(model=model, device="cpu")
     expected = llm.generate(["w5 w6"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2))[0]
-    assert lines[1] == expected.text and len(lines) == 2 + 4
+    assert lines[1] == expected.text and lines[2] == "output logprobs:" and len(lines) == 3 + 4
     text = llm.engine.tokenizer.token_text  # w<id>, or <s> for 1 (special tokens are shown too)
-    for line, lp in zip(lines[2:], expected.logprobs):
+    for line, lp in zip(lines[3:], expected.logprobs):
         (t1, v1), (t2, v2) = lp.top
         assert line == f"  {text(lp.token_id)!r} {lp.logprob:.3f}   top:  {text(t1)!r} {v1:.3f}  {text(t2)!r} {v2:.3f}"
 

@@ -147,6 +147,21 @@ def test_logprobs_whole_and_streamed(client, servers):
     chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)]
     assert [t for c in chunks if c for t in c.token_logprobs] == whole.token_logprobs
     assert [t for c in chunks if c for t in c.text_offset] == whole.text_offset
+    echo = client.completions.create(**{**kw, "echo": True})
+    ref_prompt = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2,
+                                                       prompt_logprobs=2), lora="c16")[0]
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text == prompt + ref.text and lp.tokens == [
+        text(e.token_id) for e in (*ref_prompt.prompt_logprobs, *ref_prompt.logprobs)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == 5 + 6
+    assert lp.token_logprobs[1:] == pytest.approx([e.logprob for e in (*ref_prompt.prompt_logprobs[1:],
+                                                                        *ref_prompt.logprobs)], abs=1e-5)
+    assert lp.token_logprobs[5:] == whole.token_logprobs
+    echo_chunks = list(client.completions.create(**{**kw, "echo": True}, stream=True))
+    assert "".join(c.choices[0].text for c in echo_chunks) == echo.choices[0].text
+    assert [t for c in echo_chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    plain_echo = client.completions.create(model="c16", prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert plain_echo.choices[0].text.startswith(prompt) and plain_echo.choices[0].logprobs is None
     messages = [{"role": "user", "content": prompt}]
     chat = client.chat.completions.create(model="c16", messages=messages, max_tokens=6, temperature=0,
                                           logprobs=True, top_logprobs=3)
@@ -212,7 +227,7 @@ def test_request_errors_have_openai_shape(main, client):
     assert_openai_error(post({**ok, "prompt": words(7, 300)}), 400, "max_model_len")
     assert_openai_error(post({**ok, "max_tokens": 1000}), 400, "max_tokens")
     assert_openai_error(post({**ok, "logprobs": 21}), 400, "logprobs")
-    assert_openai_error(post({**ok, "echo": True, "logprobs": 1}), 400, "echo")
+    assert_openai_error(post({**ok, "suffix": "w9"}), 400, "suffix")
     assert_openai_error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")
     chat = {"model": BASE, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}
     assert_openai_error(httpx.post(f"{main.url}/v1/chat/completions", json=chat, headers=AUTH), 400, "logprobs")

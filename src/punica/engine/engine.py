@@ -259,6 +259,7 @@ class Engine:
         """Put a finished step's tokens in place of their placeholders and report them."""
         outputs = []
         tokens = launched.tokens()
+        launched.fill_prompt_logprobs()  # before the tokens: a sequence's first output carries them all
         for seq, token, logprobs in zip(launched.seqs, tokens, launched.logprobs(tokens)):
             if seq.status is Status.FINISHED:  # aborted, or stopped while this step ran
                 continue
@@ -321,7 +322,7 @@ class Engine:
         return RequestOutput(request_id=seq.request_id, token_ids=seq.output_ids, text=seq.text,
                              new_token_ids=new_ids, new_text=new_text, finished=seq.status is Status.FINISHED,
                              finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids), lora=seq.lora,
-                             logprobs=logprobs, new_logprobs=new_logprobs)
+                             logprobs=logprobs, new_logprobs=new_logprobs, prompt_logprobs=seq.prompt_logprobs)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
                lora: str | None = None) -> Iterator[RequestOutput]:

@@ -28,6 +28,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: no log-probabilities; k: each generated token's, and the k most likely tokens' (TokenLogprobs)
     logprobs: int | None = None
+    # the same for the prompt's tokens, each given those before it (RequestOutput.prompt_logprobs)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -53,9 +55,11 @@ class SamplingParams:
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in ids)):
             bad(f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
-        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (the most likely tokens reported beside "
-                f"each generated one), or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (the most likely tokens reported beside "
+                    f"each token), or None, got {k!r}")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
 
@@ -68,7 +72,7 @@ class TokenLogprobs:
     likely first."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token, which nothing precedes
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -108,6 +112,8 @@ class Sequence:
     num_pending: int = 0
     finishing: bool = False  # its last pending token reaches max_tokens / max_model_len: not scheduled again
     logprobs: list[TokenLogprobs] | None = None  # one per known generated token, when the params ask for them
+    # one per prompt token when the params ask for them, filled in as prefill chunks are read (None: not yet)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self):
         if not self.tokens:
@@ -118,6 +124,8 @@ class Sequence:
             self.detok_prefix = self.detok_read = len(self.prompt_ids)
         if self.logprobs is None and self.params.logprobs is not None:
             self.logprobs = []
+        if self.prompt_logprobs is None and self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [TokenLogprobs(self.prompt_ids[0], None)] + [None] * (len(self.prompt_ids) - 1)
 
     @property
     def output_ids(self) -> list[int]:
@@ -152,3 +160,6 @@ class RequestOutput:
     # with SamplingParams.logprobs: one per token of token_ids, and those of new_token_ids
     logprobs: list[TokenLogprobs] | None = None
     new_logprobs: list[TokenLogprobs] | None = None
+    # with SamplingParams.prompt_logprobs, once the prompt is computed: one per prompt token (the first has
+    # logprob None); the sequence's own list, not a copy
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

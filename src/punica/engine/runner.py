@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ class HostBatch:
     seq_slots: list[int]
     seq_tokens: list[int]
     has_pending: bool = False  # some ids are placeholders for tokens the previous step samples on the device
+    # (work index, first position, count) of prompt positions whose logits prompt logprobs need: their rows
+    # follow the sampled ones in logits_indices, in this order
+    prompt_rows: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -44,8 +48,13 @@ class HostBatch:
 def host_batch(work: list[tuple[Sequence, int]], block_size: int) -> HostBatch:
     """`work` must be ordered by adapter slot (see `order_by_slot`)."""
     hb = HostBatch([], [], [], [0], [], [], [], [], [])
-    for seq, n in work:
+    extra = []
+    for i, (seq, n) in enumerate(work):
         start, end = seq.num_computed, seq.num_computed + n
+        if seq.prompt_logprobs is not None and start < len(seq.prompt_ids) - 1:  # the last: a sampled row
+            count = min(end, len(seq.prompt_ids) - 1) - start
+            hb.prompt_rows.append((i, start, count))
+            extra += range(hb.cu_q[-1], hb.cu_q[-1] + count)
         hb.ids += seq.tokens[start:end]
         hb.positions += range(start, end)
         hb.slot_mapping += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
@@ -57,6 +66,7 @@ def host_batch(work: list[tuple[Sequence, int]], block_size: int) -> HostBatch:
         hb.seq_slots.append(seq.slot)
         hb.seq_tokens.append(n)
         hb.has_pending |= seq.num_pending > 0
+    hb.logits_indices += extra
     return hb
 
 
@@ -103,6 +113,9 @@ class InFlight:
     host_tokens: torch.Tensor
     ready: torch.cuda.Event | None
     host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # prompt logprobs computed by the step: (sequence, first position, count) and token_logprobs' tensors
+    prompt_rows: list[tuple[Sequence, int, int]] = dataclasses.field(default_factory=list)
+    host_prompt_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def tokens(self) -> list[int]:
         """The sampled tokens, waiting for the device if need be (the step's only host synchronization)."""
@@ -118,6 +131,20 @@ class InFlight:
         return [None if seq.params.logprobs is None else
                 TokenLogprobs(token, chosen[row], tuple(zip(ids[row], values[row]))[:seq.params.logprobs])
                 for row, (seq, token) in enumerate(zip(self.seqs, tokens))]
+
+    def fill_prompt_logprobs(self) -> None:
+        """Write the step's prompt logprobs into their sequences (after `tokens()`): the logprob of prompt
+        token p + 1 given those up to p, for each position p the step computed."""
+        if self.host_prompt_logprobs is None:
+            return
+        chosen, values, ids = (t.tolist() for t in self.host_prompt_logprobs)
+        row = 0
+        for seq, first, count in self.prompt_rows:
+            k = seq.params.prompt_logprobs
+            for p in range(first, first + count):
+                top = tuple(zip(ids[row], values[row]))[:k]
+                seq.prompt_logprobs[p + 1] = TokenLogprobs(seq.prompt_ids[p + 1], chosen[row], top)
+                row += 1
 
 
 class ModelRunner:
@@ -141,34 +168,40 @@ class ModelRunner:
     def build_batch(self, work: list[tuple[Sequence, int]]) -> Batch:
         return to_device_batch(host_batch(work, self.block_size), self.slot_rank, self.device)
 
-    def forward(self, work: list[tuple[Sequence, int]], previous: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of every sequence whose chunk reaches its end, in `work` order. `previous`: the device
-        tokens of the step in flight, which placeholder ids refer to."""
+    def forward(self, work: list[tuple[Sequence, int]],
+                previous: torch.Tensor | None = None) -> tuple[torch.Tensor, HostBatch]:
+        """(logits, the step's HostBatch): logits of every sequence whose chunk reaches its end, in `work`
+        order, then those of the prompt positions whose logprobs are asked for (HostBatch.prompt_rows; such
+        steps run eagerly). `previous`: the device tokens of the step in flight, which placeholder ids refer to."""
         hb = host_batch(work, self.block_size)
-        key = self.graphs.key(hb) if self.graphs is not None else None
+        key = self.graphs.key(hb) if self.graphs is not None and not hb.prompt_rows else None
         if key is not None:
-            return self.graphs.run(hb, previous, key)
+            return self.graphs.run(hb, previous, key), hb
         batch = to_device_batch(hb, self.slot_rank, self.device)
         if hb.has_pending:
             resolve_pending(batch.input_ids, previous)
-        return self.model(batch)
+        return self.model(batch), hb
 
     def launch(self, work: dict[Sequence, int], previous: InFlight | None) -> InFlight:
         """Launch one step: the model, then sampling, on the device; the host does not wait. Each sequence
         advances by its work and, if its chunk reaches its end, gets a placeholder for the token sampled."""
         ordered = order_by_slot(work)
-        logits = self.forward(ordered, previous.device_tokens if previous is not None else None)
+        logits, hb = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
+        logits, prompt_logits = logits[:len(done)], logits[len(done):]
         tokens = self.sample(logits, done) if done else torch.zeros(0, dtype=torch.int64, device=self.device)
         asked = [s.params.logprobs for s in done if s.params.logprobs is not None]
         logprobs = token_logprobs(logits, tokens, max(asked)) if asked else None
+        prompt_rows = [(ordered[i][0], first, count) for i, first, count in hb.prompt_rows]
+        prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_rows) if prompt_rows else None
         host, ready = tokens, None
         if self.device.type == "cuda":
             host = self._host_tokens[self._flip]
             self._flip ^= 1
             host[:len(done)].copy_(tokens, non_blocking=True)
-            if logprobs is not None:  # a few KB, rarely: fresh pinned buffers
-                logprobs = tuple(t.to("cpu", non_blocking=True) for t in logprobs)
+            # a few KB, and only for requests that ask: fresh pinned buffers
+            logprobs, prompt_logprobs = (None if t is None else tuple(x.to("cpu", non_blocking=True) for x in t)
+                                         for t in (logprobs, prompt_logprobs))
             ready = torch.cuda.Event()
             ready.record()
         for seq, n in ordered:
@@ -176,7 +209,16 @@ class ModelRunner:
         for row, seq in enumerate(done):
             seq.tokens.append(-1 - row)
             seq.num_pending += 1
-        return InFlight(done, tokens, host, ready, logprobs)
+        return InFlight(done, tokens, host, ready, logprobs, prompt_rows, prompt_logprobs)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Sequence, int, int]]) -> tuple:
+        """token_logprobs of the prompt rows: each position's next prompt token, which the host knows."""
+        targets = torch.tensor([t for seq, first, count in rows for t in seq.prompt_ids[first + 1:first + count + 1]],
+                               dtype=torch.int64)
+        if self.device.type == "cuda":
+            targets = targets.pin_memory()
+        top = max(seq.params.prompt_logprobs for seq, _, _ in rows)
+        return token_logprobs(logits, targets.to(self.device, non_blocking=True), top)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]

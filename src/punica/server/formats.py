@@ -60,9 +60,10 @@ class CompletionFormat:
             starts.append(offset)
             offset += len(token)
         self._offsets[index] = offset
-        tops = [{self.token_text(t): finite(v) for t, v in (*e.top, (e.token_id, e.logprob))} for e in entries]
-        return {"tokens": tokens, "token_logprobs": [finite(e.logprob) for e in entries], "top_logprobs": tops,
-                "text_offset": starts}
+        tops = [None if e.logprob is None else  # a prompt's first token: nothing precedes it
+                {self.token_text(t): finite(v) for t, v in (*e.top, (e.token_id, e.logprob))} for e in entries]
+        return {"tokens": tokens, "token_logprobs": [None if e.logprob is None else finite(e.logprob) for e in entries],
+                "top_logprobs": tops, "text_offset": starts}
 
     def opening(self, index: int) -> dict | None:
         """A chunk sent before any text of choice `index` (none for completions)."""

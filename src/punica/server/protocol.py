@@ -114,7 +114,13 @@ class SamplingFields(BaseModel):
             top_k=defaults.top_k if self.top_k is None else self.top_k,
             seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
-            ignore_eos=self.ignore_eos, logprobs=self.num_logprobs)
+            ignore_eos=self.ignore_eos, logprobs=self.num_logprobs,
+            prompt_logprobs=self.num_logprobs if self.echoes else None)
+
+    @property
+    def echoes(self) -> bool:
+        """The response repeats the prompt before the completion (and its logprobs before theirs)."""
+        return False
 
     @property
     def num_logprobs(self) -> int | None:
@@ -133,7 +139,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt, then the completion; with logprobs, the prompt tokens' logprobs first
     # each generated token's logprob and the `logprobs` most likely tokens' (OpenAI's legacy shape)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
@@ -146,13 +152,17 @@ class CompletionRequest(SamplingFields):
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        bad += [f for f in ("echo", "suffix") if getattr(self, f)]
+        bad += ["suffix"] if self.suffix else []
         bad += ["top_logprobs (a chat field; completions take logprobs=N)"] if self.top_logprobs is not None else []
         return bad + (["best_of"] if self.best_of not in (None, self.n) else [])
 
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def echoes(self) -> bool:
+        return self.echo
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

@@ -38,10 +38,11 @@ class Choices:
     reasons: list[str | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)  # when the request asks for them
+    prompt_logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)  # echo with logprobs
 
     def __post_init__(self):
         self.texts, self.reasons, self.tokens = [""] * self.n, [None] * self.n, [0] * self.n
-        self.logprobs = [None] * self.n
+        self.logprobs, self.prompt_logprobs = [None] * self.n, [None] * self.n
 
     def advance(self, d: Delivery) -> str:
         """The new text of `d`'s choice that is safe to send now (streamed text is always a prefix of the
@@ -53,14 +54,17 @@ class Choices:
         self.tokens[i] = len(out.token_ids)
         if out.logprobs is not None:
             self.logprobs[i] = out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = out.prompt_logprobs
         if out.finished:
             self.reasons[i] = out.finish_reason
         return new
 
-    def new_logprobs(self, d: Delivery, sent: int) -> list[TokenLogprobs] | None:
-        """Log-probabilities of `d`'s choice past the first `sent` (None: the request asked for none)."""
-        entries = self.logprobs[d.index]
-        return None if entries is None else entries[sent:]
+    def all_logprobs(self, i: int) -> list[TokenLogprobs] | None:
+        """Choice i's log-probabilities: its prompt's when echoed, then its completion's (None: not asked)."""
+        if self.logprobs[i] is None:
+            return None
+        return [*(self.prompt_logprobs[i] or ()), *self.logprobs[i]]
 
     def usage(self, num_prompt_tokens: int) -> Usage:
         done = sum(self.tokens)
@@ -79,10 +83,15 @@ class Job:
     fmt: CompletionFormat
     arrival: float
     end_of_turn: tuple[int, ...] = ()
+    echo: list[str] | None = None  # each prompt's text, which its choices repeat before their completions
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
+
+    def echoed(self, choice: int) -> str:
+        """The text choice `choice` repeats before its completion ("" unless echo)."""
+        return "" if self.echo is None else self.echo[choice // self.req.n]
 
     def sampling_params(self) -> list[SamplingParams]:
         """One per choice, in choice order (prompt-major)."""
@@ -158,7 +167,11 @@ class OpenAIServing:
         explicit = req.max_tokens is not None  # the default (omitted or null) is clipped to the room left
         limits = [self.max_tokens(p, req.requested_max_tokens, explicit) for p in prompts]
         fmt = CompletionFormat(req.model, random_id("cmpl"), self.token_text)
-        return await self._generate(Job(req, prompts, limits, lora, fmt, arrival), request)
+        echo = [p if isinstance(p, str) else self.decode(p) for p in req.prompts()] if req.echo else None
+        return await self._generate(Job(req, prompts, limits, lora, fmt, arrival, echo=echo), request)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
@@ -181,9 +194,10 @@ class OpenAIServing:
                 return Response(status_code=CLIENT_CLOSED)
         finally:
             self._close(stream, tracker)
-        logprobs = [None if lp is None else job.fmt.logprobs(i, lp) for i, lp in enumerate(choices.logprobs)]
-        return JSONResponse(job.fmt.whole(choices.texts, choices.reasons, choices.usage(job.num_prompt_tokens),
-                                          logprobs))
+        texts = [job.echoed(i) + text for i, text in enumerate(choices.texts)]
+        logprobs = [None if choices.logprobs[i] is None else job.fmt.logprobs(i, choices.all_logprobs(i))
+                    for i in range(choices.n)]
+        return JSONResponse(job.fmt.whole(texts, choices.reasons, choices.usage(job.num_prompt_tokens), logprobs))
 
     async def _consume(self, stream: RequestStream, choices: Choices, tracker: RequestTracker) -> None:
         async for d in stream:
@@ -201,17 +215,21 @@ class OpenAIServing:
             if fmt.opening(i):
                 yield sse(fmt.opening(i))
         sent = [0] * choices.n  # logprobs streamed per choice
+        echoed = [job.echo is None] * choices.n
         async for d in stream:
             tracker.on_output(d)
             if d.output.error:
                 yield sse(error_body(d.output.error, "server_error", "engine_failure"))
                 return
-            new = choices.advance(d)
-            entries = choices.new_logprobs(d, sent[d.index])
+            i, new = d.index, choices.advance(d)
+            if not echoed[i]:  # the first chunk of an echoing choice starts with its prompt
+                new, echoed[i] = job.echoed(i) + new, True
+            entries = choices.all_logprobs(i)
+            entries = None if entries is None else entries[sent[i]:]
             if new or entries or d.output.finished:
-                logprobs = None if entries is None else fmt.logprobs(d.index, entries)
-                sent[d.index] += len(entries or ())
-                yield sse(fmt.chunk(d.index, new, d.output.finish_reason if d.output.finished else None, logprobs))
+                logprobs = None if entries is None else fmt.logprobs(i, entries)
+                sent[i] += len(entries or ())
+                yield sse(fmt.chunk(i, new, d.output.finish_reason if d.output.finished else None, logprobs))
         if job.req.include_usage:
             yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens)))
         yield sse("[DONE]")
