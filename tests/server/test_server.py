@@ -160,6 +160,16 @@ def test_logprobs_whole_and_streamed(client, servers):
     echo_chunks = list(client.completions.create(**{**kw, "echo": True}, stream=True))
     assert "".join(c.choices[0].text for c in echo_chunks) == echo.choices[0].text
     assert [t for c in echo_chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    scored = client.completions.create(model="c16", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:5]
+    assert scored.choices[0].finish_reason == "length"
+    scored_chunks = list(client.completions.create(model="c16", prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                                   stream=True))
+    assert "".join(c.choices[0].text for c in scored_chunks) == prompt
+    assert [t for c in scored_chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
+        lp.token_logprobs[:5]
+    assert client.completions.create(model="c16", prompt=prompt, max_tokens=0, echo=True).choices[0].logprobs is None
     plain_echo = client.completions.create(model="c16", prompt=prompt, max_tokens=3, temperature=0, echo=True)
     assert plain_echo.choices[0].text.startswith(prompt) and plain_echo.choices[0].logprobs is None
     messages = [{"role": "user", "content": prompt}]
@@ -228,6 +238,7 @@ def test_request_errors_have_openai_shape(main, client):
     assert_openai_error(post({**ok, "max_tokens": 1000}), 400, "max_tokens")
     assert_openai_error(post({**ok, "logprobs": 21}), 400, "logprobs")
     assert_openai_error(post({**ok, "suffix": "w9"}), 400, "suffix")
+    assert_openai_error(post({**ok, "max_tokens": 0}), 400, "max_tokens")  # 0 only with echo (scores only)
     assert_openai_error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")
     chat = {"model": BASE, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}
     assert_openai_error(httpx.post(f"{main.url}/v1/chat/completions", json=chat, headers=AUTH), 400, "logprobs")

@@ -123,6 +123,11 @@ class SamplingFields(BaseModel):
         return False
 
     @property
+    def scores_only(self) -> bool:
+        """The response holds the prompt alone, nothing generated."""
+        return False
+
+    @property
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs: None, or how many most likely tokens to report beside each generated one."""
         return None
@@ -149,6 +154,10 @@ class CompletionRequest(SamplingFields):
     @property
     def requested_max_tokens(self) -> int:
         return COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+    @property
+    def scores_only(self) -> bool:  # `echo` with max_tokens 0: the prompt and its logprobs (scoring a text)
+        return self.echo and self.max_tokens == 0
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()

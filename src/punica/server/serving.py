@@ -34,6 +34,7 @@ class Choices:
 
     n: int
     holdback: int  # trailing characters kept back while streaming: they may start a stop string
+    generated: bool = True  # False: the client asked for the prompt alone (scores_only): drop what is generated
     texts: list[str] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
@@ -48,6 +49,10 @@ class Choices:
         """The new text of `d`'s choice that is safe to send now (streamed text is always a prefix of the
         final text, even when a stop string cuts it)."""
         out, i = d.output, d.index
+        if not self.generated:
+            self.prompt_logprobs[i] = out.prompt_logprobs
+            self.reasons[i] = "length" if out.finished else None
+            return ""
         text = out.text if out.finished or not self.holdback else out.text[:max(len(out.text) - self.holdback, 0)]
         new = text[len(self.texts[i]):] if text.startswith(self.texts[i]) else ""
         self.texts[i] += new
@@ -62,9 +67,9 @@ class Choices:
 
     def all_logprobs(self, i: int) -> list[TokenLogprobs] | None:
         """Choice i's log-probabilities: its prompt's when echoed, then its completion's (None: not asked)."""
-        if self.logprobs[i] is None:
+        if self.logprobs[i] is None and self.prompt_logprobs[i] is None:
             return None
-        return [*(self.prompt_logprobs[i] or ()), *self.logprobs[i]]
+        return [*(self.prompt_logprobs[i] or ()), *(self.logprobs[i] or ())]
 
     def usage(self, num_prompt_tokens: int) -> Usage:
         done = sum(self.tokens)
@@ -165,7 +170,8 @@ class OpenAIServing:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
         prompts = await asyncio.to_thread(lambda: [self.encode(p) for p in req.prompts()])
         explicit = req.max_tokens is not None  # the default (omitted or null) is clipped to the room left
-        limits = [self.max_tokens(p, req.requested_max_tokens, explicit) for p in prompts]
+        # scores only: the engine samples one token (its logits come with the prompt's), which nobody is sent
+        limits = [self.max_tokens(p, 1 if req.scores_only else req.requested_max_tokens, explicit) for p in prompts]
         fmt = CompletionFormat(req.model, random_id("cmpl"), self.token_text)
         echo = [p if isinstance(p, str) else self.decode(p) for p in req.prompts()] if req.echo else None
         return await self._generate(Job(req, prompts, limits, lora, fmt, arrival, echo=echo), request)
@@ -185,7 +191,8 @@ class OpenAIServing:
         stream = await self.engine.add([p for p in job.prompts for _ in range(job.req.n)], params, job.lora)
         tracker = self.metrics.track(job.req.model, job.arrival)
         tracker.on_prompts(job.num_prompt_tokens)
-        choices = Choices(len(params), max((len(s) for s in params[0].stop), default=1) - 1)
+        choices = Choices(len(params), max((len(s) for s in params[0].stop), default=1) - 1,
+                          generated=not job.req.scores_only)
         if job.req.stream:
             body = self._events(stream, choices, job, tracker)
             return EventStream(body, lambda: self._close(stream, tracker))
@@ -195,8 +202,8 @@ class OpenAIServing:
         finally:
             self._close(stream, tracker)
         texts = [job.echoed(i) + text for i, text in enumerate(choices.texts)]
-        logprobs = [None if choices.logprobs[i] is None else job.fmt.logprobs(i, choices.all_logprobs(i))
-                    for i in range(choices.n)]
+        entries = [choices.all_logprobs(i) for i in range(choices.n)]
+        logprobs = [None if e is None else job.fmt.logprobs(i, e) for i, e in enumerate(entries)]
         return JSONResponse(job.fmt.whole(texts, choices.reasons, choices.usage(job.num_prompt_tokens), logprobs))
 
     async def _consume(self, stream: RequestStream, choices: Choices, tracker: RequestTracker) -> None:
@@ -229,7 +236,7 @@ class OpenAIServing:
             if new or entries or d.output.finished:
                 logprobs = None if entries is None else fmt.logprobs(i, entries)
                 sent[i] += len(entries or ())
-                yield sse(fmt.chunk(i, new, d.output.finish_reason if d.output.finished else None, logprobs))
+                yield sse(fmt.chunk(i, new, choices.reasons[i], logprobs))
         if job.req.include_usage:
             yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens)))
         yield sse("[DONE]")
