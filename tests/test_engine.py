@@ -138,6 +138,27 @@ def test_logprobs_follow_the_tokens_through_sampling_preemption_and_streaming(ll
             SamplingParams(logprobs=bad)
 
 
+def test_logit_bias_steers_its_request_alone_and_leaves_logprobs_raw(llama):
+    """+100 on a token makes greedy decoding pick it every step; -100 on each token greedy picked first moves
+    the first pick elsewhere; the other requests of the batch are untouched, and logprobs stay the model's."""
+    model_dir, adapters = llama
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu")
+    ids = prompts(3, seed=9)
+    base = llm.generate(ids, dataclasses.replace(GREEDY, logprobs=0), lora=LORAS[:3])
+    forced = dataclasses.replace(GREEDY, logit_bias={77: 100.0}, logprobs=0)
+    rids = llm.engine.add_requests(ids, [GREEDY, forced, GREEDY], LORAS[:3])
+    outs = run_to_end(llm.engine)
+    assert outs[rids[1]].token_ids == [77] * 12
+    assert outs[rids[0]].token_ids == base[0].token_ids and outs[rids[2]].token_ids == base[2].token_ids
+    assert outs[rids[1]].logprobs[0].logprob < -1.0  # the model's own logprob of 77, not the biased one
+    banned = dataclasses.replace(GREEDY, logit_bias={base[0].token_ids[0]: -100.0})
+    assert llm.generate(ids[:1], banned, lora=LORAS[0])[0].token_ids[0] != base[0].token_ids[0]
+    with pytest.raises(BadRequestError, match="logit_bias"):
+        llm.engine.add_request(ids[0], dataclasses.replace(GREEDY, logit_bias={128: 1.0}))  # vocab is 128
+    with pytest.raises(BadRequestError, match="logit_bias"):
+        SamplingParams(logit_bias={3: 101})
+
+
 def test_abort_frees_blocks_and_slot(llama):
     model_dir, adapters = llama
     engine = Engine.from_args(model_dir, adapters, device="cpu", max_loras=1)

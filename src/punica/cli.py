@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--use-lora", action="append", metavar="NAME",
                      help="adapter for all prompts (given once) or for each prompt in order; 'none' = base model")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    add_dataclass_flags(gen, SamplingParams, dest_prefix=SAMPLING_PREFIX)
+    add_dataclass_flags(gen, SamplingParams, skip={"logit_bias"}, dest_prefix=SAMPLING_PREFIX)  # a dict: API only
     gen.set_defaults(handler=cmd_generate)
     demo = sub.add_parser("demo", help="the multi-LoRA TUI: one prompt, every adapter, one batch")
     add_model_flags(demo)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from punica.ops.sampling import sample_torch
+from punica.ops.sampling import add_logit_bias, sample_torch, token_logprobs
 
 
 def draws(logits_row: torch.Tensor, n: int, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
@@ -43,3 +43,26 @@ def test_greedy_rows_and_seeded_rows_in_a_mixed_batch():
     assert out[1] == alone[0]  # a seeded row does not depend on what else is in the batch
     alone = sample_torch(logits[4:5], [1.0], [0], [0.9], [torch.Generator().manual_seed(8)])
     assert out[4] == alone[0]
+
+
+def test_logit_bias_shifts_only_its_rows_and_tokens_and_draws_follow_it():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 6)
+    biased = add_logit_bias(logits, [((1, 2.0), (4, -1.5)), None, ((0, 100.0),)])
+    expected = logits.clone()
+    expected[0, 1] += 2.0
+    expected[0, 4] -= 1.5
+    expected[2, 0] += 100.0
+    assert torch.equal(biased, expected) and not torch.equal(biased, logits)  # a new tensor, the input untouched
+    row = torch.tensor([1.0, 0.5, 0.0])
+    counts = torch.bincount(draws(add_logit_bias(row[None], [((2, 1.0),)])[0], 40000), minlength=3).float() / 40000
+    assert (counts - torch.tensor([1.0, 0.5, 1.0]).softmax(-1)).abs().max() < 0.012
+
+
+def test_token_logprobs_are_the_log_softmax_and_its_top():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 2.0]])
+    chosen, values, ids = token_logprobs(logits, torch.tensor([2, 1]), 2)
+    logp = logits.log_softmax(-1)
+    assert torch.allclose(chosen, torch.stack([logp[0, 2], logp[1, 1]]))
+    assert ids.tolist() == [[0, 1], [1, 3]] and torch.allclose(values, logp.gather(1, ids))
+    assert token_logprobs(logits, torch.tensor([0, 0]), 0)[1].shape == (2, 0)

@@ -238,6 +238,11 @@ def test_request_errors_have_openai_shape(main, client):
     assert_openai_error(post({**ok, "max_tokens": 1000}), 400, "max_tokens")
     assert_openai_error(post({**ok, "logprobs": 21}), 400, "logprobs")
     assert_openai_error(post({**ok, "suffix": "w9"}), 400, "suffix")
+    assert_openai_error(post({**ok, "logit_bias": {"w5": 1}}), 400, "logit_bias")
+    assert_openai_error(post({**ok, "logit_bias": {"500": 1}}), 400, "logit_bias")  # the test vocabulary has 128
+    assert_openai_error(post({**ok, "logit_bias": {"5": -101}}), 400, "logit_bias")
+    forced = post({**ok, "temperature": 0, "logit_bias": {"77": 100}, "ignore_eos": True})
+    assert forced.json()["choices"][0]["text"].split() == ["w77"] * 4
     assert_openai_error(post({**ok, "max_tokens": 0}), 400, "max_tokens")  # 0 only with echo (scores only)
     assert_openai_error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")
     chat = {"model": BASE, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}

@@ -155,6 +155,9 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise BadRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
+            raise BadRequestError(f"logit_bias names token {params.logit_bias[-1][0]}; token ids are below {vocab}")
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting already; retry later")
         request_id = request_id or f"req-{next(self._ids)}"

@@ -11,6 +11,7 @@ from punica.config import is_int, is_number
 from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
+MAX_LOGIT_BIAS = 100.0  # |bias| added to a token's logit at most (OpenAI's range)
 MAX_LOGPROBS = 20  # most likely tokens reported beside each generated one at most (OpenAI's limit too)
 
 
@@ -30,6 +31,9 @@ class SamplingParams:
     logprobs: int | None = None
     # the same for the prompt's tokens, each given those before it (RequestOutput.prompt_logprobs)
     prompt_logprobs: int | None = None
+    # {token id: bias} added to those tokens' logits before the draw (not to the reported logprobs); kept as
+    # ((id, bias), ...) sorted by id, so the params stay hashable
+    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -60,6 +64,14 @@ class SamplingParams:
             if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
                 bad(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (the most likely tokens reported beside "
                     f"each token), or None, got {k!r}")
+        bias = self.logit_bias
+        pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
+                 else [] if bias is None else None)
+        if pairs is None or not all(isinstance(p, (tuple, list)) and len(p) == 2 and is_int(p[0]) and p[0] >= 0
+                                    and is_number(p[1]) and abs(p[1]) <= MAX_LOGIT_BIAS for p in pairs):
+            bad(f"logit_bias must map token ids (integers >= 0) to numbers from -{MAX_LOGIT_BIAS:g} to "
+                f"{MAX_LOGIT_BIAS:g}, got {bias!r}")
+        object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in pairs)) or None)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
 

@@ -13,7 +13,7 @@ from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta
-from punica.ops.sampling import sample_torch, token_logprobs
+from punica.ops.sampling import add_logit_bias, sample_torch, token_logprobs
 
 
 @dataclass
@@ -223,6 +223,8 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
         gens = [self._generator(s) for s in seqs]
+        if any(p.logit_bias for p in params):  # a new tensor: logprobs report the model's own logits
+            logits = add_logit_bias(logits, [p.logit_bias for p in params])
         return sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
                             [p.top_p for p in params], gens)
 

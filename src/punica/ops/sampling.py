@@ -38,6 +38,18 @@ def sample_torch(logits: torch.Tensor, temperature: list[float], top_k: list[int
     return torch.where(is_greedy.bool(), greedy, sampled)
 
 
+def add_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...] | None]) -> torch.Tensor:
+    """logits [N, V] plus, in row i, each (token id, bias) of biases[i] (None: none); a new tensor. The
+    entries travel in one asynchronous copy from pinned memory."""
+    entries = [(row, token, bias) for row, pairs in enumerate(biases) for token, bias in pairs or ()]
+    flat = torch.tensor([v for e in entries for v in e], dtype=torch.float64).view(-1, 3)
+    if logits.device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(logits.device, non_blocking=True)
+    rows, tokens = flat[:, 0].long(), flat[:, 1].long()
+    return logits.index_put((rows, tokens), flat[:, 2].to(logits.dtype), accumulate=True)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
                    top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For logits [N, V] and the tokens sampled from them [N]: (each token's logprob [N], the `top` largest

@@ -96,7 +96,7 @@ class SamplingFields(BaseModel):
             bad.append("tool_choice")
         if self.parallel_tool_calls:
             bad.append("parallel_tool_calls")
-        return bad + (["logit_bias"] if self.logit_bias else [])
+        return bad
 
     def sampling_params(self, max_tokens: int, choice: int, end_of_turn: tuple[int, ...] = ()) -> SamplingParams:
         """The engine's parameters for choice `choice` of `n` (seeded choices get seed + choice, so they
@@ -114,8 +114,17 @@ class SamplingFields(BaseModel):
             top_k=defaults.top_k if self.top_k is None else self.top_k,
             seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
-            ignore_eos=self.ignore_eos, logprobs=self.num_logprobs,
+            ignore_eos=self.ignore_eos, logit_bias=self.token_bias(), logprobs=self.num_logprobs,
             prompt_logprobs=self.num_logprobs if self.echoes else None)
+
+    def token_bias(self) -> dict[int, float] | None:
+        """`logit_bias` with its keys (JSON object keys are strings) as token ids."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError:
+            raise BadRequestError(f"logit_bias keys must be token ids, got {list(self.logit_bias)!r}") from None
 
     @property
     def echoes(self) -> bool:
