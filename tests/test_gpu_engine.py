@@ -149,6 +149,19 @@ def test_logprobs_from_graph_steps_equal_the_cpu_engines(tiny_models):
             assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-3)
 
 
+def test_logit_bias_on_cuda_forces_its_token(tiny_models):
+    """The bias entries reach the device asynchronously (pinned copy) and shift their row alone."""
+    _, model_dir, adapters = tiny_models["llama"]
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda")
+    ids = prompts(2, seed=25)
+    rids = llm.engine.add_requests(ids, [GREEDY, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                                                logit_bias={77: 100.0})], LORAS[:2])
+    done = {}
+    while llm.engine.has_unfinished():
+        done.update({o.request_id: o for o in llm.engine.step() if o.finished})
+    assert done[rids[1]].token_ids == [77] * 10 and done[rids[0]].token_ids != [77] * 10
+
+
 def test_bf16_logits_close_to_peft(tiny_models):
     from test_parity import last_token_logits
 
