@@ -159,6 +159,35 @@ def test_logit_bias_steers_its_request_alone_and_leaves_logprobs_raw(llama):
         SamplingParams(logit_bias={3: 101})
 
 
+def test_penalties_follow_openais_rule_against_a_step_by_step_reference(tiny_models):
+    """Greedy with presence and frequency penalties equals argmax over HF's logits minus the penalties of the
+    tokens generated so far, step by step; the engine reads each step's token only a step later, so the
+    penalty must also count the one still in flight."""
+    import torch
+    hf_model, model_dir, _ = tiny_models["llama"]
+    prompt = prompts(1, seed=10)[0]
+    # token 77's bias makes it the pick until its penalties outweigh the bias: the step right after it, when
+    # the 77 is still in flight, then tells a penalty that counts it from one that does not
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=0.7,
+                            frequency_penalty=1.3, logit_bias={77: 1.5})
+    ours = LLM(model=model_dir, device="cpu").generate([prompt], params)[0].token_ids
+    tokens, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = hf_model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+            logits[77] += 1.5
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+            pick = int((logits - 1.3 * counts - 0.7 * (counts > 0).float()).argmax())
+            out.append(pick)
+            tokens.append(pick)
+    assert ours == out and out[0] == 77
+    biased = LLM(model=model_dir, device="cpu").generate([prompt], dataclasses.replace(
+        GREEDY, logit_bias={77: 1.5}))[0].token_ids
+    assert biased != out  # the penalties changed something
+    with pytest.raises(BadRequestError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)
+
+
 def test_abort_frees_blocks_and_slot(llama):
     model_dir, adapters = llama
     engine = Engine.from_args(model_dir, adapters, device="cpu", max_loras=1)

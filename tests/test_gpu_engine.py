@@ -125,11 +125,12 @@ def test_graphs_and_eager_generate_the_same_tokens(tiny_models):
 
 def test_logprobs_from_graph_steps_equal_the_cpu_engines(tiny_models):
     """fp32 on CUDA with graphs (steps launched ahead, tokens and logprobs read a step later; steps computing
-    prompt logprobs run eagerly) against the CPU engine: the same greedy tokens, their logprobs and top-3
-    alternatives, and the prompts' logprobs; one request asking for none."""
+    prompt logprobs run eagerly) against the CPU engine: the same greedy tokens under penalties, their logprobs
+    and top-3 alternatives, and the prompts' logprobs; one request asking for none."""
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=24)
-    asks = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    asks = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2,
+                          presence_penalty=0.5, frequency_penalty=1.0)  # they count the token still in flight
     params = [asks] * (len(ids) - 1) + [GREEDY]
     outs = []
     for device in ("cuda", "cpu"):

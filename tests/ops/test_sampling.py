@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from punica.ops.sampling import add_logit_bias, sample_torch, token_logprobs
+from punica.ops.sampling import add_logit_bias, apply_penalties, sample_torch, token_logprobs
 
 
 def draws(logits_row: torch.Tensor, n: int, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
@@ -66,3 +66,12 @@ def test_token_logprobs_are_the_log_softmax_and_its_top():
     assert torch.allclose(chosen, torch.stack([logp[0, 2], logp[1, 1]]))
     assert ids.tolist() == [[0, 1], [1, 3]] and torch.allclose(values, logp.gather(1, ids))
     assert token_logprobs(logits, torch.tensor([0, 0]), 0)[1].shape == (2, 0)
+
+
+def test_penalties_count_known_and_in_flight_tokens():
+    logits = torch.zeros(2, 5)
+    previous = torch.tensor([9, 3, 1])  # the step in flight sampled 3 for row 0 (its row 1 there)
+    out = apply_penalties(logits, [[1, 1, 4], []], [[1], []], previous, [0.5, 0.0], [1.0, 0.0])
+    # row 0: token 1 twice, 4 once, 3 once (in flight): -count x 1.0 - 0.5 where count > 0
+    assert out[0].tolist() == [0.0, -2.5, 0.0, -1.5, -1.5] and out[1].tolist() == [0.0] * 5
+    assert torch.equal(logits, torch.zeros(2, 5))  # a new tensor

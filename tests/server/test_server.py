@@ -201,6 +201,21 @@ def test_logprob_formats_carry_no_infinity_and_continue_offsets():
     assert json.loads(json.dumps(chat, allow_nan=False))["content"][0]["top_logprobs"][1]["logprob"] == -9999.0
 
 
+def test_penalties_and_logit_bias_match_the_engine(client, servers):
+    files = servers["files"]
+    llm = LLM(model=files["model"], lora_modules=files["adapters"], device="cpu")
+    prompt, texts = words(12, 4), set()
+    for bias, presence, frequency in ((3.0, 2.0, 2.0), (3.0, 0.0, 0.0), (0.0, -1.0, 0.5), (0.0, 0.0, 0.0)):
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logit_bias={77: bias},
+                                presence_penalty=presence, frequency_penalty=frequency)
+        out = client.completions.create(model="b8", prompt=prompt, max_tokens=10, temperature=0,
+                                        logit_bias={"77": bias}, presence_penalty=presence,
+                                        frequency_penalty=frequency, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == llm.generate([prompt], params, lora="b8")[0].text
+        texts.add(out.choices[0].text)
+    assert len(texts) == 4  # each setting changed the answer
+
+
 def test_n_choices_seeds_and_prompt_lists(client):
     kw = dict(model="b8", prompt=words(4, 5), max_tokens=8, temperature=1.0, seed=7, n=3)
     first = client.completions.create(**kw)
@@ -243,6 +258,8 @@ def test_request_errors_have_openai_shape(main, client):
     assert_openai_error(post({**ok, "logit_bias": {"5": -101}}), 400, "logit_bias")
     forced = post({**ok, "temperature": 0, "logit_bias": {"77": 100}, "ignore_eos": True})
     assert forced.json()["choices"][0]["text"].split() == ["w77"] * 4
+    assert_openai_error(post({**ok, "presence_penalty": 2.5}), 400, "presence_penalty")
+    assert_openai_error(post({**ok, "frequency_penalty": -3}), 400, "frequency_penalty")
     assert_openai_error(post({**ok, "max_tokens": 0}), 400, "max_tokens")  # 0 only with echo (scores only)
     assert_openai_error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")
     chat = {"model": BASE, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}

@@ -12,6 +12,7 @@ from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
 MAX_LOGIT_BIAS = 100.0  # |bias| added to a token's logit at most (OpenAI's range)
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| at most (OpenAI's range)
 MAX_LOGPROBS = 20  # most likely tokens reported beside each generated one at most (OpenAI's limit too)
 
 
@@ -34,6 +35,9 @@ class SamplingParams:
     # {token id: bias} added to those tokens' logits before the draw (not to the reported logprobs); kept as
     # ((id, bias), ...) sorted by id, so the params stay hashable
     logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
+    # subtracted from the logit of each token the request has generated: once (presence), per time (frequency)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -64,6 +68,10 @@ class SamplingParams:
             if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
                 bad(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (the most likely tokens reported beside "
                     f"each token), or None, got {k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_number(value) or not abs(value) <= MAX_PENALTY:
+                bad(f"{name} must be a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, got {value!r}")
         bias = self.logit_bias
         pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
                  else [] if bias is None else None)
@@ -74,6 +82,10 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in pairs)) or None)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 

@@ -13,7 +13,7 @@ from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta
-from punica.ops.sampling import add_logit_bias, sample_torch, token_logprobs
+from punica.ops.sampling import add_logit_bias, apply_penalties, sample_torch, token_logprobs
 
 
 @dataclass
@@ -189,7 +189,9 @@ class ModelRunner:
         logits, hb = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
         logits, prompt_logits = logits[:len(done)], logits[len(done):]
-        tokens = self.sample(logits, done) if done else torch.zeros(0, dtype=torch.int64, device=self.device)
+        previous_tokens = previous.device_tokens if previous is not None else None
+        tokens = (self.sample(logits, done, previous_tokens) if done
+                  else torch.zeros(0, dtype=torch.int64, device=self.device))
         asked = [s.params.logprobs for s in done if s.params.logprobs is not None]
         logprobs = token_logprobs(logits, tokens, max(asked)) if asked else None
         prompt_rows = [(ordered[i][0], first, count) for i, first, count in hb.prompt_rows]
@@ -220,11 +222,18 @@ class ModelRunner:
         top = max(seq.params.prompt_logprobs for seq, _, _ in rows)
         return token_logprobs(logits, targets.to(self.device, non_blocking=True), top)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row; `previous`: the device tokens of the step in flight (penalties count them)."""
         params = [s.params for s in seqs]
         gens = [self._generator(s) for s in seqs]
         if any(p.logit_bias for p in params):  # a new tensor: logprobs report the model's own logits
             logits = add_logit_bias(logits, [p.logit_bias for p in params])
+        if any(p.penalizes for p in params):
+            known = [s.output_ids if s.params.penalizes else [] for s in seqs]
+            pending = [[-1 - t for t in s.tokens[len(s.tokens) - s.num_pending:]] if s.params.penalizes else []
+                       for s in seqs]  # placeholders: -1 - row of `previous`
+            logits = apply_penalties(logits, known, pending, previous, [p.presence_penalty for p in params],
+                                     [p.frequency_penalty for p in params])
         return sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
                             [p.top_p for p in params], gens)
 

@@ -89,7 +89,7 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> list[str]:
         """Names of set fields whose meaning Punica does not implement."""
-        bad = [f for f in ("presence_penalty", "frequency_penalty", "functions", "function_call") if getattr(self, f)]
+        bad = [f for f in ("functions", "function_call") if getattr(self, f)]
         if self.response_format and self.response_format.get("type", "text") != "text":
             bad.append("response_format")
         if self.tool_choice not in (None, "none"):
@@ -115,6 +115,7 @@ class SamplingFields(BaseModel):
             seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
             ignore_eos=self.ignore_eos, logit_bias=self.token_bias(), logprobs=self.num_logprobs,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             prompt_logprobs=self.num_logprobs if self.echoes else None)
 
     def token_bias(self) -> dict[int, float] | None:
