@@ -188,6 +188,31 @@ def test_penalties_follow_openais_rule_against_a_step_by_step_reference(tiny_mod
         SamplingParams(presence_penalty=2.5)
 
 
+def test_penalty_counts_survive_preemption_and_are_freed(llama):
+    """Counts stay with their request through preemption (tokens equal the run without it, in a batch mixing
+    penalized and plain requests) and their rows are freed when requests finish or abort."""
+    model_dir, adapters = llama
+    ids = prompts(seed=11)
+    pen = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.8)
+    params = [pen, GREEDY] * (len(ids) // 2)
+    outs = []
+    for options in (dict(num_blocks=8, block_size=4, max_loras=2), {}):
+        llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", **options)
+        rids = llm.engine.add_requests(ids, params, LORAS)
+        done = run_to_end(llm.engine)
+        outs.append([done[rid].token_ids for rid in rids])
+        if options:
+            assert llm.engine.num_preemptions > 0
+        assert llm.engine.runner._counts._rows == {}
+    assert outs[0] == outs[1]
+    llm.engine.add_request(ids[0], pen, request_id="gone")
+    llm.engine.step()
+    llm.engine.step()
+    assert "gone" in llm.engine.runner._counts._rows
+    llm.engine.abort("gone")
+    assert llm.engine.runner._counts._rows == {}
+
+
 def test_abort_frees_blocks_and_slot(llama):
     model_dir, adapters = llama
     engine = Engine.from_args(model_dir, adapters, device="cpu", max_loras=1)
@@ -427,3 +452,17 @@ def test_deferred_lora_deltas_fold_into_the_next_kernels(llama, monkeypatch, bac
     assert calls
     monkeypatch.setattr(LoRALinear, "forward_deferred", split(keep=False))
     assert [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)] != at_once
+
+
+def test_token_counts_grow_keep_rows_and_reuse_freed_ones():
+    import torch
+
+    from punica.engine.runner import TokenCounts
+    counts, cpu = TokenCounts(), torch.device("cpu")
+    first = counts.rows([f"r{i}" for i in range(8)], 5, cpu)
+    counts.add(first, torch.tensor([1, 2, 3, 4, 0, 1, 2, 3]))
+    more = counts.rows(["r0", "r8", "r9"], 5, cpu)  # a ninth request doubles the rows
+    assert counts.buf.shape == (16, 5) and more[0] == first[0]
+    assert counts.buf[first].argmax(-1).tolist() == [1, 2, 3, 4, 0, 1, 2, 3]  # kept through the growth
+    counts.free("r3")
+    assert counts.buf[first[3]].sum() == 0 and counts.rows(["r10"], 5, cpu)[0] == first[3]

@@ -68,10 +68,9 @@ def test_token_logprobs_are_the_log_softmax_and_its_top():
     assert token_logprobs(logits, torch.tensor([0, 0]), 0)[1].shape == (2, 0)
 
 
-def test_penalties_count_known_and_in_flight_tokens():
+def test_penalties_subtract_frequency_times_count_and_presence_once():
     logits = torch.zeros(2, 5)
-    previous = torch.tensor([9, 3, 1])  # the step in flight sampled 3 for row 0 (its row 1 there)
-    out = apply_penalties(logits, [[1, 1, 4], []], [[1], []], previous, [0.5, 0.0], [1.0, 0.0])
-    # row 0: token 1 twice, 4 once, 3 once (in flight): -count x 1.0 - 0.5 where count > 0
+    counts = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0], [0.0] * 5])
+    out = apply_penalties(logits, counts, [0.5, 0.0], [1.0, 0.0])
     assert out[0].tolist() == [0.0, -2.5, 0.0, -1.5, -1.5] and out[1].tolist() == [0.0] * 5
     assert torch.equal(logits, torch.zeros(2, 5))  # a new tensor

@@ -160,6 +160,7 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs
         self._generators: dict[str, torch.Generator] = {}
+        self._counts = TokenCounts()  # penalized requests' generated tokens
         # two pinned buffers for sampled tokens, alternating: one step in flight while the next launches
         cuda = device.type == "cuda"
         self._host_tokens = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
@@ -189,9 +190,7 @@ class ModelRunner:
         logits, hb = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
         logits, prompt_logits = logits[:len(done)], logits[len(done):]
-        previous_tokens = previous.device_tokens if previous is not None else None
-        tokens = (self.sample(logits, done, previous_tokens) if done
-                  else torch.zeros(0, dtype=torch.int64, device=self.device))
+        tokens = self.sample(logits, done) if done else torch.zeros(0, dtype=torch.int64, device=self.device)
         asked = [s.params.logprobs for s in done if s.params.logprobs is not None]
         logprobs = token_logprobs(logits, tokens, max(asked)) if asked else None
         prompt_rows = [(ordered[i][0], first, count) for i, first, count in hb.prompt_rows]
@@ -215,27 +214,29 @@ class ModelRunner:
 
     def _prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Sequence, int, int]]) -> tuple:
         """token_logprobs of the prompt rows: each position's next prompt token, which the host knows."""
-        targets = torch.tensor([t for seq, first, count in rows for t in seq.prompt_ids[first + 1:first + count + 1]],
-                               dtype=torch.int64)
-        if self.device.type == "cuda":
-            targets = targets.pin_memory()
+        targets = [t for seq, first, count in rows for t in seq.prompt_ids[first + 1:first + count + 1]]
         top = max(seq.params.prompt_logprobs for seq, _, _ in rows)
-        return token_logprobs(logits, targets.to(self.device, non_blocking=True), top)
+        return token_logprobs(logits, ints_to_device(targets, self.device), top)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per row; `previous`: the device tokens of the step in flight (penalties count them)."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row; penalized requests' counts (TokenCounts) gain the tokens drawn."""
         params = [s.params for s in seqs]
         gens = [self._generator(s) for s in seqs]
         if any(p.logit_bias for p in params):  # a new tensor: logprobs report the model's own logits
             logits = add_logit_bias(logits, [p.logit_bias for p in params])
-        if any(p.penalizes for p in params):
-            known = [s.output_ids if s.params.penalizes else [] for s in seqs]
-            pending = [[-1 - t for t in s.tokens[len(s.tokens) - s.num_pending:]] if s.params.penalizes else []
-                       for s in seqs]  # placeholders: -1 - row of `previous`
-            logits = apply_penalties(logits, known, pending, previous, [p.presence_penalty for p in params],
-                                     [p.frequency_penalty for p in params])
-        return sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
-                            [p.top_p for p in params], gens)
+        counted = [row for row, p in enumerate(params) if p.penalizes]
+        if counted:
+            rows = self._counts.rows([seqs[r].request_id for r in counted], logits.shape[1], logits.device)
+            picked = ints_to_device(counted, logits.device)
+            penalized = apply_penalties(logits.index_select(0, picked), self._counts.buf.index_select(0, rows),
+                                        [params[r].presence_penalty for r in counted],
+                                        [params[r].frequency_penalty for r in counted])
+            logits = logits.index_copy(0, picked, penalized)
+        tokens = sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
+                              [p.top_p for p in params], gens)
+        if counted:  # counted on the device at once: the next step's draw sees it before the host does
+            self._counts.add(rows, tokens.index_select(0, picked))
+        return tokens
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.temperature == 0:
@@ -248,6 +249,51 @@ class ModelRunner:
 
     def forget(self, seq: Sequence) -> None:
         self._generators.pop(seq.request_id, None)
+        self._counts.free(seq.request_id)
+
+
+class TokenCounts:
+    """How often each penalized request has generated each token, on the device: one [V] float row per
+    request (kept through preemption, freed when it finishes), grown by doubling as more requests need one.
+    Counting on the device right after each draw lets the next step's penalties see tokens the host reads
+    only a step later."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+        self._rows: dict[str, int] = {}
+        self._free: list[int] = []
+
+    def rows(self, request_ids: list[str], vocab: int, device: torch.device) -> torch.Tensor:
+        """The rows of these requests (new ones zeroed), as a device tensor."""
+        for rid in request_ids:
+            if rid not in self._rows:
+                if not self._free:
+                    self._grow(vocab, device)
+                self._rows[rid] = self._free.pop()
+        return ints_to_device([self._rows[rid] for rid in request_ids], device)
+
+    def add(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.buf.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.buf.dtype), accumulate=True)
+
+    def free(self, request_id: str) -> None:
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self.buf[row].zero_()
+            self._free.append(row)
+
+    def _grow(self, vocab: int, device: torch.device) -> None:
+        old = 0 if self.buf is None else self.buf.shape[0]
+        new = torch.zeros(max(2 * old, 8), vocab, dtype=torch.float32, device=device)
+        if self.buf is not None:
+            new[:old] = self.buf
+        self.buf = new
+        self._free += range(new.shape[0] - 1, old - 1, -1)
+
+
+def ints_to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor on `device`, from pinned memory without waiting for the stream on CUDA."""
+    host = torch.tensor(values, dtype=torch.int64)
+    return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
 def order_by_slot(work: dict[Sequence, int]) -> list[tuple[Sequence, int]]:

@@ -50,26 +50,15 @@ def add_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], .
     return logits.index_put((rows, tokens), flat[:, 2].to(logits.dtype), accumulate=True)
 
 
-def apply_penalties(logits: torch.Tensor, known: list[list[int]], pending: list[list[int]],
-                    previous: torch.Tensor | None, presence: list[float], frequency: list[float]) -> torch.Tensor:
-    """logits [N, V] minus, in row i, frequency[i] x (times each token was generated) + presence[i] x (whether
-    it was); a new tensor. known[i]: row i's generated tokens the host has; pending[i]: rows of `previous` (the
-    device tokens of the step in flight) holding its tokens the host does not have yet."""
-    n, vocab = logits.shape
-    flat = [v for row, tokens in enumerate(known) for t in tokens for v in (row, t)]
-    flat += [v for row, rows in enumerate(pending) for r in rows for v in (row, r)]
-    cut = 2 * sum(map(len, known))
-    host = torch.tensor(flat + presence + frequency, dtype=torch.float64)
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: list[float],
+                    frequency: list[float]) -> torch.Tensor:
+    """logits [N, V] minus, in row i, frequency[i] x counts[i] (how often each token was generated) plus
+    presence[i] where counts[i] > 0: OpenAI's penalties; a new tensor."""
+    host = torch.tensor([presence, frequency], dtype=torch.float32)
     if logits.device.type == "cuda":
         host = host.pin_memory()
-    dev = host.to(logits.device, non_blocking=True)
-    pairs, params = dev[:len(flat)].view(-1, 2).long(), dev[len(flat):].to(logits.dtype).view(2, n)
-    rows, tokens = pairs[:, 0], pairs[:, 1]
-    if cut < len(flat):  # the in-flight tokens, read on the device
-        tokens = torch.cat([tokens[:cut // 2], previous.index_select(0, tokens[cut // 2:])])
-    counts = torch.zeros_like(logits).index_put_((rows, tokens), torch.ones_like(rows, dtype=logits.dtype),
-                                                 accumulate=True)
-    return logits - counts * params[1][:, None] - (counts > 0).to(logits.dtype) * params[0][:, None]
+    pres, freq = host.to(logits.device, non_blocking=True).to(logits.dtype)
+    return logits - counts * freq[:, None] - (counts > 0).to(logits.dtype) * pres[:, None]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
