@@ -13,7 +13,7 @@ from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
 from punica.ops.attention import AttentionMeta
-from punica.ops.sampling import add_logit_bias, apply_penalties, sample_torch, token_logprobs
+from punica.ops.sampling import add_logit_bias, apply_penalties, sample_torch, to_device, token_logprobs
 
 
 @dataclass
@@ -87,10 +87,7 @@ def to_device_batch(hb: HostBatch, slot_rank: torch.Tensor, device: torch.device
     tables = [b for t in hb.block_tables for b in (t + [0] * (width - len(t)))]
     fields = [hb.ids, hb.positions, hb.slot_mapping, hb.logits_indices, hb.cu_q, hb.kv_lens, tables,
               indptr, seg_slots, token_slot]
-    flat = torch.tensor([v for f in fields for v in f], dtype=torch.int64)
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
+    flat = to_device([v for f in fields for v in f], device, torch.int64)
     parts = flat.split([len(f) for f in fields])
     ids, pos, slot_mapping, logits_idx = parts[:4]
     cu_q, kv_lens, tables_t, indptr_t, seg_slot_t, token_slot_t = (p.to(torch.int32) for p in parts[4:])
@@ -113,8 +110,10 @@ class InFlight:
     host_tokens: torch.Tensor
     ready: torch.cuda.Event | None
     host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    # prompt logprobs computed by the step: (sequence, first position, count) and token_logprobs' tensors
+    # prompt logprobs computed by the step: (sequence, first position, count), the prompt tokens whose
+    # logprobs they are (each position's next), and token_logprobs' tensors
     prompt_rows: list[tuple[Sequence, int, int]] = dataclasses.field(default_factory=list)
+    prompt_targets: list[int] = dataclasses.field(default_factory=list)
     host_prompt_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def tokens(self) -> list[int]:
@@ -127,24 +126,28 @@ class InFlight:
         """Per row, the token's log-probabilities if its sequence asked for them (after `tokens()`)."""
         if self.host_logprobs is None:
             return [None] * len(self.seqs)
-        chosen, values, ids = (t.tolist() for t in self.host_logprobs)
-        return [None if seq.params.logprobs is None else
-                TokenLogprobs(token, chosen[row], tuple(zip(ids[row], values[row]))[:seq.params.logprobs])
-                for row, (seq, token) in enumerate(zip(self.seqs, tokens))]
+        return _entries(self.host_logprobs, tokens, [seq.params.logprobs for seq in self.seqs])
 
     def fill_prompt_logprobs(self) -> None:
         """Write the step's prompt logprobs into their sequences (after `tokens()`): the logprob of prompt
         token p + 1 given those up to p, for each position p the step computed."""
         if self.host_prompt_logprobs is None:
             return
-        chosen, values, ids = (t.tolist() for t in self.host_prompt_logprobs)
-        row = 0
+        tops = [seq.params.prompt_logprobs for seq, _, count in self.prompt_rows for _ in range(count)]
+        entries = _entries(self.host_prompt_logprobs, self.prompt_targets, tops)
+        start = 0
         for seq, first, count in self.prompt_rows:
-            k = seq.params.prompt_logprobs
-            for p in range(first, first + count):
-                top = tuple(zip(ids[row], values[row]))[:k]
-                seq.prompt_logprobs[p + 1] = TokenLogprobs(seq.prompt_ids[p + 1], chosen[row], top)
-                row += 1
+            seq.prompt_logprobs[first + 1:first + count + 1] = entries[start:start + count]
+            start += count
+
+
+def _entries(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tokens: list[int],
+             tops: list[int | None]) -> list[TokenLogprobs | None]:
+    """TokenLogprobs of each row of token_logprobs' host tensors, with its `tops` most likely tokens (None:
+    the row's sequence asked for none)."""
+    chosen, values, ids = (t.tolist() for t in host)
+    return [None if k is None else TokenLogprobs(token, chosen[row], tuple(zip(ids[row], values[row]))[:k])
+            for row, (token, k) in enumerate(zip(tokens, tops))]
 
 
 class ModelRunner:
@@ -189,12 +192,16 @@ class ModelRunner:
         ordered = order_by_slot(work)
         logits, hb = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
-        logits, prompt_logits = logits[:len(done)], logits[len(done):]
+        prompt_rows = [(ordered[i][0], first, count) for i, first, count in hb.prompt_rows]
+        prompt_targets, prompt_logprobs = [], None
+        if prompt_rows:  # their logits follow the sampled rows'
+            logits, prompt_logits = logits[:len(done)], logits[len(done):]
+            prompt_targets = [t for seq, first, n in prompt_rows for t in seq.prompt_ids[first + 1:first + n + 1]]
+            prompt_logprobs = token_logprobs(prompt_logits, to_device(prompt_targets, self.device, torch.int64),
+                                             max(seq.params.prompt_logprobs for seq, _, _ in prompt_rows))
         tokens = self.sample(logits, done) if done else torch.zeros(0, dtype=torch.int64, device=self.device)
         asked = [s.params.logprobs for s in done if s.params.logprobs is not None]
         logprobs = token_logprobs(logits, tokens, max(asked)) if asked else None
-        prompt_rows = [(ordered[i][0], first, count) for i, first, count in hb.prompt_rows]
-        prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_rows) if prompt_rows else None
         host, ready = tokens, None
         if self.device.type == "cuda":
             host = self._host_tokens[self._flip]
@@ -210,13 +217,7 @@ class ModelRunner:
         for row, seq in enumerate(done):
             seq.tokens.append(-1 - row)
             seq.num_pending += 1
-        return InFlight(done, tokens, host, ready, logprobs, prompt_rows, prompt_logprobs)
-
-    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Sequence, int, int]]) -> tuple:
-        """token_logprobs of the prompt rows: each position's next prompt token, which the host knows."""
-        targets = [t for seq, first, count in rows for t in seq.prompt_ids[first + 1:first + count + 1]]
-        top = max(seq.params.prompt_logprobs for seq, _, _ in rows)
-        return token_logprobs(logits, ints_to_device(targets, self.device), top)
+        return InFlight(done, tokens, host, ready, logprobs, prompt_rows, prompt_targets, prompt_logprobs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """One token per row; penalized requests' counts (TokenCounts) gain the tokens drawn."""
@@ -227,7 +228,7 @@ class ModelRunner:
         counted = [row for row, p in enumerate(params) if p.penalizes]
         if counted:
             rows = self._counts.rows([seqs[r].request_id for r in counted], logits.shape[1], logits.device)
-            picked = ints_to_device(counted, logits.device)
+            picked = to_device(counted, logits.device, torch.int64)
             penalized = apply_penalties(logits.index_select(0, picked), self._counts.buf.index_select(0, rows),
                                         [params[r].presence_penalty for r in counted],
                                         [params[r].frequency_penalty for r in counted])
@@ -270,7 +271,7 @@ class TokenCounts:
                 if not self._free:
                     self._grow(vocab, device)
                 self._rows[rid] = self._free.pop()
-        return ints_to_device([self._rows[rid] for rid in request_ids], device)
+        return to_device([self._rows[rid] for rid in request_ids], device, torch.int64)
 
     def add(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         self.buf.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.buf.dtype), accumulate=True)
@@ -288,12 +289,6 @@ class TokenCounts:
             new[:old] = self.buf
         self.buf = new
         self._free += range(new.shape[0] - 1, old - 1, -1)
-
-
-def ints_to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 tensor on `device`, from pinned memory without waiting for the stream on CUDA."""
-    host = torch.tensor(values, dtype=torch.int64)
-    return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
 def order_by_slot(work: dict[Sequence, int]) -> list[tuple[Sequence, int]]:

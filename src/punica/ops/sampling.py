@@ -21,7 +21,7 @@ def sample_torch(logits: torch.Tensor, temperature: list[float], top_k: list[int
         return greedy
     n, vocab = logits.shape
     ks = [k if 0 < k < vocab else vocab for k in top_k]
-    rows = _to_device([[t if t > 0 else 1.0 for t in temperature], top_p, ks, [float(t == 0) for t in temperature]],
+    rows = to_device([[t if t > 0 else 1.0 for t in temperature], top_p, ks, [float(t == 0) for t in temperature]],
                       logits.device)
     temp, p, k, is_greedy = rows
     x = logits / temp[:, None]
@@ -42,22 +42,15 @@ def add_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], .
     """logits [N, V] plus, in row i, each (token id, bias) of biases[i] (None: none); a new tensor. The
     entries travel in one asynchronous copy from pinned memory."""
     entries = [(row, token, bias) for row, pairs in enumerate(biases) for token, bias in pairs or ()]
-    flat = torch.tensor([v for e in entries for v in e], dtype=torch.float64).view(-1, 3)
-    if logits.device.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(logits.device, non_blocking=True)
-    rows, tokens = flat[:, 0].long(), flat[:, 1].long()
-    return logits.index_put((rows, tokens), flat[:, 2].to(logits.dtype), accumulate=True)
+    flat = to_device([v for e in entries for v in e], logits.device, torch.float64).view(-1, 3)
+    return logits.index_put((flat[:, 0].long(), flat[:, 1].long()), flat[:, 2].to(logits.dtype), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: list[float],
                     frequency: list[float]) -> torch.Tensor:
     """logits [N, V] minus, in row i, frequency[i] x counts[i] (how often each token was generated) plus
     presence[i] where counts[i] > 0: OpenAI's penalties; a new tensor."""
-    host = torch.tensor([presence, frequency], dtype=torch.float32)
-    if logits.device.type == "cuda":
-        host = host.pin_memory()
-    pres, freq = host.to(logits.device, non_blocking=True).to(logits.dtype)
+    pres, freq = to_device([presence, frequency], logits.device).to(logits.dtype)
     return logits - counts * freq[:, None] - (counts > 0).to(logits.dtype) * pres[:, None]
 
 
@@ -72,10 +65,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     return chosen, values, ids
 
 
-def _to_device(rows: list[list[float]], device: torch.device) -> torch.Tensor:
-    """[len(rows), N] float32 on `device`; from pinned memory without a host sync on CUDA (a plain
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """torch.tensor(values, dtype) on `device`; from pinned memory without a host sync on CUDA (a plain
     torch.tensor(..., device="cuda") waits for the stream, here for the whole step in flight)."""
-    host = torch.tensor(rows, dtype=torch.float32)
+    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
