@@ -65,11 +65,16 @@ class Choices:
             self.reasons[i] = out.finish_reason
         return new
 
-    def all_logprobs(self, i: int) -> list[TokenLogprobs] | None:
-        """Choice i's log-probabilities: its prompt's when echoed, then its completion's (None: not asked)."""
-        if self.logprobs[i] is None and self.prompt_logprobs[i] is None:
+    def all_logprobs(self, i: int, start: int = 0) -> list[TokenLogprobs] | None:
+        """Choice i's log-probabilities from entry `start` on: its prompt's when echoed, then its completion's
+        (None: not asked). Streaming asks for the new ones only, without copying those sent."""
+        prompt, generated = self.prompt_logprobs[i], self.logprobs[i]
+        if prompt is None and generated is None:
             return None
-        return [*(self.prompt_logprobs[i] or ()), *(self.logprobs[i] or ())]
+        prompt, generated = prompt or [], generated or []
+        if start >= len(prompt):
+            return generated[start - len(prompt):]
+        return prompt[start:] + generated
 
     def usage(self, num_prompt_tokens: int) -> Usage:
         done = sum(self.tokens)
@@ -231,8 +236,7 @@ class OpenAIServing:
             i, new = d.index, choices.advance(d)
             if not echoed[i]:  # the first chunk of an echoing choice starts with its prompt
                 new, echoed[i] = job.echoed(i) + new, True
-            entries = choices.all_logprobs(i)
-            entries = None if entries is None else entries[sent[i]:]
+            entries = choices.all_logprobs(i, sent[i])
             if new or entries or d.output.finished:
                 logprobs = None if entries is None else fmt.logprobs(i, entries)
                 sent[i] += len(entries or ())
