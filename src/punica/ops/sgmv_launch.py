@@ -48,11 +48,12 @@ TUNING = {
     "split_by_tokens": 1,       # 1: size a work list's split K by its tokens' row blocks, not its capacity (a
                                 # mixed graph's list is padded for the worst case): a 128-token chunk among 31
                                 # decodes, distinct adapters, 85.7 -> 70.5 us a layer (textgen_NOTES.md)
-    "split_by_capacity_max": 32,  # except lists of at most this many tokens whose single items could hold every
+    "split_by_capacity_max": 64,  # except lists of at most this many tokens whose single items could hold every
                                 # token (decode graphs): those may all be busy singles, and sizing by one row block
-                                # split their shrinks 32 ways. Decode graph at batch 32 (sgmv_NOTES.md, session 13):
-                                # distinct, skewed, identical 6.665, 6.376, 6.131 -> 6.641, 6.306, 6.065 ms. Larger
-                                # (sparse) decode graphs, where blocks hold most tokens, were not measured: 0 there
+                                # split their shrinks 32 ways. Decode graph (sgmv_NOTES.md, sessions 13-14), ms,
+                                # distinct/skewed/identical: batch 32 6.665/6.376/6.131 -> 6.641/6.306/6.065; batch
+                                # 64 9.455/9.229/8.636 -> 9.451/9.009/8.510; batch 128 mixed (14.866/13.803/12.901
+                                # -> 14.900/13.740/13.263), so 128 keeps the token rule
     "shrink_block_k": 128,      # segment mode
     "bgmv_block_r": 16,         # token mode; BLOCK_K makes a 16 KiB tile of lora_a (16 rows x 1 KiB runs)
     "max_block_k": 256,         # single-token shrink tiles 16 x 256: 54 registers where 16 x 512 took 123; issue
