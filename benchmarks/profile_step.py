@@ -120,6 +120,19 @@ def recaptured(engine: Engine, hb, overlap: str | dict, priority: int = 0):
     return graphs.graphs[graphs.key(hb)][0].replay
 
 
+def arrangements(engine: Engine, hb, prefix: str) -> dict:
+    """The graph that runs hb under each LoRA-overlap arrangement: {"<prefix>_ms <label>": replay ms,
+    "<prefix>_overlap <label>": its trace split}; then the engine's own arrangement is recaptured."""
+    out = {}
+    for label, overlap, priority in ARRANGEMENTS:
+        replay = recaptured(engine, hb, overlap, priority)
+        out[f"{prefix}_ms {label}"] = round(gpu_ms(replay), 3)
+        if overlap != "none":
+            out[f"{prefix}_overlap {label}"] = graph_overlap(replay)
+    recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+    return out
+
+
 def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...], prefix: str = "graph_ms") -> dict:
     """The graph that runs hb recaptured under each set of SGMV knobs ("name=value,name=value"; "" = the
     defaults), in the given order; {"<prefix> knobs <set>": replay ms}. The engine's graph is recaptured under
@@ -168,7 +181,8 @@ def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -
 
 
 def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int,
-            prefill: tuple[int, int] = (0, 0), graph_only: bool = False, knob_sets: tuple[str, ...] = ()) -> dict:
+            prefill: tuple[int, int] = (0, 0), graph_only: bool = False, knob_sets: tuple[str, ...] = (),
+            mixed_chunk: int = 128) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     idx = adapter_indices(popularity, batch, len(names), seed=0) if names and popularity != "none" else None
@@ -214,13 +228,8 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         if graph_only:
             abort_all(engine)
             return row
-        if any(hb.seq_slots):  # the same graph under each LoRA-overlap arrangement, then back to the engine's
-            for label, overlap, priority in ARRANGEMENTS:
-                replay = recaptured(engine, hb, overlap, priority)
-                row[f"graph_ms {label}"] = round(gpu_ms(replay), 3)
-                if overlap != "none":
-                    row[f"graph_overlap {label}"] = graph_overlap(replay)
-            recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+        if any(hb.seq_slots):
+            row.update(arrangements(engine, hb, "graph"))
         pdl.set_pdl(not pdl.pdl_enabled())  # the same graph with programmatic dependent launch flipped
         replay = recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
         row[f"graph_ms pdl {pdl.pdl_enabled()}"] = round(gpu_ms(replay), 3)
@@ -235,10 +244,10 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     row["eager_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)  # launches only: no sync inside
     torch.cuda.synchronize()
     row["eager_kernels"] = kernel_table(lambda: model(device_batch))
-    # a mixed step: the first sequence recomputes its last 128 tokens (a prefill chunk) among decodes
+    # a mixed step: the first sequence recomputes its last mixed_chunk tokens (a prefill chunk) among decodes
     first = ordered[0][0]
-    first.num_computed -= 127
-    mixed_hb = host_batch([(first, 128)] + ordered[1:], engine.runner.block_size)
+    first.num_computed -= mixed_chunk - 1
+    mixed_hb = host_batch([(first, mixed_chunk)] + ordered[1:], engine.runner.block_size)
     mixed = to_device_batch(mixed_hb, engine.runner.slot_rank, engine.runner.device)
     if graphs is not None and graphs.can_run(mixed_hb):
         row["mixed_graph_ms"] = round(gpu_ms(lambda: graphs.run(mixed_hb)), 3)
@@ -247,6 +256,10 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row["mixed_graph_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
         torch.cuda.synchronize()
         row["mixed_graph_kernels"] = kernel_table(lambda: graphs.run(mixed_hb))
+        key = graphs.key(mixed_hb)
+        row["mixed_graph_overlap"] = graph_overlap(graphs.graphs[key][0].replay)
+        if any(mixed_hb.seq_slots):
+            row.update(arrangements(engine, mixed_hb, "mixed_graph"))
         if knob_sets:
             row.update(knob_sweep(engine, mixed_hb, knob_sets, "mixed_graph_ms"))
     row["mixed_gpu_ms"] = round(gpu_ms(lambda: model(mixed), reps=5), 3)
@@ -255,7 +268,7 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     model(mixed)
     row["mixed_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
     torch.cuda.synchronize()
-    first.num_computed += 127
+    first.num_computed += mixed_chunk - 1
     if prefill[0]:
         row.update(prefill_step(engine, graphs, ordered, *prefill))
     abort_all(engine)
@@ -279,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--prefill", type=int, nargs=2, default=(0, 0), metavar=("SEQS", "CHUNK"),
                     help="also a prefill step: SEQS sequences recompute their last CHUNK tokens (CHUNK < context)")
+    ap.add_argument("--mixed-chunk", type=int, default=128,
+                    help="the mixed step's prefill chunk (tokens, < context) among the other sequences' decodes")
     ap.add_argument("--graph-only", action="store_true",
                     help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
             row = profile(engine, pop, list(adapters)[:2 * batch], batch, args.context, args.steps, tuple(args.prefill),
-                          args.graph_only, tuple(args.knobs))
+                          args.graph_only, tuple(args.knobs), args.mixed_chunk)
             for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels", "prefill_kernels"):
                 if key in row:
                     print(f"\n{pop}, batch {batch}: {key}")
@@ -311,15 +326,18 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             write_jsonl("profile_step", [row], setup, args.out_dir)
     print()
-    overlaps = [dict(popularity=r["popularity"], batch=r["batch"],
-                     graph=key.removeprefix("graph_overlap").strip() or "engine's", **value)
-                for r in rows for key, value in r.items() if key.split(" ")[0] == "graph_overlap"]
-    if overlaps:  # the decode graph's span split by which kernels run (benchmarks/trace_overlap.py)
-        print_table(overlaps, ["popularity", "batch", "graph", "span_us", "lora_only_us", "base_only_us", "both_us",
-                               "idle_us", "lora_kernel_us", "base_kernel_us"])
+    traced = ("graph_overlap", "mixed_graph_overlap")
+    overlaps = [dict(popularity=r["popularity"], batch=r["batch"], graph=key.split(" ")[0].removesuffix("_overlap"),
+                     overlap=key.partition(" ")[2] or "engine's", **value)
+                for r in rows for key, value in r.items() if key.split(" ")[0] in traced]
+    if overlaps:  # each graph's span split by which kernels run (benchmarks/trace_overlap.py)
+        print_table(overlaps, ["popularity", "batch", "graph", "overlap", "span_us", "lora_only_us", "base_only_us",
+                               "both_us", "idle_us", "lora_kernel_us", "base_kernel_us"])
         print()
     arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
     print_table(rows, ["popularity", "batch", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
+    print()
+    print_table(rows, ["popularity", "batch", "mixed_graph_ms", *(f"mixed_{a}" for a in arrangements)])
     print()
     print_table(rows, ["popularity", "batch", "step_ms", "schedule us", "forward (host) us", "sample us",
                        "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms",
