@@ -10,6 +10,7 @@ export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
 timeout 300 python3 -m benchmarks.profile_step --batch-size 32 --popularity distinct identical none --mixed-chunk 256 \
-  --out-dir "$OUT" 2>&1 | grep -v -i warn | sed -n '/popularity  batch  graph/,$p' | tee "$OUT/profile_step.log"
+  --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/profile_step.log"
+sed -n '/span_us/,$p' "$OUT/profile_step.log"
 timeout 240 python3 -m benchmarks.bench_textgen_lora --system punica --batch-size 64 --num-requests 1000 \
   --max-output 96 --warmup-requests 32 --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -5
