@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from punica.engine.cuda_graph import StaticBuffers, is_sparse
+from punica.engine.cuda_graph import MIN_MIXED_BUCKET, StaticBuffers, is_sparse, token_buckets
 from punica.engine.request import SamplingParams, Sequence
 from punica.engine.runner import host_batch, order_by_slot
 from punica.lora.plan import hybrid_items, segments, token_slots, work_items
@@ -109,3 +109,17 @@ def test_write_overwrites_a_bigger_previous_step(hybrid, decode_max):
 ])
 def test_is_sparse_counts_the_single_items_of_a_decode_step(slots, single_max, fraction, expected):
     assert is_sparse(segments(slots, [1] * len(slots))[0], single_max, fraction) == expected
+
+
+@pytest.mark.parametrize("max_tokens", [64, 300, 2048, 4096, 5000])
+def test_token_buckets_pad_a_mixed_step_by_at_most_a_quarter(max_tokens):
+    """Every step of 1..max_tokens tokens has a bucket; it pads by less than MIN_MIXED_BUCKET tokens or a quarter
+    of the step (powers of two padded a 287-token step to 512)."""
+    buckets = token_buckets(max_tokens)
+    assert buckets == sorted(set(buckets)) and buckets[0] == MIN_MIXED_BUCKET and buckets[-1] == max_tokens
+    for tokens in range(1, max_tokens + 1):
+        bucket = next(b for b in buckets if b >= tokens)
+        assert bucket - tokens < max(MIN_MIXED_BUCKET, tokens / 4), (tokens, bucket)
+    if max_tokens >= 320:
+        assert next(b for b in buckets if b >= 287) == 320
+    assert len(buckets) <= 4 * max_tokens.bit_length()  # four per doubling: a bounded number of graphs
