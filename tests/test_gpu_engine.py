@@ -195,15 +195,19 @@ def test_lora_side_stream_matches_one_stream(tiny_models):
         assert_close(logits[0], other, dtype=torch.bfloat16)
 
 
-def test_steps_over_max_graph_tokens_run_eagerly(tiny_models):
-    """max_graph_tokens caps the mixed-step graphs; bigger steps run eagerly and give the same tokens."""
+def test_steps_over_max_graph_tokens_run_eagerly(tiny_models, caplog):
+    """max_graph_tokens caps the mixed-step graphs; bigger steps run eagerly and give the same tokens. The
+    capture is logged with its graph count."""
     _, model_dir, adapters = tiny_models["llama"]
     ids = [p * 6 for p in prompts(seed=27)]  # 8 x 42 tokens: prefill steps of up to 256 tokens
     outs = []
     for cap in (None, 64):
-        llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda",
-                  max_num_batched_tokens=256, max_graph_tokens=cap)
-        assert llm.engine.runner.graphs.token_buckets[-1] == (cap or 256)
+        with caplog.at_level("INFO", logger="punica.engine"):
+            llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda",
+                      max_num_batched_tokens=256, max_graph_tokens=cap)
+        graphs = llm.engine.runner.graphs
+        assert graphs.token_buckets[-1] == (cap or 256)
+        assert f"captured {len(graphs.graphs)} CUDA graphs in" in caplog.text
         outs.append([o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)])
     assert outs[0] == outs[1]
 

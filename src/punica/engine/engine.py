@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -119,7 +120,11 @@ class Engine:
         tokens = min(self.config.max_graph_tokens or sched.max_num_batched_tokens, sched.max_num_batched_tokens)
         graphs = CudaGraphRunner(self.model, pool.slot_rank, sched.max_num_seqs, max(tokens, sched.max_num_seqs),
                                  max_len, self.config.cache.block_size, torch.device(self.info.device))
+        log.info("capturing %d CUDA graphs: decode steps of 1-%d sequences, mixed steps of up to %d tokens "
+                 "(--enforce-eager skips this)", len(graphs.graphs), graphs.buckets[-1], graphs.token_buckets[-1])
+        start = time.perf_counter()
         graphs.capture()
+        log.info("captured %d CUDA graphs in %.1f s", len(graphs.graphs), time.perf_counter() - start)
         return graphs
 
     @classmethod
