@@ -193,7 +193,8 @@ def test_penalty_counts_survive_preemption_and_are_freed(llama):
     penalized and plain requests) and their rows are freed when requests finish or abort."""
     model_dir, adapters = llama
     ids = prompts(seed=11)
-    pen = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.8)
+    pen = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.8,
+                         repetition_penalty=1.5)  # its prompt rows too
     params = [pen, GREEDY] * (len(ids) // 2)
     outs = []
     for options in (dict(num_blocks=8, block_size=4, max_loras=2), {}):
@@ -203,7 +204,8 @@ def test_penalty_counts_survive_preemption_and_are_freed(llama):
         outs.append([done[rid].token_ids for rid in rids])
         if options:
             assert llm.engine.num_preemptions > 0
-        assert llm.engine.runner._counts._rows == {}
+        counts = llm.engine.runner._counts
+        assert counts._rows == {} and not counts.buf.any() and not counts.in_prompt.any()  # freed rows are zeroed
     assert outs[0] == outs[1]
     llm.engine.add_request(ids[0], pen, request_id="gone")
     llm.engine.step()

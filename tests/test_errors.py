@@ -165,7 +165,8 @@ def test_unknown_adapter_and_bad_requests(llm):
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(stop=[""]),
                 dict(seed=2 ** 64), dict(seed=-2 ** 63 - 1), dict(seed=1.5), dict(max_tokens=True),
                 dict(temperature=float("inf")), dict(temperature=float("nan")), dict(stop=5),
-                dict(stop_token_ids=[-1]), dict(stop_token_ids=5)):
+                dict(stop_token_ids=[-1]), dict(stop_token_ids=5), dict(repetition_penalty=0),
+                dict(repetition_penalty=float("inf")), dict(min_p=-0.1), dict(min_p=1.5)):
         with pytest.raises(BadRequestError):
             SamplingParams(**bad)
     assert SamplingParams(seed=-1).seed == SamplingParams(seed=2 ** 64 - 1).seed == 2 ** 64 - 1  # torch's wrap

@@ -130,7 +130,8 @@ def test_logprobs_from_graph_steps_equal_the_cpu_engines(tiny_models):
     _, model_dir, adapters = tiny_models["llama"]
     ids = prompts(seed=24)
     asks = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2,
-                          presence_penalty=0.5, frequency_penalty=1.0)  # they count the token still in flight
+                          presence_penalty=0.5, frequency_penalty=1.0,  # they count the token still in flight
+                          repetition_penalty=1.3)
     params = [asks] * (len(ids) - 1) + [GREEDY]
     outs = []
     for device in ("cuda", "cpu"):

@@ -30,11 +30,12 @@ def peft_model(hf_model, adapters: dict[str, str]):
     return model.eval()
 
 
-def peft_generate(model, ids: list[list[int]], loras: list[str | None], max_tokens: int) -> list[list[int]]:
+def peft_generate(model, ids: list[list[int]], loras: list[str | None], max_tokens: int,
+                  **options) -> list[list[int]]:
     inputs = torch.tensor(ids)
     names = [name or "__base__" for name in loras]
     out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_tokens,
-                         do_sample=False, adapter_names=names, eos_token_id=None, pad_token_id=0)
+                         do_sample=False, adapter_names=names, eos_token_id=None, pad_token_id=0, **options)
     return out[:, inputs.shape[1]:].tolist()
 
 
@@ -52,6 +53,17 @@ def test_mixed_batch_greedy_tokens_equal_peft(family):
     ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
     assert ours == peft_generate(peft, ids, LORAS, 12)
     assert all(o.finish_reason == "length" for o in llm.generate(ids[:2], params, lora=LORAS[:2]))
+
+
+def test_repetition_penalty_equals_peft(family):
+    """transformers' repetition_penalty (over prompt and generated ids) in a mixed-adapter greedy batch."""
+    llm, peft = family
+    ids = prompts(seed=3)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.8)
+    ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
+    assert ours == peft_generate(peft, ids, LORAS, 12, repetition_penalty=1.8)
+    assert ours != [o.token_ids for o in llm.generate(ids, dataclasses.replace(params, repetition_penalty=1.0),
+                                                      lora=LORAS)]
 
 
 def test_adapters_change_the_output(family):

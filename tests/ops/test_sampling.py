@@ -1,5 +1,5 @@
-"""Batched sampling: greedy rows, temperature draws that follow softmax(logits / T), top-k and top-p
-masks, and seeded rows independent of the rest of the batch."""
+"""Batched sampling: greedy rows, temperature draws that follow softmax(logits / T), top-k, top-p and min-p
+masks, seeded rows independent of the rest of the batch, and penalties (repetition's against transformers')."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from punica.ops.sampling import add_logit_bias, apply_penalties, sample_torch, token_logprobs
 
 
-def draws(logits_row: torch.Tensor, n: int, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+def draws(logits_row: torch.Tensor, n: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
     logits = logits_row.expand(n, -1).contiguous()
-    return sample_torch(logits, [temperature] * n, [top_k] * n, [top_p] * n, [None] * n)
+    return sample_torch(logits, [temperature] * n, [top_k] * n, [top_p] * n, [None] * n, [min_p] * n)
 
 
 def test_draws_follow_the_tempered_softmax():
@@ -71,6 +71,43 @@ def test_token_logprobs_are_the_log_softmax_and_its_top():
 def test_penalties_subtract_frequency_times_count_and_presence_once():
     logits = torch.zeros(2, 5)
     counts = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0], [0.0] * 5])
-    out = apply_penalties(logits, counts, [0.5, 0.0], [1.0, 0.0])
+    out = apply_penalties(logits, counts, torch.zeros(2, 5, dtype=torch.bool), [0.5, 0.0], [1.0, 0.0], [1.0, 1.0])
     assert out[0].tolist() == [0.0, -2.5, 0.0, -1.5, -1.5] and out[1].tolist() == [0.0] * 5
     assert torch.equal(logits, torch.zeros(2, 5))  # a new tensor
+
+
+def test_repetition_penalty_equals_transformers_over_prompt_and_generated_tokens():
+    """transformers' RepetitionPenaltyLogitsProcessor over the prompt + generated ids is the reference; rows
+    with penalty 1 are untouched, and presence/frequency still apply on top (generated tokens only)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    torch.manual_seed(0)
+    vocab = 50
+    logits = torch.randn(3, vocab) * 3
+    prompt = [[1, 4, 4, 9, 30], [2, 3], [7]]
+    generated = [[9, 11, 11], [40], []]
+    counts = torch.zeros(3, vocab)
+    in_prompt = torch.zeros(3, vocab, dtype=torch.bool)
+    for i in range(3):
+        counts[i] += torch.bincount(torch.tensor(generated[i], dtype=torch.long), minlength=vocab).float()
+        in_prompt[i, prompt[i]] = True
+    penalties = [1.3, 0.7, 1.0]
+    out = apply_penalties(logits, counts, in_prompt, [0.0] * 3, [0.0] * 3, penalties)
+    for i, penalty in enumerate(penalties):
+        ids = torch.tensor([prompt[i] + generated[i]])
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[i:i + 1].clone())
+        assert torch.allclose(out[i], ref[0]), i
+    assert torch.equal(out[2], logits[2]) and not torch.equal(out[0], logits[0])
+    both = apply_penalties(logits, counts, in_prompt, [0.5] * 3, [1.0] * 3, penalties)
+    assert torch.allclose(both, out - counts - 0.5 * (counts > 0).float())
+
+
+def test_min_p_keeps_the_tokens_transformers_keeps():
+    """Draws stay within transformers' MinPLogitsWarper's set (after temperature), and min_p 0 keeps all."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+    torch.manual_seed(1)
+    row = torch.tensor([3.0, 2.5, 1.0, 0.0, -2.0, 2.9])
+    for min_p, temperature in ((0.3, 1.0), (0.1, 2.0), (0.6, 0.5)):
+        kept = MinPLogitsWarper(min_p)(None, (row / temperature)[None].clone())[0] > float("-inf")
+        seen = set(draws(row, 4000, temperature, min_p=min_p).tolist())
+        assert seen == set(kept.nonzero().flatten().tolist()), (min_p, temperature, seen)
+    assert set(draws(row, 4000, 2.0).tolist()) == set(range(6))

@@ -205,15 +205,22 @@ def test_penalties_and_logit_bias_match_the_engine(client, servers):
     files = servers["files"]
     llm = LLM(model=files["model"], lora_modules=files["adapters"], device="cpu")
     prompt, texts = words(12, 4), set()
-    for bias, presence, frequency in ((3.0, 2.0, 2.0), (3.0, 0.0, 0.0), (0.0, -1.0, 0.5), (0.0, 0.0, 0.0)):
+    for bias, presence, frequency, repetition in ((3.0, 2.0, 2.0, 1.0), (3.0, 0.0, 0.0, 1.0), (0.0, -1.0, 0.5, 1.0),
+                                                  (0.0, 0.0, 0.0, 1.0), (0.0, 0.0, 0.0, 2.0)):
         params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logit_bias={77: bias},
-                                presence_penalty=presence, frequency_penalty=frequency)
+                                presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition)
         out = client.completions.create(model="b8", prompt=prompt, max_tokens=10, temperature=0,
                                         logit_bias={"77": bias}, presence_penalty=presence,
-                                        frequency_penalty=frequency, extra_body={"ignore_eos": True})
+                                        frequency_penalty=frequency,
+                                        extra_body={"ignore_eos": True, "repetition_penalty": repetition})
         assert out.choices[0].text == llm.generate([prompt], params, lora="b8")[0].text
         texts.add(out.choices[0].text)
-    assert len(texts) == 4  # each setting changed the answer
+    assert len(texts) == 5  # each setting changed the answer
+    # min_p 1: only the most likely token survives, so a hot temperature still answers greedily
+    hot = client.completions.create(model="b8", prompt=prompt, max_tokens=10, temperature=5.0, seed=3,
+                                    extra_body={"ignore_eos": True, "min_p": 1.0})
+    assert hot.choices[0].text == llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0,
+                                                                        ignore_eos=True), lora="b8")[0].text
 
 
 def test_n_choices_seeds_and_prompt_lists(client):
@@ -260,6 +267,8 @@ def test_request_errors_have_openai_shape(main, client):
     assert forced.json()["choices"][0]["text"].split() == ["w77"] * 4
     assert_openai_error(post({**ok, "presence_penalty": 2.5}), 400, "presence_penalty")
     assert_openai_error(post({**ok, "frequency_penalty": -3}), 400, "frequency_penalty")
+    assert_openai_error(post({**ok, "repetition_penalty": 0}), 400, "repetition_penalty")
+    assert_openai_error(post({**ok, "min_p": 1.5}), 400, "min_p")
     assert_openai_error(post({**ok, "max_tokens": 0}), 400, "max_tokens")  # 0 only with echo (scores only)
     assert_openai_error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")
     chat = {"model": BASE, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}

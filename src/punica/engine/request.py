@@ -38,6 +38,11 @@ class SamplingParams:
     # subtracted from the logit of each token the request has generated: once (presence), per time (frequency)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # logits of tokens in the prompt or generated so far: divided by it where positive, multiplied where
+    # negative (transformers' and vLLM's repetition_penalty; 1 = none)
+    repetition_penalty: float = 1.0
+    # drop tokens less than min_p times as likely as the most likely one, after temperature (0 = none)
+    min_p: float = 0.0
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -72,6 +77,10 @@ class SamplingParams:
             value = getattr(self, name)
             if not is_number(value) or not abs(value) <= MAX_PENALTY:
                 bad(f"{name} must be a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, got {value!r}")
+        if not is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            bad(f"repetition_penalty must be a finite number > 0 (1: none), got {self.repetition_penalty!r}")
+        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         bias = self.logit_bias
         pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
                  else [] if bias is None else None)
@@ -85,7 +94,7 @@ class SamplingParams:
 
     @property
     def penalizes(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty)
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 

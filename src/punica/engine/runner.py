@@ -227,14 +227,17 @@ class ModelRunner:
             logits = add_logit_bias(logits, [p.logit_bias for p in params])
         counted = [row for row, p in enumerate(params) if p.penalizes]
         if counted:
-            rows = self._counts.rows([seqs[r].request_id for r in counted], logits.shape[1], logits.device)
+            counts = self._counts
+            rows = counts.rows([seqs[r] for r in counted], logits.shape[1], logits.device)
             picked = to_device(counted, logits.device, torch.int64)
-            penalized = apply_penalties(logits.index_select(0, picked), self._counts.buf.index_select(0, rows),
+            penalized = apply_penalties(logits.index_select(0, picked), counts.buf.index_select(0, rows),
+                                        counts.in_prompt.index_select(0, rows),
                                         [params[r].presence_penalty for r in counted],
-                                        [params[r].frequency_penalty for r in counted])
+                                        [params[r].frequency_penalty for r in counted],
+                                        [params[r].repetition_penalty for r in counted])
             logits = logits.index_copy(0, picked, penalized)
         tokens = sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
-                              [p.top_p for p in params], gens)
+                              [p.top_p for p in params], gens, [p.min_p for p in params])
         if counted:  # counted on the device at once: the next step's draw sees it before the host does
             self._counts.add(rows, tokens.index_select(0, picked))
         return tokens
@@ -254,24 +257,27 @@ class ModelRunner:
 
 
 class TokenCounts:
-    """How often each penalized request has generated each token, on the device: one [V] float row per
-    request (kept through preemption, freed when it finishes), grown by doubling as more requests need one.
-    Counting on the device right after each draw lets the next step's penalties see tokens the host reads
-    only a step later."""
+    """How often each penalized request has generated each token, and which tokens its prompt holds, on the
+    device: one [V] float row (`buf`) and one [V] bool row (`in_prompt`) per request, kept through preemption,
+    freed when it finishes, grown by doubling as more requests need one. Counting on the device right after
+    each draw lets the next step's penalties see tokens the host reads only a step later."""
 
     def __init__(self):
         self.buf: torch.Tensor | None = None
+        self.in_prompt: torch.Tensor | None = None
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
 
-    def rows(self, request_ids: list[str], vocab: int, device: torch.device) -> torch.Tensor:
-        """The rows of these requests (new ones zeroed), as a device tensor."""
-        for rid in request_ids:
-            if rid not in self._rows:
+    def rows(self, seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
+        """The rows of these requests (new ones zeroed, their prompt's tokens marked), as a device tensor."""
+        for seq in seqs:
+            if seq.request_id not in self._rows:
                 if not self._free:
                     self._grow(vocab, device)
-                self._rows[rid] = self._free.pop()
-        return to_device([self._rows[rid] for rid in request_ids], device, torch.int64)
+                row = self._rows[seq.request_id] = self._free.pop()
+                if seq.params.repetition_penalty != 1.0:
+                    self.in_prompt[row].index_fill_(0, to_device(seq.prompt_ids, device, torch.int64), True)
+        return to_device([self._rows[seq.request_id] for seq in seqs], device, torch.int64)
 
     def add(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         self.buf.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.buf.dtype), accumulate=True)
@@ -280,14 +286,16 @@ class TokenCounts:
         row = self._rows.pop(request_id, None)
         if row is not None:
             self.buf[row].zero_()
+            self.in_prompt[row].zero_()
             self._free.append(row)
 
     def _grow(self, vocab: int, device: torch.device) -> None:
         old = 0 if self.buf is None else self.buf.shape[0]
         new = torch.zeros(max(2 * old, 8), vocab, dtype=torch.float32, device=device)
+        in_prompt = torch.zeros(new.shape, dtype=torch.bool, device=device)
         if self.buf is not None:
-            new[:old] = self.buf
-        self.buf = new
+            new[:old], in_prompt[:old] = self.buf, self.in_prompt
+        self.buf, self.in_prompt = new, in_prompt
         self._free += range(new.shape[0] - 1, old - 1, -1)
 
 

@@ -1,4 +1,4 @@
-"""Batched next-token sampling: greedy, temperature, top-k, top-p, per-request seeds. Runs on the
+"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds. Runs on the
 logits' device; the only host transfer is the caller reading the sampled ids (and, for requests that ask
 for them, their log-probabilities)."""
 
@@ -8,9 +8,10 @@ import torch
 
 
 def sample_torch(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
+                 generators: list[torch.Generator | None], min_p: list[float] | None = None) -> torch.Tensor:
     """tokens[i] = argmax(logits[i]) if temperature[i] == 0 else a draw from softmax(logits[i] / T)
-    restricted to the top_k[i] (0 = all) most likely tokens and the smallest set of mass >= top_p[i].
+    restricted to the top_k[i] (0 = all) most likely tokens, the smallest set of mass >= top_p[i], and the
+    tokens at least min_p[i] (0 = all; None: 0 for every row) times as likely as the most likely one.
 
     logits: [N, V] fp32; returns [N] int64. A row with a generator draws its noise from it alone, so a
     seeded request samples the same tokens whatever else is in the batch. Nothing here waits for the
@@ -21,10 +22,14 @@ def sample_torch(logits: torch.Tensor, temperature: list[float], top_k: list[int
         return greedy
     n, vocab = logits.shape
     ks = [k if 0 < k < vocab else vocab for k in top_k]
-    rows = to_device([[t if t > 0 else 1.0 for t in temperature], top_p, ks, [float(t == 0) for t in temperature]],
-                      logits.device)
-    temp, p, k, is_greedy = rows
+    min_p = min_p or [0.0] * n
+    rows = to_device([[t if t > 0 else 1.0 for t in temperature], top_p, ks, [float(t == 0) for t in temperature],
+                      min_p], logits.device)
+    temp, p, k, is_greedy, least = rows
     x = logits / temp[:, None]
+    if any(q > 0 for q in min_p):  # p_j >= min_p * p_max <=> x_j - x_max >= log(min_p); invariant under the
+        # renormalizing masks below, so their order does not matter
+        x = x.masked_fill(x - x.max(-1, keepdim=True).values < least.log()[:, None], float("-inf"))
     if any(k < vocab for k in ks):
         x = _mask_top_k(x, k.long())
     if any(q < 1.0 for q in top_p):
@@ -46,11 +51,17 @@ def add_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], .
     return logits.index_put((flat[:, 0].long(), flat[:, 1].long()), flat[:, 2].to(logits.dtype), accumulate=True)
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: list[float],
-                    frequency: list[float]) -> torch.Tensor:
-    """logits [N, V] minus, in row i, frequency[i] x counts[i] (how often each token was generated) plus
-    presence[i] where counts[i] > 0: OpenAI's penalties; a new tensor."""
-    pres, freq = to_device([presence, frequency], logits.device).to(logits.dtype)
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, presence: list[float],
+                    frequency: list[float], repetition: list[float]) -> torch.Tensor:
+    """Penalized logits [N, V], a new tensor. Row i's logits of the tokens seen so far (generated, counts[i] > 0,
+    or in the prompt, in_prompt[i]) are first divided by repetition[i] where positive and multiplied by it
+    where negative (the CTRL paper's penalty, as in transformers and vLLM; 1 = none); then OpenAI's penalties
+    subtract frequency[i] x counts[i] (how often each token was generated) and presence[i] where counts[i] > 0."""
+    pres, freq, rep = to_device([presence, frequency, repetition], logits.device).to(logits.dtype)
+    if any(r != 1.0 for r in repetition):
+        seen = (counts > 0) | in_prompt
+        rep = torch.where(seen, rep[:, None], 1.0)
+        logits = torch.where(logits > 0, logits / rep, logits * rep)
     return logits - counts * freq[:, None] - (counts > 0).to(logits.dtype) * pres[:, None]
 
 

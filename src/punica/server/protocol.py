@@ -1,8 +1,8 @@
 """HTTP schemas of the OpenAI-compatible API (the subset Punica serves) and OpenAI's error body.
 
 Requests accept OpenAI's field names; unknown fields are ignored, fields Punica cannot honor are refused
-with a 400 that names them. `top_k`, `ignore_eos` and `stop_token_ids` are accepted as vLLM-style
-extensions (the openai client sends them through `extra_body`).
+with a 400 that names them. `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` and `stop_token_ids` are
+accepted as vLLM-style extensions (the openai client sends them through `extra_body`).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
@@ -112,6 +114,9 @@ class SamplingFields(BaseModel):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             top_k=defaults.top_k if self.top_k is None else self.top_k,
+            min_p=defaults.min_p if self.min_p is None else self.min_p,
+            repetition_penalty=defaults.repetition_penalty if self.repetition_penalty is None
+            else self.repetition_penalty,
             seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
             ignore_eos=self.ignore_eos, logit_bias=self.token_bias(), logprobs=self.num_logprobs,
