@@ -250,6 +250,9 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
                                   max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager,
                                   **overlap)
+        graphs = engine.runner.graphs
+        captured = {} if graphs is None else dict(graphs=len(graphs.graphs), capture_s=round(graphs.capture_s, 2),
+                                                   capture_MiB=round(graphs.capture_bytes / 2 ** 20))
         for pop in args.popularity if system == "punica" else ["none"]:
             names = list(adapters)
             loras = ([names[i] for i in adapter_indices(pop, len(lengths), len(names), seed=1)]
@@ -258,7 +261,7 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                 n = args.warmup_requests
                 run_punica(engine, [(p, min(o, 16)) for p, o in lengths[:n]], loras[:n], bandwidth, 0)
             r = run_punica(engine, lengths, loras, bandwidth, adapter_bytes if system == "punica" else 0)
-            record(dict(system=system, popularity=pop, batch=batch, **r))
+            record(dict(system=system, popularity=pop, batch=batch, **r, **captured))
         del engine
         gc.collect()  # free the KV pool and graphs before the next system sizes its own
         torch.cuda.empty_cache() if device == "cuda" else None

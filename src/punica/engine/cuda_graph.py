@@ -19,6 +19,7 @@ Until `capture` is called (CPU, tests) the runner runs the same padded batches e
 
 from __future__ import annotations
 
+import time
 from itertools import chain
 
 import numpy as np
@@ -237,6 +238,7 @@ class CudaGraphRunner:
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, Batch]] = {}
+        self.capture_s, self.capture_bytes = 0.0, 0  # the last capture's wall time and device memory
         for b in self.buckets:
             for with_lora in (True, False):
                 self.graphs[("decode", b, with_lora)] = (None, None, self._batch(b, with_lora, "decode"))
@@ -283,6 +285,7 @@ class CudaGraphRunner:
         (after a change to the model, such as its LoRA overlap: profiling A/Bs), in a pool of its own."""
         pool = None
         self.buf.clear()
+        start, reserved = time.perf_counter(), torch.cuda.memory_reserved()
         for key in [only] if only else sorted(self.graphs, key=lambda k: (k[0] != "mixed", -k[1])):
             batch = self.graphs[key][2]
             self.model(batch)  # warm up: compiles kernels, allocates lazily created buffers
@@ -293,6 +296,8 @@ class CudaGraphRunner:
             pool = graph.pool()
             self.graphs[key] = (graph, out, batch)
         torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - start
+        self.capture_bytes = torch.cuda.memory_reserved() - reserved  # the graphs' pool and lazy buffers
 
     def key(self, hb: HostBatch) -> tuple[str, int, bool] | None:
         """(kind, bucket, with_lora) of the graph that runs `hb`, or None if no bucket fits it."""

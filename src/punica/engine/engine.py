@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -122,9 +121,9 @@ class Engine:
                                  max_len, self.config.cache.block_size, torch.device(self.info.device))
         log.info("capturing %d CUDA graphs: decode steps of 1-%d sequences, mixed steps of up to %d tokens "
                  "(--enforce-eager skips this)", len(graphs.graphs), graphs.buckets[-1], graphs.token_buckets[-1])
-        start = time.perf_counter()
         graphs.capture()
-        log.info("captured %d CUDA graphs in %.1f s", len(graphs.graphs), time.perf_counter() - start)
+        log.info("captured %d CUDA graphs in %.1f s, %.0f MiB of device memory", len(graphs.graphs),
+                 graphs.capture_s, graphs.capture_bytes / 2 ** 20)
         return graphs
 
     @classmethod
