@@ -285,7 +285,8 @@ class CudaGraphRunner:
         (after a change to the model, such as its LoRA overlap: profiling A/Bs), in a pool of its own."""
         pool = None
         self.buf.clear()
-        start, reserved = time.perf_counter(), torch.cuda.memory_reserved()
+        device = self.buf.dev64.device
+        start, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
         for key in [only] if only else sorted(self.graphs, key=lambda k: (k[0] != "mixed", -k[1])):
             batch = self.graphs[key][2]
             self.model(batch)  # warm up: compiles kernels, allocates lazily created buffers
@@ -297,7 +298,7 @@ class CudaGraphRunner:
             self.graphs[key] = (graph, out, batch)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
-        self.capture_bytes = torch.cuda.memory_reserved() - reserved  # the graphs' pool and lazy buffers
+        self.capture_bytes = torch.cuda.memory_reserved(device) - reserved  # the graphs' pool and lazy buffers
 
     def key(self, hb: HostBatch) -> tuple[str, int, bool] | None:
         """(kind, bucket, with_lora) of the graph that runs `hb`, or None if no bucket fits it."""
