@@ -80,7 +80,8 @@ def engine_step(model_dir: str, adapters: dict[str, str], batch: int, context: i
     """Host time of a decode Engine.step() at `batch` requests, each `generated` tokens into its answer."""
     engine = Engine.from_args(model_dir, adapters, device="cpu", load_format="dummy", max_num_seqs=batch,
                               max_loras=len(adapters), max_cpu_loras=len(adapters), max_lora_rank=8,
-                              max_num_batched_tokens=max(4096, batch), max_model_len=context + generated + 8 * reps)
+                              max_num_batched_tokens=max(4096, batch), max_model_len=context + generated + 8 * reps,
+                              enable_prefix_caching=False)  # every prompt is the same: all but one would hit
     vocab, picks = TINY["vocab_size"], torch.Generator().manual_seed(1)
 
     def stub(b):  # host work only: logits whose greedy pick is a random ordinary token

@@ -249,7 +249,8 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
                                   max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager,
-                                  **overlap)
+                                  enable_prefix_caching=False, **overlap)  # the warmup and each popularity
+        # reuse the same seeded random prompts: a prefix cache would serve their prefill from the run before
         graphs = engine.runner.graphs
         captured = {} if graphs is None else dict(graphs=len(graphs.graphs), capture_s=round(graphs.capture_s, 2),
                                                    capture_MiB=round(graphs.capture_bytes / 2 ** 20))

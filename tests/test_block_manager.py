@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from punica.kv.block_manager import BlockManager, blocks_for
+from punica.kv.block_manager import BlockManager, block_keys, blocks_for
 
 
 @pytest.mark.parametrize("n,expected", [(0, 0), (1, 1), (15, 1), (16, 1), (17, 2), (31, 2), (32, 2), (33, 3)])
@@ -46,3 +46,45 @@ def test_blocks_are_never_shared():
                 bm.grow(t, step)
     used = [b for t in tables for b in t]
     assert len(used) == len(set(used)) == bm.num_used
+
+
+def test_cached_blocks_are_shared_counted_and_evicted_least_recently_used_first():
+    bm = BlockManager(num_blocks=4, block_size=2, caching=True)
+    keys = block_keys("ns", [1, 2, 3, 4, 5], 2)  # two full blocks; the fifth token is no block
+    assert len(keys) == 2 and keys == block_keys("ns", [1, 2, 3, 4], 2)
+    assert block_keys("other", [1, 2], 2) != keys[:1] and block_keys("ns", [1, 9, 3, 4], 2)[1] != keys[1]
+    a: list[int] = []
+    bm.grow(a, 5)
+    bm.register(a, keys)
+    assert bm.num_cached == 2 and bm.cached_prefix(keys) == (2, 0)  # referenced by a: shared without using free
+    b: list[int] = []
+    assert bm.take_cached(b, keys) == 4 and b == a[:2]
+    bm.free(a)  # b still references the two cached blocks; a's third block is free again
+    assert bm.num_free == 2 and bm.cached_prefix(keys) == (2, 0)
+    bm.free(b)
+    assert bm.num_free == 4 and bm.num_cached == 2 and bm.cached_prefix(keys) == (2, 2)  # cached, unreferenced
+    c: list[int] = []
+    bm.grow(c, 4)  # two never-cached blocks first, then nothing is evicted
+    assert bm.num_cached == 2
+    bm.grow(c, 6)  # the least recently freed cached block goes: tables free tail first, so a chain loses its
+    assert bm.num_cached == 1 and bm.cached_prefix(keys) == (1, 1)  # tail and its head stays usable
+    assert bm.num_free + bm.num_used == bm.num_blocks
+    assert (bm.queried_tokens, bm.hit_tokens) == (4, 4)
+
+
+def test_register_keeps_the_first_block_of_a_key_and_caching_off_caches_nothing():
+    bm = BlockManager(num_blocks=4, block_size=2, caching=True)
+    keys = block_keys(None, [1, 2], 2)
+    a, b = [], []
+    bm.grow(a, 2)
+    bm.grow(b, 2)
+    bm.register(a, keys)
+    bm.register(b, keys)  # computed twice at once: a's block stays the cached one, b's is freed as usual
+    second = b[0]
+    bm.free(b)
+    assert bm.num_cached == 1 and bm.cached_prefix(keys) == (1, 0) and bm._free[-1] == second
+    off = BlockManager(num_blocks=4, block_size=2)
+    t: list[int] = []
+    off.grow(t, 2)
+    off.register(t, keys)
+    assert off.num_cached == 0 and off.cached_prefix(keys) == (0, 0)

@@ -459,12 +459,86 @@ def test_deferred_lora_deltas_fold_into_the_next_kernels(llama, monkeypatch, bac
 def test_token_counts_grow_keep_rows_and_reuse_freed_ones():
     import torch
 
+    from punica.engine.request import Sequence
     from punica.engine.runner import TokenCounts
+
+    def seq(i: int, repetition: float = 1.0) -> Sequence:
+        return Sequence(request_id=f"r{i}", prompt_ids=[i % 5, 4], params=SamplingParams(repetition_penalty=repetition))
+
     counts, cpu = TokenCounts(), torch.device("cpu")
-    first = counts.rows([f"r{i}" for i in range(8)], 5, cpu)
+    seqs = [seq(i, 1.2 if i == 1 else 1.0) for i in range(11)]
+    first = counts.rows(seqs[:8], 5, cpu)
     counts.add(first, torch.tensor([1, 2, 3, 4, 0, 1, 2, 3]))
-    more = counts.rows(["r0", "r8", "r9"], 5, cpu)  # a ninth request doubles the rows
-    assert counts.buf.shape == (16, 5) and more[0] == first[0]
+    more = counts.rows([seqs[0], seqs[8], seqs[9]], 5, cpu)  # a ninth request doubles the rows
+    assert counts.buf.shape == counts.in_prompt.shape == (16, 5) and more[0] == first[0]
     assert counts.buf[first].argmax(-1).tolist() == [1, 2, 3, 4, 0, 1, 2, 3]  # kept through the growth
-    counts.free("r3")
-    assert counts.buf[first[3]].sum() == 0 and counts.rows(["r10"], 5, cpu)[0] == first[3]
+    # only a request with a repetition penalty marks its prompt's tokens, and keeps them through the growth
+    assert counts.in_prompt[first[1]].tolist() == [False, True, False, False, True]
+    assert not counts.in_prompt[first[0]].any()
+    counts.free("r1")
+    assert counts.buf[first[1]].sum() == 0 and not counts.in_prompt[first[1]].any()
+    assert counts.rows([seqs[10]], 5, cpu)[0] == first[1]
+
+
+def shared_prefix_prompts(n: int, seed: int, prefix_len: int = 40) -> list[list[int]]:
+    """n prompts of one random prefix (two full 16-token blocks and some) plus a distinct 5-token tail each."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    prefix = [1] + torch.randint(3, 128, (prefix_len - 1,), generator=gen).tolist()
+    return [prefix + torch.randint(3, 128, (5,), generator=gen).tolist() for _ in range(n)]
+
+
+def test_prefix_cache_shares_prompt_blocks_per_adapter_load(llama):
+    """Requests whose prompt starts like one computed earlier on the same adapter take its KV blocks and answer
+    token for token as without the cache; another adapter, the base model or a new load of the same name
+    never shares them; a request for its prompt's logprobs computes them all."""
+    model_dir, adapters = llama
+    first, later = shared_prefix_prompts(3, seed=41), shared_prefix_prompts(7, seed=41)[3:]
+    first_loras, later_loras = [None, "a4", "b8"], [None, "a4", "b8", "c16"]  # c16 has computed nothing
+    outs = []
+    for caching in (True, False):
+        llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", enable_prefix_caching=caching)
+        blocks = llm.engine.blocks
+        outs.append([o.token_ids for o in llm.generate(first, GREEDY, lora=first_loras)])
+        assert blocks.hit_tokens == 0
+        outs[-1] += [o.token_ids for o in llm.generate(later, GREEDY, lora=later_loras)]
+        # three of the four share two full blocks each (the tail, and the last prompt token, are computed)
+        assert blocks.hit_tokens == (3 * 32 if caching else 0)
+    assert outs[0] == outs[1]
+    assert len(set(map(tuple, outs[0][3:]))) == 4  # the answers differ: the tails and adapters matter
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu")
+    blocks = llm.engine.blocks
+    llm.generate(first[:1], GREEDY, lora=["a4"])
+    llm.remove_lora("a4")
+    llm.add_lora("a4", adapters["b8"])  # a new load under the old name: its KV differs
+    again = llm.generate(later[:1], GREEDY, lora=["a4"])[0].token_ids
+    assert blocks.hit_tokens == 0
+    assert again == llm.generate(later[:1], GREEDY, lora=["b8"])[0].token_ids  # b8's answer, nothing shared
+    assert blocks.hit_tokens == 0
+    scored = llm.generate(later[:1], dataclasses.replace(GREEDY, prompt_logprobs=1), lora=["a4"])[0]
+    assert blocks.hit_tokens == 0 and all(lp is not None for lp in scored.prompt_logprobs)
+    assert llm.generate(later[1:2], GREEDY, lora=["a4"])[0].token_ids  # now it hits
+    assert blocks.hit_tokens == 32
+
+
+def test_prefix_cache_under_kv_pressure_evicts_and_keeps_outputs(llama):
+    """A pool too small for every request at once: cached blocks are evicted for new ones, requests are
+    preempted and recomputed (hitting what is still cached), and every answer equals the run without a cache."""
+    model_dir, adapters = llama
+    ids = shared_prefix_prompts(6, seed=42) + shared_prefix_prompts(6, seed=43)
+    loras = ["a4", "b8", None] * 4
+    params = dataclasses.replace(GREEDY, max_tokens=40)  # decodes cross two more blocks
+    outs = []
+    for caching in (True, False):
+        llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", num_blocks=12, block_size=16,
+                  enable_prefix_caching=caching)
+        rids = llm.engine.add_requests(ids[:3], [params] * 3, loras[:3])
+        done = run_to_end(llm.engine)
+        rids += llm.engine.add_requests(ids[3:], [params] * 9, loras[3:])
+        done.update(run_to_end(llm.engine))
+        outs.append([done[rid].token_ids for rid in rids])
+        blocks = llm.engine.blocks
+        assert blocks.num_free == blocks.num_blocks  # cached blocks nobody holds count as free
+        if caching:
+            assert blocks.hit_tokens > 0 and llm.engine.num_preemptions > 0
+    assert outs[0] == outs[1]

@@ -238,3 +238,20 @@ def test_programmatic_dependent_launch_changes_no_bit(tiny_models):
     for eager in (False, True):
         (logits, tokens), (pdl_logits, pdl_tokens) = results[eager, False], results[eager, True]
         assert torch.equal(pdl_logits, logits) and pdl_tokens == tokens
+
+
+def test_prefix_cache_on_cuda_graphs_answers_as_without_it(tiny_models):
+    """Later requests take an earlier one's prompt blocks per adapter (mixed-step graphs whose first chunk
+    starts after the cached blocks) and answer token for token as an engine without the cache."""
+    from test_engine import shared_prefix_prompts
+    _, model_dir, adapters = tiny_models["llama"]
+    first, later = shared_prefix_prompts(3, seed=44), shared_prefix_prompts(9, seed=44)[3:]
+    loras = [None, "a4", "b8"]
+    outs = []
+    for caching in (True, False):
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda",
+                  enable_prefix_caching=caching)
+        outs.append([o.token_ids for o in llm.generate(first, GREEDY, lora=loras)])
+        outs[-1] += [o.token_ids for o in llm.generate(later, GREEDY, lora=loras * 2)]
+        assert llm.engine.blocks.hit_tokens == (6 * 32 if caching else 0)
+    assert outs[0] == outs[1]

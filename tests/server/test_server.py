@@ -436,6 +436,13 @@ def test_metrics_parse_and_carry_per_adapter_series(main, client):
     assert metric(main.url, "punica_requests_total", model="d8") >= 1
     assert metric(main.url, "punica_generation_tokens_total", model="d8") >= 3
     assert metric(main.url, "punica_http_requests_total", route="/v1/completions", status="404") >= 1
+    # a prompt sent twice: the second takes its full blocks (two of 16 tokens) from the prefix cache
+    hits = lambda: metric(main.url, "punica_prefix_cache_hits_total")
+    before, prompt = hits(), words(31, 40)
+    answers = {client.completions.create(model="d8", prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+               for _ in range(2)}
+    assert hits() - before == 32 and len(answers) == 1
+    assert metric(main.url, "punica_prefix_cache_queries_total") >= hits()
 
 
 # the small server: one running request, one waiting, one adapter slot, one CPU-cached adapter

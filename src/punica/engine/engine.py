@@ -97,7 +97,7 @@ class Engine:
         layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]
         pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device)
         self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters,
                                    max_prefetch_loras=config.lora.max_cpu_loras)
         self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device, config.scheduler.max_num_seqs,
@@ -168,7 +168,8 @@ class Engine:
         if request_id in self._requests:
             raise BadRequestError(f"request id {request_id!r} is already in use")
         key = self.adapters.ref(lora) if lora is not None else None
-        seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora, lora_key=key)
+        seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora, lora_key=key,
+                       cache_namespace=None if key is None else (key, self.adapters.load_ids[key]))
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -244,6 +245,7 @@ class Engine:
                 self._carried.append(self._fail(seq, f"adapter {seq.lora!r} could not be read: {error}"))
             if step.work:
                 self._in_flight = self.runner.launch(step.work, previous)
+                self.scheduler.launched(step.work)
                 for seq in self._in_flight.seqs:  # its pending token is its last: not scheduled again
                     seq.finishing = self._at_length_limit(seq, len(seq.tokens))
         except BaseException:  # an error, or Ctrl-C mid-step: the previous step's tokens are still good

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from punica.config import is_int, is_number
@@ -128,6 +129,9 @@ class Sequence:
     lora: str | None = None
     # the adapter load it runs on (AdapterManager.ref): its name, unless the name was reloaded meanwhile
     lora_key: str | None = None
+    # what besides its tokens its KV depends on (the adapter load), for the prefix cache (block_keys)
+    cache_namespace: Hashable = None
+    num_cached_blocks: int = 0  # leading prompt blocks of block_table taken from or registered in the cache
     tokens: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)

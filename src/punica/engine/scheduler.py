@@ -12,7 +12,7 @@ from typing import Protocol
 
 from punica.config import SchedulerConfig
 from punica.engine.request import Sequence, Status
-from punica.kv.block_manager import BlockManager
+from punica.kv.block_manager import BlockManager, block_keys
 
 MAX_BYPASS = 64  # later requests that may start while the oldest waits for an adapter slot
 PREFETCH_AHEAD = 32  # waiting requests whose adapters are read from disk ahead of admission
@@ -163,16 +163,42 @@ class Scheduler:
         blocks that running prefills still need and one free block per running sequence for its next
         decode. Admitting a prompt whose later chunks do not fit would preempt someone (or it)
         before its first token, and recomputing long prompts back and forth thrashes."""
-        n = min(seq.num_remaining, budget)
-        need = self.blocks.extra_blocks(seq.block_table, len(seq.tokens))
+        keys = self._cacheable_keys(seq)
+        hits, idle = self.blocks.cached_prefix(keys)  # shared blocks that nobody references use up free ones
+        need = self.blocks.extra_blocks(seq.block_table, len(seq.tokens)) - hits + idle
         if need + reserved + len(self.running) > self.blocks.num_free:
             return 0
+        if keys:
+            seq.num_computed = self.blocks.take_cached(seq.block_table, keys)
+            seq.num_cached_blocks = seq.num_computed // self.blocks.block_size
+        n = min(seq.num_remaining, budget)
         if seq.lora is not None:
             seq.slot = self.adapters.acquire(seq.lora_key)
         self.blocks.grow(seq.block_table, seq.num_computed + n)
         seq.status = Status.RUNNING
         self.running.append(seq)
         return n
+
+    def _cacheable_keys(self, seq: Sequence) -> list[tuple]:
+        """Prefix-cache keys of the prompt blocks `seq` may take from the cache: none unless caching, or if it
+        wants its prompt's logprobs (computed, not read); never its last token, whose logits it samples from."""
+        if not self.blocks.caching or seq.num_computed or seq.params.prompt_logprobs is not None:
+            return []
+        usable = (min(len(seq.prompt_ids), len(seq.tokens) - 1)) // self.blocks.block_size
+        return block_keys(seq.cache_namespace, seq.prompt_ids[:usable * self.blocks.block_size], self.blocks.block_size)
+
+    def launched(self, work: dict[Sequence, int]) -> None:
+        """A step with this work was launched: cache the prompt blocks it completes, for requests that
+        start with the same tokens on the same adapter (their steps run after this one)."""
+        if not self.blocks.caching:
+            return
+        size = self.blocks.block_size
+        for seq in work:
+            full = min(seq.num_computed, len(seq.prompt_ids)) // size
+            if full > seq.num_cached_blocks:
+                keys = block_keys(seq.cache_namespace, seq.prompt_ids[:full * size], size)
+                self.blocks.register(seq.block_table, keys, seq.num_cached_blocks)
+                seq.num_cached_blocks = full
 
     def preempt(self, seq: Sequence) -> None:
         """Free `seq`'s KV and put it back at the head of the queue; it will be recomputed."""
@@ -193,6 +219,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
+        seq.num_cached_blocks = 0
         if seq.lora is not None:
             self.adapters.release(seq.lora_key)
             seq.slot = 0

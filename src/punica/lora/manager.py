@@ -50,6 +50,8 @@ class AdapterManager:
         self._refs: dict[str, int] = {}  # unfinished requests per key, retired ones included
         self._held: dict[str, LoRAWeights] = {}  # retired keys still in use -> their weights
         self._reloads = itertools.count(1)
+        self._loads = itertools.count(1)
+        self.load_ids: dict[str, int] = {}  # key -> a number no other load of any adapter ever gets
         self._confined: set[str] = set()  # keys loaded through check_allowed: every re-read checks again
         self.device_loads = 0
         self.device_evictions = 0
@@ -108,6 +110,7 @@ class AdapterManager:
         if confined:
             self._confined.add(key)
         self.paths[name], self._keys[name], self._key_paths[key] = path, key, path
+        self.load_ids[key] = next(self._loads)
         self.cache.put(key, weights)  # the next request need not touch the disk
         return weights
 
@@ -155,6 +158,7 @@ class AdapterManager:
     def _forget(self, key: str) -> None:
         self._confined.discard(key)
         self._key_paths.pop(key, None)
+        self.load_ids.pop(key, None)
         self._reads.pop(key, None)
         self._read_errors.pop(key, None)
         self._held.pop(key, None)

@@ -42,13 +42,15 @@ class EngineStats:
     disk_loads: int = 0
     preemptions: int = 0
     step_errors: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, and found there
+    prefix_cache_hits: int = 0
 
     @staticmethod
     def of(engine: Engine, step_errors: int) -> EngineStats:
-        a = engine.adapters
-        return EngineStats(engine.num_running, engine.num_waiting, engine.blocks.usage, len(a.paths),
+        a, b = engine.adapters, engine.blocks
+        return EngineStats(engine.num_running, engine.num_waiting, b.usage, len(a.paths),
                            len(a.slots.resident()), a.device_loads, a.device_evictions, a.cache.loads,
-                           engine.num_preemptions, step_errors)
+                           engine.num_preemptions, step_errors, b.queried_tokens, b.hit_tokens)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,9 @@ class EngineCollector(Collector):
                     "adapter_device_evictions": (s.device_evictions, "Adapters evicted from a device slot"),
                     "adapter_disk_loads": (s.disk_loads, "Adapter reads from disk into the CPU cache"),
                     "preemptions": (s.preemptions, "Requests preempted for lack of KV blocks"),
-                    "engine_step_errors": (s.step_errors, "Engine steps that raised (their requests failed)")}
+                    "engine_step_errors": (s.step_errors, "Engine steps that raised (their requests failed)"),
+                    "prefix_cache_queries": (s.prefix_cache_queries, "Prompt tokens looked up in the prefix cache"),
+                    "prefix_cache_hits": (s.prefix_cache_hits, "Prompt tokens whose KV the prefix cache held")}
         for name, (value, doc) in counters.items():
             yield CounterMetricFamily(f"punica_{name}", doc, value=value)
 
