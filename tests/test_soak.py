@@ -1,12 +1,14 @@
 """Soak: seeded random workloads through a cramped Engine (few KV blocks, a small token budget, fewer adapter
-slots and CPU cache entries than adapters, overlapped steps, requests arriving over time, random aborts).
-Every request that is not aborted must get exactly the tokens, text and finish reason it gets alone on an
-engine with room to spare, and the engine's bookkeeping must hold after every step."""
+slots and CPU cache entries than adapters, overlapped steps, requests arriving over time, random aborts,
+prompts that share prefixes for the prefix cache). Every request that is not aborted must get exactly the
+tokens, text and finish reason it gets alone on an engine with room to spare and no cache, and the engine's
+bookkeeping must hold after every step."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -31,10 +33,14 @@ class Job:
     abort_after: int  # for "later": steps after arriving
 
 
-def random_params(rng: random.Random) -> SamplingParams:
+def random_params(rng: random.Random, extra: random.Random) -> SamplingParams:
     sampling = {} if rng.random() < 0.5 else dict(
         temperature=rng.choice([0.7, 1.0, 1.5]), top_k=rng.choice([0, 5, 40]), top_p=rng.choice([1.0, 0.9, 0.5]),
         seed=rng.randrange(2 ** 32))
+    if extra.random() < 0.2:
+        sampling["min_p"] = extra.choice([0.05, 0.3])
+    if extra.random() < 0.2:
+        sampling["repetition_penalty"] = extra.choice([0.8, 1.3])
     return SamplingParams(
         max_tokens=rng.randint(1, 16), temperature=sampling.pop("temperature", 0.0), **sampling,
         ignore_eos=rng.random() < 0.7,
@@ -42,18 +48,25 @@ def random_params(rng: random.Random) -> SamplingParams:
         stop=[f" w{rng.randrange(10, VOCAB)}"] if rng.random() < 0.15 else None)
 
 
-def random_jobs(rng: random.Random, n: int) -> list[Job]:
+def random_jobs(rng: random.Random, n: int, extra: random.Random) -> list[Job]:
+    """`extra` draws what later features added (shared prefixes, min_p, repetition penalties), so that `rng`
+    draws each seed's workload as before them."""
     jobs, arrive = [], 0
+    shared = [[1] + [extra.randrange(3, VOCAB) for _ in range(extra.randint(6, 24))] for _ in range(2)]
     for _ in range(n):
         arrive += rng.choice([0, 0, 1, 3, 8])
         length = rng.choice([rng.randint(1, 6), rng.randint(7, 20), rng.randint(21, MAX_LEN - 2)])
         prompt = [1] + [rng.randrange(3, VOCAB) for _ in range(length - 1)]
+        if extra.random() < 0.4:  # starts like others (a system prompt), its length unchanged
+            prefix = extra.choice(shared)[:len(prompt) - 1]
+            prompt = prefix + prompt[len(prefix):]
         abort_in = rng.choices(PHASES, weights=[10, 1, 1, 1, 1, 1])[0]
-        jobs.append(Job(prompt, random_params(rng), rng.choice(ADAPTERS), arrive, abort_in, rng.randint(0, 20)))
+        jobs.append(Job(prompt, random_params(rng, extra), rng.choice(ADAPTERS), arrive, abort_in,
+                        rng.randint(0, 20)))
     return jobs
 
 
-def cramped_engine(path: str, adapters: dict[str, str], rng: random.Random) -> Engine:
+def cramped_engine(path: str, adapters: dict[str, str], rng: random.Random, caching: bool) -> Engine:
     """KV for about one full-length sequence, prefills chunked, adapters evicted from slots and CPU cache."""
     block_size = rng.choice([2, 4])
     budget = rng.choice([4, 6, 8, 16])
@@ -61,7 +74,8 @@ def cramped_engine(path: str, adapters: dict[str, str], rng: random.Random) -> E
     return Engine.from_args(path, adapters, device="cpu", dtype="float32", backend="torch", max_model_len=MAX_LEN,
                             block_size=block_size, num_blocks=MAX_LEN // block_size + rng.randint(0, 4),
                             max_num_batched_tokens=budget, max_num_seqs=rng.randint(2, min(budget, 6)),
-                            max_loras=max_loras, max_cpu_loras=max_loras)
+                            max_loras=max_loras, max_cpu_loras=max_loras,
+                            enable_prefix_caching=caching)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +90,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def reference(llama_with_tokenizer):
     path, adapters = llama_with_tokenizer
-    engine = Engine.from_args(path, adapters, device="cpu", dtype="float32", backend="torch", max_model_len=MAX_LEN)
+    engine = Engine.from_args(path, adapters, device="cpu", dtype="float32", backend="torch", max_model_len=MAX_LEN,
+                              enable_prefix_caching=False)
     yield engine
     engine.adapters.close()
 
@@ -98,11 +113,13 @@ def in_phase(seq: Sequence, phase: str | None) -> bool:
 
 
 def check_bookkeeping(engine: Engine) -> None:
-    """Running sequences own disjoint blocks that are all the used ones; waiting ones own none; every
-    running adapter request pins its slot once; nothing else is pinned."""
-    sched, slots = engine.scheduler, engine.adapters.slots
-    tables = [b for s in sched.running for b in s.block_table]
-    assert len(tables) == len(set(tables)) == engine.blocks.num_used
+    """Running sequences' blocks are all the used ones, each referenced once per table that holds it (only
+    prefix-cached blocks are in more than one); waiting ones own none; every running adapter request pins its
+    slot once; nothing else is pinned."""
+    sched, slots, blocks = engine.scheduler, engine.adapters.slots, engine.blocks
+    held = Counter(b for s in sched.running for b in s.block_table)
+    assert len(held) == blocks.num_used and all(blocks._refs[b] == n for b, n in held.items())
+    assert all(b in blocks._key_of for b, n in held.items() if n > 1)
     assert all(not s.block_table and s.status is Status.WAITING for s in sched.waiting)
     assert all(s.status is Status.RUNNING for s in sched.running)
     assert len(sched.running) <= engine.config.scheduler.max_num_seqs
@@ -185,12 +202,14 @@ def check_outputs(jobs: list[Job], rids: list[str], outputs: dict[str, list[Requ
 
 @pytest.mark.parametrize("seed", range(10))
 def test_random_workload_matches_requests_run_alone(llama_with_tokenizer, reference, seed):
-    """Preemption, chunked prefill, slot eviction, adapter re-reads, aborts and sync() mixed at random change
-    no surviving request's output; at the end every KV block is free and no adapter slot is pinned."""
+    """Preemption, chunked prefill, slot eviction, adapter re-reads, aborts, sync() and the prefix cache mixed
+    at random change no surviving request's output; at the end every KV block is free and no adapter slot is pinned."""
     path, adapters = llama_with_tokenizer
     rng = random.Random(seed)
-    engine = cramped_engine(path, adapters, rng)
-    jobs = random_jobs(rng, 24)
+    extra = random.Random(1000 + seed)
+    caching = seed % 4 != 3
+    engine = cramped_engine(path, adapters, rng, caching)
+    jobs = random_jobs(rng, 24, extra)
     try:
         rids, outputs, aborted = run_workload(engine, jobs, rng)
     finally:
@@ -200,6 +219,7 @@ def test_random_workload_matches_requests_run_alone(llama_with_tokenizer, refere
     assert not any(engine.adapters.slots.pins(key) for key in engine.adapters.slots.resident())
     assert not engine.abort(rids[0]) and not engine.has_unfinished()
     assert engine.num_preemptions > 0 and engine.adapters.device_evictions > 0
+    assert (engine.blocks.hit_tokens > 0) == caching  # shared prefixes were served from the cache
     # adapters are re-read from disk, about once a request (or a preemption), not over and over: read ahead,
     # then evicted from the CPU cache unused before their turn
     assert 0 < engine.adapters.cache.loads <= sum(job.lora is not None for job in jobs) + engine.num_preemptions
