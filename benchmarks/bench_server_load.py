@@ -69,8 +69,9 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
 async def run_load(args, models: list[str]) -> tuple[list[Result], float]:
     picks = [models[i] for i in adapter_indices(args.popularity, args.requests, len(models), seed=args.seed)]
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(args.min_token_id, args.max_token_id) for _ in range(args.prompt_len)]
-               for _ in range(args.requests)]
+    shared = [rng.randrange(args.min_token_id, args.max_token_id) for _ in range(args.shared_prefix)]
+    prompts = [(shared + [rng.randrange(args.min_token_id, args.max_token_id) for _ in range(args.prompt_len)])
+               [:max(args.prompt_len, args.shared_prefix + 1)] for _ in range(args.requests)]
     todo = asyncio.Queue()
     for job in zip(picks, prompts):
         todo.put_nowait(job)
@@ -98,7 +99,8 @@ def pct(values: list[float], q: float) -> float | None:
 def server_counters(url: str, headers: dict) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", headers=headers).text
     wanted = ("punica_adapter_device_loads_total", "punica_adapter_device_evictions_total",
-              "punica_adapter_disk_loads_total", "punica_preemptions_total")
+              "punica_adapter_disk_loads_total", "punica_preemptions_total", "punica_prefix_cache_queries_total",
+              "punica_prefix_cache_hits_total")
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name in wanted}
 
 
@@ -124,6 +126,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-adapters", type=int, help="use the first N served adapters (default: all)")
     p.add_argument("--include-base", action="store_true", help="the base model is one more 'adapter'")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (random ids)")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="the first N prompt tokens are the same in every request (a system prompt; the prefix "
+                        "cache serves them per adapter)")
     p.add_argument("--min-token-id", type=int, default=10)
     p.add_argument("--max-token-id", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (ignore_eos)")
@@ -149,7 +154,8 @@ def main() -> None:
     results, elapsed = asyncio.run(run_load(args, models))
     after = server_counters(args.url, headers)
     row = {"bench": "server_load", "base_model": base, "num_models": len(models), "popularity": args.popularity,
-           "clients": args.clients, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+           "clients": args.clients, "prompt_len": args.prompt_len, "shared_prefix": args.shared_prefix,
+           "max_tokens": args.max_tokens,
            **summarize(results, elapsed), **{k.removeprefix("punica_"): after[k] - before.get(k, 0) for k in after},
            "note": args.note}
     print_table([row], ["clients", "popularity", "num_models", "requests_per_s", "output_tokens_per_s",
