@@ -132,10 +132,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-token-id", type=int, default=10)
     p.add_argument("--max-token-id", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (ignore_eos)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="draws the prompts and adapters (default: a new one each run, stored with the result: "
+                        "the server's prefix cache would serve a repeated run's prompts from the last)")
     p.add_argument("--note", default="", help="free text stored with the result (e.g. the serve command line)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2 ** 31)
+    return args
 
 
 def served_models(args) -> tuple[str, list[str]]:
@@ -154,8 +159,8 @@ def main() -> None:
     results, elapsed = asyncio.run(run_load(args, models))
     after = server_counters(args.url, headers)
     row = {"bench": "server_load", "base_model": base, "num_models": len(models), "popularity": args.popularity,
-           "clients": args.clients, "prompt_len": args.prompt_len, "shared_prefix": args.shared_prefix,
-           "max_tokens": args.max_tokens,
+           "clients": args.clients, "seed": args.seed, "prompt_len": args.prompt_len,
+           "shared_prefix": args.shared_prefix, "max_tokens": args.max_tokens,
            **summarize(results, elapsed), **{k.removeprefix("punica_"): after[k] - before.get(k, 0) for k in after},
            "note": args.note}
     print_table([row], ["clients", "popularity", "num_models", "requests_per_s", "output_tokens_per_s",
