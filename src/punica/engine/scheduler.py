@@ -184,20 +184,22 @@ class Scheduler:
         wants its prompt's logprobs (computed, not read); never its last token, whose logits it samples from."""
         if not self.blocks.caching or seq.num_computed or seq.params.prompt_logprobs is not None:
             return []
-        usable = (min(len(seq.prompt_ids), len(seq.tokens) - 1)) // self.blocks.block_size
-        return block_keys(seq.cache_namespace, seq.prompt_ids[:usable * self.blocks.block_size], self.blocks.block_size)
+        return self._prompt_keys(seq)[:(len(seq.tokens) - 1) // self.blocks.block_size]
+
+    def _prompt_keys(self, seq: Sequence) -> list[tuple]:
+        if seq.prompt_block_keys is None:
+            seq.prompt_block_keys = block_keys(seq.cache_namespace, seq.prompt_ids, self.blocks.block_size)
+        return seq.prompt_block_keys
 
     def launched(self, work: dict[Sequence, int]) -> None:
         """A step with this work was launched: cache the prompt blocks it completes, for requests that
         start with the same tokens on the same adapter (their steps run after this one)."""
         if not self.blocks.caching:
             return
-        size = self.blocks.block_size
         for seq in work:
-            full = min(seq.num_computed, len(seq.prompt_ids)) // size
+            full = min(seq.num_computed, len(seq.prompt_ids)) // self.blocks.block_size
             if full > seq.num_cached_blocks:
-                keys = block_keys(seq.cache_namespace, seq.prompt_ids[:full * size], size)
-                self.blocks.register(seq.block_table, keys, seq.num_cached_blocks)
+                self.blocks.register(seq.block_table, self._prompt_keys(seq)[:full], seq.num_cached_blocks)
                 seq.num_cached_blocks = full
 
     def preempt(self, seq: Sequence) -> None:
