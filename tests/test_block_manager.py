@@ -69,7 +69,7 @@ def test_cached_blocks_are_shared_counted_and_evicted_least_recently_used_first(
     bm.grow(c, 6)  # the least recently freed cached block goes: tables free tail first, so a chain loses its
     assert bm.num_cached == 1 and bm.cached_prefix(keys) == (1, 1)  # tail and its head stays usable
     assert bm.num_free + bm.num_used == bm.num_blocks
-    assert (bm.queried_tokens, bm.hit_tokens) == (4, 4)
+    assert (bm.queried_tokens, bm.hit_tokens, bm.evicted_blocks) == (4, 4, 1)
 
 
 def test_register_keeps_the_first_block_of_a_key_and_caching_off_caches_nothing():

@@ -540,5 +540,5 @@ def test_prefix_cache_under_kv_pressure_evicts_and_keeps_outputs(llama):
         blocks = llm.engine.blocks
         assert blocks.num_free == blocks.num_blocks  # cached blocks nobody holds count as free
         if caching:
-            assert blocks.hit_tokens > 0 and llm.engine.num_preemptions > 0
+            assert blocks.hit_tokens > 0 and blocks.evicted_blocks > 0 and llm.engine.num_preemptions > 0
     assert outs[0] == outs[1]

@@ -443,6 +443,7 @@ def test_metrics_parse_and_carry_per_adapter_series(main, client):
                for _ in range(2)}
     assert hits() - before == 32 and len(answers) == 1
     assert metric(main.url, "punica_prefix_cache_queries_total") >= hits()
+    assert ("punica_prefix_cache_evictions_total", frozenset()) in scrape(main.url)  # exported (none here)
 
 
 # the small server: one running request, one waiting, one adapter slot, one CPU-cached adapter

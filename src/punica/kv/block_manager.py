@@ -48,6 +48,7 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced: least recently used first
         self.queried_tokens = 0  # prompt tokens looked up in the cache, and found (Prometheus counters)
         self.hit_tokens = 0
+        self.evicted_blocks = 0
 
     @property
     def num_free(self) -> int:
@@ -133,4 +134,5 @@ class BlockManager:
     def _evict(self) -> int:
         block, _ = self._evictable.popitem(last=False)
         del self._block_of[self._key_of.pop(block)]
+        self.evicted_blocks += 1
         return block

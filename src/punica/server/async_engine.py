@@ -44,13 +44,14 @@ class EngineStats:
     step_errors: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, and found there
     prefix_cache_hits: int = 0
+    prefix_cache_evictions: int = 0
 
     @staticmethod
     def of(engine: Engine, step_errors: int) -> EngineStats:
         a, b = engine.adapters, engine.blocks
         return EngineStats(engine.num_running, engine.num_waiting, b.usage, len(a.paths),
                            len(a.slots.resident()), a.device_loads, a.device_evictions, a.cache.loads,
-                           engine.num_preemptions, step_errors, b.queried_tokens, b.hit_tokens)
+                           engine.num_preemptions, step_errors, b.queried_tokens, b.hit_tokens, b.evicted_blocks)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ class EngineCollector(Collector):
                     "preemptions": (s.preemptions, "Requests preempted for lack of KV blocks"),
                     "engine_step_errors": (s.step_errors, "Engine steps that raised (their requests failed)"),
                     "prefix_cache_queries": (s.prefix_cache_queries, "Prompt tokens looked up in the prefix cache"),
-                    "prefix_cache_hits": (s.prefix_cache_hits, "Prompt tokens whose KV the prefix cache held")}
+                    "prefix_cache_hits": (s.prefix_cache_hits, "Prompt tokens whose KV the prefix cache held"),
+                    "prefix_cache_evictions": (s.prefix_cache_evictions, "Cached KV blocks evicted for new ones")}
         for name, (value, doc) in counters.items():
             yield CounterMetricFamily(f"punica_{name}", doc, value=value)
 
