@@ -542,3 +542,23 @@ def test_prefix_cache_under_kv_pressure_evicts_and_keeps_outputs(llama):
         if caching:
             assert blocks.hit_tokens > 0 and blocks.evicted_blocks > 0 and llm.engine.num_preemptions > 0
     assert outs[0] == outs[1]
+
+
+def test_preempted_requests_take_back_their_cached_blocks(llama):
+    """Full blocks of generated tokens are cached too (once their tokens are read): a request preempted for KV
+    takes back what is still cached of its prompt and answer instead of recomputing it, and answers as
+    without the cache."""
+    model_dir, adapters = llama
+    ids = prompts(seed=12)  # no two share a prefix: every hit is a request's own earlier blocks
+    params = dataclasses.replace(GREEDY, max_tokens=30)
+    outs = []
+    for caching in (True, False):
+        llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", num_blocks=14, block_size=4,
+                  enable_prefix_caching=caching)
+        rids = llm.engine.add_requests(ids, [params] * len(ids), LORAS)
+        done = run_to_end(llm.engine)
+        outs.append([done[rid].token_ids for rid in rids])
+        assert llm.engine.num_preemptions > 0
+        # a prompt holds one full block (7 tokens): more than one block per preemption means answers' blocks
+        assert (llm.engine.blocks.hit_tokens > 4 * llm.engine.num_preemptions) == caching
+    assert outs[0] == outs[1]

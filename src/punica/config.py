@@ -155,8 +155,9 @@ class CacheConfig:
     num_blocks: int | None = None
     memory_fraction: float = 0.85
     cpu_cache_bytes: int = 512 << 20
-    # reuse the KV of full prompt blocks that an earlier request computed with the same leading tokens and
-    # adapter (a shared system prompt, a chat's earlier turns); unreferenced cached blocks count as free
+    # reuse the KV of full blocks that an earlier request computed with the same leading tokens and adapter
+    # (a shared system prompt, a chat's earlier turns, a preempted request's own); unreferenced cached blocks
+    # count as free
     enable_prefix_caching: bool = True
 
     def __post_init__(self):

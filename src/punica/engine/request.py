@@ -131,8 +131,8 @@ class Sequence:
     lora_key: str | None = None
     # what besides its tokens its KV depends on (the adapter load), for the prefix cache (block_keys)
     cache_namespace: Hashable = None
-    num_cached_blocks: int = 0  # leading prompt blocks of block_table taken from or registered in the cache
-    prompt_block_keys: list[tuple] | None = None  # block_keys of the prompt's full blocks, once needed
+    num_cached_blocks: int = 0  # leading blocks of block_table taken from or registered in the cache
+    block_keys: list[tuple] = field(default_factory=list)  # block_keys of its leading full known blocks
     tokens: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -180,26 +180,30 @@ class Scheduler:
         return n
 
     def _cacheable_keys(self, seq: Sequence) -> list[tuple]:
-        """Prefix-cache keys of the prompt blocks `seq` may take from the cache: none unless caching, or if it
-        wants its prompt's logprobs (computed, not read); never its last token, whose logits it samples from."""
+        """Prefix-cache keys of the blocks `seq` may take from the cache (its prompt's, and a recomputed
+        sequence's generated ones): none unless caching, or if it wants its prompt's logprobs (computed, not
+        read); never its last token, whose logits it samples from."""
         if not self.blocks.caching or seq.num_computed or seq.params.prompt_logprobs is not None:
             return []
-        return self._prompt_keys(seq)[:(len(seq.tokens) - 1) // self.blocks.block_size]
+        return self._keys(seq, (len(seq.tokens) - 1) // self.blocks.block_size)
 
-    def _prompt_keys(self, seq: Sequence) -> list[tuple]:
-        if seq.prompt_block_keys is None:
-            seq.prompt_block_keys = block_keys(seq.cache_namespace, seq.prompt_ids, self.blocks.block_size)
-        return seq.prompt_block_keys
+    def _keys(self, seq: Sequence, blocks: int) -> list[tuple]:
+        """The keys of `seq`'s first `blocks` blocks (all of whose tokens are known), built once."""
+        size = self.blocks.block_size
+        if len(seq.block_keys) < blocks:
+            block_keys(seq.cache_namespace, seq.tokens[:blocks * size], size, seq.block_keys)
+        return seq.block_keys[:blocks]
 
     def launched(self, work: dict[Sequence, int]) -> None:
-        """A step with this work was launched: cache the prompt blocks it completes, for requests that
-        start with the same tokens on the same adapter (their steps run after this one)."""
+        """A step with this work was launched: cache the full blocks whose KV is computed by now and whose
+        tokens are known (not placeholders of tokens still being sampled), for requests that start with the
+        same tokens on the same adapter (their steps run after this one)."""
         if not self.blocks.caching:
             return
         for seq in work:
-            full = min(seq.num_computed, len(seq.prompt_ids)) // self.blocks.block_size
+            full = min(seq.num_computed, seq.num_known) // self.blocks.block_size
             if full > seq.num_cached_blocks:
-                self.blocks.register(seq.block_table, self._prompt_keys(seq)[:full], seq.num_cached_blocks)
+                self.blocks.register(seq.block_table, self._keys(seq, full), seq.num_cached_blocks)
                 seq.num_cached_blocks = full
 
     def preempt(self, seq: Sequence) -> None:

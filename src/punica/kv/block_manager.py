@@ -12,13 +12,16 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def block_keys(namespace: Hashable, token_ids: Sequence[int], block_size: int) -> list[tuple]:
+def block_keys(namespace: Hashable, token_ids: Sequence[int], block_size: int,
+               keys: list[tuple] | None = None) -> list[tuple]:
     """The prefix-cache key of each full block of `token_ids`: (the hash of the key before it, `namespace`,
     the block's tokens). A block's KV depends on every token before it, and on the adapter that computed
     it (its namespace), so equal keys mean equal KV; the dict that maps keys to blocks compares tokens, so a
-    hash collision of the chain could only pair blocks whose own tokens are also equal."""
-    keys, parent = [], None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
+    hash collision of the chain could only pair blocks whose own tokens are also equal. `keys`: those of a
+    shorter prefix of the same tokens, extended in place (and returned)."""
+    keys = [] if keys is None else keys
+    parent = hash(keys[-1]) if keys else None
+    for start in range(len(keys) * block_size, len(token_ids) - block_size + 1, block_size):
         key = (parent, namespace, tuple(token_ids[start:start + block_size]))
         keys.append(key)
         parent = hash(key)
@@ -29,11 +32,10 @@ class BlockManager:
     """Owns block ids 0..num_blocks-1. A sequence's block table is a list it holds; this class grows and
     frees such lists, so `num_free + num_used == num_blocks` always.
 
-    With `caching`, full blocks of prompts are registered under their `block_keys` once computed, and a new
-    sequence whose prompt starts with registered blocks shares them (`take_cached`) instead of computing
-    them again. Blocks count references; a cached block nobody references stays cached (and counts as free)
-    until a block is needed and none is free without a cache entry: then the least recently used one is
-    evicted."""
+    With `caching`, full blocks are registered under their `block_keys` once computed, and a sequence whose
+    tokens start with registered blocks shares them (`take_cached`) instead of computing them again. Blocks
+    count references; a cached block nobody references stays cached (and counts as free) until a block is
+    needed and none is free without a cache entry: then the least recently used one is evicted."""
 
     def __init__(self, num_blocks: int, block_size: int, caching: bool = False):
         if num_blocks <= 0 or block_size <= 0:
