@@ -3,7 +3,8 @@
 1. turning a scheduled step into CUDA-graph inputs: `host_batch` (Python lists from the sequences) plus
    `StaticBuffers.write` (those lists into the pinned graph buffers);
 2. a whole decode `Engine.step()` with the model replaced by a stub (greedy picks of random tokens): scheduling,
-   batch building, sampling, reading tokens, detokenizing and reporting, after `--generated` tokens per request.
+   batch building, sampling, reading tokens, detokenizing and reporting, after `--generated` tokens per request,
+   with the prefix cache's bookkeeping and without.
 
 With overlapped steps this work hides behind the device's step, until the model is small enough that the
 host is the bottleneck.
@@ -76,12 +77,13 @@ def measure(batch: int, context: int, reps: int) -> list[dict]:
 
 
 def engine_step(model_dir: str, adapters: dict[str, str], batch: int, context: int, generated: int,
-                reps: int) -> dict:
-    """Host time of a decode Engine.step() at `batch` requests, each `generated` tokens into its answer."""
+                reps: int, caching: bool = True) -> dict:
+    """Host time of a decode Engine.step() at `batch` requests, each `generated` tokens into its answer
+    (`caching`: with the prefix cache's bookkeeping; the random prompts share nothing)."""
     engine = Engine.from_args(model_dir, adapters, device="cpu", load_format="dummy", max_num_seqs=batch,
                               max_loras=len(adapters), max_cpu_loras=len(adapters), max_lora_rank=8,
                               max_num_batched_tokens=max(4096, batch), max_model_len=context + generated + 8 * reps,
-                              enable_prefix_caching=False)  # every prompt is the same: all but one would hit
+                              enable_prefix_caching=caching)
     vocab, picks = TINY["vocab_size"], torch.Generator().manual_seed(1)
 
     def stub(b):  # host work only: logits whose greedy pick is a random ordinary token
@@ -98,7 +100,8 @@ def engine_step(model_dir: str, adapters: dict[str, str], batch: int, context: i
     while min((len(s.tokens) - len(s.prompt_ids) for s in engine.scheduler.running), default=0) < generated:
         engine.step()
     step_us = min(time_us(engine.step, reps) for _ in range(3))  # the least disturbed of three runs (noisy hosts)
-    return dict(kind="engine_step", batch=batch, context=context, generated=generated, step_us=round(step_us, 1))
+    return dict(kind="engine_step", batch=batch, context=context, generated=generated, prefix_caching=caching,
+                step_us=round(step_us, 1))
 
 
 def tiny_model_with_tokenizer(root: Path) -> str:
@@ -127,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         model_dir = tiny_model_with_tokenizer(root)
         adapters = write_adapters(root, TINY, 64, 8)
-        steps = [engine_step(model_dir, adapters, b, args.context, args.generated, reps=20) for b in args.batch_size]
-    print_table(steps, ["kind", "batch", "generated", "step_us"])
+        steps = [engine_step(model_dir, adapters, b, args.context, args.generated, reps=20, caching=caching)
+                 for b in args.batch_size for caching in (True, False)]
+    print_table(steps, ["kind", "batch", "generated", "prefix_caching", "step_us"])
     write_jsonl("host", rows + steps, setup, args.out_dir)
 
 
