@@ -189,9 +189,8 @@ class Scheduler:
 
     def _keys(self, seq: Sequence, blocks: int) -> list[tuple]:
         """The keys of `seq`'s first `blocks` blocks (all of whose tokens are known), built once."""
-        size = self.blocks.block_size
         if len(seq.block_keys) < blocks:
-            block_keys(seq.cache_namespace, seq.tokens[:blocks * size], size, seq.block_keys)
+            block_keys(seq.cache_namespace, seq.tokens, self.blocks.block_size, seq.block_keys, blocks)
         return seq.block_keys[:blocks]
 
     def launched(self, work: dict[Sequence, int]) -> None:
@@ -200,8 +199,11 @@ class Scheduler:
         same tokens on the same adapter (their steps run after this one)."""
         if not self.blocks.caching:
             return
+        size = self.blocks.block_size
         for seq in work:
-            full = min(seq.num_computed, seq.num_known) // self.blocks.block_size
+            if seq.num_computed < (seq.num_cached_blocks + 1) * size:  # most decodes: no block completed
+                continue
+            full = min(seq.num_computed, seq.num_known) // size
             if full > seq.num_cached_blocks:
                 self.blocks.register(seq.block_table, self._keys(seq, full), seq.num_cached_blocks)
                 seq.num_cached_blocks = full

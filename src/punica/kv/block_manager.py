@@ -13,15 +13,16 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 def block_keys(namespace: Hashable, token_ids: Sequence[int], block_size: int,
-               keys: list[tuple] | None = None) -> list[tuple]:
-    """The prefix-cache key of each full block of `token_ids`: (the hash of the key before it, `namespace`,
-    the block's tokens). A block's KV depends on every token before it, and on the adapter that computed
-    it (its namespace), so equal keys mean equal KV; the dict that maps keys to blocks compares tokens, so a
-    hash collision of the chain could only pair blocks whose own tokens are also equal. `keys`: those of a
-    shorter prefix of the same tokens, extended in place (and returned)."""
+               keys: list[tuple] | None = None, num_blocks: int | None = None) -> list[tuple]:
+    """The prefix-cache key of each full block of `token_ids` (of the first `num_blocks`): (the hash of the key
+    before it, `namespace`, the block's tokens). A block's KV depends on every token before it, and on the
+    adapter that computed it (its namespace), so equal keys mean equal KV; the dict that maps keys to blocks
+    compares tokens, so a hash collision of the chain could only pair blocks whose own tokens are also equal.
+    `keys`: those of the first blocks, extended in place (and returned)."""
     keys = [] if keys is None else keys
     parent = hash(keys[-1]) if keys else None
-    for start in range(len(keys) * block_size, len(token_ids) - block_size + 1, block_size):
+    full = len(token_ids) // block_size
+    for start in range(len(keys) * block_size, min(full, num_blocks or full) * block_size, block_size):
         key = (parent, namespace, tuple(token_ids[start:start + block_size]))
         keys.append(key)
         parent = hash(key)
