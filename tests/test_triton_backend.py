@@ -101,3 +101,39 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
         sgmv.set_tuning(**saved)
     assert {"sparse" if sparse else "decode", "mixed"} <= set(used)
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 5)
+
+
+def test_prefix_cache_through_padded_graph_batches(tiny_models):
+    """The CUDA-graph runner's padded buffers, run eagerly on the interpreter: later requests take an earlier
+    one's prompt blocks per adapter, their first chunks start after them in mixed buckets, and the tokens equal
+    those of an engine without the cache."""
+    from test_engine import shared_prefix_prompts
+
+    from punica.engine import cuda_graph
+    from punica.engine.cuda_graph import CudaGraphRunner
+
+    _, model_dir, adapters = tiny_models["llama"]
+    first, later = shared_prefix_prompts(2, seed=45), shared_prefix_prompts(6, seed=45)[2:]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outs = []
+    for caching in (True, False):
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton",
+                  max_num_seqs=4, max_num_batched_tokens=48, enable_prefix_caching=caching)
+        engine = llm.engine
+        saved_bucket, cuda_graph.MIN_MIXED_BUCKET = cuda_graph.MIN_MIXED_BUCKET, 16
+        try:
+            graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 4, 48, engine.info.max_model_len,
+                                     engine.config.cache.block_size, engine.runner.device)
+        finally:
+            cuda_graph.MIN_MIXED_BUCKET = saved_bucket
+        assert graphs.token_buckets == [16, 32, 48]
+        engine.runner.graphs = graphs
+        used: list[tuple] = []
+        graphs.run = lambda hb, *rest, graphs=graphs, run=graphs.run, used=used: (used.append(graphs.key(hb))
+                                                                                 or run(hb, *rest))
+        outs.append([o.token_ids for o in llm.generate(first, params, lora=["a4", None])])
+        used.clear()
+        outs[-1] += [o.token_ids for o in llm.generate(later, params, lora=["a4", None, "a4", "b8"])]
+        assert engine.blocks.hit_tokens == (3 * 32 if caching else 0)  # b8 computed nothing before
+        assert used[0][0] == "mixed"  # the later prompts' remaining tokens (13 each, or 45 for b8) in a bucket
+    assert outs[0] == outs[1]
