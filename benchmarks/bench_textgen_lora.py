@@ -245,12 +245,13 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
             continue
         overlap = {k: v for k, v in (("lora_overlap", args.lora_overlap),
                                      ("lora_stream_priority", args.lora_stream_priority)) if v is not None}
+        # no prefix cache: the warmup and each popularity reuse the same seeded random prompts, whose prefill
+        # the cache would serve from the run before
         engine = Engine.from_args(model_dir, adapters if system == "punica" else None, device=device,
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
                                   max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager,
-                                  enable_prefix_caching=False, **overlap)  # the warmup and each popularity
-        # reuse the same seeded random prompts: a prefix cache would serve their prefill from the run before
+                                  enable_prefix_caching=False, **overlap)
         graphs = engine.runner.graphs
         captured = {} if graphs is None else dict(graphs=len(graphs.graphs), capture_s=round(graphs.capture_s, 2),
                                                    capture_MiB=round(graphs.capture_bytes / 2 ** 20))

@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         max_batch = max(args.batch_size)
         adapters = write_adapters(root, cfg, max_batch, args.rank)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        # no prefix cache: every popularity draws the same seeded prompts
         engine = Engine.from_args(model_dir, adapters, device=device, load_format="dummy", enable_prefix_caching=False,
                                   max_num_seqs=max_batch, max_loras=len(adapters), max_cpu_loras=len(adapters),
                                   max_lora_rank=args.rank, max_num_batched_tokens=4096)

@@ -58,7 +58,7 @@ def test_cached_blocks_are_shared_counted_and_evicted_least_recently_used_first(
     bm.register(a, keys)
     assert bm.num_cached == 2 and bm.cached_prefix(keys) == (2, 0)  # referenced by a: shared without using free
     b: list[int] = []
-    assert bm.take_cached(b, keys) == 4 and b == a[:2]
+    assert bm.take_cached(b, keys, bm.cached_prefix(keys)[0]) == 4 and b == a[:2]
     bm.free(a)  # b still references the two cached blocks; a's third block is free again
     assert bm.num_free == 2 and bm.cached_prefix(keys) == (2, 0)
     bm.free(b)

@@ -169,7 +169,7 @@ class Scheduler:
         if need + reserved + len(self.running) > self.blocks.num_free:
             return 0
         if keys:
-            seq.num_computed = self.blocks.take_cached(seq.block_table, keys)
+            seq.num_computed = self.blocks.take_cached(seq.block_table, keys, hits)
             seq.num_cached_blocks = seq.num_computed // self.blocks.block_size
         n = min(seq.num_remaining, budget)
         if seq.lora is not None:

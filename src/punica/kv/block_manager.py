@@ -21,8 +21,8 @@ def block_keys(namespace: Hashable, token_ids: Sequence[int], block_size: int,
     `keys`: those of the first blocks, extended in place (and returned)."""
     keys = [] if keys is None else keys
     parent = hash(keys[-1]) if keys else None
-    full = len(token_ids) // block_size
-    for start in range(len(keys) * block_size, min(full, num_blocks or full) * block_size, block_size):
+    full = len(token_ids) // block_size if num_blocks is None else min(len(token_ids) // block_size, num_blocks)
+    for start in range(len(keys) * block_size, full * block_size, block_size):
         key = (parent, namespace, tuple(token_ids[start:start + block_size]))
         keys.append(key)
         parent = hash(key)
@@ -110,11 +110,10 @@ class BlockManager:
             idle += block in self._evictable
         return hits, idle
 
-    def take_cached(self, table: list[int], keys: list[tuple]) -> int:
-        """Append the cached blocks of the longest cached prefix of `keys` to the empty `table`, referenced;
-        returns how many tokens they hold."""
+    def take_cached(self, table: list[int], keys: list[tuple], hits: int) -> int:
+        """Append the cached blocks of keys[:hits] (`cached_prefix`'s count, nothing changed since) to the empty
+        `table`, referenced; returns how many tokens they hold. All of `keys` count as looked up."""
         assert not table, "a cached prefix starts a block table"
-        hits, _ = self.cached_prefix(keys)
         for key in keys[:hits]:
             block = self._block_of[key]
             self._evictable.pop(block, None)
