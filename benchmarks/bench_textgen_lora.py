@@ -255,6 +255,8 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
         graphs = engine.runner.graphs
         captured = {} if graphs is None else dict(graphs=len(graphs.graphs), capture_s=round(graphs.capture_s, 2),
                                                    capture_MiB=round(graphs.capture_bytes / 2 ** 20))
+        captured.update(kv_blocks=engine.info.num_blocks,
+                        step_reserve_MiB=round(engine.info.step_reserve_bytes / 2 ** 20))
         for pop in args.popularity if system == "punica" else ["none"]:
             names = list(adapters)
             loras = ([names[i] for i in adapter_indices(pop, len(lengths), len(names), seed=1)]

@@ -2,25 +2,32 @@
 # One device call (about 8 minutes on an H200), results under $OUT. Set the revision here, not on the device
 # (its copy of .git can be stale):
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_session.sh
-# Session 14 made mixed-step buckets finer (four per doubling: 287 tokens ran the 512-token graph) and measured
-# batches 32, 64 and 128 (distinct, identical) with it; this call: the GPU tier (min_p and repetition_penalty on
-# CUDA, the capture log), then the rest of the batch table (128: uniform, skewed; 256: all), whose rows now also
-# carry how many graphs were captured, in how long, and their device memory.
+# Session 15: the engine now sizes the KV cache after the adapter slots and a measured largest step (batch 256
+# with 128 adapter slots ran out of memory at ffb15e9); this call: the GPU tier, then the rows of the batch table
+# still missing at the current revision (128: skewed; 256: backbone and all four popularities).
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
-timeout 100 python3 -m pytest -m gpu -q -n 8 --timeout 90 tests/ops tests/test_gpu_engine.py 2>&1 | tail -3 \
-  > "$OUT/gpu_tests.log"
+timeout 120 python3 -m pytest -m gpu -q -n 8 --timeout 100 tests/ops tests/test_gpu_engine.py > "$OUT/gpu_tests.full" 2>&1
+tail -3 "$OUT/gpu_tests.full" > "$OUT/gpu_tests.log"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.full" | head -20
 tail -1 "$OUT/gpu_tests.log"
-timeout 120 python3 -m benchmarks.bench_textgen_lora --system punica --popularity uniform skewed --batch-size 128 \
-  --num-requests 1000 --max-output 96 --warmup-requests 32 --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -3
-timeout 330 python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 256 \
-  --num-requests 1000 --max-output 96 --warmup-requests 32 --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -6
+run() {  # batch, timeout, systems and popularities...
+  local batch=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m benchmarks.bench_textgen_lora --batch-size "$batch" --num-requests 1000 \
+    --max-output 96 --warmup-requests 32 --out-dir "$OUT" "$@" > "$OUT/textgen_$batch.log" 2>&1
+  echo "batch $batch rc $?"
+  grep -E "Error|error|tok_per_s" "$OUT/textgen_$batch.log" | grep -v -i warn | tail -8
+}
+run 128 150 --system punica --popularity skewed
+run 256 400 --system backbone punica
 python3 - "$OUT/textgen_lora.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    print(r["system"], r["popularity"], r["batch"], "graphs", r.get("graphs"), "capture_s", r.get("capture_s"),
-          "capture_MiB", r.get("capture_MiB"))
+    print(r["system"], r["popularity"], r["batch"], r["tok_per_s"], r["decode_step_ms"], r["floor_ratio"], "graphs",
+          r.get("graphs"), "capture_s", r.get("capture_s"), "capture_MiB", r.get("capture_MiB"), "kv_blocks",
+          r.get("kv_blocks"), "reserve_MiB", r.get("step_reserve_MiB"))
 PY

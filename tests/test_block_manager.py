@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from punica.kv.block_manager import BlockManager, block_keys, blocks_for
 
@@ -88,3 +89,25 @@ def test_register_keeps_the_first_block_of_a_key_and_caching_off_caches_nothing(
     off.grow(t, 2)
     off.register(t, keys)
     assert off.num_cached == 0 and off.cached_prefix(keys) == (0, 0)
+
+
+def test_kv_budget_on_cuda_leaves_the_step_reserve_and_names_it(monkeypatch):
+    """On CUDA the KV cache gets memory_fraction of the device less what is in use and less the largest
+    step's reserve; when nothing is left, the error gives each of the three."""
+    from punica.config import CacheConfig, ModelConfig
+    from punica.errors import CapacityError
+    from punica.kv.cache import bytes_per_block, num_blocks_for
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    per_block = bytes_per_block(cfg, 16, torch.float16)  # 2 x 2 layers x 16 tokens x 32 x 2 bytes = 4 KiB
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * gib, 100 * gib))
+    cache, cuda = CacheConfig(block_size=16, memory_fraction=0.8), torch.device("cuda")
+    # 30 GiB free - 20 GiB kept back - 4 GiB reserve = 6 GiB of blocks
+    assert num_blocks_for(cfg, cache, torch.float16, cuda, 10 ** 9, 4 * gib) == 6 * gib // per_block
+    assert num_blocks_for(cfg, cache, torch.float16, cuda, 10 ** 9) == 10 * gib // per_block
+    assert num_blocks_for(cfg, cache, torch.float16, cuda, 100, 4 * gib) == 100  # capped at what is useful
+    with pytest.raises(CapacityError, match=r"30.00 GiB free of 100.00, less 20.00 GiB kept back by "
+                                            r"memory_fraction=0.8 and 10.00 GiB for the largest step"):
+        num_blocks_for(cfg, cache, torch.float16, cuda, 100, 10 * gib)

@@ -255,3 +255,23 @@ def test_prefix_cache_on_cuda_graphs_answers_as_without_it(tiny_models):
         outs[-1] += [o.token_ids for o in llm.generate(later, GREEDY, lora=loras * 2)]
         assert llm.engine.blocks.hit_tokens == (6 * 32 if caching else 0)
     assert outs[0] == outs[1]
+
+
+def test_kv_cache_sizing_reserves_what_the_largest_step_takes(tiny_models):
+    """The engine measures the largest eager step (all max_num_batched_tokens, prompt logprobs, top-p) before
+    it sizes the KV cache, and a real step of that size (adapters, prompt logprobs, top-p) stays within it."""
+    _, model_dir, adapters = tiny_models["llama"]
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", enforce_eager=True,
+              max_num_seqs=4, max_num_batched_tokens=256)
+    reserve = llm.engine.info.step_reserve_bytes
+    vocab = llm.engine.model_config.vocab_size
+    assert reserve > 256 * vocab * 4  # at least the fp32 logits of every position
+    ids = [(p * 10)[:64] for p in prompts(n=4, seed=31)]  # 4 x 64 tokens: one 256-token step
+    assert sum(map(len, ids)) == 256
+    params = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.9, top_k=20, seed=0, prompt_logprobs=20)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outs = llm.generate(ids, params, lora=LORAS[:4])
+    assert all(len(o.prompt_logprobs) == 64 for o in outs)
+    assert torch.cuda.max_memory_allocated() - base <= reserve

@@ -246,6 +246,7 @@ class RuntimeInfo:
     backend: str
     num_blocks: int
     max_model_len: int
+    step_reserve_bytes: int = 0  # device memory set aside for the largest eager step before sizing the KV cache
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig}

@@ -15,12 +15,12 @@ import torch
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
-from punica.engine.runner import InFlight, ModelRunner
+from punica.engine.runner import InFlight, ModelRunner, peak_step_bytes
 from punica.engine.scheduler import Scheduler
 from punica.engine.tokenizer import Tokenizer
 from punica.errors import BadRequestError, CapacityError, ConfigError
 from punica.kv.block_manager import BlockManager, blocks_for
-from punica.kv.cache import allocate_kv_pool, num_blocks_for
+from punica.kv.cache import allocate_kv_pool, bytes_per_block, num_blocks_for
 from punica.lora.manager import AdapterManager
 from punica.lora.peft import LoRAWeights
 from punica.lora.pool import AdapterPool
@@ -82,8 +82,20 @@ class Engine:
             raise ConfigError(f"max_model_len={asked} exceeds the model's max_position_embeddings="
                               f"{model_cfg.max_position_embeddings}")
         max_len = min(asked or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
-        useful = config.scheduler.max_num_seqs * blocks_for(max_len, block_size)
-        num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device, useful)
+        # the adapter slots and the largest step's activations first, the KV cache from what is left
+        layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]
+        pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device)
+        sched = config.scheduler
+        reserve = 0
+        if device.type == "cuda" and config.cache.num_blocks is None:
+            reserve = peak_step_bytes(self.model, pool.slot_rank, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                      max_len, block_size, device)
+        useful = sched.max_num_seqs * blocks_for(max_len, block_size)
+        num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device, useful, reserve)
+        if device.type == "cuda":
+            log.info("KV cache: %d blocks of %d tokens, %.2f GiB (%.2f GiB kept for a step of %d tokens)",
+                     num_blocks, block_size, num_blocks * bytes_per_block(model_cfg, block_size, dtype) / 2 ** 30,
+                     reserve / 2 ** 30, sched.max_num_batched_tokens)
         self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
         if max_len > num_blocks * block_size:
             if asked is not None:
@@ -93,9 +105,7 @@ class Engine:
                         num_blocks * block_size, num_blocks, block_size, max_len)
             max_len = num_blocks * block_size
         self.info = RuntimeInfo(device=str(device), dtype=str(dtype).removeprefix("torch."), backend=backend,
-                                num_blocks=num_blocks, max_model_len=max_len)
-        layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]
-        pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device)
+                                num_blocks=num_blocks, max_model_len=max_len, step_reserve_bytes=reserve)
         self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
         self.blocks = BlockManager(num_blocks, block_size, caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters,

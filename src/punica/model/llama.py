@@ -136,10 +136,11 @@ class LlamaModel(nn.Module):
             layer.self_attn.cos_sin = self.cos_sin
         return self
 
-    def bind_kv_cache(self, kv: torch.Tensor) -> None:
-        """Attach the KV pool [num_layers, 2, num_blocks, block_size, Hkv, D] to the attention layers."""
+    def bind_kv_cache(self, kv: torch.Tensor | None) -> None:
+        """Attach the KV pool [num_layers, 2, num_blocks, block_size, Hkv, D] to the attention layers (None:
+        detach it, so its memory can be freed)."""
         for i, layer in enumerate(self.layers):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = kv[i, 0], kv[i, 1]
+            layer.self_attn.k_cache, layer.self_attn.v_cache = (None, None) if kv is None else (kv[i, 0], kv[i, 1])
 
     def overlap_lora(self, mode: str | dict[str, str], priority: int = 0) -> None:
         """What of each projection's LoRA runs on a second CUDA stream, concurrently with its base GEMM (also
