@@ -266,7 +266,7 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                 run_punica(engine, [(p, min(o, 16)) for p, o in lengths[:n]], loras[:n], bandwidth, 0)
             r = run_punica(engine, lengths, loras, bandwidth, adapter_bytes if system == "punica" else 0)
             record(dict(system=system, popularity=pop, batch=batch, **r, **captured))
-        del engine
+        del engine, graphs  # the graph runner holds the model, and through it the KV pool
         gc.collect()  # free the KV pool and graphs before the next system sizes its own
         torch.cuda.empty_cache() if device == "cuda" else None
 
