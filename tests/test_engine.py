@@ -521,6 +521,23 @@ def test_prefix_cache_shares_prompt_blocks_per_adapter_load(llama):
     assert blocks.hit_tokens == 32
 
 
+def test_requests_sent_together_compute_a_shared_prefix_once(llama):
+    """Requests that arrive together with one prompt and adapter (the `n` choices of a request) or one prefix:
+    the first computes it, the others take its full blocks from the cache a step later instead of computing
+    them beside it, and every answer equals the run without the cache."""
+    model_dir, adapters = llama
+    ids = shared_prefix_prompts(1, seed=44) * 3 + shared_prefix_prompts(2, seed=45)  # 45 tokens each
+    loras = ["a4", "a4", "a4", "b8", "b8"]
+    outs = []
+    for caching in (True, False):
+        llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", enable_prefix_caching=caching)
+        outs.append([o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)])
+        # two full 16-token blocks cacheable per prompt: taken by the two repeats and the second of the pair
+        assert llm.engine.blocks.hit_tokens == (3 * 32 if caching else 0)
+    assert outs[0] == outs[1]
+    assert outs[0][0] == outs[0][1] == outs[0][2]
+
+
 def test_prefix_cache_under_kv_pressure_evicts_and_keeps_outputs(llama):
     """A pool too small for every request at once: cached blocks are evicted for new ones, requests are
     preempted and recomputed (hitting what is still cached), and every answer equals the run without a cache."""

@@ -250,3 +250,35 @@ def test_prompts_that_cannot_both_fit_run_one_after_the_other_without_preemption
         assert steps < 100
     assert preempted == 0
     assert [len(s.output_ids) for s in (first, second)] == [8, 8]
+
+
+def test_requests_wait_for_prompt_blocks_another_is_computing_and_take_them_from_the_cache():
+    """Three requests with one 30-token prompt arrive together (`n` choices): the first computes it, in
+    16-token chunks; the others wait while the block they need next is being computed, then take its full
+    blocks from the cache. A request with another prompt, or another adapter, starts at once."""
+    blocks = BlockManager(64, 4, caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16), blocks, FakeAdapters())
+
+    def make(prompt, lora=None):
+        s = Sequence(request_id=f"r{id(object())}", prompt_ids=list(prompt), params=SamplingParams(max_tokens=9),
+                     lora=lora, cache_namespace=lora)
+        sched.add(s)
+        return s
+
+    def step():
+        work = run_step(sched).work
+        sched.launched(work)
+        return work
+
+    a, b, c = (make(range(30)) for _ in range(3))
+    other, adapted = make(range(100, 104)), make(range(30), lora="x")
+    work = step()
+    assert work == {a: 16}  # the budget: a's first chunk only
+    work = step()
+    assert work == {a: 14, other: 2}  # b and c wait (their fifth block is a's, computed now); other starts
+    assert not blocks.hit_tokens
+    work = step()
+    assert work == {a: 1, other: 2, b: 2, c: 2, adapted: 9}  # b and c: 7 full blocks from the cache
+    assert blocks.hit_tokens == 2 * 28
+    assert b.block_table[:7] == c.block_table[:7] == a.block_table[:7]
+    assert adapted.block_table[0] not in a.block_table  # another adapter's KV differs: its own blocks

@@ -78,13 +78,15 @@ class Scheduler:
         """First come, first served, with one exception: while the oldest waiting request waits only for an
         adapter (a free slot, or its weights from disk, read in the background meanwhile), later requests
         that need no new slot (base model, or an adapter already running) may start, up to MAX_BYPASS
-        times, so a busy or slow adapter does not stall everyone else. Requests whose adapter failed to
-        read leave the queue in `step.failed`."""
+        times, so a busy or slow adapter does not stall everyone else. A request whose next prompt block
+        another one is computing in this step waits for the cache (see _waits_for_shared_prefix) while later
+        ones may start. Requests whose adapter failed to read leave the queue in `step.failed`."""
         self._prefetch(step)
         if not self.waiting or budget == 0:
             return
         reserved = sum(self._prefill_blocks(s) for s in self.running)  # once a step, only with someone waiting
         blocked: Sequence | None = None
+        computing: set[tuple] | None = None  # see _computing, built once a step if someone gets that far
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                 return
@@ -105,10 +107,15 @@ class Scheduler:
                     blocked = seq
                     continue
                 return
+            if computing is None:
+                computing = self._computing()
+            if self._waits_for_shared_prefix(seq, computing):
+                continue
             n = self._try_admit(seq, budget, reserved)
             if not n:
                 return  # out of KV blocks: nobody overtakes
             reserved += self._prefill_blocks(seq)
+            computing.update(seq.block_keys[seq.num_cached_blocks:])
             self.waiting.remove(seq)
             step.work[seq] = n
             budget -= n
@@ -178,6 +185,21 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
         return n
+
+    def _computing(self) -> set[tuple]:
+        """Prefix-cache keys of the blocks running sequences have been given to compute and not yet cached."""
+        return {key for s in self.running for key in s.block_keys[s.num_cached_blocks:]}
+
+    def _waits_for_shared_prefix(self, seq: Sequence, computing: set[tuple]) -> bool:
+        """Whether the first block of `seq`'s prompt that is not cached is one a running sequence is computing
+        (the `n` choices of one prompt, a burst of requests with one system prompt): then `seq` waits a step
+        and takes that block, and those after it as they are computed, from the cache instead of computing
+        them again beside it. A running prefill is scheduled before admissions, so the wait is a step each."""
+        keys = self._cacheable_keys(seq)
+        if not keys or not computing:
+            return False
+        hits, _ = self.blocks.cached_prefix(keys)
+        return hits < len(keys) and keys[hits] in computing
 
     def _cacheable_keys(self, seq: Sequence) -> list[tuple]:
         """Prefix-cache keys of the blocks `seq` may take from the cache (its prompt's, and a recomputed
