@@ -88,8 +88,14 @@ class Engine:
         sched = config.scheduler
         reserve = 0
         if device.type == "cuda" and config.cache.num_blocks is None:
-            reserve = peak_step_bytes(self.model, pool.slot_rank, sched.max_num_batched_tokens, sched.max_num_seqs,
-                                      max_len, block_size, device)
+            try:
+                reserve = peak_step_bytes(self.model, pool.slot_rank, sched.max_num_batched_tokens,
+                                          sched.max_num_seqs, max_len, block_size, device)
+            except torch.OutOfMemoryError as exc:
+                raise CapacityError(f"a step of max_num_batched_tokens={sched.max_num_batched_tokens} tokens does not "
+                                    "fit in device memory beside the weights and adapter slots (max_loras="
+                                    f"{config.lora.max_loras}, max_lora_rank={config.lora.max_lora_rank}); lower "
+                                    "one of them") from exc
         useful = sched.max_num_seqs * blocks_for(max_len, block_size)
         num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device, useful, reserve)
         if device.type == "cuda":
@@ -131,7 +137,12 @@ class Engine:
                                  max_len, self.config.cache.block_size, torch.device(self.info.device))
         log.info("capturing %d CUDA graphs: decode steps of 1-%d sequences, mixed steps of up to %d tokens "
                  "(--enforce-eager skips this)", len(graphs.graphs), graphs.buckets[-1], graphs.token_buckets[-1])
-        graphs.capture()
+        try:
+            graphs.capture()
+        except torch.OutOfMemoryError as exc:
+            raise CapacityError(f"capturing CUDA graphs ran out of device memory; lower memory_fraction (now "
+                                f"{self.config.cache.memory_fraction}: the graphs live in the rest), max_num_seqs or "
+                                "max_graph_tokens, or pass enforce_eager (--enforce-eager)") from exc
         log.info("captured %d CUDA graphs in %.1f s, %.0f MiB of device memory", len(graphs.graphs),
                  graphs.capture_s, graphs.capture_bytes / 2 ** 20)
         return graphs
