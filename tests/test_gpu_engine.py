@@ -259,9 +259,9 @@ def test_prefix_cache_on_cuda_graphs_answers_as_without_it(tiny_models):
 
 def test_kv_cache_sizing_reserves_what_the_largest_step_takes(tmp_path):
     """The engine measures the largest eager step (all max_num_batched_tokens, prompt logprobs, top-p) before
-    it sizes the KV cache, and a real step of that size (an adapter, prompt logprobs, top-p) stays within it
-    (give or take 1 MiB of small lasting tensors, which memory_fraction's headroom holds). A 32000-token vocab
-    so that the step's activations, not those, decide."""
+    it sizes the KV cache, and a real step of that size (an adapter, prompt logprobs, top-p) stays within what
+    it keeps back (the measurement and its margin for the allocator's rounding). A 32000-token vocab so that
+    the step's activations decide, not small lasting tensors."""
     from factories import make_hf_model, make_peft_adapter
 
     hf_model = make_hf_model("llama", vocab_size=32000, hidden_size=256, intermediate_size=512)
@@ -270,7 +270,7 @@ def test_kv_cache_sizing_reserves_what_the_largest_step_takes(tmp_path):
     llm = LLM(model=str(tmp_path / "model"), lora_modules={"a": adapter}, dtype="bfloat16", device="cuda",
               enforce_eager=True, max_num_seqs=4, max_num_batched_tokens=256)
     reserve = llm.engine.info.step_reserve_bytes
-    assert reserve > 256 * 32000 * 4  # at least the fp32 logits of every position
+    assert reserve > 256 * 32000 * 4 * 1.25  # at least the fp32 logits of every position, with the margin
     ids = [(p * 10)[:64] for p in prompts(n=4, seed=31)]  # 4 x 64 tokens: one 256-token step
     params = SamplingParams(max_tokens=2, temperature=1.0, top_p=0.9, top_k=20, seed=0, prompt_logprobs=20)
     torch.cuda.synchronize()
@@ -278,4 +278,4 @@ def test_kv_cache_sizing_reserves_what_the_largest_step_takes(tmp_path):
     torch.cuda.reset_peak_memory_stats()
     outs = llm.generate(ids, params, lora=["a", None, "a", "a"])
     assert all(len(o.prompt_logprobs) == 64 for o in outs)
-    assert torch.cuda.max_memory_allocated() - base <= reserve + 2 ** 20
+    assert torch.cuda.max_memory_allocated() - base <= reserve
