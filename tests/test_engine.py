@@ -531,9 +531,11 @@ def test_requests_sent_together_compute_a_shared_prefix_once(llama):
     outs = []
     for caching in (True, False):
         llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", enable_prefix_caching=caching)
-        outs.append([o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)])
+        done = llm.generate(ids, GREEDY, lora=loras)
+        outs.append([o.token_ids for o in done])
         # two full 16-token blocks cacheable per prompt: taken by the two repeats and the second of the pair
         assert llm.engine.blocks.hit_tokens == (3 * 32 if caching else 0)
+        assert [o.num_cached_tokens for o in done] == ([0, 32, 32, 0, 32] if caching else [0] * 5)
     assert outs[0] == outs[1]
     assert outs[0][0] == outs[0][1] == outs[0][2]
 

@@ -235,6 +235,22 @@ def test_n_choices_seeds_and_prompt_lists(client):
     assert texts[0] == texts[1] and texts[2] == texts[3] and two.usage.prompt_tokens == 7
 
 
+def test_usage_counts_prompt_tokens_read_from_the_prefix_cache(client):
+    """usage.prompt_tokens_details.cached_tokens: 0 for a new prompt, although its second choice read the first's
+    blocks (the prompt was computed once); the prompt's full 16-token blocks when it is sent again; in a
+    stream's usage chunk too."""
+    kw = dict(model="a4", prompt=words(71, 40), max_tokens=3, temperature=0)
+    first = client.completions.create(n=2, **kw)
+    assert first.usage.prompt_tokens == 40 and first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.completions.create(n=2, **kw)
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
+    other = client.completions.create(**{**kw, "model": "b8"})  # another adapter's KV: nothing shared
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def assert_openai_error(resp: httpx.Response, status: int, *fragments: str) -> dict:
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]

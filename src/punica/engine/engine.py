@@ -356,7 +356,8 @@ class Engine:
         return RequestOutput(request_id=seq.request_id, token_ids=seq.output_ids, text=seq.text,
                              new_token_ids=new_ids, new_text=new_text, finished=seq.status is Status.FINISHED,
                              finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt_ids), lora=seq.lora,
-                             logprobs=logprobs, new_logprobs=new_logprobs, prompt_logprobs=seq.prompt_logprobs)
+                             logprobs=logprobs, new_logprobs=new_logprobs, prompt_logprobs=seq.prompt_logprobs,
+                             num_cached_tokens=seq.num_cached_tokens)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
                lora: str | None = None) -> Iterator[RequestOutput]:

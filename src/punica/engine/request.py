@@ -132,6 +132,7 @@ class Sequence:
     # what besides its tokens its KV depends on (the adapter load), for the prefix cache (block_keys)
     cache_namespace: Hashable = None
     num_cached_blocks: int = 0  # leading blocks of block_table taken from or registered in the cache
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache when it first started
     block_keys: list[tuple] = field(default_factory=list)  # block_keys of its leading full known blocks
     tokens: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -201,3 +202,4 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs, once the prompt is computed: one per prompt token (the first has
     # logprob None); the sequence's own list, not a copy
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    num_cached_tokens: int = 0  # of its prompt, read from the prefix cache instead of computed, when it started

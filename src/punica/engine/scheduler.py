@@ -178,6 +178,8 @@ class Scheduler:
         if keys:
             seq.num_computed = self.blocks.take_cached(seq.block_table, keys, hits)
             seq.num_cached_blocks = seq.num_computed // self.blocks.block_size
+            if not seq.num_preemptions:  # what a recomputed request takes back was its own work
+                seq.num_cached_tokens = seq.num_computed
         n = min(seq.num_remaining, budget)
         if seq.lora is not None:
             seq.slot = self.adapters.acquire(seq.lora_key)

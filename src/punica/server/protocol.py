@@ -286,12 +286,20 @@ class UnloadLoRARequest(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
+class PromptTokensDetails(BaseModel):
+    """`cached_tokens`: prompt tokens whose KV came from the prefix cache (per prompt, the fewest of its
+    choices: a prompt that its first choice computed counts as computed, although its other choices read it)."""
+
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     """Token counts of one response (prompt tokens counted once per prompt, not per choice)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ModelCard(BaseModel):

@@ -19,6 +19,7 @@ from punica.server.metrics import RequestTracker, ServerMetrics
 from punica.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    PromptTokensDetails,
     SamplingFields,
     Usage,
     error_body,
@@ -38,17 +39,19 @@ class Choices:
     texts: list[str] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)  # prompt tokens each choice read from the prefix cache
     logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)  # when the request asks for them
     prompt_logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)  # echo with logprobs
 
     def __post_init__(self):
-        self.texts, self.reasons, self.tokens = [""] * self.n, [None] * self.n, [0] * self.n
+        self.texts, self.reasons, self.tokens, self.cached = [""] * self.n, [None] * self.n, [0] * self.n, [0] * self.n
         self.logprobs, self.prompt_logprobs = [None] * self.n, [None] * self.n
 
     def advance(self, d: Delivery) -> str:
         """The new text of `d`'s choice that is safe to send now (streamed text is always a prefix of the
         final text, even when a stop string cuts it)."""
         out, i = d.output, d.index
+        self.cached[i] = out.num_cached_tokens
         if not self.generated:
             self.prompt_logprobs[i] = out.prompt_logprobs
             self.reasons[i] = "length" if out.finished else None
@@ -76,9 +79,12 @@ class Choices:
             return generated[start - len(prompt):]
         return prompt[start:] + generated
 
-    def usage(self, num_prompt_tokens: int) -> Usage:
+    def usage(self, num_prompt_tokens: int, per_prompt: int) -> Usage:
+        """`per_prompt`: choices per prompt (`n`), which come prompt by prompt."""
         done = sum(self.tokens)
-        return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=done, total_tokens=num_prompt_tokens + done)
+        cached = sum(min(self.cached[i:i + per_prompt]) for i in range(0, self.n, per_prompt))
+        return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=done, total_tokens=num_prompt_tokens + done,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 @dataclass
@@ -209,7 +215,8 @@ class OpenAIServing:
         texts = [job.echoed(i) + text for i, text in enumerate(choices.texts)]
         entries = [choices.all_logprobs(i) for i in range(choices.n)]
         logprobs = [None if e is None else job.fmt.logprobs(i, e) for i, e in enumerate(entries)]
-        return JSONResponse(job.fmt.whole(texts, choices.reasons, choices.usage(job.num_prompt_tokens), logprobs))
+        usage = choices.usage(job.num_prompt_tokens, job.req.n)
+        return JSONResponse(job.fmt.whole(texts, choices.reasons, usage, logprobs))
 
     async def _consume(self, stream: RequestStream, choices: Choices, tracker: RequestTracker) -> None:
         async for d in stream:
@@ -242,7 +249,7 @@ class OpenAIServing:
                 sent[i] += len(entries or ())
                 yield sse(fmt.chunk(i, new, choices.reasons[i], logprobs))
         if job.req.include_usage:
-            yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens)))
+            yield sse(fmt.usage_chunk(choices.usage(job.num_prompt_tokens, job.req.n)))
         yield sse("[DONE]")
 
     def _close(self, stream: RequestStream, tracker: RequestTracker) -> None:
