@@ -106,8 +106,8 @@ def test_text_prompts_stop_strings_and_streaming(llama_with_tokenizer):
 
 def test_logprobs_follow_the_tokens_through_sampling_preemption_and_streaming(llama):
     """A sampled token's logprob is in its row's top list where it ranks there, tops are sorted, every token
-    has one (also across preemption, which recomputes the prompt's), a stream's new_logprobs add up to the
-    final list, and a request that asks for none gets none."""
+    has one (also across preemption, which recomputes the prompt's, and with prompt logprobs computed 4 positions
+    a step), a stream's new_logprobs add up to the final list, and a request that asks for none gets none."""
     model_dir, adapters = llama
     ids = prompts(seed=8)
     p = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=5, ignore_eos=True, logprobs=3,
@@ -115,8 +115,10 @@ def test_logprobs_follow_the_tokens_through_sampling_preemption_and_streaming(ll
     small = LLM(model=model_dir, lora_modules=adapters, device="cpu", num_blocks=8, block_size=4, max_loras=2)
     outs = small.generate(ids, p, lora=LORAS)
     assert small.engine.num_preemptions > 0
+    capped = LLM(model=model_dir, lora_modules=adapters, device="cpu", max_prompt_logprob_tokens=4)
+    outs += capped.generate(ids, p, lora=LORAS)
     roomy = LLM(model=model_dir, lora_modules=adapters, device="cpu").generate(ids, p, lora=LORAS)
-    for prompt, out, ref in zip(ids, outs, roomy):
+    for prompt, out, ref in zip(ids * 2, outs, roomy * 2):
         assert [lp.token_id for lp in out.logprobs] == out.token_ids == ref.token_ids
         assert [lp.token_id for lp in out.prompt_logprobs] == prompt and out.prompt_logprobs[0].logprob is None
         assert all(len(lp.top) == 1 for lp in out.prompt_logprobs[1:])

@@ -282,3 +282,18 @@ def test_requests_wait_for_prompt_blocks_another_is_computing_and_take_them_from
     assert blocks.hit_tokens == 2 * 28
     assert b.block_table[:7] == c.block_table[:7] == a.block_table[:7]
     assert adapted.block_table[0] not in a.block_table  # another adapter's KV differs: its own blocks
+
+
+def test_prompt_logprob_positions_are_capped_per_step_and_shared():
+    """Requests for their prompt's logprobs compute at most max_prompt_logprob_tokens prompt positions a step
+    between them (the last prompt token, sampled from, is not one); others use the rest of the budget."""
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prompt_logprob_tokens=10)
+    sched = Scheduler(cfg, BlockManager(64, 16), FakeAdapters())
+    scored = [Sequence(request_id=f"s{i}", prompt_ids=list(range(15)), params=SamplingParams(prompt_logprobs=1))
+              for i in range(2)]
+    plain = seq(30)
+    for s in (*scored, plain):
+        sched.add(s)
+    assert run_step(sched).work == {scored[0]: 10, plain: 30}  # the second waits for rows
+    assert run_step(sched).work == {scored[0]: 5, scored[1]: 6, plain: 1}  # 4 rows and the sampled token; 6
+    assert run_step(sched).work == {scored[0]: 1, scored[1]: 9, plain: 1}  # 8 rows, then the sampled token

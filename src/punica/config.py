@@ -170,12 +170,15 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching: decodes first, then prefill chunks under `max_num_batched_tokens`."""
+    """Continuous batching: decodes first, then prefill chunks under `max_num_batched_tokens`. Prompt tokens
+    whose logprobs a request asks for (prompt_logprobs, echo) are computed at most `max_prompt_logprob_tokens` a
+    step: each needs a row of fp32 logits over the vocabulary, and the KV cache is sized after the largest step."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     max_waiting: int = 4096
+    max_prompt_logprob_tokens: int = 512
 
     def __post_init__(self):
         _check(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs}")
@@ -183,6 +186,8 @@ class SchedulerConfig:
                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
         _check(self.max_waiting > 0, f"max_waiting must be positive (requests that may wait), got {self.max_waiting}")
+        _check(self.max_prompt_logprob_tokens > 0,
+               f"max_prompt_logprob_tokens must be positive, got {self.max_prompt_logprob_tokens}")
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class Engine:
             try:
                 reserve = int(STEP_RESERVE_MARGIN * peak_step_bytes(
                     self.model, pool.slot_rank, sched.max_num_batched_tokens, sched.max_num_seqs, max_len, block_size,
-                    device))
+                    device, sched.max_prompt_logprob_tokens))
             except torch.OutOfMemoryError as exc:
                 raise CapacityError(f"a step of max_num_batched_tokens={sched.max_num_batched_tokens} tokens does not "
                                     "fit in device memory beside the weights and adapter slots (max_loras="

@@ -306,12 +306,13 @@ def order_by_slot(work: dict[Sequence, int]) -> list[tuple[Sequence, int]]:
 
 @torch.inference_mode()
 def peak_step_bytes(model: LlamaModel, slot_rank: torch.Tensor, max_tokens: int, max_seqs: int, max_len: int,
-                    block_size: int, device: torch.device) -> int:
+                    block_size: int, device: torch.device, logprob_rows: int) -> int:
     """Device memory the largest eager step takes on top of what is allocated now, measured: a forward of
     `max_tokens` tokens (at most `max_len` each) over as many sequences as may share a step, all through an
     adapter slot if the pool has one, with top-k/top-p sampling of every sequence's last logits and prompt
-    logprobs of every other position (MAX_LOGPROBS of them). It runs against a scratch KV pool, freed after,
-    so the KV cache can be sized to what is left (see num_blocks_for)."""
+    logprobs (MAX_LOGPROBS of them) of up to `logprob_rows` other positions (SchedulerConfig.
+    max_prompt_logprob_tokens). It runs against a scratch KV pool, freed after, so the KV cache can be sized to
+    what is left (see num_blocks_for)."""
     seqs = max(1, min(max_seqs, max_tokens))
     tokens = min(max_tokens, seqs * max_len)
     lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
@@ -327,7 +328,7 @@ def peak_step_bytes(model: LlamaModel, slot_rank: torch.Tensor, max_tokens: int,
     for n in lens:
         hb.cu_q.append(hb.cu_q[-1] + n)
         hb.logits_indices.append(hb.cu_q[-1] - 1)
-    hb.logits_indices += [i for s, e in zip(hb.cu_q, hb.cu_q[1:]) for i in range(s, e - 1)]
+    hb.logits_indices += [i for s, e in zip(hb.cu_q, hb.cu_q[1:]) for i in range(s, e - 1)][:logprob_rows]
     cfg = model.config
     model.bind_kv_cache(torch.zeros((cfg.num_layers, 2, first, block_size, cfg.num_kv_heads, cfg.head_dim),
                                     dtype=model.embed_tokens.weight.dtype, device=device))

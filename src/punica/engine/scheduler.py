@@ -50,6 +50,7 @@ class Scheduler:
         self.max_prefetch_loras = max_prefetch_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._logprob_rows = cfg.max_prompt_logprob_tokens  # left in the step being scheduled (see _chunk)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,10 +61,13 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
         budget = self.cfg.max_num_batched_tokens
+        self._logprob_rows = self.cfg.max_prompt_logprob_tokens  # this step's, shared by prompt_logprobs requests
         for seq in sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival)):
             if seq.status is not Status.RUNNING or seq.finishing or budget == 0:
                 continue
-            n = min(seq.num_remaining, budget)
+            n = self._chunk(seq, budget)
+            if not n:
+                continue
             if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n):  # most decodes fit their blocks
                 budget += self._make_room(seq, n, step)  # preempted sequences give back what they were given
                 if seq.status is not Status.RUNNING:
@@ -71,6 +75,7 @@ class Scheduler:
                 self.blocks.grow(seq.block_table, seq.num_computed + n)
             step.work[seq] = n
             budget -= n
+            self._take_logprob_rows(seq, n)
         self._admit_waiting(step, budget)
         return step
 
@@ -109,8 +114,8 @@ class Scheduler:
                 return
             if computing is None:
                 computing = self._computing()
-            if self._waits_for_shared_prefix(seq, computing):
-                continue
+            if self._waits_for_shared_prefix(seq, computing) or not self._chunk(seq, budget):
+                continue  # the second: its prompt's logprobs wait for this step's rows to be free
             n = self._try_admit(seq, budget, reserved)
             if not n:
                 return  # out of KV blocks: nobody overtakes
@@ -119,6 +124,7 @@ class Scheduler:
             self.waiting.remove(seq)
             step.work[seq] = n
             budget -= n
+            self._take_logprob_rows(seq, n)
             if blocked is not None:
                 blocked.num_bypassed += 1
 
@@ -180,13 +186,27 @@ class Scheduler:
             seq.num_cached_blocks = seq.num_computed // self.blocks.block_size
             if not seq.num_preemptions:  # what a recomputed request takes back was its own work
                 seq.num_cached_tokens = seq.num_computed
-        n = min(seq.num_remaining, budget)
+        n = self._chunk(seq, budget)
         if seq.lora is not None:
             seq.slot = self.adapters.acquire(seq.lora_key)
         self.blocks.grow(seq.block_table, seq.num_computed + n)
         seq.status = Status.RUNNING
         self.running.append(seq)
         return n
+
+    def _scores_prompt(self, seq: Sequence) -> bool:
+        """Whether `seq`'s next chunk computes prompt positions whose logprobs it asks for."""
+        return seq.params.prompt_logprobs is not None and seq.num_computed < len(seq.prompt_ids) - 1
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens `seq` may compute this step: its remaining ones under the budget, and if they are prompt
+        positions whose logprobs it wants, under the step's rows left for those (possibly 0)."""
+        n = min(seq.num_remaining, budget)
+        return min(n, self._logprob_rows) if self._scores_prompt(seq) else n
+
+    def _take_logprob_rows(self, seq: Sequence, n: int) -> None:
+        if self._scores_prompt(seq):
+            self._logprob_rows -= min(n, len(seq.prompt_ids) - 1 - seq.num_computed)
 
     def _computing(self) -> set[tuple]:
         """Prefix-cache keys of the blocks running sequences have been given to compute and not yet cached."""
