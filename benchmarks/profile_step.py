@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="also a prefill step: SEQS sequences recompute their last CHUNK tokens (CHUNK < context)")
     ap.add_argument("--mixed-chunk", type=int, default=128,
                     help="the mixed step's prefill chunk (tokens, < context) among the other sequences' decodes")
+    ap.add_argument("--num-adapters", type=int, default=None,
+                    help="adapters the popularities draw from (default: 2 x the batch, as many as written: the "
+                         "largest batch); the text-generation benchmark serves min(2 x batch, 128)")
     ap.add_argument("--graph-only", action="store_true",
                     help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
@@ -310,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)
         max_batch = max(args.batch_size)
-        adapters = write_adapters(root, cfg, max_batch, args.rank)
+        adapters = write_adapters(root, cfg, args.num_adapters or max_batch, args.rank)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # no prefix cache: every popularity draws the same seeded prompts
         engine = Engine.from_args(model_dir, adapters, device=device, load_format="dummy", enable_prefix_caching=False,
@@ -318,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                                   max_lora_rank=args.rank, max_num_batched_tokens=4096)
         rows = []
         for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
-            row = profile(engine, pop, list(adapters)[:2 * batch], batch, args.context, args.steps, tuple(args.prefill),
+            names = list(adapters)[:args.num_adapters or 2 * batch]
+            row = profile(engine, pop, names, batch, args.context, args.steps, tuple(args.prefill),
                           args.graph_only, tuple(args.knobs), args.mixed_chunk)
             for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels", "prefill_kernels"):
                 if key in row:

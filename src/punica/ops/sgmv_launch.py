@@ -33,6 +33,9 @@ TUNING = {
                                 # distinct and uniform lost 4% (textgen_NOTES.md, session 8)
     "decode_single_max": 3,     # decode graphs' hybrid lists: segments of at most this many tokens are single-token
                                 # items (2-3 token segments padded to 32-row blocks made uniform batches slower)
+    "sparse_single_max": 0,     # sparse decode graphs' hybrid lists: the same (0: decode_single_max). 1 puts
+                                # 2-3 token segments in row blocks, which read their adapter once where single
+                                # items read it per token: batch 256 over 128 adapters has mostly 2-token segments
     "mixed_single_max": 1,      # mixed graphs' hybrid lists: the same. Their capacity grows with it (batch x this),
                                 # and empty items cost: a 256-token chunk among decodes, LoRA a layer, 3 vs 1:
                                 # 101 vs 80 us at batch 32, 297 vs 192 at 128 (textgen_NOTES.md, session 8)
