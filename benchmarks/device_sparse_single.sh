@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short device call (about 3 minutes on an H200): the batch-256 decode graph over 128 adapters (as the text-
+# One device call (about 5 minutes on an H200): the batch-256 decode graph over 128 adapters (as the text-
 # generation benchmark serves them: about two tokens an adapter) with 2-3 token segments as single items (per-token
 # reads of their adapter, the default) and as row blocks of the sparse graph (one read: sparse_single_max=1).
 #   PUNICA_GIT_REV=<rev from this machine> bash benchmarks/device_sparse_single.sh
@@ -8,7 +8,7 @@ export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
 for tuning in "" "sparse_single_max=1"; do
-  timeout 110 python3 -m benchmarks.profile_step --graph-only --batch-size 256 --num-adapters 128 --steps 20 \
+  timeout 170 python3 -m benchmarks.profile_step --graph-only --batch-size 256 --num-adapters 128 --steps 20 \
     --popularity distinct uniform --out-dir "$OUT" ${tuning:+--sgmv-tuning $tuning} > "$OUT/profile_${tuning:-defaults}.log" 2>&1
   echo "[$tuning] rc $?"
   grep -E "^ *(distinct|uniform) +256" "$OUT/profile_${tuning:-defaults}.log" | tail -4
