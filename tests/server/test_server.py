@@ -79,6 +79,10 @@ def test_models_lists_base_and_adapters_with_parent(client):
     assert all(models[a].parent == BASE for a in ADAPTERS)
     time.sleep(1.1)  # `created` is when the model came to be served, not when it was listed
     assert {m.id: m.created for m in client.models.list().data} == {m.id: m.created for m in models.values()}
+    for name in (BASE, "a4"):  # GET /v1/models/{id}: one card, as listed
+        assert client.models.retrieve(name).model_dump() == models[name].model_dump()
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        client.models.retrieve("nope")
 
 
 @pytest.mark.parametrize("model", [BASE, "a4", "d8"])

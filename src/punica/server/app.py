@@ -38,7 +38,7 @@ from punica.server.protocol import (
     UnloadLoRARequest,
     error_body,
 )
-from punica.server.serving import OpenAIServing
+from punica.server.serving import OpenAIServing, unknown_model
 
 log = logging.getLogger("punica.server")
 
@@ -231,14 +231,24 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(req, request)
 
-    @router.get("/models")
-    async def models() -> ModelList:
+    async def cards() -> list[ModelCard]:
+        """The base model, then the adapters by name."""
         base = ModelCard(id=model_name, created=started, root=engine.engine.config.model,
                          max_model_len=serving.max_model_len)
         adapters = await engine.call(engine.engine.list_loras)
-        cards = [ModelCard(id=name, created=loaded.get(name, started), root=path, parent=model_name)
-                 for name, path in sorted(adapters.items())]
-        return ModelList(data=[base, *cards])
+        return [base, *(ModelCard(id=name, created=loaded.get(name, started), root=path, parent=model_name)
+                        for name, path in sorted(adapters.items()))]
+
+    @router.get("/models")
+    async def models() -> ModelList:
+        return ModelList(data=await cards())
+
+    @router.get("/models/{model:path}")
+    async def model_card(model: str) -> ModelCard:
+        for card in await cards():
+            if card.id == model:
+                return card
+        raise unknown_model(model, model_name)
 
     @router.post("/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRARequest) -> dict:

@@ -29,6 +29,11 @@ from punica.server.protocol import (
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by the client
 
 
+def unknown_model(model: str, base: str) -> UnknownModelError:
+    return UnknownModelError(f"the model {model!r} does not exist; GET /v1/models lists the base model {base!r} "
+                             "and the loaded adapters")
+
+
 @dataclass
 class Choices:
     """What the client has been sent of each choice: text so far and finish reasons."""
@@ -135,8 +140,7 @@ class OpenAIServing:
         if model == self.model_name:
             return None
         if model not in self.engine.engine.adapters.paths:
-            raise UnknownModelError(f"the model {model!r} does not exist; GET /v1/models lists the base model "
-                                    f"{self.model_name!r} and the loaded adapters")
+            raise unknown_model(model, self.model_name)
         return model
 
     def encode(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
