@@ -255,6 +255,27 @@ def test_usage_counts_prompt_tokens_read_from_the_prefix_cache(client):
     assert other.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_tokenize_and_detokenize_see_what_the_completion_routes_see(main, client):
+    """/tokenize counts a prompt, or a conversation through the chat template, as the completion routes do;
+    /detokenize gives the text back; bad input is a 400 naming it, an unknown model a 404, no key a 401."""
+    post = lambda path, body, headers=AUTH: httpx.post(f"{main.url}/{path}", json=body, headers=headers, timeout=30)
+    prompt = words(81, 9)
+    counted = post("tokenize", {"model": "a4", "prompt": prompt}).json()
+    done = client.completions.create(model="a4", prompt=prompt, max_tokens=1)
+    assert counted["count"] == len(counted["tokens"]) == done.usage.prompt_tokens
+    assert counted["max_model_len"] == 256
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt}]
+    chat_count = post("tokenize", {"messages": messages}).json()["count"]
+    chat = client.chat.completions.create(model=BASE, messages=messages, max_tokens=1)
+    assert chat_count == chat.usage.prompt_tokens > counted["count"]
+    bare = post("tokenize", {"prompt": prompt, "add_special_tokens": False}).json()["tokens"]
+    assert post("detokenize", {"model": BASE, "tokens": bare}).json() == {"prompt": prompt}
+    assert_openai_error(post("tokenize", {"prompt": prompt, "messages": messages}), 400, "exactly one")
+    assert_openai_error(post("tokenize", {"model": "nope", "prompt": prompt}), 404, "'nope' does not exist")
+    assert_openai_error(post("detokenize", {"tokens": [1, 10 ** 6]}), 400, "token ids must be in", "1000000")
+    assert post("tokenize", {"prompt": prompt}, headers={}).status_code == 401
+
+
 def assert_openai_error(resp: httpx.Response, status: int, *fragments: str) -> dict:
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]

@@ -32,9 +32,13 @@ from punica.server.metrics import CONTENT_TYPE, ServerMetrics
 from punica.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     LoadLoRARequest,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     UnloadLoRARequest,
     error_body,
 )
@@ -215,8 +219,24 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
     for cls in (HTTPError, PunicaError, PermissionError, EngineFailure):
         app.add_exception_handler(cls, lambda _r, e: error_response(e, cfg.retry_after))
     app.include_router(_v1_routes(serving, async_engine, cfg, model_name))
+    app.include_router(_token_routes(serving, cfg))
     _add_probes(app, async_engine, metrics)
     return app
+
+
+def _token_routes(serving: OpenAIServing, cfg: ServerConfig) -> APIRouter:
+    """/tokenize and /detokenize (vLLM's), behind the API key like /v1."""
+    router = APIRouter(dependencies=[Depends(api_key_check(cfg.api_key))])
+
+    @router.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        return await serving.tokenize(req)
+
+    @router.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(req)
+
+    return router
 
 
 def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, model_name: str) -> APIRouter:

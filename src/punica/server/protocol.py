@@ -286,6 +286,45 @@ class UnloadLoRARequest(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: the token ids of `prompt`, or of the chat template rendered over `messages`, as the
+    completion routes would see them. `model`, if given, must be served (adapters share the base tokenizer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # prompt only: the tokenizer's BOS and the like
+    add_generation_prompt: bool = True  # messages only: end with the assistant's turn opening
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt (text) and messages (a conversation)")
+        check_unicode(self.prompt if self.messages is None else self.messages, "prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: the text of token ids (special tokens skipped, as in completions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class PromptTokensDetails(BaseModel):
     """`cached_tokens`: prompt tokens whose KV came from the prefix cache (per prompt, the fewest of its
     choices: a prompt that its first choice computed counts as computed, although its other choices read it)."""

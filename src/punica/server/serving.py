@@ -18,9 +18,14 @@ from punica.server.formats import ChatFormat, CompletionFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
 from punica.server.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     PromptTokensDetails,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     error_body,
     random_id,
@@ -157,16 +162,36 @@ class OpenAIServing:
             raise BadRequestError(f"{what} has {chars} characters, more than {self.max_model_len} tokens (the context, "
                                   f"max_model_len) can hold; shorten it")
 
-    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
         """The chat template over the messages, tokenized (run on a worker thread)."""
         if self.tokenizer is None:
             raise BadRequestError("this model directory has no tokenizer.json, so it has no chat template")
-        messages = [m.as_template_dict() for m in req.messages]
-        if len(messages) > self.max_model_len:
-            raise BadRequestError(f"{len(messages)} messages cannot fit the context of {self.max_model_len} tokens")
-        self.check_chars(sum(len(m["content"]) for m in messages), "the conversation")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        turns = [m.as_template_dict() for m in messages]
+        if len(turns) > self.max_model_len:
+            raise BadRequestError(f"{len(turns)} messages cannot fit the context of {self.max_model_len} tokens")
+        self.check_chars(sum(len(m["content"]) for m in turns), "the conversation")
+        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
         return self.encode(text, special_tokens=False)
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        if req.model is not None:
+            self.resolve_lora(req.model)
+        if req.messages is not None:
+            ids = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt)
+        else:
+            ids = await asyncio.to_thread(self.encode, req.prompt, req.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        if req.model is not None:
+            self.resolve_lora(req.model)
+        if self.tokenizer is None:
+            raise BadRequestError("this model directory has no tokenizer.json, so token ids have no text")
+        vocab = self.engine.engine.model_config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequestError(f"token ids must be in [0, {vocab}), got {bad}")
+        return DetokenizeResponse(prompt=self.decode(req.tokens))
 
     def max_tokens(self, prompt: list[int], requested: int | None, explicit: bool) -> int:
         """`requested` if it fits the context; an implicit default is clipped to the room left."""
@@ -196,7 +221,7 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival, lora = time.monotonic(), self.resolve_lora(req.model)
-        prompt = await asyncio.to_thread(self.render_chat, req)
+        prompt = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         fmt = ChatFormat(req.model, random_id("chatcmpl"), self.token_text)
         return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
