@@ -303,7 +303,9 @@ def engine_config(**flat) -> EngineConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     """The OpenAI-compatible HTTP front end. `served_model_name=None` serves the base model under its
-    directory's name; `retry_after` is the seconds a 503 (queue full) asks the client to wait."""
+    directory's name; `retry_after` is the seconds a 503 (queue full) asks the client to wait.
+    `load_loras_on_demand`: a request for a model nobody serves loads the adapter directory of that name from
+    an allowed directory (LoRAConfig.allowed_lora_dirs), as /v1/load_lora_adapter would, then runs."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -312,6 +314,7 @@ class ServerConfig:
     retry_after: int = 1
     log_level: str = "info"
     max_request_bytes: int = 64 << 20  # larger request bodies get 413 before they are read whole
+    load_loras_on_demand: bool = False
 
     def __post_init__(self):
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")

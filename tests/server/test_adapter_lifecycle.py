@@ -216,3 +216,49 @@ def test_requests_queued_for_an_unloaded_adapter_finish_after_its_files_are_dele
     assert [r.json()["choices"][0]["text"] for r in queued] == [expected, expected]
     for name in ("fill-1", "fill-2", "fill-3", "fill-4", "same-weights"):
         assert unload(server, name).status_code == 200
+
+
+def test_adapters_load_on_demand_once_however_many_requests_wait(llama_with_tokenizer, tmp_path, gate):
+    """With load_loras_on_demand, a request for a model nobody serves, named like an adapter directory in an
+    allowed directory, loads it (one read, while every request for it waits) and runs on it. Other names stay
+    404, a broken adapter is a 400 naming its fault, and no name reaches outside the allowed directories."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    llama_dir, adapters = llama_with_tokenizer
+    files = prepare_files(llama_dir, adapters, str(tmp_path))
+    shutil.copytree(adapters["a4"], os.path.join(files["allowed"], "gated-a4"))
+    reads = []
+    load = punica.lora.manager.load_peft_adapter
+
+    def counted(name, path, *args, **kw):
+        reads.append(os.path.basename(path))
+        return load(name, path, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(punica.lora.manager, "load_peft_adapter", gate.wrap(counted))
+        engine = Engine.from_args(files["model"], {"a4": adapters["a4"]}, device="cpu",
+                                  allowed_lora_dirs=[files["allowed"]], max_loras=2, max_cpu_loras=2,
+                                  max_num_seqs=8, num_blocks=256, max_model_len=256)
+        try:
+            with InProcessServer(build_app(engine, ServerConfig(load_loras_on_demand=True), BASE)) as srv:
+                body = {"model": "gated-a4", "prompt": "w5 w6 w7", "max_tokens": 6, "temperature": 0}
+                gate.close()
+                with ThreadPoolExecutor(3) as pool:
+                    waiting = [pool.submit(post, srv, "completions", body) for _ in range(3)]
+                    assert gate.reading.wait(30)
+                    time.sleep(0.5)  # all three requests are in, waiting on the one read
+                    gate.open.set()
+                    answers = [f.result() for f in waiting]
+                assert [r.status_code for r in answers] == [200] * 3
+                same = post(srv, "completions", {**body, "model": "a4"}).json()["choices"][0]["text"]
+                assert {r.json()["choices"][0]["text"] for r in answers} == {same}  # a copy of a4
+                assert reads.count("gated-a4") == 1
+                cards = httpx.get(f"{srv.url}/v1/models", timeout=10).json()["data"]
+                assert any(c["id"] == "gated-a4" and c["parent"] == BASE for c in cards)
+                error_of(post(srv, "completions", {**body, "model": "nope"}), 404, "'nope' does not exist")
+                error_of(post(srv, "completions", {**body, "model": "dora"}), 400, "use_dora")
+                for outside in ("..", "../allowed/copy-a4", os.path.join(files["allowed"], "copy-a4")):
+                    error_of(post(srv, "completions", {**body, "model": outside}), 404, "does not exist")
+        finally:
+            gate.open.set()
+            engine.adapters.close()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import json
 import logging
 import os
-import time
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -199,7 +197,7 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
                           "pass --served-model-name")
     async_engine = AsyncEngine(engine)
     metrics = ServerMetrics(lambda: async_engine.stats)
-    serving = OpenAIServing(async_engine, metrics, model_name)
+    serving = OpenAIServing(async_engine, metrics, model_name, cfg.load_loras_on_demand)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -234,14 +232,13 @@ def _token_routes(serving: OpenAIServing, cfg: ServerConfig) -> APIRouter:
 
     @router.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
-        return serving.detokenize(req)
+        return await serving.detokenize(req)
 
     return router
 
 
 def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, model_name: str) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(cfg.api_key))])
-    started, loaded = int(time.time()), {}  # /v1/models' `created`: server start, or an adapter's load
 
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -253,11 +250,11 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
 
     async def cards() -> list[ModelCard]:
         """The base model, then the adapters by name."""
-        base = ModelCard(id=model_name, created=started, root=engine.engine.config.model,
+        base = ModelCard(id=model_name, created=serving.started, root=engine.engine.config.model,
                          max_model_len=serving.max_model_len)
         adapters = await engine.call(engine.engine.list_loras)
-        return [base, *(ModelCard(id=name, created=loaded.get(name, started), root=path, parent=model_name)
-                        for name, path in sorted(adapters.items()))]
+        return [base, *(ModelCard(id=name, created=serving.loaded.get(name, serving.started), root=path,
+                                  parent=model_name) for name, path in sorted(adapters.items()))]
 
     @router.get("/models")
     async def models() -> ModelList:
@@ -272,19 +269,7 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
 
     @router.post("/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRARequest) -> dict:
-        if req.lora_name == model_name:
-            raise BadRequestError(f"{req.lora_name!r} is the base model's name; choose another adapter name")
-        if not engine.engine.config.lora.allowed_lora_dirs:
-            raise PermissionError("dynamic adapter loading is off: start the server with --allowed-lora-dir DIR")
-        engine.engine.adapters.check_allowed(req.lora_path)
-        if not os.path.isdir(req.lora_path):
-            raise AdapterError(f"adapter path {req.lora_path!r} is not a directory")
-        path = os.path.realpath(req.lora_path)  # re-reads follow what was checked, not a symlink swapped later
-        # read and validate on a worker thread: on the engine thread a large adapter would stall every stream
-        weights = await asyncio.to_thread(engine.engine.read_lora, req.lora_name, path)
-        await engine.call(functools.partial(engine.engine.add_lora, confined=True), req.lora_name, path, weights)
-        serving.metrics.adapter_loaded(req.lora_name)
-        loaded[req.lora_name] = int(time.time())
+        await serving.load_lora(req.lora_name, req.lora_path)
         return {"object": "lora_adapter", "id": req.lora_name, "root": req.lora_path, "status": "loaded"}
 
     @router.post("/unload_lora_adapter")
@@ -293,7 +278,7 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
             raise BadRequestError(f"{req.lora_name!r} is the base model, which cannot be unloaded; only adapters can")
         holding = await engine.call(engine.engine.remove_lora, req.lora_name)
         serving.metrics.adapter_unloaded(req.lora_name)
-        loaded.pop(req.lora_name, None)
+        serving.loaded.pop(req.lora_name, None)
         if holding is not None:  # requests in flight need its weights: answer once they are in memory
             with contextlib.suppress(Exception):  # a failed read fails those requests, not the unload
                 await asyncio.wrap_future(holding)

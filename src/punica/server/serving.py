@@ -5,6 +5,8 @@ aborts its requests, which frees their KV blocks and adapter pins."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -12,7 +14,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from punica import BadRequestError, SamplingParams, TokenLogprobs, UnknownModelError
+from punica import AdapterError, BadRequestError, SamplingParams, TokenLogprobs, UnknownModelError
+from punica.lora.peft import CONFIG_FILE
 from punica.server.async_engine import AsyncEngine, Delivery, EngineFailure, RequestStream
 from punica.server.formats import ChatFormat, CompletionFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
@@ -126,10 +129,14 @@ class Job:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str):
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str, on_demand: bool = False):
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
+        self.on_demand = on_demand  # ServerConfig.load_loras_on_demand
+        self.started = int(time.time())
+        self.loaded: dict[str, int] = {}  # adapters loaded while serving: when (/v1/models' `created`)
+        self._loading: dict[str, asyncio.Task] = {}  # on-demand loads in progress, by adapter name
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.info.max_model_len
         eos = self.tokenizer.token_id(self.tokenizer.eos_token) if self.tokenizer is not None else None
@@ -140,13 +147,49 @@ class OpenAIServing:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id) if self.tokenizer is not None else str(token_id)
 
-    def resolve_lora(self, model: str) -> str | None:
-        """None for the base model, else the adapter's name; 404 for a name nobody serves."""
+    async def resolve_lora(self, model: str) -> str | None:
+        """None for the base model, else the adapter's name; 404 for a name nobody serves (unless loaded on
+        demand: see ServerConfig.load_loras_on_demand)."""
         if model == self.model_name:
             return None
         if model not in self.engine.engine.adapters.paths:
-            raise unknown_model(model, self.model_name)
+            path = self._on_demand_path(model)
+            if path is None:
+                raise unknown_model(model, self.model_name)
+            task = self._loading.get(model)
+            if task is None:  # one load however many requests wait for it
+                task = self._loading[model] = asyncio.create_task(self.load_lora(model, path))
+                task.add_done_callback(lambda _: self._loading.pop(model, None))
+            await asyncio.shield(task)
         return model
+
+    def _on_demand_path(self, model: str) -> str | None:
+        """The adapter directory named `model` in an allowed directory, if loading on demand; None otherwise
+        (and for names that are not one plain directory name)."""
+        if not self.on_demand or model in (".", "..") or os.sep in model or "/" in model or "\0" in model:
+            return None
+        for root in self.engine.engine.config.lora.allowed_lora_dirs:
+            path = os.path.join(root, model)
+            if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+                return path
+        return None
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT directory `path`, which must lie inside an allowed directory, as `name`. It is read
+        and validated on a worker thread: on the engine thread a large adapter would stall every stream."""
+        if name == self.model_name:
+            raise BadRequestError(f"{name!r} is the base model's name; choose another adapter name")
+        engine = self.engine.engine
+        if not engine.config.lora.allowed_lora_dirs:
+            raise PermissionError("dynamic adapter loading is off: start the server with --allowed-lora-dir DIR")
+        engine.adapters.check_allowed(path)
+        if not os.path.isdir(path):
+            raise AdapterError(f"adapter path {path!r} is not a directory")
+        path = os.path.realpath(path)  # re-reads follow what was checked, not a symlink swapped later
+        weights = await asyncio.to_thread(engine.read_lora, name, path)
+        await self.engine.call(functools.partial(engine.add_lora, confined=True), name, path, weights)
+        self.metrics.adapter_loaded(name)
+        self.loaded[name] = int(time.time())
 
     def encode(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
         """Token ids of one prompt (run on a worker thread: the tokenizer releases the GIL)."""
@@ -175,16 +218,16 @@ class OpenAIServing:
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.model is not None:
-            self.resolve_lora(req.model)
+            await self.resolve_lora(req.model)
         if req.messages is not None:
             ids = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt)
         else:
             ids = await asyncio.to_thread(self.encode, req.prompt, req.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
 
-    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         if req.model is not None:
-            self.resolve_lora(req.model)
+            await self.resolve_lora(req.model)
         if self.tokenizer is None:
             raise BadRequestError("this model directory has no tokenizer.json, so token ids have no text")
         vocab = self.engine.engine.model_config.vocab_size
@@ -207,7 +250,8 @@ class OpenAIServing:
         return requested
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
-        arrival, lora = time.monotonic(), self.resolve_lora(req.model)
+        arrival = time.monotonic()
+        lora = await self.resolve_lora(req.model)
         prompts = await asyncio.to_thread(lambda: [self.encode(p) for p in req.prompts()])
         explicit = req.max_tokens is not None  # the default (omitted or null) is clipped to the room left
         # scores only: the engine samples one token (its logits come with the prompt's), which nobody is sent
@@ -220,7 +264,8 @@ class OpenAIServing:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
-        arrival, lora = time.monotonic(), self.resolve_lora(req.model)
+        arrival = time.monotonic()
+        lora = await self.resolve_lora(req.model)
         prompt = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         fmt = ChatFormat(req.model, random_id("chatcmpl"), self.token_text)
