@@ -14,13 +14,14 @@ import torch
 
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
+from punica.engine.memory import kv_cache_blocks
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
-from punica.engine.runner import InFlight, ModelRunner, peak_step_bytes
+from punica.engine.runner import InFlight, ModelRunner
 from punica.engine.scheduler import Scheduler
 from punica.engine.tokenizer import Tokenizer
 from punica.errors import BadRequestError, CapacityError, ConfigError
-from punica.kv.block_manager import BlockManager, blocks_for
-from punica.kv.cache import allocate_kv_pool, bytes_per_block, num_blocks_for
+from punica.kv.block_manager import BlockManager
+from punica.kv.cache import allocate_kv_pool
 from punica.lora.manager import AdapterManager
 from punica.lora.peft import LoRAWeights
 from punica.lora.pool import AdapterPool
@@ -28,9 +29,6 @@ from punica.model.loader import DTYPES, load_model
 from punica.ops import resolve_backend, select_ops
 
 log = logging.getLogger("punica.engine")
-# the largest step's measured activations times this are kept out of the KV cache: the caching allocator's
-# rounding makes a real step of that size peak a few percent above the measurement (+7% seen on an H200)
-STEP_RESERVE_MARGIN = 1.25
 STALLED_WAIT_S = 0.005  # nothing could be scheduled (e.g. the queue waits on adapter reads): a driver's pause
 
 
@@ -88,24 +86,7 @@ class Engine:
         # the adapter slots and the largest step's activations first, the KV cache from what is left
         layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]
         pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device)
-        sched = config.scheduler
-        reserve = 0
-        if device.type == "cuda" and config.cache.num_blocks is None:
-            try:
-                reserve = int(STEP_RESERVE_MARGIN * peak_step_bytes(
-                    self.model, pool.slot_rank, sched.max_num_batched_tokens, sched.max_num_seqs, max_len, block_size,
-                    device, sched.max_prompt_logprob_tokens))
-            except torch.OutOfMemoryError as exc:
-                raise CapacityError(f"a step of max_num_batched_tokens={sched.max_num_batched_tokens} tokens does not "
-                                    "fit in device memory beside the weights and adapter slots (max_loras="
-                                    f"{config.lora.max_loras}, max_lora_rank={config.lora.max_lora_rank}); lower "
-                                    "one of them") from exc
-        useful = sched.max_num_seqs * blocks_for(max_len, block_size)
-        num_blocks = num_blocks_for(model_cfg, config.cache, dtype, device, useful, reserve)
-        if device.type == "cuda":
-            log.info("KV cache: %d blocks of %d tokens, %.2f GiB (%.2f GiB kept for a step of %d tokens)",
-                     num_blocks, block_size, num_blocks * bytes_per_block(model_cfg, block_size, dtype) / 2 ** 30,
-                     reserve / 2 ** 30, sched.max_num_batched_tokens)
+        num_blocks, reserve = kv_cache_blocks(self.model, pool.slot_rank, config, model_cfg, max_len, dtype, device)
         self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
         if max_len > num_blocks * block_size:
             if asked is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from punica.engine.request import MAX_LOGPROBS, Sequence, TokenLogprobs
+from punica.engine.request import Sequence, TokenLogprobs
 from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
@@ -303,46 +303,3 @@ def order_by_slot(work: dict[Sequence, int]) -> list[tuple[Sequence, int]]:
     """Sequences sorted by adapter slot (stable), so each adapter's tokens form one segment."""
     return sorted(work.items(), key=lambda item: item[0].slot)
 
-
-@torch.inference_mode()
-def peak_step_bytes(model: LlamaModel, slot_rank: torch.Tensor, max_tokens: int, max_seqs: int, max_len: int,
-                    block_size: int, device: torch.device, logprob_rows: int) -> int:
-    """Device memory the largest eager step takes on top of what is allocated now, measured: a forward of
-    `max_tokens` tokens (at most `max_len` each) over as many sequences as may share a step, all through an
-    adapter slot if the pool has one, with top-k/top-p sampling of every sequence's last logits and prompt
-    logprobs (MAX_LOGPROBS of them) of up to `logprob_rows` other positions (SchedulerConfig.
-    max_prompt_logprob_tokens). It runs against a scratch KV pool, freed after, so the KV cache can be sized to
-    what is left (see num_blocks_for)."""
-    seqs = max(1, min(max_seqs, max_tokens))
-    tokens = min(max_tokens, seqs * max_len)
-    lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
-    tables, first = [], 0
-    for n in lens:
-        count = -(-n // block_size)
-        tables.append(list(range(first, first + count)))
-        first += count
-    slot = 1 if len(slot_rank) > 1 else 0
-    hb = HostBatch([0] * tokens, [p for n in lens for p in range(n)],
-                   [t[p // block_size] * block_size + p % block_size for t, n in zip(tables, lens) for p in range(n)],
-                   [0], lens, tables, [], [slot] * seqs, lens)
-    for n in lens:
-        hb.cu_q.append(hb.cu_q[-1] + n)
-        hb.logits_indices.append(hb.cu_q[-1] - 1)
-    hb.logits_indices += [i for s, e in zip(hb.cu_q, hb.cu_q[1:]) for i in range(s, e - 1)][:logprob_rows]
-    cfg = model.config
-    model.bind_kv_cache(torch.zeros((cfg.num_layers, 2, first, block_size, cfg.num_kv_heads, cfg.head_dim),
-                                    dtype=model.embed_tokens.weight.dtype, device=device))
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        logits = model(to_device_batch(hb, slot_rank, device))
-        sample_torch(logits[:seqs], [1.0] * seqs, [50] * seqs, [0.9] * seqs, [None] * seqs, [0.05] * seqs)
-        rows = logits[seqs:]
-        if len(rows):
-            token_logprobs(rows, torch.zeros(len(rows), dtype=torch.int64, device=device), MAX_LOGPROBS)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    finally:
-        model.bind_kv_cache(None)
-        torch.cuda.empty_cache()

@@ -250,11 +250,12 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
 
     async def cards() -> list[ModelCard]:
         """The base model, then the adapters by name."""
-        base = ModelCard(id=model_name, created=serving.started, root=engine.engine.config.model,
+        loads = serving.adapters
+        base = ModelCard(id=model_name, created=loads.started, root=engine.engine.config.model,
                          max_model_len=serving.max_model_len)
         adapters = await engine.call(engine.engine.list_loras)
-        return [base, *(ModelCard(id=name, created=serving.loaded.get(name, serving.started), root=path,
-                                  parent=model_name) for name, path in sorted(adapters.items()))]
+        return [base, *(ModelCard(id=name, created=loads.loaded.get(name, loads.started), root=path, parent=model_name)
+                        for name, path in sorted(adapters.items()))]
 
     @router.get("/models")
     async def models() -> ModelList:
@@ -269,7 +270,7 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
 
     @router.post("/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRARequest) -> dict:
-        await serving.load_lora(req.lora_name, req.lora_path)
+        await serving.adapters.load(req.lora_name, req.lora_path)
         return {"object": "lora_adapter", "id": req.lora_name, "root": req.lora_path, "status": "loaded"}
 
     @router.post("/unload_lora_adapter")
@@ -277,8 +278,7 @@ def _v1_routes(serving: OpenAIServing, engine: AsyncEngine, cfg: ServerConfig, m
         if req.lora_name == model_name:
             raise BadRequestError(f"{req.lora_name!r} is the base model, which cannot be unloaded; only adapters can")
         holding = await engine.call(engine.engine.remove_lora, req.lora_name)
-        serving.metrics.adapter_unloaded(req.lora_name)
-        serving.loaded.pop(req.lora_name, None)
+        serving.adapters.unloaded(req.lora_name)
         if holding is not None:  # requests in flight need its weights: answer once they are in memory
             with contextlib.suppress(Exception):  # a failed read fails those requests, not the unload
                 await asyncio.wrap_future(holding)

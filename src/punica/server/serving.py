@@ -5,8 +5,6 @@ aborts its requests, which frees their KV blocks and adapter pins."""
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,8 +12,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from punica import AdapterError, BadRequestError, SamplingParams, TokenLogprobs, UnknownModelError
-from punica.lora.peft import CONFIG_FILE
+from punica import BadRequestError, SamplingParams, TokenLogprobs, UnknownModelError
+from punica.server.adapters import AdapterLoads
 from punica.server.async_engine import AsyncEngine, Delivery, EngineFailure, RequestStream
 from punica.server.formats import ChatFormat, CompletionFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
@@ -133,10 +131,7 @@ class OpenAIServing:
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
-        self.on_demand = on_demand  # ServerConfig.load_loras_on_demand
-        self.started = int(time.time())
-        self.loaded: dict[str, int] = {}  # adapters loaded while serving: when (/v1/models' `created`)
-        self._loading: dict[str, asyncio.Task] = {}  # on-demand loads in progress, by adapter name
+        self.adapters = AdapterLoads(engine, metrics, model_name, on_demand)
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.info.max_model_len
         eos = self.tokenizer.token_id(self.tokenizer.eos_token) if self.tokenizer is not None else None
@@ -148,48 +143,13 @@ class OpenAIServing:
         return self.tokenizer.token_text(token_id) if self.tokenizer is not None else str(token_id)
 
     async def resolve_lora(self, model: str) -> str | None:
-        """None for the base model, else the adapter's name; 404 for a name nobody serves (unless loaded on
-        demand: see ServerConfig.load_loras_on_demand)."""
+        """None for the base model, else the adapter's name; 404 for a name nobody serves (unless it loads on
+        demand: see AdapterLoads.on_demand)."""
         if model == self.model_name:
             return None
-        if model not in self.engine.engine.adapters.paths:
-            path = self._on_demand_path(model)
-            if path is None:
-                raise unknown_model(model, self.model_name)
-            task = self._loading.get(model)
-            if task is None:  # one load however many requests wait for it
-                task = self._loading[model] = asyncio.create_task(self.load_lora(model, path))
-                task.add_done_callback(lambda _: self._loading.pop(model, None))
-            await asyncio.shield(task)
+        if model not in self.engine.engine.adapters.paths and not await self.adapters.on_demand(model):
+            raise unknown_model(model, self.model_name)
         return model
-
-    def _on_demand_path(self, model: str) -> str | None:
-        """The adapter directory named `model` in an allowed directory, if loading on demand; None otherwise
-        (and for names that are not one plain directory name)."""
-        if not self.on_demand or model in (".", "..") or os.sep in model or "/" in model or "\0" in model:
-            return None
-        for root in self.engine.engine.config.lora.allowed_lora_dirs:
-            path = os.path.join(root, model)
-            if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-                return path
-        return None
-
-    async def load_lora(self, name: str, path: str) -> None:
-        """Serve the PEFT directory `path`, which must lie inside an allowed directory, as `name`. It is read
-        and validated on a worker thread: on the engine thread a large adapter would stall every stream."""
-        if name == self.model_name:
-            raise BadRequestError(f"{name!r} is the base model's name; choose another adapter name")
-        engine = self.engine.engine
-        if not engine.config.lora.allowed_lora_dirs:
-            raise PermissionError("dynamic adapter loading is off: start the server with --allowed-lora-dir DIR")
-        engine.adapters.check_allowed(path)
-        if not os.path.isdir(path):
-            raise AdapterError(f"adapter path {path!r} is not a directory")
-        path = os.path.realpath(path)  # re-reads follow what was checked, not a symlink swapped later
-        weights = await asyncio.to_thread(engine.read_lora, name, path)
-        await self.engine.call(functools.partial(engine.add_lora, confined=True), name, path, weights)
-        self.metrics.adapter_loaded(name)
-        self.loaded[name] = int(time.time())
 
     def encode(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
         """Token ids of one prompt (run on a worker thread: the tokenizer releases the GIL)."""
