@@ -111,3 +111,38 @@ def test_kv_budget_on_cuda_leaves_the_step_reserve_and_names_it(monkeypatch):
     with pytest.raises(CapacityError, match=r"30.00 GiB free of 100.00, less 20.00 GiB kept back by "
                                             r"memory_fraction=0.8 and 10.00 GiB for the largest step"):
         num_blocks_for(cfg, cache, torch.float16, cuda, 100, 10 * gib)
+
+
+def test_kv_cache_blocks_keep_the_measured_step_with_its_margin_and_name_a_step_too_big(monkeypatch):
+    """engine.memory on CUDA (faked: the free memory and the step's measurement): the KV cache gets what is left
+    after 1.25x the measured step; a step that does not fit at all is a CapacityError naming the settings."""
+    from punica.config import ModelConfig, engine_config
+    from punica.engine import memory
+    from punica.errors import CapacityError
+    from punica.kv.cache import bytes_per_block
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    # enough sequences that every block is useful: the memory decides
+    config = engine_config(model="m", memory_fraction=0.8, block_size=16, max_num_seqs=10 ** 5,
+                           max_num_batched_tokens=10 ** 5)
+    gib, cuda = 2 ** 30, torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * gib, 100 * gib))
+    asked = []
+
+    def measured(model, slot_rank, tokens, seqs, max_len, block_size, device, rows):
+        asked.append((tokens, seqs, max_len, block_size, rows))
+        return 4 * gib
+
+    monkeypatch.setattr(memory, "peak_step_bytes", measured)
+    blocks, reserve = memory.kv_cache_blocks(None, None, config, cfg, 256, torch.float16, cuda)
+    assert reserve == 5 * gib and blocks == 5 * gib // bytes_per_block(cfg, 16, torch.float16)  # 30 - 20 - 5
+    assert asked == [(10 ** 5, 10 ** 5, 256, 16, 512)]
+
+    def too_big(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(memory, "peak_step_bytes", too_big)
+    with pytest.raises(CapacityError, match=r"max_num_batched_tokens=100000 tokens does not fit .*max_loras=8, "
+                                            r"max_lora_rank=64\); lower one"):
+        memory.kv_cache_blocks(None, None, config, cfg, 256, torch.float16, cuda)
