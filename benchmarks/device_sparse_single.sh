@@ -8,8 +8,10 @@ export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
 for tuning in "" "sparse_single_max=1"; do
+  label=${tuning:-defaults}
+  log="$OUT/profile_${label//=/-}.log"  # no '=' in names the device tool sends back
   timeout 170 python3 -m benchmarks.profile_step --graph-only --batch-size 256 --num-adapters 128 --steps 20 \
-    --popularity distinct uniform --out-dir "$OUT" ${tuning:+--sgmv-tuning $tuning} > "$OUT/profile_${tuning:-defaults}.log" 2>&1
-  echo "[$tuning] rc $?"
-  grep -E "^ *(distinct|uniform) +256" "$OUT/profile_${tuning:-defaults}.log" | tail -4
+    --popularity distinct uniform --out-dir "$OUT" ${tuning:+--sgmv-tuning $tuning} > "$log" 2>&1
+  echo "[$label] rc $?"
+  grep -E "^ *(distinct|uniform) +256" "$log" | tail -4
 done
