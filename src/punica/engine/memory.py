@@ -8,8 +8,8 @@ import logging
 import torch
 
 from punica.config import EngineConfig, ModelConfig
-from punica.engine.request import MAX_LOGPROBS
-from punica.engine.runner import HostBatch, to_device_batch
+from punica.engine.request import MAX_LOGPROBS, SamplingParams, Sequence
+from punica.engine.runner import host_batch, to_device_batch
 from punica.errors import CapacityError
 from punica.kv.block_manager import blocks_for
 from punica.kv.cache import bytes_per_block, num_blocks_for
@@ -58,20 +58,17 @@ def peak_step_bytes(model: LlamaModel, slot_rank: torch.Tensor, max_tokens: int,
     what is left (see num_blocks_for)."""
     seqs = max(1, min(max_seqs, max_tokens))
     tokens = min(max_tokens, seqs * max_len)
-    lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
-    tables, first = [], 0
-    for n in lens:
-        count = -(-n // block_size)
-        tables.append(list(range(first, first + count)))
-        first += count
     slot = 1 if len(slot_rank) > 1 else 0
-    hb = HostBatch([0] * tokens, [p for n in lens for p in range(n)],
-                   [t[p // block_size] * block_size + p % block_size for t, n in zip(tables, lens) for p in range(n)],
-                   [0], lens, tables, [], [slot] * seqs, lens)
-    for n in lens:
-        hb.cu_q.append(hb.cu_q[-1] + n)
-        hb.logits_indices.append(hb.cu_q[-1] - 1)
-    hb.logits_indices += [i for s, e in zip(hb.cu_q, hb.cu_q[1:]) for i in range(s, e - 1)][:logprob_rows]
+    params = SamplingParams(prompt_logprobs=MAX_LOGPROBS)
+    work, first = [], 0
+    for i in range(seqs):
+        n = tokens // seqs + (i < tokens % seqs)
+        seq = Sequence(request_id=str(i), prompt_ids=[0] * n, params=params, slot=slot)
+        seq.block_table = list(range(first, first + blocks_for(n, block_size)))
+        first += len(seq.block_table)
+        work.append((seq, n))
+    hb = host_batch(work, block_size)  # logits rows: each sequence's last position, then every other one
+    hb.logits_indices = hb.logits_indices[:seqs + logprob_rows]
     cfg = model.config
     model.bind_kv_cache(torch.zeros((cfg.num_layers, 2, first, block_size, cfg.num_kv_heads, cfg.head_dim),
                                     dtype=model.embed_tokens.weight.dtype, device=device))

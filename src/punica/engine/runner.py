@@ -302,4 +302,3 @@ class TokenCounts:
 def order_by_slot(work: dict[Sequence, int]) -> list[tuple[Sequence, int]]:
     """Sequences sorted by adapter slot (stable), so each adapter's tokens form one segment."""
     return sorted(work.items(), key=lambda item: item[0].slot)
-
