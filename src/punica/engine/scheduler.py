@@ -84,14 +84,14 @@ class Scheduler:
         adapter (a free slot, or its weights from disk, read in the background meanwhile), later requests
         that need no new slot (base model, or an adapter already running) may start, up to MAX_BYPASS
         times, so a busy or slow adapter does not stall everyone else. A request whose next prompt block
-        another one is computing in this step waits for the cache (see _waits_for_shared_prefix) while later
+        another one is computing in this step waits for the cache (see _computing) while later
         ones may start. Requests whose adapter failed to read leave the queue in `step.failed`."""
         self._prefetch(step)
         if not self.waiting or budget == 0:
             return
         reserved = sum(self._prefill_blocks(s) for s in self.running)  # once a step, only with someone waiting
         blocked: Sequence | None = None
-        computing: set[tuple] | None = None  # see _computing, built once a step if someone gets that far
+        computing: set[tuple] | None = None  # see _computing: built once a step, if a prompt misses the cache
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                 return
@@ -112,15 +112,20 @@ class Scheduler:
                     blocked = seq
                     continue
                 return
-            if computing is None:
-                computing = self._computing()
-            if self._waits_for_shared_prefix(seq, computing) or not self._chunk(seq, budget):
-                continue  # the second: its prompt's logprobs wait for this step's rows to be free
-            n = self._try_admit(seq, budget, reserved)
+            if not self._chunk(seq, budget):
+                continue  # its prompt's logprobs wait for this step's rows to be free
+            keys = self._cacheable_keys(seq)
+            hits, idle = self.blocks.cached_prefix(keys)
+            if hits < len(keys):
+                computing = self._computing() if computing is None else computing
+                if keys[hits] in computing:
+                    continue  # see _computing
+            n = self._try_admit(seq, budget, reserved, keys, hits, idle)
             if not n:
                 return  # out of KV blocks: nobody overtakes
             reserved += self._prefill_blocks(seq)
-            computing.update(seq.block_keys[seq.num_cached_blocks:])
+            if computing is not None:
+                computing.update(seq.block_keys[seq.num_cached_blocks:])
             self.waiting.remove(seq)
             step.work[seq] = n
             budget -= n
@@ -170,14 +175,14 @@ class Scheduler:
         is the one free block kept per running sequence)."""
         return self.blocks.extra_blocks(seq.block_table, len(seq.tokens)) if seq.num_remaining > 1 else 0
 
-    def _try_admit(self, seq: Sequence, budget: int, reserved: int) -> int:
+    def _try_admit(self, seq: Sequence, budget: int, reserved: int, keys: list[tuple], hits: int, idle: int) -> int:
         """Move `seq` to running and return its first chunk's size, or 0 if its KV does not fit now: the
         blocks of its whole prompt (for a preempted sequence, of every token it has), beside the `reserved`
         blocks that running prefills still need and one free block per running sequence for its next
         decode. Admitting a prompt whose later chunks do not fit would preempt someone (or it)
-        before its first token, and recomputing long prompts back and forth thrashes."""
-        keys = self._cacheable_keys(seq)
-        hits, idle = self.blocks.cached_prefix(keys)  # shared blocks that nobody references use up free ones
+        before its first token, and recomputing long prompts back and forth thrashes. `keys`: its
+        `_cacheable_keys`, and `cached_prefix` of them: `hits` cached, `idle` of those referenced by nobody,
+        whose sharing uses up free blocks."""
         need = self.blocks.extra_blocks(seq.block_table, len(seq.tokens)) - hits + idle
         if need + reserved + len(self.running) > self.blocks.num_free:
             return 0
@@ -209,19 +214,12 @@ class Scheduler:
             self._logprob_rows -= min(n, len(seq.prompt_ids) - 1 - seq.num_computed)
 
     def _computing(self) -> set[tuple]:
-        """Prefix-cache keys of the blocks running sequences have been given to compute and not yet cached."""
+        """Prefix-cache keys of the blocks running sequences have been given to compute and not yet cached. A
+        waiting request whose first uncached prompt block is one of them (the `n` choices of one prompt, a burst
+        of requests with one system prompt) waits a step and takes that block, and those after it as they are
+        computed, from the cache instead of computing them again beside it. A running prefill is scheduled
+        before admissions, so the wait is a step each."""
         return {key for s in self.running for key in s.block_keys[s.num_cached_blocks:]}
-
-    def _waits_for_shared_prefix(self, seq: Sequence, computing: set[tuple]) -> bool:
-        """Whether the first block of `seq`'s prompt that is not cached is one a running sequence is computing
-        (the `n` choices of one prompt, a burst of requests with one system prompt): then `seq` waits a step
-        and takes that block, and those after it as they are computed, from the cache instead of computing
-        them again beside it. A running prefill is scheduled before admissions, so the wait is a step each."""
-        keys = self._cacheable_keys(seq)
-        if not keys or not computing:
-            return False
-        hits, _ = self.blocks.cached_prefix(keys)
-        return hits < len(keys) and keys[hits] in computing
 
     def _cacheable_keys(self, seq: Sequence) -> list[tuple]:
         """Prefix-cache keys of the blocks `seq` may take from the cache (its prompt's, and a recomputed
