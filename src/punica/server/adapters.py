@@ -61,7 +61,7 @@ class AdapterLoads:
     def _on_demand_path(self, model: str) -> str | None:
         """The adapter directory named `model` in an allowed directory, or None (also for a name that is not
         one plain directory name, and when not loading on demand)."""
-        if not self.on_demand_enabled or model in (".", "..") or os.sep in model or "/" in model or "\0" in model:
+        if not self.on_demand_enabled or model in (".", "..") or os.path.basename(model) != model or "\0" in model:
             return None
         for root in self.engine.engine.config.lora.allowed_lora_dirs:
             path = os.path.join(root, model)
