@@ -70,13 +70,12 @@ def check_tiles(buf: StaticBuffers, hb, t: int) -> None:
     assert buf.h["tiles"][:2 * capacity].tolist() == tiles + [-1, 0] * (capacity - len(tiles) // 2)
 
 
-@pytest.mark.parametrize("hybrid,decode_max,sparse_single", [
-    (frozenset(), 0, 0), (frozenset({"mixed"}), 0, 0), (frozenset({"decode", "mixed"}), 0, 0),
-    (frozenset({"mixed"}), 4, 0), (frozenset({"mixed"}), 2, 0), (frozenset({"mixed"}), 4, 1)])
-def test_write_overwrites_a_bigger_previous_step(hybrid, decode_max, sparse_single):
+@pytest.mark.parametrize("hybrid,decode_max", [(frozenset(), 0), (frozenset({"mixed"}), 0),
+                                               (frozenset({"decode", "mixed"}), 0), (frozenset({"mixed"}), 4),
+                                               (frozenset({"mixed"}), 2)])
+def test_write_overwrites_a_bigger_previous_step(hybrid, decode_max):
     buf = StaticBuffers(64, 8, 16, 4, 8, torch.device("cpu"), hybrid, single_max=(2, 3),
-                        hybrid_decode_max=decode_max, sparse_single_max=sparse_single)
-    assert buf.single_max("sparse") == (sparse_single or 2)
+                        hybrid_decode_max=decode_max)
     assert buf.is_hybrid("decode", 4) == ("decode" in hybrid or decode_max == 4)
     assert buf.is_hybrid("decode", 2) == ("decode" in hybrid or decode_max > 0)
     assert buf.is_hybrid("sparse", 8) and buf.is_hybrid("mixed", 64) == ("mixed" in hybrid)

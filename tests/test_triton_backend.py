@@ -37,7 +37,7 @@ def _nan_delta_deferred(self, x, batch):
     ("llama", 0, 0, 1, False, 0, 0), ("qwen2", 0, 0, 1, False, 0, 0), ("llama", 1, 0, 1, False, 0, 0),
     ("llama", 2, 0, 1, False, 0, 0), ("llama", 2, 4, 3, False, 0, 0), ("llama", 0, 0, 1, True, 0, 0),
     ("llama", 2, 4, 3, True, 0, 0), ("llama", 2, 8, 2, True, 0, 0), ("llama", 2, 4, 3, True, 2, 0),
-    ("llama", 2, 0, 1, True, 0, 1.0), ("llama", 2, 0, 3, True, 0, -0.5)])
+    ("llama", 2, 0, 1, True, 0, 1.0)])
 def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybrid, decode_max, single_max, delta,
                                          persistent, sparse):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with
@@ -49,8 +49,7 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     work lists cover the base-model tokens, so no zero-fill). `persistent`: the shrink and expand walk the work
     lists' real items (their counts in the graph buffers) on fixed grids (TUNING["shrink_persistent"],
     ["expand_persistent"]). `sparse`: decode steps with at most this fraction of single items run their
-    bucket's sparse graph (a hybrid list the expand walks); 1.0: every decode step with adapters; negative: the
-    same fraction with only 1-token segments as single items there (TUNING["sparse_single_max"] 1)."""
+    bucket's sparse graph (a hybrid list the expand walks); 1.0: every decode step with adapters."""
     from punica.engine import cuda_graph
     from punica.engine.cuda_graph import CudaGraphRunner
     from punica.model.layers import LoRALinear
@@ -65,13 +64,12 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     engine = llm.engine
     saved = {k: sgmv.TUNING[k] for k in ("hybrid_graphs", "hybrid_decode_max", "decode_single_max",
                                          "mixed_single_max", "persistent_min_batch", "shrink_persistent",
-                                         "expand_persistent", "sparse_decode", "sparse_single_max")}
+                                         "expand_persistent", "sparse_decode")}
     saved_bucket = cuda_graph.MIN_MIXED_BUCKET
     cuda_graph.MIN_MIXED_BUCKET = 16
     min_batch = 0 if persistent else saved["persistent_min_batch"]  # 0: item counts in every mixed graph
     sgmv.set_tuning(hybrid_graphs=hybrid, hybrid_decode_max=decode_max, decode_single_max=single_max,
-                    mixed_single_max=single_max, persistent_min_batch=min_batch, sparse_decode=abs(sparse),
-                    sparse_single_max=1 if sparse < 0 else 0)
+                    mixed_single_max=single_max, persistent_min_batch=min_batch, sparse_decode=sparse)
     try:
         graphs = CudaGraphRunner(engine.model, engine.runner.slot_rank, 8, 24, engine.info.max_model_len,
                                  engine.config.cache.block_size, engine.runner.device)
@@ -81,7 +79,6 @@ def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybri
     assert (graphs.graphs[("decode", 8, True)][2].lora.num_single == 8) == (hybrid == 1 or decode_max >= 8)
     assert (graphs.graphs[("decode", 2, True)][2].lora.num_single == 2) == (hybrid == 1 or decode_max >= 2)
     assert graphs.buf.single_max("decode") == graphs.buf.single_max("mixed") == single_max
-    assert graphs.buf.single_max("sparse") == (1 if sparse < 0 else single_max)
     assert bool(graphs.graphs[("mixed", 16, True)][2].lora.num_single) == (hybrid > 0)
     # item counts (the persistent walk) in mixed graphs only, and at this batch of 8 only when forced
     assert (graphs.graphs[("mixed", 16, True)][2].lora.item_count is not None) == bool(persistent)

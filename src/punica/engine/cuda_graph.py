@@ -96,12 +96,11 @@ class StaticBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, item_rows: int, tile_rows: int,
                  device: torch.device, hybrid: frozenset[str] = frozenset(), single_max: tuple[int, int] = (1, 1),
-                 hybrid_decode_max: int = 0, sparse_single_max: int = 0):
+                 hybrid_decode_max: int = 0):
         self.T, self.B, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.item_rows, self.tile_rows = item_rows, tile_rows
         self.hybrid = hybrid  # the graph kinds ("decode", "mixed") on hybrid lists
         self.decode_single_max, self.mixed_single_max = single_max  # their segments this short: single items
-        self.sparse_single_max = sparse_single_max or self.decode_single_max  # the sparse decode graphs'
         self.hybrid_decode_max = hybrid_decode_max  # decode buckets at most this big use them too
         # a sparse graph's list (hybrid) holds at least what a decode graph's does
         items = max(sum(self.item_capacity(max_tokens, "mixed")), sum(self.item_capacity(max_seqs, "sparse")))
@@ -133,8 +132,6 @@ class StaticBuffers:
 
     def single_max(self, kind: str) -> int:
         """Segments of at most this many tokens are single-token items in this kind of graph's hybrid lists."""
-        if kind == "sparse":
-            return self.sparse_single_max
         return self.mixed_single_max if kind == "mixed" else self.decode_single_max
 
     def tile_capacity(self, t: int) -> int:
@@ -236,7 +233,7 @@ class CudaGraphRunner:
         self.buf = StaticBuffers(max_tokens, max_batch, _cdiv(max_model_len, block_size), work_list_rows(),
                                  tile_rows, device, hybrid_graphs(),
                                  (max(1, TUNING["decode_single_max"]), max(1, TUNING["mixed_single_max"])),
-                                 TUNING["hybrid_decode_max"], max(0, TUNING["sparse_single_max"]))
+                                 TUNING["hybrid_decode_max"])
         self.sparse_fraction = TUNING["sparse_decode"]  # 0: no sparse decode graphs
         # (kind, bucket, with_lora) -> (graph, its output, the Batch it reads): every tensor a graph touches
         # must stay alive as long as the graph, or its memory is reused under it
@@ -310,7 +307,7 @@ class CudaGraphRunner:
             if n > self.buckets[-1]:
                 return None
             b = next(b for b in self.buckets if b >= n)
-            if with_lora and self.sparse_fraction and is_sparse(hb.segments[0], self.buf.sparse_single_max,
+            if with_lora and self.sparse_fraction and is_sparse(hb.segments[0], self.buf.decode_single_max,
                                                                  self.sparse_fraction):
                 return "sparse", b, True
             return "decode", b, with_lora

@@ -33,9 +33,6 @@ TUNING = {
                                 # distinct and uniform lost 4% (textgen_NOTES.md, session 8)
     "decode_single_max": 3,     # decode graphs' hybrid lists: segments of at most this many tokens are single-token
                                 # items (2-3 token segments padded to 32-row blocks made uniform batches slower)
-    "sparse_single_max": 0,     # sparse decode graphs' hybrid lists: the same (0: decode_single_max). 1 puts
-                                # 2-3 token segments in row blocks, which read their adapter once where single
-                                # items read it per token: batch 256 over 128 adapters has mostly 2-token segments
     "mixed_single_max": 1,      # mixed graphs' hybrid lists: the same. Their capacity grows with it (batch x this),
                                 # and empty items cost: a 256-token chunk among decodes, LoRA a layer, 3 vs 1:
                                 # 101 vs 80 us at batch 32, 297 vs 192 at 128 (textgen_NOTES.md, session 8)
@@ -65,6 +62,10 @@ TUNING = {
     "shrink_warps": 4,
     "expand_waves": 4,          # expand programs aimed at per SM; BLOCK_N halves until reached
     "expand_block_n": 128,
+    "bgmv_expand_tile": 8192,   # token mode: expand tiles of up to this many weights ([512, 16] at r <= 16, [128, 64]
+                                # at r = 64 as in other modes). Decode graph at batch 256 over 128 adapters (per-token
+                                # tiling), [128, 16] -> [512, 16]: distinct 25.21 -> 24.80 ms, uniform 25.21 -> 24.77
+                                # (sgmv_NOTES.md, session 16)
     "expand_tiles": 1,          # N tiles per expand program
     "expand_stages": 2,
     "expand_warps": 4,
@@ -176,12 +177,14 @@ def _expand_config(tiling: tuple, slice_offsets: tuple[int, ...], R: int, sms: i
     the persistent kernel (TUNING["expand_persistent"]) takes."""
     mode, block_m, rows, seg_blocks = _row_tiling(*tiling)
     widths = [b - a for a, b in zip(slice_offsets, slice_offsets[1:])]
+    block_r = min(max(16, _pow2(R)), 64)
     block_n, per_program = TUNING["expand_block_n"], TUNING["expand_tiles"]
+    if mode == TOKEN:  # the largest power of two whose [block_n, block_r] tile fits
+        block_n = max(block_n, _pow2(TUNING["bgmv_expand_tile"] // block_r + 1) // 2)
     while block_n > 32 and rows * sum(_cdiv(w, block_n) for w in widths) < TUNING["expand_waves"] * sms:
         block_n //= 2
     tiles = [_cdiv(w, block_n) for w in widths] + [1 << 30] * (3 - len(widths))
     offsets = list(slice_offsets[1:]) + [slice_offsets[-1]] * (3 - len(widths))
-    block_r = min(max(16, _pow2(R)), 64)
     cols = _cdiv(sum(tiles[:len(widths)]), per_program)
     persistent = bool(counted and TUNING["expand_persistent"] and mode in (WORKLIST, HYBRID))
     args = (R, seg_blocks, slice_offsets[-1], offsets[0], offsets[1], tiles[0], tiles[0] + tiles[1], tiling[-1],
