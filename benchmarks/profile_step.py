@@ -182,7 +182,7 @@ def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -
 
 def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int,
             prefill: tuple[int, int] = (0, 0), graph_only: bool = False, knob_sets: tuple[str, ...] = (),
-            mixed_chunk: int = 128) -> dict:
+            mixed_chunk: int = 128, mixed_only: bool = False) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     idx = adapter_indices(popularity, batch, len(names), seed=0) if names and popularity != "none" else None
@@ -228,6 +228,10 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         if graph_only:
             abort_all(engine)
             return row
+        if mixed_only:
+            row.update(mixed_graph(engine, graphs, ordered, mixed_chunk, arranged=False))
+            abort_all(engine)
+            return row
         if any(hb.seq_slots):
             row.update(arrangements(engine, hb, "graph"))
         pdl.set_pdl(not pdl.pdl_enabled())  # the same graph with programmatic dependent launch flipped
@@ -244,24 +248,12 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     row["eager_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)  # launches only: no sync inside
     torch.cuda.synchronize()
     row["eager_kernels"] = kernel_table(lambda: model(device_batch))
-    # a mixed step: the first sequence recomputes its last mixed_chunk tokens (a prefill chunk) among decodes
-    first = ordered[0][0]
+    if graphs is not None:
+        row.update(mixed_graph(engine, graphs, ordered, mixed_chunk, knob_sets=knob_sets))
+    first = ordered[0][0]  # the mixed step again, eager
     first.num_computed -= mixed_chunk - 1
-    mixed_hb = host_batch([(first, mixed_chunk)] + ordered[1:], engine.runner.block_size)
-    mixed = to_device_batch(mixed_hb, engine.runner.slot_rank, engine.runner.device)
-    if graphs is not None and graphs.can_run(mixed_hb):
-        row["mixed_graph_ms"] = round(gpu_ms(lambda: graphs.run(mixed_hb)), 3)
-        t0 = time.perf_counter()
-        graphs.run(mixed_hb)
-        row["mixed_graph_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
-        torch.cuda.synchronize()
-        row["mixed_graph_kernels"] = kernel_table(lambda: graphs.run(mixed_hb))
-        key = graphs.key(mixed_hb)
-        row["mixed_graph_overlap"] = graph_overlap(graphs.graphs[key][0].replay)
-        if any(mixed_hb.seq_slots):
-            row.update(arrangements(engine, mixed_hb, "mixed_graph"))
-        if knob_sets:
-            row.update(knob_sweep(engine, mixed_hb, knob_sets, "mixed_graph_ms"))
+    mixed = to_device_batch(host_batch([(first, mixed_chunk)] + ordered[1:], engine.runner.block_size),
+                            engine.runner.slot_rank, engine.runner.device)
     row["mixed_gpu_ms"] = round(gpu_ms(lambda: model(mixed), reps=5), 3)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -273,6 +265,33 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row.update(prefill_step(engine, graphs, ordered, *prefill))
     abort_all(engine)
     return row
+
+
+def mixed_graph(engine: Engine, graphs, ordered: list, chunk: int, arranged: bool = True,
+                knob_sets: tuple[str, ...] = ()) -> dict:
+    """A mixed step's graph: the first sequence recomputes its last `chunk` tokens (a prefill chunk) among the
+    others' decodes. Its replay ms, host ms, kernels and overlap; with `arranged`, also under each LoRA-overlap
+    arrangement; under each knob set."""
+    first = ordered[0][0]
+    first.num_computed -= chunk - 1
+    try:
+        hb = host_batch([(first, chunk)] + ordered[1:], engine.runner.block_size)
+        if not graphs.can_run(hb):
+            return {}
+        row = {"mixed_tokens": len(hb.ids), "mixed_graph_ms": round(gpu_ms(lambda: graphs.run(hb)), 3)}
+        t0 = time.perf_counter()
+        graphs.run(hb)
+        row["mixed_graph_host_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
+        torch.cuda.synchronize()
+        row["mixed_graph_kernels"] = kernel_table(lambda: graphs.run(hb))
+        row["mixed_graph_overlap"] = graph_overlap(graphs.graphs[graphs.key(hb)][0].replay)
+        if arranged and any(hb.seq_slots):
+            row.update(arrangements(engine, hb, "mixed_graph"))
+        if knob_sets:
+            row.update(knob_sweep(engine, hb, knob_sets, "mixed_graph_ms"))
+        return row
+    finally:
+        first.num_computed += chunk - 1
 
 
 def abort_all(engine: Engine) -> None:
@@ -299,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
                          "largest batch); the text-generation benchmark serves min(2 x batch, 128)")
     ap.add_argument("--graph-only", action="store_true",
                     help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
+    ap.add_argument("--mixed-only", action="store_true",
+                    help="the decode graph's replay and kernels, then the mixed step's graph (replay, kernels, "
+                         "overlap) only: no arrangements, eager steps or PDL flip")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also the decode graph (and, without --graph-only, the mixed step's) recaptured under "
                          "each set of SGMV knobs (\"\" = the defaults)")
@@ -323,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
             names = list(adapters)[:args.num_adapters or 2 * batch]
             row = profile(engine, pop, names, batch, args.context, args.steps, tuple(args.prefill),
-                          args.graph_only, tuple(args.knobs), args.mixed_chunk)
+                          args.graph_only, tuple(args.knobs), args.mixed_chunk, args.mixed_only)
             for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels", "prefill_kernels"):
                 if key in row:
                     print(f"\n{pop}, batch {batch}: {key}")
@@ -342,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     arrangements = [f"graph_ms {label}" for label, _, _ in ARRANGEMENTS]
     print_table(rows, ["popularity", "batch", "graph_replay_ms", *arrangements, f"graph_ms pdl {not args.pdl}"])
     print()
-    print_table(rows, ["popularity", "batch", "mixed_graph_ms", *(f"mixed_{a}" for a in arrangements)])
+    print_table(rows, ["popularity", "batch", "mixed_tokens", "mixed_graph_ms", *(f"mixed_{a}" for a in arrangements)])
     print()
     print_table(rows, ["popularity", "batch", "step_ms", "schedule us", "forward (host) us", "sample us",
                        "graph_replay_ms", "eager_gpu_ms", "eager_host_ms", "mixed_gpu_ms", "mixed_host_ms",
