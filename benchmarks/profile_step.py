@@ -31,6 +31,7 @@ from benchmarks.harness import (
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
+from punica.model import layers
 from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
 
@@ -182,7 +183,7 @@ def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -
 
 def profile(engine: Engine, popularity: str, names: list[str], batch: int, context: int, steps: int,
             prefill: tuple[int, int] = (0, 0), graph_only: bool = False, knob_sets: tuple[str, ...] = (),
-            mixed_chunk: int = 128, mixed_only: bool = False) -> dict:
+            mixed_chunk: int = 128, mixed_only: bool = False, side_stream_max: int | None = None) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     idx = adapter_indices(popularity, batch, len(names), seed=0) if names and popularity != "none" else None
@@ -229,7 +230,7 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
             abort_all(engine)
             return row
         if mixed_only:
-            row.update(mixed_graph(engine, graphs, ordered, mixed_chunk, arranged=False))
+            row.update(mixed_graph(engine, graphs, ordered, mixed_chunk, arranged=side_stream_max is not None))
             abort_all(engine)
             return row
         if any(hb.seq_slots):
@@ -321,12 +322,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixed-only", action="store_true",
                     help="the decode graph's replay and kernels, then the mixed step's graph (replay, kernels, "
                          "overlap) only: no arrangements, eager steps or PDL flip")
+    ap.add_argument("--side-stream-max-tokens", type=int, default=None,
+                    help="steps of up to this many tokens run LoRA on the side stream (layers.SIDE_STREAM_MAX_TOKENS); "
+                         "with --mixed-only, the mixed graph is also timed under each arrangement")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also the decode graph (and, without --graph-only, the mixed step's) recaptured under "
                          "each set of SGMV knobs (\"\" = the defaults)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
+    if args.side_stream_max_tokens is not None:
+        layers.SIDE_STREAM_MAX_TOKENS = args.side_stream_max_tokens
+        knobs["side_stream_max_tokens"] = args.side_stream_max_tokens
     cfg = TINY if args.tiny else LLAMA2_7B
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
@@ -345,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
             names = list(adapters)[:args.num_adapters or 2 * batch]
             row = profile(engine, pop, names, batch, args.context, args.steps, tuple(args.prefill),
-                          args.graph_only, tuple(args.knobs), args.mixed_chunk, args.mixed_only)
+                          args.graph_only, tuple(args.knobs), args.mixed_chunk, args.mixed_only,
+                          args.side_stream_max_tokens)
             for key in ("graph_kernels", "eager_kernels", "mixed_graph_kernels", "prefill_kernels"):
                 if key in row:
                     print(f"\n{pop}, batch {batch}: {key}")
