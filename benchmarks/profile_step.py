@@ -31,7 +31,6 @@ from benchmarks.harness import (
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
-from punica.model import layers
 from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
 
@@ -321,19 +320,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
     ap.add_argument("--mixed-only", action="store_true",
                     help="the decode graph's replay and kernels, then the mixed step's graph (replay, kernels, "
-                         "overlap) only: no arrangements, eager steps or PDL flip")
-    ap.add_argument("--side-stream-max-tokens", type=int, default=None,
-                    help="steps of up to this many tokens run LoRA on the side stream (layers.SIDE_STREAM_MAX_TOKENS); "
-                         "with --mixed-only, the mixed graph is also timed under each arrangement")
+                         "overlap) only: no eager steps or PDL flip; its LoRA-overlap arrangements only with "
+                         "--side-stream-max-tokens")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also the decode graph (and, without --graph-only, the mixed step's) recaptured under "
                          "each set of SGMV knobs (\"\" = the defaults)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
-    if args.side_stream_max_tokens is not None:
-        layers.SIDE_STREAM_MAX_TOKENS = args.side_stream_max_tokens
-        knobs["side_stream_max_tokens"] = args.side_stream_max_tokens
     cfg = TINY if args.tiny else LLAMA2_7B
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
