@@ -223,13 +223,14 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
         row["graph_replay_ms"] = round(gpu_ms(graph.replay), 3)
         row["graph_kernels"] = kernel_table(graph.replay)
         row["graph_overlap"] = graph_overlap(graph.replay)
-        if knob_sets:
+        if knob_sets and not mixed_only:
             row.update(knob_sweep(engine, hb, knob_sets))
         if graph_only:
             abort_all(engine)
             return row
         if mixed_only:
-            row.update(mixed_graph(engine, graphs, ordered, mixed_chunk, arranged=side_stream_max is not None))
+            row.update(mixed_graph(engine, graphs, ordered, mixed_chunk, arranged=side_stream_max is not None,
+                                   knob_sets=knob_sets))
             abort_all(engine)
             return row
         if any(hb.seq_slots):
@@ -320,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the decode graph's replay, kernels and overlap only (no arrangements, eager or mixed steps)")
     ap.add_argument("--mixed-only", action="store_true",
                     help="the decode graph's replay and kernels, then the mixed step's graph (replay, kernels, "
-                         "overlap) only: no eager steps or PDL flip; its LoRA-overlap arrangements only with "
-                         "--side-stream-max-tokens")
+                         "overlap, --knobs sweeps) only: no eager steps or PDL flip; its LoRA-overlap arrangements "
+                         "only with --side-stream-max-tokens")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also the decode graph (and, without --graph-only, the mixed step's) recaptured under "
                          "each set of SGMV knobs (\"\" = the defaults)")
