@@ -14,6 +14,7 @@ import torch
 
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
+from punica.engine.json_mode import DONE, START_STATE, JsonGrammar
 from punica.engine.memory import kv_cache_blocks
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
 from punica.engine.runner import InFlight, ModelRunner
@@ -168,6 +169,8 @@ class Engine:
         vocab = self.model_config.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
             raise BadRequestError(f"logit_bias names token {params.logit_bias[-1][0]}; token ids are below {vocab}")
+        if params.json_object:
+            self._json_grammar()
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting already; retry later")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -175,10 +178,20 @@ class Engine:
             raise BadRequestError(f"request id {request_id!r} is already in use")
         key = self.adapters.ref(lora) if lora is not None else None
         seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora, lora_key=key,
-                       cache_namespace=None if key is None else (key, self.adapters.load_ids[key]))
+                       cache_namespace=None if key is None else (key, self.adapters.load_ids[key]),
+                       json_state=START_STATE if params.json_object else None)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _json_grammar(self) -> JsonGrammar:
+        """The JSON-mode masks of this model's vocabulary, built on first use (about half a second for 49k
+        tokens)."""
+        if self.runner.json_grammar is None:
+            if self.tokenizer is None:
+                raise BadRequestError("JSON mode needs the model's tokenizer.json (the bytes of each token)")
+            self.runner.json_grammar = JsonGrammar(self.tokenizer.token_bytes, self.model_config.vocab_size)
+        return self.runner.json_grammar
 
     def add_requests(self, prompts: list[str] | list[list[int]], params: list[SamplingParams],
                      loras: list[str | None]) -> list[str]:
@@ -288,6 +301,12 @@ class Engine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         reason = self._stop_reason(seq, token)
+        if seq.json_state is not None:
+            seq.json_state = self.runner.json_grammar.advance(seq.json_state, token)
+            if seq.json_state is None:  # the mask allows no such token: a bug, reported as this request's error
+                return self._fail(seq, f"JSON mode: token {token} does not continue the JSON output")
+            if seq.json_state.mode == DONE and reason is None:
+                reason = "stop"  # the object is complete
         if reason is not None:
             self._finish(seq, reason)
         return self._output(seq, [token], seq.text[len(old_text):], None if logprobs is None else [logprobs])

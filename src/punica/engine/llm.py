@@ -26,15 +26,17 @@ class LLM:
     def remove_lora(self, name: str) -> None:
         self.engine.remove_lora(name)
 
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None,
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
                  lora: list[str | None] | str | None = None, progress: bool | None = None) -> list[RequestOutput]:
         """Outputs in prompt order. `prompts`: texts or token-id lists (one text alone is one prompt).
-        `lora`: one adapter name (or None) per prompt, or one for all."""
+        `params` and `lora`: one per prompt (a list), or one for all."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         loras = lora if isinstance(lora, list) else [lora] * len(prompts)
-        if len(loras) != len(prompts):
-            raise BadRequestError(f"got {len(loras)} lora entries for {len(prompts)} prompts")
-        ids = self.engine.add_requests(prompts, [params] * len(prompts), loras)
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        if not len(loras) == len(each) == len(prompts):
+            raise BadRequestError(f"got {len(loras)} lora entries and {len(each)} params for {len(prompts)} prompts")
+        ids = self.engine.add_requests(prompts, each, loras)
         try:
             return self._run(ids, progress if progress is not None else len(ids) >= 64)
         except BaseException:  # an error or Ctrl-C: stop this call's requests so the next call starts clean

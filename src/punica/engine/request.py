@@ -9,6 +9,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from punica.config import is_int, is_number
+from punica.engine.json_mode import State
 from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
@@ -44,6 +45,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # drop tokens less than min_p times as likely as the most likely one, after temperature (0 = none)
     min_p: float = 0.0
+    # JSON mode: only tokens that keep the output a prefix of one JSON object are drawn, and the request stops
+    # when the object closes (engine/json_mode.py)
+    json_object: bool = False
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -82,6 +86,8 @@ class SamplingParams:
             bad(f"repetition_penalty must be a finite number > 0 (1: none), got {self.repetition_penalty!r}")
         if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.json_object, bool):
+            bad(f"json_object must be true or false, got {self.json_object!r}")
         bias = self.logit_bias
         pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
                  else [] if bias is None else None)
@@ -153,6 +159,9 @@ class Sequence:
     logprobs: list[TokenLogprobs] | None = None  # one per known generated token, when the params ask for them
     # one per prompt token when the params ask for them, filled in as prefill chunks are read (None: not yet)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # JSON mode: the automaton's state after the known tokens (json_mode.State). The next draw's mask depends on
+    # it, so the sequence is not scheduled while a token of its is on the device
+    json_state: State | None = None
 
     def __post_init__(self):
         if not self.tokens:

@@ -16,6 +16,7 @@ class Tokenizer:
         tok_path, cfg_path = os.path.join(model_dir, "tokenizer.json"), os.path.join(model_dir, "tokenizer_config.json")
         try:
             self._tok = HFTokenizer.from_file(tok_path)
+            self._path = tok_path
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise ModelLoadError(f"cannot read {tok_path}: {e}") from e
         cfg = {}
@@ -63,6 +64,39 @@ class Tokenizer:
             return after[len(before):], read, end
         return "", prefix, read
 
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes | None]:
+        """Each token id's bytes in the decoded output (None for added and special tokens), for byte-level
+        vocabularies (GPT-2's byte-to-character map) and SentencePiece-style ones ("\u2581" for a space,
+        "<0xNN>" byte-fallback tokens). BadRequestError for others: JSON mode needs them."""
+        with open(self._path) as f:
+            spec = json.load(f)
+        decoder = json.dumps(spec.get("decoder"))
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        out: list[bytes | None] = [None] * self._tok.get_vocab_size(with_added_tokens=True)
+        if '"ByteLevel"' in decoder:
+            table = _byte_level_table()
+            for text, i in vocab.items():
+                try:
+                    out[i] = bytes(table[c] for c in text)
+                except KeyError:  # not a byte-level string: never drawn in JSON mode
+                    pass
+        elif "\\u2581" in decoder or "Metaspace" in decoder or "ByteFallback" in decoder:
+            for text, i in vocab.items():
+                if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                    out[i] = bytes([int(text[3:5], 16)])
+                else:
+                    out[i] = text.replace("\u2581", " ").encode("utf-8")
+        else:
+            raise BadRequestError(f"JSON mode needs a byte-level (GPT-2 style) or SentencePiece-style tokenizer; this "
+                                  f"model's tokenizer decodes with {(spec.get('decoder') or {}).get('type')}")
+        for token in self._tok.get_added_tokens_decoder().values() if hasattr(
+                self._tok, "get_added_tokens_decoder") else ():
+            i = self._tok.token_to_id(token.content)
+            if i is not None:
+                out[i] = None
+        return out
+
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self._tok.token_to_id(text)
 
@@ -82,6 +116,15 @@ class Tokenizer:
         return self._compiled_chat_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others
+    (control bytes, space, 127-160, 173) for the characters from U+0100 up, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(0x100 + n): b for n, b in enumerate(others)}}
 
 
 def _token_text(token) -> str | None:

@@ -76,8 +76,9 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
+    # {"type": "text"} or {"type": "json_object"} (SamplingParams.json_object); other types are refused
     response_format: dict | None = None
+    # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
     tool_choice: Any = None
     functions: list | None = None
     function_call: Any = None
@@ -92,8 +93,9 @@ class SamplingFields(BaseModel):
     def unsupported(self) -> list[str]:
         """Names of set fields whose meaning Punica does not implement."""
         bad = [f for f in ("functions", "function_call") if getattr(self, f)]
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            bad.append("response_format")
+        if self.response_format and self.response_format.get("type", "text") not in ("text", "json_object"):
+            bad.append(f"response_format of type {self.response_format.get('type')!r} (json_object and text are "
+                       "served)")
         if self.tool_choice not in (None, "none"):
             bad.append("tool_choice")
         if self.parallel_tool_calls:
@@ -121,7 +123,8 @@ class SamplingFields(BaseModel):
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
             ignore_eos=self.ignore_eos, logit_bias=self.token_bias(), logprobs=self.num_logprobs,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            prompt_logprobs=self.num_logprobs if self.echoes else None)
+            prompt_logprobs=self.num_logprobs if self.echoes else None,
+            json_object=bool(self.response_format and self.response_format.get("type") == "json_object"))
 
     def token_bias(self) -> dict[int, float] | None:
         """`logit_bias` with its keys (JSON object keys are strings) as token ids."""

