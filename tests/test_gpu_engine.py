@@ -164,6 +164,13 @@ def test_logit_bias_on_cuda_forces_its_token(tiny_models):
     assert done[rids[1]].token_ids == [77] * 10 and done[rids[0]].token_ids != [77] * 10
 
 
+def test_json_mode_on_cuda_graph_steps(tiny_models, tmp_path):
+    """JSON-mode masks on the device, after the CUDA graphs' logits (test_json_mode.json_mode_batch)."""
+    from test_json_mode import byte_tokenizer_model, json_mode_batch
+
+    json_mode_batch(*byte_tokenizer_model(tiny_models, tmp_path), "cuda", "bfloat16")
+
+
 def test_bf16_logits_close_to_peft(tiny_models):
     from test_parity import last_token_logits
 

