@@ -16,7 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from punica import LLM, BadRequestError, SamplingParams, demo_model
 from punica.engine import json_mode
-from punica.engine.json_mode import DONE, START_STATE, JsonGrammar, advance, key_state
+from punica.engine.json_mode import DONE, START_STATE, JsonGrammar, Vocabulary, advance, key_state
 from punica.engine.tokenizer import Tokenizer
 from punica.errors import ModelLoadError
 
@@ -68,7 +68,7 @@ def demo_dir():
 @pytest.fixture(scope="module")
 def grammar(demo_dir):
     tok = Tokenizer(demo_dir)
-    return tok, JsonGrammar(tok.token_bytes, len(tok.token_bytes))
+    return tok, JsonGrammar(Vocabulary(tok.token_bytes, len(tok.token_bytes)))
 
 
 @pytest.mark.parametrize("text", ['', '{', '{"na', '{"a\\', '{"a\\u0', '{"a"', '{"a": ', '{"a": 12', '{"a": 1.5e',
@@ -159,8 +159,14 @@ def test_response_format_maps_to_json_mode():
     assert not ChatCompletionRequest(**chat, response_format={"type": "text"}).sampling_params(8, 0).json_object
     assert CompletionRequest(model="m", prompt="{", response_format={"type": "json_object"}).sampling_params(
         8, 0).json_object
-    with pytest.raises(BadRequestError, match="'json_schema'"):
+    with pytest.raises(BadRequestError, match="'xml'"):
+        ChatCompletionRequest(**chat, response_format={"type": "xml"}).sampling_params(8, 0)
+    with pytest.raises(BadRequestError, match="needs \"json_schema\""):
         ChatCompletionRequest(**chat, response_format={"type": "json_schema"}).sampling_params(8, 0)
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    params = ChatCompletionRequest(**chat, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": schema, "strict": True}}).sampling_params(8, 0)
+    assert json.loads(params.json_schema) == schema and list(json.loads(params.json_schema)["properties"]) == ["b", "a"]
 
 
 def json_mode_batch(model_dir: str, adapters: dict[str, str], device: str, dtype: str) -> None:

@@ -87,7 +87,7 @@ def test_json_mode_sequences_wait_for_their_token_on_the_device():
 
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), BlockManager(64, 16), FakeAdapters())
     a, b = seq(5), seq(6)
-    b.json_state = START_STATE
+    b.grammar_state = START_STATE
     sched.add(a)
     sched.add(b)
     run_step(sched)  # both prefilled

@@ -366,7 +366,7 @@ def test_bad_inputs_are_refused_up_front_and_others_keep_running(main, client):
     started = time.monotonic()
     assert_openai_error(post({**ok, "prompt": "w5 " * 400_000}), 400, "characters", "max_model_len")
     assert time.monotonic() - started < 10  # refused by its length, not after tokenizing 800k words
-    assert_openai_error(post({**ok, "response_format": {"type": "json_schema"}}), 400, "response_format", "json_object")
+    assert_openai_error(post({**ok, "response_format": {"type": "xml"}}), 400, "response_format", "json_schema")
     # JSON mode needs the bytes of each token: this model's word-level tokenizer has none
     assert_openai_error(post({**ok, "response_format": {"type": "json_object"}}), 400, "JSON mode", "byte-level")
     assert_openai_error(post({**ok, "tool_choice": "auto"}, "chat/completions"), 400)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ import torch
 
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
-from punica.engine.json_mode import DONE, START_STATE, JsonGrammar
+from punica.engine.json_mode import JsonGrammar, TokenGrammar, Vocabulary
+from punica.engine.json_schema import SchemaGrammar
 from punica.engine.memory import kv_cache_blocks
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
 from punica.engine.runner import InFlight, ModelRunner
@@ -30,6 +32,7 @@ from punica.model.loader import DTYPES, load_model
 from punica.ops import resolve_backend, select_ops
 
 log = logging.getLogger("punica.engine")
+MAX_SCHEMAS = 64  # compiled JSON schemas kept (each with its masks on the device)
 STALLED_WAIT_S = 0.005  # nothing could be scheduled (e.g. the queue waits on adapter reads): a driver's pause
 
 
@@ -109,6 +112,8 @@ class Engine:
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.eos_ids = set(model_cfg.eos_token_ids)
+        self._vocab: Vocabulary | None = None  # the tokens' bytes, for JSON modes (built on first use)
+        self._grammars: dict[str, TokenGrammar] = {}  # "json_object" or a schema's text -> its grammar
         self.num_preemptions = 0
         for name, path in (lora_modules or {}).items():
             self.add_lora(name, path)
@@ -169,8 +174,7 @@ class Engine:
         vocab = self.model_config.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
             raise BadRequestError(f"logit_bias names token {params.logit_bias[-1][0]}; token ids are below {vocab}")
-        if params.json_object:
-            self._json_grammar()
+        grammar = self._grammar(params)
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting already; retry later")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -179,19 +183,30 @@ class Engine:
         key = self.adapters.ref(lora) if lora is not None else None
         seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora, lora_key=key,
                        cache_namespace=None if key is None else (key, self.adapters.load_ids[key]),
-                       json_state=START_STATE if params.json_object else None)
+                       grammar=grammar, grammar_state=None if grammar is None else grammar.start)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
-    def _json_grammar(self) -> JsonGrammar:
-        """The JSON-mode masks of this model's vocabulary, built on first use (about half a second for 49k
-        tokens)."""
-        if self.runner.json_grammar is None:
+    def _grammar(self, params: SamplingParams) -> TokenGrammar | None:
+        """The grammar that masks this request's draws (JSON or JSON-schema mode), built on first use: the
+        vocabulary's byte tries once (about half a second for 49k tokens), each schema once (kept for the
+        MAX_SCHEMAS most recent)."""
+        if not (params.json_object or params.json_schema):
+            return None
+        if self._vocab is None:
             if self.tokenizer is None:
                 raise BadRequestError("JSON mode needs the model's tokenizer.json (the bytes of each token)")
-            self.runner.json_grammar = JsonGrammar(self.tokenizer.token_bytes, self.model_config.vocab_size)
-        return self.runner.json_grammar
+            self._vocab = Vocabulary(self.tokenizer.token_bytes, self.model_config.vocab_size)
+            self._grammars.clear()
+        key = params.json_schema or "json_object"
+        grammar = self._grammars.pop(key, None)
+        if grammar is None:
+            grammar = SchemaGrammar(self._vocab, json.loads(key)) if params.json_schema else JsonGrammar(self._vocab)
+        self._grammars[key] = grammar  # most recent last
+        while len(self._grammars) > MAX_SCHEMAS:
+            self._grammars.pop(next(iter(self._grammars)))
+        return grammar
 
     def add_requests(self, prompts: list[str] | list[list[int]], params: list[SamplingParams],
                      loras: list[str | None]) -> list[str]:
@@ -301,12 +316,12 @@ class Engine:
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         reason = self._stop_reason(seq, token)
-        if seq.json_state is not None:
-            seq.json_state = self.runner.json_grammar.advance(seq.json_state, token)
-            if seq.json_state is None:  # the mask allows no such token: a bug, reported as this request's error
+        if seq.grammar is not None:
+            seq.grammar_state = seq.grammar.advance(seq.grammar_state, token)
+            if seq.grammar_state is None:  # the mask allows no such token: a bug, reported as this request's error
                 return self._fail(seq, f"JSON mode: token {token} does not continue the JSON output")
-            if seq.json_state.mode == DONE and reason is None:
-                reason = "stop"  # the object is complete
+            if seq.grammar.done(seq.grammar_state) and reason is None:
+                reason = "stop"  # the JSON value is complete
         if reason is not None:
             self._finish(seq, reason)
         return self._output(seq, [token], seq.text[len(old_text):], None if logprobs is None else [logprobs])

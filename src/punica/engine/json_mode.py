@@ -155,53 +155,98 @@ def advance(s: State, data: bytes) -> State | None:
     return s
 
 
-class JsonGrammar:
-    """The token masks of one vocabulary. `token_bytes[i]`: token i's bytes, None for tokens JSON mode never
-    draws (special tokens); `vocab_size`: the model's logits width (ids past token_bytes are never drawn)."""
+class Vocabulary:
+    """A model's tokens as bytes, in tries for the mask walks; shared by every grammar of the model.
+    `token_bytes[i]`: token i's bytes, None for tokens constrained requests never draw (special tokens);
+    `vocab_size`: the model's logits width (ids past token_bytes are never drawn)."""
 
     def __init__(self, token_bytes: list[bytes | None], vocab_size: int):
         self.vocab_size = vocab_size
         self.token_bytes = token_bytes[:vocab_size]
-        self._trie = _Trie()  # every token with bytes
-        self._marked = _Trie()  # those holding a byte that can end or escape a string
-        self._plain: list[int] = []  # the others: inside a string they keep it going, whatever the state
+        self.trie = _Trie()  # every token with bytes
+        self.marked = _Trie()  # those holding a byte that can end or escape a string
+        self.plain: list[int] = []  # the others: inside a string they keep it going, whatever the state
         for i, data in enumerate(self.token_bytes):
             if not data:
                 continue
-            self._trie.add(data, i)
+            self.trie.add(data, i)
             if any(b < 0x20 or b in (0x22, 0x5C) for b in data):
-                self._marked.add(data, i)
+                self.marked.add(data, i)
             else:
-                self._plain.append(i)
+                self.plain.append(i)
+
+
+class TokenGrammar:
+    """Token masks from a byte automaton: subclasses give `step` (state, byte -> state or None), `done`,
+    `in_string` (plain bytes leave the state as it is: the walk takes every plain token at once) and
+    `cache_key` (what of a state its mask depends on; a state of that key's own, for the walk)."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
         self._masks: OrderedDict = OrderedDict()
 
-    def advance(self, s: State, token: int) -> State | None:
-        data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
-        return advance(s, data) if data else None
+    def step(self, s, b: int):
+        raise NotImplementedError
 
-    def allowed(self, s: State) -> list[int]:
-        """The token ids that may follow state s (for a cache key's state: see `key`)."""
+    def done(self, s) -> bool:
+        raise NotImplementedError
+
+    def in_string(self, s) -> bool:
+        return False
+
+    def cache_key(self, s):
+        return s
+
+    def advance(self, s, token: int):
+        """The state after token `token`, or None where it cannot follow s."""
+        data = self.vocab.token_bytes[token] if 0 <= token < len(self.vocab.token_bytes) else None
+        if not data:
+            return None
+        for b in data:
+            if self.done(s):
+                return None
+            s = self.step(s, b)
+            if s is None:
+                return None
+        return s
+
+    def allowed(self, s) -> list[int]:
+        """The token ids that may follow state s."""
         out: list[int] = []
-        if s.mode == STR:
-            out.extend(self._plain)
-            _walk(self._marked.root, s, out)
-        elif s.mode != DONE:
-            _walk(self._trie.root, s, out)
+        if self.in_string(s):
+            out.extend(self.vocab.plain)
+            self._walk(self.vocab.marked.root, s, out)
+        elif not self.done(s):
+            self._walk(self.vocab.trie.root, s, out)
         return out
 
-    def mask(self, s: State, device):
+    def _walk(self, root: list, s, out: list[int]) -> None:
+        """Append the ids of every token under `root` whose bytes the automaton takes from state s."""
+        todo = [(root, s)]
+        while todo:
+            node, state = todo.pop()
+            for b, child in node[0].items():
+                nxt = self.step(state, b)
+                if nxt is None:
+                    continue
+                out.extend(child[1])
+                if child[0] and not self.done(nxt):
+                    todo.append((child, nxt))
+
+    def mask(self, s, device):
         """A [vocab_size] bool tensor on `device`: the tokens that may follow s."""
         import torch
 
-        key = (*key_of(s), str(device))
+        key_state = self.cache_key(s)
+        key = (key_state, str(device))
         cached = self._masks.get(key)
         if cached is not None:
             self._masks.move_to_end(key)
             return cached
-        allowed = self.allowed(key_state(s))
+        allowed = self.allowed(key_state)
         if not allowed:
-            raise RuntimeError(f"JSON mode: no token of the vocabulary continues the output from {s}")
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            raise RuntimeError(f"constrained output: no token of the vocabulary continues from {s}")
+        mask = torch.zeros(self.vocab.vocab_size, dtype=torch.bool)
         mask[torch.tensor(allowed, dtype=torch.int64)] = True
         mask = mask.to(device)
         self._masks[key] = mask
@@ -210,16 +255,29 @@ class JsonGrammar:
         return mask
 
 
+class JsonGrammar(TokenGrammar):
+    """Any JSON object (the automaton above)."""
+
+    start = START_STATE
+
+    def step(self, s: State, b: int) -> State | None:
+        return step(s, b)
+
+    def done(self, s: State) -> bool:
+        return s.mode == DONE
+
+    def in_string(self, s: State) -> bool:
+        return s.mode == STR
+
+    def cache_key(self, s: State) -> State:
+        return key_state(s)
+
+
 def key_state(s: State) -> State:
     """s with the containers below the top SEEN ones unknown: what the mask of s depends on."""
     if len(s.stack) <= SEEN:
         return s
     return s._replace(stack=UNKNOWN * (len(s.stack) - SEEN) + s.stack[-SEEN:])
-
-
-def key_of(s: State) -> tuple:
-    k = key_state(s)
-    return k.mode, k.stack, k.aux, k.ws
 
 
 class _Trie:
@@ -233,17 +291,3 @@ class _Trie:
         for b in data:
             node = node[0].setdefault(b, [{}, []])
         node[1].append(token)
-
-
-def _walk(root: list, s: State, out: list[int]) -> None:
-    """Append the ids of every token under `root` whose bytes the automaton takes from state s."""
-    todo = [(root, s)]
-    while todo:
-        node, state = todo.pop()
-        for b, child in node[0].items():
-            nxt = step(state, b)
-            if nxt is None:
-                continue
-            out.extend(child[1])
-            if child[0] and nxt.mode != DONE:
-                todo.append((child, nxt))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from punica.config import is_int, is_number
-from punica.engine.json_mode import State
+from punica.engine.json_mode import TokenGrammar
 from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
@@ -48,6 +49,9 @@ class SamplingParams:
     # JSON mode: only tokens that keep the output a prefix of one JSON object are drawn, and the request stops
     # when the object closes (engine/json_mode.py)
     json_object: bool = False
+    # JSON-schema mode: the same for one value of this JSON schema (a dict, kept as its JSON text;
+    # engine/json_schema.py)
+    json_schema: dict | str | None = None
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -88,6 +92,17 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not isinstance(self.json_object, bool):
             bad(f"json_object must be true or false, got {self.json_object!r}")
+        if self.json_schema is not None:
+            if self.json_object:
+                bad("json_object and json_schema exclude each other: give one")
+            try:
+                schema = json.loads(self.json_schema) if isinstance(self.json_schema, str) else self.json_schema
+                text = json.dumps(schema)
+            except (TypeError, ValueError) as e:
+                bad(f"json_schema must be a JSON schema object: {e}")
+            if not isinstance(schema, dict):
+                bad(f"json_schema must be a JSON schema object, got {type(schema).__name__}")
+            object.__setattr__(self, "json_schema", text)  # hashable; the properties keep their order
         bias = self.logit_bias
         pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
                  else [] if bias is None else None)
@@ -159,9 +174,10 @@ class Sequence:
     logprobs: list[TokenLogprobs] | None = None  # one per known generated token, when the params ask for them
     # one per prompt token when the params ask for them, filled in as prefill chunks are read (None: not yet)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
-    # JSON mode: the automaton's state after the known tokens (json_mode.State). The next draw's mask depends on
-    # it, so the sequence is not scheduled while a token of its is on the device
-    json_state: State | None = None
+    # JSON and JSON-schema modes: the grammar (json_mode.TokenGrammar) and its state after the known tokens. The
+    # next draw's mask depends on that state, so the sequence is not scheduled while a token of its is on the device
+    grammar: TokenGrammar | None = None
+    grammar_state: Hashable = None
 
     def __post_init__(self):
         if not self.tokens:

@@ -165,7 +165,6 @@ class ModelRunner:
         self.graphs = graphs
         self._generators: dict[str, torch.Generator] = {}
         self._counts = TokenCounts()  # penalized requests' generated tokens
-        self.json_grammar = None  # the JSON-mode masks (json_mode.JsonGrammar), set by the engine when first needed
         # two pinned buffers for sampled tokens, alternating: one step in flight while the next launches
         cuda = device.type == "cuda"
         self._host_tokens = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
@@ -238,10 +237,10 @@ class ModelRunner:
                                         [params[r].frequency_penalty for r in counted],
                                         [params[r].repetition_penalty for r in counted])
             logits = logits.index_copy(0, picked, penalized)
-        constrained = [row for row, s in enumerate(seqs) if s.json_state is not None]
+        constrained = [row for row, s in enumerate(seqs) if s.grammar_state is not None]
         if constrained:  # last: the mask has the final word (json_mode.py)
             at = to_device(constrained, logits.device, torch.int64)
-            masks = torch.stack([self.json_grammar.mask(seqs[r].json_state, logits.device) for r in constrained])
+            masks = torch.stack([seqs[r].grammar.mask(seqs[r].grammar_state, logits.device) for r in constrained])
             logits = logits.index_copy(0, at, logits.index_select(0, at).masked_fill(~masks, -math.inf))
         tokens = sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
                               [p.top_p for p in params], gens, [p.min_p for p in params])

@@ -65,7 +65,7 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival)):
             if seq.status is not Status.RUNNING or seq.finishing or budget == 0:
                 continue
-            if seq.json_state is not None and seq.num_pending:  # its next mask needs the token on the device
+            if seq.grammar_state is not None and seq.num_pending:  # its next mask needs the token on the device
                 continue
             n = self._chunk(seq, budget)
             if not n:

@@ -17,6 +17,7 @@ from punica import BadRequestError, SamplingParams
 from punica.engine.request import MAX_LOGPROBS, SEED_END, SEED_MIN
 
 COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's default)
+FORMATS = ("text", "json_object", "json_schema")  # response_format types served
 
 
 def random_id(prefix: str) -> str:
@@ -76,7 +77,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    # {"type": "text"} or {"type": "json_object"} (SamplingParams.json_object); other types are refused
+    # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
+    # (SamplingParams.json_object, .json_schema); other types are refused
     response_format: dict | None = None
     # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
     tool_choice: Any = None
@@ -93,9 +95,8 @@ class SamplingFields(BaseModel):
     def unsupported(self) -> list[str]:
         """Names of set fields whose meaning Punica does not implement."""
         bad = [f for f in ("functions", "function_call") if getattr(self, f)]
-        if self.response_format and self.response_format.get("type", "text") not in ("text", "json_object"):
-            bad.append(f"response_format of type {self.response_format.get('type')!r} (json_object and text are "
-                       "served)")
+        if self.response_format and self.response_format.get("type", "text") not in FORMATS:
+            bad.append(f"response_format of type {self.response_format.get('type')!r} (served: {', '.join(FORMATS)})")
         if self.tool_choice not in (None, "none"):
             bad.append("tool_choice")
         if self.parallel_tool_calls:
@@ -123,8 +124,20 @@ class SamplingFields(BaseModel):
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
             ignore_eos=self.ignore_eos, logit_bias=self.token_bias(), logprobs=self.num_logprobs,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            prompt_logprobs=self.num_logprobs if self.echoes else None,
-            json_object=bool(self.response_format and self.response_format.get("type") == "json_object"))
+            prompt_logprobs=self.num_logprobs if self.echoes else None, **self.json_mode())
+
+    def json_mode(self) -> dict:
+        """SamplingParams' json_object / json_schema from `response_format`."""
+        kind = (self.response_format or {}).get("type")
+        if kind == "json_object":
+            return {"json_object": True}
+        if kind != "json_schema":
+            return {}
+        spec = self.response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise BadRequestError('response_format {"type": "json_schema"} needs "json_schema": {"name": ..., '
+                                  '"schema": {...}}')
+        return {"json_schema": spec["schema"]}
 
     def token_bias(self) -> dict[int, float] | None:
         """`logit_bias` with its keys (JSON object keys are strings) as token ids."""

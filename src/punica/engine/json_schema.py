@@ -1,0 +1,310 @@
+"""JSON-schema mode (response_format {"type": "json_schema", "json_schema": {"schema": ...}}): the output is one
+JSON value of the schema. The schema compiles to a tree of nodes and a byte automaton over it; masks come from
+json_mode.TokenGrammar, as in JSON mode.
+
+What a schema may say, as OpenAI's strict structured outputs do: objects whose properties are written in the
+schema's order, every one of them (a property not in `required` is written too, which the schema allows);
+arrays of `items` with `minItems` / `maxItems`; strings, numbers, integers, booleans, null; `enum` and `const` of
+scalars; `anyOf` / `oneOf` and type lists whose alternatives begin with different bytes (Optional[X] is
+`anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too. Keywords that would
+constrain the value further (`pattern`, `format`, `minLength`, `minimum`, ...) are refused with an error naming
+them, rather than ignored. The top-level value is an object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from punica.engine.json_mode import MAX_DEPTH, WS_MAX, TokenGrammar, Vocabulary
+from punica.errors import BadRequestError
+
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs",
+                         "definitions", "additionalProperties", "required", "strict", "deprecated", "readOnly",
+                         "writeOnly"))
+KEYWORDS = frozenset(("type", "properties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
+                      "$ref")) | ANNOTATIONS
+MAX_NODES = 4096  # nodes of one compiled schema at most
+
+OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS, UNION = range(7)
+FIRST = {"object": frozenset(b"{"), "array": frozenset(b"["), "string": frozenset(b'"'),
+         "number": frozenset(b"-0123456789"), "integer": frozenset(b"-0123456789"), "boolean": frozenset(b"tf"),
+         "null": frozenset(b"n")}  # the bytes a value of each type begins with
+
+# phases of a frame
+START, KEY_START, KEY, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT, STR, ESC, HEX, LIT = range(13)
+MINUS, ZERO, INT, DOT, FRAC, EXP_MARK, EXP_SIGN, EXP = range(13, 21)
+_SPACED = frozenset((START, KEY_START, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT))
+_NUMBER_END = frozenset((ZERO, INT, FRAC, EXP))
+_WS = frozenset(b" \t\n\r")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrt')
+
+
+@dataclass
+class Node:
+    kind: int
+    keys: list[bytes] = field(default_factory=list)  # OBJECT: each property's name as JSON, quotes included
+    values: list[int] = field(default_factory=list)  # OBJECT: their nodes; ARRAY: [items]
+    min_items: int = 0
+    max_items: int | None = None
+    literals: list[bytes] = field(default_factory=list)  # LITERALS: each value as compact JSON
+    by_byte: dict[int, int] = field(default_factory=dict)  # UNION: first byte -> alternative
+    first: frozenset = frozenset()  # the bytes a value of this node may begin with
+
+
+def compile_schema(schema) -> tuple[list[Node], int]:
+    """(the schema's nodes, the root's index). BadRequestError names what is not supported."""
+    if not isinstance(schema, dict):
+        raise BadRequestError(f"json_schema.schema must be a JSON object, got {type(schema).__name__}")
+    nodes: list[Node] = []
+    refs: dict[str, int] = {}
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+
+    def add(node: Node) -> int:
+        if len(nodes) >= MAX_NODES:
+            raise BadRequestError(f"json_schema: more than {MAX_NODES} nodes")
+        nodes.append(node)
+        return len(nodes) - 1
+
+    def build(s, where: str) -> int:
+        if not isinstance(s, dict):
+            raise BadRequestError(f"json_schema at {where}: a schema must be an object, got {s!r}")
+        unknown = sorted(set(s) - KEYWORDS)
+        if unknown:
+            raise BadRequestError(f"json_schema at {where}: unsupported keyword(s) {', '.join(unknown)} (supported: "
+                                  f"{', '.join(sorted(KEYWORDS - ANNOTATIONS))})")
+        if "$ref" in s:
+            return ref(s["$ref"], where)
+        if "const" in s:
+            return literals([s["const"]], where)
+        if "enum" in s:
+            if not isinstance(s["enum"], list) or not s["enum"]:
+                raise BadRequestError(f"json_schema at {where}: enum must be a non-empty list")
+            return literals(s["enum"], where)
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                if not isinstance(s[key], list) or not s[key]:
+                    raise BadRequestError(f"json_schema at {where}: {key} must be a non-empty list")
+                return union([build(alt, f"{where}.{key}[{i}]") for i, alt in enumerate(s[key])], where)
+        kind = s.get("type")
+        if isinstance(kind, list):
+            return union([build({**s, "type": k}, f"{where}.type[{i}]") for i, k in enumerate(kind)], where)
+        if kind == "object":
+            props = s.get("properties", {})
+            if not isinstance(props, dict):
+                raise BadRequestError(f"json_schema at {where}: properties must be an object")
+            missing = [r for r in s.get("required", ()) if r not in props]
+            if missing:
+                raise BadRequestError(f"json_schema at {where}: required {missing} not in properties")
+            i = add(Node(OBJECT, first=FIRST["object"]))
+            nodes[i].keys = [json.dumps(k).encode() for k in props]
+            nodes[i].values = [build(v, f"{where}.{k}") for k, v in props.items()]
+            return i
+        if kind == "array":
+            if "items" not in s:
+                raise BadRequestError(f"json_schema at {where}: an array needs `items`")
+            lo, hi = s.get("minItems", 0), s.get("maxItems")
+            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < max(lo, 1)):
+                raise BadRequestError(f"json_schema at {where}: minItems {lo!r} / maxItems {hi!r}")
+            i = add(Node(ARRAY, min_items=lo, max_items=hi, first=FIRST["array"]))
+            nodes[i].values = [build(s["items"], f"{where}[]")]
+            return i
+        if kind == "string":
+            return add(Node(STRING, first=FIRST["string"]))
+        if kind in ("number", "integer"):
+            return add(Node(NUMBER if kind == "number" else INTEGER, first=FIRST[kind]))
+        if kind == "boolean":
+            return literals([True, False], where)
+        if kind == "null":
+            return literals([None], where)
+        raise BadRequestError(f"json_schema at {where}: give the value a type (object, array, string, number, "
+                              f"integer, boolean, null), an enum, a const, anyOf or $ref; got type {kind!r}")
+
+    def ref(target, where: str) -> int:
+        if target in refs:
+            return refs[target]
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if isinstance(target, str) and target.startswith(prefix) and target[len(prefix):] in defs:
+                definition = defs[target[len(prefix):]]
+                # a placeholder that recursive refs point to meanwhile, replaced by the definition's node
+                i = refs[target] = add(Node(UNION, first=first_bytes(definition, set())))
+                nodes[i] = nodes[build(definition, target)]
+                return i
+        raise BadRequestError(f"json_schema at {where}: $ref {target!r} is not a #/$defs/ (or #/definitions/) name")
+
+    def literals(values: list, where: str) -> int:
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise BadRequestError(f"json_schema at {where}: enum and const values must be strings, numbers, "
+                                  "booleans or null")
+        lits = sorted({json.dumps(v, separators=(",", ":")).encode() for v in values})
+        return add(Node(LITERALS, literals=lits, first=frozenset(lit[0] for lit in lits)))
+
+    def first_bytes(s, seen: set) -> frozenset:
+        """The bytes a value of schema s may begin with, without building it (for a $ref being built)."""
+        if not isinstance(s, dict):
+            return frozenset()
+        if "$ref" in s:
+            name = str(s["$ref"]).rpartition("/")[2]
+            if name in seen or name not in defs:
+                return frozenset()
+            return first_bytes(defs[name], seen | {name})
+        if "const" in s or "enum" in s:
+            values = [s["const"]] if "const" in s else s["enum"] if isinstance(s["enum"], list) else []
+            return frozenset(json.dumps(v)[0].encode()[0] for v in values)
+        alts = s.get("anyOf") or s.get("oneOf")
+        if isinstance(alts, list):
+            return frozenset().union(*(first_bytes(a, seen) for a in alts))
+        kinds = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+        return frozenset().union(*(FIRST.get(k, frozenset()) for k in kinds if isinstance(k, str)))
+
+    def union(alts: list[int], where: str) -> int:
+        by_byte: dict[int, int] = {}
+        for alt in alts:
+            if not nodes[alt].first:
+                raise BadRequestError(f"json_schema at {where}: a $ref that only refers to itself")
+            for b in nodes[alt].first:
+                if by_byte.get(b, alt) != alt:
+                    raise BadRequestError(f"json_schema at {where}: alternatives that may begin with the same byte "
+                                          f"({chr(b)!r}) are not supported")
+                by_byte[b] = alt
+        return add(Node(UNION, by_byte=by_byte, first=frozenset(by_byte)))
+
+    root = build(schema, "$")
+    if nodes[root].kind != OBJECT:
+        raise BadRequestError("json_schema: the top-level value must be an object (type: object)")
+    return nodes, root
+
+
+class SchemaGrammar(TokenGrammar):
+    """States are (frames, ws): a stack of (node, phase, aux) for the values being written, innermost last (empty:
+    done), and the whitespace bytes just read."""
+
+    def __init__(self, vocab: Vocabulary, schema):
+        super().__init__(vocab)
+        self.nodes, root = compile_schema(schema)
+        self.start = (((root, START, 0),), 0)
+
+    def done(self, s) -> bool:
+        return not s[0]
+
+    def in_string(self, s) -> bool:
+        return bool(s[0]) and s[0][-1][1] == STR
+
+    def step(self, s, b: int):
+        frames, ws = s
+        if not frames:
+            return None
+        node_id, phase, aux = frames[-1]
+        node = self.nodes[node_id]
+        if b in _WS:
+            if phase in _SPACED:
+                return (frames, ws + 1) if ws < WS_MAX else None
+            if phase in _NUMBER_END:
+                return self.step((self._pop(frames), 0), b)
+        below = frames[:-1]
+        if phase == STR:
+            if b == 0x22:
+                return self._pop(frames), 0
+            if b == 0x5C:
+                return below + ((node_id, ESC, 0),), 0
+            return (frames, 0) if b >= 0x20 else None
+        if phase == START:
+            return self._begin(below, node_id, b)
+        if phase == KEY_START:
+            if not node.keys and b == 0x7D:
+                return self._pop(frames), 0
+            if aux < len(node.keys) and b == node.keys[aux][0]:
+                return below + ((node_id, KEY, (aux, 1)),), 0
+            return None
+        if phase == KEY:
+            i, m = aux
+            key = node.keys[i]
+            if b != key[m]:
+                return None
+            return below + ((node_id, COLON, i) if m + 1 == len(key) else (node_id, KEY, (i, m + 1)),), 0
+        if phase == COLON:
+            return (below + ((node_id, VALUE, aux),), 0) if b == 0x3A else None
+        if phase == VALUE:
+            return self._begin(frames, node.values[aux], b)
+        if phase == AFTER:
+            if b == 0x2C and aux + 1 < len(node.keys):
+                return below + ((node_id, KEY_START, aux + 1),), 0
+            return (self._pop(frames), 0) if b == 0x7D and aux + 1 == len(node.keys) else None
+        if phase in (ARR_OPEN, ARR_NEXT):
+            if phase == ARR_OPEN and b == 0x5D and node.min_items == 0:
+                return self._pop(frames), 0
+            return self._begin(frames, node.values[0], b)
+        if phase == ARR_AFTER:
+            if b == 0x2C and (node.max_items is None or aux < node.max_items):
+                return below + ((node_id, ARR_NEXT, aux),), 0
+            return (self._pop(frames), 0) if b == 0x5D and aux >= node.min_items else None
+        if phase == ESC:
+            if b in _ESCAPES:
+                return below + ((node_id, STR, 0),), 0
+            return (below + ((node_id, HEX, 4),), 0) if b == 0x75 else None
+        if phase == HEX:
+            if b not in _HEX:
+                return None
+            return below + ((node_id, HEX, aux - 1) if aux > 1 else (node_id, STR, 0),), 0
+        if phase == LIT:
+            matched = aux + bytes([b])
+            longer = [lit for lit in node.literals if lit.startswith(matched)]
+            if longer:
+                if longer == [matched]:  # complete, and no other literal goes on
+                    return self._pop(frames), 0
+                return below + ((node_id, LIT, matched),), 0
+            if aux in node.literals:  # complete: b is what follows it
+                return self.step((self._pop(frames), 0), b)
+            return None
+        return self._number(frames, node, node_id, phase, b)
+
+    def _number(self, frames: tuple, node: Node, node_id: int, phase: int, b: int):
+        below, digit = frames[:-1], b in _DIGITS
+        integer = node.kind == INTEGER
+        if phase == MINUS:
+            return (below + ((node_id, ZERO if b == 0x30 else INT, 0),), 0) if digit else None
+        if digit and phase in (INT, FRAC, EXP):
+            return frames, 0
+        if phase in (DOT, EXP_MARK, EXP_SIGN):
+            if digit:
+                return below + ((node_id, FRAC if phase == DOT else EXP, 0),), 0
+            return (below + ((node_id, EXP_SIGN, 0),), 0) if phase == EXP_MARK and b in (0x2B, 0x2D) else None
+        if not integer and phase in (ZERO, INT) and b == 0x2E:
+            return below + ((node_id, DOT, 0),), 0
+        if not integer and phase in (ZERO, INT, FRAC) and b in (0x65, 0x45):
+            return below + ((node_id, EXP_MARK, 0),), 0
+        if phase in _NUMBER_END:  # the number ended: b is what follows it
+            return self.step((self._pop(frames), 0), b)
+        return None
+
+    def _begin(self, frames: tuple, node_id: int, b: int):
+        """Start a value of node `node_id` with byte b, above `frames`."""
+        node = self.nodes[node_id]
+        if node.kind == UNION:
+            alt = node.by_byte.get(b)
+            return None if alt is None else self._begin(frames, alt, b)
+        if b not in node.first:
+            return None
+        if node.kind in (OBJECT, ARRAY):
+            if len(frames) >= MAX_DEPTH:
+                return None
+            return frames + ((node_id, KEY_START if node.kind == OBJECT else ARR_OPEN, 0),), 0
+        if node.kind == STRING:
+            return frames + ((node_id, STR, 0),), 0
+        if node.kind in (NUMBER, INTEGER):
+            return frames + ((node_id, MINUS if b == 0x2D else ZERO if b == 0x30 else INT, 0),), 0
+        return self.step((frames + ((node_id, LIT, b""),), 0), b)  # LITERALS
+
+    def _pop(self, frames: tuple) -> tuple:
+        """The top value is complete: its container moves past it (empty: the whole output is)."""
+        rest = frames[:-1]
+        if not rest:
+            return ()
+        parent, phase, aux = rest[-1]
+        if phase == VALUE:
+            return rest[:-1] + ((parent, AFTER, aux),)
+        node = self.nodes[parent]
+        cap = node.max_items if node.max_items is not None else node.min_items  # counts past it look alike
+        return rest[:-1] + ((parent, ARR_AFTER, min(aux + 1 if phase == ARR_NEXT else 1, cap + 1)),)

