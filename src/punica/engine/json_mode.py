@@ -144,17 +144,6 @@ def _number(s: State, b: int) -> State | None:
     return None  # DONE, or a digit after a leading zero
 
 
-def advance(s: State, data: bytes) -> State | None:
-    """The state after these bytes, or None where they cannot continue."""
-    for b in data:
-        if s.mode == DONE:
-            return None
-        s = step(s, b)
-        if s is None:
-            return None
-    return s
-
-
 class Vocabulary:
     """A model's tokens as bytes, in tries for the mask walks; shared by every grammar of the model.
     `token_bytes[i]`: token i's bytes, None for tokens constrained requests never draw (special tokens);
@@ -181,8 +170,8 @@ class TokenGrammar:
     `in_string` (plain bytes leave the state as it is: the walk takes every plain token at once) and
     `cache_key` (what of a state its mask depends on; a state of that key's own, for the walk)."""
 
-    def __init__(self, vocab: Vocabulary):
-        self.vocab = vocab
+    def __init__(self, vocab: Vocabulary | None = None):
+        self.vocab = vocab  # None: bytes only (feed), no tokens
         self._masks: OrderedDict = OrderedDict()
 
     def step(self, s, b: int):
@@ -200,8 +189,10 @@ class TokenGrammar:
     def advance(self, s, token: int):
         """The state after token `token`, or None where it cannot follow s."""
         data = self.vocab.token_bytes[token] if 0 <= token < len(self.vocab.token_bytes) else None
-        if not data:
-            return None
+        return self.feed(s, data) if data else None
+
+    def feed(self, s, data: bytes):
+        """The state after these bytes, or None where they cannot follow s."""
         for b in data:
             if self.done(s):
                 return None
@@ -291,3 +282,11 @@ class _Trie:
         for b in data:
             node = node[0].setdefault(b, [{}, []])
         node[1].append(token)
+
+
+def advance(s: State, data: bytes) -> State | None:
+    """JSON mode's state after these bytes, or None where they cannot continue."""
+    return _BYTES.feed(s, data)
+
+
+_BYTES = JsonGrammar()
