@@ -58,6 +58,11 @@ def test_sampling_flags_of_generate():
     params = SamplingParams(**cli.given(args, SamplingParams, cli.SAMPLING_PREFIX))
     assert params == SamplingParams(max_tokens=4, temperature=0.0, stop=("a", "b"), seed=3, ignore_eos=True)
     assert cli.engine_options(args) == {"seed": 9}
+    schema = '{"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}'
+    args = parse("generate", "--prompt", "p", "--json-schema", schema)
+    assert SamplingParams(**cli.given(args, SamplingParams, cli.SAMPLING_PREFIX)).json_schema == schema
+    assert SamplingParams(**cli.given(parse("generate", "--prompt", "p", "--json-object"), SamplingParams,
+                                      cli.SAMPLING_PREFIX)).json_object
 
 
 def test_lora_specs_and_per_prompt_adapters():

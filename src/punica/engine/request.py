@@ -51,7 +51,7 @@ class SamplingParams:
     json_object: bool = False
     # JSON-schema mode: the same for one value of this JSON schema (a dict, kept as its JSON text;
     # engine/json_schema.py)
-    json_schema: dict | str | None = None
+    json_schema: str | dict | None = None
 
     def __post_init__(self):
         def bad(msg: str) -> None:
