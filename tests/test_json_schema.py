@@ -139,3 +139,56 @@ def test_engine_writes_objects_of_the_schema(demo_dir):
         SamplingParams(json_object=True, json_schema=schema)
     with pytest.raises(BadRequestError, match="unsupported keyword"):
         llm.engine.add_request(chat, SamplingParams(json_schema={"type": "object", "minProperties": 1}))
+
+
+FORMATS = {"when": {"type": "string", "format": "date-time"}, "day": {"type": "string", "format": "date"},
+           "at": {"type": "string", "format": "time"}, "id": {"type": "string", "format": "uuid"}}
+
+
+@pytest.mark.parametrize("values,valid", [
+    (("2024-02-29T23:59:59.123+05:30", "1999-12-31", "00:00:00Z", "123e4567-e89b-12d3-A456-426614174000"), True),
+    (("2024-01-01T00:00:00-12:00", "2000-01-01", "23:59:59.5Z", "00000000-0000-0000-0000-000000000000"), True),
+    (("2024-13-01T00:00:00Z", "2000-01-01", "00:00:00Z", "00000000-0000-0000-0000-000000000000"), False),
+    (("2024-01-01T24:00:00Z", "2000-01-01", "00:00:00Z", "00000000-0000-0000-0000-000000000000"), False),
+    (("2024-01-01T00:00:00", "2000-01-01", "00:00:00Z", "00000000-0000-0000-0000-000000000000"), False),
+    (("2024-01-01T00:00:00Z", "2000-1-01", "00:00:00Z", "00000000-0000-0000-0000-000000000000"), False),
+    (("2024-01-01T00:00:00Z", "2000-01-32", "00:60:00Z", "00000000-0000-0000-0000-000000000000"), False),
+    (("2024-01-01T00:00:00Z", "2000-01-01", "00:00:00Z", "0000000-00000-0000-0000-000000000000"), False),
+])
+def test_string_formats(byte_vocab, values, valid):
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": FORMATS})
+    state = feed(grammar, json.dumps(dict(zip(FORMATS, values))))
+    assert (state is not None and grammar.done(state)) == valid
+
+
+def test_pydantic_models_schemas_take_their_own_json(byte_vocab):
+    """What pydantic writes for a model (the schema the openai client sends, less its strict-mode rewrites) and
+    an instance dumped by pydantic: Optional, Literal, nested models in lists, datetime, date, UUID."""
+    import datetime
+    import uuid
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel
+
+    class Pet(BaseModel):
+        name: str
+        kind: Literal["cat", "dog"]
+        born: datetime.date
+        chip: Optional[uuid.UUID]
+
+    class Home(BaseModel):
+        city: str
+        rooms: int
+        area: float
+        pets: list[Pet]
+        since: datetime.datetime
+        owner: Optional[Pet] = None
+
+    home = Home(city="Oslo", rooms=3, area=71.5, since=datetime.datetime(2020, 5, 1, 12, 30, tzinfo=datetime.UTC),
+                pets=[Pet(name="Rex", kind="dog", born=datetime.date(2019, 1, 2), chip=uuid.UUID(int=7)),
+                      Pet(name="Tom", kind="cat", born=datetime.date(2021, 3, 4), chip=None)])
+    grammar = SchemaGrammar(byte_vocab, Home.model_json_schema())
+    assert grammar.done(feed(grammar, home.model_dump_json()))
+    assert feed(grammar, home.model_dump_json().replace('"dog"', '"cow"')) is None
+    with pytest.raises(BadRequestError, match="format 'email' is not supported"):
+        SchemaGrammar(byte_vocab, {"type": "object", "properties": {"a": {"type": "string", "format": "email"}}})

@@ -6,9 +6,10 @@ What a schema may say, as OpenAI's strict structured outputs do: objects whose p
 schema's order, every one of them (a property not in `required` is written too, which the schema allows);
 arrays of `items` with `minItems` / `maxItems`; strings, numbers, integers, booleans, null; `enum` and `const` of
 scalars; `anyOf` / `oneOf` and type lists whose alternatives begin with different bytes (Optional[X] is
-`anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too. Keywords that would
-constrain the value further (`pattern`, `format`, `minLength`, `minimum`, ...) are refused with an error naming
-them, rather than ignored. The top-level value is an object.
+`anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too; string formats date,
+time and date-time (RFC 3339, with an offset; any month may have 31 days) and uuid. Keywords that would constrain
+the value further (`pattern`, other formats, `minLength`, `minimum`, ...) are refused with an error naming them,
+rather than ignored. The top-level value is an object.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
                          "definitions", "additionalProperties", "required", "strict", "deprecated", "readOnly",
                          "writeOnly"))
 KEYWORDS = frozenset(("type", "properties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
-                      "$ref")) | ANNOTATIONS
+                      "$ref", "format")) | ANNOTATIONS
 MAX_NODES = 4096  # nodes of one compiled schema at most
 
 OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS, UNION = range(7)
@@ -34,12 +35,81 @@ FIRST = {"object": frozenset(b"{"), "array": frozenset(b"["), "string": frozense
 # phases of a frame
 START, KEY_START, KEY, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT, STR, ESC, HEX, LIT = range(13)
 MINUS, ZERO, INT, DOT, FRAC, EXP_MARK, EXP_SIGN, EXP = range(13, 21)
+FMT = 21  # a string of a `format`: aux is the state of its Pattern
 _SPACED = frozenset((START, KEY_START, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT))
 _NUMBER_END = frozenset((ZERO, INT, FRAC, EXP))
 _WS = frozenset(b" \t\n\r")
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrt')
+
+
+class Pattern:
+    """A DFA over the bytes of a string's content (quotes excluded): state 0 first, `accept` where it may end."""
+
+    def __init__(self):
+        self.trans: list[dict[int, int]] = [{}]
+        self.accept: set[int] = set()
+
+    def new(self) -> int:
+        self.trans.append({})
+        return len(self.trans) - 1
+
+    def add(self, a: int, chars, b: int) -> None:
+        for c in chars:
+            self.trans[a][c] = b
+
+    def seq(self, a: int, *charsets) -> int:
+        """Bytes of these sets one after another from state a; the state after them."""
+        for chars in charsets:
+            b = self.new()
+            self.add(a, chars, b)
+            a = b
+        return a
+
+    def two_digits(self, a: int, lo: int, hi: int) -> int:
+        """A two-digit number from lo to hi from state a; the state after it."""
+        end = self.new()
+        for tens in range(lo // 10, hi // 10 + 1):
+            mid = self.new()
+            self.add(a, [0x30 + tens], mid)
+            self.add(mid, [0x30 + d for d in range(10) if lo <= 10 * tens + d <= hi], end)
+        return end
+
+
+_D, _X = b"0123456789", b"0123456789abcdefABCDEF"
+
+
+def _date(p: Pattern, a: int) -> int:  # YYYY-MM-DD (day 01-31 in every month)
+    return p.two_digits(p.seq(p.two_digits(p.seq(a, _D, _D, _D, _D, b"-"), 1, 12), b"-"), 1, 31)
+
+
+def _time(p: Pattern, a: int) -> None:  # HH:MM:SS[.f+](Z|+HH:MM|-HH:MM), RFC 3339's full-time
+    sec = p.two_digits(p.seq(p.two_digits(p.seq(p.two_digits(a, 0, 23), b":"), 0, 59), b":"), 0, 59)
+    frac = p.new()
+    p.add(p.seq(sec, b"."), _D, frac)
+    p.add(frac, _D, frac)
+    zulu, sign = p.new(), p.new()
+    for s in (sec, frac):
+        p.add(s, b"Z", zulu)
+        p.add(s, b"+-", sign)
+    p.accept |= {zulu, p.two_digits(p.seq(p.two_digits(sign, 0, 23), b":"), 0, 59)}
+
+
+def _format(name: str) -> Pattern:
+    p = Pattern()
+    if name == "date":
+        p.accept.add(_date(p, 0))
+    elif name == "time":
+        _time(p, 0)
+    elif name == "date-time":
+        _time(p, p.seq(_date(p, 0), b"T"))
+    else:  # uuid: 8-4-4-4-12 hex digits
+        p.accept.add(p.seq(0, *[_X] * 8, b"-", *[_X] * 4, b"-", *[_X] * 4, b"-", *[_X] * 4, b"-", *[_X] * 12))
+    return p
+
+
+FORMATS = ("date", "date-time", "time", "uuid")
 
 
 @dataclass
@@ -51,6 +121,7 @@ class Node:
     max_items: int | None = None
     literals: list[bytes] = field(default_factory=list)  # LITERALS: each value as compact JSON
     by_byte: dict[int, int] = field(default_factory=dict)  # UNION: first byte -> alternative
+    pattern: Pattern | None = None  # STRING of a `format`
     first: frozenset = frozenset()  # the bytes a value of this node may begin with
 
 
@@ -112,7 +183,11 @@ def compile_schema(schema) -> tuple[list[Node], int]:
             nodes[i].values = [build(s["items"], f"{where}[]")]
             return i
         if kind == "string":
-            return add(Node(STRING, first=FIRST["string"]))
+            fmt = s.get("format")
+            if fmt is not None and fmt not in FORMATS:
+                raise BadRequestError(f"json_schema at {where}: format {fmt!r} is not supported (supported: "
+                                      f"{', '.join(FORMATS)})")
+            return add(Node(STRING, first=FIRST["string"], pattern=None if fmt is None else _format(fmt)))
         if kind in ("number", "integer"):
             return add(Node(NUMBER if kind == "number" else INTEGER, first=FIRST[kind]))
         if kind == "boolean":
@@ -248,6 +323,11 @@ class SchemaGrammar(TokenGrammar):
             if b not in _HEX:
                 return None
             return below + ((node_id, HEX, aux - 1) if aux > 1 else (node_id, STR, 0),), 0
+        if phase == FMT:
+            if b == 0x22:
+                return (self._pop(frames), 0) if aux in node.pattern.accept else None
+            nxt = node.pattern.trans[aux].get(b)
+            return None if nxt is None else (below + ((node_id, FMT, nxt),), 0)
         if phase == LIT:
             matched = aux + bytes([b])
             longer = [lit for lit in node.literals if lit.startswith(matched)]
@@ -292,7 +372,7 @@ class SchemaGrammar(TokenGrammar):
                 return None
             return frames + ((node_id, KEY_START if node.kind == OBJECT else ARR_OPEN, 0),), 0
         if node.kind == STRING:
-            return frames + ((node_id, STR, 0),), 0
+            return frames + ((node_id, STR if node.pattern is None else FMT, 0),), 0
         if node.kind in (NUMBER, INTEGER):
             return frames + ((node_id, MINUS if b == 0x2D else ZERO if b == 0x30 else INT, 0),), 0
         return self.step((frames + ((node_id, LIT, b""),), 0), b)  # LITERALS
