@@ -102,8 +102,13 @@ def test_unsupported_schemas_are_refused_by_name(byte_vocab, schema, message):
                                     '"score": 2, "tags": ["b"], "home": {"city": n', '{"name": "A", "age": 1, '
                                     '"score": 2, "tags": ["b"], "home": null, "active": true, "level": 1'])
 def test_masks_equal_a_brute_force_check_of_every_token(demo_dir, prefix):
-    tok = Tokenizer(demo_dir)
-    grammar = SchemaGrammar(Vocabulary(tok.token_bytes, len(tok.token_bytes)), PERSON)
+    assert_masks_match_brute_force(demo_dir, PERSON, prefix)
+
+
+def assert_masks_match_brute_force(model_dir: str, schema: dict, prefix: str) -> None:
+    """The trie walk's tokens after `prefix` are exactly those whose bytes the automaton takes (and some are)."""
+    tok = Tokenizer(model_dir)
+    grammar = SchemaGrammar(Vocabulary(tok.token_bytes, len(tok.token_bytes)), schema)
     state = feed(grammar, prefix)
     brute = {i for i, data in enumerate(tok.token_bytes) if data and grammar.advance(state, i) is not None}
     assert set(grammar.allowed(state)) == brute and brute
@@ -192,3 +197,22 @@ def test_pydantic_models_schemas_take_their_own_json(byte_vocab):
     assert feed(grammar, home.model_dump_json().replace('"dog"', '"cow"')) is None
     with pytest.raises(BadRequestError, match="format 'email' is not supported"):
         SchemaGrammar(byte_vocab, {"type": "object", "properties": {"a": {"type": "string", "format": "email"}}})
+
+
+@pytest.mark.parametrize("value,valid", [("abc", True), ("ab", True), ("a\\u00e9\\n", True), ("é東🙂", True),
+                                         ("a", False), ("abcd", False), ("\\n\\n\\n\\n", False), ("é東🙂x", False)])
+def test_string_lengths_count_characters(byte_vocab, value, valid):
+    """minLength / maxLength in code points: a multi-byte character or an escape is one."""
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": {
+        "s": {"type": "string", "minLength": 2, "maxLength": 3}, "t": {"type": "string", "minLength": 1}}})
+    state = feed(grammar, '{"s": "' + value + '", "t": "xyz"}')
+    assert (state is not None and grammar.done(state)) == valid
+    assert feed(grammar, '{"s": "ab", "t": ""') is None
+
+
+@pytest.mark.parametrize("prefix", ['{"s": "', '{"s": "a', '{"s": "a\\u00', '{"s": "ab', '{"s": "abc',
+                                    '{"s": "ab", "t": "'])
+def test_length_masks_equal_a_brute_force_check(demo_dir, prefix):
+    """With maxLength the walk takes the plain tokens that fit (by characters) instead of all of them."""
+    assert_masks_match_brute_force(demo_dir, {"type": "object", "properties": {
+        "s": {"type": "string", "minLength": 2, "maxLength": 3}, "t": {"type": "string", "minLength": 1}}}, prefix)

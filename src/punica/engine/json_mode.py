@@ -16,6 +16,7 @@ shows invalid bytes as U+FFFD, which is valid JSON).
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -163,6 +164,14 @@ class Vocabulary:
                 self.marked.add(data, i)
             else:
                 self.plain.append(i)
+
+    @functools.cached_property
+    def plain_by_chars(self) -> dict[int, list[int]]:
+        """The plain tokens by how many characters they add to a string (UTF-8 lead bytes)."""
+        out: dict[int, list[int]] = {}
+        for i in self.plain:
+            out.setdefault(sum(1 for b in self.token_bytes[i] if b & 0xC0 != 0x80), []).append(i)
+        return out
 
 
 class TokenGrammar:

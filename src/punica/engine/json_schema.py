@@ -6,10 +6,11 @@ What a schema may say, as OpenAI's strict structured outputs do: objects whose p
 schema's order, every one of them (a property not in `required` is written too, which the schema allows);
 arrays of `items` with `minItems` / `maxItems`; strings, numbers, integers, booleans, null; `enum` and `const` of
 scalars; `anyOf` / `oneOf` and type lists whose alternatives begin with different bytes (Optional[X] is
-`anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too; string formats date,
-time and date-time (RFC 3339, with an offset; any month may have 31 days) and uuid. Keywords that would constrain
-the value further (`pattern`, other formats, `minLength`, `minimum`, ...) are refused with an error naming them,
-rather than ignored. The top-level value is an object.
+`anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too; strings' `minLength`
+and `maxLength` (in code points, an escape being one) and formats date, time and date-time (RFC 3339, with an
+offset; any month may have 31 days) and uuid. Keywords that would constrain the value further (`pattern`, other
+formats, `minimum`, ...) are refused with an error naming them, rather than ignored. The top-level value is an
+object.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
                          "definitions", "additionalProperties", "required", "strict", "deprecated", "readOnly",
                          "writeOnly"))
 KEYWORDS = frozenset(("type", "properties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
-                      "$ref", "format")) | ANNOTATIONS
+                      "$ref", "format", "minLength", "maxLength")) | ANNOTATIONS
 MAX_NODES = 4096  # nodes of one compiled schema at most
 
 OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS, UNION = range(7)
@@ -122,6 +123,8 @@ class Node:
     literals: list[bytes] = field(default_factory=list)  # LITERALS: each value as compact JSON
     by_byte: dict[int, int] = field(default_factory=dict)  # UNION: first byte -> alternative
     pattern: Pattern | None = None  # STRING of a `format`
+    min_len: int = 0  # STRING: characters (code points; an escape is one)
+    max_len: int | None = None
     first: frozenset = frozenset()  # the bytes a value of this node may begin with
 
 
@@ -187,7 +190,13 @@ def compile_schema(schema) -> tuple[list[Node], int]:
             if fmt is not None and fmt not in FORMATS:
                 raise BadRequestError(f"json_schema at {where}: format {fmt!r} is not supported (supported: "
                                       f"{', '.join(FORMATS)})")
-            return add(Node(STRING, first=FIRST["string"], pattern=None if fmt is None else _format(fmt)))
+            lo, hi = s.get("minLength", 0), s.get("maxLength")
+            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
+                raise BadRequestError(f"json_schema at {where}: minLength {lo!r} / maxLength {hi!r}")
+            if fmt is not None and (lo or hi is not None):
+                raise BadRequestError(f"json_schema at {where}: a format with minLength / maxLength")
+            return add(Node(STRING, first=FIRST["string"], pattern=None if fmt is None else _format(fmt),
+                            min_len=lo, max_len=hi))
         if kind in ("number", "integer"):
             return add(Node(NUMBER if kind == "number" else INTEGER, first=FIRST[kind]))
         if kind == "boolean":
@@ -264,8 +273,17 @@ class SchemaGrammar(TokenGrammar):
     def done(self, s) -> bool:
         return not s[0]
 
-    def in_string(self, s) -> bool:
-        return bool(s[0]) and s[0][-1][1] == STR
+    def in_string(self, s) -> bool:  # a string without maxLength: every plain token may follow
+        return bool(s[0]) and s[0][-1][1] == STR and self.nodes[s[0][-1][0]].max_len is None
+
+    def allowed(self, s) -> list[int]:
+        frames = s[0]
+        if not frames or frames[-1][1] != STR or self.nodes[frames[-1][0]].max_len is None:
+            return super().allowed(s)
+        room = self.nodes[frames[-1][0]].max_len - frames[-1][2]  # a string with maxLength: plain tokens that fit
+        out = [i for chars, ids in self.vocab.plain_by_chars.items() if chars <= room for i in ids]
+        self._walk(self.vocab.marked.root, s, out)
+        return out
 
     def step(self, s, b: int):
         frames, ws = s
@@ -279,12 +297,19 @@ class SchemaGrammar(TokenGrammar):
             if phase in _NUMBER_END:
                 return self.step((self._pop(frames), 0), b)
         below = frames[:-1]
-        if phase == STR:
+        if phase == STR:  # aux: characters so far, where the node counts them
             if b == 0x22:
-                return self._pop(frames), 0
-            if b == 0x5C:
-                return below + ((node_id, ESC, 0),), 0
-            return (frames, 0) if b >= 0x20 else None
+                return (self._pop(frames), 0) if aux >= node.min_len else None
+            if b < 0x20:
+                return None
+            counted = node.min_len or node.max_len is not None
+            if not counted or (b != 0x5C and b & 0xC0 == 0x80):  # a UTF-8 continuation byte: no new character
+                return (below + ((node_id, ESC, aux),), 0) if b == 0x5C else (frames, 0)
+            n = aux + 1
+            if node.max_len is not None and n > node.max_len:
+                return None
+            n = n if node.max_len is not None else min(n, node.min_len)  # past minLength all counts look alike
+            return below + ((node_id, ESC if b == 0x5C else STR, n),), 0
         if phase == START:
             return self._begin(below, node_id, b)
         if phase == KEY_START:
@@ -315,14 +340,14 @@ class SchemaGrammar(TokenGrammar):
             if b == 0x2C and (node.max_items is None or aux < node.max_items):
                 return below + ((node_id, ARR_NEXT, aux),), 0
             return (self._pop(frames), 0) if b == 0x5D and aux >= node.min_items else None
-        if phase == ESC:
+        if phase == ESC:  # aux: the string's characters, this escape's included
             if b in _ESCAPES:
-                return below + ((node_id, STR, 0),), 0
-            return (below + ((node_id, HEX, 4),), 0) if b == 0x75 else None
-        if phase == HEX:
+                return below + ((node_id, STR, aux),), 0
+            return (below + ((node_id, HEX, aux * 8 + 4),), 0) if b == 0x75 else None
+        if phase == HEX:  # aux: characters * 8 + hex digits left
             if b not in _HEX:
                 return None
-            return below + ((node_id, HEX, aux - 1) if aux > 1 else (node_id, STR, 0),), 0
+            return below + ((node_id, HEX, aux - 1) if aux % 8 > 1 else (node_id, STR, aux // 8),), 0
         if phase == FMT:
             if b == 0x22:
                 return (self._pop(frames), 0) if aux in node.pattern.accept else None
