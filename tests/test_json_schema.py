@@ -70,6 +70,12 @@ def test_documents_off_the_schema_are_refused(byte_vocab, text):
     assert feed(SchemaGrammar(byte_vocab, PERSON), text) is None
 
 
+def test_keys_and_enum_strings_are_written_as_utf8(byte_vocab):
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": {"café": {"enum": ["naïve", "東京"]}}})
+    assert grammar.done(feed(grammar, '{"café": "東京"}'))
+    assert feed(grammar, '{"caf\\u00e9"') is None  # the key's own bytes, not an escaped spelling
+
+
 def test_recursive_refs_and_nullable_self_references(byte_vocab):
     tree = {"$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object", "properties": {
         "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}},
@@ -86,6 +92,7 @@ def test_recursive_refs_and_nullable_self_references(byte_vocab):
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "same byte"),
     ({"type": "object", "properties": {"a": {"type": "array"}}}, "needs `items`"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}}, "$ref"),
+    ({"type": "object", "properties": {"a": {"$ref": ["x"]}}}, "$ref must be a string"),
     ({"type": "object", "properties": {"a": {"enum": [{"x": 1}]}}}, "enum and const values"),
     ({"type": "object", "properties": {"a": {}}}, "give the value a type"),
     ({"type": "object", "properties": {}, "required": ["a"]}, "required ['a'] not in properties"),

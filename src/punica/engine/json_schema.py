@@ -173,7 +173,7 @@ def compile_schema(schema) -> tuple[list[Node], int]:
             if missing:
                 raise BadRequestError(f"json_schema at {where}: required {missing} not in properties")
             i = add(Node(OBJECT, first=FIRST["object"]))
-            nodes[i].keys = [json.dumps(k).encode() for k in props]
+            nodes[i].keys = [json.dumps(k, ensure_ascii=False).encode() for k in props]
             nodes[i].values = [build(v, f"{where}.{k}") for k, v in props.items()]
             return i
         if kind == "array":
@@ -207,10 +207,12 @@ def compile_schema(schema) -> tuple[list[Node], int]:
                               f"integer, boolean, null), an enum, a const, anyOf or $ref; got type {kind!r}")
 
     def ref(target, where: str) -> int:
+        if not isinstance(target, str):
+            raise BadRequestError(f"json_schema at {where}: $ref must be a string, got {target!r}")
         if target in refs:
             return refs[target]
         for prefix in ("#/$defs/", "#/definitions/"):
-            if isinstance(target, str) and target.startswith(prefix) and target[len(prefix):] in defs:
+            if target.startswith(prefix) and target[len(prefix):] in defs:
                 definition = defs[target[len(prefix):]]
                 # a placeholder that recursive refs point to meanwhile, replaced by the definition's node
                 i = refs[target] = add(Node(UNION, first=first_bytes(definition, set())))
@@ -222,7 +224,7 @@ def compile_schema(schema) -> tuple[list[Node], int]:
         if any(isinstance(v, (dict, list)) for v in values):
             raise BadRequestError(f"json_schema at {where}: enum and const values must be strings, numbers, "
                                   "booleans or null")
-        lits = sorted({json.dumps(v, separators=(",", ":")).encode() for v in values})
+        lits = sorted({json.dumps(v, ensure_ascii=False).encode() for v in values})
         return add(Node(LITERALS, literals=lits, first=frozenset(lit[0] for lit in lits)))
 
     def first_bytes(s, seen: set) -> frozenset:
