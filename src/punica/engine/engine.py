@@ -113,6 +113,8 @@ class Engine:
         self._ids = itertools.count()
         self.eos_ids = set(model_cfg.eos_token_ids)
         self._vocab: Vocabulary | None = None  # the tokens' bytes, for JSON modes (built on first use)
+        sync = self.config.sync_for_constrained
+        self._sync_for_constrained = self.info.device == "cpu" if sync is None else sync
         self._grammars: dict[str, TokenGrammar] = {}  # "json_object" or a schema's text -> its grammar
         self.num_preemptions = 0
         for name, path in (lora_modules or {}).items():
@@ -272,6 +274,9 @@ class Engine:
         before it. The device runs one step while the host reads the previous one's tokens and schedules
         the next: a request's tokens arrive one step() after the step that computed them."""
         previous, self._in_flight = self._in_flight, None
+        if previous is not None and self._sync_for_constrained and any(s.grammar is not None for s in previous.seqs):
+            self._carried += self._read(previous)  # their masks need these tokens (sync_for_constrained)
+            previous = None
         try:
             step = self.scheduler.schedule()
             self.num_preemptions += len(step.preempted)
