@@ -3,21 +3,28 @@ round-robin) where none, half or all of them are in JSON-schema mode. A constrai
 while its last token is on the device (its next mask needs it), so it advances every other step; this measures
 what that and the masks cost it, and whether the unconstrained requests beside it slow down. Rates count the
 tokens each kind wrote (the schema needs more than the default 32 tokens, so constrained requests run to
-max_tokens like the others, which ignore EOS). On CUDA where there is one.
+max_tokens like the others, which ignore EOS). Each mix runs with both ways a constrained request waits for
+its last token (`sync_for_constrained`). On CUDA where there is one; `--random-7b`: the Llama-2-7B
+architecture with random weights, a byte-level test tokenizer (so the JSON masks allow about 100 tokens) and
+random adapters, on the GPU without the demo model.
 
-    python -m benchmarks.bench_json_mode [--requests 16] [--max-tokens 32] [--repeats 2]
+    python -m benchmarks.bench_json_mode [--requests 16] [--max-tokens 32] [--repeats 2] [--random-7b]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks.bench_textgen_lora import LLAMA2_7B, write_adapters, write_model_dir
 from benchmarks.harness import environment, print_table, write_jsonl
 from punica import LLM, SamplingParams
 from punica.demo_model import default_model_dir, demo_adapters
+from punica.testing import write_byte_tokenizer
 
 SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string"}, "year": {"type": "integer"},
@@ -27,14 +34,14 @@ PROMPT = ("<|im_start|>user\nWrite a short play as JSON: a title, a year, and it
           "<|im_start|>assistant\n")
 
 
-def run(llm: LLM, requests: int, constrained: int, max_tokens: int) -> dict:
+def run(llm: LLM, prompt: str | list[int], names: list[str], requests: int, constrained: int,
+        max_tokens: int) -> dict:
     """`constrained` of the `requests` in JSON-schema mode; seconds, steps and tokens per second of each kind."""
-    names = list(demo_adapters())
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=i, ignore_eos=True,
                              json_schema=SCHEMA if i < constrained else None) for i in range(requests)]
     engine = llm.engine
     start = time.perf_counter()
-    ids = engine.add_requests([PROMPT] * requests, params, [names[i % len(names)] for i in range(requests)])
+    ids = engine.add_requests([prompt] * requests, params, [names[i % len(names)] for i in range(requests)])
     done, steps = {}, 0
     while engine.has_unfinished():
         for out in engine.step():
@@ -43,7 +50,8 @@ def run(llm: LLM, requests: int, constrained: int, max_tokens: int) -> dict:
         steps += 1
     seconds = time.perf_counter() - start
     kinds = {"json": ids[:constrained], "plain": ids[constrained:]}
-    row = dict(requests=requests, constrained=constrained, seconds=round(seconds, 3), steps=steps)
+    row = dict(requests=requests, constrained=constrained, sync=llm.engine._sync_for_constrained,
+               seconds=round(seconds, 3), steps=steps)
     for kind, rids in kinds.items():
         if rids:
             tokens = sum(len(done[r][0].token_ids) for r in rids)
@@ -58,17 +66,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each mix, in turn")
+    ap.add_argument("--random-7b", action="store_true", help="Llama-2-7B shapes, random weights (CUDA)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    llm = LLM(model=default_model_dir(), lora_modules=demo_adapters(), device=device, enable_prefix_caching=False)
-    run(llm, 4, 2, 4)  # warm-up: compiles, builds the vocabulary's tries and the schema's first masks
-    rows = [run(llm, args.requests, c, args.max_tokens) for _ in range(args.repeats)
-            for c in (0, args.requests // 2, args.requests)]
-    setup = dict(environment(), bench="json_mode", model="smollm2-135m-instruct", max_tokens=args.max_tokens,
-                 device=device)
-    print_table(rows, ["requests", "constrained", "seconds", "steps", "json_tokens", "json_s_mean", "json_tok_per_s",
-                       "plain_tokens", "plain_s_mean", "plain_tok_per_s"])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.random_7b:
+            model_dir = write_model_dir(Path(tmp), LLAMA2_7B)
+            write_byte_tokenizer(model_dir)
+            adapters = write_adapters(Path(tmp), LLAMA2_7B, 4, 16)
+            prompt, model = list(range(3, 403)), "llama-2-7b-random"
+        else:
+            model_dir, adapters, prompt, model = default_model_dir(), demo_adapters(), PROMPT, "smollm2-135m-instruct"
+        for sync in (False, True):
+            llm = LLM(model=model_dir, lora_modules=adapters, device=device, enable_prefix_caching=False,
+                      sync_for_constrained=sync, max_num_seqs=max(args.requests, 4),
+                      **({"load_format": "dummy"} if args.random_7b else {}))
+            names = list(adapters)
+            run(llm, prompt, names, 4, 2, 4)  # warm-up: compiles, builds the vocabulary's tries, the first masks
+            rows += [run(llm, prompt, names, args.requests, c, args.max_tokens) for _ in range(args.repeats)
+                     for c in (0, args.requests // 2, args.requests)]
+            del llm
+    setup = dict(environment(), bench="json_mode", model=model, max_tokens=args.max_tokens, device=device)
+    print_table(rows, ["requests", "constrained", "sync", "seconds", "steps", "json_tokens", "json_s_mean",
+                       "json_tok_per_s", "plain_tokens", "plain_s_mean", "plain_tok_per_s"])
     write_jsonl("json_mode", rows, setup, args.out_dir)
 
 

@@ -77,27 +77,3 @@ def write_word_tokenizer(model_dir: str, vocab_size: int = 128) -> list[str]:
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.save(os.path.join(model_dir, "tokenizer.json"))
     return words
-
-
-def write_byte_tokenizer(model_dir: str, vocab_size: int = 128) -> None:
-    """A byte-level (GPT-2 alphabet) BPE tokenizer.json of `vocab_size` ids: 0 unk, 1 bos, 2 eos (special), the
-    printable ASCII bytes, newline and tab, then merges of JSON punctuation up to the size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    table = {b: c for c, b in _byte_level_chars().items()}
-    pieces = ["<unk>", "<s>", "</s>"] + [table[b] for b in (*range(0x20, 0x7F), 0x0A, 0x09)]
-    merges = [(table[0x7B], table[0x22]), (table[0x22], table[0x3A]), (table[0x22], table[0x7D]),
-              (table[0x2C], table[0x20]), (table[0x3A], table[0x20]), (table[0x20], table[0x22])]
-    merges = merges[:max(0, vocab_size - len(pieces))]
-    pieces += [a + b for a, b in merges]
-    tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    tok.save(os.path.join(model_dir, "tokenizer.json"))
-
-
-def _byte_level_chars() -> dict[str, int]:
-    from punica.engine.tokenizer import _byte_level_table
-
-    return _byte_level_table()

@@ -10,7 +10,7 @@ import json
 import shutil
 
 import pytest
-from factories import write_byte_tokenizer, write_word_tokenizer
+from factories import write_word_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -18,6 +18,7 @@ from punica import LLM, BadRequestError, SamplingParams
 from punica.engine import json_mode
 from punica.engine.json_mode import DONE, START_STATE, JsonGrammar, Vocabulary, advance, key_state
 from punica.engine.tokenizer import Tokenizer
+from punica.testing import write_byte_tokenizer
 
 COMPLETE = ['{}', ' {"a": 1}', '{"a": [1, -2.5e+3, 0, 0.0, 1E9, true, false, null, "x"]}',
             '{"k": {"n": {"m": []}}, "s": "q\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9 é"}', '{\n  "a" :\t{ } ,"b":[ ]\r\n}']
