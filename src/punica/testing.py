@@ -34,16 +34,15 @@ def write_byte_tokenizer(model_dir: str, vocab_size: int = 128) -> None:
     JSON-mode tests and benchmarks on random models (ids past it are never drawn in JSON mode)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from punica.engine.tokenizer import _byte_level_table
-
-    table = {b: c for c, b in _byte_level_table().items()}
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    table = {b: byte_level.pre_tokenize_str(chr(b))[0][0] for b in range(0x80)}  # GPT-2's alphabet, ASCII part
     pieces = ["<unk>", "<s>", "</s>"] + [table[b] for b in (*range(0x20, 0x7F), 0x0A, 0x09)]
     merges = [(table[0x7B], table[0x22]), (table[0x22], table[0x3A]), (table[0x22], table[0x7D]),
               (table[0x2C], table[0x20]), (table[0x3A], table[0x20]), (table[0x20], table[0x22])]
     merges = merges[:max(0, vocab_size - len(pieces))]
     pieces += [a + b for a, b in merges]
     tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.save(os.path.join(model_dir, "tokenizer.json"))
