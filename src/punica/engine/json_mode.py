@@ -1,6 +1,6 @@
 """JSON mode (`SamplingParams.json_object`, OpenAI's response_format {"type": "json_object"}): every draw is
 restricted to the tokens that keep the output a prefix of one JSON object, and the request stops when that
-object closes. Pure Python apart from the masks: no torch below `JsonGrammar.mask`.
+object closes. Pure Python apart from the masks: no torch below `TokenGrammar.mask`.
 
 A pushdown automaton over bytes (`step`) follows the output. The allowed tokens of a state are found by a walk
 over a byte trie of the vocabulary that stops at the first byte the automaton refuses, so a state's mask costs
@@ -30,12 +30,12 @@ START, VALUE, ARR_FIRST, KEY_FIRST, KEY, COLON, AFTER, STR, ESC, UHEX, LIT = ran
 MINUS, ZERO, INT, DOT, FRAC, EXP_MARK, EXP_SIGN, EXP = range(11, 19)
 DONE = 19
 
-_WS = frozenset(b" \t\n\r")
+WHITESPACE = frozenset(b" \t\n\r")
 _SPACED = frozenset((START, VALUE, ARR_FIRST, KEY_FIRST, KEY, COLON, AFTER))  # modes where whitespace may come
-_NUMBER_END = frozenset((ZERO, INT, FRAC, EXP))  # a number may end here
+NUMBER_END = frozenset((ZERO, INT, FRAC, EXP))  # a number may end here
 _DIGITS = frozenset(b"0123456789")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_ESCAPES = frozenset(b'"\\/bfnrt')
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+ESCAPES = frozenset(b'"\\/bfnrt')
 _LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 UNKNOWN = "#"  # a container below the SEEN ones in a cache key's stack
 
@@ -57,10 +57,10 @@ START_STATE = State(START)
 def step(s: State, b: int) -> State | None:
     """The state after byte b, or None where b cannot continue a JSON object."""
     mode, stack = s.mode, s.stack
-    if b in _WS:
+    if b in WHITESPACE:
         if mode in _SPACED:
             return State(mode, stack, s.aux, s.ws + 1) if s.ws < WS_MAX else None
-        if mode in _NUMBER_END:
+        if mode in NUMBER_END:
             return State(AFTER, stack, 0, 1)
     if mode == STR:
         if b == 0x22:  # '"'
@@ -86,11 +86,11 @@ def step(s: State, b: int) -> State | None:
     if mode == START:
         return State(KEY_FIRST, "o") if b == 0x7B else None
     if mode == ESC:
-        if b in _ESCAPES:
+        if b in ESCAPES:
             return State(STR, stack, s.aux)
         return State(UHEX, stack, s.aux * 8 + 4) if b == 0x75 else None  # 'u'
     if mode == UHEX:
-        if b not in _HEX:
+        if b not in HEX_DIGITS:
             return None
         left = s.aux % 8 - 1
         return State(UHEX, stack, s.aux - 1) if left else State(STR, stack, s.aux // 8)
@@ -109,10 +109,9 @@ def _value(stack: str, b: int) -> State | None:
         return State(KEY_FIRST, stack + "o") if b == 0x7B else State(ARR_FIRST, stack + "a")
     if b == 0x22:
         return State(STR, stack, 0)
-    if b == 0x2D:  # '-'
-        return State(MINUS, stack)
-    if b in _DIGITS:
-        return State(ZERO if b == 0x30 else INT, stack)
+    number = number_start(b)
+    if number is not None:
+        return State(number, stack)
     literal = _LITERALS.get(b)
     return State(LIT, stack, literal) if literal else None
 
@@ -126,23 +125,37 @@ def _close(stack: str, kind: str) -> State | None:
 
 
 def _number(s: State, b: int) -> State | None:
-    mode, stack = s.mode, s.stack
+    nxt = number_step(s.mode, b)
+    if nxt == NUMBER_ENDED:  # b is what follows the number
+        return step(State(AFTER, s.stack), b)
+    return None if nxt is None else s if nxt == s.mode else State(nxt, s.stack)
+
+
+NUMBER_ENDED = -1
+
+
+def number_start(b: int) -> int | None:
+    """The phase of a number (RFC 8259) after its first byte b, or None where b cannot begin one."""
+    return MINUS if b == 0x2D else (ZERO if b == 0x30 else INT) if b in _DIGITS else None
+
+
+def number_step(phase: int, b: int, integer: bool = False) -> int | None:
+    """A number's phase (MINUS .. EXP) after byte b; NUMBER_ENDED where it ended before b (b follows it); None
+    where b can neither go on with it nor follow it. `integer`: no fraction or exponent. Shared by both modes."""
     digit = b in _DIGITS
-    if mode == MINUS:
-        return State(ZERO if b == 0x30 else INT, stack) if digit else None
-    if mode == INT and digit or mode == FRAC and digit or mode == EXP and digit:
-        return s
-    if mode in (DOT, EXP_MARK, EXP_SIGN):
+    if phase == MINUS:
+        return (ZERO if b == 0x30 else INT) if digit else None
+    if digit and phase in (INT, FRAC, EXP):
+        return phase
+    if phase in (DOT, EXP_MARK, EXP_SIGN):
         if digit:
-            return State(FRAC if mode == DOT else EXP, stack)
-        return State(EXP_SIGN, stack) if mode == EXP_MARK and b in (0x2B, 0x2D) else None
-    if mode in (ZERO, INT) and b == 0x2E:  # '.'
-        return State(DOT, stack)
-    if mode in (ZERO, INT, FRAC) and b in (0x65, 0x45):  # 'e' 'E'
-        return State(EXP_MARK, stack)
-    if mode in _NUMBER_END:  # the number ended: b is what follows it
-        return step(State(AFTER, stack), b)
-    return None  # DONE, or a digit after a leading zero
+            return FRAC if phase == DOT else EXP
+        return EXP_SIGN if phase == EXP_MARK and b in (0x2B, 0x2D) else None
+    if not integer and phase in (ZERO, INT) and b == 0x2E:  # '.'
+        return DOT
+    if not integer and phase in (ZERO, INT, FRAC) and b in (0x65, 0x45):  # 'e' 'E'
+        return EXP_MARK
+    return NUMBER_ENDED if phase in NUMBER_END else None  # a digit after a leading zero, or not a number (DONE)
 
 
 class Vocabulary:

@@ -18,7 +18,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from punica.engine.json_mode import MAX_DEPTH, WS_MAX, TokenGrammar, Vocabulary
+from punica.engine.json_mode import (
+    ESCAPES,
+    HEX_DIGITS,
+    MAX_DEPTH,
+    NUMBER_END,
+    NUMBER_ENDED,
+    WHITESPACE,
+    WS_MAX,
+    TokenGrammar,
+    Vocabulary,
+    number_start,
+    number_step,
+)
 from punica.errors import BadRequestError
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs",
@@ -34,15 +46,10 @@ FIRST = {"object": frozenset(b"{"), "array": frozenset(b"["), "string": frozense
          "null": frozenset(b"n")}  # the bytes a value of each type begins with
 
 # phases of a frame
-START, KEY_START, KEY, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT, STR, ESC, HEX, LIT = range(13)
-MINUS, ZERO, INT, DOT, FRAC, EXP_MARK, EXP_SIGN, EXP = range(13, 21)
-FMT = 21  # a string of a `format`: aux is the state of its Pattern
+# (past json_mode's number phases, MINUS .. EXP, which numbers' frames take)
+START, KEY_START, KEY, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT, STR, ESC, HEX, LIT = range(20, 33)
+FMT = 33  # a string of a `format`: aux is the state of its Pattern
 _SPACED = frozenset((START, KEY_START, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT))
-_NUMBER_END = frozenset((ZERO, INT, FRAC, EXP))
-_WS = frozenset(b" \t\n\r")
-_DIGITS = frozenset(b"0123456789")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_ESCAPES = frozenset(b'"\\/bfnrt')
 
 
 class Pattern:
@@ -293,10 +300,10 @@ class SchemaGrammar(TokenGrammar):
             return None
         node_id, phase, aux = frames[-1]
         node = self.nodes[node_id]
-        if b in _WS:
+        if b in WHITESPACE:
             if phase in _SPACED:
                 return (frames, ws + 1) if ws < WS_MAX else None
-            if phase in _NUMBER_END:
+            if phase in NUMBER_END:
                 return self.step((self._pop(frames), 0), b)
         below = frames[:-1]
         if phase == STR:  # aux: characters so far, where the node counts them
@@ -343,11 +350,11 @@ class SchemaGrammar(TokenGrammar):
                 return below + ((node_id, ARR_NEXT, aux),), 0
             return (self._pop(frames), 0) if b == 0x5D and aux >= node.min_items else None
         if phase == ESC:  # aux: the string's characters, this escape's included
-            if b in _ESCAPES:
+            if b in ESCAPES:
                 return below + ((node_id, STR, aux),), 0
             return (below + ((node_id, HEX, aux * 8 + 4),), 0) if b == 0x75 else None
         if phase == HEX:  # aux: characters * 8 + hex digits left
-            if b not in _HEX:
+            if b not in HEX_DIGITS:
                 return None
             return below + ((node_id, HEX, aux - 1) if aux % 8 > 1 else (node_id, STR, aux // 8),), 0
         if phase == FMT:
@@ -368,23 +375,10 @@ class SchemaGrammar(TokenGrammar):
         return self._number(frames, node, node_id, phase, b)
 
     def _number(self, frames: tuple, node: Node, node_id: int, phase: int, b: int):
-        below, digit = frames[:-1], b in _DIGITS
-        integer = node.kind == INTEGER
-        if phase == MINUS:
-            return (below + ((node_id, ZERO if b == 0x30 else INT, 0),), 0) if digit else None
-        if digit and phase in (INT, FRAC, EXP):
-            return frames, 0
-        if phase in (DOT, EXP_MARK, EXP_SIGN):
-            if digit:
-                return below + ((node_id, FRAC if phase == DOT else EXP, 0),), 0
-            return (below + ((node_id, EXP_SIGN, 0),), 0) if phase == EXP_MARK and b in (0x2B, 0x2D) else None
-        if not integer and phase in (ZERO, INT) and b == 0x2E:
-            return below + ((node_id, DOT, 0),), 0
-        if not integer and phase in (ZERO, INT, FRAC) and b in (0x65, 0x45):
-            return below + ((node_id, EXP_MARK, 0),), 0
-        if phase in _NUMBER_END:  # the number ended: b is what follows it
+        nxt = number_step(phase, b, node.kind == INTEGER)
+        if nxt == NUMBER_ENDED:  # b is what follows the number
             return self.step((self._pop(frames), 0), b)
-        return None
+        return None if nxt is None else (frames, 0) if nxt == phase else (frames[:-1] + ((node_id, nxt, 0),), 0)
 
     def _begin(self, frames: tuple, node_id: int, b: int):
         """Start a value of node `node_id` with byte b, above `frames`."""
@@ -401,7 +395,7 @@ class SchemaGrammar(TokenGrammar):
         if node.kind == STRING:
             return frames + ((node_id, STR if node.pattern is None else FMT, 0),), 0
         if node.kind in (NUMBER, INTEGER):
-            return frames + ((node_id, MINUS if b == 0x2D else ZERO if b == 0x30 else INT, 0),), 0
+            return frames + ((node_id, number_start(b), 0),), 0
         return self.step((frames + ((node_id, LIT, b""),), 0), b)  # LITERALS
 
     def _pop(self, frames: tuple) -> tuple:
