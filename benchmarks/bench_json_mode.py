@@ -1,12 +1,11 @@
 """What structured output costs: a batch of requests on the demo model (SmolLM2-135M-Instruct, its adapters
-round-robin) where none, half or all of them are in JSON-schema mode. A constrained request is not scheduled
-while its last token is on the device (its next mask needs it), so it advances every other step; this measures
-what that and the masks cost it, and whether the unconstrained requests beside it slow down. Rates count the
-tokens each kind wrote (the schema needs more than the default 32 tokens, so constrained requests run to
-max_tokens like the others, which ignore EOS). Each mix runs with both ways a constrained request waits for
-its last token (`sync_for_constrained`). On CUDA where there is one; `--random-7b`: the Llama-2-7B
-architecture with random weights, a byte-level test tokenizer (so the JSON masks allow about 100 tokens) and
-random adapters, on the GPU without the demo model.
+round-robin) where none, half or all of them are in JSON-schema mode. A constrained request's mask needs the
+token its last step drew: the engine reads that step while the next one's model runs, then masks and samples,
+so constrained requests advance every step; this measures what that wait and the masks cost them, and whether
+the unconstrained requests beside them slow down. Rates count the tokens each kind wrote (the schema needs more
+than the default 32 tokens, so constrained requests run to max_tokens like the others, which ignore EOS). On
+CUDA where there is one; `--random-7b`: the Llama-2-7B architecture with random weights, a byte-level test
+tokenizer (so the JSON masks allow about 100 tokens) and random adapters, on the GPU without the demo model.
 
     python -m benchmarks.bench_json_mode [--requests 16] [--max-tokens 32] [--repeats 2] [--random-7b]
 """
@@ -50,7 +49,7 @@ def run(llm: LLM, prompt: str | list[int], names: list[str], requests: int, cons
         steps += 1
     seconds = time.perf_counter() - start
     kinds = {"json": ids[:constrained], "plain": ids[constrained:]}
-    row = dict(requests=requests, constrained=constrained, sync=llm.engine._sync_for_constrained,
+    row = dict(requests=requests, constrained=constrained, wait="read during the model",
                seconds=round(seconds, 3), steps=steps)
     for kind, rids in kinds.items():
         if rids:
@@ -79,17 +78,15 @@ def main(argv: list[str] | None = None) -> None:
             prompt, model = list(range(3, 403)), "llama-2-7b-random"
         else:
             model_dir, adapters, prompt, model = default_model_dir(), demo_adapters(), PROMPT, "smollm2-135m-instruct"
-        for sync in (False, True):
-            llm = LLM(model=model_dir, lora_modules=adapters, device=device, enable_prefix_caching=False,
-                      sync_for_constrained=sync, max_num_seqs=max(args.requests, 4),
-                      **({"load_format": "dummy"} if args.random_7b else {}))
-            names = list(adapters)
-            run(llm, prompt, names, 4, 2, 4)  # warm-up: compiles, builds the vocabulary's tries, the first masks
-            rows += [run(llm, prompt, names, args.requests, c, args.max_tokens) for _ in range(args.repeats)
-                     for c in (0, args.requests // 2, args.requests)]
-            del llm
+        llm = LLM(model=model_dir, lora_modules=adapters, device=device, enable_prefix_caching=False,
+                  max_num_seqs=max(args.requests, 4), **({"load_format": "dummy"} if args.random_7b else {}))
+        names = list(adapters)
+        run(llm, prompt, names, 4, 2, 4)  # warm-up: compiles, builds the vocabulary's tries, the first masks
+        rows += [run(llm, prompt, names, args.requests, c, args.max_tokens) for _ in range(args.repeats)
+                 for c in (0, args.requests // 2, args.requests)]
+        del llm
     setup = dict(environment(), bench="json_mode", model=model, max_tokens=args.max_tokens, device=device)
-    print_table(rows, ["requests", "constrained", "sync", "seconds", "steps", "json_tokens", "json_s_mean",
+    print_table(rows, ["requests", "constrained", "seconds", "steps", "json_tokens", "json_s_mean",
                        "json_tok_per_s", "plain_tokens", "plain_s_mean", "plain_tok_per_s"])
     write_jsonl("json_mode", rows, setup, args.out_dir)
 

@@ -80,25 +80,6 @@ def test_decodes_first_then_chunked_prefill_under_budget():
     assert step.work[b] == 10 and b.num_computed == 40 and len(b.tokens) == 41
 
 
-def test_json_mode_sequences_wait_for_their_token_on_the_device():
-    """A JSON-mode sequence's next mask depends on the token its last step drew: while that token is pending
-    (a placeholder) it is not scheduled; the others are."""
-    from punica.engine.json_mode import START_STATE
-
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), BlockManager(64, 16), FakeAdapters())
-    a, b = seq(5), seq(6)
-    b.grammar_state = START_STATE
-    sched.add(a)
-    sched.add(b)
-    run_step(sched)  # both prefilled
-    for s in (a, b):  # each drew its first token on the device: a placeholder until the host reads it
-        s.tokens[-1], s.num_pending = -1, 1
-    step = sched.schedule()
-    assert a in step.work and b not in step.work
-    b.tokens[-1], b.num_pending = 7, 0  # its token read
-    assert b in sched.schedule().work
-
-
 def test_preempts_newest_when_kv_runs_out_and_everyone_finishes():
     blocks = BlockManager(num_blocks=8, block_size=4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, FakeAdapters())

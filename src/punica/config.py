@@ -225,12 +225,6 @@ class EngineConfig:
     lora_overlap: str = "auto"
     lora_stream_priority: int = 0  # CUDA priority of that stream; < 0 schedules its kernels before the GEMM's
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)
-    # JSON modes: a constrained request's next mask needs the token its last step drew. True: when one is
-    # waiting for it, read the step in flight before scheduling the next (every request loses the overlap of
-    # host and device for that step; constrained ones advance every step). False: constrained requests skip a
-    # step instead (they advance every other step; the others keep the overlap). None: True on the CPU, where
-    # steps do not overlap anyway, False on CUDA.
-    sync_for_constrained: bool | None = None
     load_format: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

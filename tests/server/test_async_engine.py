@@ -23,11 +23,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_lives(tiny_models):
     engine = Engine.from_args(model_dir, adapters, device="cpu")
     launch, faults = engine.runner.launch, []
 
-    def flaky(work, previous):
+    def flaky(work, previous, *rest):
         if not faults:
             faults.append(len(work))
             raise RuntimeError("injected device fault")
-        return launch(work, previous)
+        return launch(work, previous, *rest)
 
     engine.runner.launch = flaky
     ids = prompts(2, seed=4)
@@ -77,3 +77,44 @@ def test_a_dead_engine_thread_fails_its_streams_and_later_calls(tiny_models, mon
     runner, outputs = asyncio.run(scenario())
     assert not runner.alive
     assert outputs[-1].finish_reason == "error" and "injected bug" in outputs[-1].error
+
+
+def test_json_grammars_are_built_off_the_engine_thread(tiny_models, tmp_path, monkeypatch):
+    """The vocabulary's byte tries (half a second for a real vocabulary) and each schema's grammar are built on
+    a worker thread before the request is queued: the engine thread, which steps everyone's requests, finds
+    them built."""
+    import threading
+
+    from test_json_mode import byte_tokenizer_model
+
+    import punica.engine.engine as engine_module
+
+    engine = Engine.from_args(*byte_tokenizer_model(tiny_models, tmp_path), device="cpu")
+    built = []
+
+    def recorded(cls):
+        class Recorded(cls):
+            def __init__(self, *args):
+                built.append((cls.__name__, threading.current_thread().name))
+                super().__init__(*args)
+        return Recorded
+
+    for name in ("Vocabulary", "JsonGrammar", "SchemaGrammar"):
+        monkeypatch.setattr(engine_module, name, recorded(getattr(engine_module, name)))
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}}
+    params = [SamplingParams(max_tokens=24, temperature=1.0, seed=s, json_object=s == 0,
+                             json_schema=schema if s else None) for s in range(3)]
+
+    async def scenario():
+        runner = AsyncEngine(engine)
+        runner.start()
+        try:
+            return await collect(await runner.add(prompts(1, seed=6) * 3, params, "a4"))
+        finally:
+            await runner.stop()
+
+    outputs = asyncio.run(scenario())
+    assert sorted(kind for kind, _ in built) == ["JsonGrammar", "SchemaGrammar", "Vocabulary"]
+    assert all(thread != "punica-engine" for _, thread in built), built
+    finished = [out for out in outputs if out.finished]
+    assert len(finished) == 3 and all(out.error is None for out in finished)

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -113,9 +114,8 @@ class Engine:
         self._ids = itertools.count()
         self.eos_ids = set(model_cfg.eos_token_ids)
         self._vocab: Vocabulary | None = None  # the tokens' bytes, for JSON modes (built on first use)
-        sync = self.config.sync_for_constrained
-        self._sync_for_constrained = self.info.device == "cpu" if sync is None else sync
         self._grammars: dict[str, TokenGrammar] = {}  # "json_object" or a schema's text -> its grammar
+        self._vocab_lock, self._grammars_lock = threading.Lock(), threading.Lock()  # grammar() is thread-safe
         self.num_preemptions = 0
         for name, path in (lora_modules or {}).items():
             self.add_lora(name, path)
@@ -176,7 +176,7 @@ class Engine:
         vocab = self.model_config.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
             raise BadRequestError(f"logit_bias names token {params.logit_bias[-1][0]}; token ids are below {vocab}")
-        grammar = self._grammar(params)
+        grammar = self.grammar(params)
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting already; retry later")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -190,25 +190,32 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
-    def _grammar(self, params: SamplingParams) -> TokenGrammar | None:
+    def grammar(self, params: SamplingParams) -> TokenGrammar | None:
         """The grammar that masks this request's draws (JSON or JSON-schema mode), built on first use: the
         vocabulary's byte tries once (about half a second for 49k tokens), each schema once (kept for the
-        MAX_SCHEMAS most recent)."""
+        MAX_SCHEMAS most recent). Thread-safe: the server builds a request's grammar on a worker thread before
+        queueing it (AsyncEngine.add), so the engine thread, which serves everyone, finds it built."""
         if not (params.json_object or params.json_schema):
             return None
-        if self._vocab is None:
-            if self.tokenizer is None:
-                raise BadRequestError("JSON mode needs the model's tokenizer.json (the bytes of each token)")
-            self._vocab = Vocabulary(self.tokenizer.token_bytes, self.model_config.vocab_size)
-            self._grammars.clear()
         key = params.json_schema or "json_object"
-        grammar = self._grammars.pop(key, None)
-        if grammar is None:
-            grammar = SchemaGrammar(self._vocab, json.loads(key)) if params.json_schema else JsonGrammar(self._vocab)
-        self._grammars[key] = grammar  # most recent last
-        while len(self._grammars) > MAX_SCHEMAS:
-            self._grammars.pop(next(iter(self._grammars)))
+        with self._grammars_lock:
+            grammar = self._grammars.pop(key, None)
+        if grammar is None:  # built outside the lock: other threads find theirs meanwhile
+            vocab = self._vocabulary()
+            grammar = SchemaGrammar(vocab, json.loads(key)) if params.json_schema else JsonGrammar(vocab)
+        with self._grammars_lock:
+            grammar = self._grammars.setdefault(key, grammar)  # most recent last; one built meanwhile wins
+            while len(self._grammars) > MAX_SCHEMAS:
+                self._grammars.pop(next(iter(self._grammars)))
         return grammar
+
+    def _vocabulary(self) -> Vocabulary:
+        with self._vocab_lock:
+            if self._vocab is None:
+                if self.tokenizer is None:
+                    raise BadRequestError("JSON mode needs the model's tokenizer.json (the bytes of each token)")
+                self._vocab = Vocabulary(self.tokenizer.token_bytes, self.model_config.vocab_size)
+            return self._vocab
 
     def add_requests(self, prompts: list[str] | list[list[int]], params: list[SamplingParams],
                      loras: list[str | None]) -> list[str]:
@@ -274,16 +281,20 @@ class Engine:
         before it. The device runs one step while the host reads the previous one's tokens and schedules
         the next: a request's tokens arrive one step() after the step that computed them."""
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and self._sync_for_constrained and any(s.grammar is not None for s in previous.seqs):
-            self._carried += self._read(previous)  # their masks need these tokens (sync_for_constrained)
+
+        def read_previous() -> None:  # JSON-mode masks need its tokens: read while this step's model runs
+            nonlocal previous
+            if previous is not None:
+                self._carried += self._read(previous)
             previous = None
+
         try:
             step = self.scheduler.schedule()
             self.num_preemptions += len(step.preempted)
             for seq, error in step.failed:
                 self._carried.append(self._fail(seq, f"adapter {seq.lora!r} could not be read: {error}"))
             if step.work:
-                self._in_flight = self.runner.launch(step.work, previous)
+                self._in_flight = self.runner.launch(step.work, previous, read_previous)
                 self.scheduler.launched(step.work)
                 for seq in self._in_flight.seqs:  # its pending token is its last: not scheduled again
                     seq.finishing = self._at_length_limit(seq, len(seq.tokens))

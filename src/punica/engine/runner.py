@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from punica.engine.request import Sequence, TokenLogprobs
+from punica.engine.request import Sequence, Status, TokenLogprobs
 from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
 from punica.model.llama import LlamaModel
@@ -187,12 +188,25 @@ class ModelRunner:
             resolve_pending(batch.input_ids, previous)
         return self.model(batch), hb
 
-    def launch(self, work: dict[Sequence, int], previous: InFlight | None) -> InFlight:
+    def launch(self, work: dict[Sequence, int], previous: InFlight | None,
+               read_previous: Callable[[], None] | None = None) -> InFlight:
         """Launch one step: the model, then sampling, on the device; the host does not wait. Each sequence
-        advances by its work and, if its chunk reaches its end, gets a placeholder for the token sampled."""
+        advances by its work and, if its chunk reaches its end, gets a placeholder for the token sampled.
+
+        A constrained (JSON-mode) sequence's mask needs the token `previous` drew for it. Then, once the model
+        is launched, `read_previous()` reads that step (which the device finishes before this one's model) and
+        advances the grammars; the host waits while the device runs this step's model, and sampling follows."""
         ordered = order_by_slot(work)
         logits, hb = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
+        waiting = any(seq.grammar is not None and seq.num_pending for seq in done)
+        for seq, n in ordered:
+            seq.num_computed += n
+        for row, seq in enumerate(done):
+            seq.tokens.append(-1 - row)
+            seq.num_pending += 1
+        if waiting and read_previous is not None:
+            read_previous()  # may finish some of `done`: their rows are drawn unmasked and dropped (sample)
         prompt_rows = [(ordered[i][0], first, count) for i, first, count in hb.prompt_rows]
         prompt_targets, prompt_logprobs = [], None
         if prompt_rows:  # their logits follow the sampled rows'
@@ -213,20 +227,18 @@ class ModelRunner:
                                          for t in (logprobs, prompt_logprobs))
             ready = torch.cuda.Event()
             ready.record()
-        for seq, n in ordered:
-            seq.num_computed += n
-        for row, seq in enumerate(done):
-            seq.tokens.append(-1 - row)
-            seq.num_pending += 1
         return InFlight(done, tokens, host, ready, logprobs, prompt_rows, prompt_targets, prompt_logprobs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per row; penalized requests' counts (TokenCounts) gain the tokens drawn."""
+        """One token per row; penalized requests' counts (TokenCounts) gain the tokens drawn. Rows of finished
+        sequences (a JSON-mode read finished them mid-launch) are drawn without their grammar, generator or counts:
+        their tokens are dropped."""
+        live = [s.status is not Status.FINISHED for s in seqs]
         params = [s.params for s in seqs]
-        gens = [self._generator(s) for s in seqs]
+        gens = [self._generator(s) if ok else None for s, ok in zip(seqs, live)]
         if any(p.logit_bias for p in params):  # a new tensor: logprobs report the model's own logits
             logits = add_logit_bias(logits, [p.logit_bias for p in params])
-        counted = [row for row, p in enumerate(params) if p.penalizes]
+        counted = [row for row, p in enumerate(params) if p.penalizes and live[row]]
         if counted:
             counts = self._counts
             rows = counts.rows([seqs[r] for r in counted], logits.shape[1], logits.device)
@@ -237,7 +249,7 @@ class ModelRunner:
                                         [params[r].frequency_penalty for r in counted],
                                         [params[r].repetition_penalty for r in counted])
             logits = logits.index_copy(0, picked, penalized)
-        constrained = [row for row, s in enumerate(seqs) if s.grammar_state is not None]
+        constrained = [row for row, s in enumerate(seqs) if s.grammar_state is not None and live[row]]
         if constrained:  # last: the mask has the final word (json_mode.py)
             at = to_device(constrained, logits.device, torch.int64)
             masks = torch.stack([seqs[r].grammar.mask(seqs[r].grammar_state, logits.device) for r in constrained])

@@ -65,8 +65,6 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival)):
             if seq.status is not Status.RUNNING or seq.finishing or budget == 0:
                 continue
-            if seq.grammar_state is not None and seq.num_pending:  # its next mask needs the token on the device
-                continue
             n = self._chunk(seq, budget)
             if not n:
                 continue
@@ -245,6 +243,8 @@ class Scheduler:
             return
         size = self.blocks.block_size
         for seq in work:
+            if seq.status is not Status.RUNNING:  # finished while launching (a JSON-mode read): blocks freed
+                continue
             if seq.num_computed < (seq.num_cached_blocks + 1) * size:  # most decodes: no block completed
                 continue
             full = min(seq.num_computed, seq.num_known) // size
