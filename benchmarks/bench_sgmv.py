@@ -234,7 +234,9 @@ TUNE_VARIANTS = {
     "expand": [{}] + [dict(expand_block_n=bn, expand_warps=nw) for bn in (32, 64, 128, 256) for nw in (2, 4, 8)
                       if (bn, nw) != (128, 4)]
     + [dict(expand_tiles=2), dict(expand_tiles=4), dict(expand_waves=1), dict(expand_waves=16),
-       dict(max_block_m=16), dict(max_block_m=32)],
+       dict(max_block_m=16), dict(max_block_m=32)]
+    + [dict(bgmv_expand_tile=t, **k) for t in (16384, 32768)
+       for k in ({}, dict(expand_warps=8), dict(expand_stages=3), dict(expand_stages=4))],
 }
 # (popularity, bgmv_max_seg) per target case: Distinct in token tiling, Identical, and Uniform both ways
 TUNE_MODES = (("distinct", 1), ("identical", 1), ("uniform", 1), ("uniform", 1 << 20))
@@ -244,11 +246,15 @@ def run_tune(args, flush, copy_bw, setup) -> list[dict]:
     """Each knob variant on each target case and popularity/tiling of TUNE_MODES, per op."""
     defaults, rows, t0 = dict(sgmv.TUNING), [], time.time()
     for h_out, r, tokens, _ in TARGETS:
+        if h_out not in args.h_out or r not in args.ranks or tokens not in args.tokens:
+            continue
         for pop, mode in TUNE_MODES:
-            if pop == "uniform" and tokens < 32:
+            if pop not in args.popularity or pop == "uniform" and tokens < 32:
                 continue
             p = make_problem(h_out, r, tokens, pop)
             for op, variants in TUNE_VARIANTS.items():
+                if op not in args.systems:
+                    continue
                 results = []
                 for knobs in variants:
                     if time.time() - t0 > args.budget_s:
@@ -386,7 +392,8 @@ def plot(rows: list[dict], out_dir: Path, h_out: int = 4096, r: int = 16) -> Pat
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only the issue's target cases, as a table")
-    ap.add_argument("--tune", action="store_true", help="sweep launch knobs on the target cases")
+    ap.add_argument("--tune", action="store_true", help="sweep launch knobs on the target cases (those of --h-out, "
+                    "--ranks, --tokens, --popularity; the ops of --systems)")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the eager Python path")
     ap.add_argument("--apply", action="store_true", help="with --tune: use the best knobs for what follows")
     ap.add_argument("--sweep", action="store_true", help="run the sweep also with --quick/--tune")
