@@ -233,7 +233,8 @@ TUNE_VARIANTS = {
                dict(shrink_block_k=256), dict(max_block_m=16), dict(max_block_m=32), dict(shrink_warps=2),
                dict(shrink_warps=1), dict(shrink_stages=4), dict(shrink_stages=5), dict(max_block_k=512),
                dict(max_block_k=512, shrink_warps=2), dict(max_block_k=128, shrink_stages=6),
-               dict(shrink_warps=2, shrink_stages=4), dict(shrink_warps=2, shrink_waves=8)],
+               dict(shrink_warps=2, shrink_stages=4), dict(shrink_warps=2, shrink_waves=8),
+               dict(shrink_sum_after=0)],
     "expand": [{}] + [dict(expand_block_n=bn, expand_warps=nw) for bn in (32, 64, 128, 256) for nw in (2, 4, 8)
                       if (bn, nw) != (128, 4)]
     + [dict(expand_tiles=2), dict(expand_tiles=4), dict(expand_waves=1), dict(expand_waves=16),

@@ -103,7 +103,7 @@ def variants():
             (sgmv.WORKLIST, 4, 32, True), (sgmv.HYBRID, 4, 32, True)]:
         yield f"shrink mode {mode} split {split}{' persistent' if persistent else ''}", sgmv._shrink_kernel, SHRINK, \
             dict(MODE=mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=512 if mode == sgmv.TOKEN else 128,
-                 BLOCK_K1=512, BLOCK_R=16, R_BLOCKS=1, STAGES=3, PERSISTENT=persistent, IEEE=False,
+                 BLOCK_K1=512, BLOCK_R=16, R_BLOCKS=1, STAGES=3, PERSISTENT=persistent, SUM_AFTER=True, IEEE=False,
                  PDL=split == 8 or persistent)
     for mode, block_m, persistent in [(sgmv.SEGMENT, 32, False), (sgmv.TOKEN, 1, False), (sgmv.WORKLIST, 32, False),
                                       (sgmv.HYBRID, 32, False), (sgmv.WORKLIST, 32, True), (sgmv.HYBRID, 32, True)]:

@@ -117,14 +117,15 @@ def test_add_lora_matches_reference(popularity, prefill, num_seqs, widths):
 
 @interpreted
 @pytest.mark.parametrize("mode", ["token", "segment", "split_token", "split_segment", "rank_chunks",
-                                  "token_rank_chunks", "expand_tiles"])
+                                  "token_rank_chunks", "expand_tiles", "token_sum_each_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_launch_modes(tuning, mode, dtype):
     """Token (BGMV) and segment tiling, each with split-K; ranks over several rank chunks; several N tiles
-    per expand program (the last ones past the end)."""
+    per expand program (the last ones past the end); single tokens' shrink summing over k at every step."""
     knobs = dict(bgmv_max_seg=1 << 20 if "token" in mode else 0, max_block_m=16, max_block_k=32,
                  bgmv_block_r=32, expand_tiles=3 if mode == "expand_tiles" else 1,
-                 expand_block_n=16 if mode == "expand_tiles" else 128)
+                 expand_block_n=16 if mode == "expand_tiles" else 128,
+                 shrink_sum_after=0 if mode == "token_sum_each_k" else 1)
     knobs["shrink_waves"] = 1 << 10 if "split" in mode else 0
     tuning(**knobs)
     plan = make_plan([3, 0, 1, 17, 2, 0, 1], [0, 1, 1, 2, 3, 0, 4], "cpu")  # empty, slot-0, > BLOCK_M

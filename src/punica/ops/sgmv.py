@@ -220,8 +220,10 @@ def _real_item(u, n_units, per_item, n_s, n_single, indptr_ptr):
 def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, n_r, start, end, slot, rank,
                  stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
-    """v[start:end, cols] = x[start:end] @ lora_a[slot, cols].T over split pid_k of h_in (see the kernel)."""
+                 R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, SUM_AFTER: tl.constexpr, IEEE: tl.constexpr):
+    """v[start:end, cols] = x[start:end] @ lora_a[slot, cols].T over split pid_k of h_in (see the kernel).
+    One token (BLOCK_M == 1) multiplies on the CUDA cores; SUM_AFTER: its products are summed over k once,
+    after the loop, not at every step (TUNING["shrink_sum_after"])."""
     r0 = (pid_r % R_BLOCKS) * BLOCK_R
     cols = (pid_r // R_BLOCKS) * R + r0 + tl.arange(0, BLOCK_R)
     offs_m = start + tl.arange(0, BLOCK_M)
@@ -233,6 +235,7 @@ def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, n_r
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xt
     a_rows = a_ptr + slot.to(tl.int64) * stride_as + cols[:, None] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    products = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # BLOCK_M == 1: summed over k after the loop
     for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         kk = k + offs_k
         k_mask = kk < k_hi
@@ -243,8 +246,12 @@ def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, n_r
                 acc = tl.dot(xt, tl.trans(at), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xt, tl.trans(at), acc)
-        else:  # BLOCK_M == 1: [BLOCK_R, BLOCK_K] * [1, BLOCK_K] summed over k
+        elif SUM_AFTER:  # BLOCK_M == 1: [BLOCK_R, BLOCK_K] * [1, BLOCK_K], no reduction across threads here
+            products += at.to(tl.float32) * xt.to(tl.float32)
+        else:
             acc += tl.sum(at.to(tl.float32) * xt.to(tl.float32), axis=1)[None, :]
+    if BLOCK_M == 1 and SUM_AFTER:
+        acc = tl.sum(products, axis=1)[None, :]
     out_mask = m_mask[:, None] & (r0 + tl.arange(0, BLOCK_R) < R)[None, :]
     v_ptrs = v_ptr + offs_m[:, None] * stride_vt + cols[None, :]
     if SPLIT_K == 1:
@@ -266,22 +273,23 @@ def _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, pid_k, pid_r, n_r
 def _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, single, start, end, slot, rank,
                  stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split, MODE: tl.constexpr,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr,
-                 BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr, STAGES: tl.constexpr, SUM_AFTER: tl.constexpr,
+                 IEEE: tl.constexpr):
     """Split pid_k and rank block pid_r of row program (or work item) m; `single`: one token, on the CUDA
     cores (HYBRID's first items)."""
     if MODE == 3:
         if single:
             _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, start, end, slot, rank,
                          stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
-                         SPLIT_K, 1, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+                         SPLIT_K, 1, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, SUM_AFTER, IEEE)
         else:
             _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, start, end, slot, rank,
                          stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
-                         SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+                         SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, SUM_AFTER, IEEE)
     else:
         _shrink_rows(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, start, end, slot, rank,
                      stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, k_per_split,
-                     SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+                     SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, SUM_AFTER, IEEE)
 
 
 @_jit(do_not_specialize=["T", "seg_blocks", "n_single"])
@@ -289,7 +297,8 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    count_ptr, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
                    n_single, n_r, MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
-                   STAGES: tl.constexpr, PERSISTENT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                   STAGES: tl.constexpr, PERSISTENT: tl.constexpr, SUM_AFTER: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr):
     """PERSISTENT (work lists with item counts): a fixed grid walks the units (real item, split, rank block)
     of the step, so the padding of a graph's list costs no programs; else a program per unit of the grid
     (row program or item, split, rank block)."""
@@ -305,7 +314,7 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                 _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, (u % per_item) // n_r, u % n_r, n_r, single,
                              start, end, slot, rank, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR,
                              k_per_split, MODE, SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES,
-                             IEEE)
+                             SUM_AFTER, IEEE)
         return
     pid_m, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
                                                  R, MODE, BLOCK_M)
@@ -313,7 +322,7 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
         return
     _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, pid_m, tl.program_id(1), tl.program_id(2), n_r,
                  pid_m < n_single, start, end, slot, rank, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R,
-                 NR, k_per_split, MODE, SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, IEEE)
+                 NR, k_per_split, MODE, SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_K1, BLOCK_R, R_BLOCKS, STAGES, SUM_AFTER, IEEE)
 
 
 @_jit()

@@ -59,6 +59,7 @@ TUNING = {
     "max_block_k": 256,         # single-token shrink tiles 16 x 256: 54 registers where 16 x 512 took 123; issue
                                 # 3's r64/T=32 Distinct row 34.7 -> 33.3 us, end to end at 128 within noise of 512
     "shrink_stages": 3,
+    "shrink_sum_after": 1,      # single-token programs sum their products over k after the loop, not every step
     "shrink_warps": 4,
     "expand_waves": 4,          # expand programs aimed at per SM; BLOCK_N halves until reached
     "expand_block_n": 128,
@@ -165,7 +166,7 @@ def _shrink_config(tiling: tuple, h_in: int, NR: int, n_slices: int, sms: int, c
     split = _cdiv(h_in, k_per_split)
     persistent = bool(counted and TUNING["shrink_persistent"] and mode in (WORKLIST, HYBRID))
     args = (h_in, R, NR, seg_blocks, k_per_split, tiling[-1], r_programs, mode, split, block_m, block_k, block_k1,
-            block_r, _cdiv(R, block_r), TUNING["shrink_stages"], persistent)
+            block_r, _cdiv(R, block_r), TUNING["shrink_stages"], persistent, bool(TUNING["shrink_sum_after"]))
     units = rows * split * r_programs
     grid = (min(units, TUNING["shrink_persistent"] * sms), 1, 1) if persistent else (rows, split, r_programs)
     return grid, args, TUNING["shrink_warps"], split
