@@ -131,7 +131,7 @@ def test_engine_writes_objects_of_the_schema(demo_dir):
     chat = "<|im_start|>user\nDescribe a cat as JSON.<|im_end|>\n<|im_start|>assistant\n"
     params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, json_schema=schema) for s in range(4)]
     outs = llm.generate([chat] * 4, params)
-    grammar = llm.engine._grammar(params[0])
+    grammar = llm.engine.grammar(params[0])
     stopped = 0
     for out in outs:
         state = grammar.start
