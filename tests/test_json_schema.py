@@ -12,7 +12,7 @@ import pytest
 
 from punica import LLM, BadRequestError, SamplingParams
 from punica.engine.json_mode import Vocabulary
-from punica.engine.json_schema import SchemaGrammar
+from punica.engine.json_schema import SchemaGrammar, ToolCallGrammar
 from punica.engine.tokenizer import Tokenizer
 
 PERSON = {
@@ -112,10 +112,12 @@ def test_masks_equal_a_brute_force_check_of_every_token(demo_dir, prefix):
     assert_masks_match_brute_force(demo_dir, PERSON, prefix)
 
 
-def assert_masks_match_brute_force(model_dir: str, schema: dict, prefix: str) -> None:
-    """The trie walk's tokens after `prefix` are exactly those whose bytes the automaton takes (and some are)."""
+def assert_masks_match_brute_force(model_dir: str, schema: dict, prefix: str, tools: bool = False) -> None:
+    """The trie walk's tokens after `prefix` are exactly those whose bytes the automaton takes (and some are).
+    `tools`: `schema` maps tool names to their arguments' schemas (ToolCallGrammar)."""
     tok = Tokenizer(model_dir)
-    grammar = SchemaGrammar(Vocabulary(tok.token_bytes, len(tok.token_bytes)), schema)
+    vocab = Vocabulary(tok.token_bytes, len(tok.token_bytes))
+    grammar = ToolCallGrammar(vocab, schema) if tools else SchemaGrammar(vocab, schema)
     state = feed(grammar, prefix)
     brute = {i for i, data in enumerate(tok.token_bytes) if data and grammar.advance(state, i) is not None}
     assert set(grammar.allowed(state)) == brute and brute
@@ -223,3 +225,31 @@ def test_length_masks_equal_a_brute_force_check(demo_dir, prefix):
     """With maxLength the walk takes the plain tokens that fit (by characters) instead of all of them."""
     assert_masks_match_brute_force(demo_dir, {"type": "object", "properties": {
         "s": {"type": "string", "minLength": 2, "maxLength": 3}, "t": {"type": "string", "minLength": 1}}}, prefix)
+
+
+TOOLS = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"},
+                                                         "unit": {"enum": ["C", "F"]}}},
+         "get": {"type": "object", "properties": {"key": {"type": "integer"}}},
+         "search": {"type": "object", "properties": {}}}
+
+
+@pytest.mark.parametrize("text, ok", [('get_weather {"city": "Oslo", "unit": "C"}', True),
+                                      ('get {"key": 3}', True), ('search {}', True),
+                                      ('get {"city": "Oslo"}', False),  # get_weather's arguments under get
+                                      ('get_w {"city": "Oslo"}', False), ('lookup {}', False),
+                                      ('get_weather{"city": "Oslo"}', False), ('{"city": "Oslo"}', False)])
+def test_tool_calls_name_a_tool_then_give_its_arguments(byte_vocab, text, ok):
+    grammar = ToolCallGrammar(byte_vocab, TOOLS)
+    state = feed(grammar, text)
+    assert (state is not None and grammar.done(state)) == ok, text
+
+
+def test_tool_schemas_are_checked_by_name(byte_vocab):
+    with pytest.raises(BadRequestError, match="tool 'find'.*pattern"):
+        ToolCallGrammar(byte_vocab, {"get": {"type": "object"}, "find": {
+            "type": "object", "properties": {"q": {"type": "string", "pattern": "a+"}}}})
+
+
+@pytest.mark.parametrize("prefix", ["", "get", "get_", 'get_weather {"city": "O', 'search {'])
+def test_tool_call_masks_equal_a_brute_force_check_of_every_token(demo_dir, prefix):
+    assert_masks_match_brute_force(demo_dir, TOOLS, prefix, tools=True)

@@ -17,7 +17,7 @@ import torch
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.json_mode import JsonGrammar, TokenGrammar, Vocabulary
-from punica.engine.json_schema import SchemaGrammar
+from punica.engine.json_schema import SchemaGrammar, ToolCallGrammar
 from punica.engine.memory import kv_cache_blocks
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
 from punica.engine.runner import InFlight, ModelRunner
@@ -114,7 +114,7 @@ class Engine:
         self._ids = itertools.count()
         self.eos_ids = set(model_cfg.eos_token_ids)
         self._vocab: Vocabulary | None = None  # the tokens' bytes, for JSON modes (built on first use)
-        self._grammars: dict[str, TokenGrammar] = {}  # "json_object" or a schema's text -> its grammar
+        self._grammars: dict[str, TokenGrammar] = {}  # SamplingParams.grammar_key -> its grammar
         self._vocab_lock, self._grammars_lock = threading.Lock(), threading.Lock()  # grammar() is thread-safe
         self.num_preemptions = 0
         for name, path in (lora_modules or {}).items():
@@ -195,14 +195,16 @@ class Engine:
         vocabulary's byte tries once (about half a second for 49k tokens), each schema once (kept for the
         MAX_SCHEMAS most recent). Thread-safe: the server builds a request's grammar on a worker thread before
         queueing it (AsyncEngine.add), so the engine thread, which serves everyone, finds it built."""
-        if not (params.json_object or params.json_schema):
+        key = params.grammar_key
+        if key is None:
             return None
-        key = params.json_schema or "json_object"
         with self._grammars_lock:
             grammar = self._grammars.pop(key, None)
         if grammar is None:  # built outside the lock: other threads find theirs meanwhile
             vocab = self._vocabulary()
-            grammar = SchemaGrammar(vocab, json.loads(key)) if params.json_schema else JsonGrammar(vocab)
+            kind, _, text = key.partition(":")
+            grammar = (JsonGrammar(vocab) if kind == "json_object" else SchemaGrammar(vocab, json.loads(text))
+                       if kind == "schema" else ToolCallGrammar(vocab, json.loads(text)))
         with self._grammars_lock:
             grammar = self._grammars.setdefault(key, grammar)  # most recent last; one built meanwhile wins
             while len(self._grammars) > MAX_SCHEMAS:

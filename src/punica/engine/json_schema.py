@@ -409,3 +409,47 @@ class SchemaGrammar(TokenGrammar):
         node = self.nodes[parent]
         cap = node.max_items if node.max_items is not None else node.min_items  # counts past it look alike
         return rest[:-1] + ((parent, ARR_AFTER, min(aux + 1 if phase == ARR_NEXT else 1, cap + 1)),)
+
+
+class ToolCallGrammar(TokenGrammar):
+    """One call of one of several tools (chat completions' tool_choice "required"): the tool's name, a space,
+    then its arguments, one JSON value of that tool's schema. States: (-1, the name's bytes so far) while the
+    name is written, then (tool index, that tool's SchemaGrammar state)."""
+
+    def __init__(self, vocab: Vocabulary, tools: dict[str, dict]):
+        super().__init__(vocab)
+        self.names = [name.encode() for name in tools]
+        self.tools = []
+        for name, schema in tools.items():
+            try:
+                self.tools.append(SchemaGrammar(vocab, schema))
+            except BadRequestError as e:
+                raise BadRequestError(f"tool {name!r}: {e}") from None
+        self.start = (-1, b"")
+
+    def step(self, s, b: int):
+        tool, inner = s
+        if tool >= 0:
+            nxt = self.tools[tool].step(inner, b)
+            return None if nxt is None else (tool, nxt)
+        if b == 0x20:  # the name ends
+            if inner not in self.names:
+                return None
+            tool = self.names.index(inner)
+            return tool, self.tools[tool].start
+        name = inner + bytes((b,))
+        return (-1, name) if any(n.startswith(name) for n in self.names) else None
+
+    def done(self, s) -> bool:
+        return s[0] >= 0 and self.tools[s[0]].done(s[1])
+
+    def in_string(self, s) -> bool:
+        return s[0] >= 0 and self.tools[s[0]].in_string(s[1])
+
+    def cache_key(self, s):
+        return s if s[0] < 0 else (s[0], self.tools[s[0]].cache_key(s[1]))
+
+    def allowed(self, s) -> list[int]:
+        if s[0] >= 0:  # a token past the name stays within the arguments
+            return self.tools[s[0]].allowed(s[1])
+        return super().allowed(s)

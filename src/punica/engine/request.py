@@ -52,6 +52,9 @@ class SamplingParams:
     # JSON-schema mode: the same for one value of this JSON schema (a dict, kept as its JSON text;
     # engine/json_schema.py)
     json_schema: str | dict | None = None
+    # one call of one of these tools ({name: JSON schema of its arguments}, kept as JSON text): the output is a
+    # name, a space, then that tool's arguments, one value of its schema (json_schema.ToolCallGrammar)
+    tool_call: str | dict | None = None
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -103,6 +106,18 @@ class SamplingParams:
             if not isinstance(schema, dict):
                 bad(f"json_schema must be a JSON schema object, got {type(schema).__name__}")
             object.__setattr__(self, "json_schema", text)  # hashable; the properties keep their order
+        if self.tool_call is not None:
+            if self.json_object or self.json_schema is not None:
+                bad("tool_call excludes json_object and json_schema: give one")
+            try:
+                tools = json.loads(self.tool_call) if isinstance(self.tool_call, str) else self.tool_call
+                text = json.dumps(tools)
+            except (TypeError, ValueError) as e:
+                bad(f"tool_call must map tool names to JSON schemas: {e}")
+            if not isinstance(tools, dict) or not tools or not all(
+                    isinstance(k, str) and k and " " not in k and isinstance(v, dict) for k, v in tools.items()):
+                bad(f"tool_call must map tool names (non-empty, without spaces) to JSON schemas, got {tools!r}")
+            object.__setattr__(self, "tool_call", text)
         bias = self.logit_bias
         pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
                  else [] if bias is None else None)
@@ -113,6 +128,15 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(b)) for t, b in pairs)) or None)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(ids or ()))
+
+    @property
+    def grammar_key(self) -> str | None:
+        """What the grammar masking this request's draws is built from (None: unconstrained)."""
+        if self.json_object:
+            return "json_object"
+        if self.json_schema is not None:
+            return "schema:" + self.json_schema
+        return None if self.tool_call is None else "tools:" + self.tool_call
 
     @property
     def penalizes(self) -> bool:

@@ -109,13 +109,15 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise
         return env.from_string(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """`tools`: [{"type": "function", "function": {...}}] for templates that render them."""
         if not self.chat_template:
             raise BadRequestError("this model has no chat template: send plain prompts (/v1/completions, or "
                                   "punica generate without --chat)")
         return self._compiled_chat_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **({"tools": tools} if tools else {}))
 
 
 @functools.cache

@@ -130,7 +130,7 @@ class AsyncEngine:
     async def add(self, prompts: list[list[int]], params: list[SamplingParams], lora: str | None) -> RequestStream:
         """Queue one engine request per (prompt, params) pair, all or none. Raises what the engine raises
         (BadRequestError, UnknownModelError, CapacityError)."""
-        for p in {p.json_schema or "json_object": p for p in params if p.json_object or p.json_schema}.values():
+        for p in {p.grammar_key: p for p in params if p.grammar_key is not None}.values():
             await asyncio.to_thread(self.engine.grammar, p)  # JSON modes: built here, not on the engine thread
         return await self.call(self._add, prompts, params, lora)
 

@@ -113,3 +113,57 @@ class ChatFormat(CompletionFormat):
 
     def usage_chunk(self, usage: Usage) -> dict:
         return {**self._envelope([], "chat.completion.chunk"), "usage": usage.model_dump()}
+
+
+class ToolCallFormat(ChatFormat):
+    """A chat completion whose reply is one tool call: message {role: "assistant", content: null, tool_calls:
+    [{id, type: "function", function: {name, arguments}}]}, finish_reason "tool_calls" ("length" when cut).
+    `tool`: the function's name where the request leaves one (the output is its arguments); None: the output
+    is a name, a space, then the arguments. Chunks carry the call in `delta.tool_calls`: its index, id, type
+    and name first (once the name is written), then the arguments piece by piece."""
+
+    def __init__(self, model: str, request_id: str, token_text: TokenText = str, tool: str | None = None):
+        super().__init__(model, request_id, token_text)
+        self.tool = tool
+        self._held: dict[int, str] = {}  # streaming, per choice: text of a name not yet complete
+        self._named: set[int] = set()  # streaming: choices whose call's name has been sent
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """(name, arguments) of an output; the name is None until it is complete."""
+        if self.tool is not None:
+            return self.tool, text
+        name, space, arguments = text.partition(" ")
+        return (name, arguments) if space else (None, "")
+
+    def call(self, index: int, name: str, arguments: str) -> dict:
+        return {"id": f"call_{self.id.removeprefix('chatcmpl-')}_{index}", "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+
+    @staticmethod
+    def reason(reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" else finish_reason(reason)
+
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        name, arguments = self.split(text)
+        message = ({"role": "assistant", "content": None, "tool_calls": [self.call(index, name, arguments)]}
+                   if name is not None else {"role": "assistant", "content": text})  # cut inside the name
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.reason(reason)}
+
+    def opening(self, index: int) -> dict | None:
+        return self._delta(index, {"role": "assistant", "content": None}, None)
+
+    def chunk(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        if index in self._named:
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+        else:
+            held = self._held.get(index, "") + text
+            name, arguments = self.split(held)
+            if name is None:
+                self._held[index] = held
+                delta = {"content": held} if reason is not None and held else {}  # cut inside the name
+            else:
+                self._named.add(index)
+                self._held.pop(index, None)
+                delta = {"tool_calls": [{"index": 0, **self.call(index, name, arguments)}]}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason)}
+        return self._envelope([choice], "chat.completion.chunk")

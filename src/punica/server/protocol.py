@@ -7,6 +7,7 @@ accepted as vLLM-style extensions (the openai client sends them through `extra_b
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from punica.engine.request import MAX_LOGPROBS, SEED_END, SEED_MIN
 
 COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's default)
 FORMATS = ("text", "json_object", "json_schema")  # response_format types served
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+NO_PARAMETERS = {"type": "object", "properties": {}}  # a function whose `parameters` are left out
 
 
 def random_id(prefix: str) -> str:
@@ -80,8 +83,9 @@ class SamplingFields(BaseModel):
     # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     # (SamplingParams.json_object, .json_schema); other types are refused
     response_format: dict | None = None
-    # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
+    # tool calls (chat only: ChatCompletionRequest.tool_use); completions refuse them by name (unsupported)
     tool_choice: Any = None
+    # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
     functions: list | None = None
     function_call: Any = None
     parallel_tool_calls: bool | None = None
@@ -253,6 +257,8 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     logprobs: bool = False  # each generated token's logprob, and those of the `top_logprobs` most likely tokens
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # [{"type": "function", "function": {"name", "description", "parameters": JSON schema}}]: with tool_choice
+    # "required" or naming one, the reply is one call of one of them (tool_use); "none": a text reply
     tools: list[dict] | None = None
 
     @model_validator(mode="after")
@@ -261,9 +267,61 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
 
-    def unsupported(self) -> list[str]:
-        bad = super().unsupported()
-        return bad + (["tools"] if self.tools else [])
+    def unsupported(self) -> list[str]:  # tool_choice and parallel_tool_calls: tool_use checks them
+        return [name for name in super().unsupported() if name not in ("tool_choice", "parallel_tool_calls")]
+
+    def functions_offered(self) -> list[dict]:
+        """The tools' `function` objects, checked (names, schemas as objects), in the request's order."""
+        out = []
+        for i, tool in enumerate(self.tools or ()):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+                raise BadRequestError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}}')
+            name = fn.get("name")
+            if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+                raise BadRequestError(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-', "
+                                      f"got {name!r}")
+            if any(f["name"] == name for f in out):
+                raise BadRequestError(f"tools[{i}]: two tools are named {name!r}")
+            if not isinstance(fn.get("parameters", {}), dict):
+                raise BadRequestError(f"tools[{i}].function.parameters must be a JSON schema object")
+            out.append(fn)
+        return out
+
+    def tool_use(self) -> dict[str, dict] | None:
+        """The tools the reply must call one of, {name: JSON schema of its arguments}, from `tools` and
+        `tool_choice`; None: a text reply (no tools, or tool_choice "none")."""
+        functions, choice = self.functions_offered(), self.tool_choice
+        if choice == "none" or (choice is None and not functions):
+            return None
+        if not functions:
+            raise BadRequestError("tool_choice needs tools: list the functions the reply may call")
+        schemas = {fn["name"]: fn.get("parameters") or NO_PARAMETERS for fn in functions}
+        if choice is None or choice == "auto":
+            raise BadRequestError('tool_choice "auto" (the default when tools are given) is not served: Punica does '
+                                  'not pick calls out of free text. Send tool_choice "required" (one call of one of '
+                                  'the tools), {"type": "function", "function": {"name": ...}} (a call of that one) '
+                                  'or "none" (a text reply)')
+        if choice == "required":
+            return schemas
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+            raise BadRequestError(f'tool_choice must be "none", "auto", "required" or {{"type": "function", '
+                                  f'"function": {{"name": ...}}}}, got {choice!r}')
+        if name not in schemas:
+            raise BadRequestError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(schemas)})")
+        return {name: schemas[name]}
+
+    def json_mode(self) -> dict:
+        """JSON-schema mode for a call of one tool (the output is its arguments), a tool call among several
+        (SamplingParams.tool_call: a name, then its arguments), else response_format's."""
+        tools = self.tool_use()
+        if tools is None:
+            return super().json_mode()
+        if (self.response_format or {}).get("type", "text") != "text":
+            raise BadRequestError("response_format and a required tool call exclude each other: the reply is the "
+                                  "call's arguments")
+        return {"json_schema": next(iter(tools.values()))} if len(tools) == 1 else {"tool_call": tools}
 
     @property
     def num_logprobs(self) -> int | None:

@@ -13,9 +13,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from punica import BadRequestError, SamplingParams, TokenLogprobs, UnknownModelError
+from punica.server import tool_prompt
 from punica.server.adapters import AdapterLoads
 from punica.server.async_engine import AsyncEngine, Delivery, EngineFailure, RequestStream
-from punica.server.formats import ChatFormat, CompletionFormat, sse
+from punica.server.formats import ChatFormat, CompletionFormat, ToolCallFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
 from punica.server.protocol import (
     ChatCompletionRequest,
@@ -165,15 +166,21 @@ class OpenAIServing:
             raise BadRequestError(f"{what} has {chars} characters, more than {self.max_model_len} tokens (the context, "
                                   f"max_model_len) can hold; shorten it")
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        """The chat template over the messages, tokenized (run on a worker thread)."""
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    functions: list[dict] = (), forced: str | None = None) -> list[int]:
+        """The chat template over the messages, tokenized (run on a worker thread). `functions`: the tools the
+        reply may call (`forced`: the one it calls), offered as the template takes them (tool_prompt.py)."""
         if self.tokenizer is None:
             raise BadRequestError("this model directory has no tokenizer.json, so it has no chat template")
         turns = [m.as_template_dict() for m in messages]
         if len(turns) > self.max_model_len:
             raise BadRequestError(f"{len(turns)} messages cannot fit the context of {self.max_model_len} tokens")
+        native = tool_prompt.takes_tools(self.tokenizer.chat_template)
+        if not native:
+            turns = tool_prompt.with_tools(turns, list(functions), forced)
         self.check_chars(sum(len(m["content"]) for m in turns), "the conversation")
-        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
+        tools = [{"type": "function", "function": f} for f in functions] if native else None
+        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools)
         return self.encode(text, special_tokens=False)
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
@@ -226,9 +233,14 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         lora = await self.resolve_lora(req.model)
-        prompt = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt)
+        tools = req.tool_use()  # the tools the reply calls one of (None: a text reply)
+        forced = next(iter(tools)) if tools is not None and len(tools) == 1 else None
+        functions = [f for f in req.functions_offered() if tools is not None and f["name"] in tools]
+        prompt = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt, functions,
+                                         forced)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
-        fmt = ChatFormat(req.model, random_id("chatcmpl"), self.token_text)
+        fmt = (ChatFormat(req.model, random_id("chatcmpl"), self.token_text) if tools is None
+               else ToolCallFormat(req.model, random_id("chatcmpl"), self.token_text, forced))
         return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
 
     async def _generate(self, job: Job, request: Request) -> Response:

@@ -1,0 +1,142 @@
+"""Tool calls through the official openai client, in process (Starlette's TestClient as its HTTP client): a
+tiny random model with a byte-level tokenizer writes a call of the named tool, or of one of several, whose
+arguments follow the tool's schema; streamed calls arrive as OpenAI's deltas; the functions and earlier calls
+reach the prompt; what is not served is refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from punica import Engine
+from punica.config import ServerConfig
+from punica.server import tool_prompt
+from punica.server.app import build_app
+from punica.testing import write_byte_tokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}}}
+SEARCH = {"type": "function", "function": {"name": "search", "parameters": {
+    "type": "object", "properties": {"query": {"type": "string", "maxLength": 12}, "limit": {"type": "integer"}}}}}
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models, tmp_path_factory):
+    _, model_dir, adapters = tiny_models["llama"]
+    path = shutil.copytree(model_dir, tmp_path_factory.mktemp("tools") / "model")
+    write_byte_tokenizer(str(path))
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump({"chat_template": CHATML}, f)
+    config = json.loads((path / "config.json").read_text())  # a byte a token: the offered schemas take room
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    engine = Engine.from_args(str(path), adapters, device="cpu", max_num_seqs=8, num_blocks=512,
+                              max_model_len=2048)
+    try:
+        with TestClient(build_app(engine, ServerConfig(), "tiny")) as http:
+            yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+    finally:
+        engine.adapters.close()
+
+
+def chat(client, **kwargs):
+    return client.chat.completions.create(**{"model": "tiny", "messages": ASK, "max_tokens": 60, "temperature": 1.0,
+                                             **kwargs})
+
+
+def test_a_named_tool_is_called_with_arguments_of_its_schema(client):
+    reply = chat(client, tools=[WEATHER, SEARCH], seed=1, n=3,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    for choice in reply.choices:
+        assert choice.message.content is None and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        if choice.finish_reason == "tool_calls":  # else cut by max_tokens: a prefix of the arguments
+            args = json.loads(call.function.arguments)
+            assert list(args) == ["city", "unit"] and args["unit"] in ("C", "F") and len(args["city"]) <= 12
+        else:
+            assert choice.finish_reason == "length"
+    assert len({c.message.tool_calls[0].id for c in reply.choices}) == 3
+    assert any(c.finish_reason == "tool_calls" for c in reply.choices)
+
+
+def test_required_calls_one_of_the_tools(client):
+    names = set()
+    for seed in range(4):
+        reply = chat(client, tools=[WEATHER, SEARCH], tool_choice="required", seed=seed)
+        choice = reply.choices[0]
+        call = choice.message.tool_calls[0]
+        assert call.function.name in ("get_weather", "search")
+        names.add(call.function.name)
+        if choice.finish_reason == "tool_calls":
+            args = json.loads(call.function.arguments)
+            assert list(args) == (["city", "unit"] if call.function.name == "get_weather" else ["query", "limit"])
+    assert names  # which ones a random model picks is up to it
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "search"}}])
+def test_streamed_calls_equal_the_whole_ones(client, tool_choice):
+    kwargs = dict(tools=[WEATHER, SEARCH], tool_choice=tool_choice, seed=7, temperature=0.0)
+    whole = chat(client, **kwargs).choices[0]
+    chunks = list(chat(client, stream=True, **kwargs))
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    first = deltas[0].tool_calls[0]
+    call = whole.message.tool_calls[0]
+    assert (first.index, first.type, first.function.name) == (0, "function", call.function.name)
+    assert first.id.startswith("call_") and chunks[0].id.removeprefix("chatcmpl-") in first.id
+    assert "".join(d.tool_calls[0].function.arguments or "" for d in deltas) == call.function.arguments
+    assert all(d.tool_calls[0].function.name is None for d in deltas[1:])
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+
+
+def test_tools_and_earlier_calls_reach_the_prompt():
+    """Templates without tool support get the offer in the system turn and past calls written out as the
+    model writes them; a template of its own gets `tools` (tool_prompt.takes_tools)."""
+    fn = WEATHER["function"]
+    history = [{"role": "user", "content": "Oslo?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}]},
+               {"role": "tool", "content": "-3 C", "tool_call_id": "call_1"}]
+    turns = tool_prompt.with_tools(history, [fn], None)
+    assert turns[0]["role"] == "system" and json.dumps(fn["parameters"]) in turns[0]["content"]
+    assert "reply with its name, a space" in turns[0]["content"]
+    assert turns[2]["content"] == 'get_weather {"city": "Oslo", "unit": "C"}' and turns[3]["content"] == "-3 C"
+    forced = tool_prompt.with_tools([{"role": "system", "content": "Be brief."}, *history], [fn], "get_weather")
+    assert forced[0]["content"].startswith("Be brief.\n\n") and "Call get_weather now" in forced[0]["content"]
+    assert not tool_prompt.takes_tools(CHATML)
+    assert tool_prompt.takes_tools("{% if tools %}{{ tools | tojson }}{% endif %}{{ m.tool_calls }}")
+
+
+@pytest.mark.parametrize("kwargs, fragments", [
+    (dict(tools=[WEATHER]), ['"auto"', "required"]),
+    (dict(tools=[WEATHER], tool_choice="auto"), ['"auto"']),
+    (dict(tool_choice="required"), ["tool_choice needs tools"]),
+    (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), ["'nope'", "get_weather"]),
+    (dict(tools=[WEATHER], tool_choice="sometimes"), ["tool_choice must be"]),
+    (dict(tools=[{"type": "retrieval"}], tool_choice="required"), ["tools[0]"]),
+    (dict(tools=[WEATHER, WEATHER], tool_choice="required"), ["two tools are named 'get_weather'"]),
+    (dict(tools=[{"type": "function", "function": {"name": "a b"}}], tool_choice="required"), ["tools[0]", "name"]),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "pattern": "x"}}}}}], tool_choice="required"),
+     ["pattern"]),
+    (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), ["response_format"]),
+])
+def test_tool_requests_not_served_are_refused_by_name(client, kwargs, fragments):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_tool_choice_none_replies_in_text(client):
+    reply = chat(client, tools=[WEATHER], tool_choice="none", max_tokens=5, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content is not None
