@@ -9,10 +9,7 @@ set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
-timeout 150 python3 -m pytest -m gpu -q -n 8 --timeout 120 tests/ops tests/test_gpu_engine.py > "$OUT/gpu_tests.full" 2>&1
-tail -3 "$OUT/gpu_tests.full" > "$OUT/gpu_tests.log"
-grep -E "^(FAILED|ERROR|E  )" "$OUT/gpu_tests.full" | head -20
-tail -1 "$OUT/gpu_tests.log"
+source benchmarks/gpu_tier.sh
 timeout 120 python3 -m benchmarks.bench_sgmv --tune --systems shrink --popularity distinct identical --reps 40 \
   --budget-s 100 --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/shrink_tune.log"
 python3 - "$OUT/sgmv_tune.jsonl" <<'PY'

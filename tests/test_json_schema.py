@@ -253,3 +253,14 @@ def test_tool_schemas_are_checked_by_name(byte_vocab):
 @pytest.mark.parametrize("prefix", ["", "get", "get_", 'get_weather {"city": "O', 'search {'])
 def test_tool_call_masks_equal_a_brute_force_check_of_every_token(demo_dir, prefix):
     assert_masks_match_brute_force(demo_dir, TOOLS, prefix, tools=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tool_call={}), "tool_call must map"), (dict(tool_call={"a b": {}}), "without spaces"),
+    (dict(tool_call={"f": 3}), "tool_call must map"), (dict(tool_call="{not json"), "tool_call must be"),
+    (dict(tool_call={"f": {}}, json_object=True), "tool_call excludes"),
+    (dict(tool_call={"f": {}}, json_schema={"type": "object"}), "tool_call excludes")])
+def test_tool_call_params_are_checked(kwargs, message):
+    with pytest.raises(BadRequestError, match=message):
+        SamplingParams(**kwargs)
+    assert SamplingParams(tool_call={"f": {"type": "object"}}).grammar_key == 'tools:{"f": {"type": "object"}}'

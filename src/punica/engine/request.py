@@ -98,26 +98,16 @@ class SamplingParams:
         if self.json_schema is not None:
             if self.json_object:
                 bad("json_object and json_schema exclude each other: give one")
-            try:
-                schema = json.loads(self.json_schema) if isinstance(self.json_schema, str) else self.json_schema
-                text = json.dumps(schema)
-            except (TypeError, ValueError) as e:
-                bad(f"json_schema must be a JSON schema object: {e}")
+            schema = _as_json_text(self, "json_schema", "a JSON schema object")
             if not isinstance(schema, dict):
                 bad(f"json_schema must be a JSON schema object, got {type(schema).__name__}")
-            object.__setattr__(self, "json_schema", text)  # hashable; the properties keep their order
         if self.tool_call is not None:
             if self.json_object or self.json_schema is not None:
                 bad("tool_call excludes json_object and json_schema: give one")
-            try:
-                tools = json.loads(self.tool_call) if isinstance(self.tool_call, str) else self.tool_call
-                text = json.dumps(tools)
-            except (TypeError, ValueError) as e:
-                bad(f"tool_call must map tool names to JSON schemas: {e}")
+            tools = _as_json_text(self, "tool_call", "a map of tool names to JSON schemas")
             if not isinstance(tools, dict) or not tools or not all(
                     isinstance(k, str) and k and " " not in k and isinstance(v, dict) for k, v in tools.items()):
                 bad(f"tool_call must map tool names (non-empty, without spaces) to JSON schemas, got {tools!r}")
-            object.__setattr__(self, "tool_call", text)
         bias = self.logit_bias
         pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
                  else [] if bias is None else None)
@@ -142,6 +132,18 @@ class SamplingParams:
     def penalizes(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
+
+
+def _as_json_text(params: SamplingParams, name: str, what: str):
+    """Field `name` (a JSON value or its text) kept as its JSON text, which is hashable and keeps an object's
+    keys in order; returns the value."""
+    value = getattr(params, name)
+    try:
+        value = json.loads(value) if isinstance(value, str) else value
+        object.__setattr__(params, name, json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise BadRequestError(f"{name} must be {what}: {e}") from None
+    return value
 
 
 @dataclass(frozen=True)
