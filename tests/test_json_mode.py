@@ -169,8 +169,8 @@ def json_mode_batch(model_dir: str, adapters: dict[str, str], device: str, dtype
     names = [None, *adapters]
     plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     alone = llm.generate([[5, 6, 7]], plain, lora=names[1])[0]
-    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, json_object=True, frequency_penalty=0.5 * (s % 2))
-              for s in range(6)]
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, json_object=True, frequency_penalty=0.5 * (s % 2),
+                             stop=['"', "}"]) for s in range(6)]  # stop strings do not cut constrained output
     steps = 0
     loras = [names[i % len(names)] for i in range(6)] + [names[1]]
     ids = llm.engine.add_requests([[5, 6, 7]] * 7, params + [plain], loras)

@@ -352,7 +352,8 @@ class Engine:
             if delta:
                 start = max(0, len(seq.text) - max((len(s) for s in p.stop), default=1) + 1)
                 seq.text += delta
-                for stop in p.stop:  # only where the new text can complete a stop string
+                # stop strings where the new text can complete one; constrained output ends where its value does
+                for stop in p.stop if seq.grammar is None else ():
                     at = seq.text.find(stop, start)
                     if at >= 0:
                         seq.text = seq.text[:at]

@@ -47,7 +47,7 @@ class SamplingParams:
     # drop tokens less than min_p times as likely as the most likely one, after temperature (0 = none)
     min_p: float = 0.0
     # JSON mode: only tokens that keep the output a prefix of one JSON object are drawn, and the request stops
-    # when the object closes (engine/json_mode.py)
+    # when the object closes, not at a stop string (engine/json_mode.py); so do the two below
     json_object: bool = False
     # JSON-schema mode: the same for one value of this JSON schema (a dict, kept as its JSON text;
     # engine/json_schema.py)
