@@ -191,7 +191,7 @@ class Engine:
         return request_id
 
     def grammar(self, params: SamplingParams) -> TokenGrammar | None:
-        """The grammar that masks this request's draws (JSON or JSON-schema mode), built on first use: the
+        """The grammar that masks this request's draws (JSON, JSON-schema or tool-call mode), built on first use: the
         vocabulary's byte tries once (about half a second for 49k tokens), each schema once (kept for the
         MAX_SCHEMAS most recent). Thread-safe: the server builds a request's grammar on a worker thread before
         queueing it (AsyncEngine.add), so the engine thread, which serves everyone, finds it built."""
