@@ -1,7 +1,8 @@
 """Tool calls through the official openai client, in process (Starlette's TestClient as its HTTP client): a
 tiny random model with a byte-level tokenizer writes a call of the named tool, or of one of several, whose
 arguments follow the tool's schema; streamed calls arrive as OpenAI's deltas; the functions and earlier calls
-reach the prompt; what is not served is refused by name."""
+reach the prompt; under "auto", calls are read out of free replies in three shapes, streamed or whole alike;
+what is not served is refused by name."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from punica import Engine
 from punica.config import ServerConfig
 from punica.server import tool_prompt
 from punica.server.app import build_app
+from punica.server.formats import AutoToolFormat
 from punica.testing import write_byte_tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -117,8 +119,6 @@ def test_tools_and_earlier_calls_reach_the_prompt():
 
 
 @pytest.mark.parametrize("kwargs, fragments", [
-    (dict(tools=[WEATHER]), ['"auto"', "required"]),
-    (dict(tools=[WEATHER], tool_choice="auto"), ['"auto"']),
     (dict(tool_choice="required"), ["tool_choice needs tools"]),
     (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), ["'nope'", "get_weather"]),
     (dict(tools=[WEATHER], tool_choice="sometimes"), ["tool_choice must be"]),
@@ -140,3 +140,71 @@ def test_tool_requests_not_served_are_refused_by_name(client, kwargs, fragments)
 def test_tool_choice_none_replies_in_text(client):
     reply = chat(client, tools=[WEATHER], tool_choice="none", max_tokens=5, extra_body={"ignore_eos": True})
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content is not None
+
+
+NAMES = ["get_weather", "search"]
+ARGS = '{"city": "Oslo", "unit": "C"}'
+
+
+@pytest.mark.parametrize("text, calls", [
+    (f"get_weather {ARGS}", [("get_weather", ARGS)]),
+    ("  search\n{}", [("search", "{}")]),
+    (f'<tool_call>\n{{"name": "get_weather", "arguments": {ARGS}}}\n</tool_call>', [("get_weather", ARGS)]),
+    ('<tool_call>{"name": "search", "arguments": "{\\"q\\": 1}"}</tool_call>\n<tool_call>{"name": "get_weather", '
+     '"arguments": {}}</tool_call>', [("search", '{"q": 1}'), ("get_weather", "{}")]),
+    (f'{{"name": "get_weather", "parameters": {ARGS}}}', [("get_weather", ARGS)]),
+    ("The weather in Oslo is cold.", None), ("get_weather {broken", None), (f"lookup {ARGS}", None),
+    ('<tool_call>{"name": "lookup", "arguments": {}}</tool_call>', None),
+    ('<tool_call>{"name": "search", "arguments": {}}</tool_call> and some text', None),
+    (f"Sure! get_weather {ARGS}", None), ('{"answer": 42}', None)])
+def test_auto_replies_are_calls_only_when_they_are_nothing_but_calls(text, calls):
+    import json as j
+    parsed = tool_prompt.parse_calls(text, NAMES)
+    assert (parsed if parsed is None else [(n, j.loads(a)) for n, a in parsed]) == (
+        calls if calls is None else [(n, j.loads(a)) for n, a in calls])
+
+
+@pytest.mark.parametrize("text, may", [("", True), ("  ", True), ("get_w", True), ("get_weather", True),
+                                       ("get_weather ", True), ("get_weather \n{", True), ("<tool", True),
+                                       ("<tool_call>{", True), ("{", True), ("The", False), ("get_weather is", False),
+                                       ("get_weatherx", False), ("<tom", False)])
+def test_streams_hold_a_reply_back_while_it_may_be_calls(text, may):
+    assert tool_prompt.may_be_call(text, NAMES) == may
+
+
+@pytest.mark.parametrize("text, reason", [(f"get_weather {ARGS}", "stop"), ("The weather is cold.", "stop"),
+                                          (f"get_weather {ARGS[:9]}", "length"), ("get_w", "stop"),
+                                          ("<tool_call>{\"name\": \"search\", \"arguments\": {}}</tool_call>",
+                                           "stop")])
+@pytest.mark.parametrize("cut", [1, 3, 7])
+def test_auto_streams_say_what_whole_replies_say(text, reason, cut):
+    """Streamed in pieces of `cut` characters, a reply's deltas add up to the whole reply's message."""
+    fmt = AutoToolFormat("m", "chatcmpl-x", names=NAMES)
+    whole = fmt.choice(0, text, reason)
+    pieces = [text[i:i + cut] for i in range(0, len(text), cut)]
+    chunks = [fmt.chunk(0, piece, reason if i == len(pieces) - 1 else None)["choices"][0]
+              for i, piece in enumerate(pieces)]
+    content = "".join(c["delta"].get("content") or "" for c in chunks)
+    calls = [call for c in chunks for call in c["delta"].get("tool_calls", [])]
+    message = whole["message"]
+    assert content == (message["content"] or "")
+    assert [(c["id"], c["function"]) for c in calls] == [(c["id"], c["function"])
+                                                          for c in message.get("tool_calls") or []]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+    assert whole["finish_reason"] == ("tool_calls" if message.get("tool_calls") else reason)
+
+
+def test_auto_replies_through_the_server(client):
+    """tool_choice "auto" (also the default): the tiny random model's reply is text, or calls if it made them."""
+    for choice in ({}, {"tool_choice": "auto"}):
+        for stream in (False, True):
+            kwargs = dict(tools=[WEATHER, SEARCH], seed=2, max_tokens=12, **choice)
+            if stream:
+                chunks = list(chat(client, stream=True, **kwargs))
+                assert chunks[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
+            else:
+                reply = chat(client, **kwargs).choices[0]
+                assert reply.finish_reason in ("stop", "length", "tool_calls")
+                assert (reply.message.tool_calls is not None) == (reply.finish_reason == "tool_calls")
+    offered = tool_prompt.with_tools(ASK, [WEATHER["function"]], None, auto=True)[0]["content"]
+    assert "otherwise reply in text" in offered

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from punica import TokenLogprobs
 from punica.server.protocol import Usage
+from punica.server.tool_prompt import may_be_call, parse_calls
 
 TokenText = Callable[[int], str]  # a token id's text (Tokenizer.token_text)
 LOGPROB_FLOOR = -9999.0  # a zero probability's -inf, which JSON cannot carry
@@ -135,8 +136,9 @@ class ToolCallFormat(ChatFormat):
         name, space, arguments = text.partition(" ")
         return (name, arguments) if space else (None, "")
 
-    def call(self, index: int, name: str, arguments: str) -> dict:
-        return {"id": f"call_{self.id.removeprefix('chatcmpl-')}_{index}", "type": "function",
+    def call(self, index: int, name: str, arguments: str, k: int = 0) -> dict:
+        """Call k of choice `index`."""
+        return {"id": f"call_{self.id.removeprefix('chatcmpl-')}_{index}_{k}", "type": "function",
                 "function": {"name": name, "arguments": arguments}}
 
     @staticmethod
@@ -166,4 +168,46 @@ class ToolCallFormat(ChatFormat):
                 self._held.pop(index, None)
                 delta = {"tool_calls": [{"index": 0, **self.call(index, name, arguments)}]}
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason)}
+        return self._envelope([choice], "chat.completion.chunk")
+
+
+class AutoToolFormat(ToolCallFormat):
+    """A chat completion under tool_choice "auto": the model's own reply, given as calls of the offered functions
+    (`names`) when it is nothing but calls (tool_prompt.parse_calls; finish_reason "tool_calls"), else as text.
+    Streaming holds the text back while it may still turn out to be calls (tool_prompt.may_be_call) and sends
+    calls whole when the reply ends."""
+
+    def __init__(self, model: str, request_id: str, token_text: TokenText = str, names: list[str] = ()):
+        super().__init__(model, request_id, token_text)
+        self.names = list(names)
+        self._text: set[int] = set()  # streaming: choices known to be text
+
+    def calls(self, index: int, text: str, reason: str | None) -> list[dict] | None:
+        """The calls a finished reply makes (None: text)."""
+        calls = parse_calls(text, self.names) if reason == "stop" else None
+        return None if calls is None else [self.call(index, name, args, k) for k, (name, args) in enumerate(calls)]
+
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        calls = self.calls(index, text, reason)
+        if calls is None:
+            return ChatFormat.choice(self, index, text, reason, logprobs)
+        return {"index": index, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                "logprobs": logprobs, "finish_reason": "tool_calls"}
+
+    def opening(self, index: int) -> dict | None:
+        return ChatFormat.opening(self, index)
+
+    def chunk(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        if index in self._text:
+            return ChatFormat.chunk(self, index, text, reason, logprobs)
+        held = self._held.pop(index, "") + text
+        if reason is None and may_be_call(held, self.names):
+            self._held[index] = held
+            return self._delta(index, {}, None, logprobs)
+        calls = self.calls(index, held, reason)
+        if calls is None:
+            self._text.add(index)
+            return ChatFormat.chunk(self, index, held, reason, logprobs)
+        choice = {"index": index, "delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]},
+                  "logprobs": logprobs, "finish_reason": "tool_calls"}
         return self._envelope([choice], "chat.completion.chunk")

@@ -258,7 +258,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False  # each generated token's logprob, and those of the `top_logprobs` most likely tokens
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # [{"type": "function", "function": {"name", "description", "parameters": JSON schema}}]: with tool_choice
-    # "required" or naming one, the reply is one call of one of them (tool_use); "none": a text reply
+    # "required" or naming one, the reply is one call of one of them (tool_use); "auto" (the default): the
+    # model's own reply, calls read out of it (auto_tools); "none": a text reply
     tools: list[dict] | None = None
 
     @model_validator(mode="after")
@@ -290,7 +291,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def tool_use(self) -> dict[str, dict] | None:
         """The tools the reply must call one of, {name: JSON schema of its arguments}, from `tools` and
-        `tool_choice`; None: a text reply (no tools, or tool_choice "none")."""
+        `tool_choice`; None: a free reply (no tools, tool_choice "none", or "auto": see auto_tools)."""
         functions, choice = self.functions_offered(), self.tool_choice
         if choice == "none" or (choice is None and not functions):
             return None
@@ -298,10 +299,7 @@ class ChatCompletionRequest(SamplingFields):
             raise BadRequestError("tool_choice needs tools: list the functions the reply may call")
         schemas = {fn["name"]: fn.get("parameters") or NO_PARAMETERS for fn in functions}
         if choice is None or choice == "auto":
-            raise BadRequestError('tool_choice "auto" (the default when tools are given) is not served: Punica does '
-                                  'not pick calls out of free text. Send tool_choice "required" (one call of one of '
-                                  'the tools), {"type": "function", "function": {"name": ...}} (a call of that one) '
-                                  'or "none" (a text reply)')
+            return None  # a free reply, which may make calls (auto_tools)
         if choice == "required":
             return schemas
         name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
@@ -311,6 +309,12 @@ class ChatCompletionRequest(SamplingFields):
         if name not in schemas:
             raise BadRequestError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(schemas)})")
         return {name: schemas[name]}
+
+    @property
+    def auto_tools(self) -> bool:
+        """tool_choice "auto" (the default when tools are given): the reply is the model's own, and calls are read
+        out of it (tool_prompt.parse_calls)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def json_mode(self) -> dict:
         """JSON-schema mode for a call of one tool (the output is its arguments), a tool call among several

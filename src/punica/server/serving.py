@@ -16,7 +16,7 @@ from punica import BadRequestError, SamplingParams, TokenLogprobs, UnknownModelE
 from punica.server import tool_prompt
 from punica.server.adapters import AdapterLoads
 from punica.server.async_engine import AsyncEngine, Delivery, EngineFailure, RequestStream
-from punica.server.formats import ChatFormat, CompletionFormat, ToolCallFormat, sse
+from punica.server.formats import AutoToolFormat, ChatFormat, CompletionFormat, ToolCallFormat, sse
 from punica.server.metrics import RequestTracker, ServerMetrics
 from punica.server.protocol import (
     ChatCompletionRequest,
@@ -167,9 +167,10 @@ class OpenAIServing:
                                   f"max_model_len) can hold; shorten it")
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    functions: list[dict] = (), forced: str | None = None) -> list[int]:
+                    functions: list[dict] = (), forced: str | None = None, auto: bool = False) -> list[int]:
         """The chat template over the messages, tokenized (run on a worker thread). `functions`: the tools the
-        reply may call (`forced`: the one it calls), offered as the template takes them (tool_prompt.py)."""
+        reply may call (`forced`: the one it calls; `auto`: it may reply in text instead), offered as the
+        template takes them (tool_prompt.py)."""
         if self.tokenizer is None:
             raise BadRequestError("this model directory has no tokenizer.json, so it has no chat template")
         turns = [m.as_template_dict() for m in messages]
@@ -177,7 +178,7 @@ class OpenAIServing:
             raise BadRequestError(f"{len(turns)} messages cannot fit the context of {self.max_model_len} tokens")
         native = tool_prompt.takes_tools(self.tokenizer.chat_template)
         if not native:
-            turns = tool_prompt.with_tools(turns, list(functions), forced)
+            turns = tool_prompt.with_tools(turns, list(functions), forced, auto)
         self.check_chars(sum(len(m["content"]) for m in turns), "the conversation")
         tools = [{"type": "function", "function": f} for f in functions] if native else None
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools)
@@ -233,14 +234,16 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         lora = await self.resolve_lora(req.model)
-        tools = req.tool_use()  # the tools the reply calls one of (None: a text reply)
+        tools, auto = req.tool_use(), req.auto_tools  # the tools the reply calls one of; or calls it may make
         forced = next(iter(tools)) if tools is not None and len(tools) == 1 else None
-        functions = [f for f in req.functions_offered() if tools is not None and f["name"] in tools]
+        functions = [f for f in req.functions_offered() if auto or tools is not None and f["name"] in tools]
         prompt = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt, functions,
-                                         forced)
+                                         forced, auto)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
-        fmt = (ChatFormat(req.model, random_id("chatcmpl"), self.token_text) if tools is None
-               else ToolCallFormat(req.model, random_id("chatcmpl"), self.token_text, forced))
+        request_id = random_id("chatcmpl")
+        fmt = (ToolCallFormat(req.model, request_id, self.token_text, forced) if tools is not None
+               else AutoToolFormat(req.model, request_id, self.token_text, [f["name"] for f in functions]) if auto
+               else ChatFormat(req.model, request_id, self.token_text))
         return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
 
     async def _generate(self, job: Job, request: Request) -> Response:
