@@ -583,3 +583,23 @@ def test_preempted_requests_take_back_their_cached_blocks(llama):
         # a prompt holds one full block (7 tokens): more than one block per preemption means answers' blocks
         assert (llm.engine.blocks.hit_tokens > 4 * llm.engine.num_preemptions) == caching
     assert outs[0] == outs[1]
+
+
+def test_chat_renders_the_template_and_stops_at_the_end_of_turn(demo_dir):
+    """LLM.chat: each conversation through the chat template (its special tokens once, no BOS added on top), a
+    reply per conversation and adapter, ended by the template's end-of-turn token rather than max_tokens."""
+    from punica.demo_model import demo_adapters
+
+    llm = LLM(model=demo_dir, lora_modules=demo_adapters(), device="cpu", dtype="float32")
+    tok = llm.engine.tokenizer
+    asks = [[{"role": "user", "content": "What is the capital of France?"}],
+            [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]]
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    replies = llm.chat(asks, params, lora=[None, "shakespeare"])
+    manual = llm.generate([tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in asks],
+                          dataclasses.replace(params, stop_token_ids=tok.end_of_turn), lora=[None, "shakespeare"])
+    assert [r.token_ids for r in replies] == [m.token_ids for m in manual]
+    assert replies[0].finish_reason == "stop" and "Paris" in replies[0].text, replies[0].text
+    assert llm.chat(asks[0], params)[0].token_ids == replies[0].token_ids  # one conversation alone
+    with pytest.raises(BadRequestError, match="2 params for 1 prompts"):
+        llm.chat(asks[0], [params, params])

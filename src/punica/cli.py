@@ -122,10 +122,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = build_engine(args)
     if engine.tokenizer is None:
         raise ConfigError("generate needs a tokenizer.json in the model directory to encode --prompt")
-    prompts = [chat_prompt(engine, p) if args.chat else p for p in args.prompt]
-    if args.chat and engine.tokenizer is not None and engine.tokenizer.eos_token:
-        eos = engine.tokenizer.token_id(engine.tokenizer.eos_token)
-        params = dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, eos))
+    tok = engine.tokenizer
+    prompts = [tok.chat_ids([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
+    if args.chat:
+        params = dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *tok.end_of_turn))
     ids = [engine.add_request(p, params, lora) for p, lora in zip(prompts, loras)]
     done = {}
     while len(done) < len(ids):
@@ -152,10 +152,6 @@ def generation_loras(names: list[str] | None, num_prompts: int) -> list[str | No
         raise ConfigError(f"--use-lora is given {len(names)} times for {num_prompts} prompts: give it once "
                           "(for all) or once per --prompt")
     return [None if n.lower() == "none" else n for n in names]
-
-
-def chat_prompt(engine, text: str) -> str:
-    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
-"""Offline batched generation: `LLM(model=...).generate(prompts, params, lora=[...])`."""
+"""Offline batched generation: `LLM(model=...).generate(prompts, params, lora=[...])`, or `.chat(conversations,
+...)` through the model's chat template."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -43,6 +45,21 @@ class LLM:
             for rid in ids:
                 self.engine.abort(rid)
             raise
+
+    def chat(self, conversations: list[dict] | list[list[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None,
+             lora: list[str | None] | str | None = None, progress: bool | None = None) -> list[RequestOutput]:
+        """Replies in conversation order. `conversations`: one conversation (a list of {"role", "content"}
+        messages) or a list of them, each rendered by the model's chat template; the template's end-of-turn token
+        ends a reply like EOS (unless ignore_eos). `params` and `lora` as in `generate`."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise BadRequestError("chat needs the model's tokenizer.json and its chat template")
+        convs = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
+        each = params if isinstance(params, list) else [params or SamplingParams()] * len(convs)
+        each = [p if p.ignore_eos else dataclasses.replace(p, stop_token_ids=(*p.stop_token_ids, *tok.end_of_turn))
+                for p in each]
+        return self.generate([tok.chat_ids(c) for c in convs], each, lora, progress)
 
     def _run(self, ids: list[str], progress: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

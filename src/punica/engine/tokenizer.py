@@ -109,6 +109,18 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise
         return env.from_string(self.chat_template)
 
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> list[int]:
+        """The chat template over `messages`, as token ids (the template holds the special tokens itself)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
+
+    @property
+    def end_of_turn(self) -> tuple[int, ...]:
+        """Stop ids for chat replies: the template's end-of-turn token (tokenizer_config's eos_token, which may
+        differ from config.json's eos)."""
+        eos = self.token_id(self.eos_token)
+        return () if eos is None else (eos,)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:
         """`tools`: [{"type": "function", "function": {...}}] for templates that render them."""

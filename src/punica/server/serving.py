@@ -135,8 +135,7 @@ class OpenAIServing:
         self.adapters = AdapterLoads(engine, metrics, model_name, on_demand)
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.info.max_model_len
-        eos = self.tokenizer.token_id(self.tokenizer.eos_token) if self.tokenizer is not None else None
-        self.end_of_turn = () if eos is None else (eos,)  # the chat template's end token, maybe not config's eos
+        self.end_of_turn = self.tokenizer.end_of_turn if self.tokenizer is not None else ()
         # longer texts cannot fit the context: refused before tokenizing them (which would take seconds)
         self.max_chars = self.max_model_len * (self.tokenizer.max_token_chars if self.tokenizer else 1)
 

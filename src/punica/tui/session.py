@@ -44,15 +44,12 @@ def prompt_ids(engine: Engine, text: str) -> list[int] | str:
     tok = engine.tokenizer
     if tok is None or not tok.chat_template:
         return text
-    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return tok.encode(rendered, add_special_tokens=False)  # the template already holds the special tokens
+    return tok.chat_ids([{"role": "user", "content": text}])
 
 
 def chat_stop_ids(engine: Engine) -> list[int]:
     """The template's end-of-turn token, which may differ from config.json's eos."""
-    tok = engine.tokenizer
-    eos = tok.token_id(tok.eos_token) if tok is not None else None
-    return [eos] if eos is not None else []
+    return list(engine.tokenizer.end_of_turn) if engine.tokenizer is not None else []
 
 
 class EngineLoop:
