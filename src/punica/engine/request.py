@@ -133,7 +133,6 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
-
 def _as_json_text(params: SamplingParams, name: str, what: str):
     """Field `name` (a JSON value or its text) kept as its JSON text, which is hashable and keeps an object's
     keys in order; returns the value."""
@@ -200,8 +199,9 @@ class Sequence:
     logprobs: list[TokenLogprobs] | None = None  # one per known generated token, when the params ask for them
     # one per prompt token when the params ask for them, filled in as prefill chunks are read (None: not yet)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
-    # JSON and JSON-schema modes: the grammar (json_mode.TokenGrammar) and its state after the known tokens. The
-    # next draw's mask depends on that state, so the sequence is not scheduled while a token of its is on the device
+    # JSON, JSON-schema and tool-call modes: the grammar (json_mode.TokenGrammar) and its state after the known
+    # tokens. The next draw's mask depends on that state: a step whose sequences wait for their last token reads the
+    # step before once its model is launched (ModelRunner.launch)
     grammar: TokenGrammar | None = None
     grammar_state: Hashable = None
 

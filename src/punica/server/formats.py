@@ -115,6 +115,11 @@ class ChatFormat(CompletionFormat):
     def usage_chunk(self, usage: Usage) -> dict:
         return {**self._envelope([], "chat.completion.chunk"), "usage": usage.model_dump()}
 
+    def tool_call(self, index: int, name: str, arguments: str, k: int = 0) -> dict:
+        """Call k of choice `index` (ToolCallFormat, AutoToolFormat)."""
+        return {"id": f"call_{self.id.removeprefix('chatcmpl-')}_{index}_{k}", "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+
 
 class ToolCallFormat(ChatFormat):
     """A chat completion whose reply is one tool call: message {role: "assistant", content: null, tool_calls:
@@ -136,18 +141,13 @@ class ToolCallFormat(ChatFormat):
         name, space, arguments = text.partition(" ")
         return (name, arguments) if space else (None, "")
 
-    def call(self, index: int, name: str, arguments: str, k: int = 0) -> dict:
-        """Call k of choice `index`."""
-        return {"id": f"call_{self.id.removeprefix('chatcmpl-')}_{index}_{k}", "type": "function",
-                "function": {"name": name, "arguments": arguments}}
-
     @staticmethod
     def reason(reason: str | None) -> str | None:
         return "tool_calls" if reason == "stop" else finish_reason(reason)
 
     def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
         name, arguments = self.split(text)
-        message = ({"role": "assistant", "content": None, "tool_calls": [self.call(index, name, arguments)]}
+        message = ({"role": "assistant", "content": None, "tool_calls": [self.tool_call(index, name, arguments)]}
                    if name is not None else {"role": "assistant", "content": text})  # cut inside the name
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.reason(reason)}
 
@@ -166,12 +166,12 @@ class ToolCallFormat(ChatFormat):
             else:
                 self._named.add(index)
                 self._held.pop(index, None)
-                delta = {"tool_calls": [{"index": 0, **self.call(index, name, arguments)}]}
+                delta = {"tool_calls": [{"index": 0, **self.tool_call(index, name, arguments)}]}
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason)}
         return self._envelope([choice], "chat.completion.chunk")
 
 
-class AutoToolFormat(ToolCallFormat):
+class AutoToolFormat(ChatFormat):
     """A chat completion under tool_choice "auto": the model's own reply, given as calls of the offered functions
     (`names`) when it is nothing but calls (tool_prompt.parse_calls; finish_reason "tool_calls"), else as text.
     Streaming holds the text back while it may still turn out to be calls (tool_prompt.may_be_call) and sends
@@ -180,26 +180,24 @@ class AutoToolFormat(ToolCallFormat):
     def __init__(self, model: str, request_id: str, token_text: TokenText = str, names: list[str] = ()):
         super().__init__(model, request_id, token_text)
         self.names = list(names)
+        self._held: dict[int, str] = {}  # streaming, per choice: text that may still be calls
         self._text: set[int] = set()  # streaming: choices known to be text
 
     def calls(self, index: int, text: str, reason: str | None) -> list[dict] | None:
         """The calls a finished reply makes (None: text)."""
         calls = parse_calls(text, self.names) if reason == "stop" else None
-        return None if calls is None else [self.call(index, name, args, k) for k, (name, args) in enumerate(calls)]
+        return None if calls is None else [self.tool_call(index, name, args, k) for k, (name, args) in enumerate(calls)]
 
     def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
         calls = self.calls(index, text, reason)
         if calls is None:
-            return ChatFormat.choice(self, index, text, reason, logprobs)
+            return super().choice(index, text, reason, logprobs)
         return {"index": index, "message": {"role": "assistant", "content": None, "tool_calls": calls},
                 "logprobs": logprobs, "finish_reason": "tool_calls"}
 
-    def opening(self, index: int) -> dict | None:
-        return ChatFormat.opening(self, index)
-
     def chunk(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
         if index in self._text:
-            return ChatFormat.chunk(self, index, text, reason, logprobs)
+            return super().chunk(index, text, reason, logprobs)
         held = self._held.pop(index, "") + text
         if reason is None and may_be_call(held, self.names):
             self._held[index] = held
@@ -207,7 +205,7 @@ class AutoToolFormat(ToolCallFormat):
         calls = self.calls(index, held, reason)
         if calls is None:
             self._text.add(index)
-            return ChatFormat.chunk(self, index, held, reason, logprobs)
+            return super().chunk(index, held, reason, logprobs)
         choice = {"index": index, "delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]},
                   "logprobs": logprobs, "finish_reason": "tool_calls"}
         return self._envelope([choice], "chat.completion.chunk")
