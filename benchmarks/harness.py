@@ -188,6 +188,9 @@ def add_engine_knobs(ap: argparse.ArgumentParser) -> None:
                     help="those two attention kernels on two streams (attention.OVERLAP_MIXED)")
     ap.add_argument("--side-stream-max-tokens", type=int, default=None, metavar="N",
                     help="steps of at most N tokens run LoRA beside the GEMM (layers.SIDE_STREAM_MAX_TOKENS)")
+    ap.add_argument("--delta-first-min-tokens", type=int, default=None, metavar="N",
+                    help="steps of more than N tokens on the main stream write the LoRA delta first and let the "
+                         "GEMM add to it (layers.DELTA_FIRST_MIN_TOKENS)")
 
 
 def apply_engine_knobs(args: argparse.Namespace) -> dict:
@@ -209,9 +212,12 @@ def apply_engine_knobs(args: argparse.Namespace) -> dict:
     attention.SPLIT_MIXED, attention.OVERLAP_MIXED = args.split_mixed_attention, args.overlap_mixed_attention
     if args.side_stream_max_tokens is not None:
         layers.SIDE_STREAM_MAX_TOKENS = args.side_stream_max_tokens
+    if args.delta_first_min_tokens is not None:
+        layers.DELTA_FIRST_MIN_TOKENS = args.delta_first_min_tokens
     return dict(sgmv_tuning=tuning, pdl=args.pdl, triton_gemm=sorted(gemm.PLAIN_SHAPES),
                 triton_gemm_beside_lora=gemm.BESIDE_LORA, fusions=dict(llama.FUSIONS),
                 decode_order=args.decode_order, delta_overwrite=args.delta_overwrite,
                 split_mixed_attention=args.split_mixed_attention, overlap_mixed_attention=args.overlap_mixed_attention,
                 side_stream_max_tokens=layers.SIDE_STREAM_MAX_TOKENS,
+                delta_first_min_tokens=layers.DELTA_FIRST_MIN_TOKENS,
                 gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])

@@ -31,6 +31,7 @@ from benchmarks.harness import (
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
+from punica.model import layers
 from punica.ops import pdl, sgmv
 from punica.workload import adapter_indices
 
@@ -133,23 +134,42 @@ def arrangements(engine: Engine, hb, prefix: str) -> dict:
     return out
 
 
-def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...], prefix: str = "graph_ms") -> dict:
-    """The graph that runs hb recaptured under each set of SGMV knobs ("name=value,name=value"; "" = the
-    defaults), in the given order; {"<prefix> knobs <set>": replay ms}. The engine's graph is recaptured under
-    the defaults afterwards."""
+LAYER_KNOBS = ("DELTA_FIRST_MIN_TOKENS", "SIDE_STREAM_MAX_TOKENS", "DELTA_OVERWRITE")
+
+
+def apply_knobs(knobs: str, sgmv_defaults: dict, layer_defaults: dict) -> None:
+    """Set one knob set ("name=value,name=value"; "" = the defaults): SGMV knobs (sgmv.TUNING) by their names,
+    the model's layer constants by theirs (upper case, e.g. DELTA_FIRST_MIN_TOKENS=1000000)."""
+    pairs = parse_tuning([k for k in knobs.split(",") if k])
+    for name, value in {**layer_defaults, **{k: v for k, v in pairs.items() if k.isupper()}}.items():
+        if not hasattr(layers, name):
+            raise KeyError(f"unknown layer constant {name!r} (punica.model.layers)")
+        setattr(layers, name, value)
+    sgmv.set_tuning(**{**sgmv_defaults, **{k: v for k, v in pairs.items() if not k.isupper()}})
+
+
+def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...], prefix: str = "graph_ms", eager=None) -> dict:
+    """The graph that runs hb recaptured under each knob set (apply_knobs), in the given order; {"<prefix>
+    knobs <set>": replay ms}. The engine's graph is recaptured under the defaults afterwards. With `eager` (a
+    step run without a graph), that step is timed under each set instead."""
     defaults = dict(sgmv.TUNING)
+    layer_defaults = {k: getattr(layers, k) for k in LAYER_KNOBS}
     out = {}
     try:
         for knobs in knob_sets:
-            sgmv.set_tuning(**{**defaults, **parse_tuning([k for k in knobs.split(",") if k])})
-            replay = recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+            apply_knobs(knobs, defaults, layer_defaults)
+            if eager is None:
+                fn, reps = recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority), 20
+            else:
+                fn, reps = eager, 5
             key = f"{prefix} knobs {knob_label(knobs)}"
             while key in out:  # a set given twice (the defaults first and last: drift)
                 key += " again"
-            out[key] = round(gpu_ms(replay), 3)
+            out[key] = round(gpu_ms(fn, reps), 3)
     finally:
-        sgmv.set_tuning(**defaults)
-        recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
+        apply_knobs("", defaults, layer_defaults)
+        if eager is None:
+            recaptured(engine, hb, engine.config.lora_overlap, engine.config.lora_stream_priority)
     return out
 
 
@@ -157,10 +177,12 @@ def knob_label(knobs: str) -> str:
     return knobs or "defaults"
 
 
-def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -> dict:
+def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int,
+                 knob_sets: tuple[str, ...] = ()) -> dict:
     """A prefill-heavy step, like most of text generation's non-decode steps: `seqs` sequences each recompute
     their last `chunk` tokens (their own adapters, as the popularity drew them). Graph replay where a bucket
-    fits, eager GPU time, and the kernels of one run."""
+    fits, eager GPU time, and the kernels of one run; under each knob set (the graph's, or the eager step's
+    where none fits)."""
     picked = ordered[:seqs]
     for seq, _ in picked:
         seq.num_computed -= chunk - 1
@@ -174,6 +196,10 @@ def prefill_step(engine: Engine, graphs, ordered: list, seqs: int, chunk: int) -
         out["prefill_gpu_ms"] = round(gpu_ms(lambda: engine.model(batch), reps=5), 3)
         if "prefill_kernels" not in out:
             out["prefill_kernels"] = kernel_table(lambda: engine.model(batch))
+        if knob_sets:
+            graph = "prefill_graph_ms" in out
+            out.update(knob_sweep(engine, hb, knob_sets, "prefill_graph_ms" if graph else "prefill_gpu_ms",
+                                  eager=None if graph else lambda: engine.model(batch)))
         return out
     finally:
         for seq, _ in picked:
@@ -263,7 +289,7 @@ def profile(engine: Engine, popularity: str, names: list[str], batch: int, conte
     torch.cuda.synchronize()
     first.num_computed += mixed_chunk - 1
     if prefill[0]:
-        row.update(prefill_step(engine, graphs, ordered, *prefill))
+        row.update(prefill_step(engine, graphs, ordered, *prefill, knob_sets=knob_sets))
     abort_all(engine)
     return row
 
@@ -324,8 +350,9 @@ def main(argv: list[str] | None = None) -> None:
                          "overlap, --knobs sweeps) only: no eager steps or PDL flip; its LoRA-overlap arrangements "
                          "only with --side-stream-max-tokens")
     ap.add_argument("--knobs", nargs="+", default=(), metavar="NAME=VALUE[,NAME=VALUE]",
-                    help="also the decode graph (and, without --graph-only, the mixed step's) recaptured under "
-                         "each set of SGMV knobs (\"\" = the defaults)")
+                    help="also the decode graph (and, without --graph-only, the mixed and prefill steps) "
+                         "recaptured or rerun under each set of SGMV knobs or layer constants such as "
+                         "DELTA_FIRST_MIN_TOKENS=1000000 (\"\" = the defaults)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
@@ -376,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print_table(rows, ["popularity", "prefill_tokens", "prefill_graph_ms", "prefill_gpu_ms"])
     for r in rows:  # --knobs: ms to three decimals (print_table keeps one)
-        for graph in ("graph_ms", "mixed_graph_ms"):
+        for graph in ("graph_ms", "mixed_graph_ms", "prefill_graph_ms", "prefill_gpu_ms"):
             sweep = [f"{key.removeprefix(graph + ' knobs ')}: {v}" for key, v in r.items()
                      if key.startswith(graph + " knobs")]
             if sweep:

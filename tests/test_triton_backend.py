@@ -9,8 +9,11 @@ from test_parity import LORAS, peft_generate, peft_model, prompts
 from punica import LLM, SamplingParams
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_triton_backend_mixed_batch_equals_peft(tiny_models, family):
+@pytest.mark.parametrize("family,first", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_triton_backend_mixed_batch_equals_peft(tiny_models, request, family, first):
+    """`first`: every step's LoRA first, its expand overwriting y in the kernel (segments, tokens), then the
+    GEMM adds to y (the `delta_first` fixture; as steps of more than layers.DELTA_FIRST_MIN_TOKENS tokens run)."""
+    calls = request.getfixturevalue("delta_first") if first else None
     hf_model, model_dir, adapters = tiny_models[family]
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="triton")
     assert llm.engine.info.backend == "triton"
@@ -18,6 +21,7 @@ def test_triton_backend_mixed_batch_equals_peft(tiny_models, family):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(ids, params, lora=LORAS)]
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 6)
+    assert calls is None or calls
 
 
 def _nan_delta_deferred(self, x, batch):

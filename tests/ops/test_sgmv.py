@@ -307,10 +307,13 @@ def test_expand_matches_reference(widths):
                                            ([2, 1], [0, 0])], ids=["decode", "prefill", "no_adapter"])
 def test_overwrite_writes_the_delta_over_anything(lengths, slots):
     """add_lora(overwrite=True): y = the delta, zero where a token has no adapter, whatever y held (NaN here):
-    in the expand kernel in token mode (decode), by zeroing y first otherwise."""
+    in the expand kernel, whose row programs cover every token in token mode (decode) and in segment mode
+    (prefill: slot-0 segments write zeros). A plan whose segments end before y's last row is zero-filled first."""
     plan = make_plan(lengths, slots, "cpu")
-    token_mode = sgmv._row_tiling(*sgmv._tiling(plan, sum(lengths)))[0] == sgmv.TOKEN
-    assert token_mode == (lengths == [1] * 6)
+    T = sum(lengths)
+    mode = sgmv._row_tiling(*sgmv._tiling(plan, T))[0]
+    assert mode == (sgmv.TOKEN if lengths == [1] * 6 else sgmv.SEGMENT)
+    assert sgmv._covers(plan, mode, T) and (mode == sgmv.TOKEN or not sgmv._covers(plan, mode, T + 1))
     y, expected = run_add_lora(plan, 48, (32, 8, 8), 16, (16, 8, 5), torch.float32, "cpu", overwrite=True)
     assert not y.isnan().any()
     assert_close(y, expected)

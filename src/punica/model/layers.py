@@ -16,6 +16,10 @@ from punica.ops import Ops
 SIDE_STREAM_MAX_TOKENS = 512
 # The side stream's delta is written by the expand itself (add_lora overwrite) instead of zero-filled first
 DELTA_OVERWRITE = True
+# Steps of more than this many tokens on the main stream run the LoRA first: the expand writes the delta as y
+# (overwrite) and the GEMM adds x @ W.T to it in its epilogue (ops.linear_add). The expand then no longer reads
+# and rewrites the GEMM's [T, out] output. Projections with a bias keep the GEMM first.
+DELTA_FIRST_MIN_TOKENS = SIDE_STREAM_MAX_TOKENS
 
 
 class LoRALinear(nn.Module):
@@ -53,6 +57,12 @@ class LoRALinear(nn.Module):
             return self.ops.linear(x, self.weight, self.bias), None
         side = self.side_stream
         if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:
+            if x.shape[0] > DELTA_FIRST_MIN_TOKENS and self.bias is None:
+                y = torch.empty(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
+                self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets,
+                                  overwrite=True)
+                self.ops.linear_add(y, x, self.weight)
+                return y, None
             y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
             self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
             return y, None

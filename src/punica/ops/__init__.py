@@ -18,6 +18,7 @@ class Ops:
 
     backend: str
     linear: Callable
+    linear_add: Callable
     add_lora: Callable
     sgmv_shrink: Callable
     sgmv_expand: Callable

@@ -156,6 +156,12 @@ def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def linear_add_torch(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """y += x @ weight.T in place: the GEMM reads y as its C (cuBLAS's beta = 1), in its epilogue, so a delta
+    written into y first costs no second pass over y."""
+    y.addmm_(x, weight.t())
+
+
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   beside_lora: bool = False) -> torch.Tensor:
     """linear_torch, with gemm_triton for steps of up to MAX_TOKENS tokens on the weight shapes where it

@@ -519,7 +519,8 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
 def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
             y: torch.Tensor, slice_offsets: tuple[int, ...], overwrite: bool = False) -> None:
     """y += v @ B; with `overwrite`, y = v @ B (zero rows without an adapter): in the kernel where its row
-    programs cover every token (token mode, work lists with items_cover), else by zeroing y first."""
+    programs cover every token (token mode, work lists with items_cover, segments from row 0 to the last), else
+    by zeroing y first."""
     T = y.shape[0]
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
         if overwrite:
@@ -529,7 +530,7 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
     counted = plan.item_count is not None  # _check_plan: only beside items
     grid, tail, warps = _expand_config(tiling, tuple(slice_offsets), lora_b.shape[2], _num_sms(y.get_device()),
                                        counted)
-    if overwrite and _row_tiling(*tiling)[0] != TOKEN and not (plan.items is not None and plan.items_cover):
+    if overwrite and not _covers(plan, _row_tiling(*tiling)[0], T):
         y.zero_()
         overwrite = False
     indptr = plan.seg_indptr if plan.items is None else plan.items
@@ -537,6 +538,15 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
     tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, count, y)
     strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0))
     _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32, overwrite), warps)
+
+
+def _covers(plan: SegmentPlan, mode: int, T: int) -> bool:
+    """Whether the row programs of this tiling cover every one of the T tokens (slot-0 ones included)."""
+    if mode == TOKEN:
+        return True
+    if plan.items is not None:
+        return plan.items_cover
+    return mode == SEGMENT and plan.host_indptr[0] == 0 and plan.host_indptr[-1] == T
 
 
 def sgmv_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
