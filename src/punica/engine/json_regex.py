@@ -1,0 +1,476 @@
+"""JSON schema's `pattern` as a byte automaton over a JSON string's content (its quotes excluded).
+
+A pattern is read as ECMA-262 regular expressions read it (JSON Schema's dialect), for the regular part of that
+language: literals, `.`, classes (`[a-z]`, `[^"]`, `\\d \\w \\s` and their negations), groups (`(...)`, `(?:...)`,
+`(?<name>...)`), alternation, the quantifiers `* + ? {n} {n,} {n,m}` (lazy ones too: they match the same strings)
+and the anchors `^` / `$` at the start and end of a top-level alternative. A pattern matches a string when it
+matches somewhere in it, so an unanchored side may be followed (preceded) by anything. Backreferences,
+lookarounds, word boundaries and anchors elsewhere are refused with an error that names them.
+
+The automaton runs over the string as the model writes it inside JSON: characters as UTF-8, except `"`, `\\`
+and control characters, which must be escaped (as `\\"`, `\\\\`, `\\n`, `\\t`, `\\r`, `\\b`, `\\f`, or `\\u00xx` in
+lower case). Each character has that one spelling, so the written string matches the pattern once decoded.
+"""
+
+from __future__ import annotations
+
+from punica.errors import BadRequestError
+
+MAX_CODE_POINT = 0x10FFFF
+SURROGATES = (0xD800, 0xDFFF)
+MAX_NFA_STATES = 50_000  # a pattern's counted repetitions expand: bound what they may cost
+MAX_DFA_STATES = 5_000
+
+Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint, inclusive code point ranges
+
+ANY: Ranges = ((0, MAX_CODE_POINT),)
+DIGIT: Ranges = ((0x30, 0x39),)
+WORD: Ranges = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
+SPACE: Ranges = ((0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A), (0x2028, 0x2029),
+                 (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF))
+LINE_TERMINATORS: Ranges = ((0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029))
+CLASS_ESCAPES = {"d": (DIGIT, False), "D": (DIGIT, True), "w": (WORD, False), "W": (WORD, True),
+                 "s": (SPACE, False), "S": (SPACE, True)}
+CONTROL_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B, "0": 0x00}
+JSON_SHORT_ESCAPES = {0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0C: b"\\f", 0x0D: b"\\r", 0x22: b'\\"',
+                      0x5C: b"\\\\"}
+
+
+def normalize(ranges) -> Ranges:
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def negate(ranges: Ranges) -> Ranges:
+    out, nxt = [], 0
+    for lo, hi in ranges:
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= MAX_CODE_POINT:
+        out.append((nxt, MAX_CODE_POINT))
+    return tuple(out)
+
+
+# ---- Parsing: pattern -> tree ---------------------------------------------------------------------------------
+# ("set", ranges) | ("cat", [trees]) | ("alt", [trees]) | ("rep", tree, lo, hi or None) | ("bol",) | ("eol",)
+
+class _Parser:
+    def __init__(self, pattern: str):
+        self.p = pattern
+        self.i = 0
+
+    def error(self, what: str) -> BadRequestError:
+        return BadRequestError(f"pattern {self.p!r}: {what} (at offset {self.i})")
+
+    def peek(self) -> str | None:
+        return self.p[self.i] if self.i < len(self.p) else None
+
+    def take(self) -> str:
+        if self.i >= len(self.p):
+            raise self.error("ends too soon")
+        self.i += 1
+        return self.p[self.i - 1]
+
+    def parse(self):
+        tree = self.alternation()
+        if self.i < len(self.p):
+            raise self.error(f"unbalanced {self.p[self.i]!r}")
+        return tree
+
+    def alternation(self):
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.sequence())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def sequence(self):
+        items = []
+        while self.peek() not in (None, "|", ")"):
+            atom = self.atom()
+            if atom[0] in ("bol", "eol"):
+                if self.peek() in ("*", "+", "?", "{") and self.quantifier() is not None:
+                    raise self.error("a quantifier on an anchor")
+                items.append(atom)
+                continue
+            q = self.quantifier()
+            items.append(atom if q is None else ("rep", atom, *q))
+        return ("cat", items)
+
+    def quantifier(self) -> tuple[int, int | None] | None:
+        """(lo, hi or None) of the quantifier here, read; None where there is none."""
+        q = self.bounds()
+        if q is None:
+            return None
+        if self.peek() == "?":  # lazy: the same strings match
+            self.i += 1
+        if self.bounds(peek=True) is not None:
+            raise self.error("a quantifier after a quantifier")
+        return q
+
+    def bounds(self, peek: bool = False) -> tuple[int, int | None] | None:
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            end, q = self.i + 1, {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+        elif c == "{":
+            close = self.p.find("}", self.i)
+            body = self.p[self.i + 1:close] if close > 0 else ""
+            lo, comma, hi = body.partition(",")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                return None  # a literal "{", as ECMA's web-compatible grammar reads it
+            end, q = close + 1, (int(lo), None if comma and not hi else int(hi) if hi else int(lo))
+            if q[1] is not None and q[1] < q[0]:
+                raise self.error(f"the quantifier {{{body}}} is out of order")
+        else:
+            return None
+        if not peek:
+            self.i = end
+        return q
+
+    def atom(self):
+        c = self.take()
+        if c == "(":
+            if self.p.startswith("?:", self.i):
+                self.i += 2
+            elif self.p.startswith("?<", self.i) and self.p[self.i + 2:self.i + 3] not in ("=", "!"):
+                end = self.p.find(">", self.i)
+                if end < 0:
+                    raise self.error("an unterminated group name")
+                self.i = end + 1
+            elif self.peek() == "?":
+                raise self.error("lookarounds and other (?...) groups are not supported")
+            tree = self.alternation()
+            if self.peek() != ")":
+                raise self.error("an unclosed group")
+            self.i += 1
+            return tree
+        if c == "[":
+            return ("set", self.char_class())
+        if c == ".":
+            return ("set", negate(LINE_TERMINATORS))
+        if c == "^":
+            return ("bol",)
+        if c == "$":
+            return ("eol",)
+        if c == "\\":
+            return ("set", self.escape(in_class=False))
+        if c in "*+?":
+            raise self.error(f"nothing to repeat before {c!r}")
+        if c in ")":
+            raise self.error("unbalanced ')'")
+        return ("set", ((ord(c), ord(c)),))
+
+    def escape(self, in_class: bool) -> Ranges:
+        c = self.take()
+        if c in CLASS_ESCAPES:
+            ranges, negated = CLASS_ESCAPES[c]
+            return negate(ranges) if negated else ranges
+        if c in CONTROL_ESCAPES and not (c == "0" and (self.peek() or "").isdigit()):
+            return ((CONTROL_ESCAPES[c],) * 2,)
+        if c in "xu":
+            n = 2 if c == "x" else 4
+            if self.p.startswith("{", self.i) and c == "u":
+                end = self.p.find("}", self.i)
+                digits, self.i = self.p[self.i + 1:end], end + 1
+            else:
+                digits, self.i = self.p[self.i:self.i + n], self.i + n
+            try:
+                cp = int(digits, 16)
+            except ValueError:
+                raise self.error(f"a bad \\{c} escape") from None
+            return ((cp, cp),)
+        if c == "c" and (self.peek() or "").isalpha():
+            cp = ord(self.take()) % 32
+            return ((cp, cp),)
+        if c == "b" and in_class:
+            return ((0x08, 0x08),)
+        if c in "bB":
+            raise self.error("word boundaries (\\b, \\B) are not supported")
+        if c.isdigit() or c == "k":
+            raise self.error("backreferences are not supported")
+        if c.isalnum():
+            raise self.error(f"an unknown escape \\{c}")
+        return ((ord(c), ord(c)),)
+
+    def char_class(self) -> Ranges:
+        negated = self.peek() == "^"
+        if negated:
+            self.i += 1
+        ranges: list[tuple[int, int]] = []
+        first = True
+        while True:
+            c = self.take()
+            if c == "]" and not first:
+                break
+            if c == "]":
+                raise self.error("an empty class [] (it matches nothing)")
+            first = False
+            lo = self.escape(in_class=True) if c == "\\" else ((ord(c), ord(c)),)
+            if self.peek() == "-" and self.p[self.i + 1:self.i + 2] not in ("]", ""):
+                self.i += 1
+                d = self.take()
+                hi = self.escape(in_class=True) if d == "\\" else ((ord(d), ord(d)),)
+                if len(lo) != 1 or len(hi) != 1 or lo[0][0] != lo[0][1] or hi[0][0] != hi[0][1]:
+                    raise self.error("a range with a class at an end")
+                if hi[0][0] < lo[0][0]:
+                    raise self.error("a range out of order")
+                ranges.append((lo[0][0], hi[0][0]))
+            else:
+                ranges.extend(lo)
+        out = normalize(ranges)
+        return negate(out) if negated else out
+
+
+def parse(pattern: str):
+    """The pattern as a tree, anchors checked: per top-level alternative, (anchored at the start, at the end,
+    tree)."""
+    tree = _Parser(pattern).parse()
+    out = []
+    for branch in tree[1] if tree[0] == "alt" else [tree]:
+        items = list(branch[1]) if branch[0] == "cat" else [branch]
+        start = bool(items) and items[0] == ("bol",)
+        end = len(items) > start and items[-1] == ("eol",)
+        body = items[start:len(items) - end]
+        if _has_anchor(("cat", body)):
+            raise BadRequestError(f"pattern {pattern!r}: ^ and $ only at the start and end of the pattern (or of "
+                                  "one of its top-level alternatives)")
+        out.append((start, end, ("cat", body)))
+    return out
+
+
+def _has_anchor(tree) -> bool:
+    kind = tree[0]
+    if kind in ("bol", "eol"):
+        return True
+    if kind in ("cat", "alt"):
+        return any(_has_anchor(t) for t in tree[1])
+    return kind == "rep" and _has_anchor(tree[1])
+
+
+# ---- Bytes: a code point range as JSON writes it -----------------------------------------------------------------
+
+def _utf8(cp: int) -> bytes:
+    return chr(cp).encode("utf-8", "surrogatepass")
+
+
+def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
+    """Code points lo..hi (no surrogates) as UTF-8 byte-range sequences: each a list of (lo, hi) byte ranges, one
+    per byte, whose product is exactly a part of the range."""
+    for top in (0x7F, 0x7FF, 0xFFFF):  # one encoded length at a time
+        if lo <= top < hi:
+            return utf8_sequences(lo, top) + utf8_sequences(top + 1, hi)
+    if hi <= 0x7F:
+        return [[(lo, hi)]]
+    for i in (1, 2, 3):  # split until every continuation byte spans its whole range or one value
+        m = (1 << (6 * i)) - 1
+        if lo & ~m != hi & ~m:
+            if lo & m:
+                return utf8_sequences(lo, lo | m) + utf8_sequences((lo | m) + 1, hi)
+            if hi & m != m:
+                return utf8_sequences(lo, (hi & ~m) - 1) + utf8_sequences(hi & ~m, hi)
+    return [list(zip(_utf8(lo), _utf8(hi)))]
+
+
+def json_sequences(ranges: Ranges) -> list[list[tuple[int, int]]]:
+    """The byte-range sequences of the characters in `ranges` as a JSON string's content writes them."""
+    out: list[list[tuple[int, int]]] = []
+    special = [cp for cp in [*range(0x20), 0x22, 0x5C] if any(lo <= cp <= hi for lo, hi in ranges)]
+    for cp in special:
+        spelled = JSON_SHORT_ESCAPES.get(cp, b"\\u%04x" % cp)
+        out.append([(b, b) for b in spelled])
+    plain = normalize([(lo, hi) for lo, hi in ranges])
+    for hole in ((0, 0x1F), (0x22, 0x22), (0x5C, 0x5C), SURROGATES):
+        plain = tuple((a, b) for lo, hi in plain for a, b in ((lo, min(hi, hole[0] - 1)), (max(lo, hole[1] + 1), hi))
+                      if a <= b)
+    for lo, hi in plain:
+        out.extend(utf8_sequences(lo, hi))
+    return out
+
+
+# ---- Automata --------------------------------------------------------------------------------------------------
+
+class _NFA:
+    """Byte transitions (state -> [(lo, hi, target)]) and epsilon moves."""
+
+    def __init__(self):
+        self.moves: list[list[tuple[int, int, int]]] = []
+        self.eps: list[list[int]] = []
+        self.sequences: dict[Ranges, list] = {}
+
+    def new(self) -> int:
+        if len(self.moves) >= MAX_NFA_STATES:
+            raise BadRequestError(f"pattern: more than {MAX_NFA_STATES} automaton states (counted repetitions "
+                                  "too large)")
+        self.moves.append([])
+        self.eps.append([])
+        return len(self.moves) - 1
+
+    def chars(self, a: int, ranges: Ranges, b: int) -> None:
+        """a -> b on one character of `ranges`."""
+        if ranges not in self.sequences:
+            self.sequences[ranges] = json_sequences(ranges)
+        for seq in self.sequences[ranges]:
+            s = a
+            for k, (lo, hi) in enumerate(seq):
+                t = b if k == len(seq) - 1 else self.new()
+                self.moves[s].append((lo, hi, t))
+                s = t
+
+    def build(self, tree, a: int) -> int:
+        """Thompson's construction of `tree` from state a; its end state."""
+        kind = tree[0]
+        if kind == "set":
+            b = self.new()
+            self.chars(a, tree[1], b)
+            return b
+        if kind == "cat":
+            for t in tree[1]:
+                a = self.build(t, a)
+            return a
+        if kind == "alt":
+            end = self.new()
+            for t in tree[1]:
+                s = self.new()
+                self.eps[a].append(s)
+                self.eps[self.build(t, s)].append(end)
+            return end
+        _, body, lo, hi = tree  # rep
+        for _ in range(lo):
+            a = self.build(body, a)
+        if hi is None:
+            s = self.new()
+            self.eps[a].append(s)
+            self.eps[self.build(body, s)].append(s)
+            return s
+        end = self.new()
+        self.eps[a].append(end)
+        for _ in range(hi - lo):
+            a = self.build(body, a)
+            self.eps[a].append(end)
+        return end
+
+    def closure(self, states) -> frozenset:
+        seen, todo = set(states), list(states)
+        while todo:
+            for t in self.eps[todo.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(seen)
+
+
+def _determinize(nfa: _NFA, start: int, accept: int) -> tuple[list[dict[int, int]], set[int]]:
+    first = nfa.closure([start])
+    index = {first: 0}
+    trans: list[dict[int, int]] = [{}]
+    todo = [first]
+    while todo:
+        cur = todo.pop()
+        by_byte: dict[int, set[int]] = {}
+        for s in cur:
+            for lo, hi, t in nfa.moves[s]:
+                for b in range(lo, hi + 1):
+                    by_byte.setdefault(b, set()).add(t)
+        row = trans[index[cur]]
+        for b, targets in by_byte.items():
+            nxt = nfa.closure(targets)
+            if nxt not in index:
+                if len(index) >= MAX_DFA_STATES:
+                    raise BadRequestError(f"pattern: more than {MAX_DFA_STATES} automaton states")
+                index[nxt] = len(trans)
+                trans.append({})
+                todo.append(nxt)
+            row[b] = index[nxt]
+    return trans, {i for states, i in index.items() if accept in states}
+
+
+def _live(trans: list[dict[int, int]], accept: set[int]) -> tuple[list[dict[int, int]], set[int]]:
+    """Without the states from which no accepting one is reachable (the walk must never enter a dead end: a
+    string there could not be closed); state 0 stays first (with no moves if nothing matches at all)."""
+    back: list[set[int]] = [set() for _ in trans]
+    for a, row in enumerate(trans):
+        for b in row.values():
+            back[b].add(a)
+    live, todo = set(accept), list(accept)
+    while todo:
+        for a in back[todo.pop()]:
+            if a not in live:
+                live.add(a)
+                todo.append(a)
+    keep = [0] + [s for s in range(1, len(trans)) if s in live]
+    new = {s: i for i, s in enumerate(keep)}
+    return ([{b: new[t] for b, t in trans[s].items() if t in live} for s in keep],
+            {new[s] for s in accept if s in new})
+
+
+def _product(x, y):
+    """The automaton of strings both (trans, accept) pairs take."""
+    (tx, ax), (ty, ay) = x, y
+    index = {(0, 0): 0}
+    trans: list[dict[int, int]] = [{}]
+    todo = [(0, 0)]
+    while todo:
+        a, b = pair = todo.pop()
+        row = trans[index[pair]]
+        for byte, na in tx[a].items():
+            nb = ty[b].get(byte)
+            if nb is None:
+                continue
+            if (na, nb) not in index:
+                if len(index) >= MAX_DFA_STATES:
+                    raise BadRequestError(f"pattern with length limits: more than {MAX_DFA_STATES} automaton states")
+                index[(na, nb)] = len(trans)
+                trans.append({})
+                todo.append((na, nb))
+            row[byte] = index[(na, nb)]
+    return trans, {i for (a, b), i in index.items() if a in ax and b in ay}
+
+
+def _counter(min_len: int, max_len: int | None) -> tuple[list[dict[int, int]], set[int]]:
+    """The automaton of JSON string contents of min_len..max_len characters: copies of the one-character one."""
+    nfa = _NFA()
+    start = nfa.new()
+    one, one_accept = _determinize(nfa, start, nfa.build(("set", ANY), start))  # one character: ends with no moves
+    (end,) = one_accept
+    top = max_len if max_len is not None else min_len  # past min_len (no max_len) all counts look alike
+    if (top + 1) * len(one) > MAX_DFA_STATES:
+        raise BadRequestError(f"pattern with length limits: more than {MAX_DFA_STATES} automaton states")
+    state = {(k, c): k * len(one) + c for k in range(top + 1) for c in range(len(one)) if c != end}
+    trans: list[dict[int, int]] = [{} for _ in range((top + 1) * len(one))]
+    for (k, c), i in state.items():
+        for b, nc in one[c].items():
+            if nc != end:
+                trans[i][b] = state[(k, nc)]
+            elif k < top or max_len is None:
+                trans[i][b] = state[(min(k + 1, top), 0)]
+    return trans, {state[(k, 0)] for k in range(min_len, top + 1)}
+
+
+def compile_pattern(pattern: str, min_len: int = 0, max_len: int | None = None
+                    ) -> tuple[list[dict[int, int]], set[int]]:
+    """(transitions, accepting states) of a DFA over the bytes of a JSON string's content (state 0 first) whose
+    strings match `pattern` (somewhere, unless anchored) and have min_len..max_len characters. Every state can
+    still reach an accepting one. BadRequestError names what is not supported."""
+    if not isinstance(pattern, str):
+        raise BadRequestError(f"pattern must be a string, got {pattern!r}")
+    nfa = _NFA()
+    start, accept = nfa.new(), nfa.new()
+    anything = ("rep", ("set", ANY), 0, None)
+    for at_start, at_end, body in parse(pattern):
+        s = nfa.new()
+        nfa.eps[start].append(s)
+        whole = ("cat", ([] if at_start else [anything]) + [body] + ([] if at_end else [anything]))
+        nfa.eps[nfa.build(whole, s)].append(accept)
+    dfa = _live(*_determinize(nfa, start, accept))
+    if min_len or max_len is not None:
+        dfa = _live(*_product(dfa, _counter(min_len, max_len)))
+    if not dfa[1]:
+        limits = f" with {min_len} to {max_len} characters" if min_len or max_len is not None else ""
+        raise BadRequestError(f"pattern {pattern!r}: no string matches it{limits}")
+    return dfa
