@@ -88,7 +88,11 @@ def test_recursive_refs_and_nullable_self_references(byte_vocab):
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "unsupported keyword(s) minimum"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}},
+     "unsupported keyword(s) multipleOf"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": "1"}}}, "minimum must be a finite number"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 2, "exclusiveMaximum": 2}}},
+     "no integer is within"),
     ({"type": "array", "items": {"type": "string"}}, "top-level value must be an object"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "same byte"),
     ({"type": "object", "properties": {"a": {"type": "array"}}}, "needs `items`"),
@@ -180,12 +184,13 @@ def test_string_formats(byte_vocab, values, valid):
 
 def test_pydantic_models_schemas_take_their_own_json(byte_vocab):
     """What pydantic writes for a model (the schema the openai client sends, less its strict-mode rewrites) and
-    an instance dumped by pydantic: Optional, Literal, nested models in lists, datetime, date, UUID."""
+    an instance dumped by pydantic: Optional, Literal, nested models in lists, datetime, date, UUID, a pattern,
+    bounds."""
     import datetime
     import uuid
     from typing import Literal, Optional
 
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     class Pet(BaseModel):
         name: str
@@ -194,9 +199,9 @@ def test_pydantic_models_schemas_take_their_own_json(byte_vocab):
         chip: Optional[uuid.UUID]
 
     class Home(BaseModel):
-        city: str
-        rooms: int
-        area: float
+        city: str = Field(pattern=r"^[A-Z][a-z]+$")
+        rooms: int = Field(ge=1, le=20)
+        area: float = Field(gt=0)
         pets: list[Pet]
         since: datetime.datetime
         owner: Optional[Pet] = None
@@ -207,6 +212,8 @@ def test_pydantic_models_schemas_take_their_own_json(byte_vocab):
     grammar = SchemaGrammar(byte_vocab, Home.model_json_schema())
     assert grammar.done(feed(grammar, home.model_dump_json()))
     assert feed(grammar, home.model_dump_json().replace('"dog"', '"cow"')) is None
+    assert feed(grammar, home.model_dump_json().replace('"rooms":3', '"rooms":21')) is None
+    assert feed(grammar, home.model_dump_json().replace('"Oslo"', '"oslo"')) is None
     with pytest.raises(BadRequestError, match="format 'email' is not supported"):
         SchemaGrammar(byte_vocab, {"type": "object", "properties": {"a": {"type": "string", "format": "email"}}})
 
@@ -310,6 +317,59 @@ def test_patterns_that_cannot_hold_are_refused(byte_vocab):
     with pytest.raises(BadRequestError, match="a format with minLength / maxLength / pattern"):
         SchemaGrammar(byte_vocab, {"type": "object", "properties": {
             "a": {"type": "string", "pattern": "^2", "format": "date"}}})
+
+
+BOUNDS = [(True, {"minimum": 0}), (True, {"minimum": 1, "maximum": 100}),
+          (True, {"exclusiveMinimum": -5, "maximum": 7}), (True, {"maximum": -3}),
+          (True, {"minimum": -150, "exclusiveMaximum": 1000}),
+          (True, {"minimum": 1.5, "maximum": 99.9}), (False, {"minimum": 0}), (False, {"exclusiveMinimum": 0}),
+          (False, {"minimum": 0, "maximum": 1}), (False, {"minimum": 0.25, "maximum": 10.5}),
+          (False, {"exclusiveMinimum": -2.5, "exclusiveMaximum": 101}), (False, {"maximum": -0.05}),
+          (False, {"exclusiveMaximum": 0}), (False, {"minimum": 12.345, "exclusiveMaximum": 12.35}),
+          (False, {"minimum": -1000, "maximum": -999.5})]
+
+
+@pytest.mark.parametrize("integer,bounds", BOUNDS)
+def test_number_bounds_take_exactly_the_numbers_within(integer, bounds):
+    """The bounded number automaton against exact decimal comparisons, on 3000 random numbers and the bounds'
+    neighbours (plain decimals: a bounded number is written without an exponent)."""
+    from decimal import Decimal
+
+    from punica.engine.json_regex import compile_number
+
+    dfa = compile_number(integer, bounds)
+    rng = random.Random(str(bounds))
+    texts = ["0", "1", "100", "-5", "-3", "7", "1000", "-150", "2", "99", "0.25", "10.5", "10.50", "12.345", "12.3499",
+             "12.35", "-999.5", "-1000", "-2.5", "-2.49", "101", "100.999", "-0.05", "-0.051", "-0.0499"]
+    for _ in range(3000):
+        whole = str(rng.choice([0, 1, 2, 5, 9, 10, 99, 100, 101, 999, 1000, rng.randint(0, 3000)]))
+        frac = "" if integer or rng.random() < 0.4 else "." + str(rng.randint(0, 9999)).zfill(rng.randint(1, 4))
+        texts.append(rng.choice(["", "-"]) + whole + frac)
+    ops = {"minimum": Decimal.__ge__, "maximum": Decimal.__le__, "exclusiveMinimum": Decimal.__gt__,
+           "exclusiveMaximum": Decimal.__lt__}
+    texts = [t for t in texts if Decimal(t) != 0 or not t.startswith("-")]  # -0: JSON's sign of zero, not served
+    texts = [t for t in texts if not integer or "." not in t]
+    expected = [all(ops[k](Decimal(t), Decimal(str(v))) for k, v in bounds.items()) for t in texts]
+    assert [matches(dfa, t) for t in texts] == expected
+    assert any(expected) and not all(expected)
+
+
+@pytest.mark.parametrize("doc,valid", [('{"n": 5, "x": 0.5}', True), ('{"n": 1, "x": 1}', True),
+                                       ('{"n": 0, "x": 0.5}', False), ('{"n": 11, "x": 0.5}', False),
+                                       ('{"n": 5, "x": 1.01}', False), ('{"n": 5 , "x": -0.5}', False),
+                                       ('{"n": 10 , "x": 0.0 }', True), ('{"n": 5, "x": 5e-1}', False)])
+def test_bounded_numbers_in_a_schema(byte_vocab, doc, valid):
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 1, "maximum": 10}, "x": {"type": "number", "minimum": 0, "maximum": 1}}})
+    state = feed(grammar, doc)
+    assert (state is not None and grammar.done(state)) == valid
+
+
+@pytest.mark.parametrize("prefix", ['{"n": ', '{"n": 1', '{"n": 10', '{"n": 3, "x": 0', '{"n": 3, "x": 0.9'])
+def test_bounded_number_masks_equal_a_brute_force_check(demo_dir, prefix):
+    assert_masks_match_brute_force(demo_dir, {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 1, "maximum": 10}, "x": {"type": "number", "minimum": 0, "maximum": 1}}},
+        prefix)
 
 
 TOOLS = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"},

@@ -474,3 +474,109 @@ def compile_pattern(pattern: str, min_len: int = 0, max_len: int | None = None
         limits = f" with {min_len} to {max_len} characters" if min_len or max_len is not None else ""
         raise BadRequestError(f"pattern {pattern!r}: no string matches it{limits}")
     return dfa
+
+
+# ---- Numbers with bounds ----------------------------------------------------------------------------------------
+# minimum / maximum / exclusiveMinimum / exclusiveMaximum: the JSON numbers in range as a regular language over
+# their digits (no exponent: a bounded number is written in plain decimal), one side at a time, then intersected.
+
+def _int_gt(n: str) -> list[str]:
+    """Regexes of the canonical non-negative integers greater than n."""
+    out = [f"[1-9]\\d{{{len(n)},}}"]  # more digits
+    for i, d in enumerate(n):
+        low = int(d) + 1
+        if low <= 9:
+            out.append(f"{n[:i]}[{low}-9]\\d{{{len(n) - i - 1}}}")
+    return out
+
+
+def _int_lt(n: str) -> list[str]:
+    """Regexes of the canonical non-negative integers less than n."""
+    out = ["0"] if n != "0" and len(n) > 1 else []
+    if len(n) > 2:
+        out.append(f"[1-9]\\d{{0,{len(n) - 2}}}")
+    elif len(n) == 2:
+        out.append("[1-9]")
+    for i, d in enumerate(n):
+        low = 1 if i == 0 and len(n) > 1 else 0
+        if int(d) - 1 >= low:
+            out.append(f"{n[:i]}[{low}-{int(d) - 1}]\\d{{{len(n) - i - 1}}}")
+    return out
+
+
+NOTHING = "[^\\s\\S]"  # a class of no character: a regex no string matches
+
+
+def _frac(f: str, above: bool, strict: bool) -> str:
+    """The fraction `\\.F` (optional where no fraction is right) with 0.F >= 0.f (`above`; > when strict) or
+    <= (<); f has no trailing zeros."""
+    if not f:
+        if above:
+            return "\\.\\d*[1-9]\\d*" if strict else "(?:\\.\\d+)?"
+        return NOTHING if strict else "(?:\\.0+)?"
+    alts = []
+    for i, d in enumerate(f):
+        if above and int(d) < 9:
+            alts.append(f"{f[:i]}[{int(d) + 1}-9]\\d*")
+        if not above and int(d) > 0:
+            alts.append(f"{f[:i]}[0-{int(d) - 1}]\\d*")
+        if not above and i:
+            alts.append(f[:i])  # a shorter fraction is less: f has no trailing zeros
+    if above:
+        alts.append(f"{f}\\d*[1-9]\\d*" if strict else f"{f}\\d*")
+    elif not strict:
+        alts.append(f"{f}0*")
+    return f"\\.(?:{'|'.join(alts)})" if above else f"(?:\\.(?:{'|'.join(alts)}))?"
+
+
+def _unsigned(c: str, above: bool, strict: bool, integer: bool) -> str:
+    """A regex of the non-negative numbers >= c (`above`) or <= c, strictly when `strict` (c a plain decimal;
+    a whole one and strict False for integers)."""
+    whole, _, f = c.partition(".")
+    ints = _int_gt(whole) if above else _int_lt(whole)
+    if integer:
+        return "|".join([*ints, whole])
+    return "|".join([*(f"(?:{r})(?:\\.\\d+)?" for r in ints), whole + _frac(f.rstrip("0"), above, strict)])
+
+
+def number_patterns(integer: bool, bounds: dict) -> list[str]:
+    """Anchored regexes (all must match) of the JSON numbers within these bounds ({"minimum": v, ...}), written
+    without an exponent."""
+    import math
+    from decimal import Decimal
+
+    unsigned = "(?:0|[1-9]\\d*)" if integer else "(?:0|[1-9]\\d*)(?:\\.\\d+)?"
+    out = []
+    for key, value in bounds.items():
+        above, strict = key in ("minimum", "exclusiveMinimum"), key.startswith("exclusive")
+        v = Decimal(str(value))
+        if integer:  # the nearest whole bound inside, inclusive
+            v = Decimal(math.floor(v) + 1 if above and strict else math.ceil(v) if above else
+                        math.ceil(v) - 1 if strict else math.floor(v))
+            strict = False
+        m = format(abs(v), "f")
+        if above and v >= 0:
+            out.append(f"^(?:{_unsigned(m, True, strict, integer)})$")
+        elif above:  # every non-negative number, and the negative ones down to v
+            out.append(f"^(?:{unsigned}|-(?:{_unsigned(m, False, strict, integer)}))$")
+        elif v < 0 or (v == 0 and strict):  # negative numbers from v down
+            out.append(f"^-(?:{_unsigned(m, True, strict, integer)})$")
+        else:  # the non-negative numbers up to v, and every negative one
+            out.append(f"^(?:{_unsigned(m, False, strict, integer)}|-{unsigned})$")
+    return out
+
+
+def compile_number(integer: bool, bounds: dict) -> tuple[list[dict[int, int]], set[int]]:
+    """(transitions, accepting states) of the JSON numbers (integers) within `bounds`, as compile_pattern."""
+    dfa = None
+    for regex in number_patterns(integer, bounds):
+        nfa = _NFA()
+        start, accept = nfa.new(), nfa.new()
+        for _, _, body in parse(regex):
+            nfa.eps[nfa.build(body, start)].append(accept)
+        one = _determinize(nfa, start, accept)
+        dfa = one if dfa is None else _product(dfa, one)
+    dfa = _live(*dfa)
+    if not dfa[1]:
+        raise BadRequestError(f"no {'integer' if integer else 'number'} is within {bounds}")
+    return dfa

@@ -9,8 +9,9 @@ scalars; `anyOf` / `oneOf` and type lists whose alternatives begin with differen
 `anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too; strings' `minLength`
 and `maxLength` (in code points, an escape being one), their `pattern` (json_regex.py: ECMA regular expressions'
 regular part; with the length limits too) and formats date, time and date-time (RFC 3339, with an offset; any month
-may have 31 days) and uuid. Keywords that would constrain the value further (other formats, `minimum`, ...) are
-refused with an error naming them, rather than ignored. The top-level value is an object.
+may have 31 days) and uuid; numbers' and integers' `minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum`
+(a bounded number is written without an exponent). Keywords that would constrain the value further (other formats,
+`multipleOf`, ...) are refused with an error naming them, rather than ignored. The top-level value is an object.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from punica.engine.json_mode import (
     number_start,
     number_step,
 )
-from punica.engine.json_regex import compile_pattern
+from punica.engine.json_regex import compile_number, compile_pattern
 from punica.errors import BadRequestError
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs",
                          "definitions", "additionalProperties", "required", "strict", "deprecated", "readOnly",
                          "writeOnly"))
 KEYWORDS = frozenset(("type", "properties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
-                      "$ref", "format", "minLength", "maxLength", "pattern")) | ANNOTATIONS
+                      "$ref", "format", "minLength", "maxLength", "pattern", "minimum", "maximum",
+                      "exclusiveMinimum", "exclusiveMaximum")) | ANNOTATIONS
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 MAX_NODES = 4096  # nodes of one compiled schema at most
 
 OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS, UNION = range(7)
@@ -49,7 +52,8 @@ FIRST = {"object": frozenset(b"{"), "array": frozenset(b"["), "string": frozense
 # phases of a frame
 # (past json_mode's number phases, MINUS .. EXP, which numbers' frames take)
 START, KEY_START, KEY, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT, STR, ESC, HEX, LIT = range(20, 33)
-FMT = 33  # a string of a `format`: aux is the state of its Pattern
+FMT = 33  # a string of a `format` or `pattern`: aux is the state of its Pattern
+BOUNDED = 34  # a number with bounds: aux is the state of its Pattern (over the number's own bytes)
 _SPACED = frozenset((START, KEY_START, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER, ARR_NEXT))
 
 
@@ -130,7 +134,8 @@ class Node:
     max_items: int | None = None
     literals: list[bytes] = field(default_factory=list)  # LITERALS: each value as compact JSON
     by_byte: dict[int, int] = field(default_factory=dict)  # UNION: first byte -> alternative
-    pattern: Pattern | None = None  # STRING of a `format` or `pattern` (its length limits folded in)
+    pattern: Pattern | None = None  # STRING of a `format` or `pattern` (its length limits folded in); NUMBER and
+    # INTEGER with bounds: their digits
     min_len: int = 0  # STRING: characters (code points; an escape is one)
     max_len: int | None = None
     first: frozenset = frozenset()  # the bytes a value of this node may begin with
@@ -213,7 +218,19 @@ def compile_schema(schema) -> tuple[list[Node], int]:
             return add(Node(STRING, first=FIRST["string"], pattern=None if fmt is None else _format(fmt),
                             min_len=lo, max_len=hi))
         if kind in ("number", "integer"):
-            return add(Node(NUMBER if kind == "number" else INTEGER, first=FIRST[kind]))
+            bounds = {k: s[k] for k in BOUNDS if k in s}
+            bad = [k for k, v in bounds.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+                   or v != v or v in (float("inf"), float("-inf"))]
+            if bad:
+                raise BadRequestError(f"json_schema at {where}: {', '.join(bad)} must be a finite number")
+            if not bounds:
+                return add(Node(NUMBER if kind == "number" else INTEGER, first=FIRST[kind]))
+            try:
+                dfa = Pattern(*compile_number(kind == "integer", bounds))
+            except BadRequestError as e:
+                raise BadRequestError(f"json_schema at {where}: {e}") from None
+            return add(Node(NUMBER if kind == "number" else INTEGER, pattern=dfa,
+                            first=frozenset(dfa.trans[0])))
         if kind == "boolean":
             return literals([True, False], where)
         if kind == "null":
@@ -370,6 +387,11 @@ class SchemaGrammar(TokenGrammar):
                 return (self._pop(frames), 0) if aux in node.pattern.accept else None
             nxt = node.pattern.trans[aux].get(b)
             return None if nxt is None else (below + ((node_id, FMT, nxt),), 0)
+        if phase == BOUNDED:
+            nxt = node.pattern.trans[aux].get(b)
+            if nxt is not None:
+                return below + ((node_id, BOUNDED, nxt),), 0
+            return self.step((self._pop(frames), 0), b) if aux in node.pattern.accept else None  # b follows it
         if phase == LIT:
             matched = aux + bytes([b])
             longer = [lit for lit in node.literals if lit.startswith(matched)]
@@ -403,6 +425,8 @@ class SchemaGrammar(TokenGrammar):
         if node.kind == STRING:
             return frames + ((node_id, STR if node.pattern is None else FMT, 0),), 0
         if node.kind in (NUMBER, INTEGER):
+            if node.pattern is not None:
+                return frames + ((node_id, BOUNDED, node.pattern.trans[0][b]),), 0
             return frames + ((node_id, number_start(b), 0),), 0
         return self.step((frames + ((node_id, LIT, b""),), 0), b)  # LITERALS
 
