@@ -409,3 +409,50 @@ def test_tool_call_params_are_checked(kwargs, message):
     with pytest.raises(BadRequestError, match=message):
         SamplingParams(**kwargs)
     assert SamplingParams(tool_call={"f": {"type": "object"}}).grammar_key == 'tools:{"f": {"type": "object"}}'
+
+
+@pytest.mark.parametrize("prefix", ["", "A", "AB-1", "AB-123", "AB-123 x", "é"])
+def test_regex_masks_equal_a_brute_force_check_and_allow_the_end_where_it_may_end(demo_dir, prefix):
+    """RegexGrammar (SamplingParams.regex): the walk's tokens are those whose bytes the automaton takes, plus the
+    end tokens exactly where the output may end; an end token elsewhere is refused; a state nothing may follow
+    is done."""
+    from punica.engine.json_schema import RegexGrammar
+
+    tok = Tokenizer(demo_dir)
+    vocab = Vocabulary(tok.token_bytes, len(tok.token_bytes))
+    grammar = RegexGrammar(vocab, r"[A-Z]{2}-\d{3}( [a-z]+)?|é", (2, 7))
+    state = feed(grammar, prefix)
+    if prefix in ("é", ""):
+        assert (state == grammar.start) == (prefix == "") and grammar.done(state) == (prefix == "é")
+        if prefix:
+            return
+    brute = {i for i, data in enumerate(tok.token_bytes) if data and grammar.advance(state, i) is not None}
+    ends = prefix in ("AB-123", "AB-123 x")
+    assert set(grammar.allowed(state)) == brute | ({2, 7} if ends else set())
+    assert (grammar.advance(state, 2) == grammar.END) == ends and (grammar.advance(state, 2) is None) != ends
+    assert grammar.done(grammar.END)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(regex="a", json_object=True), "json_object and regex exclude each other"),
+    (dict(choice=["a"], tool_call={"f": {"type": "object"}}), "tool_call and choice exclude each other"),
+    (dict(choice="ab"), "choice must be a non-empty list"), (dict(choice=["a", ""]), "choice must be"),
+    (dict(regex=3), "regex must be a string"),
+])
+def test_regex_params_are_checked(kwargs, message):
+    with pytest.raises(BadRequestError, match=re.escape(message)):
+        SamplingParams(**kwargs)
+
+
+def test_choices_are_escaped_into_one_pattern():
+    from punica.engine.json_regex import compile_pattern
+
+    key = SamplingParams(choice=["a.b", "(c)|d", "x*"], stop_token_ids=[9, 4, 9]).grammar_key
+    pattern, ends = json.loads(key.partition(":")[2])
+    assert ends == [4, 9]
+    trans, accept = compile_pattern(pattern, raw=True)
+    for text, ok in [("a.b", True), ("axb", False), ("(c)|d", True), ("c", False), ("x*", True), ("xx", False)]:
+        s = 0
+        for b in text.encode():
+            s = trans[s].get(b, -1) if s >= 0 else -1
+        assert (s in accept) == ok, text

@@ -17,7 +17,7 @@ import torch
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.json_mode import JsonGrammar, TokenGrammar, Vocabulary
-from punica.engine.json_schema import SchemaGrammar, ToolCallGrammar
+from punica.engine.json_schema import RegexGrammar, SchemaGrammar, ToolCallGrammar
 from punica.engine.memory import kv_cache_blocks
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
 from punica.engine.runner import InFlight, ModelRunner
@@ -191,9 +191,9 @@ class Engine:
         return request_id
 
     def grammar(self, params: SamplingParams) -> TokenGrammar | None:
-        """The grammar that masks this request's draws (JSON, JSON-schema or tool-call mode), built on first use: the
-        vocabulary's byte tries once (about half a second for 49k tokens), each schema once (kept for the
-        MAX_SCHEMAS most recent). Thread-safe: the server builds a request's grammar on a worker thread before
+        """The grammar that masks this request's draws (JSON, JSON-schema, tool-call or regex mode), built on first
+        use: the vocabulary's byte tries once (about half a second for 49k tokens), each schema or pattern once (kept
+        for the MAX_SCHEMAS most recent). Thread-safe: the server builds a request's grammar on a worker thread before
         queueing it (AsyncEngine.add), so the engine thread, which serves everyone, finds it built."""
         key = params.grammar_key
         if key is None:
@@ -203,8 +203,15 @@ class Engine:
         if grammar is None:  # built outside the lock: other threads find theirs meanwhile
             vocab = self._vocabulary()
             kind, _, text = key.partition(":")
-            grammar = (JsonGrammar(vocab) if kind == "json_object" else SchemaGrammar(vocab, json.loads(text))
-                       if kind == "schema" else ToolCallGrammar(vocab, json.loads(text)))
+            if kind == "json_object":
+                grammar = JsonGrammar(vocab)
+            elif kind == "schema":
+                grammar = SchemaGrammar(vocab, json.loads(text))
+            elif kind == "tools":
+                grammar = ToolCallGrammar(vocab, json.loads(text))
+            else:  # regex: the pattern and the request's stop token ids, which end it like EOS
+                pattern, stop_ids = json.loads(text)
+                grammar = RegexGrammar(vocab, pattern, (*self.eos_ids, *stop_ids))
         with self._grammars_lock:
             grammar = self._grammars.setdefault(key, grammar)  # most recent last; one built meanwhile wins
             while len(self._grammars) > MAX_SCHEMAS:

@@ -1,4 +1,5 @@
-"""JSON schema's `pattern` as a byte automaton over a JSON string's content (its quotes excluded).
+"""Regular expressions as byte automata: JSON schema's `pattern` over a JSON string's content (its quotes
+excluded), and SamplingParams.regex / .choice over a whole output's UTF-8 (`raw`).
 
 A pattern is read as ECMA-262 regular expressions read it (JSON Schema's dialect), for the regular part of that
 language: literals, `.`, classes (`[a-z]`, `[^"]`, `\\d \\w \\s` and their negations), groups (`(...)`, `(?:...)`,
@@ -10,6 +11,7 @@ lookarounds, word boundaries and anchors elsewhere are refused with an error tha
 The automaton runs over the string as the model writes it inside JSON: characters as UTF-8, except `"`, `\\`
 and control characters, which must be escaped (as `\\"`, `\\\\`, `\\n`, `\\t`, `\\r`, `\\b`, `\\f`, or `\\u00xx` in
 lower case). Each character has that one spelling, so the written string matches the pattern once decoded.
+A raw output is its characters' UTF-8, and the whole of it must match (as vLLM's guided_regex).
 """
 
 from __future__ import annotations
@@ -295,13 +297,25 @@ def json_sequences(ranges: Ranges) -> list[list[tuple[int, int]]]:
 
 # ---- Automata --------------------------------------------------------------------------------------------------
 
-class _NFA:
-    """Byte transitions (state -> [(lo, hi, target)]) and epsilon moves."""
+def raw_sequences(ranges: Ranges) -> list[list[tuple[int, int]]]:
+    """The byte-range sequences of the characters in `ranges` as UTF-8 (surrogates left out)."""
+    out: list[list[tuple[int, int]]] = []
+    for lo, hi in ranges:
+        for a, b in ((lo, min(hi, SURROGATES[0] - 1)), (max(lo, SURROGATES[1] + 1), hi)):
+            if a <= b:
+                out.extend(utf8_sequences(a, b))
+    return out
 
-    def __init__(self):
+
+class _NFA:
+    """Byte transitions (state -> [(lo, hi, target)]) and epsilon moves; characters as JSON writes them in a
+    string, or (`raw`) as UTF-8."""
+
+    def __init__(self, raw: bool = False):
         self.moves: list[list[tuple[int, int, int]]] = []
         self.eps: list[list[int]] = []
         self.sequences: dict[Ranges, list] = {}
+        self.spell = raw_sequences if raw else json_sequences
 
     def new(self) -> int:
         if len(self.moves) >= MAX_NFA_STATES:
@@ -314,7 +328,7 @@ class _NFA:
     def chars(self, a: int, ranges: Ranges, b: int) -> None:
         """a -> b on one character of `ranges`."""
         if ranges not in self.sequences:
-            self.sequences[ranges] = json_sequences(ranges)
+            self.sequences[ranges] = self.spell(ranges)
         for seq in self.sequences[ranges]:
             s = a
             for k, (lo, hi) in enumerate(seq):
@@ -452,23 +466,26 @@ def _counter(min_len: int, max_len: int | None) -> tuple[list[dict[int, int]], s
     return trans, {state[(k, 0)] for k in range(min_len, top + 1)}
 
 
-def compile_pattern(pattern: str, min_len: int = 0, max_len: int | None = None
+def compile_pattern(pattern: str, min_len: int = 0, max_len: int | None = None, raw: bool = False
                     ) -> tuple[list[dict[int, int]], set[int]]:
     """(transitions, accepting states) of a DFA over the bytes of a JSON string's content (state 0 first) whose
-    strings match `pattern` (somewhere, unless anchored) and have min_len..max_len characters. Every state can
-    still reach an accepting one. BadRequestError names what is not supported."""
+    strings match `pattern` (somewhere, unless anchored) and have min_len..max_len characters; with `raw`, over
+    UTF-8 text that matches it whole. Every state can still reach an accepting one. BadRequestError names what
+    is not supported."""
     if not isinstance(pattern, str):
         raise BadRequestError(f"pattern must be a string, got {pattern!r}")
-    nfa = _NFA()
+    nfa = _NFA(raw)
     start, accept = nfa.new(), nfa.new()
     anything = ("rep", ("set", ANY), 0, None)
     for at_start, at_end, body in parse(pattern):
         s = nfa.new()
         nfa.eps[start].append(s)
-        whole = ("cat", ([] if at_start else [anything]) + [body] + ([] if at_end else [anything]))
+        whole = ("cat", ([] if at_start or raw else [anything]) + [body] + ([] if at_end or raw else [anything]))
         nfa.eps[nfa.build(whole, s)].append(accept)
     dfa = _live(*_determinize(nfa, start, accept))
     if min_len or max_len is not None:
+        if raw:
+            raise ValueError("length limits are for JSON strings")
         dfa = _live(*_product(dfa, _counter(min_len, max_len)))
     if not dfa[1]:
         limits = f" with {min_len} to {max_len} characters" if min_len or max_len is not None else ""
@@ -580,3 +597,8 @@ def compile_number(integer: bool, bounds: dict) -> tuple[list[dict[int, int]], s
     if not dfa[1]:
         raise BadRequestError(f"no {'integer' if integer else 'number'} is within {bounds}")
     return dfa
+
+
+def escape(text: str) -> str:
+    """`text` as a pattern that matches it literally."""
+    return "".join("\\" + c if c.isascii() and not c.isalnum() and c not in " \n\t" else c for c in text)

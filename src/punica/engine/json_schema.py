@@ -1,5 +1,6 @@
 """JSON-schema mode (response_format {"type": "json_schema", "json_schema": {"schema": ...}}): the output is one
-JSON value of the schema. The schema compiles to a tree of nodes and a byte automaton over it; masks come from
+JSON value of the schema (also here: the tool-call and regular-expression grammars, ToolCallGrammar and
+RegexGrammar). The schema compiles to a tree of nodes and a byte automaton over it; masks come from
 json_mode.TokenGrammar, as in JSON mode.
 
 What a schema may say, as OpenAI's strict structured outputs do: objects whose properties are written in the
@@ -485,3 +486,37 @@ class ToolCallGrammar(TokenGrammar):
         if s[0] >= 0:  # a token past the name stays within the arguments
             return self.tools[s[0]].allowed(s[1])
         return super().allowed(s)
+
+
+class RegexGrammar(TokenGrammar):
+    """The whole output matches a regular expression (SamplingParams.regex, .choice): states of its automaton
+    over the output's UTF-8 (json_regex.py, raw). Where the output may end, the request's end tokens (EOS, its
+    stop token ids) are allowed too; drawing one ends it (state END), as does a state nothing may follow."""
+
+    END = -1
+
+    def __init__(self, vocab: Vocabulary, pattern: str, end_ids: tuple[int, ...]):
+        super().__init__(vocab)
+        try:
+            self.trans, self.accept = compile_pattern(pattern, raw=True)
+        except BadRequestError as e:
+            raise BadRequestError(f"regex: {e}") from None
+        self.end_ids = sorted({i for i in end_ids if 0 <= i < vocab.vocab_size})
+        if self.trans[0] == {} and not self.end_ids:
+            raise BadRequestError(f"regex {pattern!r} matches only the empty output")
+        self.start = 0
+
+    def step(self, s: int, b: int):
+        return None if s == self.END else self.trans[s].get(b)
+
+    def done(self, s: int) -> bool:
+        return s == self.END or (s in self.accept and not self.trans[s])
+
+    def advance(self, s: int, token: int):
+        if token in self.end_ids:
+            return self.END if s in self.accept else None
+        return super().advance(s, token)
+
+    def allowed(self, s: int) -> list[int]:
+        out = super().allowed(s)
+        return out + self.end_ids if s in self.accept else out

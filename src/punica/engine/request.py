@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from punica.config import is_int, is_number
 from punica.engine.json_mode import TokenGrammar
+from punica.engine.json_regex import escape
 from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
@@ -55,6 +56,11 @@ class SamplingParams:
     # one call of one of these tools ({name: JSON schema of its arguments}, kept as JSON text): the output is a
     # name, a space, then that tool's arguments, one value of its schema (json_schema.ToolCallGrammar)
     tool_call: str | dict | None = None
+    # the whole output matches this regular expression (engine/json_regex.py: ECMA's, without backreferences,
+    # lookarounds or word boundaries), or is one of these strings; it may end (EOS, stop_token_ids) where it
+    # could match, and ends where nothing could follow (vLLM's guided_regex, guided_choice)
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
 
     def __post_init__(self):
         def bad(msg: str) -> None:
@@ -108,6 +114,17 @@ class SamplingParams:
             if not isinstance(tools, dict) or not tools or not all(
                     isinstance(k, str) and k and " " not in k and isinstance(v, dict) for k, v in tools.items()):
                 bad(f"tool_call must map tool names (non-empty, without spaces) to JSON schemas, got {tools!r}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                    isinstance(c, str) and c for c in self.choice):
+                bad(f"choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.regex is not None and not isinstance(self.regex, str):
+            bad(f"regex must be a string, got {self.regex!r}")
+        modes = [name for name in ("json_object", "json_schema", "tool_call", "regex", "choice")
+                 if getattr(self, name) not in (None, False)]
+        if len(modes) > 1 and (self.regex is not None or self.choice is not None):
+            bad(f"{' and '.join(modes)} exclude each other: give one")
         bias = self.logit_bias
         pairs = (list(bias.items()) if isinstance(bias, dict) else list(bias) if isinstance(bias, (tuple, list))
                  else [] if bias is None else None)
@@ -126,7 +143,12 @@ class SamplingParams:
             return "json_object"
         if self.json_schema is not None:
             return "schema:" + self.json_schema
-        return None if self.tool_call is None else "tools:" + self.tool_call
+        if self.tool_call is not None:
+            return "tools:" + self.tool_call
+        if self.regex is None and self.choice is None:
+            return None
+        pattern = self.regex if self.choice is None else "|".join(escape(c) for c in self.choice)
+        return "regex:" + json.dumps([pattern, sorted(set(self.stop_token_ids))])
 
     @property
     def penalizes(self) -> bool:

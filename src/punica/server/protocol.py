@@ -1,8 +1,9 @@
 """HTTP schemas of the OpenAI-compatible API (the subset Punica serves) and OpenAI's error body.
 
 Requests accept OpenAI's field names; unknown fields are ignored, fields Punica cannot honor are refused
-with a 400 that names them. `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` and `stop_token_ids` are
-accepted as vLLM-style extensions (the openai client sends them through `extra_body`).
+with a 400 that names them. `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
+`guided_regex` and `guided_choice` are accepted as vLLM-style extensions (the openai client sends them through
+`extra_body`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class SamplingFields(BaseModel):
     # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     # (SamplingParams.json_object, .json_schema); other types are refused
     response_format: dict | None = None
+    # the whole output matches this regular expression, or is one of these strings (SamplingParams.regex, .choice)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     # tool calls (chat only: ChatCompletionRequest.tool_use); completions refuse them by name (unsupported)
     tool_choice: Any = None
     # OpenAI fields Punica cannot honor: accepted by the schema only to be refused by name (unsupported)
@@ -131,8 +135,14 @@ class SamplingFields(BaseModel):
             prompt_logprobs=self.num_logprobs if self.echoes else None, **self.json_mode())
 
     def json_mode(self) -> dict:
-        """SamplingParams' json_object / json_schema from `response_format`."""
+        """SamplingParams' json_object / json_schema from `response_format`, or its regex / choice."""
         kind = (self.response_format or {}).get("type")
+        guided = self.guided()
+        if guided and kind in ("json_object", "json_schema"):
+            raise BadRequestError(f"{' and '.join(f'guided_{k}' for k in guided)} and response_format {kind!r} "
+                                  "exclude each other: give one")
+        if guided:
+            return guided
         if kind == "json_object":
             return {"json_object": True}
         if kind != "json_schema":
@@ -142,6 +152,10 @@ class SamplingFields(BaseModel):
             raise BadRequestError('response_format {"type": "json_schema"} needs "json_schema": {"name": ..., '
                                   '"schema": {...}}')
         return {"json_schema": spec["schema"]}
+
+    def guided(self) -> dict:
+        """SamplingParams' regex / choice from guided_regex / guided_choice ({} when neither is given)."""
+        return {k: v for k, v in (("regex", self.guided_regex), ("choice", self.guided_choice)) if v is not None}
 
     def token_bias(self) -> dict[int, float] | None:
         """`logit_bias` with its keys (JSON object keys are strings) as token ids."""
@@ -322,9 +336,9 @@ class ChatCompletionRequest(SamplingFields):
         tools = self.tool_use()
         if tools is None:
             return super().json_mode()
-        if (self.response_format or {}).get("type", "text") != "text":
-            raise BadRequestError("response_format and a required tool call exclude each other: the reply is the "
-                                  "call's arguments")
+        if (self.response_format or {}).get("type", "text") != "text" or self.guided():
+            raise BadRequestError("response_format (or guided_regex / guided_choice) and a required tool call exclude "
+                                  "each other: the reply is the call's arguments")
         return {"json_schema": next(iter(tools.values()))} if len(tools) == 1 else {"tool_call": tools}
 
     @property
