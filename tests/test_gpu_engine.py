@@ -195,6 +195,14 @@ def test_json_mode_on_cuda_graph_steps(tiny_models, tmp_path):
     assert json_mode_batch(*byte_tokenizer_model(tiny_models, tmp_path), "cuda", "bfloat16") <= 43
 
 
+def test_regex_and_choice_mode_on_cuda_graph_steps(tiny_models, tmp_path):
+    """Regex and choice masks (with the end tokens where the output may end) after the CUDA graphs' logits
+    (test_json_mode.regex_mode_batch)."""
+    from test_json_mode import byte_tokenizer_model, regex_mode_batch
+
+    regex_mode_batch(*byte_tokenizer_model(tiny_models, tmp_path), "cuda", "bfloat16")
+
+
 def test_bf16_logits_close_to_peft(tiny_models):
     from test_parity import last_token_logits
 

