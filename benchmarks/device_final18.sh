@@ -9,10 +9,10 @@ export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/punica-out}
 mkdir -p "$OUT"
 source benchmarks/gpu_tier.sh
-timeout 200 python3 -m benchmarks.profile_step --mixed-only --batch-size 32 --context 1100 --mixed-chunk 480 \
+timeout 150 python3 -m benchmarks.profile_step --mixed-only --batch-size 32 --context 1100 --mixed-chunk 480 \
   --steps 5 --popularity distinct identical --out-dir "$OUT" \
   --knobs "" SIDE_STREAM_MAX_TOKENS=0,DELTA_FIRST_MIN_TOKENS=0 SIDE_STREAM_MAX_TOKENS=0 "" 2>&1 \
   | grep -v -i warn > "$OUT/profile_delta_first_32.log"
 grep "mixed_graph_ms  defaults" "$OUT/profile_delta_first_32.log"
-timeout 400 python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 32 --num-requests 1000 \
+timeout 420 python3 -m benchmarks.bench_textgen_lora --system backbone punica --batch-size 32 --num-requests 1000 \
   --max-output 256 --out-dir "$OUT" 2>&1 | grep -v -i warn | tail -8
