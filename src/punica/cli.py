@@ -33,7 +33,7 @@ NOT_FLAGS = {"model", "cache", "scheduler", "lora"}  # --model is written by han
 FLAG_NAMES = {"allowed_lora_dirs": "--allowed-lora-dir", "stop_token_ids": "--stop-token-id",
               "seed@SamplingParams": "--sampling-seed"}
 CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "lora_overlap": LORA_OVERLAPS, "load_format": LOAD_FORMATS,
-           "log_level": ("critical", "error", "warning", "info", "debug")}
+           "log_level": ("critical", "error", "warning", "info", "debug"), "tool_call_shape": ("punica", "hermes")}
 SAMPLING_PREFIX = "sampling_"
 
 

@@ -208,3 +208,61 @@ def test_auto_replies_through_the_server(client):
                 assert (reply.message.tool_calls is not None) == (reply.finish_reason == "tool_calls")
     offered = tool_prompt.with_tools(ASK, [WEATHER["function"]], None, auto=True)[0]["content"]
     assert "otherwise reply in text" in offered
+
+
+# a template that renders tools and asks for Hermes' calls, as Qwen2's does
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nCall a function inside <tool_call></tool_call> tags as "
+    '{"name": <function-name>, "arguments": <args-json-object>}. Functions:\n'
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    '<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments }}}\n</tool_call>'
+    "{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hermes_client(tiny_models, tmp_path_factory):
+    _, model_dir, adapters = tiny_models["llama"]
+    path = shutil.copytree(model_dir, tmp_path_factory.mktemp("hermes") / "model")
+    write_byte_tokenizer(str(path))
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump({"chat_template": HERMES_TEMPLATE}, f)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    engine = Engine.from_args(str(path), adapters, device="cpu", max_num_seqs=8, num_blocks=512,
+                              max_model_len=2048)
+    try:
+        with TestClient(build_app(engine, ServerConfig(), "tiny")) as http:
+            yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+    finally:
+        engine.adapters.close()
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_templates_asking_for_hermes_calls_get_them(hermes_client, tool_choice):
+    """Where the template asks for `<tool_call>` blocks, a required or named call is written that way (a byte a
+    token: the completion holds the frame's bytes) and comes back as tool_calls, streamed or whole alike."""
+    client = hermes_client
+    assert tool_prompt.call_shape(HERMES_TEMPLATE) == "hermes" and tool_prompt.call_shape(CHATML) == "punica"
+    kwargs = dict(tools=[WEATHER, SEARCH], tool_choice=tool_choice, max_tokens=160, n=3, seed=4)
+    whole = chat(client, **kwargs)
+    done = [c for c in whole.choices if c.finish_reason == "tool_calls"]
+    assert done
+    for choice in done:
+        (call,) = choice.message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" or tool_choice == "required" and call.function.name == "search"
+        assert list(args) == (["city", "unit"] if call.function.name == "get_weather" else ["query", "limit"])
+    streamed = {}
+    for chunk in chat(client, stream=True, **kwargs):
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or ():
+                streamed[c.index] = (d.function.name, d.function.arguments)
+    assert streamed == {c.index: (c.message.tool_calls[0].function.name, c.message.tool_calls[0].function.arguments)
+                        for c in done}
+    one = chat(client, **{**kwargs, "n": 1, "seed": done[0].index + 4})
+    frame = len('<tool_call>\n{"name": "", "arguments": }\n</tool_call>')
+    if one.choices[0].finish_reason == "tool_calls":
+        call = one.choices[0].message.tool_calls[0].function
+        assert one.usage.completion_tokens >= frame + len(call.name) + len("{}")

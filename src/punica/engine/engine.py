@@ -208,7 +208,8 @@ class Engine:
             elif kind == "schema":
                 grammar = SchemaGrammar(vocab, json.loads(text))
             elif kind == "tools":
-                grammar = ToolCallGrammar(vocab, json.loads(text))
+                shape, _, tools = text.partition(":")
+                grammar = ToolCallGrammar(vocab, json.loads(tools), shape)
             else:  # regex: the pattern and the request's stop token ids, which end it like EOS
                 pattern, stop_ids = json.loads(text)
                 grammar = RegexGrammar(vocab, pattern, (*self.eos_ids, *stop_ids))

@@ -444,12 +444,21 @@ class SchemaGrammar(TokenGrammar):
         return rest[:-1] + ((parent, ARR_AFTER, min(aux + 1 if phase == ARR_NEXT else 1, cap + 1)),)
 
 
-class ToolCallGrammar(TokenGrammar):
-    """One call of one of several tools (chat completions' tool_choice "required"): the tool's name, a space,
-    then its arguments, one JSON value of that tool's schema. States: (-1, the name's bytes so far) while the
-    name is written, then (tool index, that tool's SchemaGrammar state)."""
+# How a forced tool call is written (SamplingParams.tool_call_shape): the bytes before the tool's name, between
+# it and the arguments, and after them. "punica": `name {arguments}`; "hermes": what Qwen2's and Hermes' chat
+# templates ask for, `<tool_call>` and a JSON object of the name and the arguments.
+CALL_SHAPES = {"punica": (b"", b" ", b""),
+               "hermes": (b'<tool_call>\n{"name": "', b'", "arguments": ', b"}\n</tool_call>")}
+_PRE, _NAME, _MID, _ARGS, _POST = range(5)
 
-    def __init__(self, vocab: Vocabulary, tools: dict[str, dict]):
+
+class ToolCallGrammar(TokenGrammar):
+    """One call of one of several tools (chat completions' tool_choice "required", or a named one where the call
+    is written in a template's shape): the tool's name, then its arguments, one JSON value of that tool's
+    schema, framed as CALL_SHAPES says. States (phase, tool index or -1, phase data): the frame's bytes read
+    (_PRE, _MID, _POST), the name's bytes so far (_NAME), or the tool's SchemaGrammar state (_ARGS)."""
+
+    def __init__(self, vocab: Vocabulary, tools: dict[str, dict], shape: str = "punica"):
         super().__init__(vocab)
         self.names = [name.encode() for name in tools]
         self.tools = []
@@ -458,33 +467,54 @@ class ToolCallGrammar(TokenGrammar):
                 self.tools.append(SchemaGrammar(vocab, schema))
             except BadRequestError as e:
                 raise BadRequestError(f"tool {name!r}: {e}") from None
-        self.start = (-1, b"")
+        if shape not in CALL_SHAPES:
+            raise BadRequestError(f"tool_call_shape must be one of {', '.join(CALL_SHAPES)}, got {shape!r}")
+        self.before, self.between, self.after = CALL_SHAPES[shape]
+        self.start = (_PRE, -1, 0) if self.before else (_NAME, -1, b"")
 
     def step(self, s, b: int):
-        tool, inner = s
-        if tool >= 0:
-            nxt = self.tools[tool].step(inner, b)
-            return None if nxt is None else (tool, nxt)
-        if b == 0x20:  # the name ends
-            if inner not in self.names:
+        phase, tool, data = s
+        if phase == _ARGS:
+            inner = self.tools[tool]
+            if inner.done(data):
+                return (_POST, tool, 1) if self.after and b == self.after[0] else None
+            nxt = inner.step(data, b)
+            return None if nxt is None else (_ARGS, tool, nxt)
+        if phase == _PRE:
+            if b != self.before[data]:
                 return None
-            tool = self.names.index(inner)
-            return tool, self.tools[tool].start
-        name = inner + bytes((b,))
-        return (-1, name) if any(n.startswith(name) for n in self.names) else None
+            return (_PRE, -1, data + 1) if data + 1 < len(self.before) else (_NAME, -1, b"")
+        if phase == _NAME:
+            if b == self.between[0]:  # the name ends (no name holds this byte)
+                if data not in self.names:
+                    return None
+                tool = self.names.index(data)
+                return (_MID, tool, 1) if len(self.between) > 1 else (_ARGS, tool, self.tools[tool].start)
+            name = data + bytes((b,))
+            return (_NAME, -1, name) if any(n.startswith(name) for n in self.names) else None
+        frame = self.between if phase == _MID else self.after
+        if data >= len(frame) or b != frame[data]:
+            return None
+        if phase == _MID and data + 1 == len(frame):
+            return _ARGS, tool, self.tools[tool].start
+        return phase, tool, data + 1
 
     def done(self, s) -> bool:
-        return s[0] >= 0 and self.tools[s[0]].done(s[1])
+        phase, tool, data = s
+        if phase == _POST:
+            return data == len(self.after)
+        return phase == _ARGS and not self.after and self.tools[tool].done(data)
 
     def in_string(self, s) -> bool:
-        return s[0] >= 0 and self.tools[s[0]].in_string(s[1])
+        return s[0] == _ARGS and self.tools[s[1]].in_string(s[2])
 
     def cache_key(self, s):
-        return s if s[0] < 0 else (s[0], self.tools[s[0]].cache_key(s[1]))
+        return (_ARGS, s[1], self.tools[s[1]].cache_key(s[2])) if s[0] == _ARGS else s
 
     def allowed(self, s) -> list[int]:
-        if s[0] >= 0:  # a token past the name stays within the arguments
-            return self.tools[s[0]].allowed(s[1])
+        if s[0] == _ARGS and not self.tools[s[1]].done(s[2]):
+            # a token within the arguments (one that also begins the frame after them waits a token: stricter)
+            return self.tools[s[1]].allowed(s[2])
         return super().allowed(s)
 
 

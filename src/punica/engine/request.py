@@ -56,6 +56,9 @@ class SamplingParams:
     # one call of one of these tools ({name: JSON schema of its arguments}, kept as JSON text): the output is a
     # name, a space, then that tool's arguments, one value of its schema (json_schema.ToolCallGrammar)
     tool_call: str | dict | None = None
+    # how that call is written (json_schema.CALL_SHAPES): "punica" as above, "hermes" as Qwen2's and Hermes' chat
+    # templates ask (`<tool_call>`, a JSON object of the name and the arguments, `</tool_call>`)
+    tool_call_shape: str = "punica"
     # the whole output matches this regular expression (engine/json_regex.py: ECMA's, without backreferences,
     # lookarounds or word boundaries), or is one of these strings; it may end (EOS, stop_token_ids) where it
     # could match, and ends where nothing could follow (vLLM's guided_regex, guided_choice)
@@ -112,8 +115,12 @@ class SamplingParams:
                 bad("tool_call excludes json_object and json_schema: give one")
             tools = _as_json_text(self, "tool_call", "a map of tool names to JSON schemas")
             if not isinstance(tools, dict) or not tools or not all(
-                    isinstance(k, str) and k and " " not in k and isinstance(v, dict) for k, v in tools.items()):
-                bad(f"tool_call must map tool names (non-empty, without spaces) to JSON schemas, got {tools!r}")
+                    isinstance(k, str) and k and " " not in k and '"' not in k and isinstance(v, dict)
+                    for k, v in tools.items()):
+                bad(f"tool_call must map tool names (non-empty, without spaces or quotes) to JSON schemas, got "
+                    f"{tools!r}")
+        if self.tool_call_shape not in ("punica", "hermes"):
+            bad(f"tool_call_shape must be 'punica' or 'hermes', got {self.tool_call_shape!r}")
         if self.choice is not None:
             if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
                     isinstance(c, str) and c for c in self.choice):
@@ -144,7 +151,7 @@ class SamplingParams:
         if self.json_schema is not None:
             return "schema:" + self.json_schema
         if self.tool_call is not None:
-            return "tools:" + self.tool_call
+            return f"tools:{self.tool_call_shape}:{self.tool_call}"
         if self.regex is None and self.choice is None:
             return None
         pattern = self.regex if self.choice is None else "|".join(escape(c) for c in self.choice)

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from punica import BadRequestError, SamplingParams
 from punica.engine.request import MAX_LOGPROBS, SEED_END, SEED_MIN
@@ -268,6 +268,9 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    # how a required call is written (SamplingParams.tool_call_shape): set by the server from the chat template,
+    # "hermes" where it asks for `<tool_call>` blocks
+    _call_shape: str = PrivateAttr("punica")
     add_generation_prompt: bool = True
     logprobs: bool = False  # each generated token's logprob, and those of the `top_logprobs` most likely tokens
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -332,13 +335,16 @@ class ChatCompletionRequest(SamplingFields):
 
     def json_mode(self) -> dict:
         """JSON-schema mode for a call of one tool (the output is its arguments), a tool call among several
-        (SamplingParams.tool_call: a name, then its arguments), else response_format's."""
+        (SamplingParams.tool_call: a name, then its arguments; in the template's own shape, for one tool too), else
+        response_format's."""
         tools = self.tool_use()
         if tools is None:
             return super().json_mode()
         if (self.response_format or {}).get("type", "text") != "text" or self.guided():
             raise BadRequestError("response_format (or guided_regex / guided_choice) and a required tool call exclude "
                                   "each other: the reply is the call's arguments")
+        if self._call_shape != "punica":  # the template's own shape: a name and the arguments, even for one tool
+            return {"tool_call": tools, "tool_call_shape": self._call_shape}
         return {"json_schema": next(iter(tools.values()))} if len(tools) == 1 else {"tool_call": tools}
 
     @property

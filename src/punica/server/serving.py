@@ -240,9 +240,14 @@ class OpenAIServing:
                                          forced, auto)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         request_id = random_id("chatcmpl")
-        fmt = (ToolCallFormat(req.model, request_id, self.token_text, forced) if tools is not None
-               else AutoToolFormat(req.model, request_id, self.token_text, [f["name"] for f in functions]) if auto
-               else ChatFormat(req.model, request_id, self.token_text))
+        if tools is not None and self.tokenizer is not None:
+            req._call_shape = tool_prompt.call_shape(self.tokenizer.chat_template)
+        if tools is not None and req._call_shape == "punica":
+            fmt = ToolCallFormat(req.model, request_id, self.token_text, forced)
+        elif tools is not None or auto:  # a call in the template's shape is read out as a free reply's calls are
+            fmt = AutoToolFormat(req.model, request_id, self.token_text, [f["name"] for f in functions])
+        else:
+            fmt = ChatFormat(req.model, request_id, self.token_text)
         return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
 
     async def _generate(self, job: Job, request: Request) -> Response:

@@ -17,10 +17,18 @@ import re
 
 from punica.server.protocol import NO_PARAMETERS
 
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+
 
 def takes_tools(chat_template: str | None) -> bool:
     """Whether the template renders `tools` and `tool_calls` itself (Hugging Face's convention)."""
     return bool(chat_template) and "tools" in chat_template and "tool_calls" in chat_template
+
+
+def call_shape(chat_template: str | None) -> str:
+    """How a template that takes tools asks for calls (SamplingParams.tool_call_shape): "hermes" where it asks for
+    `<tool_call>` blocks (Qwen2's, Hermes'), else "punica"."""
+    return "hermes" if takes_tools(chat_template) and HERMES_OPEN in chat_template else "punica"
 
 
 def offer(functions: list[dict], forced: str | None, auto: bool = False) -> str:
@@ -60,7 +68,6 @@ def with_tools(turns: list[dict], functions: list[dict], forced: str | None, aut
     return [{"role": "system", "content": text}, *turns]
 
 
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _PUNICA = re.compile(r"([A-Za-z0-9_-]{1,64})\s+(\{.*)", re.DOTALL)
 
