@@ -5,37 +5,20 @@ refused by name."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import openai
 import pytest
-from fastapi.testclient import TestClient
+from inprocess import openai_client
 
-from punica import Engine
-from punica.config import ServerConfig
-from punica.server.app import build_app
-from punica.testing import write_byte_tokenizer
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHOICES = ["yes", "no", "yes, surely", "née"]
 
 
 @pytest.fixture(scope="module")
 def client(tiny_models, tmp_path_factory):
     _, model_dir, adapters = tiny_models["llama"]
-    path = shutil.copytree(model_dir, tmp_path_factory.mktemp("guided") / "model")
-    write_byte_tokenizer(str(path))
-    with open(path / "tokenizer_config.json", "w") as f:
-        json.dump({"chat_template": CHATML}, f)
-    engine = Engine.from_args(str(path), adapters, device="cpu", max_num_seqs=8, num_blocks=256)
-    try:
-        with TestClient(build_app(engine, ServerConfig(), "tiny")) as http:
-            yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
-    finally:
-        engine.adapters.close()
+    with openai_client(model_dir, adapters, tmp_path_factory.mktemp("guided")) as c:
+        yield c
 
 
 def test_choices_are_written_whole(client):

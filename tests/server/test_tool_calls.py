@@ -7,21 +7,14 @@ what is not served is refused by name."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import openai
 import pytest
-from fastapi.testclient import TestClient
+from inprocess import CHATML, openai_client
 
-from punica import Engine
-from punica.config import ServerConfig
 from punica.server import tool_prompt
-from punica.server.app import build_app
 from punica.server.formats import AutoToolFormat
-from punica.testing import write_byte_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -34,19 +27,8 @@ ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 @pytest.fixture(scope="module")
 def client(tiny_models, tmp_path_factory):
     _, model_dir, adapters = tiny_models["llama"]
-    path = shutil.copytree(model_dir, tmp_path_factory.mktemp("tools") / "model")
-    write_byte_tokenizer(str(path))
-    with open(path / "tokenizer_config.json", "w") as f:
-        json.dump({"chat_template": CHATML}, f)
-    config = json.loads((path / "config.json").read_text())  # a byte a token: the offered schemas take room
-    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
-    engine = Engine.from_args(str(path), adapters, device="cpu", max_num_seqs=8, num_blocks=512,
-                              max_model_len=2048)
-    try:
-        with TestClient(build_app(engine, ServerConfig(), "tiny")) as http:
-            yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
-    finally:
-        engine.adapters.close()
+    with openai_client(model_dir, adapters, tmp_path_factory.mktemp("tools"), max_model_len=2048) as c:
+        yield c
 
 
 def chat(client, **kwargs):
@@ -224,19 +206,8 @@ HERMES_TEMPLATE = (
 @pytest.fixture(scope="module")
 def hermes_client(tiny_models, tmp_path_factory):
     _, model_dir, adapters = tiny_models["llama"]
-    path = shutil.copytree(model_dir, tmp_path_factory.mktemp("hermes") / "model")
-    write_byte_tokenizer(str(path))
-    with open(path / "tokenizer_config.json", "w") as f:
-        json.dump({"chat_template": HERMES_TEMPLATE}, f)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
-    engine = Engine.from_args(str(path), adapters, device="cpu", max_num_seqs=8, num_blocks=512,
-                              max_model_len=2048)
-    try:
-        with TestClient(build_app(engine, ServerConfig(), "tiny")) as http:
-            yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
-    finally:
-        engine.adapters.close()
+    with openai_client(model_dir, adapters, tmp_path_factory.mktemp("hermes"), HERMES_TEMPLATE, 2048) as c:
+        yield c
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
