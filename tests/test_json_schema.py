@@ -406,7 +406,7 @@ def test_tool_call_masks_equal_a_brute_force_check_of_every_token(demo_dir, pref
     (dict(tool_call={"f": {}}, json_object=True), "tool_call excludes"),
     (dict(tool_call={"f": {}}, json_schema={"type": "object"}), "tool_call excludes"),
     (dict(tool_call={'f"': {}}), "without spaces or quotes"),
-    (dict(tool_call={"f": {}}, tool_call_shape="mistral"), "tool_call_shape must be 'punica' or 'hermes'")])
+    (dict(tool_call={"f": {}}, tool_call_shape="mistral"), "tool_call_shape must be one of punica, hermes, llama3")])
 def test_tool_call_params_are_checked(kwargs, message):
     with pytest.raises(BadRequestError, match=message):
         SamplingParams(**kwargs)
@@ -462,6 +462,17 @@ def test_choices_are_escaped_into_one_pattern():
 
 
 HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("shape, text, ok", [
+    ("llama3", '{"name": "get", "parameters": {"key": 3}}', True),
+    ("llama3", '{"name": "get", "parameters": {}}', False),
+    ("llama3", '{"name": "get", "arguments": {"key": 3}}', False), ("punica", 'get {"key": 3}', True),
+    ("llama3", 'get {"key": 3}', False), ("hermes", '{"name": "get", "parameters": {"key": 3}}', False)])
+def test_tool_call_shapes(byte_vocab, shape, text, ok):
+    grammar = ToolCallGrammar(byte_vocab, TOOLS, shape)
+    state = feed(grammar, text)
+    assert (state is not None and grammar.done(state)) == ok
 
 
 @pytest.mark.parametrize("text, ok", [(HERMES_CALL, True), (HERMES_CALL.replace('"C"', '"K"'), False),

@@ -26,6 +26,7 @@ from punica.config import (
     engine_config,
     parse_lora_specs,
 )
+from punica.engine.json_schema import CALL_SHAPES
 from punica.errors import ConfigError
 
 ENGINE_SECTIONS = (EngineConfig, CacheConfig, SchedulerConfig, LoRAConfig)
@@ -33,7 +34,7 @@ NOT_FLAGS = {"model", "cache", "scheduler", "lora"}  # --model is written by han
 FLAG_NAMES = {"allowed_lora_dirs": "--allowed-lora-dir", "stop_token_ids": "--stop-token-id",
               "seed@SamplingParams": "--sampling-seed"}
 CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "lora_overlap": LORA_OVERLAPS, "load_format": LOAD_FORMATS,
-           "log_level": ("critical", "error", "warning", "info", "debug"), "tool_call_shape": ("punica", "hermes")}
+           "log_level": ("critical", "error", "warning", "info", "debug"), "tool_call_shape": tuple(CALL_SHAPES)}
 SAMPLING_PREFIX = "sampling_"
 
 

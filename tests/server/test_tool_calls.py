@@ -216,6 +216,8 @@ def test_templates_asking_for_hermes_calls_get_them(hermes_client, tool_choice):
     token: the completion holds the frame's bytes) and comes back as tool_calls, streamed or whole alike."""
     client = hermes_client
     assert tool_prompt.call_shape(HERMES_TEMPLATE) == "hermes" and tool_prompt.call_shape(CHATML) == "punica"
+    llama3 = '{% if tools %}Respond as {"name": function name, "parameters": ...}{% endif %}{{ m.tool_calls }}'
+    assert tool_prompt.call_shape(llama3) == "llama3"
     kwargs = dict(tools=[WEATHER, SEARCH], tool_choice=tool_choice, max_tokens=160, n=3, seed=4)
     whole = chat(client, **kwargs)
     done = [c for c in whole.choices if c.finish_reason == "tool_calls"]

@@ -446,9 +446,11 @@ class SchemaGrammar(TokenGrammar):
 
 # How a forced tool call is written (SamplingParams.tool_call_shape): the bytes before the tool's name, between
 # it and the arguments, and after them. "punica": `name {arguments}`; "hermes": what Qwen2's and Hermes' chat
-# templates ask for, `<tool_call>` and a JSON object of the name and the arguments.
+# templates ask for, `<tool_call>` and a JSON object of the name and the arguments; "llama3": Llama 3.1's JSON
+# object of the name and the "parameters".
 CALL_SHAPES = {"punica": (b"", b" ", b""),
-               "hermes": (b'<tool_call>\n{"name": "', b'", "arguments": ', b"}\n</tool_call>")}
+               "hermes": (b'<tool_call>\n{"name": "', b'", "arguments": ', b"}\n</tool_call>"),
+               "llama3": (b'{"name": "', b'", "parameters": ', b"}")}
 _PRE, _NAME, _MID, _ARGS, _POST = range(5)
 
 

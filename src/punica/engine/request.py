@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from punica.config import is_int, is_number
 from punica.engine.json_mode import TokenGrammar
 from punica.engine.json_regex import escape
+from punica.engine.json_schema import CALL_SHAPES
 from punica.errors import BadRequestError
 
 SEED_MIN, SEED_END = -2 ** 63, 2 ** 64  # the seeds torch.Generator.manual_seed takes
@@ -57,7 +58,8 @@ class SamplingParams:
     # name, a space, then that tool's arguments, one value of its schema (json_schema.ToolCallGrammar)
     tool_call: str | dict | None = None
     # how that call is written (json_schema.CALL_SHAPES): "punica" as above, "hermes" as Qwen2's and Hermes' chat
-    # templates ask (`<tool_call>`, a JSON object of the name and the arguments, `</tool_call>`)
+    # templates ask (`<tool_call>`, a JSON object of the name and the arguments, `</tool_call>`), "llama3" as Llama
+    # 3.1's (a JSON object of the name and the "parameters")
     tool_call_shape: str = "punica"
     # the whole output matches this regular expression (engine/json_regex.py: ECMA's, without backreferences,
     # lookarounds or word boundaries), or is one of these strings; it may end (EOS, stop_token_ids) where it
@@ -119,8 +121,8 @@ class SamplingParams:
                     for k, v in tools.items()):
                 bad(f"tool_call must map tool names (non-empty, without spaces or quotes) to JSON schemas, got "
                     f"{tools!r}")
-        if self.tool_call_shape not in ("punica", "hermes"):
-            bad(f"tool_call_shape must be 'punica' or 'hermes', got {self.tool_call_shape!r}")
+        if self.tool_call_shape not in CALL_SHAPES:
+            bad(f"tool_call_shape must be one of {', '.join(CALL_SHAPES)}, got {self.tool_call_shape!r}")
         if self.choice is not None:
             if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
                     isinstance(c, str) and c for c in self.choice):

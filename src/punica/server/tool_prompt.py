@@ -27,8 +27,13 @@ def takes_tools(chat_template: str | None) -> bool:
 
 def call_shape(chat_template: str | None) -> str:
     """How a template that takes tools asks for calls (SamplingParams.tool_call_shape): "hermes" where it asks for
-    `<tool_call>` blocks (Qwen2's, Hermes'), else "punica"."""
-    return "hermes" if takes_tools(chat_template) and HERMES_OPEN in chat_template else "punica"
+    `<tool_call>` blocks (Qwen2's, Hermes'), "llama3" where for a JSON object with "parameters" (Llama 3.1's),
+    else "punica"."""
+    if not takes_tools(chat_template):
+        return "punica"
+    if HERMES_OPEN in chat_template:
+        return "hermes"
+    return "llama3" if '"parameters"' in chat_template else "punica"
 
 
 def offer(functions: list[dict], forced: str | None, auto: bool = False) -> str:
