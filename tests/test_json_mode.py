@@ -104,7 +104,7 @@ def test_token_bytes_rebuild_the_decoded_text(grammar, tmp_path):
     word_dir = tmp_path / "word"
     word_dir.mkdir()
     write_word_tokenizer(str(word_dir))
-    with pytest.raises(BadRequestError, match="JSON mode needs a byte-level"):
+    with pytest.raises(BadRequestError, match="constrained output .JSON, schema, tool-call, regex. needs a byte-level"):
         _ = Tokenizer(str(word_dir)).token_bytes
 
 
@@ -138,7 +138,7 @@ def test_engine_outputs_parse_and_other_requests_are_untouched(demo_dir):
 def test_json_mode_needs_a_byte_tokenizer(tiny_models, tmp_path):
     _, model_dir, _ = tiny_models["llama"]
     llm = LLM(model=model_dir, device="cpu", dtype="float32")
-    with pytest.raises(BadRequestError, match="JSON mode needs the model's tokenizer.json"):
+    with pytest.raises(BadRequestError, match="needs the model's tokenizer.json"):
         llm.engine.add_request([5, 6], SamplingParams(json_object=True))
     with pytest.raises(BadRequestError, match="json_object must be true or false"):
         SamplingParams(json_object="yes")

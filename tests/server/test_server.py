@@ -367,8 +367,9 @@ def test_bad_inputs_are_refused_up_front_and_others_keep_running(main, client):
     assert_openai_error(post({**ok, "prompt": "w5 " * 400_000}), 400, "characters", "max_model_len")
     assert time.monotonic() - started < 10  # refused by its length, not after tokenizing 800k words
     assert_openai_error(post({**ok, "response_format": {"type": "xml"}}), 400, "response_format", "json_schema")
-    # JSON mode needs the bytes of each token: this model's word-level tokenizer has none
-    assert_openai_error(post({**ok, "response_format": {"type": "json_object"}}), 400, "JSON mode", "byte-level")
+    # constrained output needs the bytes of each token: this model's word-level tokenizer has none
+    for constrained in ({"response_format": {"type": "json_object"}}, {"guided_choice": ["a"]}):
+        assert_openai_error(post({**ok, **constrained}), 400, "constrained output", "byte-level")
     assert_openai_error(post({**ok, "tool_choice": "auto"}, "chat/completions"), 400)
     for field, value in (("max_tokens", "3"), ("n", True), ("temperature", "0.5"), ("stream", "yes")):
         assert_openai_error(post({**ok, field: value}), 400, field)  # no silent coercion of the wrong type

@@ -223,7 +223,8 @@ class Engine:
         with self._vocab_lock:
             if self._vocab is None:
                 if self.tokenizer is None:
-                    raise BadRequestError("JSON mode needs the model's tokenizer.json (the bytes of each token)")
+                    raise BadRequestError("constrained output (JSON, schema, tool-call, regex) needs the model's "
+                                          "tokenizer.json (the bytes of each token)")
                 self._vocab = Vocabulary(self.tokenizer.token_bytes, self.model_config.vocab_size)
             return self._vocab
 
@@ -345,7 +346,7 @@ class Engine:
         if seq.grammar is not None:
             seq.grammar_state = seq.grammar.advance(seq.grammar_state, token)
             if seq.grammar_state is None:  # the mask allows no such token: a bug, reported as this request's error
-                return self._fail(seq, f"JSON mode: token {token} does not continue the JSON output")
+                return self._fail(seq, f"constrained output: token {token} does not continue it (a grammar bug)")
             if seq.grammar.done(seq.grammar_state) and reason is None:
                 reason = "stop"  # the JSON value is complete
         if reason is not None:

@@ -88,8 +88,9 @@ class Tokenizer:
                 else:
                     out[i] = text.replace("\u2581", " ").encode("utf-8")
         else:
-            raise BadRequestError(f"JSON mode needs a byte-level (GPT-2 style) or SentencePiece-style tokenizer; this "
-                                  f"model's tokenizer decodes with {(spec.get('decoder') or {}).get('type')}")
+            raise BadRequestError("constrained output (JSON, schema, tool-call, regex) needs a byte-level (GPT-2 "
+                                  "style) or SentencePiece-style tokenizer; this model's tokenizer decodes with "
+                                  f"{(spec.get('decoder') or {}).get('type')}")
         for token in self._tok.get_added_tokens_decoder().values() if hasattr(
                 self._tok, "get_added_tokens_decoder") else ():
             i = self._tok.token_to_id(token.content)
