@@ -232,3 +232,18 @@ def test_json_mode_on_a_tiny_model_with_adapters(tiny_models, tmp_path):
     steps = json_mode_batch(*byte_tokenizer_model(tiny_models, tmp_path), "cpu", "float32",
                             enable_prefix_caching=True)
     assert steps <= 43, steps
+
+
+def test_a_grammar_the_vocabulary_cannot_spell_fails_its_request_alone(tiny_models, tmp_path):
+    """A vocabulary without digits and a regex of digits: no token continues the grammar's first state. That
+    request ends with an error saying so; the one beside it runs to its end, as it would alone."""
+    model_dir, adapters = byte_tokenizer_model(tiny_models, tmp_path)
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", dtype="float32")
+    engine = llm.engine
+    token_bytes = [None if data and data[0] in b"0123456789" else data for data in engine.tokenizer.token_bytes]
+    engine._vocab = Vocabulary(token_bytes, engine.model_config.vocab_size)
+    plain = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], plain)[0]
+    digits, other = llm.generate([[5, 6, 7]] * 2, [SamplingParams(max_tokens=8, regex="[0-9]{3}"), plain])
+    assert digits.finish_reason == "error" and "no token of this model's vocabulary can continue" in digits.error
+    assert other.token_ids == alone.token_ids and other.finish_reason == "length"

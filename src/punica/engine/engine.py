@@ -342,6 +342,8 @@ class Engine:
         seq.num_pending -= 1
         if logprobs is not None:
             seq.logprobs.append(logprobs)
+        if seq.grammar_error is not None:  # its row was drawn without a mask: nothing is kept of it
+            return self._fail(seq, seq.grammar_error)
         reason = self._stop_reason(seq, token)
         if seq.grammar is not None:
             seq.grammar_state = seq.grammar.advance(seq.grammar_state, token)

@@ -258,7 +258,7 @@ class TokenGrammar:
             return cached
         allowed = self.allowed(key_state)
         if not allowed:
-            raise RuntimeError(f"constrained output: no token of the vocabulary continues from {s}")
+            raise RuntimeError(f"constrained output: no token of this model's vocabulary can continue it (state {s})")
         mask = torch.zeros(self.vocab.vocab_size, dtype=torch.bool)
         mask[torch.tensor(allowed, dtype=torch.int64)] = True
         mask = mask.to(device)

@@ -230,11 +230,12 @@ class Sequence:
     logprobs: list[TokenLogprobs] | None = None  # one per known generated token, when the params ask for them
     # one per prompt token when the params ask for them, filled in as prefill chunks are read (None: not yet)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
-    # JSON, JSON-schema and tool-call modes: the grammar (json_mode.TokenGrammar) and its state after the known
-    # tokens. The next draw's mask depends on that state: a step whose sequences wait for their last token reads the
-    # step before once its model is launched (ModelRunner.launch)
+    # JSON, JSON-schema, tool-call and regex modes: the grammar (json_mode.TokenGrammar) and its state after the
+    # known tokens. The next draw's mask depends on that state: a step whose sequences wait for their last token
+    # reads the step before once its model is launched (ModelRunner.launch)
     grammar: TokenGrammar | None = None
     grammar_state: Hashable = None
+    grammar_error: str | None = None  # no token of the vocabulary continues the state: the request fails with it
 
     def __post_init__(self):
         if not self.tokens:

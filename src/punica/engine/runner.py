@@ -229,6 +229,16 @@ class ModelRunner:
             ready.record()
         return InFlight(done, tokens, host, ready, logprobs, prompt_rows, prompt_targets, prompt_logprobs)
 
+    @staticmethod
+    def _mask(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """The tokens seq's grammar allows next; where none is (a vocabulary that cannot spell what the grammar
+        asks for), any, and seq.grammar_error says why: the engine fails that request alone when it reads the row."""
+        try:
+            return seq.grammar.mask(seq.grammar_state, logits.device)
+        except RuntimeError as e:
+            seq.grammar_error = str(e)
+            return torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """One token per row; penalized requests' counts (TokenCounts) gain the tokens drawn. Rows of finished
         sequences (a JSON-mode read finished them mid-launch) are drawn without their grammar, generator or counts:
@@ -252,7 +262,7 @@ class ModelRunner:
         constrained = [row for row, s in enumerate(seqs) if s.grammar_state is not None and live[row]]
         if constrained:  # last: the mask has the final word (json_mode.py)
             at = to_device(constrained, logits.device, torch.int64)
-            masks = torch.stack([seqs[r].grammar.mask(seqs[r].grammar_state, logits.device) for r in constrained])
+            masks = torch.stack([self._mask(seqs[r], logits) for r in constrained])
             logits = logits.index_copy(0, at, logits.index_select(0, at).masked_fill(~masks, -math.inf))
         tokens = sample_torch(logits, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
                               [p.top_p for p in params], gens, [p.min_p for p in params])
