@@ -94,7 +94,8 @@ def test_recursive_refs_and_nullable_self_references(byte_vocab):
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 2, "exclusiveMaximum": 2}}},
      "no integer is within"),
     ({"type": "array", "items": {"type": "string"}}, "top-level value must be an object"),
-    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}}, "same byte"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"$ref": "#/$defs/A"}]}}, "$defs": {"A": {"$ref": "#/$defs/A"}}},
+     "only refers to itself"),
     ({"type": "object", "properties": {"a": {"type": "array"}}}, "needs `items`"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}}, "$ref"),
     ({"type": "object", "properties": {"a": {"$ref": ["x"]}}}, "$ref must be a string"),
@@ -513,3 +514,64 @@ def test_the_demo_model_writes_a_hermes_call(demo_dir):
     assert reply.text.endswith("}\n</tool_call>")
     args = json.loads(reply.text.removeprefix('<tool_call>\n{"name": "get_weather", "arguments": ')[:-14])
     assert set(args) == {"city", "unit"}
+
+
+PETS = {"type": "object", "properties": {"pets": {"type": "array", "items": {"anyOf": [
+    {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer", "maximum": 9}}},
+    {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}}},
+    {"type": "object", "properties": {"kind": {"const": "cow"}}}]}},
+    "tag": {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 3}, {"enum": ["x"]},
+                      {"type": "integer"}, {"type": "number", "minimum": 0.5}]}}}
+
+
+@pytest.mark.parametrize("doc, valid", [
+    ('{"pets": [{"kind": "cat", "lives": 9}, {"kind": "dog", "good": true}, {"kind": "cow"}], "tag": "2024-01-31"}',
+     True),
+    ('{"pets": [], "tag": "abc"}', True), ('{"pets": [], "tag": "x"}', True), ('{"pets": [], "tag": -7}', True),
+    ('{"pets": [], "tag": 0.75}', True), ('{"pets": [], "tag": 7}', True),
+    ('{"pets": [{"kind": "cat", "good": true}], "tag": 1}', False), ('{"pets": [{"kind": "cat", "lives": 10}], '
+                                                                    '"tag": 1}', False),
+    ('{"pets": [{"kind": "cow", "lives": 1}], "tag": 1}', False), ('{"pets": [], "tag": "abcd"}', False),
+    ('{"pets": [], "tag": -0.75}', False), ('{"pets": [], "tag": "2024-01-32"}', False)])
+def test_unions_whose_alternatives_begin_alike(byte_vocab, doc, valid):
+    """Alternatives that begin with the same bytes (objects, strings, numbers) are followed side by side: a
+    document is taken when one of them takes it whole."""
+    grammar = SchemaGrammar(byte_vocab, PETS)
+    state = feed(grammar, doc)
+    assert (state is not None and grammar.done(state)) == valid
+    assert isinstance(feed(grammar, '{"pets": [{"kind": "'), frozenset)  # three readings so far
+    assert not isinstance(feed(grammar, '{"pets": [{"kind": "d'), frozenset)  # one left
+
+
+@pytest.mark.parametrize("prefix", ['{"pets": [{', '{"pets": [{"kind": "', '{"pets": [{"kind": "c',
+                                    '{"pets": [], "tag": ', '{"pets": [], "tag": "2', '{"pets": [], "tag": 1'])
+def test_union_masks_equal_a_brute_force_check(demo_dir, prefix):
+    assert_masks_match_brute_force(demo_dir, PETS, prefix)
+
+
+def test_pydantic_unions_of_models_take_their_own_json(byte_vocab):
+    """A discriminated union and a plain one, as pydantic writes their schemas (anyOf / oneOf of objects, which
+    begin alike; `discriminator` annotates)."""
+    from typing import Literal, Union
+
+    from pydantic import BaseModel, Field
+
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int
+
+    class Dog(BaseModel):
+        kind: Literal["dog"]
+        good: bool
+
+    class Owner(BaseModel):
+        pet: Union[Cat, Dog] = Field(discriminator="kind")
+        other: Union[Cat, Dog, None]
+
+    schema = Owner.model_json_schema()
+    assert "discriminator" in json.dumps(schema)
+    grammar = SchemaGrammar(byte_vocab, schema)
+    for owner in (Owner(pet=Cat(kind="cat", lives=3), other=Dog(kind="dog", good=False)),
+                  Owner(pet=Dog(kind="dog", good=True), other=None)):
+        assert grammar.done(feed(grammar, owner.model_dump_json()))
+    assert feed(grammar, '{"pet":{"kind":"cat","good":true}') is None

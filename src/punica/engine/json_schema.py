@@ -6,8 +6,9 @@ json_mode.TokenGrammar, as in JSON mode.
 What a schema may say, as OpenAI's strict structured outputs do: objects whose properties are written in the
 schema's order, every one of them (a property not in `required` is written too, which the schema allows);
 arrays of `items` with `minItems` / `maxItems`; strings, numbers, integers, booleans, null; `enum` and `const` of
-scalars; `anyOf` / `oneOf` and type lists whose alternatives begin with different bytes (Optional[X] is
-`anyOf: [X, {"type": "null"}]`); `$ref` into `$defs` / `definitions`, recursive ones too; strings' `minLength`
+scalars; `anyOf` / `oneOf` and type lists (Optional[X] is `anyOf: [X, {"type": "null"}]`; alternatives that
+begin alike are followed side by side until the output tells them apart, as pydantic's unions of models need);
+`$ref` into `$defs` / `definitions`, recursive ones too; strings' `minLength`
 and `maxLength` (in code points, an escape being one), their `pattern` (json_regex.py: ECMA regular expressions'
 regular part; with the length limits too) and formats date, time and date-time (RFC 3339, with an offset; any month
 may have 31 days) and uuid; numbers' and integers' `minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum`
@@ -38,12 +39,13 @@ from punica.errors import BadRequestError
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs",
                          "definitions", "additionalProperties", "required", "strict", "deprecated", "readOnly",
-                         "writeOnly"))
+                         "writeOnly", "discriminator"))  # discriminator: the alternatives' own const tells them apart
 KEYWORDS = frozenset(("type", "properties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
                       "$ref", "format", "minLength", "maxLength", "pattern", "minimum", "maximum",
                       "exclusiveMinimum", "exclusiveMaximum")) | ANNOTATIONS
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 MAX_NODES = 4096  # nodes of one compiled schema at most
+MAX_PATHS = 64  # readings of the output kept at once where a union's alternatives begin alike (more: the first)
 
 OBJECT, ARRAY, STRING, NUMBER, INTEGER, LITERALS, UNION = range(7)
 FIRST = {"object": frozenset(b"{"), "array": frozenset(b"["), "string": frozenset(b'"'),
@@ -134,7 +136,7 @@ class Node:
     min_items: int = 0
     max_items: int | None = None
     literals: list[bytes] = field(default_factory=list)  # LITERALS: each value as compact JSON
-    by_byte: dict[int, int] = field(default_factory=dict)  # UNION: first byte -> alternative
+    by_byte: dict[int, tuple[int, ...]] = field(default_factory=dict)  # UNION: first byte -> the alternatives
     pattern: Pattern | None = None  # STRING of a `format` or `pattern` (its length limits folded in); NUMBER and
     # INTEGER with bounds: their digits
     min_len: int = 0  # STRING: characters (code points; an escape is one)
@@ -279,15 +281,12 @@ def compile_schema(schema) -> tuple[list[Node], int]:
         return frozenset().union(*(FIRST.get(k, frozenset()) for k in kinds if isinstance(k, str)))
 
     def union(alts: list[int], where: str) -> int:
-        by_byte: dict[int, int] = {}
+        by_byte: dict[int, tuple[int, ...]] = {}
         for alt in alts:
             if not nodes[alt].first:
                 raise BadRequestError(f"json_schema at {where}: a $ref that only refers to itself")
             for b in nodes[alt].first:
-                if by_byte.get(b, alt) != alt:
-                    raise BadRequestError(f"json_schema at {where}: alternatives that may begin with the same byte "
-                                          f"({chr(b)!r}) are not supported")
-                by_byte[b] = alt
+                by_byte[b] = (*by_byte.get(b, ()), alt)
         return add(Node(UNION, by_byte=by_byte, first=frozenset(by_byte)))
 
     root = build(schema, "$")
@@ -298,7 +297,8 @@ def compile_schema(schema) -> tuple[list[Node], int]:
 
 class SchemaGrammar(TokenGrammar):
     """States are (frames, ws): a stack of (node, phase, aux) for the values being written, innermost last (empty:
-    done), and the whitespace bytes just read."""
+    done), and the whitespace bytes just read. Where alternatives of a union begin alike, the state is a frozenset
+    of such states, one per reading still possible (at most MAX_PATHS), until the output tells them apart."""
 
     def __init__(self, vocab: Vocabulary, schema):
         super().__init__(vocab)
@@ -306,13 +306,15 @@ class SchemaGrammar(TokenGrammar):
         self.start = (((root, START, 0),), 0)
 
     def done(self, s) -> bool:
-        return not s[0]
+        return any(not p[0] for p in s) if isinstance(s, frozenset) else not s[0]
 
     def in_string(self, s) -> bool:  # a string without maxLength: every plain token may follow
+        if isinstance(s, frozenset):
+            return all(self.in_string(p) for p in s)
         return bool(s[0]) and s[0][-1][1] == STR and self.nodes[s[0][-1][0]].max_len is None
 
     def allowed(self, s) -> list[int]:
-        frames = s[0]
+        frames = () if isinstance(s, frozenset) else s[0]
         if not frames or frames[-1][1] != STR or self.nodes[frames[-1][0]].max_len is None:
             return super().allowed(s)
         room = self.nodes[frames[-1][0]].max_len - frames[-1][2]  # a string with maxLength: plain tokens that fit
@@ -321,115 +323,133 @@ class SchemaGrammar(TokenGrammar):
         return out
 
     def step(self, s, b: int):
+        """The state after byte b: one state, a frozenset of them (several readings), or None."""
+        if type(s) is not frozenset:
+            out = self._step(s, b)
+            if len(out) == 1:  # the common case: one reading
+                return out[0]
+            out = list(set(out))
+        else:
+            out = list({r for p in s for r in self._step(p, b)})
+        if not out:
+            return None
+        if len(out) == 1:
+            return out[0]
+        return frozenset(sorted(out, key=repr)[:MAX_PATHS] if len(out) > MAX_PATHS else out)
+
+    def _step(self, s, b: int) -> list:
+        """The states after byte b from one state (several where a union's alternatives begin alike)."""
         frames, ws = s
         if not frames:
-            return None
+            return []
         node_id, phase, aux = frames[-1]
         node = self.nodes[node_id]
         if b in WHITESPACE:
             if phase in _SPACED:
-                return (frames, ws + 1) if ws < WS_MAX else None
+                return [(frames, ws + 1)] if ws < WS_MAX else []
             if phase in NUMBER_END:
-                return self.step((self._pop(frames), 0), b)
+                return self._step((self._pop(frames), 0), b)
         below = frames[:-1]
         if phase == STR:  # aux: characters so far, where the node counts them
             if b == 0x22:
-                return (self._pop(frames), 0) if aux >= node.min_len else None
+                return [(self._pop(frames), 0)] if aux >= node.min_len else []
             if b < 0x20:
-                return None
+                return []
             counted = node.min_len or node.max_len is not None
             if not counted or (b != 0x5C and b & 0xC0 == 0x80):  # a UTF-8 continuation byte: no new character
-                return (below + ((node_id, ESC, aux),), 0) if b == 0x5C else (frames, 0)
+                return [(below + ((node_id, ESC, aux),), 0) if b == 0x5C else (frames, 0)]
             n = aux + 1
             if node.max_len is not None and n > node.max_len:
-                return None
+                return []
             n = n if node.max_len is not None else min(n, node.min_len)  # past minLength all counts look alike
-            return below + ((node_id, ESC if b == 0x5C else STR, n),), 0
+            return [(below + ((node_id, ESC if b == 0x5C else STR, n),), 0)]
         if phase == START:
             return self._begin(below, node_id, b)
         if phase == KEY_START:
             if not node.keys and b == 0x7D:
-                return self._pop(frames), 0
+                return [(self._pop(frames), 0)]
             if aux < len(node.keys) and b == node.keys[aux][0]:
-                return below + ((node_id, KEY, (aux, 1)),), 0
-            return None
+                return [(below + ((node_id, KEY, (aux, 1)),), 0)]
+            return []
         if phase == KEY:
             i, m = aux
             key = node.keys[i]
             if b != key[m]:
-                return None
-            return below + ((node_id, COLON, i) if m + 1 == len(key) else (node_id, KEY, (i, m + 1)),), 0
+                return []
+            return [(below + ((node_id, COLON, i) if m + 1 == len(key) else (node_id, KEY, (i, m + 1)),), 0)]
         if phase == COLON:
-            return (below + ((node_id, VALUE, aux),), 0) if b == 0x3A else None
+            return [(below + ((node_id, VALUE, aux),), 0)] if b == 0x3A else []
         if phase == VALUE:
             return self._begin(frames, node.values[aux], b)
         if phase == AFTER:
             if b == 0x2C and aux + 1 < len(node.keys):
-                return below + ((node_id, KEY_START, aux + 1),), 0
-            return (self._pop(frames), 0) if b == 0x7D and aux + 1 == len(node.keys) else None
+                return [(below + ((node_id, KEY_START, aux + 1),), 0)]
+            return [(self._pop(frames), 0)] if b == 0x7D and aux + 1 == len(node.keys) else []
         if phase in (ARR_OPEN, ARR_NEXT):
             if phase == ARR_OPEN and b == 0x5D and node.min_items == 0:
-                return self._pop(frames), 0
+                return [(self._pop(frames), 0)]
             return self._begin(frames, node.values[0], b)
         if phase == ARR_AFTER:
             if b == 0x2C and (node.max_items is None or aux < node.max_items):
-                return below + ((node_id, ARR_NEXT, aux),), 0
-            return (self._pop(frames), 0) if b == 0x5D and aux >= node.min_items else None
+                return [(below + ((node_id, ARR_NEXT, aux),), 0)]
+            return [(self._pop(frames), 0)] if b == 0x5D and aux >= node.min_items else []
         if phase == ESC:  # aux: the string's characters, this escape's included
             if b in ESCAPES:
-                return below + ((node_id, STR, aux),), 0
-            return (below + ((node_id, HEX, aux * 8 + 4),), 0) if b == 0x75 else None
+                return [(below + ((node_id, STR, aux),), 0)]
+            return [(below + ((node_id, HEX, aux * 8 + 4),), 0)] if b == 0x75 else []
         if phase == HEX:  # aux: characters * 8 + hex digits left
             if b not in HEX_DIGITS:
-                return None
-            return below + ((node_id, HEX, aux - 1) if aux % 8 > 1 else (node_id, STR, aux // 8),), 0
+                return []
+            return [(below + ((node_id, HEX, aux - 1) if aux % 8 > 1 else (node_id, STR, aux // 8),), 0)]
         if phase == FMT:
             if b == 0x22:
-                return (self._pop(frames), 0) if aux in node.pattern.accept else None
+                return [(self._pop(frames), 0)] if aux in node.pattern.accept else []
             nxt = node.pattern.trans[aux].get(b)
-            return None if nxt is None else (below + ((node_id, FMT, nxt),), 0)
+            return [] if nxt is None else [(below + ((node_id, FMT, nxt),), 0)]
         if phase == BOUNDED:
             nxt = node.pattern.trans[aux].get(b)
             if nxt is not None:
-                return below + ((node_id, BOUNDED, nxt),), 0
-            return self.step((self._pop(frames), 0), b) if aux in node.pattern.accept else None  # b follows it
+                return [(below + ((node_id, BOUNDED, nxt),), 0)]
+            return self._step((self._pop(frames), 0), b) if aux in node.pattern.accept else []  # b follows it
         if phase == LIT:
             matched = aux + bytes([b])
             longer = [lit for lit in node.literals if lit.startswith(matched)]
             if longer:
                 if longer == [matched]:  # complete, and no other literal goes on
-                    return self._pop(frames), 0
-                return below + ((node_id, LIT, matched),), 0
+                    return [(self._pop(frames), 0)]
+                return [(below + ((node_id, LIT, matched),), 0)]
             if aux in node.literals:  # complete: b is what follows it
-                return self.step((self._pop(frames), 0), b)
-            return None
+                return self._step((self._pop(frames), 0), b)
+            return []
         return self._number(frames, node, node_id, phase, b)
 
-    def _number(self, frames: tuple, node: Node, node_id: int, phase: int, b: int):
+    def _number(self, frames: tuple, node: Node, node_id: int, phase: int, b: int) -> list:
         nxt = number_step(phase, b, node.kind == INTEGER)
         if nxt == NUMBER_ENDED:  # b is what follows the number
-            return self.step((self._pop(frames), 0), b)
-        return None if nxt is None else (frames, 0) if nxt == phase else (frames[:-1] + ((node_id, nxt, 0),), 0)
+            return self._step((self._pop(frames), 0), b)
+        return [] if nxt is None else [(frames, 0) if nxt == phase else (frames[:-1] + ((node_id, nxt, 0),), 0)]
 
-    def _begin(self, frames: tuple, node_id: int, b: int):
-        """Start a value of node `node_id` with byte b, above `frames`."""
+    def _begin(self, frames: tuple, node_id: int, b: int, unions: frozenset = frozenset()) -> list:
+        """Start a value of node `node_id` with byte b, above `frames`: the states after b, one per alternative of
+        a union that may begin with it (`unions`: those being expanded, which a left-recursive $ref meets again)."""
         node = self.nodes[node_id]
         if node.kind == UNION:
-            alt = node.by_byte.get(b)
-            return None if alt is None else self._begin(frames, alt, b)
+            if node_id in unions:
+                return []
+            return [r for alt in node.by_byte.get(b, ()) for r in self._begin(frames, alt, b, unions | {node_id})]
         if b not in node.first:
-            return None
+            return []
         if node.kind in (OBJECT, ARRAY):
             if len(frames) >= MAX_DEPTH:
-                return None
-            return frames + ((node_id, KEY_START if node.kind == OBJECT else ARR_OPEN, 0),), 0
+                return []
+            return [(frames + ((node_id, KEY_START if node.kind == OBJECT else ARR_OPEN, 0),), 0)]
         if node.kind == STRING:
-            return frames + ((node_id, STR if node.pattern is None else FMT, 0),), 0
+            return [(frames + ((node_id, STR if node.pattern is None else FMT, 0),), 0)]
         if node.kind in (NUMBER, INTEGER):
             if node.pattern is not None:
-                return frames + ((node_id, BOUNDED, node.pattern.trans[0][b]),), 0
-            return frames + ((node_id, number_start(b), 0),), 0
-        return self.step((frames + ((node_id, LIT, b""),), 0), b)  # LITERALS
+                return [(frames + ((node_id, BOUNDED, node.pattern.trans[0][b]),), 0)]
+            return [(frames + ((node_id, number_start(b), 0),), 0)]
+        return self._step((frames + ((node_id, LIT, b""),), 0), b)  # LITERALS
 
     def _pop(self, frames: tuple) -> tuple:
         """The top value is complete: its container moves past it (empty: the whole output is)."""
