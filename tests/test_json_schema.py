@@ -215,8 +215,8 @@ def test_pydantic_models_schemas_take_their_own_json(byte_vocab):
     assert feed(grammar, home.model_dump_json().replace('"dog"', '"cow"')) is None
     assert feed(grammar, home.model_dump_json().replace('"rooms":3', '"rooms":21')) is None
     assert feed(grammar, home.model_dump_json().replace('"Oslo"', '"oslo"')) is None
-    with pytest.raises(BadRequestError, match="format 'email' is not supported"):
-        SchemaGrammar(byte_vocab, {"type": "object", "properties": {"a": {"type": "string", "format": "email"}}})
+    with pytest.raises(BadRequestError, match="format 'uri' is not supported"):
+        SchemaGrammar(byte_vocab, {"type": "object", "properties": {"a": {"type": "string", "format": "uri"}}})
 
 
 @pytest.mark.parametrize("value,valid", [("abc", True), ("ab", True), ("a\\u00e9\\n", True), ("é東🙂", True),
@@ -575,3 +575,33 @@ def test_pydantic_unions_of_models_take_their_own_json(byte_vocab):
                   Owner(pet=Dog(kind="dog", good=True), other=None)):
         assert grammar.done(feed(grammar, owner.model_dump_json()))
     assert feed(grammar, '{"pet":{"kind":"cat","good":true}') is None
+
+
+@pytest.mark.parametrize("fmt, value, valid", [
+    ("email", "a.b+c@ex-ample.co.uk", True), ("email", "a@b", False), ("email", "a@-b.c", False),
+    ("hostname", "ex-ample.com", True), ("hostname", "-a.com", False), ("ipv4", "192.168.0.1", True),
+    ("ipv4", "256.1.1.1", False), ("ipv4", "01.1.1.1", False), ("ipv6", "2001:db8::8a2e:370:7334", True),
+    ("ipv6", "::1", True), ("ipv6", "1:2:3:4:5:6:7:8", True), ("ipv6", "1::2::3", False),
+    ("ipv6", "1:2:3:4:5:6:7:8:9", False), ("duration", "P3Y6M4DT12H30M5S", True), ("duration", "PT0.5S", True),
+    ("duration", "P", False), ("duration", "P1DT", False)])
+def test_formats_as_patterns(byte_vocab, fmt, value, valid):
+    """email, hostname, ipv4, ipv6 and duration (the other formats of OpenAI's strict mode), as patterns."""
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": {"v": {"type": "string", "format": fmt}}})
+    state = feed(grammar, json.dumps({"v": value}))
+    assert (state is not None and grammar.done(state)) == valid
+
+
+def test_pydantic_email_and_ip_fields(byte_vocab):
+    import ipaddress
+
+    from pydantic import BaseModel
+
+    class Host(BaseModel):
+        name: str
+        v4: ipaddress.IPv4Address
+        v6: ipaddress.IPv6Address
+
+    host = Host(name="db", v4="10.0.0.7", v6="fe80::1")
+    grammar = SchemaGrammar(byte_vocab, Host.model_json_schema())
+    assert grammar.done(feed(grammar, host.model_dump_json()))
+    assert feed(grammar, host.model_dump_json().replace("10.0.0.7", "10.0.0.700")) is None

@@ -8,16 +8,18 @@ schema's order, every one of them (a property not in `required` is written too, 
 arrays of `items` with `minItems` / `maxItems`; strings, numbers, integers, booleans, null; `enum` and `const` of
 scalars; `anyOf` / `oneOf` and type lists (Optional[X] is `anyOf: [X, {"type": "null"}]`; alternatives that
 begin alike are followed side by side until the output tells them apart, as pydantic's unions of models need);
-`$ref` into `$defs` / `definitions`, recursive ones too; strings' `minLength`
-and `maxLength` (in code points, an escape being one), their `pattern` (json_regex.py: ECMA regular expressions'
-regular part; with the length limits too) and formats date, time and date-time (RFC 3339, with an offset; any month
-may have 31 days) and uuid; numbers' and integers' `minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum`
-(a bounded number is written without an exponent). Keywords that would constrain the value further (other formats,
-`multipleOf`, ...) are refused with an error naming them, rather than ignored. The top-level value is an object.
+`$ref` into `$defs` / `definitions`, recursive ones too; strings' `minLength` and `maxLength` (in code points, an
+escape being one), their `pattern` (json_regex.py: ECMA regular expressions' regular part; with the length limits
+too) and formats date, time and date-time (RFC 3339, with an offset; any month may have 31 days), uuid, email,
+hostname, ipv4, ipv6 and duration (ISO 8601; as patterns); numbers' and integers' `minimum`, `maximum`,
+`exclusiveMinimum` and `exclusiveMaximum` (a bounded number is written without an exponent). Keywords that would
+constrain the value further (other formats, `multipleOf`, ...) are refused with an error naming them, rather than
+ignored. The top-level value is an object.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -112,7 +114,29 @@ def _time(p: Pattern, a: int) -> None:  # HH:MM:SS[.f+](Z|+HH:MM|-HH:MM), RFC 33
     p.accept |= {zulu, p.two_digits(p.seq(p.two_digits(sign, 0, 23), b":"), 0, 59)}
 
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_H16 = "[0-9A-Fa-f]{1,4}"
+_SECONDS = r"\d+(?:\.\d+)?S"
+_TIME_PART = rf"T(?:\d+H(?:\d+M)?(?:{_SECONDS})?|\d+M(?:{_SECONDS})?|{_SECONDS})"
+# formats as patterns (json_regex.py), anchored: what OpenAI's strict mode lists beside the date and time ones
+FORMAT_PATTERNS = {
+    "email": rf"^[A-Za-z0-9.!#$%&'*+/=?^_`{{|}}~-]+@{_LABEL}(?:\.{_LABEL})+$",
+    "hostname": rf"^{_LABEL}(?:\.{_LABEL})*$",
+    "ipv4": rf"^(?:{_OCTET}\.){{3}}{_OCTET}$",
+    "ipv6": "^(?:" + "|".join([
+        rf"(?:{_H16}:){{7}}{_H16}", rf"(?:{_H16}:){{1,7}}:", *(
+            rf"(?:{_H16}:){{1,{7 - k}}}(?::{_H16}){{1,{k}}}" for k in range(1, 7)),
+        rf":(?::{_H16}){{1,7}}", "::"]) + ")$",
+    "duration": (r"^P(?:\d+Y(?:\d+M)?(?:\d+W)?(?:\d+D)?|\d+M(?:\d+W)?(?:\d+D)?|\d+W(?:\d+D)?|\d+D)"
+                 rf"(?:{_TIME_PART})?$|^P{_TIME_PART}$"),
+}
+
+
+@functools.lru_cache(maxsize=None)
 def _format(name: str) -> Pattern:
+    if name in FORMAT_PATTERNS:
+        return Pattern(*compile_pattern(FORMAT_PATTERNS[name]))
     p = Pattern()
     if name == "date":
         p.accept.add(_date(p, 0))
@@ -125,7 +149,7 @@ def _format(name: str) -> Pattern:
     return p
 
 
-FORMATS = ("date", "date-time", "time", "uuid")
+FORMATS = ("date", "date-time", "time", "uuid", *FORMAT_PATTERNS)
 
 
 @dataclass
