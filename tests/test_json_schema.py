@@ -605,3 +605,14 @@ def test_pydantic_email_and_ip_fields(byte_vocab):
     grammar = SchemaGrammar(byte_vocab, Host.model_json_schema())
     assert grammar.done(feed(grammar, host.model_dump_json()))
     assert feed(grammar, host.model_dump_json().replace("10.0.0.7", "10.0.0.700")) is None
+
+
+def test_a_stop_token_with_bytes_only_ends_the_output(byte_vocab):
+    """A stop token id that is also text (here the byte "x") ends a regex output where it may end and is refused
+    elsewhere, even where the pattern takes its bytes: drawing it always stops the request."""
+    from punica.engine.json_schema import RegexGrammar
+
+    grammar = RegexGrammar(byte_vocab, "ax*b|", (ord("x"),))
+    assert grammar.allowed(grammar.start) == [ord("a"), ord("x")] and grammar.advance(grammar.start, ord("x")) == -1
+    after_a = grammar.advance(grammar.start, ord("a"))
+    assert grammar.allowed(after_a) == [ord("b")] and grammar.advance(after_a, ord("x")) is None

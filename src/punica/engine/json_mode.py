@@ -187,6 +187,10 @@ class Vocabulary:
         return out
 
 
+class NoTokenError(RuntimeError):
+    """No token of the vocabulary continues a grammar's state (one that cannot spell what the grammar asks for)."""
+
+
 class TokenGrammar:
     """Token masks from a byte automaton: subclasses give `step` (state, byte -> state or None), `done`,
     `in_string` (plain bytes leave the state as it is: the walk takes every plain token at once) and
@@ -258,7 +262,7 @@ class TokenGrammar:
             return cached
         allowed = self.allowed(key_state)
         if not allowed:
-            raise RuntimeError(f"constrained output: no token of this model's vocabulary can continue it (state {s})")
+            raise NoTokenError(f"constrained output: no token of this model's vocabulary can continue it (state {s})")
         mask = torch.zeros(self.vocab.vocab_size, dtype=torch.bool)
         mask[torch.tensor(allowed, dtype=torch.int64)] = True
         mask = mask.to(device)

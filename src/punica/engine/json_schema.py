@@ -578,6 +578,7 @@ class RegexGrammar(TokenGrammar):
         except BadRequestError as e:
             raise BadRequestError(f"regex: {e}") from None
         self.end_ids = sorted({i for i in end_ids if 0 <= i < vocab.vocab_size})
+        self._ends = frozenset(self.end_ids)
         if self.trans[0] == {} and not self.end_ids:
             raise BadRequestError(f"regex {pattern!r} matches only the empty output")
         self.start = 0
@@ -589,10 +590,10 @@ class RegexGrammar(TokenGrammar):
         return s == self.END or (s in self.accept and not self.trans[s])
 
     def advance(self, s: int, token: int):
-        if token in self.end_ids:
+        if token in self._ends:
             return self.END if s in self.accept else None
         return super().advance(s, token)
 
-    def allowed(self, s: int) -> list[int]:
-        out = super().allowed(s)
+    def allowed(self, s: int) -> list[int]:  # an end token is one only where the output may end, whatever its bytes
+        out = [t for t in super().allowed(s) if t not in self._ends]
         return out + self.end_ids if s in self.accept else out

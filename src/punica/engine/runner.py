@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from punica.engine.json_mode import NoTokenError
 from punica.engine.request import Sequence, Status, TokenLogprobs
 from punica.lora.plan import make_plan, segments, token_slots
 from punica.model.batch import Batch
@@ -235,7 +236,7 @@ class ModelRunner:
         asks for), any, and seq.grammar_error says why: the engine fails that request alone when it reads the row."""
         try:
             return seq.grammar.mask(seq.grammar_state, logits.device)
-        except RuntimeError as e:
+        except NoTokenError as e:
             seq.grammar_error = str(e)
             return torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
 
