@@ -248,7 +248,7 @@ ALPHABET = "abcxyz019-@.comorgfAZ _\"\\\n\té€😀"
 
 def matches(dfa, text: str) -> bool:
     """Whether the automaton takes `text` as json.dumps writes it (without ASCII escapes)."""
-    trans, accept = dfa
+    trans, accept = dfa[:2]
     s = 0
     for b in json.dumps(text, ensure_ascii=False)[1:-1].encode():
         s = trans[s].get(b)
@@ -270,7 +270,7 @@ def test_patterns_match_what_the_regex_matches(pattern):
     texts += ["555-1234", "ann@web.org", "foobarfoo", "xyyz", "Abc7", "é", "AB", "oo"]
     assert [matches(dfa, t) for t in texts] == [ref.search(t) is not None for t in texts]
     assert any(matches(dfa, t) for t in texts)
-    trans, accept = dfa  # every state can still reach an accepting one
+    trans, accept = dfa[:2]  # every state can still reach an accepting one
     reach = set(accept)
     while True:
         more = {s for s, row in enumerate(trans) if s not in reach and reach & set(row.values())}
@@ -311,8 +311,38 @@ def test_unsupported_patterns_are_refused_by_name(byte_vocab, pattern, message):
     assert "json_schema at $.a: pattern" in str(info.value)
 
 
+@pytest.mark.parametrize("value, valid", [("ab", False), ("abc", True), ("a" * 300, True), ("a" * 301, False),
+                                         ("é\\n", False), ("ab-c", False), ("abc\\u00e9", False)])
+def test_pattern_lengths_count_characters_as_written(byte_vocab, value, valid):
+    """A pattern with minLength / maxLength (3 to 300 here, any long limit): characters counted as the string is
+    written, a multi-byte one or an escape as one. The pattern's spelling of a character is its own (UTF-8, or
+    the short escapes), so \\u00e9 is refused where the plain string takes it."""
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": {
+        "s": {"type": "string", "pattern": "^[a-zé東\\n]+$", "minLength": 3, "maxLength": 300}}})
+    state = feed(grammar, '{"s": "' + value + '"}')
+    assert (state is not None and grammar.done(state)) == valid
+    assert grammar.done(feed(grammar, '{"s": "é東\\n"}'))  # three characters, seven bytes
+
+
+def test_pattern_lengths_never_lead_into_a_dead_end(byte_vocab):
+    """At every byte, what the pattern still needs must fit the limits: after "a", `^(a|bbbbb)c*$` with 3 to 3
+    characters can only go on with c's; a first "b" is refused (it would need 5)."""
+    grammar = SchemaGrammar(byte_vocab, {"type": "object", "properties": {
+        "s": {"type": "string", "pattern": "^(a|bbbbb)c*$", "minLength": 3, "maxLength": 3}}})
+    assert feed(grammar, '{"s": "b') is None
+    state = feed(grammar, '{"s": "a')
+    assert [chr(b) for b in range(256) if grammar.step(state, b) is not None] == ["c"]
+    assert grammar.done(feed(grammar, '{"s": "acc"}')) and feed(grammar, '{"s": "ac"') is None
+
+
+@pytest.mark.parametrize("prefix", ['{"s": "', '{"s": "a', '{"s": "ab', '{"s": "abcdefg'])
+def test_counted_pattern_masks_equal_a_brute_force_check(demo_dir, prefix):
+    assert_masks_match_brute_force(demo_dir, {"type": "object", "properties": {
+        "s": {"type": "string", "pattern": "^[a-z]+$", "minLength": 3, "maxLength": 8}}}, prefix)
+
+
 def test_patterns_that_cannot_hold_are_refused(byte_vocab):
-    with pytest.raises(BadRequestError, match="no string matches it with 5 to 6 characters"):
+    with pytest.raises(BadRequestError, match="no string of 5 to 6 characters matches pattern"):
         SchemaGrammar(byte_vocab, {"type": "object", "properties": {
             "a": {"type": "string", "pattern": "^ab?$", "minLength": 5, "maxLength": 6}}})
     with pytest.raises(BadRequestError, match="a format with minLength / maxLength / pattern"):
@@ -454,7 +484,7 @@ def test_choices_are_escaped_into_one_pattern():
     key = SamplingParams(choice=["a.b", "(c)|d", "x*"], stop_token_ids=[9, 4, 9]).grammar_key
     pattern, ends = json.loads(key.partition(":")[2])
     assert ends == [4, 9]
-    trans, accept = compile_pattern(pattern, raw=True)
+    trans, accept, _ = compile_pattern(pattern, raw=True)
     for text, ok in [("a.b", True), ("axb", False), ("(c)|d", True), ("c", False), ("x*", True), ("xx", False)]:
         s = 0
         for b in text.encode():

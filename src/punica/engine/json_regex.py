@@ -10,11 +10,15 @@ lookarounds, word boundaries and anchors elsewhere are refused with an error tha
 
 The automaton runs over the string as the model writes it inside JSON: characters as UTF-8, except `"`, `\\`
 and control characters, which must be escaped (as `\\"`, `\\\\`, `\\n`, `\\t`, `\\r`, `\\b`, `\\f`, or `\\u00xx` in
-lower case). Each character has that one spelling, so the written string matches the pattern once decoded.
+lower case). Each character has that one spelling, so the written string matches the pattern once decoded, and
+every state knows whether a character's spelling is under way (DFA.boundary): length limits are counted beside it.
 A raw output is its characters' UTF-8, and the whole of it must match (as vLLM's guided_regex).
 """
 
 from __future__ import annotations
+
+import collections
+from typing import NamedTuple
 
 from punica.errors import BadRequestError
 
@@ -316,6 +320,7 @@ class _NFA:
         self.eps: list[list[int]] = []
         self.sequences: dict[Ranges, list] = {}
         self.spell = raw_sequences if raw else json_sequences
+        self.mid: set[int] = set()  # states inside a character's spelling (after its first byte, before its last)
 
     def new(self) -> int:
         if len(self.moves) >= MAX_NFA_STATES:
@@ -332,7 +337,11 @@ class _NFA:
         for seq in self.sequences[ranges]:
             s = a
             for k, (lo, hi) in enumerate(seq):
-                t = b if k == len(seq) - 1 else self.new()
+                if k == len(seq) - 1:
+                    t = b
+                else:
+                    t = self.new()
+                    self.mid.add(t)
                 self.moves[s].append((lo, hi, t))
                 s = t
 
@@ -379,7 +388,64 @@ class _NFA:
         return frozenset(seen)
 
 
-def _determinize(nfa: _NFA, start: int, accept: int) -> tuple[list[dict[int, int]], set[int]]:
+class DFA(NamedTuple):
+    """A byte automaton: `trans[state][byte]` -> state (state 0 first), `accept`ing states, and `boundary`: the
+    states between characters (a byte read there begins one); the others are inside a character's spelling, which
+    every reading of the bytes agrees on (a spelling is a prefix code)."""
+
+    trans: list[dict[int, int]]
+    accept: set[int]
+    boundary: set[int]
+
+    def char_range(self) -> list[tuple[float, float]]:
+        """Per state, the fewest and the most characters (inf: no bound) a string needs from there to end."""
+        inf = float("inf")
+        n = len(self.trans)
+        cost = [1 if a in self.boundary else 0 for a in range(n)]  # a character counts where it begins
+        back: list[list[int]] = [[] for _ in range(n)]
+        for a, row in enumerate(self.trans):
+            for t in set(row.values()):
+                back[t].append(a)
+        lo = [inf] * n  # shortest: 0-1 breadth-first from the accepting states, backwards
+        todo = collections.deque(self.accept)
+        for a in self.accept:
+            lo[a] = 0
+        while todo:
+            t = todo.popleft()
+            for a in back[t]:
+                if lo[t] + cost[a] < lo[a]:
+                    lo[a] = lo[t] + cost[a]
+                    todo.appendleft(a) if cost[a] == 0 else todo.append(a)
+        hi: list[float] = [0.0] * n  # longest: depth first; a state that can reach a cycle has no bound
+        color = [0] * n  # 0 unseen, 1 on the stack, 2 done
+        for root in range(n):
+            if color[root]:
+                continue
+            color[root] = 1
+            best = {root: 0.0 if root in self.accept else -inf}
+            stack = [(root, iter(set(self.trans[root].values())))]
+            while stack:
+                a, nexts = stack[-1]
+                for t in nexts:
+                    if color[t] == 1:  # a cycle
+                        best[a] = inf
+                    elif color[t] == 2:
+                        best[a] = max(best[a], hi[t] + cost[a])
+                    else:
+                        color[t] = 1
+                        best[t] = 0.0 if t in self.accept else -inf
+                        stack.append((t, iter(set(self.trans[t].values()))))
+                        break
+                else:
+                    stack.pop()
+                    color[a], hi[a] = 2, best.pop(a)
+                    if stack:
+                        parent = stack[-1][0]
+                        best[parent] = max(best[parent], hi[a] + cost[parent])
+        return list(zip(lo, hi))
+
+
+def _determinize(nfa: _NFA, start: int, accept: int) -> DFA:
     first = nfa.closure([start])
     index = {first: 0}
     trans: list[dict[int, int]] = [{}]
@@ -401,10 +467,11 @@ def _determinize(nfa: _NFA, start: int, accept: int) -> tuple[list[dict[int, int
                 trans.append({})
                 todo.append(nxt)
             row[b] = index[nxt]
-    return trans, {i for states, i in index.items() if accept in states}
+    return DFA(trans, {i for states, i in index.items() if accept in states},
+               {i for states, i in index.items() if not states & nfa.mid})
 
 
-def _live(trans: list[dict[int, int]], accept: set[int]) -> tuple[list[dict[int, int]], set[int]]:
+def _live(trans: list[dict[int, int]], accept: set[int], boundary: set[int] = frozenset()) -> DFA:
     """Without the states from which no accepting one is reachable (the walk must never enter a dead end: a
     string there could not be closed); state 0 stays first (with no moves if nothing matches at all)."""
     back: list[set[int]] = [set() for _ in trans]
@@ -419,8 +486,8 @@ def _live(trans: list[dict[int, int]], accept: set[int]) -> tuple[list[dict[int,
                 todo.append(a)
     keep = [0] + [s for s in range(1, len(trans)) if s in live]
     new = {s: i for i, s in enumerate(keep)}
-    return ([{b: new[t] for b, t in trans[s].items() if t in live} for s in keep],
-            {new[s] for s in accept if s in new})
+    return DFA([{b: new[t] for b, t in trans[s].items() if t in live} for s in keep],
+               {new[s] for s in accept if s in new}, {new[s] for s in boundary if s in new})
 
 
 def _product(x, y):
@@ -438,7 +505,7 @@ def _product(x, y):
                 continue
             if (na, nb) not in index:
                 if len(index) >= MAX_DFA_STATES:
-                    raise BadRequestError(f"pattern with length limits: more than {MAX_DFA_STATES} automaton states")
+                    raise BadRequestError(f"bounds: more than {MAX_DFA_STATES} automaton states")
                 index[(na, nb)] = len(trans)
                 trans.append({})
                 todo.append((na, nb))
@@ -446,32 +513,9 @@ def _product(x, y):
     return trans, {i for (a, b), i in index.items() if a in ax and b in ay}
 
 
-def _counter(min_len: int, max_len: int | None) -> tuple[list[dict[int, int]], set[int]]:
-    """The automaton of JSON string contents of min_len..max_len characters: copies of the one-character one."""
-    nfa = _NFA()
-    start = nfa.new()
-    one, one_accept = _determinize(nfa, start, nfa.build(("set", ANY), start))  # one character: ends with no moves
-    (end,) = one_accept
-    top = max_len if max_len is not None else min_len  # past min_len (no max_len) all counts look alike
-    if (top + 1) * len(one) > MAX_DFA_STATES:
-        raise BadRequestError(f"pattern with length limits: more than {MAX_DFA_STATES} automaton states")
-    state = {(k, c): k * len(one) + c for k in range(top + 1) for c in range(len(one)) if c != end}
-    trans: list[dict[int, int]] = [{} for _ in range((top + 1) * len(one))]
-    for (k, c), i in state.items():
-        for b, nc in one[c].items():
-            if nc != end:
-                trans[i][b] = state[(k, nc)]
-            elif k < top or max_len is None:
-                trans[i][b] = state[(min(k + 1, top), 0)]
-    return trans, {state[(k, 0)] for k in range(min_len, top + 1)}
-
-
-def compile_pattern(pattern: str, min_len: int = 0, max_len: int | None = None, raw: bool = False
-                    ) -> tuple[list[dict[int, int]], set[int]]:
-    """(transitions, accepting states) of a DFA over the bytes of a JSON string's content (state 0 first) whose
-    strings match `pattern` (somewhere, unless anchored) and have min_len..max_len characters; with `raw`, over
-    UTF-8 text that matches it whole. Every state can still reach an accepting one. BadRequestError names what
-    is not supported."""
+def compile_pattern(pattern: str, raw: bool = False) -> DFA:
+    """A DFA over the bytes of a JSON string's content whose strings match `pattern` (somewhere, unless anchored);
+    with `raw`, over UTF-8 text that matches it whole. BadRequestError names what is not supported."""
     if not isinstance(pattern, str):
         raise BadRequestError(f"pattern must be a string, got {pattern!r}")
     nfa = _NFA(raw)
@@ -483,13 +527,8 @@ def compile_pattern(pattern: str, min_len: int = 0, max_len: int | None = None, 
         whole = ("cat", ([] if at_start or raw else [anything]) + [body] + ([] if at_end or raw else [anything]))
         nfa.eps[nfa.build(whole, s)].append(accept)
     dfa = _live(*_determinize(nfa, start, accept))
-    if min_len or max_len is not None:
-        if raw:
-            raise ValueError("length limits are for JSON strings")
-        dfa = _live(*_product(dfa, _counter(min_len, max_len)))
-    if not dfa[1]:
-        limits = f" with {min_len} to {max_len} characters" if min_len or max_len is not None else ""
-        raise BadRequestError(f"pattern {pattern!r}: no string matches it{limits}")
+    if not dfa.accept:
+        raise BadRequestError(f"pattern {pattern!r}: no string matches it")
     return dfa
 
 
@@ -583,15 +622,15 @@ def number_patterns(integer: bool, bounds: dict) -> list[str]:
     return out
 
 
-def compile_number(integer: bool, bounds: dict) -> tuple[list[dict[int, int]], set[int]]:
-    """(transitions, accepting states) of the JSON numbers (integers) within `bounds`, as compile_pattern."""
+def compile_number(integer: bool, bounds: dict) -> DFA:
+    """A DFA over the bytes of the JSON numbers (integers) within `bounds`."""
     dfa = None
     for regex in number_patterns(integer, bounds):
         nfa = _NFA()
         start, accept = nfa.new(), nfa.new()
         for _, _, body in parse(regex):
             nfa.eps[nfa.build(body, start)].append(accept)
-        one = _determinize(nfa, start, accept)
+        one = _determinize(nfa, start, accept)[:2]
         dfa = one if dfa is None else _product(dfa, one)
     dfa = _live(*dfa)
     if not dfa[1]:

@@ -63,11 +63,16 @@ _SPACED = frozenset((START, KEY_START, COLON, VALUE, AFTER, ARR_OPEN, ARR_AFTER,
 
 
 class Pattern:
-    """A DFA over the bytes of a string's content (quotes excluded): state 0 first, `accept` where it may end."""
+    """A DFA over the bytes of a string's content (quotes excluded): state 0 first, `accept` where it may end.
+    For a `pattern` with length limits, also `boundary` (states where a byte begins a character) and `chars`
+    (per state, the fewest and most characters a string needs from there: json_regex.DFA.char_range)."""
 
-    def __init__(self, trans: list[dict[int, int]] | None = None, accept: set[int] | None = None):
+    def __init__(self, trans: list[dict[int, int]] | None = None, accept: set[int] | None = None,
+                 boundary: set[int] = frozenset()):
         self.trans = trans if trans is not None else [{}]
         self.accept = accept if accept is not None else set()
+        self.boundary = boundary
+        self.chars: list[tuple[float, float]] = []
 
     def new(self) -> int:
         self.trans.append({})
@@ -161,8 +166,8 @@ class Node:
     max_items: int | None = None
     literals: list[bytes] = field(default_factory=list)  # LITERALS: each value as compact JSON
     by_byte: dict[int, tuple[int, ...]] = field(default_factory=dict)  # UNION: first byte -> the alternatives
-    pattern: Pattern | None = None  # STRING of a `format` or `pattern` (its length limits folded in); NUMBER and
-    # INTEGER with bounds: their digits
+    pattern: Pattern | None = None  # STRING of a `format` or `pattern` (its length limits counted as it is
+    # written: min_len, max_len, Pattern.chars); NUMBER and INTEGER with bounds: their digits
     min_len: int = 0  # STRING: characters (code points; an escape is one)
     max_len: int | None = None
     first: frozenset = frozenset()  # the bytes a value of this node may begin with
@@ -238,10 +243,17 @@ def compile_schema(schema) -> tuple[list[Node], int]:
                 raise BadRequestError(f"json_schema at {where}: a format with minLength / maxLength / pattern")
             if regex is not None:
                 try:
-                    dfa = Pattern(*compile_pattern(regex, lo, hi))
+                    compiled = compile_pattern(regex)
                 except BadRequestError as e:
                     raise BadRequestError(f"json_schema at {where}: {e}") from None
-                return add(Node(STRING, first=FIRST["string"], pattern=dfa))
+                dfa = Pattern(*compiled)
+                if lo or hi is not None:  # counted as the string is written (FMT), never into a dead end
+                    dfa.chars = compiled.char_range()
+                    fewest, most = dfa.chars[0]
+                    if (hi is not None and fewest > hi) or most < lo:
+                        raise BadRequestError(f"json_schema at {where}: no string of {lo} to {hi} characters matches "
+                                              f"pattern {regex!r}")
+                return add(Node(STRING, first=FIRST["string"], pattern=dfa, min_len=lo, max_len=hi))
             return add(Node(STRING, first=FIRST["string"], pattern=None if fmt is None else _format(fmt),
                             min_len=lo, max_len=hi))
         if kind in ("number", "integer"):
@@ -425,11 +437,24 @@ class SchemaGrammar(TokenGrammar):
             if b not in HEX_DIGITS:
                 return []
             return [(below + ((node_id, HEX, aux - 1) if aux % 8 > 1 else (node_id, STR, aux // 8),), 0)]
-        if phase == FMT:
+        if phase == FMT:  # aux: the pattern's state; with length limits, (state, characters so far)
+            pattern = node.pattern
+            if not pattern.chars:
+                if b == 0x22:
+                    return [(self._pop(frames), 0)] if aux in pattern.accept else []
+                nxt = pattern.trans[aux].get(b)
+                return [] if nxt is None else [(below + ((node_id, FMT, nxt),), 0)]
+            state, n = aux
             if b == 0x22:
-                return [(self._pop(frames), 0)] if aux in node.pattern.accept else []
-            nxt = node.pattern.trans[aux].get(b)
-            return [] if nxt is None else [(below + ((node_id, FMT, nxt),), 0)]
+                return [(self._pop(frames), 0)] if state in pattern.accept and n >= node.min_len else []
+            nxt = pattern.trans[state].get(b)
+            if nxt is None:
+                return []
+            n += state in pattern.boundary  # b begins a character
+            fewest, most = pattern.chars[nxt]  # what is left must fit the limits
+            if (node.max_len is not None and n + fewest > node.max_len) or n + most < node.min_len:
+                return []
+            return [(below + ((node_id, FMT, (nxt, n if node.max_len is not None else min(n, node.min_len))),), 0)]
         if phase == BOUNDED:
             nxt = node.pattern.trans[aux].get(b)
             if nxt is not None:
@@ -468,7 +493,9 @@ class SchemaGrammar(TokenGrammar):
                 return []
             return [(frames + ((node_id, KEY_START if node.kind == OBJECT else ARR_OPEN, 0),), 0)]
         if node.kind == STRING:
-            return [(frames + ((node_id, STR if node.pattern is None else FMT, 0),), 0)]
+            if node.pattern is None:
+                return [(frames + ((node_id, STR, 0),), 0)]
+            return [(frames + ((node_id, FMT, (0, 0) if node.pattern.chars else 0),), 0)]
         if node.kind in (NUMBER, INTEGER):
             if node.pattern is not None:
                 return [(frames + ((node_id, BOUNDED, node.pattern.trans[0][b]),), 0)]
@@ -574,9 +601,10 @@ class RegexGrammar(TokenGrammar):
     def __init__(self, vocab: Vocabulary, pattern: str, end_ids: tuple[int, ...]):
         super().__init__(vocab)
         try:
-            self.trans, self.accept = compile_pattern(pattern, raw=True)
+            dfa = compile_pattern(pattern, raw=True)
         except BadRequestError as e:
             raise BadRequestError(f"regex: {e}") from None
+        self.trans, self.accept = dfa.trans, dfa.accept
         self.end_ids = sorted({i for i in end_ids if 0 <= i < vocab.vocab_size})
         self._ends = frozenset(self.end_ids)
         if self.trans[0] == {} and not self.end_ids:
