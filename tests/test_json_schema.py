@@ -88,8 +88,11 @@ def test_recursive_refs_and_nullable_self_references(byte_vocab):
 
 
 @pytest.mark.parametrize("schema,message", [
-    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}},
-     "unsupported keyword(s) multipleOf"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}},
+     "unsupported keyword(s) uniqueItems"),
+    ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0}}}, "multipleOf: above zero"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 6}}},
+     "no integer is within {'minimum': 1, 'maximum': 6} and a multiple of 7"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": "1"}}}, "minimum must be a finite number"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 2, "exclusiveMaximum": 2}}},
      "no integer is within"),
@@ -421,9 +424,9 @@ def test_tool_calls_name_a_tool_then_give_its_arguments(byte_vocab, text, ok):
 
 
 def test_tool_schemas_are_checked_by_name(byte_vocab):
-    with pytest.raises(BadRequestError, match="tool 'find'.*multipleOf"):
+    with pytest.raises(BadRequestError, match="tool 'find'.*uniqueItems"):
         ToolCallGrammar(byte_vocab, {"get": {"type": "object"}, "find": {
-            "type": "object", "properties": {"q": {"type": "integer", "multipleOf": 2}}}})
+            "type": "object", "properties": {"q": {"type": "array", "items": {}, "uniqueItems": True}}}})
 
 
 @pytest.mark.parametrize("prefix", ["", "get", "get_", 'get_weather {"city": "O', 'search {'])
@@ -646,3 +649,28 @@ def test_a_stop_token_with_bytes_only_ends_the_output(byte_vocab):
     assert grammar.allowed(grammar.start) == [ord("a"), ord("x")] and grammar.advance(grammar.start, ord("x")) == -1
     after_a = grammar.advance(grammar.start, ord("a"))
     assert grammar.allowed(after_a) == [ord("b")] and grammar.advance(after_a, ord("x")) is None
+
+
+@pytest.mark.parametrize("integer, bounds, step", [(True, {}, 3), (True, {"minimum": 0, "maximum": 100}, 7),
+                                                   (True, {}, 1.5), (False, {}, 0.25), (False, {}, 5),
+                                                   (False, {"minimum": -1, "maximum": 1}, 0.1)])
+def test_multiple_of_takes_exactly_the_multiples(integer, bounds, step):
+    """multipleOf (with bounds too) against exact decimal arithmetic on 3000 random numbers; a multiple is
+    written with no more fraction digits than the step has."""
+    from decimal import Decimal
+
+    from punica.engine.json_regex import compile_number
+
+    dfa = compile_number(integer, bounds, step)
+    rng = random.Random(f"{step}{bounds}")
+    places = max(0, -Decimal(str(step)).normalize().as_tuple().exponent)
+    texts = ["0", "3", "21", "-21", "1.5", "0.75", "-0.3", "0.30", "1"]
+    for _ in range(3000):
+        frac = "" if integer or rng.random() < 0.5 else "." + str(rng.randint(0, 999)).zfill(rng.randint(1, 3))
+        texts.append(rng.choice(["", "-"]) + str(rng.randint(0, 300)) + frac)
+    texts = [t for t in texts if not (integer and "." in t) and not (Decimal(t) == 0 and t.startswith("-"))]
+    ops = {"minimum": Decimal.__ge__, "maximum": Decimal.__le__}
+    expected = [Decimal(t) % Decimal(str(step)) == 0 and len(t.partition(".")[2]) <= places
+                and all(ops[k](Decimal(t), Decimal(str(v))) for k, v in bounds.items()) for t in texts]
+    assert [matches(dfa, t) for t in texts] == expected
+    assert any(expected) and not all(expected)

@@ -18,6 +18,7 @@ A raw output is its characters' UTF-8, and the whole of it must match (as vLLM's
 from __future__ import annotations
 
 import collections
+import math
 from typing import NamedTuple
 
 from punica.errors import BadRequestError
@@ -622,8 +623,56 @@ def number_patterns(integer: bool, bounds: dict) -> list[str]:
     return out
 
 
-def compile_number(integer: bool, bounds: dict) -> DFA:
-    """A DFA over the bytes of the JSON numbers (integers) within `bounds`."""
+def _multiples(integer: bool, step) -> tuple[list[dict[int, int]], set[int]]:
+    """(transitions, accepting states) of the JSON numbers that are multiples of `step` (multipleOf), written
+    without an exponent and with no more fraction digits than the step has; a state holds the digits' value so
+    far modulo the step (scaled to an integer)."""
+    from decimal import Decimal
+
+    d = max(0, -Decimal(str(step)).normalize().as_tuple().exponent)  # the step's fraction digits
+    p = int(Decimal(str(step)).scaleb(d))  # step * 10^d, an integer
+    if integer:  # integers that are multiples of p / 10^d: multiples of p / gcd(p, 10^d)
+        p, d = p // math.gcd(p, 10 ** d), 0
+    index: dict[tuple, int] = {}
+    trans: list[dict[int, int]] = []
+    accept: set[int] = set()
+
+    def state(key: tuple) -> int:
+        if key not in index:
+            if len(index) >= MAX_DFA_STATES:
+                raise BadRequestError(f"multipleOf {step}: more than {MAX_DFA_STATES} automaton states")
+            index[key] = len(trans)
+            trans.append({})
+            todo.append(key)
+        return index[key]
+
+    todo: list[tuple] = []
+    state(("start", 0, 0))
+    while todo:
+        key = todo.pop()
+        phase, r, f = key
+        row = trans[index[key]]
+        if phase in ("zero", "int", "frac") and r * 10 ** (d - f) % p == 0:
+            accept.add(index[key])
+        digits = range(10) if phase in ("int", "frac", "dot") else range(1, 10) if phase in ("start", "minus") else ()
+        if phase in ("start", "minus"):
+            row[0x30] = state(("zero", 0, 0))
+        if phase == "start":
+            row[0x2D] = state(("minus", 0, 0))
+        for digit in digits:
+            if phase == "dot" or phase == "frac":
+                if f < d:
+                    row[0x30 + digit] = state(("frac", (r * 10 + digit) % p, f + 1))
+            else:
+                row[0x30 + digit] = state(("int", (r * 10 + digit) % p, 0))
+        if phase in ("zero", "int") and d:
+            row[0x2E] = state(("dot", r, 0))
+    return trans, accept
+
+
+def compile_number(integer: bool, bounds: dict, multiple_of=None) -> DFA:
+    """A DFA over the bytes of the JSON numbers (integers) within `bounds` ({"minimum": v, ...}) that are
+    multiples of `multiple_of` (None: any)."""
     dfa = None
     for regex in number_patterns(integer, bounds):
         nfa = _NFA()
@@ -632,9 +681,13 @@ def compile_number(integer: bool, bounds: dict) -> DFA:
             nfa.eps[nfa.build(body, start)].append(accept)
         one = _determinize(nfa, start, accept)[:2]
         dfa = one if dfa is None else _product(dfa, one)
+    if multiple_of is not None:
+        one = _multiples(integer, multiple_of)
+        dfa = one if dfa is None else _product(dfa, one)
     dfa = _live(*dfa)
     if not dfa[1]:
-        raise BadRequestError(f"no {'integer' if integer else 'number'} is within {bounds}")
+        what = f"within {bounds}" if multiple_of is None else f"within {bounds} and a multiple of {multiple_of}"
+        raise BadRequestError(f"no {'integer' if integer else 'number'} is {what}")
     return dfa
 
 

@@ -12,9 +12,9 @@ begin alike are followed side by side until the output tells them apart, as pyda
 escape being one), their `pattern` (json_regex.py: ECMA regular expressions' regular part; with the length limits
 too) and formats date, time and date-time (RFC 3339, with an offset; any month may have 31 days), uuid, email,
 hostname, ipv4, ipv6 and duration (ISO 8601; as patterns); numbers' and integers' `minimum`, `maximum`,
-`exclusiveMinimum` and `exclusiveMaximum` (a bounded number is written without an exponent). Keywords that would
-constrain the value further (other formats, `multipleOf`, ...) are refused with an error naming them, rather than
-ignored. The top-level value is an object.
+`exclusiveMinimum`, `exclusiveMaximum` and `multipleOf` (such a number is written without an exponent). Keywords
+that would constrain the value further (other formats, `uniqueItems`, ...) are refused with an error naming them,
+rather than ignored. The top-level value is an object.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
                          "writeOnly", "discriminator"))  # discriminator: the alternatives' own const tells them apart
 KEYWORDS = frozenset(("type", "properties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "oneOf",
                       "$ref", "format", "minLength", "maxLength", "pattern", "minimum", "maximum",
-                      "exclusiveMinimum", "exclusiveMaximum")) | ANNOTATIONS
+                      "exclusiveMinimum", "exclusiveMaximum", "multipleOf")) | ANNOTATIONS
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 MAX_NODES = 4096  # nodes of one compiled schema at most
 MAX_PATHS = 64  # readings of the output kept at once where a union's alternatives begin alike (more: the first)
@@ -258,14 +258,17 @@ def compile_schema(schema) -> tuple[list[Node], int]:
                             min_len=lo, max_len=hi))
         if kind in ("number", "integer"):
             bounds = {k: s[k] for k in BOUNDS if k in s}
-            bad = [k for k, v in bounds.items() if isinstance(v, bool) or not isinstance(v, (int, float))
-                   or v != v or v in (float("inf"), float("-inf"))]
+            step = s.get("multipleOf")
+            bad = [k for k, v in [*bounds.items(), ("multipleOf", step)] if (k != "multipleOf" or v is not None) and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf"))
+                or (k == "multipleOf" and v <= 0))]
             if bad:
-                raise BadRequestError(f"json_schema at {where}: {', '.join(bad)} must be a finite number")
-            if not bounds:
+                raise BadRequestError(f"json_schema at {where}: {', '.join(bad)} must be a finite number (multipleOf: "
+                                      "above zero)")
+            if not bounds and step is None:
                 return add(Node(NUMBER if kind == "number" else INTEGER, first=FIRST[kind]))
             try:
-                dfa = Pattern(*compile_number(kind == "integer", bounds))
+                dfa = Pattern(*compile_number(kind == "integer", bounds, step))
             except BadRequestError as e:
                 raise BadRequestError(f"json_schema at {where}: {e}") from None
             return add(Node(NUMBER if kind == "number" else INTEGER, pattern=dfa,
