@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import math
+from decimal import Decimal
 from typing import NamedTuple
 
 from punica.errors import BadRequestError
@@ -446,30 +447,42 @@ class DFA(NamedTuple):
         return list(zip(lo, hi))
 
 
+class _Builder:
+    """The states of an automaton being built: numbered as they are found (the first is 0), each queued once, at
+    most MAX_DFA_STATES of them (BadRequestError naming `what`)."""
+
+    def __init__(self, what: str, first):
+        self.what = what
+        self.index: dict = {}
+        self.trans: list[dict[int, int]] = []
+        self.todo: list = []
+        self.state(first)
+
+    def state(self, key) -> int:
+        i = self.index.get(key)
+        if i is None:
+            if len(self.index) >= MAX_DFA_STATES:
+                raise BadRequestError(f"{self.what}: more than {MAX_DFA_STATES} automaton states")
+            i = self.index[key] = len(self.trans)
+            self.trans.append({})
+            self.todo.append(key)
+        return i
+
+
 def _determinize(nfa: _NFA, start: int, accept: int) -> DFA:
-    first = nfa.closure([start])
-    index = {first: 0}
-    trans: list[dict[int, int]] = [{}]
-    todo = [first]
-    while todo:
-        cur = todo.pop()
+    built = _Builder("pattern", nfa.closure([start]))
+    while built.todo:
+        cur = built.todo.pop()
         by_byte: dict[int, set[int]] = {}
         for s in cur:
             for lo, hi, t in nfa.moves[s]:
                 for b in range(lo, hi + 1):
                     by_byte.setdefault(b, set()).add(t)
-        row = trans[index[cur]]
+        row = built.trans[built.index[cur]]
         for b, targets in by_byte.items():
-            nxt = nfa.closure(targets)
-            if nxt not in index:
-                if len(index) >= MAX_DFA_STATES:
-                    raise BadRequestError(f"pattern: more than {MAX_DFA_STATES} automaton states")
-                index[nxt] = len(trans)
-                trans.append({})
-                todo.append(nxt)
-            row[b] = index[nxt]
-    return DFA(trans, {i for states, i in index.items() if accept in states},
-               {i for states, i in index.items() if not states & nfa.mid})
+            row[b] = built.state(nfa.closure(targets))
+    return DFA(built.trans, {i for states, i in built.index.items() if accept in states},
+               {i for states, i in built.index.items() if not states & nfa.mid})
 
 
 def _live(trans: list[dict[int, int]], accept: set[int], boundary: set[int] = frozenset()) -> DFA:
@@ -494,24 +507,15 @@ def _live(trans: list[dict[int, int]], accept: set[int], boundary: set[int] = fr
 def _product(x, y):
     """The automaton of strings both (trans, accept) pairs take."""
     (tx, ax), (ty, ay) = x, y
-    index = {(0, 0): 0}
-    trans: list[dict[int, int]] = [{}]
-    todo = [(0, 0)]
-    while todo:
-        a, b = pair = todo.pop()
-        row = trans[index[pair]]
+    built = _Builder("bounds", (0, 0))
+    while built.todo:
+        a, b = pair = built.todo.pop()
+        row = built.trans[built.index[pair]]
         for byte, na in tx[a].items():
             nb = ty[b].get(byte)
-            if nb is None:
-                continue
-            if (na, nb) not in index:
-                if len(index) >= MAX_DFA_STATES:
-                    raise BadRequestError(f"bounds: more than {MAX_DFA_STATES} automaton states")
-                index[(na, nb)] = len(trans)
-                trans.append({})
-                todo.append((na, nb))
-            row[byte] = index[(na, nb)]
-    return trans, {i for (a, b), i in index.items() if a in ax and b in ay}
+            if nb is not None:
+                row[byte] = built.state((na, nb))
+    return built.trans, {i for (a, b), i in built.index.items() if a in ax and b in ay}
 
 
 def compile_pattern(pattern: str, raw: bool = False) -> DFA:
@@ -599,9 +603,6 @@ def _unsigned(c: str, above: bool, strict: bool, integer: bool) -> str:
 def number_patterns(integer: bool, bounds: dict) -> list[str]:
     """Anchored regexes (all must match) of the JSON numbers within these bounds ({"minimum": v, ...}), written
     without an exponent."""
-    import math
-    from decimal import Decimal
-
     unsigned = "(?:0|[1-9]\\d*)" if integer else "(?:0|[1-9]\\d*)(?:\\.\\d+)?"
     out = []
     for key, value in bounds.items():
@@ -627,47 +628,31 @@ def _multiples(integer: bool, step) -> tuple[list[dict[int, int]], set[int]]:
     """(transitions, accepting states) of the JSON numbers that are multiples of `step` (multipleOf), written
     without an exponent and with no more fraction digits than the step has; a state holds the digits' value so
     far modulo the step (scaled to an integer)."""
-    from decimal import Decimal
-
     d = max(0, -Decimal(str(step)).normalize().as_tuple().exponent)  # the step's fraction digits
     p = int(Decimal(str(step)).scaleb(d))  # step * 10^d, an integer
     if integer:  # integers that are multiples of p / 10^d: multiples of p / gcd(p, 10^d)
         p, d = p // math.gcd(p, 10 ** d), 0
-    index: dict[tuple, int] = {}
-    trans: list[dict[int, int]] = []
+    built = _Builder(f"multipleOf {step}", ("start", 0, 0))
     accept: set[int] = set()
-
-    def state(key: tuple) -> int:
-        if key not in index:
-            if len(index) >= MAX_DFA_STATES:
-                raise BadRequestError(f"multipleOf {step}: more than {MAX_DFA_STATES} automaton states")
-            index[key] = len(trans)
-            trans.append({})
-            todo.append(key)
-        return index[key]
-
-    todo: list[tuple] = []
-    state(("start", 0, 0))
-    while todo:
-        key = todo.pop()
+    while built.todo:
+        key = built.todo.pop()
         phase, r, f = key
-        row = trans[index[key]]
+        row = built.trans[built.index[key]]
         if phase in ("zero", "int", "frac") and r * 10 ** (d - f) % p == 0:
-            accept.add(index[key])
-        digits = range(10) if phase in ("int", "frac", "dot") else range(1, 10) if phase in ("start", "minus") else ()
+            accept.add(built.index[key])
         if phase in ("start", "minus"):
-            row[0x30] = state(("zero", 0, 0))
+            row[0x30] = built.state(("zero", 0, 0))
         if phase == "start":
-            row[0x2D] = state(("minus", 0, 0))
-        for digit in digits:
-            if phase == "dot" or phase == "frac":
-                if f < d:
-                    row[0x30 + digit] = state(("frac", (r * 10 + digit) % p, f + 1))
-            else:
-                row[0x30 + digit] = state(("int", (r * 10 + digit) % p, 0))
+            row[0x2D] = built.state(("minus", 0, 0))
+        if phase in ("start", "minus", "int"):
+            for digit in range(0 if phase == "int" else 1, 10):
+                row[0x30 + digit] = built.state(("int", (r * 10 + digit) % p, 0))
+        if phase in ("dot", "frac") and f < d:
+            for digit in range(10):
+                row[0x30 + digit] = built.state(("frac", (r * 10 + digit) % p, f + 1))
         if phase in ("zero", "int") and d:
-            row[0x2E] = state(("dot", r, 0))
-    return trans, accept
+            row[0x2E] = built.state(("dot", r, 0))
+    return built.trans, accept
 
 
 def compile_number(integer: bool, bounds: dict, multiple_of=None) -> DFA:
