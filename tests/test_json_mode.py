@@ -247,3 +247,24 @@ def test_a_grammar_the_vocabulary_cannot_spell_fails_its_request_alone(tiny_mode
     digits, other = llm.generate([[5, 6, 7]] * 2, [SamplingParams(max_tokens=8, regex="[0-9]{3}"), plain])
     assert digits.finish_reason == "error" and "no token of this model's vocabulary can continue" in digits.error
     assert other.token_ids == alone.token_ids and other.finish_reason == "length"
+
+
+def test_auto_tool_replies_keep_stop_strings_once_they_are_text(tiny_models, tmp_path):
+    """SamplingParams.tool_call_auto (tool_choice "auto"): a reply that leaves the path of a call is free text, to
+    which stop strings apply again (constrained output otherwise ignores them); one that makes a call makes a valid
+    one."""
+    from punica.server.tool_prompt import parse_calls
+
+    model_dir, adapters = byte_tokenizer_model(tiny_models, tmp_path)
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", dtype="float32")
+    tools = {"get": {"type": "object", "properties": {"key": {"type": "integer"}}}}
+    stops = list("aeiou tn")
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, tool_call=tools, tool_call_auto=True, stop=stops)
+              for s in range(8)]
+    outs = llm.generate([[5, 6, 7]] * 8, params)
+    for out in outs:
+        if out.text.startswith("get {"):
+            assert out.finish_reason == "length" or parse_calls(out.text, ["get"]), out.text
+        else:
+            assert not any(s in out.text for s in stops), out.text
+    assert any(o.finish_reason == "stop" and len(o.token_ids) < 40 for o in outs)

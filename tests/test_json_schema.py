@@ -674,3 +674,37 @@ def test_multiple_of_takes_exactly_the_multiples(integer, bounds, step):
                 and all(ops[k](Decimal(t), Decimal(str(v))) for k, v in bounds.items()) for t in texts]
     assert [matches(dfa, t) for t in texts] == expected
     assert any(expected) and not all(expected)
+
+
+@pytest.mark.parametrize("shape, text, end", [
+    ("punica", "The weather", "text"), ("punica", 'get_weather {"city": "Oslo", "unit": "C"}', "done"),
+    ("punica", 'get_weather {"city": 5', "refused"), ("punica", "get_weather is nice", "text"),
+    ("punica", "getaway", "text"), ("punica", "get", "open"),
+    ("hermes", '<tool_call>\n{"name": "get", "arguments": {"key": 3}}\n</tool_call>', "done"),
+    ("hermes", '<tool_call>\n{"name": "nope"', "refused"), ("hermes", "<tools are fun>", "text"),
+    ("hermes", "<tool_call>", "call")])
+def test_auto_replies_are_text_or_whole_calls(byte_vocab, shape, text, end):
+    """tool_choice "auto" (AutoCallGrammar): a reply that leaves the call's path is free text for good; one that is
+    clearly a call (its frame opened, or Punica's arguments begun) must be a whole, valid call, and ends with it."""
+    from punica.engine.json_schema import AutoCallGrammar
+
+    grammar = AutoCallGrammar(byte_vocab, TOOLS, shape)
+    state = feed(grammar, text)
+    assert end == ("refused" if state is None else "done" if grammar.done(state) else "text" if grammar.free(state)
+                   else state[0])
+
+
+@pytest.mark.parametrize("prefix", ["", "get_", 'get {"k', "<tool", '<tool_call>\n{"name": "get", "arg', "Hi"])
+@pytest.mark.parametrize("shape", ["punica", "hermes"])
+def test_auto_call_masks_equal_a_brute_force_check(demo_dir, shape, prefix):
+    """Every token id (special ones too) whose draw the automaton takes, and no other."""
+    from punica.engine.json_schema import AutoCallGrammar
+
+    tok = Tokenizer(demo_dir)
+    vocab = Vocabulary(tok.token_bytes, len(tok.token_bytes))
+    grammar = AutoCallGrammar(vocab, TOOLS, shape)
+    state = feed(grammar, prefix)
+    if state is None:
+        return  # not a reply in this shape
+    brute = {i for i in range(vocab.vocab_size) if grammar.advance(state, i) is not None}
+    assert set(grammar.allowed(state)) == brute and brute

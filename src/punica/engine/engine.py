@@ -17,7 +17,7 @@ import torch
 from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.json_mode import JsonGrammar, TokenGrammar, Vocabulary
-from punica.engine.json_schema import RegexGrammar, SchemaGrammar, ToolCallGrammar
+from punica.engine.json_schema import AutoCallGrammar, RegexGrammar, SchemaGrammar, ToolCallGrammar
 from punica.engine.memory import kv_cache_blocks
 from punica.engine.request import RequestOutput, SamplingParams, Sequence, Status, TokenLogprobs
 from punica.engine.runner import InFlight, ModelRunner
@@ -207,9 +207,9 @@ class Engine:
                 grammar = JsonGrammar(vocab)
             elif kind == "schema":
                 grammar = SchemaGrammar(vocab, json.loads(text))
-            elif kind == "tools":
+            elif kind in ("tools", "auto"):
                 shape, _, tools = text.partition(":")
-                grammar = ToolCallGrammar(vocab, json.loads(tools), shape)
+                grammar = (ToolCallGrammar if kind == "tools" else AutoCallGrammar)(vocab, json.loads(tools), shape)
             else:  # regex: the pattern and the request's stop token ids, which end it like EOS
                 pattern, stop_ids = json.loads(text)
                 grammar = RegexGrammar(vocab, pattern, (*self.eos_ids, *stop_ids))
@@ -344,13 +344,13 @@ class Engine:
             seq.logprobs.append(logprobs)
         if seq.grammar_error is not None:  # its row was drawn without a mask: nothing is kept of it
             return self._fail(seq, seq.grammar_error)
-        reason = self._stop_reason(seq, token)
-        if seq.grammar is not None:
+        if seq.grammar is not None:  # first: the state after the token says whether stop strings apply
             seq.grammar_state = seq.grammar.advance(seq.grammar_state, token)
             if seq.grammar_state is None:  # the mask allows no such token: a bug, reported as this request's error
                 return self._fail(seq, f"constrained output: token {token} does not continue it (a grammar bug)")
-            if seq.grammar.done(seq.grammar_state) and reason is None:
-                reason = "stop"  # the JSON value is complete
+        reason = self._stop_reason(seq, token)
+        if seq.grammar is not None and seq.grammar.done(seq.grammar_state) and reason is None:
+            reason = "stop"  # the constrained value is complete
         if reason is not None:
             self._finish(seq, reason)
         return self._output(seq, [token], seq.text[len(old_text):], None if logprobs is None else [logprobs])
@@ -364,7 +364,7 @@ class Engine:
                 start = max(0, len(seq.text) - max((len(s) for s in p.stop), default=1) + 1)
                 seq.text += delta
                 # stop strings where the new text can complete one; constrained output ends where its value does
-                for stop in p.stop if seq.grammar is None else ():
+                for stop in p.stop if seq.grammar is None or seq.grammar.free(seq.grammar_state) else ():
                     at = seq.text.find(stop, start)
                     if at >= 0:
                         seq.text = seq.text[:at]

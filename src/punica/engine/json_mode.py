@@ -209,6 +209,10 @@ class TokenGrammar:
     def in_string(self, s) -> bool:
         return False
 
+    def free(self, s) -> bool:
+        """Whether the output is free text from s on (stop strings apply again)."""
+        return False
+
     def cache_key(self, s):
         return s
 

@@ -594,6 +594,86 @@ class ToolCallGrammar(TokenGrammar):
         return super().allowed(s)
 
 
+def _token_ids(node: list) -> list[int]:
+    """The ids of every token in a vocabulary trie's subtree (json_mode._Trie nodes)."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.extend(n[1])
+        todo.extend(n[0].values())
+    return out
+
+
+class AutoCallGrammar(TokenGrammar):
+    """A free reply that may be a tool call (tool_choice "auto"). While the output can still begin a call it follows
+    the call grammar; once it cannot, it is free text for good (every token allowed). Once it is clearly a call
+    (Hermes' `<tool_call>` tag written, or all of Llama 3.1's `{"name": "`, or, in Punica's shape, the arguments
+    begun) it must be a whole, valid call, and ends with it. States: ("open" | "call", the ToolCallGrammar state),
+    or TEXT."""
+
+    TEXT = ("text",)
+
+    def __init__(self, vocab: Vocabulary, tools: dict[str, dict], shape: str = "punica"):
+        super().__init__(vocab)
+        self.call = ToolCallGrammar(vocab, tools, shape)
+        # a call for sure once this much of its frame is written: Hermes' tag, or all of the frame
+        self.commit_at = len(b"<tool_call>") if shape == "hermes" else len(self.call.before)
+        self.start = ("open", self.call.start)
+        self._everything = list(range(vocab.vocab_size))
+        self._specials = frozenset(i for i in self._everything
+                                   if i >= len(vocab.token_bytes) or not vocab.token_bytes[i])
+
+    def committed(self, cs) -> bool:
+        phase, tool, data = cs
+        if self.call.before:
+            return phase != _PRE or data >= self.commit_at
+        return phase in (_ARGS, _POST) and data != self.call.tools[tool].start
+
+    def step(self, s, b: int):
+        if s == self.TEXT:
+            return s
+        nxt = self.call.step(s[1], b)
+        if nxt is None:
+            return None if s[0] == "call" else self.TEXT
+        return ("call" if s[0] == "call" or self.committed(nxt) else "open", nxt)
+
+    def advance(self, s, token: int):
+        if s == self.TEXT or (s[0] == "open" and token in self._specials):
+            return self.TEXT  # special tokens too (an end of turn), as in any free reply
+        return super().advance(s, token)
+
+    def done(self, s) -> bool:
+        return s != self.TEXT and self.call.done(s[1])
+
+    def free(self, s) -> bool:
+        return s == self.TEXT
+
+    def in_string(self, s) -> bool:
+        return s != self.TEXT and s[0] == "call" and self.call.in_string(s[1])
+
+    def cache_key(self, s):
+        return s if s == self.TEXT else (s[0], self.call.cache_key(s[1]))
+
+    def allowed(self, s) -> list[int]:
+        if s == self.TEXT:
+            return self._everything
+        if s[0] == "call":
+            return self.call.allowed(s[1])
+        # still open: every token but those that go on to be a call and then break it. Walk the tokens along the
+        # call's path only (one that leaves it is text, whatever follows)
+        refused: set[int] = set()
+        todo = [(self.vocab.trie.root, s)]
+        while todo:
+            node, state = todo.pop()
+            for b, child in node[0].items():
+                nxt = self.step(state, b)
+                if nxt is None:
+                    refused.update(_token_ids(child))
+                elif nxt != self.TEXT and child[0]:
+                    todo.append((child, nxt))
+        return [i for i in self._everything if i not in refused]
+
+
 class RegexGrammar(TokenGrammar):
     """The whole output matches a regular expression (SamplingParams.regex, .choice): states of its automaton
     over the output's UTF-8 (json_regex.py, raw). Where the output may end, the request's end tokens (EOS, its

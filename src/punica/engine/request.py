@@ -61,6 +61,9 @@ class SamplingParams:
     # templates ask (`<tool_call>`, a JSON object of the name and the arguments, `</tool_call>`), "llama3" as Llama
     # 3.1's (a JSON object of the name and the "parameters")
     tool_call_shape: str = "punica"
+    # the reply may be such a call or free text (tool_choice "auto"): a reply that begins a call is one, whole and
+    # valid (json_schema.AutoCallGrammar); stop strings apply to free text
+    tool_call_auto: bool = False
     # the whole output matches this regular expression (engine/json_regex.py: ECMA's, without backreferences,
     # lookarounds or word boundaries), or is one of these strings; it may end (EOS, stop_token_ids) where it
     # could match, and ends where nothing could follow (vLLM's guided_regex, guided_choice)
@@ -121,6 +124,8 @@ class SamplingParams:
                     for k, v in tools.items()):
                 bad(f"tool_call must map tool names (non-empty, without spaces or quotes) to JSON schemas, got "
                     f"{tools!r}")
+        if self.tool_call_auto and self.tool_call is None:
+            bad("tool_call_auto needs tool_call: the tools the reply may call")
         if self.tool_call_shape not in CALL_SHAPES:
             bad(f"tool_call_shape must be one of {', '.join(CALL_SHAPES)}, got {self.tool_call_shape!r}")
         if self.choice is not None:
@@ -153,7 +158,7 @@ class SamplingParams:
         if self.json_schema is not None:
             return "schema:" + self.json_schema
         if self.tool_call is not None:
-            return f"tools:{self.tool_call_shape}:{self.tool_call}"
+            return f"{'auto' if self.tool_call_auto else 'tools'}:{self.tool_call_shape}:{self.tool_call}"
         if self.regex is None and self.choice is None:
             return None
         pattern = self.regex if self.choice is None else "|".join(escape(c) for c in self.choice)

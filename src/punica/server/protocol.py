@@ -339,7 +339,12 @@ class ChatCompletionRequest(SamplingFields):
         response_format's."""
         tools = self.tool_use()
         if tools is None:
-            return super().json_mode()
+            free = super().json_mode()
+            if free or not self.auto_tools:
+                return free
+            # "auto": a reply that begins a call must be a whole, valid one (json_schema.AutoCallGrammar)
+            offered = {fn["name"]: fn.get("parameters") or NO_PARAMETERS for fn in self.functions_offered()}
+            return {"tool_call": offered, "tool_call_shape": self._call_shape, "tool_call_auto": True}
         if (self.response_format or {}).get("type", "text") != "text" or self.guided():
             raise BadRequestError("response_format (or guided_regex / guided_choice) and a required tool call exclude "
                                   "each other: the reply is the call's arguments")

@@ -240,7 +240,7 @@ class OpenAIServing:
                                          forced, auto)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         request_id = random_id("chatcmpl")
-        if tools is not None and self.tokenizer is not None:
+        if (tools is not None or auto) and self.tokenizer is not None:
             req._call_shape = tool_prompt.call_shape(self.tokenizer.chat_template)
         if tools is not None and req._call_shape == "punica":
             fmt = ToolCallFormat(req.model, request_id, self.token_text, forced)
