@@ -370,6 +370,10 @@ def test_bad_inputs_are_refused_up_front_and_others_keep_running(main, client):
     # constrained output needs the bytes of each token: this model's word-level tokenizer has none
     for constrained in ({"response_format": {"type": "json_object"}}, {"guided_choice": ["a"]}):
         assert_openai_error(post({**ok, **constrained}), 400, "constrained output", "byte-level")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    free = post({"model": BASE, "messages": [{"role": "user", "content": "w5"}], "tools": tools, "max_tokens": 3},
+                "chat/completions")  # "auto" replies are held to valid calls only where the bytes are known
+    assert free.status_code == 200 and free.json()["choices"][0]["finish_reason"] in ("length", "stop")
     assert_openai_error(post({**ok, "tool_choice": "auto"}, "chat/completions"), 400)
     for field, value in (("max_tokens", "3"), ("n", True), ("temperature", "0.5"), ("stream", "yes")):
         assert_openai_error(post({**ok, field: value}), 400, field)  # no silent coercion of the wrong type

@@ -271,6 +271,8 @@ class ChatCompletionRequest(SamplingFields):
     # how a required call is written (SamplingParams.tool_call_shape): set by the server from the chat template,
     # "hermes" where it asks for `<tool_call>` blocks
     _call_shape: str = PrivateAttr("punica")
+    # "auto" replies held to valid calls once they begin one (set by the server where the tokenizer allows it)
+    _constrain_auto: bool = PrivateAttr(False)
     add_generation_prompt: bool = True
     logprobs: bool = False  # each generated token's logprob, and those of the `top_logprobs` most likely tokens
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -340,7 +342,7 @@ class ChatCompletionRequest(SamplingFields):
         tools = self.tool_use()
         if tools is None:
             free = super().json_mode()
-            if free or not self.auto_tools:
+            if free or not self.auto_tools or not self._constrain_auto:
                 return free
             # "auto": a reply that begins a call must be a whole, valid one (json_schema.AutoCallGrammar)
             offered = {fn["name"]: fn.get("parameters") or NO_PARAMETERS for fn in self.functions_offered()}

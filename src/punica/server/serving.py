@@ -5,6 +5,7 @@ aborts its requests, which frees their KV blocks and adapter pins."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -227,6 +228,14 @@ class OpenAIServing:
         echo = [p if isinstance(p, str) else self.decode(p) for p in req.prompts()] if req.echo else None
         return await self._generate(Job(req, prompts, limits, lora, fmt, arrival, echo=echo), request)
 
+    @functools.cached_property
+    def can_constrain(self) -> bool:
+        """Whether the tokenizer gives each token's bytes, which constrained output needs (Tokenizer.token_bytes)."""
+        try:
+            return self.tokenizer is not None and bool(self.tokenizer.token_bytes)
+        except BadRequestError:
+            return False
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
@@ -242,6 +251,8 @@ class OpenAIServing:
         request_id = random_id("chatcmpl")
         if (tools is not None or auto) and self.tokenizer is not None:
             req._call_shape = tool_prompt.call_shape(self.tokenizer.chat_template)
+            # the vocabulary's bytes, read once (on a worker thread); without them "auto" replies stay free
+            req._constrain_auto = await asyncio.to_thread(lambda: self.can_constrain)
         if tools is not None and req._call_shape == "punica":
             fmt = ToolCallFormat(req.model, request_id, self.token_text, forced)
         elif tools is not None or auto:  # a call in the template's shape is read out as a free reply's calls are
