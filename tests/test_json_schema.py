@@ -682,7 +682,8 @@ def test_multiple_of_takes_exactly_the_multiples(integer, bounds, step):
     ("punica", "getaway", "text"), ("punica", "get", "open"),
     ("hermes", '<tool_call>\n{"name": "get", "arguments": {"key": 3}}\n</tool_call>', "done"),
     ("hermes", '<tool_call>\n{"name": "nope"', "refused"), ("hermes", "<tools are fun>", "text"),
-    ("hermes", "<tool_call>", "call")])
+    ("hermes", "<tool_call>", "call"), ("hermes", '\n\n<tool_call>\n{"name": "nope"', "refused"),
+    ("punica", '  get {"key": 3}', "done"), ("punica", "  The", "text"), ("punica", " \n", "open")])
 def test_auto_replies_are_text_or_whole_calls(byte_vocab, shape, text, end):
     """tool_choice "auto" (AutoCallGrammar): a reply that leaves the call's path is free text for good; one that is
     clearly a call (its frame opened, or Punica's arguments begun) must be a whole, valid call, and ends with it."""

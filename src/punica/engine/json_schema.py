@@ -632,6 +632,8 @@ class AutoCallGrammar(TokenGrammar):
     def step(self, s, b: int):
         if s == self.TEXT:
             return s
+        if s == self.start and b in WHITESPACE:  # whitespace before a call (as models often write) leaves it open
+            return s
         nxt = self.call.step(s[1], b)
         if nxt is None:
             return None if s[0] == "call" else self.TEXT
