@@ -249,12 +249,20 @@ def test_a_grammar_the_vocabulary_cannot_spell_fails_its_request_alone(tiny_mode
     assert other.token_ids == alone.token_ids and other.finish_reason == "length"
 
 
-def test_auto_tool_replies_keep_stop_strings_once_they_are_text(tiny_models, tmp_path):
+def test_auto_tool_replies_keep_stop_strings_once_they_are_text(tiny_models, tmp_path, monkeypatch):
     """SamplingParams.tool_call_auto (tool_choice "auto"): a reply that leaves the path of a call is free text, to
-    which stop strings apply again (constrained output otherwise ignores them); one that makes a call makes a valid
-    one."""
+    which stop strings apply again (constrained output otherwise ignores them), and is drawn without a mask; one
+    that makes a call makes a valid one."""
+    from punica.engine.json_schema import AutoCallGrammar
     from punica.server.tool_prompt import parse_calls
 
+    masks, real_mask = [], AutoCallGrammar.mask
+
+    def counted(self, s, device):
+        masks.append(s)
+        return real_mask(self, s, device)
+
+    monkeypatch.setattr(AutoCallGrammar, "mask", counted)
     model_dir, adapters = byte_tokenizer_model(tiny_models, tmp_path)
     llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", dtype="float32")
     tools = {"get": {"type": "object", "properties": {"key": {"type": "integer"}}}}
@@ -268,3 +276,4 @@ def test_auto_tool_replies_keep_stop_strings_once_they_are_text(tiny_models, tmp
         else:
             assert not any(s in out.text for s in stops), out.text
     assert any(o.finish_reason == "stop" and len(o.token_ids) < 40 for o in outs)
+    assert masks and AutoCallGrammar.TEXT not in masks  # free text: no mask, nor a wait for the step before

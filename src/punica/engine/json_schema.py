@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 
 from punica.engine.json_mode import (
@@ -259,9 +260,9 @@ def compile_schema(schema) -> tuple[list[Node], int]:
         if kind in ("number", "integer"):
             bounds = {k: s[k] for k in BOUNDS if k in s}
             step = s.get("multipleOf")
-            bad = [k for k, v in [*bounds.items(), ("multipleOf", step)] if (k != "multipleOf" or v is not None) and (
-                isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf"))
-                or (k == "multipleOf" and v <= 0))]
+            given = {**bounds, **({} if step is None else {"multipleOf": step})}
+            bad = [k for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+                   or not math.isfinite(v) or (k == "multipleOf" and v <= 0)]
             if bad:
                 raise BadRequestError(f"json_schema at {where}: {', '.join(bad)} must be a finite number (multipleOf: "
                                       "above zero)")

@@ -153,6 +153,12 @@ def _entries(host: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tokens: list
             for row, (token, k) in enumerate(zip(tokens, tops))]
 
 
+def masked(seq: Sequence) -> bool:
+    """Whether seq's next draw is masked by its grammar: it has one, and its output is not free text for good (an
+    "auto" reply that is no tool call: TokenGrammar.free), which needs neither a mask nor the step before."""
+    return seq.grammar is not None and not seq.grammar.free(seq.grammar_state)
+
+
 class ModelRunner:
     """Runs steps eagerly, or through `graphs` (a CudaGraphRunner) for the steps it can take. A step is
     launched without waiting for the one before it: token ids it needs from that step are read on the
@@ -200,7 +206,7 @@ class ModelRunner:
         ordered = order_by_slot(work)
         logits, hb = self.forward(ordered, previous.device_tokens if previous is not None else None)
         done = [seq for seq, n in ordered if seq.num_computed + n == len(seq.tokens)]
-        waiting = any(seq.grammar is not None and seq.num_pending for seq in done)
+        waiting = any(masked(seq) and seq.num_pending for seq in done)
         for seq, n in ordered:
             seq.num_computed += n
         for row, seq in enumerate(done):
@@ -260,7 +266,7 @@ class ModelRunner:
                                         [params[r].frequency_penalty for r in counted],
                                         [params[r].repetition_penalty for r in counted])
             logits = logits.index_copy(0, picked, penalized)
-        constrained = [row for row, s in enumerate(seqs) if s.grammar_state is not None and live[row]]
+        constrained = [row for row, s in enumerate(seqs) if masked(s) and live[row]]
         if constrained:  # last: the mask has the final word (json_mode.py)
             at = to_device(constrained, logits.device, torch.int64)
             masks = torch.stack([self._mask(seqs[r], logits) for r in constrained])

@@ -308,15 +308,18 @@ class ChatCompletionRequest(SamplingFields):
             out.append(fn)
         return out
 
+    def tool_schemas(self) -> dict[str, dict]:
+        """{name: JSON schema of its arguments} of every tool offered."""
+        return {fn["name"]: fn.get("parameters") or NO_PARAMETERS for fn in self.functions_offered()}
+
     def tool_use(self) -> dict[str, dict] | None:
         """The tools the reply must call one of, {name: JSON schema of its arguments}, from `tools` and
         `tool_choice`; None: a free reply (no tools, tool_choice "none", or "auto": see auto_tools)."""
-        functions, choice = self.functions_offered(), self.tool_choice
-        if choice == "none" or (choice is None and not functions):
+        schemas, choice = self.tool_schemas(), self.tool_choice
+        if choice == "none" or (choice is None and not schemas):
             return None
-        if not functions:
+        if not schemas:
             raise BadRequestError("tool_choice needs tools: list the functions the reply may call")
-        schemas = {fn["name"]: fn.get("parameters") or NO_PARAMETERS for fn in functions}
         if choice is None or choice == "auto":
             return None  # a free reply, which may make calls (auto_tools)
         if choice == "required":
@@ -345,8 +348,7 @@ class ChatCompletionRequest(SamplingFields):
             if free or not self.auto_tools or not self._constrain_auto:
                 return free
             # "auto": a reply that begins a call must be a whole, valid one (json_schema.AutoCallGrammar)
-            offered = {fn["name"]: fn.get("parameters") or NO_PARAMETERS for fn in self.functions_offered()}
-            return {"tool_call": offered, "tool_call_shape": self._call_shape, "tool_call_auto": True}
+            return {"tool_call": self.tool_schemas(), "tool_call_shape": self._call_shape, "tool_call_auto": True}
         if (self.response_format or {}).get("type", "text") != "text" or self.guided():
             raise BadRequestError("response_format (or guided_regex / guided_choice) and a required tool call exclude "
                                   "each other: the reply is the call's arguments")
