@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--budget-s", type=float, default=150.0, help="--tune stops sweeping after this long")
     ap.add_argument("--out-dir", type=Path, default=harness.RESULTS)
+    ap.add_argument("--sgmv-tuning", nargs="*", default=(), metavar="KNOB=VALUE",
+                    help="override punica.ops.sgmv.TUNING (after --tune --apply)")
     args = ap.parse_args(argv)
     setup = harness.environment()
     flush = harness.L2Flush()
@@ -423,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         tune_rows = run_tune(args, flush, copy_bw, setup)
         if args.apply:
             sgmv.set_tuning(**best_knobs(tune_rows))
+    sgmv.set_tuning(**harness.parse_tuning(args.sgmv_tuning))
     setup["tuning"] = dict(sgmv.TUNING)
     print(f"knobs: {sgmv.TUNING}", flush=True)
     if args.quick:
