@@ -97,28 +97,20 @@ SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kerne
 
 def variants():
     """Every kernel's main specializations without PDL (ops/pdl.py), and each kernel once with it."""
-    # (mode, split, BLOCK_M, persistent, PDL, PREFETCH)
-    for mode, split, block_m, persistent, use_pdl, prefetch in [
-            (sgmv.SEGMENT, 1, 32, False, False, False), (sgmv.SEGMENT, 4, 32, False, True, True),
-            (sgmv.TOKEN, 8, 1, False, True, False), (sgmv.TOKEN, 8, 1, False, True, True),
-            (sgmv.WORKLIST, 4, 32, False, False, False), (sgmv.HYBRID, 1, 32, False, False, False),
-            (sgmv.HYBRID, 4, 32, False, True, True), (sgmv.WORKLIST, 4, 32, True, True, False),
-            (sgmv.HYBRID, 4, 32, True, True, True)]:
-        yield (f"shrink mode {mode} split {split}{' persistent' if persistent else ''}{' pdl' if use_pdl else ''}"
-               f"{' prefetch' if prefetch else ''}"), sgmv._shrink_kernel, SHRINK, \
+    for mode, split, block_m, persistent in [
+            (sgmv.SEGMENT, 1, 32, False), (sgmv.SEGMENT, 4, 32, False), (sgmv.TOKEN, 8, 1, False),
+            (sgmv.WORKLIST, 4, 32, False), (sgmv.HYBRID, 1, 32, False), (sgmv.HYBRID, 4, 32, False),
+            (sgmv.WORKLIST, 4, 32, True), (sgmv.HYBRID, 4, 32, True)]:
+        yield f"shrink mode {mode} split {split}{' persistent' if persistent else ''}", sgmv._shrink_kernel, SHRINK, \
             dict(MODE=mode, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=512 if mode == sgmv.TOKEN else 128,
                  BLOCK_K1=512, BLOCK_R=16, R_BLOCKS=1, STAGES=3, PERSISTENT=persistent, SUM_AFTER=True, IEEE=False,
-                 PREFETCH=prefetch, LINE=64, PDL=use_pdl)
-    for mode, block_m, persistent, prefetch in [
-            (sgmv.SEGMENT, 32, False, True), (sgmv.TOKEN, 1, False, False), (sgmv.TOKEN, 1, False, True),
-            (sgmv.WORKLIST, 32, False, False), (sgmv.HYBRID, 32, False, True), (sgmv.WORKLIST, 32, True, False),
-            (sgmv.HYBRID, 32, True, True)]:
-        use_pdl = mode == sgmv.TOKEN or persistent or prefetch
-        yield (f"expand mode {mode}{' persistent' if persistent else ''}{' pdl' if use_pdl else ''}"
-               f"{' prefetch' if prefetch else ''}"), sgmv._expand_kernel, EXPAND, dict(
+                 PDL=split == 8 or persistent)
+    for mode, block_m, persistent in [(sgmv.SEGMENT, 32, False), (sgmv.TOKEN, 1, False), (sgmv.WORKLIST, 32, False),
+                                      (sgmv.HYBRID, 32, False), (sgmv.WORKLIST, 32, True), (sgmv.HYBRID, 32, True)]:
+        yield f"expand mode {mode}{' persistent' if persistent else ''}", sgmv._expand_kernel, EXPAND, dict(
             MODE=mode, BLOCK_M=block_m, BLOCK_N=128, BLOCK_R=16, R_CHUNKS=1, TILES_PER_PROGRAM=1, STAGES=2,
-            PERSISTENT=persistent, IEEE=False, OVERWRITE=mode == sgmv.TOKEN or persistent, PREFETCH=prefetch,
-            LINE=64, PDL=use_pdl)
+            PERSISTENT=persistent, IEEE=False, OVERWRITE=mode == sgmv.TOKEN or persistent,
+            PDL=mode == sgmv.TOKEN or persistent)
     for tiled in (False, True):
         yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
             GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, SKIP_SINGLE=tiled,

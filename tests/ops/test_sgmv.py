@@ -563,40 +563,6 @@ def test_gpu_graph_replay_bitwise_equal_to_eager(popularity, T):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("tiling", ["token", "segment", "work list", "hybrid"])
-@pytest.mark.parametrize("popularity,T", [("distinct", 1), ("distinct", 64), ("identical", 256),
-                                          ("skewed", 128), ("uniform", 33)])
-def test_gpu_prefetch_changes_no_bit(tuning, tiling, popularity, T):
-    """TUNING["prefetch_weights"]: the L2 prefetch before the PDL wait is a hint. Eager and graph-replayed
-    results, across mixed ranks and three slices, equal those without it bit for bit."""
-    tuning(bgmv_max_seg=1 << 20 if tiling == "token" else 0)
-    plan = gpu_plan(popularity, T, seed=11)
-    if tiling in ("work list", "hybrid"):
-        plan = as_work_list(plan, tiling == "hybrid")
-    widths = (4096, 1024, 1024)
-    lora_a, lora_b, slot_rank = make_weights(130, 4096, widths, 64, (64, 16, 8, 5), torch.bfloat16, "cuda")
-    x = torch.randn(T, 4096, device="cuda", dtype=torch.bfloat16)
-    y0 = torch.randn(T, sum(widths), device="cuda", dtype=torch.bfloat16)
-    run = lambda y: sgmv.add_lora_triton(y, x, lora_a, lora_b, slot_rank, plan, offsets(widths))  # noqa: E731
-    outs = {}
-    for prefetch in (0, 1):
-        tuning(prefetch_weights=prefetch)
-        eager = y0.clone()
-        run(eager)
-        replayed = y0.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run(replayed)
-        replayed.copy_(y0)
-        graph.replay()
-        torch.cuda.synchronize()
-        outs[prefetch] = eager, replayed
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert torch.equal(outs[0][0], outs[0][1])
-
-
-@gpu
-@needs_cuda
 def test_gpu_direct_launches_keep_alignment_specializations_apart():
     """A kernel compiled for 16-byte aligned tensors must not be launched directly for unaligned ones (its
     vector loads would fault or read wrong data): aligned, unaligned (views one element in), aligned again."""

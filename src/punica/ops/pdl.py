@@ -65,18 +65,7 @@ def _jit(fn):
 
 @_jit
 def pdl_start(PDL: tl.constexpr):
-    """First statement of every kernel (after any `prefetch_l2`): with PDL, wait for the previous kernel, then
-    release the next one."""
+    """First statement of every kernel: with PDL, wait for the previous kernel, then release the next one."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@_jit
-def prefetch_l2(ptrs, mask):
-    """Ask L2 for the lines holding ptrs where mask is set (PTX prefetch.global.L2; CUDA only, never in the
-    interpreter). A hint: nothing is written or waited for. Kernels issue it before `pdl_start` for weights
-    (never the previous kernel's output), so their lines arrive while the kernel before still runs; every value
-    a kernel uses is loaded after the wait, and L2 is coherent, so results do not depend on it."""
-    tl.inline_asm_elementwise("@$2 prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l,b", [ptrs, mask],
-                              dtype=tl.int32, is_pure=False, pack=1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from punica.ops.pdl import pdl_start, prefetch_l2
+from punica.ops.pdl import pdl_start
 from punica.ops.sgmv_launch import (  # noqa: F401  (re-exported: the tiling modes and knobs of this op)
     HYBRID,
     SEGMENT,
@@ -292,38 +292,16 @@ def _shrink_item(x_ptr, a_ptr, v_ptr, ws_ptr, lock_ptr, m, pid_k, pid_r, n_r, si
                      SPLIT_K, BLOCK_M, BLOCK_K, BLOCK_R, R_BLOCKS, STAGES, SUM_AFTER, IEEE)
 
 
-@_jit()
-def _prefetch_a(a_ptr, slot, rank, pid_k, pid_r, stride_as, stride_ar, H_IN, R, k_per_split, BLOCK_R: tl.constexpr,
-                R_BLOCKS: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for the rows of lora_a[slot] that split pid_k and rank block pid_r read (LINE: elements a line)."""
-    r0 = (pid_r % R_BLOCKS) * BLOCK_R
-    a_rows = a_ptr + slot.to(tl.int64) * stride_as + ((pid_r // R_BLOCKS) * R + r0 + tl.arange(0, BLOCK_R))[:, None] \
-        * stride_ar
-    r_mask = (r0 + tl.arange(0, BLOCK_R) < rank)[:, None]
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, H_IN)
-    for k in range(k_lo, k_hi, 16 * LINE):
-        kk = k + tl.arange(0, 16) * LINE
-        prefetch_l2(a_rows + kk[None, :], r_mask & (kk < k_hi)[None, :])
-
-
 @_jit(do_not_specialize=["T", "seg_blocks", "n_single"])
 def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, v_ptr, ws_ptr, lock_ptr,
                    count_ptr, stride_xt, stride_as, stride_ar, stride_vt, T, H_IN, R, NR, seg_blocks, k_per_split,
                    n_single, n_r, MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_R: tl.constexpr, R_BLOCKS: tl.constexpr,
                    STAGES: tl.constexpr, PERSISTENT: tl.constexpr, SUM_AFTER: tl.constexpr, IEEE: tl.constexpr,
-                   PREFETCH: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     """PERSISTENT (work lists with item counts): a fixed grid walks the units (real item, split, rank block)
     of the step, so the padding of a graph's list costs no programs; else a program per unit of the grid
-    (row program or item, split, rank block). PREFETCH (with PDL, not PERSISTENT): the program's A rows are
-    asked of L2 before the wait for the kernel before (`prefetch_l2`)."""
-    if PREFETCH and PDL and not PERSISTENT:
-        _, start, end, slot, rank = _row_program(indptr_ptr, seg_slot_ptr, token_slot_ptr, rank_ptr, seg_blocks,
-                                                 R, MODE, BLOCK_M)
-        if (slot != 0) & (start < end):
-            _prefetch_a(a_ptr, slot, rank, tl.program_id(1), tl.program_id(2), stride_as, stride_ar, H_IN, R,
-                        k_per_split, BLOCK_R, R_BLOCKS, LINE)
+    (row program or item, split, rank block)."""
     pdl_start(PDL)
     if PERSISTENT:
         per_item = SPLIT_K * n_r
@@ -348,16 +326,6 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 
 
 @_jit()
-def _tile_columns(tile, N, O1, O2, TILES1, TILES2, BLOCK_N: tl.constexpr):
-    """(output slice, first column, end of the slice) of an expand output tile; tiles past the last one have
-    first column >= end (fully masked)."""
-    sl = (tile >= TILES1).to(tl.int32) + (tile >= TILES2).to(tl.int32)
-    n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, O2))
-    n_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, N))
-    return sl, n_lo + (tile - tl.where(sl == 0, 0, tl.where(sl == 1, TILES1, TILES2))) * BLOCK_N, n_hi
-
-
-@_jit()
 def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
                  stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
@@ -369,7 +337,11 @@ def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, 
     y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt
     b_slot = b_ptr + slot.to(tl.int64) * stride_bs
     for i in tl.range(0, TILES_PER_PROGRAM, num_stages=STAGES):
-        sl, n0, n_hi = _tile_columns(pid_n * TILES_PER_PROGRAM + i, N, O1, O2, TILES1, TILES2, BLOCK_N)
+        tile = pid_n * TILES_PER_PROGRAM + i  # tiles past the last one are fully masked
+        sl = (tile >= TILES1).to(tl.int32) + (tile >= TILES2).to(tl.int32)  # output slice of this tile
+        n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, O2))
+        n_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, N))
+        n0 = n_lo + (tile - tl.where(sl == 0, 0, tl.where(sl == 1, TILES1, TILES2))) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_hi
         mask = m_mask[:, None] & n_mask[None, :]
@@ -430,23 +402,11 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
                    stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2, n_single,
                    COLS, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
-                   PERSISTENT: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr, PREFETCH: tl.constexpr,
-                   LINE: tl.constexpr, PDL: tl.constexpr):
+                   PERSISTENT: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr, PDL: tl.constexpr):
     """y += v @ B per row program and output tile; OVERWRITE (row programs that cover every token: token
     mode, work lists with items_cover): y = v @ B, and rows without an adapter are written zero.
     PERSISTENT (work lists with item counts): a fixed grid walks the units (real item, column program) of
-    the step, item-major, so the padding of a graph's list costs no programs. PREFETCH (with PDL, not
-    PERSISTENT): the program's tiles of B are asked of L2 before the wait for the kernel before (the shrink)."""
-    if PREFETCH and PDL and not PERSISTENT:
-        start, end, slot = _row_block(tl.program_id(0), indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE,
-                                      BLOCK_M)
-        if (slot != 0) & (start < end):
-            for i in tl.static_range(TILES_PER_PROGRAM):  # B rows are R apart: a tile is one run of memory
-                _, n0, n_hi = _tile_columns(tl.program_id(1) * TILES_PER_PROGRAM + i, N, O1, O2, TILES1, TILES2,
-                                            BLOCK_N)
-                offs = tl.arange(0, BLOCK_N * BLOCK_R * R_CHUNKS // LINE) * LINE
-                prefetch_l2(b_ptr + slot.to(tl.int64) * stride_bs + n0 * stride_bn + offs,
-                            offs < tl.minimum(n_hi - n0, BLOCK_N) * stride_bn)
+    the step, item-major, so the padding of a graph's list costs no programs."""
     pdl_start(PDL)
     if PERSISTENT:
         # A unit's loads depend on each other (item -> slot -> rank -> weights); the walk issues the item two
@@ -553,8 +513,7 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
     count = plan.item_count if counted else plan.token_slot  # read only by the persistent kernel
     tensors = (x, lora_a, slot_rank, indptr, plan.seg_slot, plan.token_slot, v, ws, locks, count)
     strides = (x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0))
-    prefetch = bool(TUNING["prefetch_weights"]), 128 // lora_a.element_size()  # PREFETCH, LINE (elements)
-    _launch(_shrink_kernel, grid, tensors, strides, (T,), (*tail, x.dtype == torch.float32, *prefetch), warps)
+    _launch(_shrink_kernel, grid, tensors, strides, (T,), (*tail, x.dtype == torch.float32), warps)
 
 
 def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
@@ -578,9 +537,7 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
     count = plan.item_count if counted else plan.token_slot  # read only by the persistent kernel
     tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, count, y)
     strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0))
-    prefetch = bool(TUNING["prefetch_weights"]), 128 // lora_b.element_size()  # PREFETCH, LINE (elements)
-    _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32, overwrite, *prefetch),
-            warps)
+    _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32, overwrite), warps)
 
 
 def _covers(plan: SegmentPlan, mode: int, T: int) -> bool:

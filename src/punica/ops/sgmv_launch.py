@@ -84,8 +84,6 @@ TUNING = {
                                 # items (cuda_graph.is_sparse). Chain, decode at 128, skewed and identical: 108.8
                                 # and 97.8 us a layer -> 84.7 and 45.2. Text generation at 128 (256 requests),
                                 # step / floor skewed 1.56 -> 1.43, identical 1.65 -> 1.40; batch 32 unchanged
-    "prefetch_weights": 0,      # 1: with PDL, each program asks L2 for its weights before waiting for the kernel
-                                # before (ops/pdl.prefetch_l2), so they load while that kernel finishes
     "persistent_min_batch": 128,  # item counts reach the kernels in mixed graphs of at least this many sequences
                                 # only (cuda_graph.counts_items); at batch 32 the walk lost 5 us a layer distinct
 }
