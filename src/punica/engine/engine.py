@@ -29,6 +29,7 @@ from punica.kv.cache import allocate_kv_pool
 from punica.lora.manager import AdapterManager
 from punica.lora.peft import LoRAWeights
 from punica.lora.pool import AdapterPool
+from punica.model.gguf_convert import model_dir
 from punica.model.loader import DTYPES, load_model
 from punica.ops import resolve_backend, select_ops
 
@@ -70,7 +71,10 @@ class Engine:
                 isinstance(k, str) and isinstance(v, (str, os.PathLike)) for k, v in lora_modules.items())):
             raise ConfigError(f"lora_modules must map adapter names to PEFT directories, got {lora_modules!r}")
         if not isinstance(config.model, (str, os.PathLike)) or not str(config.model):
-            raise ConfigError(f"model must be a model directory (a path), got {config.model!r}")
+            raise ConfigError(f"model must be a model directory or a .gguf file (a path), got {config.model!r}")
+        resolved = model_dir(config.model)  # a llama.cpp .gguf file: its conversion, cached, is what loads
+        if resolved != config.model:
+            config = dataclasses.replace(config, model=resolved)
         self.config = config
         device = resolve_device(config.device)
         model_cfg = read_model_config(config.model)

@@ -5,15 +5,21 @@ Writes `config.json`, `model.safetensors` (HF tensor names, dequantized), `token
 Punica's loader and with `transformers` alike. Two llama.cpp conventions are undone on the way:
 attn_q/attn_k rows are permuted back from llama.cpp's rope layout, and a missing `output.weight`
 means tied embeddings.
+
+`gguf_model_dir` is what serving a `.gguf` file takes: the conversion, once, into Punica's cache, reused while
+the file is unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import sys
+import tempfile
 from typing import Callable
 
 import numpy as np
@@ -255,3 +261,74 @@ def _write_hf_dir(out_dir: str, tensors: dict[str, torch.Tensor], config: dict, 
                 tokenizer_config(meta, config["max_position_embeddings"]))
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(tokenizer.to_str(pretty=True))  # as tokenizer.save writes it, but failing with OSError
+
+
+# ---- the conversion cache --------------------------------------------------------------------------
+
+CONVERTER_VERSION = 1  # raise it when the converter's output changes: cached conversions are then redone
+_STAMP = "punica_convert.json"
+_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _STAMP)
+
+
+def cache_root() -> str:
+    """`$PUNICA_CACHE`, else `~/.cache/punica` (read at call time, never at import)."""
+    return os.environ.get("PUNICA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "punica")
+
+
+def _is_current(model_dir: str, stamp: dict) -> bool:
+    if not all(os.path.isfile(os.path.join(model_dir, f)) for f in _FILES):
+        return False
+    with open(os.path.join(model_dir, _STAMP), encoding="utf-8") as f:
+        return json.load(f) == stamp
+
+
+def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: Log = _stderr) -> str:
+    """`target`, after converting gguf_path into it unless it already holds the conversion `stamp` describes.
+    The conversion goes into a temporary sibling that is then renamed into place, so no reader sees half a
+    directory, and two processes converting at once both succeed. `what` names the cache in messages."""
+    if _is_current(target, stamp):
+        return target
+    log(f"punica: first use of {what.removeprefix('the ')}; converting it into {target}")
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    except OSError as e:  # the cache path, or a folder above it, is a file, or is not writable
+        raise ModelLoadError(f"cannot create the cache of {what} in {parent!r} ({e}); set PUNICA_CACHE to a "
+                             "writable directory") from e
+    os.chmod(tmp, 0o755)
+    try:
+        convert_gguf(gguf_path, tmp, log=log)
+        with open(os.path.join(tmp, _STAMP), "w", encoding="utf-8") as f:
+            json.dump(stamp, f)
+        if os.path.isdir(target) and not _is_current(target, stamp):  # an older converter, or another file
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_current(target, stamp):  # a concurrent conversion finishing first is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gguf_model_dir(gguf_path: str, log: Log = _stderr) -> str:
+    """The HF directory of a llama.cpp GGUF file, converted (bf16) on first use into
+    `<cache>/gguf/<hash of its absolute path>/<file name without .gguf>`, so the model is served under its file's
+    name. The conversion is redone when the file's size or modification time changes."""
+    path = os.path.abspath(gguf_path)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"GGUF file {gguf_path!r} does not exist")
+    info = os.stat(path)
+    stamp = {"source": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns,
+             "converter_version": CONVERTER_VERSION}
+    name = os.path.basename(path)[:-len(".gguf")] if path.lower().endswith(".gguf") else os.path.basename(path)
+    folder = hashlib.sha256(path.encode()).hexdigest()[:12]
+    return cached_conversion(path, os.path.join(cache_root(), "gguf", folder, name), stamp, os.path.basename(path),
+                             log)
+
+
+def model_dir(model: str) -> str:
+    """The HF directory to load for `model`: itself, or for a `.gguf` file its cached conversion."""
+    return gguf_model_dir(model) if str(model).lower().endswith(".gguf") else model
