@@ -6,7 +6,7 @@ import os
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
@@ -26,6 +26,10 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     elif family == "qwen2":
         cfg = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":  # per-head q/k norms; head_dim apart from hidden_size / heads, as in Qwen3's checkpoints
+        common.setdefault("head_dim", 32)
+        cfg = transformers.Qwen3Config(**common)
+        cls = transformers.Qwen3ForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
@@ -34,6 +38,8 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # HF's ones would hide a norm not applied
+                p.uniform_(0.5, 1.5)
     return model
 
 

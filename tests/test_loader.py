@@ -66,13 +66,17 @@ def test_half_precision_runs_and_mostly_agrees(tiny_models, dtype):
     assert [o.token_ids[0] for o in ours] == [o.token_ids[0] for o in ref]
 
 
-def test_missing_and_unsupported_models_raise(tmp_path, tiny_models):
+def test_missing_and_unsupported_models_raise(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("PUNICA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelLoadError, match="no config.json"):
         LLM(model=str(tmp_path), device="cpu")
     with pytest.raises(ModelLoadError, match="'.*nowhere' does not exist"):  # these said "no config.json in"
         LLM(model=str(tmp_path / "nowhere"), device="cpu")
-    (tmp_path / "model.gguf").write_text("")
-    with pytest.raises(ModelLoadError, match="'.*model.gguf' is not a directory"):
+    (tmp_path / "model.bin").write_text("")
+    with pytest.raises(ModelLoadError, match="'.*model.bin' is not a directory"):
+        LLM(model=str(tmp_path / "model.bin"), device="cpu")
+    (tmp_path / "model.gguf").write_text("")  # a .gguf file is converted first (test_gguf_convert.py)
+    with pytest.raises(ModelLoadError, match="cannot read GGUF file '.*model.gguf'"):
         LLM(model=str(tmp_path / "model.gguf"), device="cpu")
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ModelLoadError, match="GPT2LMHeadModel.*not supported"):
@@ -97,11 +101,27 @@ def write_config(model_dir, tiny_models, config) -> None:
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' in .* not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' in .* lacks low_freq_factor, high_freq"),
     ({"rope_scaling": "linear"}, "rope_scaling in .* must be an object or null, got 'linear'"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": "64"}, "sliding_window='64' in .* positive integer"),
 ])
 def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
     write_config(tmp_path, tiny_models, config)
     with pytest.raises(ModelLoadError, match=match):
         LLM(model=str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("config, max_len", [
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 64}, 64),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": None}, 256),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, 256),
+    ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "use_sliding_window": False}, 256),
+    ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "use_sliding_window": True}, 64),
+    ({"architectures": ["LlamaForCausalLM"], "sliding_window": 64}, 256),
+])
+def test_a_sliding_window_caps_the_context(tmp_path, tiny_models, config, max_len):
+    """Attention over a sliding window equals full attention within the window, so the context stops there
+    instead of attending past it (Mistral 7B v0.1: a 4096-token window in 32768 positions)."""
+    write_config(tmp_path, tiny_models, {"max_position_embeddings": 256, **config})
+    assert read_model_config(str(tmp_path)).max_position_embeddings == max_len
 
 
 def test_architectures_as_a_string_is_refused(tmp_path, tiny_models):

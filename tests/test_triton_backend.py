@@ -9,7 +9,7 @@ from test_parity import LORAS, peft_generate, peft_model, prompts
 from punica import LLM, SamplingParams
 
 
-@pytest.mark.parametrize("family,first", [("llama", False), ("qwen2", False), ("llama", True)])
+@pytest.mark.parametrize("family,first", [("llama", False), ("qwen2", False), ("qwen3", False), ("llama", True)])
 def test_triton_backend_mixed_batch_equals_peft(tiny_models, request, family, first):
     """`first`: every step's LoRA first, its expand overwriting y in the kernel (segments, tokens), then the
     GEMM adds to y (the `delta_first` fixture; as steps of more than layers.DELTA_FIRST_MIN_TOKENS tokens run)."""
@@ -41,7 +41,7 @@ def _nan_delta_deferred(self, x, batch):
     ("llama", 0, 0, 1, False, 0, 0), ("qwen2", 0, 0, 1, False, 0, 0), ("llama", 1, 0, 1, False, 0, 0),
     ("llama", 2, 0, 1, False, 0, 0), ("llama", 2, 4, 3, False, 0, 0), ("llama", 0, 0, 1, True, 0, 0),
     ("llama", 2, 4, 3, True, 0, 0), ("llama", 2, 8, 2, True, 0, 0), ("llama", 2, 4, 3, True, 2, 0),
-    ("llama", 2, 0, 1, True, 0, 1.0)])
+    ("llama", 2, 0, 1, True, 0, 1.0), ("qwen3", 2, 4, 3, True, 0, 0)])
 def test_padded_graph_batches_equal_peft(tiny_models, monkeypatch, family, hybrid, decode_max, single_max, delta,
                                          persistent, sparse):
     """The CUDA-graph runner's padded buffers, run eagerly (no capture on the CPU): decode buckets with

@@ -41,6 +41,7 @@ class ModelConfig:
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     architecture: str = "LlamaForCausalLM"
@@ -61,7 +62,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # rope_scaling types ops/norm_rope.rope_inv_freq implements -> the fields each needs
 ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
                        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -106,16 +107,23 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
     if not hf.get("head_dim") and hidden % heads:
         raise ModelLoadError(f"hidden_size={hidden} in {path} is not a multiple of num_attention_heads={heads}; "
                              f"set head_dim")
+    max_len = hf.get("max_position_embeddings", 4096)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
+    if window is not None and not (isinstance(window, int) and window > 0):
+        raise ModelLoadError(f"sliding_window={window!r} in {path} must be a positive integer or null")
+    if window is not None and window < max_len:  # within the window, sliding attention is full attention
+        max_len = window
     return ModelConfig(
         vocab_size=_size(hf, "vocab_size", path), hidden_size=hidden,
         intermediate_size=_size(hf, "intermediate_size", path), num_layers=_size(hf, "num_hidden_layers", path),
         num_heads=heads, num_kv_heads=kv_heads,
         head_dim=hf.get("head_dim") or hidden // heads,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        max_position_embeddings=max_len,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rope_scaling=_rope_scaling(scaling, path), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        qk_norm=arch == "Qwen3ForCausalLM",
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         bos_token_id=hf.get("bos_token_id"), architecture=arch,
         torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),

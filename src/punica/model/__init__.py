@@ -1,1 +1,1 @@
-"""One LLaMA-family model (Llama 2/3, Mistral, Qwen2), the Batch it consumes, and the HF loader."""
+"""One LLaMA-family model (Llama 2/3, Mistral, Qwen2, Qwen3), the Batch it consumes, and the HF loader."""

@@ -1,4 +1,4 @@
-"""The LLaMA family (Llama 2/3, Mistral, Qwen2) over a paged KV cache, with per-token LoRA adapters.
+"""The LLaMA family (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache, with per-token LoRA adapters.
 
 Projections are fused (qkv, gate_up); each applies one adapter per output slice. The model never
 branches on the adapter: a token without one sits in a slot-0 segment that the LoRA op skips.
@@ -30,6 +30,10 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.qkv_proj = LoRALinear(ops, cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
         self.o_proj = LoRALinear(ops, cfg.q_size, (cfg.hidden_size,))
+        if cfg.qk_norm:  # Qwen3: each head of q and k is RMS-normalized (its own weights) before RoPE
+            self.q_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.cos_sin = cos_sin
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -44,8 +48,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """o_proj's output and its LoRA delta still to add (None when added)."""
         T = x.shape[0]
-        qkv, delta = _deferred(self.qkv_proj, x, batch, FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"])
+        fold = FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"] and not self.qk_norm  # the norms need q + delta
+        qkv, delta = _deferred(self.qkv_proj, x, batch, fold)
         q, k, v = self.heads(qkv)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         if FUSIONS["rope_store_kv"]:
             q = self.ops.rope_store_kv(q, k, v, batch.positions, self.cos_sin, self.k_cache, self.v_cache,
                                        batch.slot_mapping, None if delta is None else self.heads(delta))
