@@ -17,7 +17,7 @@ from factories import ADAPTER_SPECS, FAMILIES, make_hf_model, make_peft_adapter,
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{family: (hf_model, model_dir, {adapter: dir})} for the three families."""
+    """{family: (hf_model, model_dir, {adapter: dir})} for each of factories.FAMILIES."""
     out = {}
     for i, family in enumerate(FAMILIES):
         root = tmp_path_factory.mktemp(family)

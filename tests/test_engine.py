@@ -415,11 +415,14 @@ def test_lora_overlap_modes_are_checked(llama):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_unfused_kernels_give_the_same_tokens(llama, monkeypatch, backend):
-    """llama.FUSIONS off (rope and the KV store as two kernels) generates what the fused default does."""
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_unfused_kernels_give_the_same_tokens(tiny_models, monkeypatch, backend, family):
+    """llama.FUSIONS off (rope and the KV store as two kernels; Qwen3's q/k norms as kernels of their own)
+    generates what the fused default does."""
     from punica.model import llama as llama_module
 
-    llm = LLM(model=llama[0], lora_modules=llama[1], device="cpu", backend=backend)
+    _, model_dir, adapters = tiny_models[family]
+    llm = LLM(model=model_dir, lora_modules=adapters, device="cpu", backend=backend)
     ids = prompts(seed=31)[:3]
     loras = ["a4", None, "c16"]
     fused = [o.token_ids for o in llm.generate(ids, GREEDY, lora=loras)]

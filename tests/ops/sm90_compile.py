@@ -84,8 +84,10 @@ SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kerne
      [(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "q_out_ptr", "k_cache_ptr",
                               "v_cache_ptr")]
      + [("pos_ptr", "*i64"), ("cos_sin_ptr", "*fp32"), ("slot_ptr", "*i64")]
-     + ints("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"),
-     dict(HQ=32, HKV=8, HALF=64, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_HALF=64, HAS_DELTA=True)),
+     + ints("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
+     + [("wq_ptr", "*bf16"), ("wk_ptr", "*bf16"), ("eps", "fp32")],
+     dict(HQ=32, HKV=8, HALF=64, BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_HALF=64, HAS_DELTA=True, NORM=True,
+          ROUND_FIRST=True)),
     ("store_kv", kv_store._store_kv_kernel, [(n, "*bf16") for n in ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")]
      + [("slot_ptr", "*i64")] + ints("stride_kt", "stride_kh", "stride_vt", "stride_vh"),
      dict(H_KV=8, HEAD_DIM=128, BLOCK_H=8)),

@@ -89,23 +89,40 @@ def rope_store_case(t, h_q, h_kv, d, dtype, device, max_pos=512):
     return q, k, v, positions, cos_sin, slots.to(device), pool
 
 
+def qk_norm_case(d, dtype, device, weight_dtype=None):
+    """Qwen3's per-head q/k norm weights (around 1, q's and k's apart) and eps."""
+    wq = 1 + 0.5 * randn(d, dtype=weight_dtype or dtype, device=device, seed=11)
+    wk = 1 + 0.5 * randn(d, dtype=weight_dtype or dtype, device=device, seed=12)
+    return wq, wk, 1e-6
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_q,h_kv,d", [(4, 2, 16), (6, 3, 32), (8, 8, 64)])
-@pytest.mark.parametrize("with_delta", [False, True])
-def test_rope_store_kv_equals_rope_then_store(device, dtype, h_q, h_kv, d, with_delta):
+@pytest.mark.parametrize("with_delta,with_norm", [(False, False), (True, False), (False, True), (True, True)])
+def test_rope_store_kv_equals_rope_then_store(device, dtype, h_q, h_kv, d, with_delta, with_norm):
     """One launch: q rotated, k rotated into the pool and v beside it, padding rows (slot -1) untouched; with
-    a LoRA delta (views of a fused [T, N] tensor, like q, k, v) added to each first."""
+    a LoRA delta (views of a fused [T, N] tensor, like q, k, v) added to each first; with q/k norms, each head
+    of q and k RMS-normalized before the rotation."""
     q, k, v, positions, cos_sin, slots, pool = rope_store_case(6, h_q, h_kv, d, dtype, device)
     delta = None
     if with_delta:
         fused = randn(6, (h_q + 2 * h_kv) * d, dtype=dtype, device=device, seed=9)
         delta = tuple(fused.as_strided(x.shape, x.stride(), x.storage_offset()) for x in (q, k, v))
+    norms = qk_norm_case(d, dtype, device) if with_norm else None
     ours, ref = pool.clone(), pool.clone()
-    q_ours = kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, delta)
-    q_ref = rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots, delta)
+    q_ours = kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, delta, norms)
+    q_ref = rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots, delta, norms)
+    plain = pool.clone()
     if with_delta:  # the delta took part
-        plain = pool.clone()
-        assert not torch.equal(q_ref, rope_store_kv_torch(q, k, v, positions, cos_sin, plain[0], plain[1], slots))
+        assert not torch.equal(q_ref, rope_store_kv_torch(q, k, v, positions, cos_sin, plain[0], plain[1], slots,
+                                                          None, norms))
+    if with_norm:  # so did the norms, and they equal rms_norm on each head before the rotation
+        assert not torch.equal(q_ref, rope_store_kv_torch(q, k, v, positions, cos_sin, plain[0], plain[1], slots,
+                                                          delta))
+        qd, kd, vd = (x if delta is None else x + dx for x, dx in zip((q, k, v), delta or (None,) * 3))
+        normed = [norm_rope.rms_norm_torch(x.reshape(-1, d), w, norms[2]).view(x.shape)
+                  for x, w in ((qd, norms[0]), (kd, norms[1]))]
+        assert torch.equal(q_ref, rope_store_kv_torch(*normed, vd, positions, cos_sin, plain[0], plain[1], slots))
     assert_close(q_ours, q_ref)
     assert_close(ours, ref)
     changed = ours.ne(pool).view(2, -1, k.shape[1] * k.shape[2]).any(-1)  # [k/v, pool row]
@@ -138,6 +155,19 @@ def test_silu_and_mul_adds_a_delta_first(device, dtype):
         norm_rope.silu_and_mul_triton(x, delta[:, :48])
 
 
+def test_rope_store_kv_norm_weights_of_another_dtype(device):
+    """q/k norm weights in fp32 beside fp16 activations: the product is taken in fp32, as the reference takes it."""
+    q, k, v, positions, cos_sin, slots, pool = rope_store_case(5, 4, 2, 32, torch.float16, device)
+    norms = qk_norm_case(32, torch.float16, device, weight_dtype=torch.float32)
+    ours, ref = pool.clone(), pool.clone()
+    assert_close(kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, None, norms),
+                 rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots, None, norms))
+    assert_close(ours, ref)
+    with pytest.raises(ValueError, match="qk_norm weights must be contiguous \\[32\\]"):
+        kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, None,
+                                      (norms[0][:16], norms[1], 1e-6))
+
+
 def test_rejects_bad_shapes(device):
     with pytest.raises(ValueError, match="weight"):
         norm_rope.rms_norm_triton(randn(2, 8, device=device), randn(4, device=device), 1e-6)
@@ -165,7 +195,8 @@ def test_gpu_llama2_7b_sizes_bf16():
                          apply_rope_torch(q, k, positions, cos_sin)):
         assert_close(ours, ref)
     q, k, v, positions, cos_sin, slots, pool = rope_store_case(t, 32, 8, 128, torch.bfloat16, "cuda", 4096)
-    ours, ref = pool.clone(), pool.clone()
-    assert_close(kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots),
-                 rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots))
-    assert_close(ours, ref)
+    for norms in (None, qk_norm_case(128, torch.bfloat16, "cuda")):  # Llama 3 8B's and Qwen3 8B's attention
+        ours, ref = pool.clone(), pool.clone()
+        assert_close(kv_store.rope_store_kv_triton(q, k, v, positions, cos_sin, ours[0], ours[1], slots, None, norms),
+                     rope_store_kv_torch(q, k, v, positions, cos_sin, ref[0], ref[1], slots, None, norms))
+        assert_close(ours, ref)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from punica.ops import pdl
-from punica.ops.norm_rope import _angles, _check_delta, _load_sum, _rotate_heads, apply_rope_torch
+from punica.ops.norm_rope import _angles, _check_delta, _load_sum, _rotate_heads, apply_rope_torch, rms_norm_torch
 from punica.ops.pdl import pdl_start
 
 try:
@@ -83,19 +83,20 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, q_out_ptr
                           cos_sin_ptr, slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
                           BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_DELTA: tl.constexpr,
-                          PDL: tl.constexpr):
+                          wq_ptr, wk_ptr, eps, NORM: tl.constexpr, ROUND_FIRST: tl.constexpr, PDL: tl.constexpr):
     """Program t: rotate token t's q heads into q_out, and its k heads into KV-pool row slot_mapping[t] with
     its v heads beside them (neither when that row is < 0: padding); with HAS_DELTA, q, k, v plus dq, dk, dv
-    (a LoRA delta not yet added, same strides) first."""
+    (a LoRA delta not yet added, same strides) first; with NORM, q's and k's heads RMS-normalized (weights wq,
+    wk) before the rotation."""
     pdl_start(PDL)
     t = tl.program_id(0)
     cos, sin = _angles(cos_sin_ptr, pos_ptr, t, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, t, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF,
-                  dq_ptr, HAS_DELTA)
+                  dq_ptr, HAS_DELTA, wq_ptr, eps, NORM, ROUND_FIRST)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         _rotate_heads(k_ptr, k_cache_ptr, t, slot, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV,
-                      BLOCK_HALF, dk_ptr, HAS_DELTA)
+                      BLOCK_HALF, dk_ptr, HAS_DELTA, wk_ptr, eps, NORM, ROUND_FIRST)
         h, d = tl.arange(0, BLOCK_HKV)[:, None], tl.arange(0, 2 * BLOCK_HALF)[None, :]
         mask = (h < HKV) & (d < 2 * HALF)
         v = _load_sum(v_ptr, dv_ptr, t * stride_vt + h * stride_vh + d, mask, HAS_DELTA).to(v_ptr.dtype.element_ty)
@@ -104,11 +105,15 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, dq_ptr, dk_ptr, dv_ptr, q_out_ptr
 
 def rope_store_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, delta: tuple | None = None) -> torch.Tensor:
+                        slot_mapping: torch.Tensor, delta: tuple | None = None,
+                        qk_norm: tuple | None = None) -> torch.Tensor:
     """apply_rope, then store_kv of the rotated k and of v (ops/kv_store.py); returns the rotated q. `delta`:
-    (dq, dk, dv), a LoRA delta not yet added to q, k, v (each sum rounded to their dtype first)."""
+    (dq, dk, dv), a LoRA delta not yet added to q, k, v (each sum rounded to their dtype first). `qk_norm`:
+    (q weight [D], k weight [D], eps), an RMSNorm over each head of q and k before the rotation (Qwen3)."""
     if delta is not None:
         q, k, v = q + delta[0], k + delta[1], v + delta[2]
+    if qk_norm is not None:
+        q, k = rms_norm_torch(q, qk_norm[0], qk_norm[2]), rms_norm_torch(k, qk_norm[1], qk_norm[2])
     q, k = apply_rope_torch(q, k, positions, cos_sin)
     store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
     return q
@@ -116,9 +121,10 @@ def rope_store_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 
 def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                          cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor, delta: tuple | None = None) -> torch.Tensor:
+                         slot_mapping: torch.Tensor, delta: tuple | None = None,
+                         qk_norm: tuple | None = None) -> torch.Tensor:
     """rope_store_kv_torch in one launch (one program per token); q, k, v may be strided views, and each part
-    of delta must have the strides of its counterpart.
+    of delta must have the strides of its counterpart; qk_norm's weights are contiguous [D].
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; positions, slot_mapping: [T] int; cos_sin: [max_positions, D] fp32;
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] contiguous. Returns q rotated, [T, Hq, D].
@@ -131,6 +137,11 @@ def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
                          f"cos_sin {tuple(cos_sin.shape)} (contiguous) must be [T, Hq, D], [T], [max_positions, D]")
     for name, x, dx in zip("qkv", (q, k, v), delta or (None,) * 3):
         _check_delta(name, x, dx)
+    wq, wk, eps = qk_norm or (q, k, 0.0)
+    if qk_norm is not None and (wq.shape != (d,) or wk.shape != (d,) or not wq.is_contiguous()
+                                or not wk.is_contiguous() or wq.dtype != wk.dtype):
+        raise ValueError(f"qk_norm weights must be contiguous [{d}] of one dtype, got {tuple(wq.shape)} "
+                         f"{wq.dtype}, {tuple(wk.shape)} {wk.dtype}")
     q_out = torch.empty((t, h_q, d), dtype=q.dtype, device=q.device)
     if t:
         h_kv = k.shape[1]
@@ -139,5 +150,6 @@ def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
                                     k.stride(1), v.stride(0), v.stride(1), HQ=h_q, HKV=h_kv, HALF=d // 2,
                                     BLOCK_HQ=triton.next_power_of_2(h_q), BLOCK_HKV=triton.next_power_of_2(h_kv),
                                     BLOCK_HALF=triton.next_power_of_2(d // 2), HAS_DELTA=delta is not None,
-                                    **pdl.options(q))
+                                    wq_ptr=wq, wk_ptr=wk, eps=eps, NORM=qk_norm is not None,
+                                    ROUND_FIRST=wq.dtype == q.dtype, **pdl.options(q))
     return q_out

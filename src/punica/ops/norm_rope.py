@@ -188,15 +188,32 @@ def silu_and_mul_triton(x: torch.Tensor, delta: torch.Tensor | None = None) -> t
 
 
 @_jit
+def _norm_heads(x1, x2, w_ptr, eps, i, HALF: tl.constexpr, DTYPE: tl.constexpr, ROUND_FIRST: tl.constexpr):
+    """rms_norm_torch over each head (row) of the halves x1, x2 [BLOCK_H, BLOCK_HALF] (fp32, zero where masked)
+    with weight w [2 * HALF], rounded to DTYPE as the reference rounds; returns the two halves in fp32."""
+    r = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    y1, y2 = x1 * r, x2 * r
+    if ROUND_FIRST:  # the reference casts to x's dtype before multiplying by a weight of that dtype
+        y1, y2 = y1.to(DTYPE).to(tl.float32), y2.to(DTYPE).to(tl.float32)
+    w1 = tl.load(w_ptr + i, mask=i < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
+    return (y1 * w1).to(DTYPE).to(tl.float32), (y2 * w2).to(DTYPE).to(tl.float32)
+
+
+@_jit
 def _rotate_heads(x_ptr, o_ptr, t, row, stride_t, stride_h, cos, sin, H: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, d_ptr, HAS_DELTA: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, d_ptr, HAS_DELTA: tl.constexpr, w_ptr=None,
+                  eps=0.0, NORM: tl.constexpr = False, ROUND_FIRST: tl.constexpr = True):
     """Rotate the H heads of token t (+ d's, same strides) into contiguous row `row` of o: (x1, x2) ->
-    (x1 cos - x2 sin, x2 cos + x1 sin), pairs (i, i + HALF), rounded to o's dtype as the reference rounds."""
+    (x1 cos - x2 sin, x2 cos + x1 sin), pairs (i, i + HALF), rounded to o's dtype as the reference rounds.
+    NORM: each head RMS-normalized with weight w first (Qwen3's q_norm / k_norm)."""
     h, i = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < H) & (i < HALF)
     offs = t * stride_t + h * stride_h + i
     x1 = _load_sum(x_ptr, d_ptr, offs, mask, HAS_DELTA)
     x2 = _load_sum(x_ptr, d_ptr, offs + HALF, mask, HAS_DELTA)
+    if NORM:
+        x1, x2 = _norm_heads(x1, x2, w_ptr, eps, i, HALF, x_ptr.dtype.element_ty, ROUND_FIRST)
     dst = o_ptr + (row * H + h) * (2 * HALF) + i
     rounded = x_ptr.dtype.element_ty  # the reference returns x's dtype, which the cache may then convert
     tl.store(dst, (x1 * cos - x2 * sin).to(rounded).to(o_ptr.dtype.element_ty), mask=mask)
