@@ -39,6 +39,11 @@ from punica.workload import adapter_indices, sharegpt_like_lengths
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                  rms_norm_eps=1e-5, rope_theta=10000.0, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, torch_dtype="bfloat16",
+                bos_token_id=151643, eos_token_id=151645)
+SHAPES = {"llama2-7b": LLAMA2_7B, "qwen3-8b": QWEN3_8B}
 TINY = dict(LLAMA2_7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, torch_dtype="float32")
 PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -55,9 +60,10 @@ def write_model_dir(root: Path, cfg: dict) -> str:
 
 def write_adapters(root: Path, cfg: dict, n: int, rank: int) -> dict[str, str]:
     """`n` random PEFT adapters of rank `rank` on all seven projections."""
-    h, inter, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg[
-        "num_attention_heads"] * cfg["num_key_value_heads"]
-    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, inter),
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, inter),
             "up_proj": (h, inter), "down_proj": (inter, h)}
     paths = {}
     for i in range(n):

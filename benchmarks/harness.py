@@ -178,6 +178,8 @@ def add_engine_knobs(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gemm-config", default=None, metavar="JSON", help="tiles and shapes saved by bench_gemm")
     ap.add_argument("--unfused", action="store_true",
                     help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
+    ap.add_argument("--fuse-qk-norm", action=flag, default=True,
+                    help="Qwen3's q/k norms inside rope_store_kv, not kernels of their own (llama.FUSIONS)")
     ap.add_argument("--decode-order", action=flag, default=True,
                     help="decode graphs start attention programs longest context first (cuda_graph.DECODE_ORDER)")
     ap.add_argument("--delta-overwrite", action=flag, default=True,
@@ -207,7 +209,8 @@ def apply_engine_knobs(args: argparse.Namespace) -> dict:
         gemm.PLAIN_SHAPES.clear()
     gemm.BESIDE_LORA = args.triton_gemm_beside_lora
     if args.unfused:
-        llama.FUSIONS.update(rope_store_kv=False, fold_delta=False)
+        llama.FUSIONS.update(rope_store_kv=False, qk_norm=False, fold_delta=False)
+    llama.FUSIONS["qk_norm"] &= args.fuse_qk_norm
     cuda_graph.DECODE_ORDER, layers.DELTA_OVERWRITE = args.decode_order, args.delta_overwrite
     attention.SPLIT_MIXED, attention.OVERLAP_MIXED = args.split_mixed_attention, args.overlap_mixed_attention
     if args.side_stream_max_tokens is not None:

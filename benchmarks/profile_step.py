@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_textgen_lora import LLAMA2_7B, TINY, write_adapters, write_model_dir
+from benchmarks.bench_textgen_lora import SHAPES, TINY, write_adapters, write_model_dir
 from benchmarks.harness import (
     add_engine_knobs,
     apply_engine_knobs,
@@ -353,13 +353,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="also the decode graph (and, without --graph-only, the mixed and prefill steps) "
                          "recaptured or rerun under each set of SGMV knobs or layer constants such as "
                          "DELTA_FIRST_MIN_TOKENS=1000000 (\"\" = the defaults)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b",
+                    help="the random model's architecture and sizes")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
-    cfg = TINY if args.tiny else LLAMA2_7B
+    cfg = TINY if args.tiny else SHAPES[args.shape]
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 **knobs)
+                 shape="tiny" if args.tiny else args.shape, **knobs)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)

@@ -16,10 +16,11 @@ from punica.ops import Ops
 from punica.ops.norm_rope import rope_cos_sin, rope_inv_freq
 
 # Kernel fusions the model uses (benchmarks A/B them with --unfused): "rope_store_kv" rotates q, k and writes
-# k, v to the KV pool in one launch, normalizing q's and k's heads first where the model has q/k norms (Qwen3);
-# "fold_delta" adds a LoRA delta computed beside its projection's GEMM in the next kernel instead of an add of its
-# own: qkv's in rope_store_kv, gate_up's in silu_and_mul, o's and down's in the add_rms_norm after them.
-FUSIONS = {"rope_store_kv": True, "fold_delta": True}
+# k, v to the KV pool in one launch; "qk_norm" (with it) normalizes q's and k's heads there first where the model
+# has q/k norms (Qwen3); "fold_delta" adds a LoRA delta computed beside its projection's GEMM in the next kernel
+# instead of an add of its own: qkv's in rope_store_kv, gate_up's in silu_and_mul, o's and down's in the
+# add_rms_norm after them.
+FUSIONS = {"rope_store_kv": True, "qk_norm": True, "fold_delta": True}
 
 
 class Attention(nn.Module):
@@ -48,16 +49,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """o_proj's output and its LoRA delta still to add (None when added)."""
         T = x.shape[0]
-        qkv, delta = _deferred(self.qkv_proj, x, batch, FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"])
+        fused_norms = FUSIONS["rope_store_kv"] and FUSIONS["qk_norm"]
+        fold = FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"] and (fused_norms or not self.qk_norm)
+        qkv, delta = _deferred(self.qkv_proj, x, batch, fold)
         q, k, v = self.heads(qkv)
+        if self.qk_norm and not fused_norms:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         if FUSIONS["rope_store_kv"]:
-            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm and fused_norms else None
             q = self.ops.rope_store_kv(q, k, v, batch.positions, self.cos_sin, self.k_cache, self.v_cache,
                                        batch.slot_mapping, None if delta is None else self.heads(delta), norms)
         else:
-            if self.qk_norm:
-                q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-                k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
             q, k = self.ops.apply_rope(q, k, batch.positions, self.cos_sin)
             self.ops.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, batch.attn, self.scale)
