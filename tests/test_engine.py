@@ -609,3 +609,8 @@ def test_chat_renders_the_template_and_stops_at_the_end_of_turn(demo_dir):
     assert llm.chat(asks[0], params)[0].token_ids == replies[0].token_ids  # one conversation alone
     with pytest.raises(BadRequestError, match="2 params for 1 prompts"):
         llm.chat(asks[0], [params, params])
+    tok.chat_template += "{% if answer_prefix is defined %}{{ answer_prefix }}{% endif %}"  # a template variable
+    tok.__dict__.pop("_compiled_chat_template", None)
+    primed = llm.chat(asks[0], params, chat_template_kwargs={"answer_prefix": "The capital of France is"})[0]
+    plain = replies[0]
+    assert primed.num_prompt_tokens > plain.num_prompt_tokens + 4 and primed.token_ids != plain.token_ids

@@ -48,10 +48,12 @@ class LLM:
 
     def chat(self, conversations: list[dict] | list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None,
-             lora: list[str | None] | str | None = None, progress: bool | None = None) -> list[RequestOutput]:
+             lora: list[str | None] | str | None = None, progress: bool | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Replies in conversation order. `conversations`: one conversation (a list of {"role", "content"}
-        messages) or a list of them, each rendered by the model's chat template; the template's end-of-turn token
-        ends a reply like EOS (unless ignore_eos). `params` and `lora` as in `generate`."""
+        messages) or a list of them, each rendered by the model's chat template (with `chat_template_kwargs` as
+        more variables, e.g. {"enable_thinking": False}); the template's end-of-turn token ends a reply like EOS
+        (unless ignore_eos). `params` and `lora` as in `generate`."""
         tok = self.engine.tokenizer
         if tok is None:
             raise BadRequestError("chat needs the model's tokenizer.json and its chat template")
@@ -59,7 +61,8 @@ class LLM:
         each = params if isinstance(params, list) else [params or SamplingParams()] * len(convs)
         each = [p if p.ignore_eos else dataclasses.replace(p, stop_token_ids=(*p.stop_token_ids, *tok.end_of_turn))
                 for p in each]
-        return self.generate([tok.chat_ids(c) for c in convs], each, lora, progress)
+        return self.generate([tok.chat_ids(c, template_kwargs=chat_template_kwargs) for c in convs], each, lora,
+                             progress)
 
     def _run(self, ids: list[str], progress: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

@@ -111,9 +111,10 @@ class Tokenizer:
         return env.from_string(self.chat_template)
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
-                 tools: list[dict] | None = None) -> list[int]:
+                 tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
         """The chat template over `messages`, as token ids (the template holds the special tokens itself)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs),
+                           add_special_tokens=False)
 
     @property
     def end_of_turn(self) -> tuple[int, ...]:
@@ -123,14 +124,23 @@ class Tokenizer:
         return () if eos is None else (eos,)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
-        """`tools`: [{"type": "function", "function": {...}}] for templates that render them."""
+                            tools: list[dict] | None = None, template_kwargs: dict | None = None) -> str:
+        """`tools`: [{"type": "function", "function": {...}}] for templates that render them. `template_kwargs`:
+        more variables for the template, such as Qwen3's `enable_thinking` (vLLM's `chat_template_kwargs`); they
+        may not replace the ones set here."""
         if not self.chat_template:
             raise BadRequestError("this model has no chat template: send plain prompts (/v1/completions, or "
                                   "punica generate without --chat)")
-        return self._compiled_chat_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **({"tools": tools} if tools else {}))
+        given = dict(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                     eos_token=self.eos_token or "", **({"tools": tools} if tools else {}))
+        extra = template_kwargs or {}
+        if not isinstance(extra, dict) or not all(isinstance(k, str) and k.isidentifier() for k in extra):
+            raise BadRequestError(f"chat_template_kwargs must map variable names to values, got {extra!r}")
+        taken = sorted(set(extra) & {*given, "tools", "raise_exception"})
+        if taken:
+            raise BadRequestError(f"chat_template_kwargs may not set {', '.join(taken)}: the server sets "
+                                  f"{'them' if len(taken) > 1 else 'it'} from the request")
+        return self._compiled_chat_template.render(**extra, **given)
 
 
 @functools.cache

@@ -274,6 +274,7 @@ class ChatCompletionRequest(SamplingFields):
     # "auto" replies held to valid calls once they begin one (set by the server where the tokenizer allows it)
     _constrain_auto: bool = PrivateAttr(False)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables (vLLM's): {"enable_thinking": false}
     logprobs: bool = False  # each generated token's logprob, and those of the `top_logprobs` most likely tokens
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # [{"type": "function", "function": {"name", "description", "parameters": JSON schema}}]: with tool_choice
@@ -404,6 +405,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # prompt only: the tokenizer's BOS and the like
     add_generation_prompt: bool = True  # messages only: end with the assistant's turn opening
+    chat_template_kwargs: dict[str, Any] | None = None  # messages only: more template variables
 
     @model_validator(mode="after")
     def _one_input(self):

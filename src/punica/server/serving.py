@@ -167,10 +167,11 @@ class OpenAIServing:
                                   f"max_model_len) can hold; shorten it")
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    functions: list[dict] = (), forced: str | None = None, auto: bool = False) -> list[int]:
+                    functions: list[dict] = (), forced: str | None = None, auto: bool = False,
+                    template_kwargs: dict | None = None) -> list[int]:
         """The chat template over the messages, tokenized (run on a worker thread). `functions`: the tools the
         reply may call (`forced`: the one it calls; `auto`: it may reply in text instead), offered as the
-        template takes them (tool_prompt.py)."""
+        template takes them (tool_prompt.py); `template_kwargs`: the request's chat_template_kwargs."""
         if self.tokenizer is None:
             raise BadRequestError("this model directory has no tokenizer.json, so it has no chat template")
         turns = [m.as_template_dict() for m in messages]
@@ -181,14 +182,15 @@ class OpenAIServing:
             turns = tool_prompt.with_tools(turns, list(functions), forced, auto)
         self.check_chars(sum(len(m["content"]) for m in turns), "the conversation")
         tools = [{"type": "function", "function": f} for f in functions] if native else None
-        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tools=tools)
+        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt, tools, template_kwargs)
         return self.encode(text, special_tokens=False)
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.model is not None:
             await self.resolve_lora(req.model)
         if req.messages is not None:
-            ids = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt)
+            ids = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt,
+                                          template_kwargs=req.chat_template_kwargs)
         else:
             ids = await asyncio.to_thread(self.encode, req.prompt, req.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
@@ -246,7 +248,7 @@ class OpenAIServing:
         forced = next(iter(tools)) if tools is not None and len(tools) == 1 else None
         functions = [f for f in req.functions_offered() if auto or tools is not None and f["name"] in tools]
         prompt = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt, functions,
-                                         forced, auto)
+                                         forced, auto, req.chat_template_kwargs)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         request_id = random_id("chatcmpl")
         if (tools is not None or auto) and self.tokenizer is not None:
