@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--hf-new-tokens", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="a tiny fp32 model (smoke test, also on CPU)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b",
+                    help="the random model's architecture and sizes; other than llama2-7b, results go to "
+                         "textgen_lora_<shape>.jsonl and .png")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--warmup-requests", type=int, default=64,
                     help="an untimed pass per popularity first, so one-time kernel compilation is not measured")
@@ -209,11 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot_only:
         return replot(Path(args.out_dir or RESULTS))
     knobs = apply_engine_knobs(args)
-    cfg = TINY if args.tiny else LLAMA2_7B
+    cfg = TINY if args.tiny else SHAPES[args.shape]
+    name = "textgen_lora" if args.tiny or args.shape == "llama2-7b" else f"textgen_lora_{args.shape}"
+    model = "tiny" if args.tiny else ("llama-2-7b" if args.shape == "llama2-7b" else args.shape) + "-arch-random"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
     systems = ["backbone", "punica", "hf"] if "all" in args.system else list(dict.fromkeys(args.system))
-    setup = dict(environment(), bench="textgen_lora", model="tiny" if args.tiny else "llama-2-7b-arch-random",
+    setup = dict(environment(), bench="textgen_lora", model=model,
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests,
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
         rows.append(row)
-        write_jsonl("textgen_lora", [row], setup, args.out_dir)
+        write_jsonl(name, [row], setup, args.out_dir)
         print(row, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                                         max_output=args.max_output)
         for batch in args.batch_size:
             run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device, record)
-    path = Path(args.out_dir or RESULTS) / "textgen_lora.png"
+    path = Path(args.out_dir or RESULTS) / f"{name}.png"
     plot(rows, path, setup.get("gpu", "cpu"))
     print_table(rows, ["system", "popularity", "batch", "tok_per_s", "decode_step_ms", "floor_ms", "floor_ratio",
                        "decode_s", "other_s", "other_steps", "other_step_ms"])
