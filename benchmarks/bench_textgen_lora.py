@@ -44,6 +44,7 @@ QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_si
                 max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, torch_dtype="bfloat16",
                 bos_token_id=151643, eos_token_id=151645)
 SHAPES = {"llama2-7b": LLAMA2_7B, "qwen3-8b": QWEN3_8B}
+TITLES = {"llama-2-7b-arch-random": "Llama-2-7B", "qwen3-8b-arch-random": "Qwen3-8B"}  # the plots' model names
 TINY = dict(LLAMA2_7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, torch_dtype="float32")
 PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch_size:
             run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth, adapter_bytes, device, record)
     path = Path(args.out_dir or RESULTS) / f"{name}.png"
-    plot(rows, path, setup.get("gpu", "cpu"))
+    plot(rows, path, setup.get("gpu", "cpu"), TITLES.get(model, model))
     print_table(rows, ["system", "popularity", "batch", "tok_per_s", "decode_step_ms", "floor_ms", "floor_ratio",
                        "decode_s", "other_s", "other_steps", "other_step_ms"])
 
@@ -296,7 +297,7 @@ def replot(folder: Path) -> None:
     plot(rows, folder / "textgen_lora.png", rows[-1].get("gpu", "cpu") if rows else "cpu")
 
 
-def plot(rows: list[dict], path: Path, gpu: str) -> None:
+def plot(rows: list[dict], path: Path, gpu: str, model: str = "Llama-2-7B") -> None:
     """Grouped bars like the seed's textgen figure: tok/s per popularity, one bar per system, per batch."""
     try:
         import matplotlib
@@ -321,7 +322,7 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
         ax.set_title(f"batch {batch}")
         ax.set_ylabel("tokens/s")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)
-    fig.suptitle(f"Llama-2-7B text generation, LoRA r=16 ({gpu})")
+    fig.suptitle(f"{model} text generation, LoRA r=16 ({gpu})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
