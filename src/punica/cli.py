@@ -22,6 +22,7 @@ from punica.config import (
     DTYPES,
     LOAD_FORMATS,
     LORA_OVERLAPS,
+    REASONING_PARSERS,
     ServerConfig,
     engine_config,
     parse_lora_specs,
@@ -34,7 +35,8 @@ NOT_FLAGS = {"model", "cache", "scheduler", "lora"}  # --model is written by han
 FLAG_NAMES = {"allowed_lora_dirs": "--allowed-lora-dir", "stop_token_ids": "--stop-token-id",
               "seed@SamplingParams": "--sampling-seed"}
 CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "lora_overlap": LORA_OVERLAPS, "load_format": LOAD_FORMATS,
-           "log_level": ("critical", "error", "warning", "info", "debug"), "tool_call_shape": tuple(CALL_SHAPES)}
+           "log_level": ("critical", "error", "warning", "info", "debug"), "tool_call_shape": tuple(CALL_SHAPES),
+           "reasoning_parser": REASONING_PARSERS}
 SAMPLING_PREFIX = "sampling_"
 
 

@@ -308,6 +308,9 @@ def engine_config(**flat) -> EngineConfig:
     return EngineConfig(**kwargs, **{sec: _SECTIONS[sec](**vals) for sec, vals in sections.items()})
 
 
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The OpenAI-compatible HTTP front end. `served_model_name=None` serves the base model under its
@@ -323,6 +326,9 @@ class ServerConfig:
     log_level: str = "info"
     max_request_bytes: int = 64 << 20  # larger request bodies get 413 before they are read whole
     load_loras_on_demand: bool = False
+    # chat replies' <think>...</think> go to `reasoning_content` (vLLM's field): "qwen3" (a reply that opens with
+    # <think>) or "deepseek_r1" (the template opens it: a reply is reasoning until </think>)
+    reasoning_parser: str | None = None
 
     def __post_init__(self):
         _check(0 <= self.port < 65536, f"port must be in 0..65535, got {self.port}")
@@ -331,6 +337,8 @@ class ServerConfig:
                "served_model_name must not be empty (omit it to use the model directory's name)")
         _check(self.retry_after >= 0, f"retry_after must be >= 0, got {self.retry_after}")
         _check(self.api_key is None or bool(self.api_key), "api_key must not be empty (omit it to disable auth)")
+        _check(self.reasoning_parser in (None, *REASONING_PARSERS),
+               f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got {self.reasoning_parser!r}")
 
 
 def parse_lora_specs(specs: list[str] | tuple[str, ...] | None) -> dict[str, str]:

@@ -22,9 +22,9 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 @contextlib.contextmanager
 def openai_client(model_dir: str, adapters: dict[str, str], root: Path, chat_template: str = CHATML,
-                  max_model_len: int | None = None):
+                  max_model_len: int | None = None, server: ServerConfig | None = None):
     """An openai.OpenAI client of a server over the model (served as "tiny") with these adapters; `max_model_len`
-    raises the model's context too (offered tool schemas take room, a byte a token)."""
+    raises the model's context too (offered tool schemas take room, a byte a token); `server`: its options."""
     path = shutil.copytree(model_dir, root / "model")
     write_byte_tokenizer(str(path))
     with open(path / "tokenizer_config.json", "w") as f:
@@ -36,7 +36,7 @@ def openai_client(model_dir: str, adapters: dict[str, str], root: Path, chat_tem
         options = dict(max_model_len=max_model_len, num_blocks=512)
     engine = Engine.from_args(str(path), adapters, device="cpu", max_num_seqs=8, **{"num_blocks": 256, **options})
     try:
-        with TestClient(build_app(engine, ServerConfig(), "tiny")) as http:
+        with TestClient(build_app(engine, server or ServerConfig(), "tiny")) as http:
             yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
     finally:
         engine.adapters.close()

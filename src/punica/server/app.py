@@ -197,7 +197,7 @@ def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> FastAPI:
                           "pass --served-model-name")
     async_engine = AsyncEngine(engine)
     metrics = ServerMetrics(lambda: async_engine.stats)
-    serving = OpenAIServing(async_engine, metrics, model_name, cfg.load_loras_on_demand)
+    serving = OpenAIServing(async_engine, metrics, model_name, cfg.load_loras_on_demand, cfg.reasoning_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):

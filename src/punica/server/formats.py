@@ -209,3 +209,87 @@ class AutoToolFormat(ChatFormat):
         choice = {"index": index, "delta": {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]},
                   "logprobs": logprobs, "finish_reason": "tool_calls"}
         return self._envelope([choice], "chat.completion.chunk")
+
+
+class ThinkSplitter:
+    """Splits a reply, as it streams, into reasoning (between <think> and </think>) and content (the rest, less
+    the newlines that open it). `opened`: the prompt opened the <think> block (deepseek_r1), so the reply is
+    reasoning until </think> (an opening tag it writes anyway is dropped); else (qwen3) only a reply that opens
+    with <think> reasons. Text that may still be the start of a tag is held until it is known not to be."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self, opened: bool):
+        self.state = "open?"  # then "reasoning", "content start" (newlines still dropped) or "content"
+        self.opened = opened
+        self.held = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """(reasoning, content) of the next piece of the reply; `final`: the reply ends with it."""
+        reasoning, content = [], []
+        text, self.held = self.held + text, ""
+        while text:
+            if self.state == "open?":
+                head = text.lstrip()
+                if head.startswith(self.OPEN):
+                    text, self.state = head[len(self.OPEN):], "reasoning"
+                elif self.OPEN.startswith(head) and not final:
+                    self.held, text = text, ""
+                else:
+                    self.state = "reasoning" if self.opened else "content"
+            elif self.state == "reasoning":
+                end = text.find(self.CLOSE)
+                if end >= 0:
+                    reasoning.append(text[:end])
+                    text, self.state = text[end + len(self.CLOSE):], "content start"
+                else:
+                    keep = 0 if final else _tag_prefix(text, self.CLOSE)
+                    reasoning.append(text[:len(text) - keep])
+                    self.held, text = text[len(text) - keep:], ""
+            elif self.state == "content start":
+                text = text.lstrip("\n")
+                if text:
+                    self.state = "content"
+            else:
+                content.append(text)
+                text = ""
+        return "".join(reasoning), "".join(content)
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that begins `tag`."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+
+
+class ReasoningFormat:
+    """A chat format whose replies' <think> blocks go to `reasoning_content` (in `message`, and in `delta` as they
+    stream); the rest goes through `inner` (any chat format: text, tool calls). Whole and streamed replies
+    split alike. Everything else is the inner format's."""
+
+    def __init__(self, inner: ChatFormat, parser: str):
+        self.inner = inner
+        self.opened = parser == "deepseek_r1"
+        self._splitters: dict[int, ThinkSplitter] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        reasoning, content = ThinkSplitter(self.opened).feed(text, final=True)
+        return reasoning or None, content
+
+    def whole(self, texts: list[str], reasons: list[str | None], usage: Usage,
+              logprobs: list[dict | None] | None = None) -> dict:
+        parts = [self.split(t) for t in texts]
+        body = self.inner.whole([content for _, content in parts], reasons, usage, logprobs)
+        for choice, (reasoning, _) in zip(body["choices"], parts):
+            choice["message"]["reasoning_content"] = reasoning
+        return body
+
+    def chunk(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        splitter = self._splitters.setdefault(index, ThinkSplitter(self.opened))
+        reasoning, content = splitter.feed(text, final=reason is not None)
+        body = self.inner.chunk(index, content, reason, logprobs)
+        if reasoning:
+            body["choices"][0]["delta"]["reasoning_content"] = reasoning
+        return body

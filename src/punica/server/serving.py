@@ -17,7 +17,14 @@ from punica import BadRequestError, SamplingParams, TokenLogprobs, UnknownModelE
 from punica.server import tool_prompt
 from punica.server.adapters import AdapterLoads
 from punica.server.async_engine import AsyncEngine, Delivery, EngineFailure, RequestStream
-from punica.server.formats import AutoToolFormat, ChatFormat, CompletionFormat, ToolCallFormat, sse
+from punica.server.formats import (
+    AutoToolFormat,
+    ChatFormat,
+    CompletionFormat,
+    ReasoningFormat,
+    ToolCallFormat,
+    sse,
+)
 from punica.server.metrics import RequestTracker, ServerMetrics
 from punica.server.protocol import (
     ChatCompletionRequest,
@@ -129,8 +136,10 @@ class Job:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str, on_demand: bool = False):
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str, on_demand: bool = False,
+                 reasoning_parser: str | None = None):
         self.engine = engine
+        self.reasoning_parser = reasoning_parser  # ServerConfig.reasoning_parser
         self.metrics = metrics
         self.model_name = model_name
         self.adapters = AdapterLoads(engine, metrics, model_name, on_demand)
@@ -261,6 +270,8 @@ class OpenAIServing:
             fmt = AutoToolFormat(req.model, request_id, self.token_text, [f["name"] for f in functions])
         else:
             fmt = ChatFormat(req.model, request_id, self.token_text)
+        if self.reasoning_parser is not None:
+            fmt = ReasoningFormat(fmt, self.reasoning_parser)
         return await self._generate(Job(req, [prompt], [limit], lora, fmt, arrival, self.end_of_turn), request)
 
     async def _generate(self, job: Job, request: Request) -> Response:
