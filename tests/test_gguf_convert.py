@@ -114,10 +114,11 @@ def test_config_chat_template_and_special_tokens(converted, ours):
     assert tok("<|im_end|>").input_ids == [2]
 
 
-def test_unpermute_inverts_llama_cpp_permute():
-    def llama_cpp_permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def llama_cpp_permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
+
+def test_unpermute_inverts_llama_cpp_permute():
     w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
     for n_head in (1, 3, 6):
         assert np.array_equal(unpermute_rope_rows(llama_cpp_permute(w, n_head), n_head), w)
@@ -201,3 +202,104 @@ def test_a_gguf_file_serves_as_the_model(gguf_path, converted, tmp_path, monkeyp
     assert LLM(model=gguf_path, dtype="float32", device="cpu").engine.config.model == model_dir
     with pytest.raises(ModelLoadError, match="GGUF file '.*missing.gguf' does not exist"):
         LLM(model=str(tmp_path / "missing.gguf"), device="cpu")
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
+def write_llama31_style_gguf(demo_gguf: str, path: str):
+    """A tiny random Llama in a GGUF as llama.cpp writes Llama 3.1: q/k rows permuted, rope scaling as a rope_freqs
+    tensor of per-frequency divisors, the vocabulary (the demo's) split the Llama 3 way ("llama-bpe")."""
+    from factories import make_hf_model
+    from gguf import GGUFReader, GGUFWriter
+
+    from punica.model.gguf_convert import read_metadata
+    from punica.ops.norm_rope import rope_inv_freq
+
+    meta = read_metadata(GGUFReader(demo_gguf))
+    vocab = len(meta["tokenizer.ggml.tokens"])
+    theta = 500000.0
+    model = make_hf_model("llama", seed=5, vocab_size=vocab, rope_scaling={**LLAMA31_ROPE, "rope_theta": theta},
+                          rope_theta=theta,
+                          max_position_embeddings=512, bos_token_id=meta["tokenizer.ggml.bos_token_id"],
+                          eos_token_id=meta["tokenizer.ggml.eos_token_id"])
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w = GGUFWriter(path, "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(theta)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    plain, scaled = (rope_inv_freq(head_dim, theta, s).double() for s in (None, LLAMA31_ROPE))
+    w.add_tensor("rope_freqs.weight", (plain / scaled).float().numpy())
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    for name, t in model.state_dict().items():
+        t = t.float().numpy()
+        if name == "lm_head.weight":
+            w.add_tensor("output.weight", t)
+        elif name in ("model.embed_tokens.weight", "model.norm.weight"):
+            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+                         [name], t)
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            kind = GGUF_LAYER_NAMES[rest.removesuffix(".weight")]
+            w.add_tensor(f"blk.{layer}.{kind}.weight", llama_cpp_permute(t, heads[kind]) if kind in heads else t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+def test_a_llama31_style_gguf_matches_its_hf_model(gguf_path, tmp_path):
+    """Llama 3.1's GGUF conventions read back: its rope scaling from rope_freqs, the weights un-permuted, and the
+    Llama 3 split of text before BPE (digits in threes), as transformers' own GGUF tokenizer splits it."""
+    from transformers import AutoTokenizer
+
+    from punica import LLM, SamplingParams
+
+    model = write_llama31_style_gguf(gguf_path, str(tmp_path / "l31.gguf"))
+    out = convert_gguf(str(tmp_path / "l31.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["rope_scaling"] == LLAMA31_ROPE
+    ids = [model.config.bos_token_id, *range(200, 300)]  # positions where the scaled low frequencies matter
+    ours = LLM(model=out, dtype="float32", device="cpu").generate(
+        [ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    assert ours == expected
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="l31.gguf")
+    for text in TEXTS:
+        assert tok(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids, text
+    pieces = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 2024 it's")]
+    assert pieces == ["x", "Ġ", "202", "4", "Ġit", "'s"]  # SmolLM's own split: every digit apart
+
+
+def test_rope_freqs_of_unknown_parameters_are_refused():
+    from punica.errors import ModelLoadError
+    from punica.model.gguf_convert import rope_scaling
+
+    with pytest.raises(ModelLoadError, match="rope_freqs do not follow Llama 3's rope scaling"):
+        rope_scaling({}, np.linspace(1.0, 3.0, 8, dtype=np.float32), 16, 500000.0)
+    assert rope_scaling({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, None, 16, 1e4) == \
+        {"rope_type": "linear", "factor": 4.0}
+    with pytest.raises(ModelLoadError, match="scaling.type='yarn' is not supported"):
+        rope_scaling({"llama.rope.scaling.type": "yarn"}, None, 16, 1e4)

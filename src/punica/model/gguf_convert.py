@@ -44,6 +44,17 @@ _LAYER_TENSORS = {
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _DIGITS_FIRST = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp splits every digit apart first
 _PLAIN_GPT2 = ("gpt2", "default", "mpt", "olmo")
+# Llama 3's split before the byte-level BPE: contractions, letters with one leading non-letter, digits in threes,
+# punctuation runs, newlines, spaces (a space before a word stays with the word)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_STYLE = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+# Llama 3.1's rope scaling as llama.cpp writes it (a rope_freqs tensor of per-frequency divisors): the parameters
+# tried when reading it back, and how close each divisor must come
+_LLAMA3_ROPE_CANDIDATES = [dict(low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=old)
+                           for old in (8192, 4096, 2048, 16384, 32768) for low in (1.0, 2.0)
+                           for high in (4.0, 2.0, 8.0)]
+_ROPE_FREQS_RTOL = 1e-4
 _CONTROL, _USER_DEFINED = 3, 4
 
 
@@ -129,6 +140,8 @@ def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     out: dict[str, torch.Tensor] = {}
     for i, tensor in enumerate(reader.tensors):
+        if tensor.name == "rope_freqs.weight":  # in config.json's rope_scaling (convert_gguf)
+            continue
         w = dequantize_tensor(tensor)
         kind = tensor.name.split(".")[-2]
         if tensor.name.startswith("blk.") and kind in heads:
@@ -140,16 +153,45 @@ def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[
 
 
 def _pre_tokenizer(pre: str):
-    from tokenizers import pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre in _DIGITS_FIRST:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in _PLAIN_GPT2:
         return byte_level
-    raise ModelLoadError(
-        f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_DIGITS_FIRST + _PLAIN_GPT2)}"
-    )
+    if pre in _LLAMA3_STYLE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    known = sorted(_DIGITS_FIRST + _PLAIN_GPT2 + _LLAMA3_STYLE)
+    raise ModelLoadError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {known}")
+
+
+def rope_scaling(meta: dict, rope_freqs: np.ndarray | None, head_dim: int, theta: float) -> dict | None:
+    """HF's `rope_scaling` for the GGUF: linear from `llama.rope.scaling.*`; Llama 3's from the `rope_freqs`
+    divisors, whose parameters are found among the usual ones (or ModelLoadError)."""
+    from punica.ops.norm_rope import rope_inv_freq
+
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(_require(meta, "llama.rope.scaling.factor"))}
+    if kind not in ("none", None):
+        raise ModelLoadError(f"GGUF llama.rope.scaling.type={kind!r} is not supported (linear, or Llama 3's "
+                             "rope_freqs tensor)")
+    if rope_freqs is None:
+        return None
+    divisors = rope_freqs.astype(np.float64).reshape(-1)
+    if divisors.shape != (head_dim // 2,):
+        raise ModelLoadError(f"GGUF rope_freqs has {divisors.size} entries; head_dim {head_dim} needs {head_dim // 2}")
+    plain = rope_inv_freq(head_dim, theta, None).double().numpy()
+    factor = _f32(float(divisors.max()))
+    for params in _LLAMA3_ROPE_CANDIDATES:
+        scaling = {"rope_type": "llama3", "factor": factor, **params}
+        if np.allclose(plain / rope_inv_freq(head_dim, theta, scaling).double().numpy(), divisors,
+                       rtol=_ROPE_FREQS_RTOL, atol=0):
+            return scaling
+    raise ModelLoadError("GGUF rope_freqs do not follow Llama 3's rope scaling with any usual parameters "
+                         f"(factor {factor}, {len(_LLAMA3_ROPE_CANDIDATES)} others tried); not supported")
 
 
 def _added_tokens(meta: dict) -> list:
@@ -237,6 +279,8 @@ def convert_gguf(
     meta = read_metadata(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = build_config(meta, has_output, dtype)
+    freqs = next((dequantize_tensor(t) for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    config["rope_scaling"] = rope_scaling(meta, freqs, config["head_dim"], config["rope_theta"])
     tokenizer = build_tokenizer(meta)
     tensors = convert_tensors(reader, config, dtype, log)
     try:
