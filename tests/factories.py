@@ -44,20 +44,24 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
 
 
 def make_peft_adapter(base, out_dir: str, r: int, alpha: float, targets, seed: int, use_rslora=False,
-                      rank_pattern=None, alpha_pattern=None, as_bin: bool = False) -> str:
-    """A PEFT LoRA with random (non-zero) B, saved to `out_dir`."""
+                      rank_pattern=None, alpha_pattern=None, as_bin: bool = False, use_dora: bool = False) -> str:
+    """A PEFT LoRA with random (non-zero) B, saved to `out_dir`; `use_dora`: DoRA, its magnitudes moved off
+    their initial values too."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
     targets = targets if isinstance(targets, str) else list(targets)  # a string: "all-linear" or a regex
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
-                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0)
+                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0,
+                     use_dora=use_dora)
     model = get_peft_model(copy.deepcopy(base), cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:  # DoRA: PEFT starts it at |W|'s rows; move it off them
+                p.mul_(0.5 + torch.rand(p.shape, generator=gen))
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     model.save_pretrained(out_dir, safe_serialization=not as_bin)
     return out_dir

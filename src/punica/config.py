@@ -201,12 +201,15 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class LoRAConfig:
     """Adapter residency: `max_loras` device slots (slot 0, "no adapter", comes on top), a CPU cache of
-    `max_cpu_loras` adapters, ranks up to `max_lora_rank`."""
+    `max_cpu_loras` adapters, ranks up to `max_lora_rank`. `enable_dora`: DoRA adapters are served too (every
+    projection then scales its output per token by its adapter's magnitude over the adapted weight's row norms;
+    off, they are refused and nothing is added to a step)."""
 
     max_loras: int = 8
     max_lora_rank: int = 64
     max_cpu_loras: int = 64
     allowed_lora_dirs: tuple[str, ...] = ()
+    enable_dora: bool = False
 
     def __post_init__(self):
         _check(self.max_loras > 0, f"max_loras must be positive, got {self.max_loras}")

@@ -94,7 +94,8 @@ class Engine:
         max_len = min(asked or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         # the adapter slots and the largest step's activations first, the KV cache from what is left
         layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]
-        pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device)
+        pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device,
+                           config.lora.enable_dora)
         num_blocks, reserve = kv_cache_blocks(self.model, pool.slot_rank, config, model_cfg, max_len, dtype, device)
         self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
         if max_len > num_blocks * block_size:

@@ -61,7 +61,8 @@ def convert_adapter(adapter_dir: str, model_dir: str, out_dir: str | None = None
     out_dir = out_dir or adapter_dir
     model_cfg = read_model_config(model_dir)
     config = read_adapter_config(adapter_dir)
-    weights = load_peft_adapter("convert", adapter_dir, model_cfg, MAX_SERVABLE_RANK)  # raises on any problem
+    weights = load_peft_adapter("convert", adapter_dir, model_cfg, MAX_SERVABLE_RANK,  # raises on any problem
+                                dora=True)
     tensors = {key: t.detach().clone().contiguous() for key, t in load_tensors(adapter_dir).items()}
     projections: dict[str, ProjectionSummary] = {}
     for (layer, proj), (a, _) in weights.modules.items():

@@ -63,7 +63,7 @@ class AdapterManager:
         if key in self._confined:  # its files may have become links out of the allowed directories since
             self.check_allowed(path)
         weights = load_peft_adapter(key.partition(RELOAD)[0], path, self.model_cfg, self.cfg.max_lora_rank,
-                                    self.dtype)
+                                    self.dtype, self.cfg.enable_dora)
         return weights.pinned() if self.pool.slot_rank.is_cuda else weights  # the CPU cache is page-locked
 
     def check_allowed(self, path: str) -> None:

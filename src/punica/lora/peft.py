@@ -1,8 +1,9 @@
 """Read and validate PEFT LoRA directories against a base model.
 
 Supported: `r`, `lora_alpha`, `use_rslora`, `rank_pattern`, `alpha_pattern`, `target_modules` (any
-subset of q/k/v/o/gate/up/down, a regex, or "all-linear"), `layers_to_transform`, weights in
-`adapter_model.safetensors` or `adapter_model.bin`. Everything else that changes the math is refused.
+subset of q/k/v/o/gate/up/down, a regex, or "all-linear"), `layers_to_transform`, `use_dora` (where the engine
+enables it), weights in `adapter_model.safetensors` or `adapter_model.bin`. Everything else that changes the math
+is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 CONFIG_FILE, WEIGHT_FILES = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")
 MAX_SCALED_WEIGHT = 65504.0  # fp16's largest value: a scaled lora_B entry past it overflows activations downstream
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_MAGNITUDE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_magnitude_vector(?:\.[\w-]+)?"
+                        r"(?:\.weight)?$")
 
 
 @dataclass
@@ -33,12 +36,15 @@ class LoRAWeights:
     path: str
     rank: int
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # DoRA: module -> the magnitude vector [out] (fp32) that rescales each output row of W + B*scale @ A
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def pinned(self) -> LoRAWeights:
         """The same weights in page-locked memory: copies to the GPU then run as DMA, without the host
         staging them (CUDA only)."""
         modules = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in self.modules.items()}
-        return LoRAWeights(self.name, self.path, self.rank, modules)
+        magnitudes = {key: m.pin_memory() for key, m in self.magnitudes.items()}
+        return LoRAWeights(self.name, self.path, self.rank, modules, magnitudes)
 
 
 def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
@@ -117,15 +123,15 @@ def check_values(cfg: dict, path: str) -> None:
                                    f"({e})") from e
 
 
-def check_supported(cfg: dict, path: str) -> None:
-    """Refuse PEFT options that change the computation in ways Punica does not implement."""
+def check_supported(cfg: dict, path: str, dora: bool = False) -> None:
+    """Refuse PEFT options that change the computation in ways Punica does not implement (DoRA unless `dora`)."""
     def refuse(option: str, value, why: str) -> None:
         raise AdapterError(f"adapter {path!r}: {option}={value!r} is not supported ({why})")
 
     if cfg.get("peft_type", "LORA").upper() != "LORA":
         refuse("peft_type", cfg["peft_type"], "only LORA adapters are served")
-    if cfg.get("use_dora"):
-        refuse("use_dora", True, "DoRA needs a per-column magnitude; merge it or train plain LoRA")
+    if cfg.get("use_dora") and not dora:
+        refuse("use_dora", True, "DoRA adapters are served when the engine starts with enable_dora (--enable-dora)")
     if cfg.get("modules_to_save"):
         refuse("modules_to_save", cfg["modules_to_save"], "fully trained modules cannot be shared in a batch")
     if cfg.get("bias", "none") != "none":
@@ -178,12 +184,18 @@ def _pattern_value(patterns: dict, layer: int, proj: str, default):
 
 
 def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: int,
-                      dtype: torch.dtype = torch.float32) -> LoRAWeights:
-    """Read, validate and scale one PEFT adapter. Raises AdapterError naming the problem."""
+                      dtype: torch.dtype = torch.float32, dora: bool = False) -> LoRAWeights:
+    """Read, validate and scale one PEFT adapter (DoRA ones too with `dora`). Raises AdapterError naming the
+    problem."""
     cfg = read_adapter_config(path)
-    check_supported(cfg, path)
+    check_supported(cfg, path, dora)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for key, tensor in load_tensors(path).items():
+        mag = _MAGNITUDE.search(key) if cfg.get("use_dora") else None
+        if mag and mag.group(2) in PROJECTIONS:
+            magnitudes[(int(mag.group(1)), mag.group(2))] = tensor
+            continue
         m = _KEY.search(key)
         if not m or m.group(2) not in PROJECTIONS:
             raise AdapterError(f"adapter {path!r}: tensor {key!r} is not a LoRA weight of "
@@ -196,7 +208,25 @@ def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: in
     for (layer, proj), ab in sorted(pairs.items()):
         weights.modules[(layer, proj)] = _scaled_pair(cfg, path, model_cfg, max_rank, layer, proj, ab, dtype)
         weights.rank = max(weights.rank, ab["A"].shape[0])
+    if cfg.get("use_dora"):
+        weights.magnitudes = _magnitudes(path, model_cfg, pairs, magnitudes)
     return weights
+
+
+def _magnitudes(path: str, model_cfg: ModelConfig, pairs: dict, magnitudes: dict) -> dict:
+    """DoRA's magnitude vectors, one per adapted module, each [out_features], finite; as fp32."""
+    if set(magnitudes) != set(pairs):
+        missing = sorted(set(pairs) - set(magnitudes)) or sorted(set(magnitudes) - set(pairs))
+        raise AdapterError(f"adapter {path!r}: use_dora needs a lora_magnitude_vector beside each lora_A/lora_B "
+                           f"pair; (layer, projection) {missing[0]} has one without the other")
+    out = {}
+    for (layer, proj), m in sorted(magnitudes.items()):
+        h_out = projection_shape(model_cfg, proj)[1]
+        if tuple(m.shape) != (h_out,) or not m.is_floating_point() or not torch.isfinite(m).all():
+            raise AdapterError(f"adapter {path!r}, layer {layer} {proj}: lora_magnitude_vector must be {h_out} "
+                               f"finite numbers, got {m.dtype} {tuple(m.shape)}")
+        out[(layer, proj)] = m.float().contiguous()
+    return out
 
 
 def _check_coverage(cfg: dict, path: str, pairs: dict[tuple[int, str], dict]) -> None:

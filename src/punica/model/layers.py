@@ -43,6 +43,7 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(offsets[-1]), requires_grad=False) if bias else None
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        self.dora_scale: torch.Tensor | None = None  # [slots, out] with DoRA served (AdapterPool)
         self.side_stream: torch.cuda.Stream | None = None  # set by LlamaModel.overlap_lora
         self.overlap = "none"
 
@@ -55,6 +56,11 @@ class LoRALinear(nn.Module):
         already added. The caller folds the add into its next kernel (rope_store_kv, silu_and_mul, add_rms_norm)."""
         if self.lora_a is None or not batch.lora.has_lora:
             return self.ops.linear(x, self.weight, self.bias), None
+        if self.dora_scale is not None:  # DoRA: y = bias + scale[slot] * (x @ W.T + delta), per token
+            y = self.ops.linear(x, self.weight, None, beside_lora=True)
+            self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
+            y.mul_(self.dora_scale.index_select(0, batch.lora.token_slot))
+            return (y if self.bias is None else y.add_(self.bias)), None
         side = self.side_stream
         if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:
             if x.shape[0] > DELTA_FIRST_MIN_TOKENS and self.bias is None:
