@@ -77,15 +77,3 @@ def test_adapted_row_norms_equal_the_formed_matrix():
     gen = torch.Generator().manual_seed(0)
     w, a, b = (torch.randn(*shape, generator=gen) for shape in ((24, 40), (5, 40), (24, 5)))
     torch.testing.assert_close(adapted_row_norms(w, a, b), torch.linalg.norm(w + b @ a, dim=1))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_dora_mixed_batch_equals_peft(dora_models):
-    """On CUDA (Triton kernels, CUDA graphs) in fp32: PEFT's tokens."""
-    hf_model, model_dir, adapters = dora_models
-    llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda", enable_dora=True)
-    assert llm.engine.runner.graphs is not None
-    ids = prompts(len(LORAS), seed=17)
-    ours = [o.token_ids for o in llm.generate(ids, GREEDY, lora=LORAS)]
-    assert ours == peft_one_by_one(peft_model(hf_model, adapters), ids, LORAS, GREEDY.max_tokens)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_dora import LORAS as DORA_LORAS
+from test_dora import dora_models, peft_one_by_one  # noqa: F401 (a fixture)
 from test_parity import LORAS, peft_generate, peft_model, prompts
 
 from punica import LLM, SamplingParams
@@ -318,3 +320,14 @@ def test_kv_cache_sizing_reserves_what_the_largest_step_takes(tmp_path):
     outs = llm.generate(ids, params, lora=["a", None, "a", "a"])
     assert all(len(o.prompt_logprobs) == 64 for o in outs)
     assert torch.cuda.max_memory_allocated() - base <= reserve
+
+
+def test_dora_mixed_batch_equals_peft(dora_models):  # noqa: F811 (the fixture)
+    """DoRA adapters beside plain ones (test_dora.py) on CUDA, Triton kernels and CUDA graphs, fp32: PEFT's tokens,
+    one prompt at a time."""
+    hf_model, model_dir, adapters = dora_models
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda", enable_dora=True)
+    assert llm.engine.runner.graphs is not None
+    ids = prompts(len(DORA_LORAS), seed=17)
+    ours = [o.token_ids for o in llm.generate(ids, GREEDY, lora=DORA_LORAS)]
+    assert ours == peft_one_by_one(peft_model(hf_model, adapters), ids, DORA_LORAS, GREEDY.max_tokens)
