@@ -332,7 +332,7 @@ def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: 
     directory, and two processes converting at once both succeed. `what` names the cache in messages."""
     if _is_current(target, stamp):
         return target
-    log(f"punica: first use of {what.removeprefix('the ')}; converting it into {target}")
+    log(f"punica: first use of {what}; converting it into {target}")
     parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)
