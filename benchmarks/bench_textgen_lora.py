@@ -59,8 +59,8 @@ def write_model_dir(root: Path, cfg: dict) -> str:
     return str(path)
 
 
-def write_adapters(root: Path, cfg: dict, n: int, rank: int) -> dict[str, str]:
-    """`n` random PEFT adapters of rank `rank` on all seven projections."""
+def write_adapters(root: Path, cfg: dict, n: int, rank: int, dora: bool = False) -> dict[str, str]:
+    """`n` random PEFT adapters of rank `rank` on all seven projections; `dora`: DoRA ones (random magnitudes)."""
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
@@ -75,11 +75,13 @@ def write_adapters(root: Path, cfg: dict, n: int, rank: int) -> dict[str, str]:
                 key = f"base_model.model.model.layers.{layer}.{PROJ[proj]}.{proj}"
                 tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=gen) / d_in ** 0.5).bfloat16()
                 tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=gen) * 0.01).bfloat16()
+                if dora:
+                    tensors[f"{key}.lora_magnitude_vector"] = 1 + 0.1 * torch.rand(d_out, generator=gen)
         path = root / f"lora{i}"
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps(dict(
-            peft_type="LORA", r=rank, lora_alpha=2 * rank, target_modules=list(dims), bias="none")))
+            peft_type="LORA", r=rank, lora_alpha=2 * rank, target_modules=list(dims), bias="none", use_dora=dora)))
         paths[f"lora{i}"] = str(path)
     return paths
 

@@ -355,23 +355,24 @@ def main(argv: list[str] | None = None) -> None:
                          "DELTA_FIRST_MIN_TOKENS=1000000 (\"\" = the defaults)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b",
                     help="the random model's architecture and sizes")
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters (random magnitudes), served with enable_dora")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
     cfg = TINY if args.tiny else SHAPES[args.shape]
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 shape="tiny" if args.tiny else args.shape, **knobs)
+                 shape="tiny" if args.tiny else args.shape, dora=args.dora, **knobs)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)
         max_batch = max(args.batch_size)
-        adapters = write_adapters(root, cfg, args.num_adapters or max_batch, args.rank)
+        adapters = write_adapters(root, cfg, args.num_adapters or max_batch, args.rank, args.dora)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # no prefix cache: every popularity draws the same seeded prompts
         engine = Engine.from_args(model_dir, adapters, device=device, load_format="dummy", enable_prefix_caching=False,
                                   max_num_seqs=max_batch, max_loras=len(adapters), max_cpu_loras=len(adapters),
-                                  max_lora_rank=args.rank, max_num_batched_tokens=4096)
+                                  max_lora_rank=args.rank, max_num_batched_tokens=4096, enable_dora=args.dora)
         rows = []
         for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
             names = list(adapters)[:args.num_adapters or 2 * batch]
