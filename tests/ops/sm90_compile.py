@@ -54,9 +54,10 @@ SHRINK = ([("x_ptr", "*bf16"), ("a_ptr", "*bf16"), ("rank_ptr", "*i32"), ("indpt
           + ints("stride_xt", "stride_as", "stride_ar", "stride_vt", "T", "H_IN", "R", "NR", "seg_blocks",
                  "k_per_split", "n_single", "n_r"))
 EXPAND = ([("v_ptr", "*fp32"), ("b_ptr", "*bf16"), ("rank_ptr", "*i32"), ("indptr_ptr", "*i32"),
-           ("seg_slot_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("count_ptr", "*i32"), ("y_ptr", "*bf16")]
-          + ints("stride_vt", "stride_bs", "stride_bn", "stride_yt", "R", "seg_blocks", "N", "O1", "O2", "TILES1",
-                 "TILES2", "n_single", "COLS"))
+           ("seg_slot_ptr", "*i32"), ("token_slot_ptr", "*i32"), ("count_ptr", "*i32"), ("y_ptr", "*bf16"),
+           ("s_ptr", "*bf16")]
+          + ints("stride_vt", "stride_bs", "stride_bn", "stride_yt", "stride_ss", "R", "seg_blocks", "N", "O1", "O2",
+                 "TILES1", "TILES2", "n_single", "COLS"))
 PREFILL = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
            + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr", "tiles_ptr")] + [("scale_log2", "fp32")]
            + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
@@ -112,7 +113,7 @@ def variants():
         yield f"expand mode {mode}{' persistent' if persistent else ''}", sgmv._expand_kernel, EXPAND, dict(
             MODE=mode, BLOCK_M=block_m, BLOCK_N=128, BLOCK_R=16, R_CHUNKS=1, TILES_PER_PROGRAM=1, STAGES=2,
             PERSISTENT=persistent, IEEE=False, OVERWRITE=mode == sgmv.TOKEN or persistent,
-            PDL=mode == sgmv.TOKEN or persistent)
+            HAS_SCALE=mode == sgmv.HYBRID, PDL=mode == sgmv.TOKEN or persistent)
     for tiled in (False, True):
         yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
             GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, SKIP_SINGLE=tiled,

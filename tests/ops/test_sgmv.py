@@ -324,6 +324,50 @@ def test_overwrite_writes_the_delta_over_anything(lengths, slots):
 
 
 @interpreted
+@pytest.mark.parametrize("tiling", ["segment", "token", "work list", "hybrid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dora_scale_multiplies_the_adapters_rows_in_the_expand(tuning, tiling, dtype):
+    """`scale` [slots, N] (DoRA): the rows of tokens with an adapter become (y + delta) * scale[slot] in the expand's
+    pass, rows without one stay y; add_lora and sgmv_expand alike, each equal to the reference; refused with
+    overwrite and in the wrong shape or dtype."""
+    from punica.lora.plan import hybrid_items
+    tuning(bgmv_max_seg=1 << 20 if tiling == "token" else 0, max_block_k=32)
+    lengths, slots = [3, 0, 1, 17, 1, 2, 1], [0, 1, 1, 2, 4, 3, 4]
+    plan = make_plan(lengths, slots, "cpu")
+    if tiling == "work list":
+        plan = with_work_list(plan, 16, capacity=8)
+    elif tiling == "hybrid":
+        singles, blocks = hybrid_items(plan.host_indptr, plan.host_slot, 16, single_max=1)
+        flat = singles + [0, 0, 0] + blocks + [0, 0, 0] * 2
+        plan = dataclasses.replace(plan, items=torch.tensor(flat, dtype=torch.int32).view(-1, 3), item_rows=16,
+                                   num_single=len(singles) // 3 + 1)
+    widths, T = (32, 8, 8), sum(lengths)
+    a, b, ranks = make_weights(6, 40, widths, 16, (16, 8, 5), dtype, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    x, y0 = torch.randn(T, 40, generator=gen).to(dtype), torch.randn(T, 48, generator=gen).to(dtype)
+    scale = (0.5 + torch.rand(6, 48, generator=gen)).to(dtype)
+    expected = y0.clone()
+    add_lora_torch(expected, x, a, b, ranks, plan, offsets(widths), scale=scale)
+    unscaled = y0.clone()
+    add_lora_torch(unscaled, x, a, b, ranks, plan, offsets(widths))
+    adapter_rows = torch.tensor([s != 0 for n, s in zip(lengths, slots) for _ in range(n)])
+    assert torch.equal(expected[~adapter_rows], y0[~adapter_rows])
+    assert not torch.allclose(expected[adapter_rows], unscaled[adapter_rows])
+    y = y0.clone()
+    sgmv.add_lora_triton(y, x, a, b, ranks, plan, offsets(widths), scale=scale)
+    assert_close(y, expected, dtype=dtype)
+    v = torch.zeros(T, a.shape[1], dtype=torch.float32)
+    sgmv.sgmv_shrink_triton(x, a, ranks, plan, v, 3)
+    y = y0.clone()
+    sgmv.sgmv_expand_triton(v, b, ranks, plan, y, offsets(widths), scale)
+    assert_close(y, expected, dtype=dtype)
+    with pytest.raises(ValueError, match="cannot go with overwrite"):
+        sgmv.add_lora_triton(y, x, a, b, ranks, plan, offsets(widths), overwrite=True, scale=scale)
+    with pytest.raises(ValueError, match="scale must be \\[6, 48\\]"):
+        sgmv.add_lora_triton(y, x, a, b, ranks, plan, offsets(widths), scale=scale[:, :40])
+
+
+@interpreted
 @pytest.mark.parametrize("hybrid", [False, True], ids=["work_list", "hybrid"])
 def test_overwrite_over_covering_work_list_writes_every_token_without_a_fill(hybrid):
     """A CUDA graph's work list with slot-0 items for the base-model tokens (items_cover): the overwriting

@@ -56,28 +56,29 @@ class LoRALinear(nn.Module):
         already added. The caller folds the add into its next kernel (rope_store_kv, silu_and_mul, add_rms_norm)."""
         if self.lora_a is None or not batch.lora.has_lora:
             return self.ops.linear(x, self.weight, self.bias), None
-        if self.dora_scale is not None:  # DoRA: y = bias + scale[slot] * (x @ W.T + delta), per token
-            y = self.ops.linear(x, self.weight, None, beside_lora=True)
-            self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
-            y.mul_(self.dora_scale.index_select(0, batch.lora.token_slot))
-            return (y if self.bias is None else y.add_(self.bias)), None
+        # DoRA: y = bias + scale[slot] * (x @ W.T + delta) per token; the expand scales as it adds, so the delta
+        # cannot be written on its own (first, or beside the GEMM): where a side stream serves, only the shrink
+        # runs there
+        dora, bias = self.dora_scale, self.bias if self.dora_scale is None else None
         side = self.side_stream
         if side is None or x.shape[0] > SIDE_STREAM_MAX_TOKENS:
-            if x.shape[0] > DELTA_FIRST_MIN_TOKENS and self.bias is None:
+            if x.shape[0] > DELTA_FIRST_MIN_TOKENS and self.bias is None and dora is None:
                 y = torch.empty(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
                 self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets,
                                   overwrite=True)
                 self.ops.linear_add(y, x, self.weight)
                 return y, None
-            y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
-            self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets)
-            return y, None
+            y = self.ops.linear(x, self.weight, bias, beside_lora=True)
+            self.ops.add_lora(y, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets,
+                              scale=dora)
+            return self._dora_bias(y), None
         # LoRA work on a second stream, concurrently with the base GEMM (inside CUDA graphs the two become
         # parallel branches): its small latency-bound launches fill the GEMM's idle SMs
+        overlap = "shrink" if dora is not None else self.overlap
         main = torch.cuda.current_stream(x.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            if self.overlap == "shrink":  # v = x @ A beside the GEMM; y += v @ B after it, in place
+            if overlap == "shrink":  # v = x @ A beside the GEMM; y += v @ B after it, in place
                 out = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
                 self.ops.sgmv_shrink(x, self.lora_a, batch.slot_rank, batch.lora, out, len(self.out_slices))
             else:  # the whole delta beside the GEMM, added after it; the expand writes every row (no zero-fill)
@@ -85,14 +86,18 @@ class LoRALinear(nn.Module):
                 out = new(x.shape[0], self.slice_offsets[-1], dtype=x.dtype, device=x.device)
                 self.ops.add_lora(out, x, self.lora_a, self.lora_b, batch.slot_rank, batch.lora, self.slice_offsets,
                                   overwrite=DELTA_OVERWRITE)
-        y = self.ops.linear(x, self.weight, self.bias, beside_lora=True)
+        y = self.ops.linear(x, self.weight, bias, beside_lora=True)
         main.wait_stream(side)
         if not torch.cuda.is_current_stream_capturing():  # eager: keep out's memory until main is done with it
             out.record_stream(main)
-        if self.overlap == "shrink":
-            self.ops.sgmv_expand(out, self.lora_b, batch.slot_rank, batch.lora, y, self.slice_offsets)
-            return y, None
+        if overlap == "shrink":
+            self.ops.sgmv_expand(out, self.lora_b, batch.slot_rank, batch.lora, y, self.slice_offsets, dora)
+            return self._dora_bias(y), None
         return y, out
+
+    def _dora_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """y, plus the bias where DoRA left it out of the scaled sum."""
+        return y.add_(self.bias) if self.dora_scale is not None and self.bias is not None else y
 
 
 class RMSNorm(nn.Module):

@@ -114,8 +114,10 @@ def sgmv_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Te
 
 
 def sgmv_expand_torch(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor,
-                      plan: SegmentPlan, y: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
-    """y[t, off[i]:off[i+1]] += v[t, i*R:(i+1)*R] @ lora_b[slot(t), off[i]:off[i+1], :].T  (slot != 0).
+                      plan: SegmentPlan, y: torch.Tensor, slice_offsets: tuple[int, ...],
+                      scale: torch.Tensor | None = None) -> None:
+    """y[t, off[i]:off[i+1]] += v[t, i*R:(i+1)*R] @ lora_b[slot(t), off[i]:off[i+1], :].T  (slot != 0); with
+    `scale` [slots, off[-1]] (DoRA), then y[t] *= scale[slot(t)] (slot != 0, the sum rounded to y's dtype first).
 
     v: [T, n*R]; lora_b: [slots, off[-1], R]; y: [T, off[-1]], updated in place.
     """
@@ -129,13 +131,17 @@ def sgmv_expand_torch(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Te
             cols = slice(slice_offsets[i], slice_offsets[i + 1])
             delta = v[rows, i * rank:(i + 1) * rank].float() @ lora_b[slot, cols].float().T
             y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)
+        if scale is not None:
+            y[rows] = (y[rows].float() * scale[slot].float()).to(y.dtype)
 
 
 def add_lora_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                    slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...],
-                   overwrite: bool = False) -> None:
+                   overwrite: bool = False, scale: torch.Tensor | None = None) -> None:
     """y += per-token LoRA delta: shrink then expand (see the module docstring for the layout); with
-    `overwrite`, y = that delta (zero for tokens without an adapter), whatever y held."""
+    `overwrite`, y = that delta (zero for tokens without an adapter), whatever y held; with `scale` [slots, N]
+    (DoRA), the rows of tokens with an adapter then times scale[slot]."""
+    check_scale(scale, overwrite, lora_b, y)
     if overwrite:
         y.zero_()
     if not plan.has_lora:
@@ -143,7 +149,19 @@ def add_lora_torch(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
     check_shapes(x, lora_a, lora_b, slice_offsets, y)
     v = x.new_zeros(x.shape[0], lora_a.shape[1])
     sgmv_shrink_torch(x, lora_a, slot_rank, plan, v)
-    sgmv_expand_torch(v, lora_b, slot_rank, plan, y, slice_offsets)
+    sgmv_expand_torch(v, lora_b, slot_rank, plan, y, slice_offsets, scale)
+
+
+def check_scale(scale: torch.Tensor | None, overwrite: bool, lora_b: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise ValueError unless `scale` is None or a DoRA scale the expand can take: [slots, N] of y's dtype with
+    a unit last stride, not with overwrite (a delta of its own has no output to scale)."""
+    if scale is None:
+        return
+    if overwrite:
+        raise ValueError("scale (DoRA) scales the projection's output: it cannot go with overwrite")
+    if tuple(scale.shape) != tuple(lora_b.shape[:2]) or scale.dtype != y.dtype or scale.stride(-1) != 1:
+        raise ValueError(f"scale must be [{lora_b.shape[0]}, {lora_b.shape[1]}] of {y.dtype} with a unit last stride, "
+                         f"got {tuple(scale.shape)} {scale.dtype} strides {scale.stride()}")
 
 
 # ---- Triton kernels -------------------------------------------------------------------------------
@@ -327,11 +345,12 @@ def _shrink_kernel(x_ptr, a_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
 
 @_jit()
 def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
-                 stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
-                 STAGES: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr):
+                 stride_yt, R, N, O1, O2, TILES1, TILES2, s_ptr, stride_ss, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+                 TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr,
+                 HAS_SCALE: tl.constexpr):
     """y[start:end, tiles of program pid_n] += v[start:end] @ lora_b[slot, tiles].T (see the kernel); with
-    OVERWRITE, = instead of +=."""
+    OVERWRITE, = instead of +=; with HAS_SCALE, the sum times scale[slot, tiles] (DoRA)."""
     offs_m = start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
     y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt
@@ -364,15 +383,18 @@ def _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, 
                 acc += tl.sum(bt.to(tl.float32) * vt.to(tl.float32), axis=1)[None, :]
         if not OVERWRITE:
             acc = y.to(tl.float32) + acc
+        if HAS_SCALE:  # rounded to y's dtype first, as the reference adds, then multiplies
+            g = tl.load(s_ptr + slot.to(tl.int64) * stride_ss + offs_n, mask=n_mask, other=1.0).to(tl.float32)
+            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) * g[None, :]
         tl.store(y_rows + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit()
 def _expand_item(v_ptr, b_ptr, slot_rank, y_ptr, pid_n, single, start, end, slot, stride_vt, stride_bs,
-                 stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+                 stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, s_ptr, stride_ss, MODE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
                  TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
-                 OVERWRITE: tl.constexpr):
+                 OVERWRITE: tl.constexpr, HAS_SCALE: tl.constexpr):
     """Column program pid_n of one row program or work item (rows start:end of one slot; `single`: one token,
     on the CUDA cores: HYBRID's first items); `slot_rank`: the slot's entry of the rank table."""
     rank = tl.minimum(slot_rank, R)
@@ -385,26 +407,28 @@ def _expand_item(v_ptr, b_ptr, slot_rank, y_ptr, pid_n, single, start, end, slot
         if MODE == 3:
             if single:
                 _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
-                             stride_yt, R, N, O1, O2, TILES1, TILES2, 1, BLOCK_N, BLOCK_R, R_CHUNKS,
-                             TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+                             stride_yt, R, N, O1, O2, TILES1, TILES2, s_ptr, stride_ss, 1, BLOCK_N, BLOCK_R,
+                             R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE, HAS_SCALE)
             else:
                 _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
-                             stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
-                             TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+                             stride_yt, R, N, O1, O2, TILES1, TILES2, s_ptr, stride_ss, BLOCK_M, BLOCK_N, BLOCK_R,
+                             R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE, HAS_SCALE)
         else:
             _expand_rows(v_ptr, b_ptr, y_ptr, pid_n, start, end, slot, rank, stride_vt, stride_bs, stride_bn,
-                         stride_yt, R, N, O1, O2, TILES1, TILES2, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS,
-                         TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+                         stride_yt, R, N, O1, O2, TILES1, TILES2, s_ptr, stride_ss, BLOCK_M, BLOCK_N, BLOCK_R,
+                         R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE, HAS_SCALE)
 
 
 @_jit(do_not_specialize=["seg_blocks", "n_single"])
-def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, count_ptr, y_ptr,
-                   stride_vt, stride_bs, stride_bn, stride_yt, R, seg_blocks, N, O1, O2, TILES1, TILES2, n_single,
-                   COLS, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr,
-                   PERSISTENT: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr, PDL: tl.constexpr):
+def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_ptr, count_ptr, y_ptr, s_ptr,
+                   stride_vt, stride_bs, stride_bn, stride_yt, stride_ss, R, seg_blocks, N, O1, O2, TILES1, TILES2,
+                   n_single, COLS, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
+                   STAGES: tl.constexpr, PERSISTENT: tl.constexpr, IEEE: tl.constexpr, OVERWRITE: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, PDL: tl.constexpr):
     """y += v @ B per row program and output tile; OVERWRITE (row programs that cover every token: token
-    mode, work lists with items_cover): y = v @ B, and rows without an adapter are written zero.
+    mode, work lists with items_cover): y = v @ B, and rows without an adapter are written zero. HAS_SCALE
+    (DoRA): the rows of an adapter's tokens become (y + v @ B) * scale[slot] (scale [slots, N]).
     PERSISTENT (work lists with item counts): a fixed grid walks the units (real item, column program) of
     the step, item-major, so the padding of a graph's list costs no programs."""
     pdl_start(PDL)
@@ -423,16 +447,16 @@ def _expand_kernel(v_ptr, b_ptr, rank_ptr, indptr_ptr, seg_slot_ptr, token_slot_
             single2, _, start2, end2, slot2 = _real_item(u + 2 * step, n_units, COLS, n_s, n_single, indptr_ptr)
             rank1 = tl.load(rank_ptr + slot1)
             _expand_item(v_ptr, b_ptr, rank, y_ptr, u % COLS, single, start, end, slot, stride_vt, stride_bs,
-                         stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE, BLOCK_M, BLOCK_N, BLOCK_R,
-                         R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+                         stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, s_ptr, stride_ss, MODE, BLOCK_M,
+                         BLOCK_N, BLOCK_R, R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE, HAS_SCALE)
             single, start, end, slot, rank = single1, start1, end1, slot1, rank1
             single1, start1, end1, slot1 = single2, start2, end2, slot2
         return
     pid_m = tl.program_id(0)
     start, end, slot = _row_block(pid_m, indptr_ptr, seg_slot_ptr, token_slot_ptr, seg_blocks, MODE, BLOCK_M)
     _expand_item(v_ptr, b_ptr, tl.load(rank_ptr + slot), y_ptr, tl.program_id(1), pid_m < n_single, start, end,
-                 slot, stride_vt, stride_bs, stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, MODE, BLOCK_M,
-                 BLOCK_N, BLOCK_R, R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE)
+                 slot, stride_vt, stride_bs, stride_bn, stride_yt, R, N, O1, O2, TILES1, TILES2, s_ptr, stride_ss,
+                 MODE, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNKS, TILES_PER_PROGRAM, STAGES, IEEE, OVERWRITE, HAS_SCALE)
 
 
 # ---- Wrappers (launch configuration: sgmv_launch.py) ---------------------------------------------
@@ -517,10 +541,11 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.Tensor, plan
 
 
 def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
-            y: torch.Tensor, slice_offsets: tuple[int, ...], overwrite: bool = False) -> None:
+            y: torch.Tensor, slice_offsets: tuple[int, ...], overwrite: bool = False,
+            scale: torch.Tensor | None = None) -> None:
     """y += v @ B; with `overwrite`, y = v @ B (zero rows without an adapter): in the kernel where its row
     programs cover every token (token mode, work lists with items_cover, segments from row 0 to the last), else
-    by zeroing y first."""
+    by zeroing y first; with `scale` ([slots, N], DoRA, not with overwrite), adapters' rows times it."""
     T = y.shape[0]
     if T == 0 or plan.num_segments == 0 or plan.max_seg_len == 0:
         if overwrite:
@@ -535,9 +560,10 @@ def _expand(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan
         overwrite = False
     indptr = plan.seg_indptr if plan.items is None else plan.items
     count = plan.item_count if counted else plan.token_slot  # read only by the persistent kernel
-    tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, count, y)
-    strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0))
-    _launch(_expand_kernel, grid, tensors, strides, (), (*tail, lora_b.dtype == torch.float32, overwrite), warps)
+    tensors = (v, lora_b, slot_rank, indptr, plan.seg_slot, plan.token_slot, count, y, y if scale is None else scale)
+    strides = (v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), 0 if scale is None else scale.stride(0))
+    _launch(_expand_kernel, grid, tensors, strides, (),
+            (*tail, lora_b.dtype == torch.float32, overwrite, scale is not None), warps)
 
 
 def _covers(plan: SegmentPlan, mode: int, T: int) -> bool:
@@ -570,8 +596,9 @@ def sgmv_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, slot_rank: torch.T
 
 
 def sgmv_expand_triton(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.Tensor, plan: SegmentPlan,
-                       y: torch.Tensor, slice_offsets: tuple[int, ...]) -> None:
-    """y[t, off[i]:off[i+1]] += v[t, i*R:(i+1)*R] @ lora_b[slot(t), off[i]:off[i+1], :].T  (slot != 0).
+                       y: torch.Tensor, slice_offsets: tuple[int, ...], scale: torch.Tensor | None = None) -> None:
+    """y[t, off[i]:off[i+1]] += v[t, i*R:(i+1)*R] @ lora_b[slot(t), off[i]:off[i+1], :].T  (slot != 0); with
+    `scale` (DoRA), then y[t] *= scale[slot(t)] in the same pass.
 
     v: [T, n*R]; lora_b: [slots, off[-1], R]; y: [T, off[-1]], updated in place; n <= 3. Only the first
     slot_rank[slot] columns of each slice of v are read (the rest multiply zero-padded B columns).
@@ -584,20 +611,23 @@ def sgmv_expand_triton(v: torch.Tensor, lora_b: torch.Tensor, slot_rank: torch.T
         raise ValueError(f"v {tuple(v.shape)}, lora_b {tuple(lora_b.shape)} {lora_b.dtype} and y "
                          f"{tuple(y.shape)} {y.dtype} must be [T, {n}*R], [slots, {slice_offsets[-1]}, R] "
                          f"and [T, {slice_offsets[-1]}] of lora_b's dtype")
+    check_scale(scale, False, lora_b, y)
     _check_triton(dict(v=v, lora_b=lora_b, y=y), slot_rank, plan, y.shape[0])
-    _expand(v, lora_b, slot_rank, plan, y, slice_offsets)
+    _expand(v, lora_b, slot_rank, plan, y, slice_offsets, scale=scale)
 
 
 def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     slot_rank: torch.Tensor, plan: SegmentPlan, slice_offsets: tuple[int, ...],
-                    overwrite: bool = False) -> None:
+                    overwrite: bool = False, scale: torch.Tensor | None = None) -> None:
     """y += per-token LoRA delta: the Triton shrink into an fp32 v [T, n*R], then the Triton expand; with
     `overwrite`, y = that delta whatever y held (without zeroing y first where the row programs cover every
     token: token mode, work lists with items_cover).
 
     y: [T, off[-1]]; x: [T, h_in]; lora_a: [slots, n*R, h_in]; lora_b: [slots, off[-1], R];
-    slot_rank: [slots] int32; 1 <= n <= 3 slices. No host sync; graph-capturable after one eager call.
+    slot_rank: [slots] int32; 1 <= n <= 3 slices; `scale` [slots, off[-1]] (DoRA): the rows of tokens with an
+    adapter times scale[slot], in the expand. No host sync; graph-capturable after one eager call.
     """
+    check_scale(scale, overwrite, lora_b, y)
     if not plan.has_lora:
         if overwrite:
             y.zero_()
@@ -609,4 +639,4 @@ def add_lora_triton(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         raise ValueError(f"slot_rank has {len(slot_rank)} entries for {lora_a.shape[0]} slots")
     v = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     _shrink(x, lora_a, slot_rank, plan, v, len(slice_offsets) - 1)
-    _expand(v, lora_b, slot_rank, plan, y, slice_offsets, overwrite)
+    _expand(v, lora_b, slot_rank, plan, y, slice_offsets, overwrite, scale)
