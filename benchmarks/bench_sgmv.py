@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         tune_rows = run_tune(args, flush, copy_bw, setup)
         if args.apply:
             sgmv.set_tuning(**best_knobs(tune_rows))
-    sgmv.set_tuning(**harness.parse_tuning(args.sgmv_tuning))
+    harness.apply_sgmv_tuning(args.sgmv_tuning)
     setup["tuning"] = dict(sgmv.TUNING)
     print(f"knobs: {sgmv.TUNING}", flush=True)
     if args.quick:

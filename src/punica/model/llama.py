@@ -49,15 +49,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """o_proj's output and its LoRA delta still to add (None when added)."""
         T = x.shape[0]
-        fused_norms = FUSIONS["rope_store_kv"] and FUSIONS["qk_norm"]
-        fold = FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"] and (fused_norms or not self.qk_norm)
+        norms_in_rope = self.qk_norm and FUSIONS["rope_store_kv"] and FUSIONS["qk_norm"]
+        norms_apart = self.qk_norm and not norms_in_rope  # they need q and k with the delta added
+        fold = FUSIONS["fold_delta"] and FUSIONS["rope_store_kv"] and not norms_apart
         qkv, delta = _deferred(self.qkv_proj, x, batch, fold)
         q, k, v = self.heads(qkv)
-        if self.qk_norm and not fused_norms:
+        if norms_apart:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         if FUSIONS["rope_store_kv"]:
-            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm and fused_norms else None
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if norms_in_rope else None
             q = self.ops.rope_store_kv(q, k, v, batch.positions, self.cos_sin, self.k_cache, self.v_cache,
                                        batch.slot_mapping, None if delta is None else self.heads(delta), norms)
         else:
