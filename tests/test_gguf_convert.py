@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 
 from punica import demo_model
+from punica.engine.tokenizer import Tokenizer
 from punica.errors import ModelLoadError
 from punica.model.gguf_convert import convert_gguf, unpermute_rope_rows
 from punica.testing import assert_close
@@ -209,62 +210,107 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
 GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down"}
+                    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
-def write_llama31_style_gguf(demo_gguf: str, path: str):
-    """A tiny random Llama in a GGUF as llama.cpp writes Llama 3.1: q/k rows permuted, rope scaling as a rope_freqs
-    tensor of per-frequency divisors, the vocabulary (the demo's) split the Llama 3 way ("llama-bpe")."""
-    from factories import make_hf_model
-    from gguf import GGUFReader, GGUFWriter
+def demo_vocab(demo_gguf: str, pre: str, add_bos: bool = False) -> dict:
+    """The demo's byte-level BPE vocabulary as GGUF tokenizer fields, its text split the `pre` way."""
+    from gguf import GGUFReader
 
     from punica.model.gguf_convert import read_metadata
-    from punica.ops.norm_rope import rope_inv_freq
 
     meta = read_metadata(GGUFReader(demo_gguf))
-    vocab = len(meta["tokenizer.ggml.tokens"])
-    theta = 500000.0
-    model = make_hf_model("llama", seed=5, vocab_size=vocab, rope_scaling={**LLAMA31_ROPE, "rope_theta": theta},
-                          rope_theta=theta,
-                          max_position_embeddings=512, bos_token_id=meta["tokenizer.ggml.bos_token_id"],
-                          eos_token_id=meta["tokenizer.ggml.eos_token_id"])
+    return {"model": "gpt2", "pre": pre, "tokens": meta["tokenizer.ggml.tokens"],
+            "types": meta["tokenizer.ggml.token_type"], "merges": meta["tokenizer.ggml.merges"],
+            "bos": meta["tokenizer.ggml.bos_token_id"], "eos": meta["tokenizer.ggml.eos_token_id"], "add_bos": add_bos}
+
+
+def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None) -> None:
+    """`model` (an HF LLaMA-family model) in a GGUF as llama.cpp's converter writes `arch`: for llama, q/k rows
+    permuted into its rope layout; qwen2's biases and qwen3's q/k norms under llama.cpp's names."""
+    from gguf import GGUFWriter
+
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    w = GGUFWriter(path, "llama")
+    w = GGUFWriter(path, arch)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(theta)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(meta["tokenizer.ggml.tokens"])
-    w.add_token_types(meta["tokenizer.ggml.token_type"])
-    w.add_token_merges(meta["tokenizer.ggml.merges"])
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
-    plain, scaled = (rope_inv_freq(head_dim, theta, s).double() for s in (None, LLAMA31_ROPE))
-    w.add_tensor("rope_freqs.weight", (plain / scaled).float().numpy())
-    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"])
+    w.add_tokenizer_model(vocab["model"])
+    if "pre" in vocab:
+        w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if "scores" in vocab:
+        w.add_token_scores(vocab["scores"])
+    if "merges" in vocab:
+        w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    if "unk" in vocab:
+        w.add_unk_token_id(vocab["unk"])
+    if "add_bos" in vocab:
+        w.add_add_bos_token(vocab["add_bos"])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads} if arch == "llama" else {}
     for name, t in model.state_dict().items():
         t = t.float().numpy()
         if name == "lm_head.weight":
-            w.add_tensor("output.weight", t)
+            if not cfg.tie_word_embeddings:
+                w.add_tensor("output.weight", t)
         elif name in ("model.embed_tokens.weight", "model.norm.weight"):
             w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
                          [name], t)
         else:
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            kind = GGUF_LAYER_NAMES[rest.removesuffix(".weight")]
-            w.add_tensor(f"blk.{layer}.{kind}.weight", llama_cpp_permute(t, heads[kind]) if kind in heads else t)
+            module, kind = rest.rsplit(".", 1)
+            gguf_name = GGUF_LAYER_NAMES[module]
+            if gguf_name in heads:
+                t = llama_cpp_permute(t, heads[gguf_name])
+            w.add_tensor(f"blk.{layer}.{gguf_name}.{kind}", t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def assert_weights_equal(converted: str, model) -> None:
+    """The converted fp32 checkpoint holds exactly the HF model's tensors (tied lm_head left out). Generation alone
+    would not show a q/k row order left wrong: a tiny random model's attention is nearly uniform."""
+    from safetensors.torch import load_file
+
+    ours = load_file(os.path.join(converted, "model.safetensors"))
+    tied = model.config.tie_word_embeddings
+    ref = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and tied)}
+    assert ours.keys() == ref.keys()
+    for name, w in ours.items():
+        assert torch.equal(w, ref[name].float()), name
+
+
+def write_llama31_style_gguf(demo_gguf: str, path: str):
+    """A tiny random Llama in a GGUF as llama.cpp writes Llama 3.1: q/k rows permuted, rope scaling as a rope_freqs
+    tensor of per-frequency divisors, the vocabulary (the demo's) split the Llama 3 way ("llama-bpe"), BOS added."""
+    from factories import make_hf_model
+
+    from punica.ops.norm_rope import rope_inv_freq
+
+    vocab = demo_vocab(demo_gguf, "llama-bpe", add_bos=True)
+    theta = 500000.0
+    model = make_hf_model("llama", seed=5, vocab_size=len(vocab["tokens"]),
+                          rope_scaling={**LLAMA31_ROPE, "rope_theta": theta}, rope_theta=theta,
+                          max_position_embeddings=512, bos_token_id=vocab["bos"], eos_token_id=vocab["eos"])
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    plain, scaled = (rope_inv_freq(head_dim, theta, s).double() for s in (None, LLAMA31_ROPE))
+    write_gguf(path, model, "llama", vocab, rope_freqs=(plain / scaled).float().numpy())
     return model
 
 
@@ -279,6 +325,7 @@ def test_a_llama31_style_gguf_matches_its_hf_model(gguf_path, tmp_path):
     out = convert_gguf(str(tmp_path / "l31.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["rope_scaling"] == LLAMA31_ROPE
+    assert_weights_equal(out, model)
     ids = [model.config.bos_token_id, *range(200, 300)]  # positions where the scaled low frequencies matter
     ours = LLM(model=out, dtype="float32", device="cpu").generate(
         [ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
@@ -291,6 +338,134 @@ def test_a_llama31_style_gguf_matches_its_hf_model(gguf_path, tmp_path):
         assert tok(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids, text
     pieces = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 2024 it's")]
     assert pieces == ["x", "Ġ", "202", "4", "Ġit", "'s"]  # SmolLM's own split: every digit apart
+    served = Tokenizer(out)  # the file asks for BOS: a prompt gets it, a rendered chat (which writes it) does not
+    assert served.encode("hi") == [model.config.bos_token_id, *served.encode("hi", add_special_tokens=False)]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_qwen_gguf_matches_its_hf_model(gguf_path, tmp_path, family):
+    """llama.cpp's qwen2 and qwen3 files: q/k rows in HF's layout (not permuted), qwen2's qkv biases and qwen3's
+    q/k norms read back, tied embeddings from a missing output.weight, and Qwen2's split of text before BPE (every
+    digit apart, contractions and words as Llama 3's), as transformers' own GGUF tokenizer splits it."""
+    from factories import make_hf_model
+    from transformers import AutoTokenizer
+
+    from punica import LLM, SamplingParams
+
+    vocab = demo_vocab(gguf_path, "qwen2")
+    model = make_hf_model(family, seed=7, vocab_size=len(vocab["tokens"]), tie_word_embeddings=True,
+                          bos_token_id=vocab["bos"], eos_token_id=vocab["eos"])
+    write_gguf(str(tmp_path / "q.gguf"), model, family, vocab)
+    out = convert_gguf(str(tmp_path / "q.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["architectures"] == [type(model).__name__] and cfg["tie_word_embeddings"]
+    assert_weights_equal(out, model)
+    ids = list(range(300, 340))
+    ours = LLM(model=out, dtype="float32", device="cpu").generate(
+        [ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    assert ours == expected
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="q.gguf")
+    for text in TEXTS:
+        assert tok(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids, text
+    pieces = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 2024 it's")]
+    assert pieces == ["x", "Ġ", "2", "0", "2", "4", "Ġit", "'s"]
+
+
+SPM_TEXTS = [
+    "The capital of France is",
+    "Hello, world! It's 2024; 12345 + 678 = 13023.",
+    "  leading spaces\ttabs\n\n\nnewlines, accents é ü, 日本語 and an emoji 🤖",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "trailing spaces   ",
+]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model():
+    """A SentencePiece BPE model trained here as Llama 2's was set up (identity normalization, a leading space,
+    digits apart, byte fallback), on this module's own source: SentencePiece itself is the reference."""
+    import inspect
+    import io
+    import sys
+
+    import sentencepiece as spm
+
+    lines = [line for line in inspect.getsource(sys.modules[__name__]).splitlines() if line.strip()]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, vocab_size=600, model_type="bpe",
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        split_digits=True, byte_fallback=True, allow_whitespace_only_pieces=True, character_coverage=0.99,
+        bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    return spm.SentencePieceProcessor(model_proto=proto.getvalue())
+
+
+def sentencepiece_vocab(sp) -> dict:
+    """A SentencePiece model's vocabulary as llama.cpp writes it into a GGUF (tokenizer.ggml.model "llama")."""
+    def kind(i):  # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+        return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                else 5 if sp.is_unused(i) else 1)
+
+    n = sp.get_piece_size()
+    return {"model": "llama", "tokens": [sp.id_to_piece(i) for i in range(n)],
+            "scores": [sp.get_score(i) for i in range(n)], "types": [kind(i) for i in range(n)],
+            "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+
+
+def test_a_sentencepiece_gguf_tokenizes_as_sentencepiece(sentencepiece_model, tmp_path):
+    """A Llama 2-style GGUF (SentencePiece BPE vocabulary, no merges listed): its text encodes to SentencePiece's
+    own ids (BOS first, as llama.cpp adds it), including byte-fallback characters, and decodes back; the model
+    behind it generates what its HF model does from that prompt, through the converted directory."""
+    from factories import make_hf_model
+
+    from punica import LLM, SamplingParams
+
+    sp = sentencepiece_model
+    vocab = sentencepiece_vocab(sp)
+    model = make_hf_model("llama", seed=9, vocab_size=len(vocab["tokens"]), bos_token_id=sp.bos_id(),
+                          eos_token_id=sp.eos_id())
+    write_gguf(str(tmp_path / "spm.gguf"), model, "llama", vocab)
+    out = convert_gguf(str(tmp_path / "spm.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
+    assert_weights_equal(out, model)
+    tok = Tokenizer(out)
+    fallback = 0
+    for text in SPM_TEXTS:
+        expected = sp.encode(text)
+        assert tok.encode(text, add_special_tokens=False) == expected, text
+        assert tok.encode(text) == [sp.bos_id(), *expected], text
+        assert tok.decode(tok.encode(text)) == sp.decode(expected) == text
+        fallback += sum(sp.is_byte(i) for i in expected)
+    assert fallback > 0  # some characters were outside the vocabulary, and came as <0xNN> bytes
+    prompt = SPM_TEXTS[3]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ours = LLM(model=out, dtype="float32", device="cpu").generate([prompt], params)[0]
+    ids = [sp.bos_id(), *sp.encode(prompt)]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert ours.token_ids == expected and ours.text == tok.decode(expected)
+
+
+def test_sentencepiece_merges_follow_scores():
+    from punica.model.gguf_convert import sentencepiece_merges
+
+    tokens = ["<unk>", "a", "b", "c", "ab", "bc", "abc", "<0x41>"]
+    scores = [0.0, -1.0, -1.0, -1.0, -3.0, -2.0, -4.0, 0.0]
+    types = [2, 1, 1, 1, 1, 1, 1, 6]
+    assert sentencepiece_merges(tokens, scores, types) == [("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
+
+
+def test_unsupported_gguf_vocabularies_and_architectures_are_named():
+    from punica.model.gguf_convert import build_config, build_tokenizer
+
+    with pytest.raises(ModelLoadError, match="tokenizer.ggml.model='bert' is not supported; supported: "):
+        build_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(ModelLoadError, match="GGUF architecture is 'gemma2'; this converter handles "
+                                             r"\['llama', 'qwen2', 'qwen3'\]"):
+        build_config({"general.architecture": "gemma2"}, True, torch.bfloat16)
 
 
 def test_rope_freqs_of_unknown_parameters_are_refused():

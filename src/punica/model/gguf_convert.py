@@ -1,10 +1,11 @@
-"""Convert a llama.cpp GGUF (LLaMA architecture, GPT-2 byte-level BPE vocabulary) into an HF directory.
+"""Convert a llama.cpp GGUF (architectures llama, qwen2 and qwen3; byte-level BPE or SentencePiece vocabulary)
+into an HF directory.
 
 Writes `config.json`, `model.safetensors` (HF tensor names, dequantized), `tokenizer.json`,
 `tokenizer_config.json` (with the chat template) and `generation_config.json`, so the result loads with
-Punica's loader and with `transformers` alike. Two llama.cpp conventions are undone on the way:
-attn_q/attn_k rows are permuted back from llama.cpp's rope layout, and a missing `output.weight`
-means tied embeddings.
+Punica's loader and with `transformers` alike. Two llama.cpp conventions are undone on the way: a llama file's
+attn_q/attn_k rows are permuted back from llama.cpp's rope layout (qwen2 and qwen3 files keep HF's), and a missing
+`output.weight` means tied embeddings.
 
 `gguf_model_dir` is what serving a `.gguf` file takes: the conversion, once, into Punica's cache, reused while
 the file is unchanged.
@@ -32,6 +33,8 @@ Log = Callable[[str], None]
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -42,20 +45,36 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# general.architecture -> (HF architecture, HF model_type, q/k rows in llama.cpp's rope layout), and what the HF
+# config of each says beyond the common fields
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama", True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+}
+_ARCH_CONFIG = {
+    "llama": {"attention_bias": False, "mlp_bias": False},
+    "qwen2": {"use_sliding_window": False, "sliding_window": None},
+    "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
+}
 _DIGITS_FIRST = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp splits every digit apart first
 _PLAIN_GPT2 = ("gpt2", "default", "mpt", "olmo")
 # Llama 3's split before the byte-level BPE: contractions, letters with one leading non-letter, digits in threes,
 # punctuation runs, newlines, spaces (a space before a word stays with the word)
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_STYLE = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+_CONTRACTIONS_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{DIGITS}"
+                       r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = _CONTRACTIONS_SPLIT.replace("{DIGITS}", "{1,3}")
+_QWEN2_SPLIT = _CONTRACTIONS_SPLIT.replace("{DIGITS}", "")  # the same, with every digit apart
+_SPLITS = {**dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe"), _LLAMA3_SPLIT),
+           **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT)}
 # Llama 3.1's rope scaling as llama.cpp writes it (a rope_freqs tensor of per-frequency divisors): the parameters
 # tried when reading it back, and how close each divisor must come
 _LLAMA3_ROPE_CANDIDATES = [dict(low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=old)
                            for old in (8192, 4096, 2048, 16384, 32768) for low in (1.0, 2.0)
                            for high in (4.0, 2.0, 8.0)]
 _ROPE_FREQS_RTOL = 1e-4
-_CONTROL, _USER_DEFINED = 3, 4
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # tokenizer.ggml.token_type (1 normal, 5 unused, 6 byte)
+_SPACE = "\u2581"  # SentencePiece's space
 
 
 def _stderr(msg: str) -> None:
@@ -78,30 +97,37 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
-    """The HF `config.json` (LlamaForCausalLM) from llama.cpp's `llama.*` hyperparameters."""
+def architecture(meta: dict) -> str:
+    """`general.architecture`, if this converter handles it (else ModelLoadError)."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"GGUF architecture is {arch!r}; this converter handles 'llama' only")
-    hidden = int(_require(meta, "llama.embedding_length"))
-    heads = int(_require(meta, "llama.attention.head_count"))
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(f"GGUF architecture is {arch!r}; this converter handles {sorted(_ARCHITECTURES)}")
+    return arch
+
+
+def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
+    """The HF `config.json` from llama.cpp's `<architecture>.*` hyperparameters."""
+    arch = architecture(meta)
+    hf_arch, model_type, _ = _ARCHITECTURES[arch]
+    hidden = int(_require(meta, f"{arch}.embedding_length"))
+    heads = int(_require(meta, f"{arch}.attention.head_count"))
+    head_dim = meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", hidden // heads))
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_arch],
+        "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(_require(meta, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_require(meta, "llama.block_count")),
+        "intermediate_size": int(_require(meta, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_require(meta, f"{arch}.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get("llama.rope.dimension_count", hidden // heads)),
-        "max_position_embeddings": int(meta.get("llama.context_length", 4096)),
-        "rms_norm_eps": _f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(head_dim),
+        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 4096)),
+        "rms_norm_eps": _f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "rope_scaling": None,
         "vocab_size": len(_require(meta, "tokenizer.ggml.tokens")),
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        **_ARCH_CONFIG[arch],
         "tie_word_embeddings": not has_output,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
@@ -111,10 +137,10 @@ def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
 
 
 def hf_tensor_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (and `.bias` likewise)."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m and m.group(2) in _LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
     m = re.fullmatch(r"(\w+)\.weight", gguf_name)
     if m and m.group(1) in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[m.group(1)]}.weight"
@@ -136,8 +162,9 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 
 def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:
-    """All weights, renamed to HF names, q/k un-permuted, cast to `dtype`."""
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    """All weights, renamed to HF names, q/k un-permuted where llama.cpp permuted them, cast to `dtype`."""
+    permuted = next(p for hf, _, p in _ARCHITECTURES.values() if hf == config["architectures"][0])
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]} if permuted else {}
     out: dict[str, torch.Tensor] = {}
     for i, tensor in enumerate(reader.tensors):
         if tensor.name == "rope_freqs.weight":  # in config.json's rope_scaling (convert_gguf)
@@ -160,23 +187,24 @@ def _pre_tokenizer(pre: str):
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in _PLAIN_GPT2:
         return byte_level
-    if pre in _LLAMA3_STYLE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    known = sorted(_DIGITS_FIRST + _PLAIN_GPT2 + _LLAMA3_STYLE)
+    known = sorted(_DIGITS_FIRST + _PLAIN_GPT2 + tuple(_SPLITS))
     raise ModelLoadError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {known}")
 
 
 def rope_scaling(meta: dict, rope_freqs: np.ndarray | None, head_dim: int, theta: float) -> dict | None:
-    """HF's `rope_scaling` for the GGUF: linear from `llama.rope.scaling.*`; Llama 3's from the `rope_freqs`
+    """HF's `rope_scaling` for the GGUF: linear from `<architecture>.rope.scaling.*`; Llama 3's from the `rope_freqs`
     divisors, whose parameters are found among the usual ones (or ModelLoadError)."""
     from punica.ops.norm_rope import rope_inv_freq
 
-    kind = meta.get("llama.rope.scaling.type", "none")
+    arch = meta.get("general.architecture", "llama")
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(_require(meta, "llama.rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": _f32(_require(meta, f"{arch}.rope.scaling.factor"))}
     if kind not in ("none", None):
-        raise ModelLoadError(f"GGUF llama.rope.scaling.type={kind!r} is not supported (linear, or Llama 3's "
+        raise ModelLoadError(f"GGUF {arch}.rope.scaling.type={kind!r} is not supported (linear, or Llama 3's "
                              "rope_freqs tensor)")
     if rope_freqs is None:
         return None
@@ -195,32 +223,113 @@ def rope_scaling(meta: dict, rope_freqs: np.ndarray | None, head_dim: int, theta
 
 
 def _added_tokens(meta: dict) -> list:
+    """Control tokens (and SentencePiece's unknown token) as special added tokens, user-defined ones as plain added
+    tokens: llama.cpp matches both whole in the text."""
     from tokenizers import AddedToken
 
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    special = (_CONTROL, _UNKNOWN) if meta.get("tokenizer.ggml.model") == "llama" else (_CONTROL,)
     return [
-        AddedToken(tok, special=kind == _CONTROL, normalized=False)
+        AddedToken(tok, special=kind in special, normalized=False)
         for tok, kind in zip(tokens, types)
-        if kind in (_CONTROL, _USER_DEFINED)
+        if kind in special or kind == _USER_DEFINED
     ]
 
 
-def build_tokenizer(meta: dict):
-    """A `tokenizers.Tokenizer`: byte-level BPE from the GGUF vocabulary, merges and token types."""
+def add_bos_eos(meta: dict) -> tuple[bool, bool]:
+    """Whether encoding a text adds BOS and EOS; llama.cpp adds BOS to a SentencePiece vocabulary that says
+    nothing."""
+    default_bos = meta.get("tokenizer.ggml.model") == "llama"
+    return (bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),
+            bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+
+
+def _special_tokens_processor(meta: dict):
+    """A TemplateProcessing that adds BOS / EOS as the file asks, or None."""
+    from tokenizers import processors
+
+    ends = []
+    for wanted, key in zip(add_bos_eos(meta), ("bos_token_id", "eos_token_id")):
+        token = _token(meta, key) if wanted else None
+        if wanted and token is None:
+            raise ModelLoadError(f"GGUF asks for tokenizer.ggml.add_{key[:3]}_token but has no tokenizer.ggml.{key}")
+        ends.append(token)
+    bos, eos = ends
+    if bos is None and eos is None:
+        return None
+    single = [bos, "$A", eos]
+    pair = single + [bos and f"{bos}:1", "$B:1", eos and f"{eos}:1"]
+    return processors.TemplateProcessing(
+        single=" ".join(filter(None, single)), pair=" ".join(filter(None, pair)),
+        special_tokens=[(t, meta["tokenizer.ggml.tokens"].index(t)) for t in dict.fromkeys(filter(None, ends))])
+
+
+def _byte_level_bpe(meta: dict):
     from tokenizers import Tokenizer, decoders, models, processors
 
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ModelLoadError(
-            f"GGUF tokenizer.ggml.model={model!r}; this converter handles byte-level BPE ('gpt2') only"
-        )
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in _require(meta, "tokenizer.ggml.merges")]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                               byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    template = _special_tokens_processor(meta)
+    tok.post_processor = byte_level if template is None else processors.Sequence([byte_level, template])
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece BPE vocabulary implies: every split of a normal piece into two pieces of the
+    vocabulary, the pieces of higher score merged first (SentencePiece merges the best-scoring pair at each step).
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, (piece, score, kind) in enumerate(zip(tokens, scores, types or [1] * len(tokens))):
+        if kind not in (1, _USER_DEFINED):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_bpe(meta: dict):
+    """SentencePiece BPE as llama.cpp reads it (Llama 2, Mistral, TinyLlama): scores order the merges, characters
+    outside the vocabulary fall back to <0xNN> byte tokens, a space is "▁" and the text gets a leading one;
+    laid out as HF's own Llama 2 tokenizer.json is."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = _require(meta, "tokenizer.ggml.scores")
+    types = meta.get("tokenizer.ggml.token_type") or []
+    if len(scores) != len(tokens) or (types and len(types) != len(tokens)):
+        raise ModelLoadError(f"GGUF tokenizer has {len(tokens)} tokens but {len(scores)} scores and {len(types)} "
+                             "token types")
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                               merges=sentencepiece_merges(tokens, scores, types),
+                               unk_token=_token(meta, "unknown_token_id"), fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE)] * prefix + [normalizers.Replace(" ", _SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * prefix)
+    template = _special_tokens_processor(meta)
+    if template is not None:
+        tok.post_processor = template
+    return tok
+
+
+def build_tokenizer(meta: dict):
+    """A `tokenizers.Tokenizer` from the GGUF vocabulary: byte-level BPE ('gpt2': merges listed) or SentencePiece
+    BPE ('llama': merges implied by the scores), with the file's special tokens and BOS / EOS policy."""
+    builders = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+    model = meta.get("tokenizer.ggml.model")
+    if model not in builders:
+        raise ModelLoadError(f"GGUF tokenizer.ggml.model={model!r} is not supported; supported: {sorted(builders)} "
+                             "(byte-level BPE, SentencePiece BPE)")
+    tok = builders[model](meta)
     tok.add_special_tokens(_added_tokens(meta))
     return tok
 
@@ -233,14 +342,15 @@ def _token(meta: dict, key: str) -> str | None:
 def tokenizer_config(meta: dict, max_len: int) -> dict:
     """`tokenizer_config.json`: special tokens, BOS/EOS policy, chat template."""
     special = [t.content for t in _added_tokens(meta) if t.special]
+    add_bos, add_eos = add_bos_eos(meta)
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": _token(meta, "bos_token_id"),
         "eos_token": _token(meta, "eos_token_id"),
         "unk_token": _token(meta, "unknown_token_id"),
         "pad_token": _token(meta, "padding_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
@@ -309,7 +419,7 @@ def _write_hf_dir(out_dir: str, tensors: dict[str, torch.Tensor], config: dict, 
 
 # ---- the conversion cache --------------------------------------------------------------------------
 
-CONVERTER_VERSION = 1  # raise it when the converter's output changes: cached conversions are then redone
+CONVERTER_VERSION = 2  # raise it when the converter's output changes: cached conversions are then redone
 _STAMP = "punica_convert.json"
 _FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _STAMP)
 
