@@ -33,7 +33,7 @@ from benchmarks.harness import (
     write_jsonl,
 )
 from punica import Engine, SamplingParams
-from punica.config import LORA_OVERLAPS
+from punica.config import KV_CACHE_DTYPES, LORA_OVERLAPS
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -95,7 +95,8 @@ class StepMeter:
     def __init__(self, engine: Engine, weight_bytes: int, adapter_bytes: int, bandwidth: float):
         self.engine, self.weight_bytes, self.adapter_bytes, self.bw = engine, weight_bytes, adapter_bytes, bandwidth
         cfg = engine.model_config
-        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.kv_size * engine.model.embed_tokens.weight.element_size()
+        kv_item = engine.model.layers[0].self_attn.k_cache.element_size()  # the pool's: fp8 with kv_cache_dtype fp8
+        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.kv_size * kv_item
         self.decode_times, self.floors = [], []
         self.other_times, self.other_tokens = [], []  # steps with prefill chunks: time, tokens
         self.previous: tuple[str, float] | None = None  # the step the last call launched: ("decode", its floor)
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora-stream-priority", type=int, default=None,
                     help="CUDA priority of the LoRA side stream (< 0: above the main stream; default: the engine's)")
     add_engine_knobs(ap)
+    ap.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="auto",
+                    help="the KV pool's dtype (CacheConfig.kv_cache_dtype); other than auto, the results go to "
+                         "<name>_kv-<dtype>.jsonl/.png")
     ap.add_argument("--plot-only", action="store_true",
                     help="redraw textgen_lora.png from the latest 1000-request rows per batch in textgen_lora.jsonl")
     args = ap.parse_args(argv)
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     knobs = apply_engine_knobs(args)
     cfg = TINY if args.tiny else SHAPES[args.shape]
     name = "textgen_lora" if args.tiny or args.shape == "llama2-7b" else f"textgen_lora_{args.shape}"
+    name += "" if args.kv_cache_dtype == "auto" else f"_kv-{args.kv_cache_dtype}"
     model = "tiny" if args.tiny else ("llama-2-7b" if args.shape == "llama2-7b" else args.shape) + "-arch-random"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
                  rank=args.rank, num_requests=args.num_requests, max_prompt=args.max_prompt,
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests,
-                 lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority, **knobs)
+                 lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority,
+                 kv_cache_dtype=args.kv_cache_dtype, **knobs)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
@@ -265,7 +271,7 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
                                   max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager,
-                                  enable_prefix_caching=False, **overlap)
+                                  enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype, **overlap)
         graphs = engine.runner.graphs
         captured = {} if graphs is None else dict(graphs=len(graphs.graphs), capture_s=round(graphs.capture_s, 2),
                                                    capture_MiB=round(graphs.capture_bytes / 2 ** 20))

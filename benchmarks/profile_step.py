@@ -30,6 +30,7 @@ from benchmarks.harness import (
 )
 from benchmarks.trace_overlap import kernel_intervals, overlap_summary
 from punica import Engine, SamplingParams
+from punica.config import KV_CACHE_DTYPES
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
 from punica.model import layers
 from punica.ops import pdl, sgmv
@@ -356,13 +357,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b",
                     help="the random model's architecture and sizes")
     ap.add_argument("--dora", action="store_true", help="DoRA adapters (random magnitudes), served with enable_dora")
+    ap.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="auto",
+                    help="the KV pool's dtype (CacheConfig.kv_cache_dtype)")
     add_engine_knobs(ap)
     args = ap.parse_args(argv)
     knobs = apply_engine_knobs(args)
     cfg = TINY if args.tiny else SHAPES[args.shape]
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else float("nan")
     setup = dict(environment(), bench="profile_step", copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
-                 shape="tiny" if args.tiny else args.shape, dora=args.dora, **knobs)
+                 shape="tiny" if args.tiny else args.shape, dora=args.dora, kv_cache_dtype=args.kv_cache_dtype,
+                 **knobs)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = write_model_dir(root, cfg)
@@ -372,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         # no prefix cache: every popularity draws the same seeded prompts
         engine = Engine.from_args(model_dir, adapters, device=device, load_format="dummy", enable_prefix_caching=False,
                                   max_num_seqs=max_batch, max_loras=len(adapters), max_cpu_loras=len(adapters),
-                                  max_lora_rank=args.rank, max_num_batched_tokens=4096, enable_dora=args.dora)
+                                  max_lora_rank=args.rank, max_num_batched_tokens=4096, enable_dora=args.dora,
+                                  kv_cache_dtype=args.kv_cache_dtype)
         rows = []
         for pop, batch in [(p, b) for b in args.batch_size for p in args.popularity]:
             names = list(adapters)[:args.num_adapters or 2 * batch]

@@ -130,14 +130,18 @@ def test_kv_cache_blocks_keep_the_measured_step_with_its_margin_and_name_a_step_
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * gib, 100 * gib))
     asked = []
 
-    def measured(model, slot_rank, tokens, seqs, max_len, block_size, device, rows):
-        asked.append((tokens, seqs, max_len, block_size, rows))
+    def measured(model, slot_rank, tokens, seqs, max_len, block_size, device, rows, kv_dtype):
+        asked.append((tokens, seqs, max_len, block_size, rows, kv_dtype))
         return 4 * gib
 
     monkeypatch.setattr(memory, "peak_step_bytes", measured)
     blocks, reserve = memory.kv_cache_blocks(None, None, config, cfg, 256, torch.float16, cuda)
     assert reserve == 5 * gib and blocks == 5 * gib // bytes_per_block(cfg, 16, torch.float16)  # 30 - 20 - 5
-    assert asked == [(10 ** 5, 10 ** 5, 256, 16, 512)]
+    assert asked == [(10 ** 5, 10 ** 5, 256, 16, 512, torch.float16)]
+    roomier = engine_config(model="m", memory_fraction=0.8, block_size=16, max_num_seqs=10 ** 6,
+                            max_num_batched_tokens=10 ** 6)  # the doubled blocks all useful
+    fp8_blocks, _ = memory.kv_cache_blocks(None, None, roomier, cfg, 256, torch.float8_e4m3fn, cuda)
+    assert fp8_blocks == 2 * blocks and asked[-1][-1] == torch.float8_e4m3fn  # kv_cache_dtype "fp8"
 
     def too_big(*args):
         raise torch.OutOfMemoryError("CUDA out of memory")

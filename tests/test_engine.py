@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import pytest
+import torch
 from test_parity import prompts
 
 from punica import LLM, BadRequestError, Engine, SamplingParams
@@ -402,6 +403,46 @@ def test_a_confined_adapter_is_checked_again_when_read_back(llama, tmp_path):
     assert engine.blocks.num_used == 0
     again = list(engine.stream(ids[2], GREEDY, lora="c16"))[-1]
     assert again.finished and again.error is None
+
+
+FP8_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, prompt_logprobs=1)
+
+
+def logprob_rows(out) -> list[float]:
+    """A request's prompt logprobs (every position reads the KV cache) and its first draw's top logprobs."""
+    return [lp.logprob for lp in out.prompt_logprobs[1:]] + [v for _, v in out.logprobs[0].top]
+
+
+def generate_with_kv_dtypes(model_dir, adapters, ids, kv_dtypes, **kw) -> tuple[list, list]:
+    """(RuntimeInfo, outputs) of an LLM of each KV cache dtype, adapters mixed in the batch."""
+    infos, outs = [], []
+    for kv in kv_dtypes:
+        llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", kv_cache_dtype=kv, **kw)
+        assert llm.engine.model.layers[0].self_attn.k_cache.dtype == getattr(torch, llm.engine.info.kv_cache_dtype)
+        infos.append(llm.engine.info)
+        outs.append(llm.generate(ids, FP8_PARAMS, lora=LORAS[:len(ids)]))
+    return infos, outs
+
+
+def test_fp8_kv_cache_holds_more_tokens_and_answers_close(llama):
+    """kv_cache_dtype "fp8": the pool is float8 e4m3, a quarter of an fp32 model's bytes, so the same memory holds
+    four times the blocks, and the logprobs stay close to the full-precision cache's. (Torch ops: Triton's
+    interpreter mis-rounds conversions to fp8, tests/ops/test_kv_store.py; the GPU tier runs the kernels.)"""
+    model_dir, adapters = llama
+    infos, (full, fp8) = generate_with_kv_dtypes(model_dir, adapters, prompts(seed=30), ("auto", "fp8"),
+                                                 device="cpu", cpu_cache_bytes=1 << 20)
+    assert (infos[0].kv_cache_dtype, infos[1].kv_cache_dtype) == ("float32", "float8_e4m3fn")
+    assert infos[1].num_blocks == 4 * infos[0].num_blocks
+    worst = max(abs(a - b) for x, y in zip(full, fp8) for a, b in zip(logprob_rows(x), logprob_rows(y)))
+    assert 0 < worst < 0.05  # fp8 changed something, and little (0.025 when written)
+
+
+def test_unknown_kv_cache_dtype_is_named():
+    from punica.config import CacheConfig
+    from punica.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kv_cache_dtype must be one of \['auto', 'fp8', 'fp8_e4m3'\], got 'int8'"):
+        CacheConfig(kv_cache_dtype="int8")
 
 
 def test_lora_overlap_modes_are_checked(llama):

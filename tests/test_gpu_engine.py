@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_dora import LORAS as DORA_LORAS
 from test_dora import dora_models, peft_one_by_one  # noqa: F401 (a fixture)
+from test_engine import generate_with_kv_dtypes, logprob_rows
 from test_parity import LORAS, peft_generate, peft_model, prompts
 
 from punica import LLM, SamplingParams
@@ -174,6 +175,23 @@ def test_logprobs_from_graph_steps_equal_the_cpu_engines(tiny_models):
             assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
             assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
             assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-3)
+
+
+def test_fp8_kv_cache_on_cuda_equals_the_torch_reference(tiny_models):
+    """kv_cache_dtype "fp8" with the Triton kernels (K/V rounded into float8 e4m3 by the store kernel, read back by
+    the attention kernels, in CUDA graphs) against the torch ops on the CPU with the same fp8 cache: the prompts'
+    logprobs and the first draws' top logprobs agree, and differ from the fp32 cache's."""
+    _, model_dir, adapters = tiny_models["llama"]
+    ids = prompts(seed=31)
+    _, (cuda_fp8, cuda_full) = generate_with_kv_dtypes(model_dir, adapters, ids, ("fp8", "auto"), device="cuda")
+    _, (cpu_fp8,) = generate_with_kv_dtypes(model_dir, adapters, ids, ("fp8",), device="cpu")
+    for gpu, cpu, full in zip(cuda_fp8, cpu_fp8, cuda_full):
+        assert logprob_rows(gpu) == pytest.approx(logprob_rows(cpu), abs=5e-3)
+        assert logprob_rows(gpu) != pytest.approx(logprob_rows(full), abs=1e-4)
+    llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda", kv_cache_dtype="fp8")
+    graphed = [o.token_ids[:3] for o in llm.generate(ids, GREEDY, lora=LORAS)]
+    cpu = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", kv_cache_dtype="fp8")
+    assert graphed == [o.token_ids[:3] for o in cpu.generate(ids, GREEDY, lora=LORAS)]
 
 
 def test_logit_bias_on_cuda_forces_its_token(tiny_models):

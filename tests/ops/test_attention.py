@@ -22,8 +22,10 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BOUNDARY_KV_LENS = [1, 15, 16, 17, 31, 32, 33]  # around the edges of 16-token pages
 
 
-def make_case(q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32, device="cpu", seed=0):
-    """Random q [T, Hq, D] and K/V caches whose sequences own shuffled, non-adjacent blocks."""
+def make_case(q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32, device="cpu", seed=0,
+              kv_dtype=None):
+    """Random q [T, Hq, D] and K/V caches (of `kv_dtype`, q's by default) whose sequences own shuffled,
+    non-adjacent blocks."""
     gen = torch.Generator().manual_seed(seed)
     n_blocks = [-(-kv // block_size) for kv in kv_lens]
     perm = torch.randperm(sum(n_blocks) + 3, generator=gen)
@@ -34,7 +36,8 @@ def make_case(q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32,
         tables[b, :n] = perm[used:used + n]
         used += n
     cache_shape = (len(perm), block_size, h_kv, d)
-    k_cache, v_cache = (torch.randn(cache_shape, generator=gen, device=device).to(dtype) for _ in range(2))
+    k_cache, v_cache = (torch.randn(cache_shape, generator=gen, device=device).to(kv_dtype or dtype)
+                        for _ in range(2))
     q = torch.randn(sum(q_lens), h_q, d, generator=gen, device=device).to(dtype)
     cu_q = [0]
     for n in q_lens:
@@ -46,8 +49,8 @@ def make_case(q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32,
     return q, k_cache, v_cache, meta
 
 
-def check(fn, q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32, device="cpu", **kw):
-    q, k_cache, v_cache, meta = make_case(q_lens, kv_lens, h_q, h_kv, d, block_size, dtype, device)
+def check(fn, q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32, device="cpu", kv_dtype=None, **kw):
+    q, k_cache, v_cache, meta = make_case(q_lens, kv_lens, h_q, h_kv, d, block_size, dtype, device, kv_dtype=kv_dtype)
     scale = 1 / math.sqrt(d)
     out = fn(q, k_cache, v_cache, meta, scale, **kw)
     assert torch.isfinite(out).all()
@@ -62,6 +65,20 @@ def test_decode_page_boundaries(device, group, dtype, splits):
     kv_lens = BOUNDARY_KV_LENS
     check(attention.decode_attention_triton, [1] * len(kv_lens), kv_lens, 2 * group, 2, 32, dtype=dtype,
           device=device, num_splits=splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_cache(device, dtype):
+    """K/V in float8 e4m3 (kv_cache_dtype "fp8"), read into q's dtype: decodes (split and not), and prefill chunks
+    beside decodes, against the reference reading the same cache."""
+    fp8 = torch.float8_e4m3fn
+    check(attention.decode_attention_triton, [1] * 4, [1, 17, 33, 64], 4, 2, 32, dtype=dtype, device=device,
+          kv_dtype=fp8, num_splits=2)
+    check(attention.paged_attention_triton, [5, 1, 20, 1], [40, 9, 20, 33], 4, 2, 32, dtype=dtype, device=device,
+          kv_dtype=fp8)
+    q, k_cache, v_cache, meta = make_case([1], [20], 4, 2, 32, dtype=dtype, device=device, kv_dtype=fp8)
+    with pytest.raises(ValueError, match="dtype mismatch"):  # a cache of another 16-bit dtype than q's
+        attention.paged_attention_triton(q, k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16), meta, 1.0)
 
 
 @pytest.mark.parametrize("group", [1, 4])
@@ -222,6 +239,18 @@ def test_gpu_mixed_prefill_bf16(model):
     q_lens, kv_lens = [512, 1, 300, 1, 1000, 77], [4096, 2048, 300, 1, 1000, 3000]
     check(attention.paged_attention_triton, q_lens, kv_lens, h_q, h_kv, d, dtype=torch.bfloat16,
           device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("model", list(LLAMA_SHAPES))
+def test_gpu_fp8_cache_bf16(model):
+    h_q, h_kv, d = LLAMA_SHAPES[model]
+    kv_lens = random_lens(32, 1, 512, seed=3)
+    check(attention.paged_attention_triton, [1] * 32, kv_lens, h_q, h_kv, d, dtype=torch.bfloat16, device="cuda",
+          kv_dtype=torch.float8_e4m3fn)
+    check(attention.paged_attention_triton, [512, 1, 300, 1, 77], [4096, 2048, 300, 1, 3000], h_q, h_kv, d,
+          dtype=torch.bfloat16, device="cuda", kv_dtype=torch.float8_e4m3fn)
 
 
 @pytest.mark.gpu

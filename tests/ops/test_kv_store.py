@@ -41,6 +41,32 @@ def test_store_kv_strided_views_and_cast(device):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_store_kv_into_fp8_cache(device, dtype):
+    """kv_cache_dtype "fp8": values converted to float8 e4m3 on the way in. Under Triton's interpreter its
+    conversion mis-rounds values whose mantissa carries into the exponent (7.8 -> 4.0), so the CPU tier stores
+    values that e4m3 holds exactly; the GPU tier rounds arbitrary ones (test_gpu_fp8_rounds_as_torch)."""
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(6, 2, 32, generator=gen).mul(20).to(torch.float8_e4m3fn).to(dtype=dtype, device=device)
+            for _ in range(2))
+    ours, ref = run_both(k, v, (3, 8, 2, 32), [3, -1, 23, 0, 17, 9], torch.float8_e4m3fn)
+    assert ours.dtype == torch.float8_e4m3fn and torch.equal(ours.float(), ref.float())
+    assert torch.equal(ref[0].view(-1, 2, 32)[3].float(), k[0].float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_fp8_rounds_as_torch(dtype):
+    """Arbitrary values, some beyond e4m3's +-448 (which saturate), rounded into the fp8 cache as torch rounds."""
+    gen = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(64, 8, 128, generator=gen).mul(150).to(dtype=dtype, device="cuda") for _ in range(2))
+    assert k.abs().max() > 448
+    slots = torch.randperm(4 * 16, generator=gen)[:64].tolist()
+    ours, ref = run_both(k, v, (4, 16, 8, 128), slots, torch.float8_e4m3fn)
+    assert torch.equal(ours.float(), ref.float()) and ref.float().abs().max() == 448
+
+
 def test_store_kv_empty_and_all_padding(device):
     k = torch.randn(3, 2, 16, device=device)
     ours, ref = run_both(k, k, (2, 16, 2, 16), [-1, -1, -1], torch.float32)

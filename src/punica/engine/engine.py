@@ -14,7 +14,7 @@ from concurrent.futures import Future
 
 import torch
 
-from punica.config import EngineConfig, RuntimeInfo, engine_config, read_model_config
+from punica.config import KV_CACHE_DTYPES, EngineConfig, RuntimeInfo, engine_config, read_model_config
 from punica.engine.cuda_graph import CudaGraphRunner
 from punica.engine.json_mode import JsonGrammar, TokenGrammar, Vocabulary
 from punica.engine.json_schema import AutoCallGrammar, RegexGrammar, SchemaGrammar, ToolCallGrammar
@@ -63,6 +63,20 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     return DTYPES[dtype]
 
 
+def resolve_kv_dtype(kv_cache_dtype: str, dtype: torch.dtype, device: torch.device, backend: str) -> torch.dtype:
+    """The KV pool's dtype: the model's for "auto", else CacheConfig.kv_cache_dtype's. ConfigError where the
+    Triton kernels cannot convert fp8 (GPUs before compute capability 8.9)."""
+    name = KV_CACHE_DTYPES[kv_cache_dtype]
+    if name is None:
+        return dtype
+    if backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU of compute capability 8.9 or later (Ada, "
+                          f"Hopper) for the Triton kernels' fp8 conversions; this one is {major}.{minor}: use "
+                          "kv_cache_dtype 'auto' or backend 'torch'")
+    return getattr(torch, name)
+
+
 class Engine:
     """add_request -> step (repeatedly) -> RequestOutputs; abort at any time."""
 
@@ -96,8 +110,10 @@ class Engine:
         layers = [self.model.lora_modules(i) for i in range(model_cfg.num_layers)]
         pool = AdapterPool(layers, config.lora.max_loras, config.lora.max_lora_rank, dtype, device,
                            config.lora.enable_dora)
-        num_blocks, reserve = kv_cache_blocks(self.model, pool.slot_rank, config, model_cfg, max_len, dtype, device)
-        self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, dtype, device))
+        kv_dtype = resolve_kv_dtype(config.cache.kv_cache_dtype, dtype, device, backend)
+        num_blocks, reserve = kv_cache_blocks(self.model, pool.slot_rank, config, model_cfg, max_len, kv_dtype,
+                                              device)
+        self.model.bind_kv_cache(allocate_kv_pool(model_cfg, num_blocks, block_size, kv_dtype, device))
         if max_len > num_blocks * block_size:
             if asked is not None:
                 raise ConfigError(f"max_model_len={asked} exceeds the KV cache's {num_blocks} blocks of {block_size} "
@@ -106,7 +122,8 @@ class Engine:
                         num_blocks * block_size, num_blocks, block_size, max_len)
             max_len = num_blocks * block_size
         self.info = RuntimeInfo(device=str(device), dtype=str(dtype).removeprefix("torch."), backend=backend,
-                                num_blocks=num_blocks, max_model_len=max_len, step_reserve_bytes=reserve)
+                                num_blocks=num_blocks, max_model_len=max_len, step_reserve_bytes=reserve,
+                                kv_cache_dtype=str(kv_dtype).removeprefix("torch."))
         self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
         self.blocks = BlockManager(num_blocks, block_size, caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters,

@@ -24,7 +24,7 @@ STEP_RESERVE_MARGIN = 1.25
 
 def kv_cache_blocks(model: LlamaModel, slot_rank: torch.Tensor, config: EngineConfig, model_cfg: ModelConfig,
                     max_len: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(KV blocks, bytes kept for the largest step). Call it once the weights and adapter slots are
+    """(KV blocks of `dtype`, bytes kept for the largest step). Call it once the weights and adapter slots are
     allocated and before anything else is; on CUDA it runs that step once (against a scratch KV pool)."""
     cache, sched = config.cache, config.scheduler
     reserve = 0
@@ -32,7 +32,7 @@ def kv_cache_blocks(model: LlamaModel, slot_rank: torch.Tensor, config: EngineCo
         try:
             reserve = int(STEP_RESERVE_MARGIN * peak_step_bytes(
                 model, slot_rank, sched.max_num_batched_tokens, sched.max_num_seqs, max_len, cache.block_size,
-                device, sched.max_prompt_logprob_tokens))
+                device, sched.max_prompt_logprob_tokens, dtype))
         except torch.OutOfMemoryError as exc:
             raise CapacityError(f"a step of max_num_batched_tokens={sched.max_num_batched_tokens} tokens does not fit "
                                 f"in device memory beside the weights and adapter slots (max_loras="
@@ -49,13 +49,14 @@ def kv_cache_blocks(model: LlamaModel, slot_rank: torch.Tensor, config: EngineCo
 
 @torch.inference_mode()
 def peak_step_bytes(model: LlamaModel, slot_rank: torch.Tensor, max_tokens: int, max_seqs: int, max_len: int,
-                    block_size: int, device: torch.device, logprob_rows: int) -> int:
+                    block_size: int, device: torch.device, logprob_rows: int,
+                    kv_dtype: torch.dtype | None = None) -> int:
     """Device memory the largest eager step takes on top of what is allocated now, measured: a forward of
     `max_tokens` tokens (at most `max_len` each) over as many sequences as may share a step, all through an
     adapter slot if the pool has one, with top-k/top-p sampling of every sequence's last logits and prompt
     logprobs (MAX_LOGPROBS of them) of up to `logprob_rows` other positions (SchedulerConfig.
-    max_prompt_logprob_tokens). It runs against a scratch KV pool, freed after, so the KV cache can be sized to
-    what is left (see num_blocks_for)."""
+    max_prompt_logprob_tokens). It runs against a scratch KV pool (of `kv_dtype`, the model's by default), freed
+    after, so the KV cache can be sized to what is left (see num_blocks_for)."""
     seqs = max(1, min(max_seqs, max_tokens))
     tokens = min(max_tokens, seqs * max_len)
     slot = 1 if len(slot_rank) > 1 else 0
@@ -71,7 +72,7 @@ def peak_step_bytes(model: LlamaModel, slot_rank: torch.Tensor, max_tokens: int,
     hb.logits_indices = hb.logits_indices[:seqs + logprob_rows]
     cfg = model.config
     model.bind_kv_cache(torch.zeros((cfg.num_layers, 2, first, block_size, cfg.num_kv_heads, cfg.head_dim),
-                                    dtype=model.embed_tokens.weight.dtype, device=device))
+                                    dtype=kv_dtype or model.embed_tokens.weight.dtype, device=device))
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

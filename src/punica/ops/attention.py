@@ -3,6 +3,7 @@
 Sequence b has query tokens q[cu_q[b]:cu_q[b+1]] that are the *last* q_len(b) of its kv_len(b) tokens
 (their K/V are already stored); its K/V live in blocks block_tables[b, 0..ceil(kv_len/block_size)).
 Query j of sequence b (absolute position kv_len - q_len + j) attends causally to positions <= its own.
+The pool holds q's dtype or float8_e4m3fn (CacheConfig.kv_cache_dtype "fp8"), converted to q's dtype as read.
 """
 
 from __future__ import annotations
@@ -148,10 +149,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
         off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
         qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
-        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SPLITS == 1:
@@ -220,11 +221,11 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
         valid = n < end
         off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, head // GROUP, stride_kb, stride_ks, stride_kh,
                           PAGE)
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
         keep = valid[None, :] & (n[None, :] <= pos[:, None])
         qk = tl.where(keep, tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
-        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -243,8 +244,9 @@ def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if q.shape[2] != d or q.shape[1] % h_kv or d < 16 or d & (d - 1) or block_size & (block_size - 1):
         raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}: need Hq % Hkv == 0 and "
                          "power-of-two head_dim >= 16 and block_size")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} (the "
+                         "caches hold q's dtype or float8_e4m3fn)")
     if q.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("q needs a unit stride in head_dim and the caches must be contiguous")
     if meta.block_tables.stride(1) != 1 or len(meta.host_cu_q) != len(meta.host_kv_lens) + 1:
