@@ -44,7 +44,8 @@ def context_lens(spec: str, batch: int, seed: int = 0) -> list[int]:
 class Pools:
     """Per layer a K and V pool holding `lens` contexts in shuffled pages; one q; the metadata."""
 
-    def __init__(self, layers: int, lens: list[int], h_q: int, h_kv: int, d: int, capacity: int, device: str):
+    def __init__(self, layers: int, lens: list[int], h_q: int, h_kv: int, d: int, capacity: int, device: str,
+                 kv_dtype: torch.dtype | None = None):
         gen = torch.Generator().manual_seed(0)
         capacity = max(capacity, *lens)
         pages = [-(-n // PAGE) for n in lens]
@@ -55,15 +56,15 @@ class Pools:
             tables[b, :n] = perm[used:used + n]
             used += n
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.kv = [(torch.randn(total, PAGE, h_kv, d, device=device).to(dtype),
-                    torch.randn(total, PAGE, h_kv, d, device=device).to(dtype)) for _ in range(layers)]
+        self.kv = [(torch.randn(total, PAGE, h_kv, d, device=device).to(kv_dtype or dtype),
+                    torch.randn(total, PAGE, h_kv, d, device=device).to(kv_dtype or dtype)) for _ in range(layers)]
         self.q = torch.randn(len(lens), h_q, d, device=device).to(dtype)
         cu_q = list(range(len(lens) + 1))
         self.meta = AttentionMeta(cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
                                   kv_lens=torch.tensor(lens, dtype=torch.int32, device=device),
                                   block_tables=tables.to(device), max_q_len=1, max_kv_len=capacity,
                                   host_cu_q=cu_q, host_kv_lens=list(lens))
-        self.bytes = 2 * sum(lens) * h_kv * d * self.q.element_size() * layers
+        self.bytes = 2 * sum(lens) * h_kv * d * self.kv[0][0].element_size() * layers
 
     def order(self, on: bool) -> None:
         """Decode programs longest context first (AttentionMeta.seq_order, as the engine's decode graphs)."""
@@ -102,6 +103,10 @@ class Pools:
         self.meta.q_tiles = torch.tensor(flat, dtype=torch.int32, device=self.q.device).view(-1, 2)
 
 
+def pool_dtype(args) -> torch.dtype | None:
+    return torch.float8_e4m3fn if args.kv_dtype == "fp8" else None
+
+
 def bench_mixed(args, setup: dict, bandwidth: float, device: str) -> None:
     """A mixed step's attention, the decodes on the prefill kernel (split off) or the decode kernel (on)."""
     h_q, h_kv, d = args.heads
@@ -111,7 +116,7 @@ def bench_mixed(args, setup: dict, bandwidth: float, device: str) -> None:
             for ctx in args.context:
                 lens = context_lens(ctx, batch)
                 lens[0] += args.mixed
-                pools = Pools(args.layers, lens, h_q, h_kv, d, args.capacity, device)
+                pools = Pools(args.layers, lens, h_q, h_kv, d, args.capacity, device, pool_dtype(args))
                 pools.make_mixed(args.mixed)
                 floor = pools.bytes / bandwidth * 1e6 / args.layers
                 for split, overlap in ((False, False), (True, False), (True, True)):
@@ -164,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--mixed", type=int, default=0, metavar="CHUNK",
                     help="time a mixed step instead: a CHUNK-token prefill chunk among decodes, split off and on")
+    ap.add_argument("--kv-dtype", choices=["auto", "fp8"], default="auto",
+                    help="the pools' dtype: q's (bf16 on CUDA), or float8 e4m3 (kv_cache_dtype fp8)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     pdl.set_pdl(args.pdl)
@@ -171,46 +178,51 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = harness.copy_bandwidth() if device == "cuda" else float("nan")
     h_q, h_kv, d = args.heads
     setup = dict(harness.environment(), bench="attention", layers=args.layers, heads=args.heads, page=PAGE,
-                 capacity=args.capacity, pdl=args.pdl, copy_bandwidth_GBps=round(bandwidth / 1e9, 1))
+                 capacity=args.capacity, pdl=args.pdl, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
+                 kv_dtype=args.kv_dtype)
+    kv_dtype = pool_dtype(args)
     if args.mixed:
         bench_mixed(args, setup, bandwidth, device)
         return
     default_config, default_tiles = attention.decode_config, attention_default(h_q // h_kv, d)
+    default_dot = attention.FP8_DOT_FP16
+    fp16_dots = (True, False) if kv_dtype is not None else (default_dot,)  # fp8: the dots in fp16, or in q's
     summary = []
     try:
         for batch in args.batch_size:
             for ctx in args.context:
                 lens = context_lens(ctx, batch)
-                pools = Pools(args.layers, lens, h_q, h_kv, d, args.capacity, device)
+                pools = Pools(args.layers, lens, h_q, h_kv, d, args.capacity, device, kv_dtype)
                 floor = pools.bytes / bandwidth * 1e6 / args.layers
                 auto = attention.decode_splits(batch, h_kv, args.capacity, torch.device(device))
                 best = None
-                for block_n, warps, stages in TILES[:args.tiles]:
+                for (block_n, warps, stages), fp16_dot in ((t, f) for t in TILES[:args.tiles] for f in fp16_dots):
                     config = dict(BLOCK_G=max(16, h_q // h_kv), BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     attention.decode_config = lambda *_, c=config: c
+                    attention.FP8_DOT_FP16 = fp16_dot
                     for splits, order in ((s, o) for s in args.splits for o in args.order):
                         pools.order(order == "longest-first")
                         us = time_us(partial(pools.run, splits or None)) / args.layers
                         row = dict(batch=batch, context=ctx, mean_context=round(sum(lens) / batch, 1),
                                    order=order, block_n=block_n, warps=warps, stages=stages, splits=splits or auto,
-                                   auto_splits=not splits, us_per_layer=round(us, 2), floor_us=round(floor, 2),
-                                   floor_ratio=round(us / floor, 3))
+                                   auto_splits=not splits, fp8_dot_fp16=fp16_dot, us_per_layer=round(us, 2),
+                                   floor_us=round(floor, 2), floor_ratio=round(us / floor, 3))
                         harness.write_jsonl("attention", [row], setup, args.out_dir)
                         print(row, flush=True)
                         if best is None or us < best["us_per_layer"]:
                             best = row
-                        if (block_n, warps, stages) == default_tiles and not splits:
+                        if (block_n, warps, stages) == default_tiles and not splits and fp16_dot == default_dot:
                             summary.append(dict(row, config="default"))
                 summary.append(dict(best, config="best"))
                 pools = None
                 if device == "cuda":
                     torch.cuda.empty_cache()
     finally:
-        attention.decode_config = default_config
+        attention.decode_config, attention.FP8_DOT_FP16 = default_config, default_dot
     print(f"\ndecode attention, us per layer ({args.layers} layers in one CUDA graph), floor = KV bytes at "
           f"{bandwidth / 1e12:.2f} TB/s")
     harness.print_table(summary, ["config", "order", "batch", "context", "block_n", "warps", "stages", "splits",
-                                  "us_per_layer", "floor_us", "floor_ratio"])
+                                  "fp8_dot_fp16", "us_per_layer", "floor_us", "floor_ratio"])
 
 
 if __name__ == "__main__":

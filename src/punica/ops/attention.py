@@ -25,6 +25,9 @@ except ImportError:  # the torch backend runs without Triton
     triton = tl = None
     _jit = lambda fn: fn  # noqa: E731
 
+# With an fp8 cache and a bf16 or fp16 q, the kernels compute their dots in fp16: e4m3 converts to fp16 in one
+# instruction on sm_89 and later, to bf16 in several; q (bf16) fits fp16's 10-bit mantissa, its range clamped.
+FP8_DOT_FP16 = True
 # Steps that mix prefill chunks with decodes run their one-query sequences through the decode kernel and only
 # the longer ones through the prefill kernel, whose 64-row query tiles would hold one real row per decode.
 SPLIT_MIXED = True
@@ -110,6 +113,15 @@ def _softmax_step(qk, m_i, l_i, acc):
 
 
 @_jit
+def _dot_dtype(q, FP16_DOT: tl.constexpr):
+    """q as the dots take it: in fp16 (its range clamped to fp16's) with FP16_DOT, else as loaded. K and V are
+    converted to q's dtype as they are read."""
+    if FP16_DOT:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@_jit
 def _kv_offsets(bt_row_ptr, n, valid, kv_head, stride_kb, stride_ks, stride_kh, PAGE: tl.constexpr):
     """Element offsets [N] of tokens n of one sequence (block-table row bt_row_ptr) in the paged cache."""
     page = tl.load(bt_row_ptr + n // PAGE, mask=valid, other=0).to(tl.int64)
@@ -121,7 +133,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
                    order_ptr, scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
-                   ORDERED: tl.constexpr, PDL: tl.constexpr):
+                   ORDERED: tl.constexpr, FP16_DOT: tl.constexpr, PDL: tl.constexpr):
     """Program (b, kv head h, split s): the GROUP query heads of h over split s of b's context. ORDERED: the
     grid is (h, i, s) and b = order[i], so programs start in the order's sequence order."""
     pdl_start(PDL)
@@ -140,8 +152,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
     end = tl.minimum(start + per_split, kv_len)
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM)
     heads = h * GROUP + g
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=(g < GROUP)[:, None], other=0.0)
+    q = _dot_dtype(tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                           mask=(g < GROUP)[:, None], other=0.0), FP16_DOT)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -189,7 +201,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, TILED: tl.constexpr,
-                    SKIP_SINGLE: tl.constexpr, PDL: tl.constexpr):
+                    SKIP_SINGLE: tl.constexpr, FP16_DOT: tl.constexpr, PDL: tl.constexpr):
     """Program (query tile m, b, head), or (work-list entry, 0, head) when TILED: flash attention of
     BLOCK_M queries of b, causal over the paged KV. SKIP_SINGLE: sequences of one query are the decode
     kernel's."""
@@ -210,8 +222,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = kv_len - q_len + rows
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (q0 + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
-                mask=(rows < q_len)[:, None], other=0.0)
+    q = _dot_dtype(tl.load(q_ptr + (q0 + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                           mask=(rows < q_len)[:, None], other=0.0), FP16_DOT)
     end = tl.minimum(kv_len, kv_len - q_len + tl.minimum((mb + 1) * BLOCK_M, q_len))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -339,7 +351,7 @@ def _decode_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     _decode_kernel[grid](
         q, k_cache, v_cache, out, part_o, part_lse, *meta_args, meta.cu_q if order is None else order,
         scale * math.log2(math.e), *strides, GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits,
-        PREC=_precision(q.dtype), ORDERED=order is not None,
+        PREC=_precision(q.dtype), ORDERED=order is not None, FP16_DOT=_fp16_dot(q, k_cache),
         **decode_config(d, group, q.dtype, q.device), **pdl.options(q))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
@@ -382,7 +394,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         _prefill_kernel[grid](
             q, k_cache, v_cache, out, *meta_args, out if tiles is None else tiles, scale * math.log2(math.e),
             *strides, GROUP=h_q // h_kv, HEAD_DIM=d, PAGE=page, PREC=_precision(q.dtype), TILED=tiles is not None,
-            SKIP_SINGLE=split, **cfg, **pdl.options(q))
+            SKIP_SINGLE=split, FP16_DOT=_fp16_dot(q, k_cache), **cfg, **pdl.options(q))
 
     if not split:
         prefill()
@@ -433,6 +445,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if meta.max_q_len == 1:
         return decode_attention_triton(q, k_cache, v_cache, meta, scale)
     return prefill_attention_triton(q, k_cache, v_cache, meta, scale)
+
+
+def _fp16_dot(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the dots run in fp16: an fp8 cache read with a 16-bit q (FP8_DOT_FP16)."""
+    return FP8_DOT_FP16 and k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32
 
 
 def _precision(dtype: torch.dtype) -> str:

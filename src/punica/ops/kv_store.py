@@ -27,8 +27,17 @@ def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     """
     keep = slot_mapping >= 0
     idx = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[idx] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[idx] = v[keep].to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[idx] = to_cache_dtype(k[keep], k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[idx] = to_cache_dtype(v[keep], v_cache.dtype)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the pool's dtype; into fp8, values beyond its range saturate (as the kernels' conversions do, whatever
+    torch's own cast does with them)."""
+    if dtype.itemsize == 1 and dtype.is_floating_point:
+        bound = torch.finfo(dtype).max
+        x = x.clamp(-bound, bound)
+    return x.to(dtype)
 
 
 @_jit
