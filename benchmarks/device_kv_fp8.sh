@@ -3,6 +3,7 @@
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_fp8.sh tier fp8        # the GPU tier, then fp8 text generation
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_fp8.sh attention auto fp8   # kernel tests and bench_attention
 #                                                                              # first, then both text generations
+# (ATTN_KV="fp8": bench_attention of the fp8 pools only)
 # Text generation: batch 32 (1000 requests, outputs <= 256; with "tier" also batch 128, outputs <= 96), backbone
 # and adapters (distinct, identical). bench_attention: batch 32, contexts 400 and mixed, fp8 also with q's dots.
 set -uo pipefail
@@ -19,7 +20,7 @@ else
   timeout 120 python3 -m pytest -m gpu -q -n 8 tests/ops/test_kv_store.py tests/ops/test_attention.py \
     tests/ops/test_norm_rope.py > "$OUT/gpu_tests_kv.full" 2>&1
   grep -E "^(FAILED|ERROR|E  )" "$OUT/gpu_tests_kv.full" | head -20; tail -1 "$OUT/gpu_tests_kv.full"
-  for kv in auto fp8; do
+  for kv in ${ATTN_KV:-auto fp8}; do
     timeout 150 python3 -m benchmarks.bench_attention --batch-size 32 --context 400 mixed --splits 0 \
       --kv-dtype $kv --out-dir "$OUT" > "$OUT/attention_$kv.log" 2>&1
     tail -6 "$OUT/attention_$kv.log"
