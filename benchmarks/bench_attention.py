@@ -185,9 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_mixed(args, setup, bandwidth, device)
         return
     default_config, default_tiles = attention.decode_config, attention_default(h_q // h_kv, d)
-    default_mode = attention.FP8_CUDA_CORE_MAX_GROUP, attention.FP8_DOT_FP16
-    # fp8: the products on CUDA cores (up to group 2), the dots in fp16, or in q's dtype
-    modes = (default_mode, (0, True), (0, False)) if kv_dtype is not None else (default_mode,)
+    default_dot = attention.FP8_DOT_FP16
+    fp16_dots = (True, False) if kv_dtype is not None else (default_dot,)  # fp8: the dots in fp16, or in q's
     summary = []
     try:
         for batch in args.batch_size:
@@ -197,36 +196,33 @@ def main(argv: list[str] | None = None) -> None:
                 floor = pools.bytes / bandwidth * 1e6 / args.layers
                 auto = attention.decode_splits(batch, h_kv, args.capacity, torch.device(device))
                 best = None
-                for (block_n, warps, stages), mode in ((t, m) for t in TILES[:args.tiles] for m in modes):
+                for (block_n, warps, stages), fp16_dot in ((t, f) for t in TILES[:args.tiles] for f in fp16_dots):
                     config = dict(BLOCK_G=max(16, h_q // h_kv), BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     attention.decode_config = lambda *_, c=config: c
-                    attention.FP8_CUDA_CORE_MAX_GROUP, attention.FP8_DOT_FP16 = mode
+                    attention.FP8_DOT_FP16 = fp16_dot
                     for splits, order in ((s, o) for s in args.splits for o in args.order):
                         pools.order(order == "longest-first")
                         us = time_us(partial(pools.run, splits or None)) / args.layers
                         row = dict(batch=batch, context=ctx, mean_context=round(sum(lens) / batch, 1),
                                    order=order, block_n=block_n, warps=warps, stages=stages, splits=splits or auto,
-                                   auto_splits=not splits, fp8_cuda_core_max_group=mode[0], fp8_dot_fp16=mode[1],
-                                   us_per_layer=round(us, 2), floor_us=round(floor, 2),
-                                   floor_ratio=round(us / floor, 3))
+                                   auto_splits=not splits, fp8_dot_fp16=fp16_dot, us_per_layer=round(us, 2),
+                                   floor_us=round(floor, 2), floor_ratio=round(us / floor, 3))
                         harness.write_jsonl("attention", [row], setup, args.out_dir)
                         print(row, flush=True)
                         if best is None or us < best["us_per_layer"]:
                             best = row
-                        if (block_n, warps, stages) == default_tiles and not splits and mode == default_mode:
+                        if (block_n, warps, stages) == default_tiles and not splits and fp16_dot == default_dot:
                             summary.append(dict(row, config="default"))
                 summary.append(dict(best, config="best"))
                 pools = None
                 if device == "cuda":
                     torch.cuda.empty_cache()
     finally:
-        attention.decode_config = default_config
-        attention.FP8_CUDA_CORE_MAX_GROUP, attention.FP8_DOT_FP16 = default_mode
+        attention.decode_config, attention.FP8_DOT_FP16 = default_config, default_dot
     print(f"\ndecode attention, us per layer ({args.layers} layers in one CUDA graph), floor = KV bytes at "
           f"{bandwidth / 1e12:.2f} TB/s")
     harness.print_table(summary, ["config", "order", "batch", "context", "block_n", "warps", "stages", "splits",
-                                  "fp8_cuda_core_max_group", "fp8_dot_fp16", "us_per_layer", "floor_us",
-                                  "floor_ratio"])
+                                  "fp8_dot_fp16", "us_per_layer", "floor_us", "floor_ratio"])
 
 
 if __name__ == "__main__":

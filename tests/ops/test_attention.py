@@ -72,7 +72,7 @@ def test_fp8_cache(device, dtype):
     """K/V in float8 e4m3 (kv_cache_dtype "fp8"), read into q's dtype: decodes (split and not), and prefill chunks
     beside decodes, against the reference reading the same cache."""
     fp8 = torch.float8_e4m3fn
-    for h_q in (2, 4, 8):  # groups 1 and 2 read on CUDA cores (FP8_CUDA_CORE_MAX_GROUP), 4 through tensor cores
+    for h_q in (2, 4, 8):  # groups 1, 2 and 4
         check(attention.decode_attention_triton, [1] * 4, [1, 17, 33, 64], h_q, 2, 32, dtype=dtype, device=device,
               kv_dtype=fp8, num_splits=2)
     check(attention.paged_attention_triton, [5, 1, 20, 1], [40, 9, 20, 33], 4, 2, 32, dtype=dtype, device=device,

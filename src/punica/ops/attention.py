@@ -28,9 +28,6 @@ except ImportError:  # the torch backend runs without Triton
 # With an fp8 cache and a bf16 or fp16 q, the kernels compute their dots in fp16: e4m3 converts to fp16 in one
 # instruction on sm_89 and later, to bf16 in several; q (bf16) fits fp16's 10-bit mantissa, its range clamped.
 FP8_DOT_FP16 = True
-# ... and decodes of at most this many query heads per KV head (MHA: 1) read an fp8 cache on CUDA cores: the
-# tensor cores' operands would take a trip through shared memory to be converted
-FP8_CUDA_CORE_MAX_GROUP = 2
 # Steps that mix prefill chunks with decodes run their one-query sequences through the decode kernel and only
 # the longer ones through the prefill kernel, whose 64-row query tiles would hold one real row per decode.
 SPLIT_MIXED = True
@@ -136,10 +133,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
                    order_ptr, scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
-                   ORDERED: tl.constexpr, FP16_DOT: tl.constexpr, CUDA_CORE: tl.constexpr, PDL: tl.constexpr):
+                   ORDERED: tl.constexpr, FP16_DOT: tl.constexpr, PDL: tl.constexpr):
     """Program (b, kv head h, split s): the GROUP query heads of h over split s of b's context. ORDERED: the
-    grid is (h, i, s) and b = order[i], so programs start in the order's sequence order. CUDA_CORE: the products
-    on CUDA cores (BLOCK_G may then be below 16)."""
+    grid is (h, i, s) and b = order[i], so programs start in the order's sequence order."""
     pdl_start(PDL)
     if ORDERED:
         h, b, s = tl.program_id(0), tl.load(order_ptr + tl.program_id(1)), tl.program_id(2)
@@ -165,20 +161,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
         off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
-        if CUDA_CORE:  # fp32 products and sums, no tensor cores: [BLOCK_G, BLOCK_N, D] in registers
-            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            qk = tl.sum(q.to(tl.float32)[:, None, :] * k[None, :, :], 2)
-        else:
-            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+        qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
-        if CUDA_CORE:
-            v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(p[:, :, None] * v[None, :, :], 1)
-        else:
-            v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SPLITS == 1:
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -356,10 +343,6 @@ def _decode_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     batch, (_, page, h_kv, d), h_q = len(meta.host_kv_lens), k_cache.shape, q.shape[1]
     splits = num_splits or decode_splits(batch, h_kv, meta.max_kv_len, q.device)
     group = h_q // h_kv
-    cfg = dict(decode_config(d, group, q.dtype, q.device))
-    cuda_core = k_cache.dtype == torch.float8_e4m3fn and group <= FP8_CUDA_CORE_MAX_GROUP
-    if cuda_core:
-        cfg["BLOCK_G"] = triton.next_power_of_2(group)
     part_o = q.new_empty((batch, h_q, splits, d) if splits > 1 else (1,), dtype=torch.float32)
     part_lse = q.new_empty((batch, h_q, splits) if splits > 1 else (1,), dtype=torch.float32)
     meta_args, strides = _launch_args(q, k_cache, meta, out)
@@ -368,8 +351,8 @@ def _decode_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     _decode_kernel[grid](
         q, k_cache, v_cache, out, part_o, part_lse, *meta_args, meta.cu_q if order is None else order,
         scale * math.log2(math.e), *strides, GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits,
-        PREC=_precision(q.dtype), ORDERED=order is not None, FP16_DOT=_fp16_dot(q, k_cache) and not cuda_core,
-        CUDA_CORE=cuda_core, **cfg, **pdl.options(q))
+        PREC=_precision(q.dtype), ORDERED=order is not None, FP16_DOT=_fp16_dot(q, k_cache),
+        **decode_config(d, group, q.dtype, q.device), **pdl.options(q))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
                                       HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
