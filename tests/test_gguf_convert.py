@@ -244,21 +244,12 @@ def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None) -> Non
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"])
-    w.add_tokenizer_model(vocab["model"])
-    if "pre" in vocab:
-        w.add_tokenizer_pre(vocab["pre"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    if "scores" in vocab:
-        w.add_token_scores(vocab["scores"])
-    if "merges" in vocab:
-        w.add_token_merges(vocab["merges"])
-    w.add_bos_token_id(vocab["bos"])
-    w.add_eos_token_id(vocab["eos"])
-    if "unk" in vocab:
-        w.add_unk_token_id(vocab["unk"])
-    if "add_bos" in vocab:
-        w.add_add_bos_token(vocab["add_bos"])
+    writers = {"model": w.add_tokenizer_model, "pre": w.add_tokenizer_pre, "tokens": w.add_token_list,
+               "types": w.add_token_types, "scores": w.add_token_scores, "merges": w.add_token_merges,
+               "bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
+               "add_bos": w.add_add_bos_token}
+    for key, value in vocab.items():  # the tokenizer fields the vocabulary has
+        writers[key](value)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads} if arch == "llama" else {}
@@ -296,6 +287,28 @@ def assert_weights_equal(converted: str, model) -> None:
         assert torch.equal(w, ref[name].float()), name
 
 
+def assert_generates_as(converted: str, model, ids: list[int]) -> None:
+    """The converted directory served by Punica (fp32, CPU) generates the HF model's greedy tokens after `ids`."""
+    from punica import LLM, SamplingParams
+
+    ours = LLM(model=converted, dtype="float32", device="cpu").generate(
+        [ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    assert ours == expected
+
+
+def assert_tokenizes_as_transformers_gguf(converted: str, gguf: str):
+    """The converted tokenizer splits TEXTS as transformers' own GGUF tokenizer of the file does; returns ours."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(converted)
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    for text in TEXTS:
+        assert tok(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids, text
+    return tok
+
+
 def write_llama31_style_gguf(demo_gguf: str, path: str):
     """A tiny random Llama in a GGUF as llama.cpp writes Llama 3.1: q/k rows permuted, rope scaling as a rope_freqs
     tensor of per-frequency divisors, the vocabulary (the demo's) split the Llama 3 way ("llama-bpe"), BOS added."""
@@ -317,9 +330,7 @@ def write_llama31_style_gguf(demo_gguf: str, path: str):
 def test_a_llama31_style_gguf_matches_its_hf_model(gguf_path, tmp_path):
     """Llama 3.1's GGUF conventions read back: its rope scaling from rope_freqs, the weights un-permuted, and the
     Llama 3 split of text before BPE (digits in threes), as transformers' own GGUF tokenizer splits it."""
-    from transformers import AutoTokenizer
 
-    from punica import LLM, SamplingParams
 
     model = write_llama31_style_gguf(gguf_path, str(tmp_path / "l31.gguf"))
     out = convert_gguf(str(tmp_path / "l31.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
@@ -327,15 +338,8 @@ def test_a_llama31_style_gguf_matches_its_hf_model(gguf_path, tmp_path):
         assert json.load(f)["rope_scaling"] == LLAMA31_ROPE
     assert_weights_equal(out, model)
     ids = [model.config.bos_token_id, *range(200, 300)]  # positions where the scaled low frequencies matter
-    ours = LLM(model=out, dtype="float32", device="cpu").generate(
-        [ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
-    with torch.no_grad():
-        expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
-    assert ours == expected
-    tok = AutoTokenizer.from_pretrained(out)
-    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="l31.gguf")
-    for text in TEXTS:
-        assert tok(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids, text
+    assert_generates_as(out, model, ids)
+    tok = assert_tokenizes_as_transformers_gguf(out, str(tmp_path / "l31.gguf"))
     pieces = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 2024 it's")]
     assert pieces == ["x", "Ġ", "202", "4", "Ġit", "'s"]  # SmolLM's own split: every digit apart
     served = Tokenizer(out)  # the file asks for BOS: a prompt gets it, a rendered chat (which writes it) does not
@@ -348,9 +352,7 @@ def test_a_qwen_gguf_matches_its_hf_model(gguf_path, tmp_path, family):
     q/k norms read back, tied embeddings from a missing output.weight, and Qwen2's split of text before BPE (every
     digit apart, contractions and words as Llama 3's), as transformers' own GGUF tokenizer splits it."""
     from factories import make_hf_model
-    from transformers import AutoTokenizer
 
-    from punica import LLM, SamplingParams
 
     vocab = demo_vocab(gguf_path, "qwen2")
     model = make_hf_model(family, seed=7, vocab_size=len(vocab["tokens"]), tie_word_embeddings=True,
@@ -361,16 +363,8 @@ def test_a_qwen_gguf_matches_its_hf_model(gguf_path, tmp_path, family):
         cfg = json.load(f)
     assert cfg["architectures"] == [type(model).__name__] and cfg["tie_word_embeddings"]
     assert_weights_equal(out, model)
-    ids = list(range(300, 340))
-    ours = LLM(model=out, dtype="float32", device="cpu").generate(
-        [ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
-    with torch.no_grad():
-        expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
-    assert ours == expected
-    tok = AutoTokenizer.from_pretrained(out)
-    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="q.gguf")
-    for text in TEXTS:
-        assert tok(text, add_special_tokens=False).input_ids == ref(text, add_special_tokens=False).input_ids, text
+    assert_generates_as(out, model, list(range(300, 340)))
+    tok = assert_tokenizes_as_transformers_gguf(out, str(tmp_path / "q.gguf"))
     pieces = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 2024 it's")]
     assert pieces == ["x", "Ġ", "2", "0", "2", "4", "Ġit", "'s"]
 
