@@ -105,6 +105,47 @@ def test_text_prompts_stop_strings_and_streaming(llama_with_tokenizer):
     assert "".join(pieces) == full.text
 
 
+def test_min_tokens_holds_back_eos_and_stop_token_ids(llama):
+    """EOS (the tiny llama's 2) and stop_token_ids, made all but certain by logit_bias, cannot come among the first
+    min_tokens draws; then they end the output as before. ignore_eos lets EOS through (it ends nothing)."""
+    model_dir, _ = llama
+    llm = LLM(model=model_dir, device="cpu")
+    ids = prompts(2, seed=7)
+
+    def run(**kw):
+        return llm.generate(ids, SamplingParams(max_tokens=10, temperature=0.0, **kw))
+
+    assert [o.token_ids for o in run(logit_bias={2: 100})] == [[2], [2]]
+    for out in run(logit_bias={2: 100}, min_tokens=4):
+        assert out.finish_reason == "stop" and len(out.token_ids) == 5 and out.token_ids[-1] == 2
+        assert 2 not in out.token_ids[:4]
+    for out in run(logit_bias={9: 100}, stop_token_ids=[9], min_tokens=3):
+        assert out.finish_reason == "stop" and out.token_ids[3:] == [9] and 9 not in out.token_ids[:3]
+    for out in run(logit_bias={2: 100}, min_tokens=3, ignore_eos=True):
+        assert out.finish_reason == "length" and out.token_ids == [2] * 10
+    with pytest.raises(BadRequestError, match=r"min_tokens must be an integer from 0 to max_tokens \(10\), got 11"):
+        run(min_tokens=11)
+    with pytest.raises(BadRequestError, match=r"min_tokens cannot be combined with constrained output \(regex\)"):
+        run(min_tokens=1, regex="w[0-9]+")
+
+
+def test_stop_strings_wait_for_min_tokens_and_may_stay_in_the_text(llama_with_tokenizer):
+    """A stop string in the first min_tokens draws is not looked for; include_stop_str_in_output keeps the one
+    that ends the output in its text (streamed alike)."""
+    path, adapters = llama_with_tokenizer
+    llm = LLM(model=path, device="cpu")
+    forced = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={7: 100})  # "w7" each draw
+    assert llm.generate(["w5 w6"], forced)[0].text == " ".join(["w7"] * 6)
+    out = llm.generate(["w5 w6"], dataclasses.replace(forced, stop=["w7"]))[0]
+    assert (out.text, out.finish_reason, len(out.token_ids)) == ("", "stop", 1)
+    out = llm.generate(["w5 w6"], dataclasses.replace(forced, stop=["w7"], min_tokens=3))[0]
+    assert (out.text, out.finish_reason, len(out.token_ids)) == ("w7 w7 ", "stop", 3)
+    kept = dataclasses.replace(forced, stop=["w7 w7"], include_stop_str_in_output=True)
+    out = llm.generate(["w5 w6"], kept)[0]
+    assert (out.text, out.finish_reason) == ("w7 w7", "stop")
+    assert "".join(o.new_text for o in llm.engine.stream("w5 w6", kept)) == "w7 w7"
+
+
 def test_logprobs_follow_the_tokens_through_sampling_preemption_and_streaming(llama):
     """A sampled token's logprob is in its row's top list where it ranks there, tops are sorted, every token
     has one (also across preemption, which recomputes the prompt's, and with prompt logprobs computed 4 positions

@@ -227,6 +227,20 @@ def test_penalties_and_logit_bias_match_the_engine(client, servers):
                                                                         ignore_eos=True), lora="b8")[0].text
 
 
+def test_min_tokens_and_include_stop_str_in_output_through_extra_body(client):
+    """vLLM's min_tokens and include_stop_str_in_output, as the openai client sends them (extra_body), whole and
+    streamed: a stop string ("w77", forced every draw by logit_bias) is looked for from draw min_tokens on."""
+    kw = dict(model="a4", prompt="w5 w6", max_tokens=6, temperature=0, stop=["w77"], logit_bias={"77": 100})
+    assert client.completions.create(**kw).choices[0].text == ""
+    late = client.completions.create(**kw, extra_body={"min_tokens": 2}).choices[0]
+    assert (late.text, late.finish_reason) == ("w77 ", "stop")
+    kept = dict(kw, extra_body={"min_tokens": 2, "include_stop_str_in_output": True})
+    assert client.completions.create(**kept).choices[0].text == "w77 w77"
+    assert "".join(c.choices[0].text for c in client.completions.create(**kept, stream=True)) == "w77 w77"
+    with pytest.raises(openai.BadRequestError, match="min_tokens must be an integer from 0 to max_tokens"):
+        client.completions.create(**kw, extra_body={"min_tokens": 7})
+
+
 def test_n_choices_seeds_and_prompt_lists(client):
     kw = dict(model="b8", prompt=words(4, 5), max_tokens=8, temperature=1.0, seed=7, n=3)
     first = client.completions.create(**kw)

@@ -129,7 +129,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters,
                                    max_prefetch_loras=config.lora.max_cpu_loras)
         self.runner = ModelRunner(self.model, pool.slot_rank, block_size, device, config.scheduler.max_num_seqs,
-                                  self._graphs(pool, max_len))
+                                  self._graphs(pool, max_len), tuple(model_cfg.eos_token_ids))
         self._in_flight: InFlight | None = None  # the step launched last, its tokens not yet read
         self._carried: list[RequestOutput] = []  # outputs of a step whose successor failed to launch
         self._requests: dict[str, Sequence] = {}
@@ -385,11 +385,14 @@ class Engine:
             if delta:
                 start = max(0, len(seq.text) - max((len(s) for s in p.stop), default=1) + 1)
                 seq.text += delta
-                # stop strings where the new text can complete one; constrained output ends where its value does
-                for stop in p.stop if seq.grammar is None or seq.grammar.free(seq.grammar_state) else ():
+                # stop strings where the new text can complete one, once min_tokens are out; constrained output
+                # ends where its value does
+                looked_for = seq.num_known - len(seq.prompt_ids) >= p.min_tokens and (
+                    seq.grammar is None or seq.grammar.free(seq.grammar_state))
+                for stop in p.stop if looked_for else ():
                     at = seq.text.find(stop, start)
                     if at >= 0:
-                        seq.text = seq.text[:at]
+                        seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
                         return "stop"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"

@@ -33,6 +33,11 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str | None = None
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
+    # the first min_tokens draws cannot be EOS (unless ignore_eos) or a stop_token_id, and stop strings are not
+    # looked for in them (vLLM's min_tokens); max_tokens still ends the output
+    min_tokens: int = 0
+    # a stop string that ends the output stays in its text (vLLM's include_stop_str_in_output)
+    include_stop_str_in_output: bool = False
     # None: no log-probabilities; k: each generated token's, and the k most likely tokens' (TokenLogprobs)
     logprobs: int | None = None
     # the same for the prompt's tokens, each given those before it (RequestOutput.prompt_logprobs)
@@ -76,6 +81,10 @@ class SamplingParams:
 
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            bad(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
         if not is_number(self.temperature) or not 0 <= self.temperature < math.inf:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
@@ -137,6 +146,9 @@ class SamplingParams:
             bad(f"regex must be a string, got {self.regex!r}")
         modes = [name for name in ("json_object", "json_schema", "tool_call", "regex", "choice")
                  if getattr(self, name) not in (None, False)]
+        if modes and self.min_tokens:  # the grammar may need to end sooner than min_tokens lets it
+            bad(f"min_tokens cannot be combined with constrained output ({modes[0]}): the output ends where its value "
+                "does")
         if len(modes) > 1 and (self.regex is not None or self.choice is not None):
             bad(f"{' and '.join(modes)} exclude each other: give one")
         bias = self.logit_bias

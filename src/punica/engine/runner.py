@@ -165,8 +165,9 @@ class ModelRunner:
     device (see `resolve_pending`)."""
 
     def __init__(self, model: LlamaModel, slot_rank: torch.Tensor, block_size: int, device: torch.device,
-                 max_seqs: int, graphs=None):
+                 max_seqs: int, graphs=None, eos_ids: tuple[int, ...] = ()):
         self.model = model
+        self.eos_ids = eos_ids  # what min_tokens keeps from being drawn early, with each request's stop_token_ids
         self.slot_rank = slot_rank
         self.block_size = block_size
         self.device = device
@@ -253,8 +254,9 @@ class ModelRunner:
         live = [s.status is not Status.FINISHED for s in seqs]
         params = [s.params for s in seqs]
         gens = [self._generator(s) if ok else None for s, ok in zip(seqs, live)]
-        if any(p.logit_bias for p in params):  # a new tensor: logprobs report the model's own logits
-            logits = add_logit_bias(logits, [p.logit_bias for p in params])
+        biases = [(p.logit_bias or ()) + self._held_back(s, logits.shape[1]) for s, p in zip(seqs, params)]
+        if any(biases):  # a new tensor: logprobs report the model's own logits
+            logits = add_logit_bias(logits, biases)
         counted = [row for row, p in enumerate(params) if p.penalizes and live[row]]
         if counted:
             counts = self._counts
@@ -276,6 +278,15 @@ class ModelRunner:
         if counted:  # counted on the device at once: the next step's draw sees it before the host does
             self._counts.add(rows, tokens.index_select(0, picked))
         return tokens
+
+    def _held_back(self, seq: Sequence, vocab: int) -> tuple[tuple[int, float], ...]:
+        """(token, -inf) for the tokens of the vocabulary that would end seq's output, while this draw (its
+        placeholder is the last token) is among its first min_tokens."""
+        p = seq.params
+        if len(seq.tokens) - len(seq.prompt_ids) > p.min_tokens:
+            return ()
+        ends = {*p.stop_token_ids, *(() if p.ignore_eos else self.eos_ids)}
+        return tuple((t, -math.inf) for t in sorted(ends) if t < vocab)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.temperature == 0:

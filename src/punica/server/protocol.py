@@ -1,9 +1,9 @@
 """HTTP schemas of the OpenAI-compatible API (the subset Punica serves) and OpenAI's error body.
 
 Requests accept OpenAI's field names; unknown fields are ignored, fields Punica cannot honor are refused
-with a 400 that names them. `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
-`guided_regex` and `guided_choice` are accepted as vLLM-style extensions (the openai client sends them through
-`extra_body`).
+with a 400 that names them. `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `min_tokens`,
+`include_stop_str_in_output`, `guided_regex` and `guided_choice` are accepted as vLLM-style extensions (the openai
+client sends them through `extra_body`).
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     # (SamplingParams.json_object, .json_schema); other types are refused
     response_format: dict | None = None
@@ -130,7 +132,9 @@ class SamplingFields(BaseModel):
             else self.repetition_penalty,
             seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
-            ignore_eos=self.ignore_eos, logit_bias=self.token_bias(), logprobs=self.num_logprobs,
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.token_bias(),
+            logprobs=self.num_logprobs,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             prompt_logprobs=self.num_logprobs if self.echoes else None, **self.json_mode())
 
