@@ -20,6 +20,7 @@ from punica import CacheConfig, EngineConfig, LoRAConfig, PunicaError, SamplingP
 from punica.config import (
     BACKENDS,
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     LORA_OVERLAPS,
     REASONING_PARSERS,
@@ -36,7 +37,7 @@ FLAG_NAMES = {"allowed_lora_dirs": "--allowed-lora-dir", "stop_token_ids": "--st
               "seed@SamplingParams": "--sampling-seed"}
 CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "lora_overlap": LORA_OVERLAPS, "load_format": LOAD_FORMATS,
            "log_level": ("critical", "error", "warning", "info", "debug"), "tool_call_shape": tuple(CALL_SHAPES),
-           "reasoning_parser": REASONING_PARSERS}
+           "reasoning_parser": REASONING_PARSERS, "kv_cache_dtype": tuple(KV_CACHE_DTYPES)}
 SAMPLING_PREFIX = "sampling_"
 
 
