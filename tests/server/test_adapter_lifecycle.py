@@ -262,3 +262,32 @@ def test_adapters_load_on_demand_once_however_many_requests_wait(llama_with_toke
         finally:
             gate.open.set()
             engine.adapters.close()
+
+
+def test_llama_cpp_lora_files_load_by_path_and_on_demand(llama_with_tokenizer, tiny_models, tmp_path, monkeypatch):
+    """A llama.cpp LoRA file in an allowed directory serves as the PEFT adapter it came from: loaded through
+    /v1/load_lora_adapter by its path, and on demand by its name without .gguf."""
+    from test_gguf_lora import write_lora_gguf
+
+    monkeypatch.setenv("PUNICA_CACHE", str(tmp_path / "cache"))
+
+    llama_dir, adapters = llama_with_tokenizer
+    files = prepare_files(llama_dir, adapters, str(tmp_path))
+    gguf = write_lora_gguf(os.path.join(files["allowed"], "b8-file.gguf"), tiny_models["llama"][0], adapters["b8"],
+                           "llama")
+    engine = Engine.from_args(files["model"], {"b8": adapters["b8"]}, device="cpu", max_loras=3, max_cpu_loras=3,
+                              allowed_lora_dirs=[files["allowed"]], max_num_seqs=8, num_blocks=256, max_model_len=256)
+    try:
+        with InProcessServer(build_app(engine, ServerConfig(load_loras_on_demand=True), BASE)) as srv:
+            body = {"prompt": "w5 w6 w7", "max_tokens": 6, "temperature": 0}
+            same = post(srv, "completions", {**body, "model": "b8"}).json()["choices"][0]["text"]
+            assert post(srv, "completions", {**body, "model": "b8-file"}).json()["choices"][0]["text"] == same
+            loaded = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "b8-path", "lora_path": gguf},
+                                timeout=30)
+            assert loaded.status_code == 200, loaded.text
+            assert post(srv, "completions", {**body, "model": "b8-path"}).json()["choices"][0]["text"] == same
+            bad = httpx.post(f"{srv.url}/v1/load_lora_adapter", timeout=30,
+                             json={"lora_name": "x", "lora_path": os.path.join(files["allowed"], "nope.txt")})
+            error_of(bad, 400, "neither a PEFT adapter directory nor a llama.cpp LoRA .gguf file")
+    finally:
+        engine.adapters.close()

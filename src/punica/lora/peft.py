@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 
 from punica.config import ModelConfig, is_int, is_number
 from punica.errors import AdapterError
+from punica.lora.gguf_lora import gguf_adapter_dir, is_gguf_adapter
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE, WEIGHT_FILES = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")
@@ -60,7 +61,7 @@ def read_adapter_config(path: str) -> dict:
         raise AdapterError(f"adapter directory {path!r} does not exist")
     if not os.path.isdir(path):
         raise AdapterError(f"adapter {path!r} is not a directory: pass the PEFT adapter's folder (with "
-                           "adapter_config.json)")
+                           "adapter_config.json) or a llama.cpp LoRA .gguf file")
     if not os.path.isfile(cfg_path):
         raise AdapterError(f"{path!r} has no adapter_config.json: not a PEFT adapter directory")
     try:
@@ -185,8 +186,11 @@ def _pattern_value(patterns: dict, layer: int, proj: str, default):
 
 def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: int,
                       dtype: torch.dtype = torch.float32, dora: bool = False) -> LoRAWeights:
-    """Read, validate and scale one PEFT adapter (DoRA ones too with `dora`). Raises AdapterError naming the
-    problem."""
+    """Read, validate and scale one PEFT adapter (DoRA ones too with `dora`), or a llama.cpp LoRA .gguf file
+    through its cached PEFT conversion. Raises AdapterError naming the problem."""
+    source = path
+    if is_gguf_adapter(path):
+        path = gguf_adapter_dir(path)
     cfg = read_adapter_config(path)
     check_supported(cfg, path, dora)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -204,7 +208,7 @@ def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: in
     if not pairs:
         raise AdapterError(f"adapter {path!r} holds no LoRA weights")
     _check_coverage(cfg, path, pairs)
-    weights = LoRAWeights(name=name, path=path, rank=0)
+    weights = LoRAWeights(name=name, path=source, rank=0)
     for (layer, proj), ab in sorted(pairs.items()):
         weights.modules[(layer, proj)] = _scaled_pair(cfg, path, model_cfg, max_rank, layer, proj, ab, dtype)
         weights.rank = max(weights.rank, ab["A"].shape[0])

@@ -430,16 +430,19 @@ def cache_root() -> str:
 
 
 def _is_current(model_dir: str, stamp: dict) -> bool:
-    if not all(os.path.isfile(os.path.join(model_dir, f)) for f in _FILES):
+    if not os.path.isfile(os.path.join(model_dir, _STAMP)) or not all(
+            os.path.isfile(os.path.join(model_dir, f)) for f in stamp.get("files", _FILES)):
         return False
     with open(os.path.join(model_dir, _STAMP), encoding="utf-8") as f:
         return json.load(f) == stamp
 
 
-def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: Log = _stderr) -> str:
-    """`target`, after converting gguf_path into it unless it already holds the conversion `stamp` describes.
-    The conversion goes into a temporary sibling that is then renamed into place, so no reader sees half a
-    directory, and two processes converting at once both succeed. `what` names the cache in messages."""
+def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: Log = _stderr,
+                      convert: Callable[..., str] | None = None) -> str:
+    """`target`, after converting gguf_path into it (with `convert(gguf_path, out_dir, log=log)`, convert_gguf by
+    default) unless it already holds the conversion `stamp` describes. The conversion goes into a temporary sibling
+    that is then renamed into place, so no reader sees half a directory, and two processes converting at once both
+    succeed. `what` names the cache in messages."""
     if _is_current(target, stamp):
         return target
     log(f"punica: first use of {what}; converting it into {target}")
@@ -452,7 +455,7 @@ def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: 
                              "writable directory") from e
     os.chmod(tmp, 0o755)
     try:
-        convert_gguf(gguf_path, tmp, log=log)
+        (convert or convert_gguf)(gguf_path, tmp, log=log)
         with open(os.path.join(tmp, _STAMP), "w", encoding="utf-8") as f:
             json.dump(stamp, f)
         if os.path.isdir(target) and not _is_current(target, stamp):  # an older converter, or another file
@@ -474,13 +477,21 @@ def gguf_model_dir(gguf_path: str, log: Log = _stderr) -> str:
     path = os.path.abspath(gguf_path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {gguf_path!r} does not exist")
+    return cached_conversion(path, cache_dir(path, "gguf"), file_stamp(path), os.path.basename(path), log)
+
+
+def file_stamp(path: str, **extra) -> dict:
+    """What a cached conversion of the file at `path` (absolute) was made from: redone when this changes."""
     info = os.stat(path)
-    stamp = {"source": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns,
-             "converter_version": CONVERTER_VERSION}
+    return {"source": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns,
+            "converter_version": CONVERTER_VERSION, **extra}
+
+
+def cache_dir(path: str, kind: str) -> str:
+    """`<cache>/<kind>/<hash of the absolute path>/<file name without .gguf>`: the conversion of the file at `path`
+    (absolute), named as the file."""
     name = os.path.basename(path)[:-len(".gguf")] if path.lower().endswith(".gguf") else os.path.basename(path)
-    folder = hashlib.sha256(path.encode()).hexdigest()[:12]
-    return cached_conversion(path, os.path.join(cache_root(), "gguf", folder, name), stamp, os.path.basename(path),
-                             log)
+    return os.path.join(cache_root(), kind, hashlib.sha256(path.encode()).hexdigest()[:12], name)
 
 
 def model_dir(model: str) -> str:

@@ -10,6 +10,7 @@ import os
 import time
 
 from punica import AdapterError, BadRequestError
+from punica.lora.gguf_lora import is_gguf_adapter
 from punica.lora.peft import CONFIG_FILE
 from punica.server.async_engine import AsyncEngine
 from punica.server.metrics import ServerMetrics
@@ -26,15 +27,17 @@ class AdapterLoads:
         self._loading: dict[str, asyncio.Task] = {}  # on-demand loads in progress
 
     async def load(self, name: str, path: str) -> None:
-        """Serve the PEFT directory `path`, which must lie inside an allowed directory, as `name`."""
+        """Serve the PEFT directory (or llama.cpp LoRA .gguf file) `path`, which must lie inside an allowed
+        directory, as `name`."""
         if name == self.model_name:
             raise BadRequestError(f"{name!r} is the base model's name; choose another adapter name")
         engine = self.engine.engine
         if not engine.config.lora.allowed_lora_dirs:
             raise PermissionError("dynamic adapter loading is off: start the server with --allowed-lora-dir DIR")
         engine.adapters.check_allowed(path)
-        if not os.path.isdir(path):
-            raise AdapterError(f"adapter path {path!r} is not a directory")
+        if not os.path.isdir(path) and not is_gguf_adapter(path):
+            raise AdapterError(f"adapter path {path!r} is neither a PEFT adapter directory nor a llama.cpp LoRA .gguf "
+                               "file")
         path = os.path.realpath(path)  # re-reads follow what was checked, not a symlink swapped later
         weights = await asyncio.to_thread(engine.read_lora, name, path)
         await self.engine.call(functools.partial(engine.add_lora, confined=True), name, path, weights)
@@ -59,12 +62,14 @@ class AdapterLoads:
         return True
 
     def _on_demand_path(self, model: str) -> str | None:
-        """The adapter directory named `model` in an allowed directory, or None (also for a name that is not
-        one plain directory name, and when not loading on demand)."""
+        """The adapter directory named `model` in an allowed directory (or its llama.cpp file `model`.gguf), or None
+        (also for a name that is not one plain directory name, and when not loading on demand)."""
         if not self.on_demand_enabled or model in (".", "..") or os.path.basename(model) != model or "\0" in model:
             return None
         for root in self.engine.engine.config.lora.allowed_lora_dirs:
             path = os.path.join(root, model)
             if os.path.isfile(os.path.join(path, CONFIG_FILE)):
                 return path
+            if os.path.isfile(path + ".gguf"):  # a llama.cpp LoRA file, served under its name without .gguf
+                return path + ".gguf"
         return None
