@@ -6,7 +6,10 @@ import os
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# Phi-3's checkpoints fuse q/k/v and gate/up: adapters target the fused modules
+PHI3_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                "up_proj": "gate_up_proj"}
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
@@ -30,6 +33,9 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
         common.setdefault("head_dim", 32)
         cfg = transformers.Qwen3Config(**common)
         cls = transformers.Qwen3ForCausalLM
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj weights (and adapters)
+        cfg = transformers.Phi3Config(pad_token_id=0, **common)
+        cls = transformers.Phi3ForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
@@ -51,6 +57,10 @@ def make_peft_adapter(base, out_dir: str, r: int, alpha: float, targets, seed: i
 
     from peft import LoraConfig, get_peft_model
 
+    if base.config.model_type == "phi3":  # the fused modules stand for their parts
+        targets = targets if isinstance(targets, str) else sorted({PHI3_TARGETS.get(t, t) for t in targets})
+        rank_pattern, alpha_pattern = ({PHI3_TARGETS.get(k, k): v for k, v in (p or {}).items()}
+                                       for p in (rank_pattern, alpha_pattern))
     targets = targets if isinstance(targets, str) else list(targets)  # a string: "all-linear" or a regex
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
                      rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0,

@@ -24,7 +24,8 @@ LORAS = ["dora4", None, "plain", "dora8", "dora4", "dora8"]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: the qkv bias stays outside the scaling
+@pytest.fixture(scope="module", params=["llama", "qwen2", "phi3"])  # qwen2: the qkv bias stays outside the scaling;
+# phi3: adapters on fused qkv_proj / gate_up_proj, their magnitudes split with lora_B
 def dora_models(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"dora-{request.param}")
     model = make_hf_model(request.param, seed=3)

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_cuda_fp32_mixed_batch_equals_peft(tiny_models, family):
     hf_model, model_dir, adapters = tiny_models[family]
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cuda")

@@ -39,7 +39,7 @@ def peft_generate(model, ids: list[list[int]], loras: list[str | None], max_toke
     return out[:, inputs.shape[1]:].tolist()
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def family(request, tiny_models):
     hf_model, model_dir, adapters = tiny_models[request.param]
     llm = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", backend="torch")

@@ -9,7 +9,8 @@ from test_parity import LORAS, peft_generate, peft_model, prompts
 from punica import LLM, SamplingParams
 
 
-@pytest.mark.parametrize("family,first", [("llama", False), ("qwen2", False), ("qwen3", False), ("llama", True)])
+@pytest.mark.parametrize("family,first", [("llama", False), ("qwen2", False), ("qwen3", False), ("phi3", False),
+                                          ("llama", True)])
 def test_triton_backend_mixed_batch_equals_peft(tiny_models, request, family, first):
     """`first`: every step's LoRA first, its expand overwriting y in the kernel (segments, tokens), then the
     GEMM adds to y (the `delta_first` fixture; as steps of more than layers.DELTA_FIRST_MIN_TOKENS tokens run)."""

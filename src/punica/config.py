@@ -62,7 +62,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
+# architectures whose sliding_window applies without a use_sliding_window flag (Qwen2's and Qwen3's have one)
+WINDOWED_BY_DEFAULT = ("MistralForCausalLM", "Phi3ForCausalLM")
 # rope_scaling types ops/norm_rope.rope_inv_freq implements -> the fields each needs
 ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
                        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -108,7 +111,11 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         raise ModelLoadError(f"hidden_size={hidden} in {path} is not a multiple of num_attention_heads={heads}; "
                              f"set head_dim")
     max_len = hf.get("max_position_embeddings", 4096)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", arch in WINDOWED_BY_DEFAULT) else None
+    partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ModelLoadError(f"partial_rotary_factor={partial!r} in {path}: rotary embeddings over part of each head "
+                             "are not supported")
     if window is not None and not (isinstance(window, int) and window > 0):
         raise ModelLoadError(f"sliding_window={window!r} in {path} must be a positive integer or null")
     if window is not None and window < max_len:  # within the window, sliding attention is full attention

@@ -22,6 +22,10 @@ from punica.errors import AdapterError
 from punica.lora.gguf_lora import gguf_adapter_dir, is_gguf_adapter
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# projections some checkpoints fuse (Phi-3's): an adapter on one is served as one on each part, with lora_A
+# shared and lora_B's rows split
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 CONFIG_FILE, WEIGHT_FILES = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")
 MAX_SCALED_WEIGHT = 65504.0  # fp16's largest value: a scaled lora_B entry past it overflows activations downstream
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -52,7 +56,8 @@ def projection_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a base projection; k/v use the grouped-query width."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     return {"q_proj": (h, cfg.q_size), "k_proj": (h, cfg.kv_size), "v_proj": (h, cfg.kv_size),
-            "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[proj]
+            "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, cfg.q_size + 2 * cfg.kv_size), "gate_up_proj": (h, 2 * i)}[proj]
 
 
 def read_adapter_config(path: str) -> dict:
@@ -152,9 +157,9 @@ def check_supported(cfg: dict, path: str, dora: bool = False) -> None:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, (list, tuple, set)):
         # entries may be module names or full paths ("all-linear" is saved expanded to paths)
-        unknown = sorted({t for t in targets if t.rsplit(".", 1)[-1] not in PROJECTIONS})
+        unknown = sorted({t for t in targets if t.rsplit(".", 1)[-1] not in (*PROJECTIONS, *FUSED)})
         if unknown:
-            refuse("target_modules", unknown, f"only {', '.join(PROJECTIONS)} can carry adapters")
+            refuse("target_modules", unknown, f"only {', '.join(PROJECTIONS + tuple(FUSED))} can carry adapters")
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -177,7 +182,7 @@ def _suffix_pattern(key: str) -> str:
 
 def _pattern_value(patterns: dict, layer: int, proj: str, default):
     """PEFT's rank/alpha_pattern lookup: the first key that matches the module's full name as a suffix."""
-    full = f"model.layers.{layer}.{'mlp' if proj in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{proj}"
+    full = f"model.layers.{layer}.{'mlp' if proj in MLP else 'self_attn'}.{proj}"
     for key, value in (patterns or {}).items():
         if re.match(_suffix_pattern(key), full):
             return value
@@ -197,24 +202,45 @@ def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: in
     magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for key, tensor in load_tensors(path).items():
         mag = _MAGNITUDE.search(key) if cfg.get("use_dora") else None
-        if mag and mag.group(2) in PROJECTIONS:
+        if mag and mag.group(2) in (*PROJECTIONS, *FUSED):
             magnitudes[(int(mag.group(1)), mag.group(2))] = tensor
             continue
         m = _KEY.search(key)
-        if not m or m.group(2) not in PROJECTIONS:
+        if not m or m.group(2) not in (*PROJECTIONS, *FUSED):
             raise AdapterError(f"adapter {path!r}: tensor {key!r} is not a LoRA weight of "
-                               f"{'/'.join(PROJECTIONS)} (embedding and lm_head adapters are not supported)")
+                               f"{'/'.join(PROJECTIONS + tuple(FUSED))} (embedding and lm_head adapters are not "
+                               "supported)")
         pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
     if not pairs:
         raise AdapterError(f"adapter {path!r} holds no LoRA weights")
     _check_coverage(cfg, path, pairs)
     weights = LoRAWeights(name=name, path=source, rank=0)
     for (layer, proj), ab in sorted(pairs.items()):
-        weights.modules[(layer, proj)] = _scaled_pair(cfg, path, model_cfg, max_rank, layer, proj, ab, dtype)
+        a, b = _scaled_pair(cfg, path, model_cfg, max_rank, layer, proj, ab, dtype)
+        for part, rows in _parts(model_cfg, proj, b.shape[0]):
+            if (layer, part) in weights.modules:
+                raise AdapterError(f"adapter {path!r}, layer {layer}: has weights for {part} both alone and in "
+                                   f"{proj}")
+            weights.modules[(layer, part)] = (a, b[rows].contiguous() if proj in FUSED else b)
         weights.rank = max(weights.rank, ab["A"].shape[0])
     if cfg.get("use_dora"):
-        weights.magnitudes = _magnitudes(path, model_cfg, pairs, magnitudes)
+        weights.magnitudes = {(layer, part): m[rows].contiguous()
+                              for (layer, proj), m in _magnitudes(path, model_cfg, pairs, magnitudes).items()
+                              for part, rows in _parts(model_cfg, proj, m.shape[0])}
     return weights
+
+
+def _parts(model_cfg: ModelConfig, proj: str, rows: int) -> list[tuple[str, slice]]:
+    """(projection, its rows of the module's output) for each projection a module of `rows` outputs covers:
+    itself, or the parts of a fused one."""
+    if proj not in FUSED:
+        return [(proj, slice(0, rows))]
+    out, start = [], 0
+    for part in FUSED[proj]:
+        width = projection_shape(model_cfg, part)[1]
+        out.append((part, slice(start, start + width)))
+        start += width
+    return out
 
 
 def _magnitudes(path: str, model_cfg: ModelConfig, pairs: dict, magnitudes: dict) -> dict:

@@ -38,38 +38,45 @@ def checkpoint_files(model_dir: str) -> list[str]:
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def _destinations(model: LlamaModel) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the tensor (or slice of a fused one) of `model` it is copied into."""
+def _destinations(model: LlamaModel) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, ...]]]:
+    """(HF tensor name -> the tensor, or slice of a fused one, of `model` it is copied into; name -> the names
+    that stand for the same tensor another way). A fused projection comes as its parts (Llama's q_proj, k_proj,
+    v_proj) or whole (Phi-3's qkv_proj): loading one form drops the other from what the checkpoint must hold."""
     dests: dict[str, torch.Tensor] = {}
+    others: dict[str, tuple[str, ...]] = {}
     for name, module in model.named_modules():
         parts = _FUSED_PARTS.get(name.rsplit(".", 1)[-1])
         if not parts:
             continue
         prefix = name.rsplit(".", 1)[0]
-        for i, part in enumerate(parts):
-            lo, hi = module.slice_offsets[i], module.slice_offsets[i + 1]
-            for kind in ("weight", "bias"):
-                if getattr(module, kind) is not None:
-                    dests[f"model.{prefix}.{part}.{kind}"] = getattr(module, kind)[lo:hi]
+        for kind in ("weight", "bias"):
+            if getattr(module, kind) is None:
+                continue
+            whole, pieces = f"model.{name}.{kind}", [f"model.{prefix}.{part}.{kind}" for part in parts]
+            dests[whole] = getattr(module, kind)
+            for i, piece in enumerate(pieces):
+                dests[piece] = getattr(module, kind)[module.slice_offsets[i]:module.slice_offsets[i + 1]]
+                others[piece] = (whole,)
+            others[whole] = tuple(pieces)
     for name, param in model.named_parameters():
         if name.rsplit(".", 2)[-2] not in _FUSED_PARTS:
             dests[name if name.startswith("lm_head") else f"model.{name}"] = param
-    return dests
+    return dests, others
 
 
 def load_weights(model: LlamaModel, model_dir: str) -> None:
     """Copy every tensor of the checkpoint into `model`; refuse unknown, missing or mis-shaped tensors."""
-    dests = _destinations(model)
+    dests, others = _destinations(model)
     for path in checkpoint_files(model_dir):
         try:
-            _load_file(path, dests, model.config.tie_word_embeddings)
+            _load_file(path, dests, others, model.config.tie_word_embeddings)
         except (OSError, SafetensorError) as e:  # a truncated or corrupt file, e.g. an interrupted download
             raise ModelLoadError(f"cannot read {path}: {e}; download or convert the checkpoint again") from e
     if dests:
         raise ModelLoadError(f"checkpoint in {model_dir!r} lacks tensors: {sorted(dests)[:5]}")
 
 
-def _load_file(path: str, dests: dict[str, torch.Tensor], tied: bool) -> None:
+def _load_file(path: str, dests: dict[str, torch.Tensor], others: dict[str, tuple[str, ...]], tied: bool) -> None:
     with safe_open(path, framework="pt") as f:
         for name in f.keys():
             if "rotary_emb" in name or (name == "lm_head.weight" and tied):
@@ -77,6 +84,8 @@ def _load_file(path: str, dests: dict[str, torch.Tensor], tied: bool) -> None:
             if name not in dests:
                 raise ModelLoadError(f"unexpected tensor {name!r} in {path}")
             tensor, dst = f.get_tensor(name), dests.pop(name)
+            for other in others.get(name, ()):  # the other form is no longer expected (nor accepted)
+                dests.pop(other, None)
             if dst.shape != tensor.shape:
                 raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
             dst.copy_(tensor)
