@@ -94,6 +94,18 @@ def test_a_lora_gguf_is_converted_once(tiny_models, tmp_path, monkeypatch):
     assert all(torch.equal(again.modules[k][1], b) for k, (_, b) in first.modules.items())
 
 
+def test_punica_convert_writes_a_lora_gguf_as_a_peft_directory(tiny_models, tmp_path):
+    from punica.lora.convert import convert_adapter
+
+    hf_model, model_dir, adapters = tiny_models["llama"]
+    path = write_lora_gguf(str(tmp_path / "b8.gguf"), hf_model, adapters["b8"], "llama")
+    done = convert_adapter(path, model_dir)
+    assert done.out_dir == str(tmp_path / "b8") and os.path.isfile(tmp_path / "b8" / "adapter_config.json")
+    model_cfg = read_model_config(model_dir)
+    ours, ref = (load_peft_adapter("b8", p, model_cfg, 16) for p in (done.out_dir, adapters["b8"]))
+    assert all(torch.equal(ours.modules[k][1], b) for k, (_, b) in ref.modules.items())
+
+
 def test_what_is_not_a_servable_lora_gguf_is_named(tiny_models, tmp_path):
     from test_gguf_convert import demo_vocab, write_gguf
 

@@ -98,6 +98,11 @@ SMALL = [  # (name, kernel, args, constexprs) of the one-program-per-token kerne
 ]
 
 
+def fp8_cache(args: list[tuple[str, str]], *names: str) -> list[tuple[str, str]]:
+    """`args` with the pointers `names` to float8 e4m3 (the KV pool of kv_cache_dtype "fp8")."""
+    return [(n, "*fp8e4nv" if n in names else t) for n, t in args]
+
+
 def variants():
     """Every kernel's main specializations without PDL (ops/pdl.py), and each kernel once with it."""
     for mode, split, block_m, persistent in [
@@ -117,10 +122,21 @@ def variants():
     for tiled in (False, True):
         yield f"prefill attention tiled={tiled}", attention._prefill_kernel, PREFILL, dict(
             GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=tiled, SKIP_SINGLE=tiled,
-            PDL=tiled)
+            FP16_DOT=False, PDL=tiled)
     for pdl in (False, True):
         yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
-            GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", ORDERED=pdl, PDL=pdl)
+            GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", ORDERED=pdl, FP16_DOT=False,
+            PDL=pdl)
+    # kv_cache_dtype "fp8": the pools in float8 e4m3, read with fp16 dots, written by the store kernels
+    yield "prefill attention fp8 cache", attention._prefill_kernel, fp8_cache(PREFILL, "k_ptr", "v_ptr"), dict(
+        GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=True, SKIP_SINGLE=True,
+        FP16_DOT=True, PDL=True)
+    yield "decode attention fp8 cache", attention._decode_kernel, fp8_cache(DECODE, "k_ptr", "v_ptr"), dict(
+        GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", ORDERED=True, FP16_DOT=True,
+        PDL=True)
+    for name, fn, args, consts in SMALL:
+        if name in ("rope_store_kv", "store_kv"):
+            yield f"{name} fp8 cache", fn, fp8_cache(args, "k_cache_ptr", "v_cache_ptr"), consts | dict(PDL=False)
     for split in (1, 4):
         yield f"decode gemm split {split}", gemm._linear_kernel, LINEAR, dict(
             HAS_BIAS=True, SPLIT_K=split, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, STAGES=4, PDL=split == 1)

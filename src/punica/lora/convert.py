@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from punica.config import ModelConfig, read_model_config
 from punica.errors import AdapterError, ModelLoadError, PunicaError
+from punica.lora.gguf_lora import gguf_adapter_dir, is_gguf_adapter
 from punica.lora.peft import _pattern_value, load_peft_adapter, load_tensors, read_adapter_config
 
 MAX_SERVABLE_RANK = 256  # LoRAConfig.max_lora_rank's upper bound
@@ -57,7 +58,11 @@ class Conversion:
 
 def convert_adapter(adapter_dir: str, model_dir: str, out_dir: str | None = None) -> Conversion:
     """Validate `adapter_dir` against the model in `model_dir`; write `out_dir` (default: in place, where
-    the new safetensors file then takes precedence over adapter_model.bin)."""
+    the new safetensors file then takes precedence over adapter_model.bin). A llama.cpp LoRA .gguf file is read
+    through its cached PEFT conversion, and written by default into a directory beside it, named as it."""
+    if is_gguf_adapter(adapter_dir):
+        out_dir = out_dir or os.path.splitext(adapter_dir)[0]
+        adapter_dir = gguf_adapter_dir(adapter_dir)
     out_dir = out_dir or adapter_dir
     model_cfg = read_model_config(model_dir)
     config = read_adapter_config(adapter_dir)
