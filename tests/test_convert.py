@@ -56,6 +56,17 @@ def test_bin_adapter_converts_to_safetensors_that_peft_and_punica_agree_on(tiny_
     assert ours_st == [peft_greedy(hf_model, str(out), p) for p in PROMPTS]
 
 
+def test_a_fused_module_adapter_is_reported_as_the_file_has_it(tiny_models, tmp_path, capsys):
+    """Phi-3's d8 targets qkv_proj (alpha_pattern 4) and gate_up_proj (rank_pattern 4): the report names those
+    modules with their own ranks and alphas, not the q/k/v and gate/up parts they are served as."""
+    _, model_dir, adapters = tiny_models["phi3"]
+    assert main(convert_args(adapters["d8"], model_dir, tmp_path / "out")) == 0
+    lines = {line.removeprefix("modules").split()[0]: line
+             for line in capsys.readouterr().out.splitlines() if " layers  rank " in line}
+    assert set(lines) == {"gate_up_proj", "qkv_proj"}, lines
+    assert "rank 4 " in lines["gate_up_proj"] and "alpha 4 " in lines["qkv_proj"], lines
+
+
 def test_converting_in_place_keeps_the_tensors(tiny_models, tmp_path):
     import shutil
 

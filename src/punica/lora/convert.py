@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from punica.config import ModelConfig, read_model_config
 from punica.errors import AdapterError, ModelLoadError, PunicaError
 from punica.lora.gguf_lora import gguf_adapter_dir, is_gguf_adapter
-from punica.lora.peft import _pattern_value, load_peft_adapter, load_tensors, read_adapter_config
+from punica.lora.peft import _KEY, _pattern_value, load_peft_adapter, load_tensors, read_adapter_config
 
 MAX_SERVABLE_RANK = 256  # LoRAConfig.max_lora_rank's upper bound
 DEFAULT_SERVING_RANK = 64  # LoRAConfig.max_lora_rank's default
@@ -66,14 +66,16 @@ def convert_adapter(adapter_dir: str, model_dir: str, out_dir: str | None = None
     out_dir = out_dir or adapter_dir
     model_cfg = read_model_config(model_dir)
     config = read_adapter_config(adapter_dir)
-    weights = load_peft_adapter("convert", adapter_dir, model_cfg, MAX_SERVABLE_RANK,  # raises on any problem
-                                dora=True)
+    load_peft_adapter("convert", adapter_dir, model_cfg, MAX_SERVABLE_RANK, dora=True)  # raises on any problem
     tensors = {key: t.detach().clone().contiguous() for key, t in load_tensors(adapter_dir).items()}
     projections: dict[str, ProjectionSummary] = {}
-    for (layer, proj), (a, _) in weights.modules.items():
+    for key, a in sorted(tensors.items()):  # the modules as the file has them (Phi-3's fused ones whole)
+        m = _KEY.search(key)
+        if not m or m.group(3) != "A":
+            continue
+        layer, proj, rank = int(m.group(1)), m.group(2), a.shape[0]
         summary = projections.setdefault(proj, ProjectionSummary())
         alpha = _pattern_value(config.get("alpha_pattern"), layer, proj, config.get("lora_alpha", 8))
-        rank = a.shape[0]
         summary.layers.append(layer)
         summary.ranks.add(rank)
         summary.alphas.add(alpha)
