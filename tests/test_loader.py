@@ -102,6 +102,10 @@ def write_config(model_dir, tiny_models, config) -> None:
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' in .* lacks low_freq_factor, high_freq"),
     ({"rope_scaling": "linear"}, "rope_scaling in .* must be an object or null, got 'linear'"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": "64"}, "sliding_window='64' in .* positive integer"),
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.5},
+     "partial_rotary_factor=0.5 in .*: rotary embeddings over part of each head are not supported"),
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0]}},
+     "rope_scaling type 'longrope' in .* not supported"),
 ])
 def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
     write_config(tmp_path, tiny_models, config)
@@ -116,6 +120,7 @@ def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
     ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "use_sliding_window": False}, 256),
     ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "use_sliding_window": True}, 64),
     ({"architectures": ["LlamaForCausalLM"], "sliding_window": 64}, 256),
+    ({"architectures": ["Phi3ForCausalLM"], "sliding_window": 64}, 64),  # Phi-3-mini-4k: 2047 of 4096
 ])
 def test_a_sliding_window_caps_the_context(tmp_path, tiny_models, config, max_len):
     """Attention over a sliding window equals full attention within the window, so the context stops there
@@ -158,3 +163,34 @@ def test_corrupt_checkpoint_files_raise(llama3_dir, tmp_path, breakage, match):
         (path / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=match):
         LLM(model=str(path), dtype="float32", device="cpu")
+
+
+def test_fused_projections_load_whole_or_in_parts_but_not_both(tiny_models, tmp_path):
+    """A checkpoint may hold q/k/v and gate/up fused (as Phi-3's: qkv_proj, gate_up_proj): the same weights load
+    to the same model either way; a checkpoint holding a projection both ways is refused by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, model_dir, _ = tiny_models["llama"]
+    parts = load_file(os.path.join(model_dir, "model.safetensors"))
+    fused = dict(parts)
+    for prefix in sorted({k.rsplit(".", 2)[0] for k in parts if k.endswith("q_proj.weight")}):
+        fused[f"{prefix}.qkv_proj.weight"] = torch.cat([fused.pop(f"{prefix}.{p}.weight") for p in ("q_proj", "k_proj",
+                                                                                                  "v_proj")])
+    for prefix in sorted({k.rsplit(".", 2)[0] for k in parts if k.endswith("gate_proj.weight")}):
+        fused[f"{prefix}.gate_up_proj.weight"] = torch.cat([fused.pop(f"{prefix}.{p}.weight")
+                                                            for p in ("gate_proj", "up_proj")])
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = LLM(model=model_dir, dtype="float32", device="cpu").generate([[1, 5, 9, 30]], params)[0].token_ids
+    for name, tensors in (("fused", fused), ("both", {**parts, "model.layers.1.self_attn.qkv_proj.weight":
+                                                     fused["model.layers.1.self_attn.qkv_proj.weight"]})):
+        out = tmp_path / name
+        shutil.copytree(model_dir, out)
+        save_file(tensors, str(out / "model.safetensors"))
+        if name == "fused":
+            assert LLM(model=str(out), dtype="float32", device="cpu").generate([[1, 5, 9, 30]], params)[0].token_ids \
+                == want
+        else:
+            with pytest.raises(ModelLoadError, match="unexpected tensor 'model.layers.1.self_attn.qkv_proj.weight'"):
+                LLM(model=str(out), dtype="float32", device="cpu")
