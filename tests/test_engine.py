@@ -146,6 +146,25 @@ def test_stop_strings_wait_for_min_tokens_and_may_stay_in_the_text(llama_with_to
     assert "".join(o.new_text for o in llm.engine.stream("w5 w6", kept)) == "w7 w7"
 
 
+def test_special_tokens_and_stop_tokens_in_the_text(llama_with_tokenizer):
+    """skip_special_tokens (default on) leaves EOS ("</s>") out of the text; off, it is written like any token. A
+    token that stops the output (EOS, stop_token_ids) stays in token_ids but not in the text, unless
+    include_stop_str_in_output."""
+    path, _ = llama_with_tokenizer
+    llm = LLM(model=path, device="cpu")
+
+    def text(**kw):
+        out = llm.generate(["w5 w6"], SamplingParams(max_tokens=3, temperature=0.0, **kw))[0]
+        return out.text, out.token_ids
+
+    assert text(ignore_eos=True, logit_bias={2: 100}) == ("", [2, 2, 2])
+    assert text(ignore_eos=True, logit_bias={2: 100}, skip_special_tokens=False) == ("</s> </s> </s>", [2, 2, 2])
+    assert text(logit_bias={2: 100}, skip_special_tokens=False) == ("", [2])
+    assert text(logit_bias={2: 100}, skip_special_tokens=False, include_stop_str_in_output=True) == ("</s>", [2])
+    assert text(logit_bias={9: 100}, stop_token_ids=[9]) == ("", [9])
+    assert text(logit_bias={9: 100}, stop_token_ids=[9], include_stop_str_in_output=True) == ("w9", [9])
+
+
 def test_logprobs_follow_the_tokens_through_sampling_preemption_and_streaming(llama):
     """A sampled token's logprob is in its row's top list where it ranks there, tops are sorted, every token
     has one (also across preemption, which recomputes the prompt's, and with prompt logprobs computed 4 positions

@@ -379,9 +379,10 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
+        before = len(seq.text)
         if self.tokenizer is not None:
             delta, seq.detok_prefix, seq.detok_read = self.tokenizer.decode_delta(
-                seq.tokens, seq.detok_prefix, seq.detok_read, seq.num_known)
+                seq.tokens, seq.detok_prefix, seq.detok_read, seq.num_known, p.skip_special_tokens)
             if delta:
                 start = max(0, len(seq.text) - max((len(s) for s in p.stop), default=1) + 1)
                 seq.text += delta
@@ -395,6 +396,8 @@ class Engine:
                         seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
                         return "stop"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            if not p.include_stop_str_in_output:  # the stop token's own text (with skip_special_tokens off) too
+                seq.text = seq.text[:before]
             return "stop"
         if self._at_length_limit(seq, seq.num_known):
             return "length"

@@ -38,6 +38,8 @@ class SamplingParams:
     min_tokens: int = 0
     # a stop string that ends the output stays in its text (vLLM's include_stop_str_in_output)
     include_stop_str_in_output: bool = False
+    # special tokens (EOS, chat markers) are left out of the output's text (vLLM's skip_special_tokens)
+    skip_special_tokens: bool = True
     # None: no log-probabilities; k: each generated token's, and the k most likely tokens' (TokenLogprobs)
     logprobs: int | None = None
     # the same for the prompt's tokens, each given those before it (RequestOutput.prompt_logprobs)
@@ -83,8 +85,9 @@ class SamplingParams:
             bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             bad(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
-        if not isinstance(self.include_stop_str_in_output, bool):
-            bad(f"include_stop_str_in_output must be true or false, got {self.include_stop_str_in_output!r}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not is_number(self.temperature) or not 0 <= self.temperature < math.inf:
             bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:

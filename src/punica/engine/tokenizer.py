@@ -46,20 +46,21 @@ class Tokenizer:
         text of more than n * max_token_chars characters cannot fit in n tokens."""
         return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, special tokens included (what logprobs show for it)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
 
-    def decode_delta(self, ids: list[int], prefix: int, read: int, end: int | None = None) -> tuple[str, int, int]:
+    def decode_delta(self, ids: list[int], prefix: int, read: int, end: int | None = None,
+                     skip_special_tokens: bool = True) -> tuple[str, int, int]:
         """Text that ids[read:end] add after ids[:read], decoding only the window from `prefix` (constant work
         per token; `end` defaults to len(ids)). Returns (delta, new prefix, new read); the delta is held back
         while it ends inside a UTF-8 character. Start with prefix = read = the index of the first id to decode."""
         end = len(ids) if end is None else end
-        before = self.decode(ids[prefix:read])
-        after = self.decode(ids[prefix:end])
+        before = self.decode(ids[prefix:read], skip_special_tokens)
+        after = self.decode(ids[prefix:end], skip_special_tokens)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             return after[len(before):], read, end
         return "", prefix, read

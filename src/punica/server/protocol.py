@@ -2,8 +2,8 @@
 
 Requests accept OpenAI's field names; unknown fields are ignored, fields Punica cannot honor are refused
 with a 400 that names them. `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `min_tokens`,
-`include_stop_str_in_output`, `guided_regex` and `guided_choice` are accepted as vLLM-style extensions (the openai
-client sends them through `extra_body`).
+`include_stop_str_in_output`, `skip_special_tokens`, `guided_regex` and `guided_choice` are accepted as vLLM-style
+extensions (the openai client sends them through `extra_body`).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     # (SamplingParams.json_object, .json_schema); other types are refused
     response_format: dict | None = None
@@ -133,7 +134,8 @@ class SamplingFields(BaseModel):
             seed=None if self.seed is None else (self.seed + choice) % SEED_END,
             stop=self.stop, stop_token_ids=[*(self.stop_token_ids or ()), *(() if self.ignore_eos else end_of_turn)],
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.token_bias(),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens, logit_bias=self.token_bias(),
             logprobs=self.num_logprobs,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             prompt_logprobs=self.num_logprobs if self.echoes else None, **self.json_mode())
