@@ -241,6 +241,25 @@ def test_min_tokens_and_include_stop_str_in_output_through_extra_body(client):
         client.completions.create(**kw, extra_body={"min_tokens": 7})
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client):
+    """vLLM's truncate_prompt_tokens: only the prompt's last k tokens are read (and echoed, and counted), also for
+    a prompt longer than the context, which is otherwise refused; chat prompts are cut after the template."""
+    long = words(31, 3000)
+    kw = dict(model="a4", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError, match="more than"):
+        client.completions.create(prompt=long, **kw)
+    cut = client.completions.create(prompt=long, **{**kw, "extra_body": {"ignore_eos": True,
+                                                                          "truncate_prompt_tokens": 4}})
+    tail = " ".join(long.split()[-4:])
+    assert cut.usage.prompt_tokens == 4
+    assert cut.choices[0].text == client.completions.create(prompt=tail, **kw).choices[0].text
+    echoed = client.completions.create(prompt=long, echo=True, **{**kw, "extra_body": {"truncate_prompt_tokens": 4}})
+    assert echoed.choices[0].text.startswith(tail)
+    chat = client.chat.completions.create(model="a4", messages=[{"role": "user", "content": long}], max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 6})
+    assert chat.usage.prompt_tokens == 6
+
+
 def test_n_choices_seeds_and_prompt_lists(client):
     kw = dict(model="b8", prompt=words(4, 5), max_tokens=8, temperature=1.0, seed=7, n=3)
     first = client.completions.create(**kw)

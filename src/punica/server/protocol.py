@@ -2,8 +2,8 @@
 
 Requests accept OpenAI's field names; unknown fields are ignored, fields Punica cannot honor are refused
 with a 400 that names them. `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `min_tokens`,
-`include_stop_str_in_output`, `skip_special_tokens`, `guided_regex` and `guided_choice` are accepted as vLLM-style
-extensions (the openai client sends them through `extra_body`).
+`include_stop_str_in_output`, `skip_special_tokens`, `truncate_prompt_tokens`, `guided_regex` and `guided_choice` are
+accepted as vLLM-style extensions (the openai client sends them through `extra_body`).
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ class SamplingFields(BaseModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # keep only the prompt's last this many tokens (vLLM's truncate_prompt_tokens)
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
     # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     # (SamplingParams.json_object, .json_schema); other types are refused
     response_format: dict | None = None

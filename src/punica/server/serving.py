@@ -161,23 +161,29 @@ class OpenAIServing:
             raise unknown_model(model, self.model_name)
         return model
 
-    def encode(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
-        """Token ids of one prompt (run on a worker thread: the tokenizer releases the GIL)."""
+    def encode(self, prompt: str | list[int], special_tokens: bool = True, keep: int | None = None) -> list[int]:
+        """Token ids of one prompt (run on a worker thread: the tokenizer releases the GIL); `keep`: only its last
+        this many (truncate_prompt_tokens)."""
         if not isinstance(prompt, str):
-            return list(prompt)
+            return list(prompt)[-keep:] if keep else list(prompt)
         if self.tokenizer is None:
             raise BadRequestError("this model directory has no tokenizer.json: send token ids, not text")
-        self.check_chars(len(prompt), "the prompt")
-        return self.tokenizer.encode(prompt, add_special_tokens=special_tokens)
+        self.check_chars(len(prompt), "the prompt", keep)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=special_tokens)
+        return ids[-keep:] if keep else ids
 
-    def check_chars(self, chars: int, what: str) -> None:
+    def check_chars(self, chars: int, what: str, keep: int | None = None) -> None:
+        """BadRequestError for a text too long to tokenize for the context (or, truncated to `keep` tokens, for
+        the request body's limit, which --max-request-bytes keeps)."""
+        if keep:
+            return
         if chars > self.max_chars:
             raise BadRequestError(f"{what} has {chars} characters, more than {self.max_model_len} tokens (the context, "
                                   f"max_model_len) can hold; shorten it")
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
                     functions: list[dict] = (), forced: str | None = None, auto: bool = False,
-                    template_kwargs: dict | None = None) -> list[int]:
+                    template_kwargs: dict | None = None, keep: int | None = None) -> list[int]:
         """The chat template over the messages, tokenized (run on a worker thread). `functions`: the tools the
         reply may call (`forced`: the one it calls; `auto`: it may reply in text instead), offered as the
         template takes them (tool_prompt.py); `template_kwargs`: the request's chat_template_kwargs."""
@@ -189,10 +195,10 @@ class OpenAIServing:
         native = tool_prompt.takes_tools(self.tokenizer.chat_template)
         if not native:
             turns = tool_prompt.with_tools(turns, list(functions), forced, auto)
-        self.check_chars(sum(len(m["content"]) for m in turns), "the conversation")
+        self.check_chars(sum(len(m["content"]) for m in turns), "the conversation", keep)
         tools = [{"type": "function", "function": f} for f in functions] if native else None
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt, tools, template_kwargs)
-        return self.encode(text, special_tokens=False)
+        return self.encode(text, special_tokens=False, keep=keep)
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.model is not None:
@@ -231,12 +237,16 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         lora = await self.resolve_lora(req.model)
-        prompts = await asyncio.to_thread(lambda: [self.encode(p) for p in req.prompts()])
+        keep = req.truncate_prompt_tokens
+        prompts = await asyncio.to_thread(lambda: [self.encode(p, keep=keep) for p in req.prompts()])
         explicit = req.max_tokens is not None  # the default (omitted or null) is clipped to the room left
         # scores only: the engine samples one token (its logits come with the prompt's), which nobody is sent
         limits = [self.max_tokens(p, 1 if req.scores_only else req.requested_max_tokens, explicit) for p in prompts]
         fmt = CompletionFormat(req.model, random_id("cmpl"), self.token_text)
-        echo = [p if isinstance(p, str) else self.decode(p) for p in req.prompts()] if req.echo else None
+        echo = None
+        if req.echo:  # what was scored: a truncated prompt's kept tokens
+            echo = [p if isinstance(p, str) and not keep else self.decode(ids)
+                    for p, ids in zip(req.prompts(), prompts)]
         return await self._generate(Job(req, prompts, limits, lora, fmt, arrival, echo=echo), request)
 
     @functools.cached_property
@@ -257,7 +267,7 @@ class OpenAIServing:
         forced = next(iter(tools)) if tools is not None and len(tools) == 1 else None
         functions = [f for f in req.functions_offered() if auto or tools is not None and f["name"] in tools]
         prompt = await asyncio.to_thread(self.render_chat, req.messages, req.add_generation_prompt, functions,
-                                         forced, auto, req.chat_template_kwargs)
+                                         forced, auto, req.chat_template_kwargs, req.truncate_prompt_tokens)
         limit = self.max_tokens(prompt, req.requested_max_tokens, explicit=True)
         request_id = random_id("chatcmpl")
         if (tools is not None or auto) and self.tokenizer is not None:
