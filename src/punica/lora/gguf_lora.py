@@ -20,15 +20,15 @@ import torch
 
 from punica.errors import AdapterError, ModelLoadError
 from punica.model.gguf_convert import (
-    _ARCHITECTURES,
+    ARCHITECTURES,
     Log,
-    _stderr,
     cache_dir,
     cached_conversion,
     dequantize_tensor,
     file_stamp,
     hf_tensor_name,
     read_metadata,
+    stderr_log,
     unpermute_rope_rows,
 )
 
@@ -41,7 +41,7 @@ def is_gguf_adapter(path: str) -> bool:
     return str(path).lower().endswith(".gguf") and os.path.isfile(path)
 
 
-def gguf_adapter_dir(gguf_path: str, log: Log = _stderr) -> str:
+def gguf_adapter_dir(gguf_path: str, log: Log = stderr_log) -> str:
     """The PEFT directory of a llama.cpp LoRA file, converted on first use into `<cache>/gguf-lora/...`."""
     path = os.path.abspath(gguf_path)
     try:
@@ -51,7 +51,7 @@ def gguf_adapter_dir(gguf_path: str, log: Log = _stderr) -> str:
         raise AdapterError(str(e)) from e
 
 
-def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = _stderr) -> str:
+def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = stderr_log) -> str:
     """Write the PEFT form of the llama.cpp LoRA file `gguf_path` into `out_dir`; AdapterError names what is
     wrong with the file."""
     from gguf import GGUFReader
@@ -67,11 +67,11 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = _stderr) -> st
         raise AdapterError(f"{gguf_path!r} is not a llama.cpp LoRA adapter (general.type={kind[0]!r}, adapter.type="
                            f"{kind[1]!r}); a model GGUF is served with --model")
     arch = meta.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise AdapterError(f"LoRA GGUF {gguf_path!r} is for architecture {arch!r}; served: {sorted(_ARCHITECTURES)}")
+    if arch not in ARCHITECTURES:
+        raise AdapterError(f"LoRA GGUF {gguf_path!r} is for architecture {arch!r}; served: {sorted(ARCHITECTURES)}")
     heads = {"attn_q": meta.get(f"{arch}.attention.head_count"), "attn_k": meta.get(f"{arch}.attention.head_count_kv",
                                                                                   meta.get(f"{arch}.attention.head_count"))}
-    if _ARCHITECTURES[arch][2] and None in heads.values():
+    if ARCHITECTURES[arch][2] and None in heads.values():
         raise AdapterError(f"LoRA GGUF {gguf_path!r} lacks {arch}.attention.head_count: its q/k rows cannot be put "
                            "back in order")
     pairs: dict[str, dict[str, np.ndarray]] = {}
@@ -93,7 +93,7 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = _stderr) -> st
                                "and lm_head adapters are not supported)")
         a, b = ab["a"], ab["b"]
         kind = base.split(".")[-2]
-        if _ARCHITECTURES[arch][2] and kind in heads:
+        if ARCHITECTURES[arch][2] and kind in heads:
             b = unpermute_rope_rows(b, int(heads[kind]))
         if a.shape[0] != b.shape[1]:
             raise AdapterError(f"LoRA GGUF {gguf_path!r}: {base} has lora_a {a.shape} and lora_b {b.shape}, of "

@@ -47,7 +47,7 @@ _LAYER_TENSORS = {
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # general.architecture -> (HF architecture, HF model_type, q/k rows in llama.cpp's rope layout), and what the HF
 # config of each says beyond the common fields
-_ARCHITECTURES = {
+ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
@@ -77,7 +77,7 @@ _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # tokenizer.ggml.token_type (1 norm
 _SPACE = "\u2581"  # SentencePiece's space
 
 
-def _stderr(msg: str) -> None:
+def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -100,15 +100,15 @@ def _f32(x: float) -> float:
 def architecture(meta: dict) -> str:
     """`general.architecture`, if this converter handles it (else ModelLoadError)."""
     arch = meta.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ModelLoadError(f"GGUF architecture is {arch!r}; this converter handles {sorted(_ARCHITECTURES)}")
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"GGUF architecture is {arch!r}; this converter handles {sorted(ARCHITECTURES)}")
     return arch
 
 
 def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
     """The HF `config.json` from llama.cpp's `<architecture>.*` hyperparameters."""
     arch = architecture(meta)
-    hf_arch, model_type, _ = _ARCHITECTURES[arch]
+    hf_arch, model_type, _ = ARCHITECTURES[arch]
     hidden = int(_require(meta, f"{arch}.embedding_length"))
     heads = int(_require(meta, f"{arch}.attention.head_count"))
     head_dim = meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", hidden // heads))
@@ -163,7 +163,7 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:
     """All weights, renamed to HF names, q/k un-permuted where llama.cpp permuted them, cast to `dtype`."""
-    permuted = next(p for hf, _, p in _ARCHITECTURES.values() if hf == config["architectures"][0])
+    permuted = next(p for hf, _, p in ARCHITECTURES.values() if hf == config["architectures"][0])
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]} if permuted else {}
     out: dict[str, torch.Tensor] = {}
     for i, tensor in enumerate(reader.tensors):
@@ -374,7 +374,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def convert_gguf(
-    gguf_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log: Log = _stderr
+    gguf_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log: Log = stderr_log
 ) -> str:
     """Convert `gguf_path` into the HF directory `out_dir` (created if needed); returns `out_dir`."""
     from gguf import GGUFReader
@@ -437,7 +437,7 @@ def _is_current(model_dir: str, stamp: dict) -> bool:
         return json.load(f) == stamp
 
 
-def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: Log = _stderr,
+def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: Log = stderr_log,
                       convert: Callable[..., str] | None = None) -> str:
     """`target`, after converting gguf_path into it (with `convert(gguf_path, out_dir, log=log)`, convert_gguf by
     default) unless it already holds the conversion `stamp` describes. The conversion goes into a temporary sibling
@@ -470,7 +470,7 @@ def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: 
     return target
 
 
-def gguf_model_dir(gguf_path: str, log: Log = _stderr) -> str:
+def gguf_model_dir(gguf_path: str, log: Log = stderr_log) -> str:
     """The HF directory of a llama.cpp GGUF file, converted (bf16) on first use into
     `<cache>/gguf/<hash of its absolute path>/<file name without .gguf>`, so the model is served under its file's
     name. The conversion is redone when the file's size or modification time changes."""
