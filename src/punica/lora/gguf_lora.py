@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from punica.errors import AdapterError, ModelLoadError
-from punica.model.gguf_convert import (
+from punica.gguf_files import (
     ARCHITECTURES,
     Log,
     cache_dir,
@@ -33,6 +33,7 @@ from punica.model.gguf_convert import (
 )
 
 FILES = ["adapter_config.json", "adapter_model.safetensors"]
+CONVERTER_VERSION = 1  # raise it when the conversion's output changes: cached conversions are then redone
 _LORA_TENSOR = re.compile(r"(.+\.weight)\.lora_([ab])")
 
 
@@ -45,8 +46,8 @@ def gguf_adapter_dir(gguf_path: str, log: Log = stderr_log) -> str:
     """The PEFT directory of a llama.cpp LoRA file, converted on first use into `<cache>/gguf-lora/...`."""
     path = os.path.abspath(gguf_path)
     try:
-        return cached_conversion(path, cache_dir(path, "gguf-lora"), file_stamp(path, files=FILES),
-                                 os.path.basename(path), log, convert=convert_gguf_adapter)
+        return cached_conversion(path, cache_dir(path, "gguf-lora"), file_stamp(path, CONVERTER_VERSION, FILES),
+                                 os.path.basename(path), convert_gguf_adapter, log)
     except ModelLoadError as e:  # the cache's own failures (not writable, ...): the adapter cannot be served
         raise AdapterError(str(e)) from e
 

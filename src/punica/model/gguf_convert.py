@@ -13,45 +13,30 @@ the file is unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import shutil
 import stat
-import sys
-import tempfile
-from typing import Callable
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 
 from punica.errors import ModelLoadError
+from punica.gguf_files import (
+    ARCHITECTURES,
+    STAMP,
+    Log,
+    cache_dir,
+    dequantize_tensor,
+    file_stamp,
+    hf_tensor_name,
+    read_metadata,
+    stderr_log,
+    unpermute_rope_rows,
+)
+from punica.gguf_files import cached_conversion as _cached_conversion
 
-Log = Callable[[str], None]
-
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# general.architecture -> (HF architecture, HF model_type, q/k rows in llama.cpp's rope layout), and what the HF
-# config of each says beyond the common fields
-ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama", True),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
-}
+# what each architecture's HF config says beyond the common fields
 _ARCH_CONFIG = {
     "llama": {"attention_bias": False, "mlp_bias": False},
     "qwen2": {"use_sliding_window": False, "sliding_window": None},
@@ -75,15 +60,6 @@ _LLAMA3_ROPE_CANDIDATES = [dict(low_freq_factor=low, high_freq_factor=high, orig
 _ROPE_FREQS_RTOL = 1e-4
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # tokenizer.ggml.token_type (1 normal, 5 unused, 6 byte)
 _SPACE = "\u2581"  # SentencePiece's space
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def read_metadata(reader) -> dict:
-    """Every GGUF metadata field as a Python value (strings, numbers, lists)."""
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 def _require(meta: dict, key: str):
@@ -134,31 +110,6 @@ def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-
-
-def hf_tensor_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (and `.bias` likewise)."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(2) in _LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
-    m = re.fullmatch(r"(\w+)\.weight", gguf_name)
-    if m and m.group(1) in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[m.group(1)]}.weight"
-    raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no LLaMA counterpart; is this a LLaMA-family file?")
-
-
-def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's `permute`: per head, rows interleaved in pairs -> first halves, then second halves."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def dequantize_tensor(tensor) -> np.ndarray:
-    """A GGUF tensor as float32 in HF's [out_features, in_features] orientation."""
-    from gguf.quants import dequantize
-
-    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-    return np.asarray(dequantize(np.array(tensor.data), tensor.tensor_type), dtype=np.float32).reshape(shape)
 
 
 def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:
@@ -420,54 +371,13 @@ def _write_hf_dir(out_dir: str, tensors: dict[str, torch.Tensor], config: dict, 
 # ---- the conversion cache --------------------------------------------------------------------------
 
 CONVERTER_VERSION = 2  # raise it when the converter's output changes: cached conversions are then redone
-_STAMP = "punica_convert.json"
-_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _STAMP)
+MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", STAMP]
 
 
-def cache_root() -> str:
-    """`$PUNICA_CACHE`, else `~/.cache/punica` (read at call time, never at import)."""
-    return os.environ.get("PUNICA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "punica")
-
-
-def _is_current(model_dir: str, stamp: dict) -> bool:
-    if not os.path.isfile(os.path.join(model_dir, _STAMP)) or not all(
-            os.path.isfile(os.path.join(model_dir, f)) for f in stamp.get("files", _FILES)):
-        return False
-    with open(os.path.join(model_dir, _STAMP), encoding="utf-8") as f:
-        return json.load(f) == stamp
-
-
-def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: Log = stderr_log,
-                      convert: Callable[..., str] | None = None) -> str:
-    """`target`, after converting gguf_path into it (with `convert(gguf_path, out_dir, log=log)`, convert_gguf by
-    default) unless it already holds the conversion `stamp` describes. The conversion goes into a temporary sibling
-    that is then renamed into place, so no reader sees half a directory, and two processes converting at once both
-    succeed. `what` names the cache in messages."""
-    if _is_current(target, stamp):
-        return target
-    log(f"punica: first use of {what}; converting it into {target}")
-    parent = os.path.dirname(target)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    except OSError as e:  # the cache path, or a folder above it, is a file, or is not writable
-        raise ModelLoadError(f"cannot create the cache of {what} in {parent!r} ({e}); set PUNICA_CACHE to a "
-                             "writable directory") from e
-    os.chmod(tmp, 0o755)
-    try:
-        (convert or convert_gguf)(gguf_path, tmp, log=log)
-        with open(os.path.join(tmp, _STAMP), "w", encoding="utf-8") as f:
-            json.dump(stamp, f)
-        if os.path.isdir(target) and not _is_current(target, stamp):  # an older converter, or another file
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_current(target, stamp):  # a concurrent conversion finishing first is fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def cached_conversion(gguf_path: str, target: str, stamp: dict, what: str, log: Log = stderr_log) -> str:
+    """gguf_files.cached_conversion of a model: convert_gguf into `target`, unless it holds the conversion `stamp`
+    (plus the model's files) describes."""
+    return _cached_conversion(gguf_path, target, {**stamp, "files": MODEL_FILES}, what, convert_gguf, log)
 
 
 def gguf_model_dir(gguf_path: str, log: Log = stderr_log) -> str:
@@ -477,21 +387,8 @@ def gguf_model_dir(gguf_path: str, log: Log = stderr_log) -> str:
     path = os.path.abspath(gguf_path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {gguf_path!r} does not exist")
-    return cached_conversion(path, cache_dir(path, "gguf"), file_stamp(path), os.path.basename(path), log)
-
-
-def file_stamp(path: str, **extra) -> dict:
-    """What a cached conversion of the file at `path` (absolute) was made from: redone when this changes."""
-    info = os.stat(path)
-    return {"source": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns,
-            "converter_version": CONVERTER_VERSION, **extra}
-
-
-def cache_dir(path: str, kind: str) -> str:
-    """`<cache>/<kind>/<hash of the absolute path>/<file name without .gguf>`: the conversion of the file at `path`
-    (absolute), named as the file."""
-    name = os.path.basename(path)[:-len(".gguf")] if path.lower().endswith(".gguf") else os.path.basename(path)
-    return os.path.join(cache_root(), kind, hashlib.sha256(path.encode()).hexdigest()[:12], name)
+    return cached_conversion(path, cache_dir(path, "gguf"), file_stamp(path, CONVERTER_VERSION, MODEL_FILES),
+                             os.path.basename(path), log)
 
 
 def model_dir(model: str) -> str:
