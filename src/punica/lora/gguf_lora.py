@@ -18,19 +18,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+from punica import gguf_files as gf
 from punica.errors import AdapterError, ModelLoadError
-from punica.gguf_files import (
-    ARCHITECTURES,
-    Log,
-    cache_dir,
-    cached_conversion,
-    dequantize_tensor,
-    file_stamp,
-    hf_tensor_name,
-    read_metadata,
-    stderr_log,
-    unpermute_rope_rows,
-)
 
 FILES = ["adapter_config.json", "adapter_model.safetensors"]
 CONVERTER_VERSION = 1  # raise it when the conversion's output changes: cached conversions are then redone
@@ -42,17 +31,18 @@ def is_gguf_adapter(path: str) -> bool:
     return str(path).lower().endswith(".gguf") and os.path.isfile(path)
 
 
-def gguf_adapter_dir(gguf_path: str, log: Log = stderr_log) -> str:
+def gguf_adapter_dir(gguf_path: str, log: gf.Log = gf.stderr_log) -> str:
     """The PEFT directory of a llama.cpp LoRA file, converted on first use into `<cache>/gguf-lora/...`."""
     path = os.path.abspath(gguf_path)
     try:
-        return cached_conversion(path, cache_dir(path, "gguf-lora"), file_stamp(path, CONVERTER_VERSION, FILES),
-                                 os.path.basename(path), convert_gguf_adapter, log)
+        stamp = gf.file_stamp(path, CONVERTER_VERSION, FILES)
+        return gf.cached_conversion(path, gf.cache_dir(path, "gguf-lora"), stamp, os.path.basename(path),
+                                    convert_gguf_adapter, log)
     except ModelLoadError as e:  # the cache's own failures (not writable, ...): the adapter cannot be served
         raise AdapterError(str(e)) from e
 
 
-def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = stderr_log) -> str:
+def convert_gguf_adapter(gguf_path: str, out_dir: str, log: gf.Log = gf.stderr_log) -> str:
     """Write the PEFT form of the llama.cpp LoRA file `gguf_path` into `out_dir`; AdapterError names what is
     wrong with the file."""
     from gguf import GGUFReader
@@ -62,17 +52,18 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = stderr_log) ->
         reader = GGUFReader(gguf_path)
     except (OSError, ValueError, IndexError) as e:
         raise AdapterError(f"cannot read GGUF file {gguf_path!r}: {e}; is it complete?") from e
-    meta = read_metadata(reader)
+    meta = gf.read_metadata(reader)
     kind = (meta.get("general.type"), meta.get("adapter.type"))
     if kind != ("adapter", "lora"):
         raise AdapterError(f"{gguf_path!r} is not a llama.cpp LoRA adapter (general.type={kind[0]!r}, adapter.type="
                            f"{kind[1]!r}); a model GGUF is served with --model")
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise AdapterError(f"LoRA GGUF {gguf_path!r} is for architecture {arch!r}; served: {sorted(ARCHITECTURES)}")
-    heads = {"attn_q": meta.get(f"{arch}.attention.head_count"), "attn_k": meta.get(f"{arch}.attention.head_count_kv",
-                                                                                  meta.get(f"{arch}.attention.head_count"))}
-    if ARCHITECTURES[arch][2] and None in heads.values():
+    if arch not in gf.ARCHITECTURES:
+        raise AdapterError(f"LoRA GGUF {gguf_path!r} is for architecture {arch!r}; served: {sorted(gf.ARCHITECTURES)}")
+    permuted = gf.ARCHITECTURES[arch][2]  # llama: B's q/k rows in llama.cpp's rope layout
+    q_heads = meta.get(f"{arch}.attention.head_count")
+    heads = {"attn_q": q_heads, "attn_k": meta.get(f"{arch}.attention.head_count_kv", q_heads)}
+    if permuted and q_heads is None:
         raise AdapterError(f"LoRA GGUF {gguf_path!r} lacks {arch}.attention.head_count: its q/k rows cannot be put "
                            "back in order")
     pairs: dict[str, dict[str, np.ndarray]] = {}
@@ -80,13 +71,13 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = stderr_log) ->
         m = _LORA_TENSOR.fullmatch(tensor.name)
         if not m:
             raise AdapterError(f"LoRA GGUF {gguf_path!r}: tensor {tensor.name!r} is not a lora_a / lora_b pair member")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = dequantize_tensor(tensor)
+        pairs.setdefault(m.group(1), {})[m.group(2)] = gf.dequantize_tensor(tensor)
     tensors, ranks = {}, {}
     for base, ab in sorted(pairs.items()):
         if set(ab) != {"a", "b"}:
             raise AdapterError(f"LoRA GGUF {gguf_path!r}: {base} has lora_{''.join(ab)} without its other half")
         try:
-            module = hf_tensor_name(base).removesuffix(".weight")
+            module = gf.hf_tensor_name(base).removesuffix(".weight")
         except ModelLoadError:
             module = ""
         if not module.endswith("_proj"):  # the seven projections' names end so, norms' and embeddings' do not
@@ -94,8 +85,8 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: Log = stderr_log) ->
                                "and lm_head adapters are not supported)")
         a, b = ab["a"], ab["b"]
         kind = base.split(".")[-2]
-        if ARCHITECTURES[arch][2] and kind in heads:
-            b = unpermute_rope_rows(b, int(heads[kind]))
+        if permuted and kind in heads:
+            b = gf.unpermute_rope_rows(b, int(heads[kind]))
         if a.shape[0] != b.shape[1]:
             raise AdapterError(f"LoRA GGUF {gguf_path!r}: {base} has lora_a {a.shape} and lora_b {b.shape}, of "
                                "different ranks")
