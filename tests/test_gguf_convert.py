@@ -378,10 +378,9 @@ SPM_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sentencepiece_model():
-    """A SentencePiece BPE model trained here as Llama 2's was set up (identity normalization, a leading space,
-    digits apart, byte fallback), on this module's own source: SentencePiece itself is the reference."""
+def train_sentencepiece(model_type: str = "bpe"):
+    """A SentencePiece model trained here as Llama 2's was set up (identity normalization, a leading space, digits
+    apart, byte fallback), on this module's own source: SentencePiece itself is then the reference."""
     import inspect
     import io
     import sys
@@ -391,11 +390,16 @@ def sentencepiece_model():
     lines = [line for line in inspect.getsource(sys.modules[__name__]).splitlines() if line.strip()]
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=proto, vocab_size=600, model_type="bpe",
+        sentence_iterator=iter(lines), model_writer=proto, vocab_size=600, model_type=model_type,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
         split_digits=True, byte_fallback=True, allow_whitespace_only_pieces=True, character_coverage=0.99,
         bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
     return spm.SentencePieceProcessor(model_proto=proto.getvalue())
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model():
+    return train_sentencepiece()
 
 
 def sentencepiece_vocab(sp) -> dict:

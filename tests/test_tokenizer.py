@@ -49,3 +49,33 @@ def test_unreadable_tokenizer_files_raise(tmp_path, name, content):
     (tmp_path / name).write_text(content)
     with pytest.raises(ModelLoadError, match=f"cannot read .*{name}: "):
         Tokenizer(str(tmp_path))
+
+
+def test_a_sentencepiece_tokenizer_model_serves_without_tokenizer_json(tmp_path, monkeypatch):
+    """A model directory with only tokenizer.model (older Llama 2 and Mistral checkpoints) encodes as SentencePiece
+    does, BOS first, and serves text prompts. Without the sentencepiece package, or for a Unigram model, the error
+    says what to do."""
+    import sys
+
+    from factories import make_hf_model
+    from test_gguf_convert import SPM_TEXTS, train_sentencepiece
+
+    from punica import LLM, SamplingParams
+
+    sp = train_sentencepiece()
+    model_dir = tmp_path / "model"
+    make_hf_model("llama", seed=4, vocab_size=sp.get_piece_size()).save_pretrained(model_dir)
+    (model_dir / "tokenizer.model").write_bytes(sp.serialized_model_proto())
+    tok = Tokenizer.from_dir(str(model_dir))
+    for text in SPM_TEXTS:
+        assert tok.encode(text) == [sp.bos_id(), *sp.encode(text)], text
+        assert tok.decode(tok.encode(text)) == text
+    out = LLM(model=str(model_dir), dtype="float32", device="cpu").generate(
+        [SPM_TEXTS[0]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=0))[0]
+    assert len(out.token_ids) == 5 and [lp.token_id for lp in out.prompt_logprobs] == tok.encode(SPM_TEXTS[0])
+    (model_dir / "tokenizer.model").write_bytes(train_sentencepiece("unigram").serialized_model_proto())
+    with pytest.raises(ModelLoadError, match="does not encode as SentencePiece does"):
+        Tokenizer(str(model_dir))
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    with pytest.raises(ModelLoadError, match="pip install sentencepiece"):
+        Tokenizer(str(model_dir))

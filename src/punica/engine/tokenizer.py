@@ -1,4 +1,5 @@
-"""The model directory's tokenizer (tokenizer.json), its chat template, and incremental detokenization."""
+"""The model directory's tokenizer (tokenizer.json, or a SentencePiece tokenizer.model), its chat template, and
+incremental detokenization."""
 
 from __future__ import annotations
 
@@ -8,17 +9,51 @@ import os
 
 from punica.errors import BadRequestError, ModelLoadError
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+# texts a tokenizer.model read as BPE must encode to SentencePiece's own ids (sentencepiece_tokenizer)
+_SELF_CHECK = ["Hello, world! It's 2024.", "  two spaces\tand a tab\nnew line", "accents é ü, 日本語 🤖"]
+
+
+def sentencepiece_tokenizer(path: str, cfg: dict):
+    """A `tokenizers.Tokenizer` for a SentencePiece BPE tokenizer.model (Llama 2's, Mistral's), built as the GGUF
+    converter builds one from the same vocabulary (gguf_convert.build_tokenizer: merges from the scores, byte
+    fallback), BOS/EOS as tokenizer_config.json says (BOS by default, as Llama's tokenizers add it). ModelLoadError
+    without the sentencepiece package, or for a model it does not encode alike (a Unigram one)."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ModelLoadError(f"{path} is a SentencePiece tokenizer (the directory has no tokenizer.json): "
+                             "pip install sentencepiece to read it") from None
+    from punica.model.gguf_convert import build_tokenizer
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    n = sp.get_piece_size()
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i)
+             else 1 for i in range(n)]  # llama.cpp's token types, which build_tokenizer reads
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": kinds,
+            "tokenizer.ggml.add_space_prefix": sp.encode("a", out_type=str)[0].startswith("\u2581"),
+            "tokenizer.ggml.add_bos_token": bool(cfg.get("add_bos_token", True)),
+            "tokenizer.ggml.add_eos_token": bool(cfg.get("add_eos_token", False))}
+    for key, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unknown", sp.unk_id())):
+        if i >= 0:
+            meta[f"tokenizer.ggml.{key}_token_id"] = i
+    tok = build_tokenizer(meta)
+    for text in _SELF_CHECK:
+        if tok.encode(text, add_special_tokens=False).ids != sp.encode(text):
+            raise ModelLoadError(f"{path} is a SentencePiece model that Punica's BPE reading does not encode as "
+                                 "SentencePiece does (a Unigram model?); add a tokenizer.json")
+    return tok
+
 
 class Tokenizer:
     def __init__(self, model_dir: str):
         from tokenizers import Tokenizer as HFTokenizer
 
         tok_path, cfg_path = os.path.join(model_dir, "tokenizer.json"), os.path.join(model_dir, "tokenizer_config.json")
-        try:
-            self._tok = HFTokenizer.from_file(tok_path)
-            self._path = tok_path
-        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise ModelLoadError(f"cannot read {tok_path}: {e}") from e
         cfg = {}
         if os.path.isfile(cfg_path):
             try:
@@ -26,13 +61,24 @@ class Tokenizer:
                     cfg = json.load(f)
             except (OSError, ValueError) as e:
                 raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
+        sp_path = os.path.join(model_dir, SENTENCEPIECE_FILE)
+        if not os.path.isfile(tok_path) and os.path.isfile(sp_path):
+            self._tok = sentencepiece_tokenizer(sp_path, cfg)
+        else:
+            try:
+                self._tok = HFTokenizer.from_file(tok_path)
+            except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+                raise ModelLoadError(f"cannot read {tok_path}: {e}") from e
         self.chat_template: str | None = cfg.get("chat_template")
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
 
     @staticmethod
     def from_dir(model_dir: str) -> Tokenizer | None:
-        return Tokenizer(model_dir) if os.path.isfile(os.path.join(model_dir, "tokenizer.json")) else None
+        """The directory's tokenizer.json, or else its SentencePiece tokenizer.model (older Llama 2 and Mistral
+        checkpoints ship only that); None without either."""
+        files = ("tokenizer.json", SENTENCEPIECE_FILE)
+        return Tokenizer(model_dir) if any(os.path.isfile(os.path.join(model_dir, f)) for f in files) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch releases the GIL (encode does not), so a server can tokenize a long prompt on a worker
@@ -70,8 +116,7 @@ class Tokenizer:
         """Each token id's bytes in the decoded output (None for added and special tokens), for byte-level
         vocabularies (GPT-2's byte-to-character map) and SentencePiece-style ones ("\u2581" for a space,
         "<0xNN>" byte-fallback tokens). BadRequestError for others: JSON mode needs them."""
-        with open(self._path) as f:
-            spec = json.load(f)
+        spec = json.loads(self._tok.to_str())
         decoder = json.dumps(spec.get("decoder"))
         vocab = self._tok.get_vocab(with_added_tokens=False)
         out: list[bytes | None] = [None] * self._tok.get_vocab_size(with_added_tokens=True)
