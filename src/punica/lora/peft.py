@@ -22,8 +22,8 @@ from punica.errors import AdapterError
 from punica.lora.gguf_lora import gguf_adapter_dir, is_gguf_adapter
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# projections some checkpoints fuse (Phi-3's): an adapter on one is served as one on each part, with lora_A
-# shared and lora_B's rows split
+# the model's fused projections and their parts, in output order; a checkpoint may hold one whole (Phi-3's), and an
+# adapter on one is served as one on each part, with lora_A shared and lora_B's rows split
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 CONFIG_FILE, WEIGHT_FILES = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")

@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from punica.config import read_model_config
 from punica.errors import ModelLoadError
+from punica.lora.peft import FUSED
 from punica.model.llama import LlamaModel
 from punica.ops import Ops
 
@@ -35,9 +36,6 @@ def checkpoint_files(model_dir: str) -> list[str]:
     raise ModelLoadError(f"no model.safetensors or model.safetensors.index.json in {model_dir!r}")
 
 
-_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def _destinations(model: LlamaModel) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, ...]]]:
     """(HF tensor name -> the tensor, or slice of a fused one, of `model` it is copied into; name -> the names
     that stand for the same tensor another way). A fused projection comes as its parts (Llama's q_proj, k_proj,
@@ -45,7 +43,7 @@ def _destinations(model: LlamaModel) -> tuple[dict[str, torch.Tensor], dict[str,
     dests: dict[str, torch.Tensor] = {}
     others: dict[str, tuple[str, ...]] = {}
     for name, module in model.named_modules():
-        parts = _FUSED_PARTS.get(name.rsplit(".", 1)[-1])
+        parts = FUSED.get(name.rsplit(".", 1)[-1])
         if not parts:
             continue
         prefix = name.rsplit(".", 1)[0]
@@ -59,7 +57,7 @@ def _destinations(model: LlamaModel) -> tuple[dict[str, torch.Tensor], dict[str,
                 others[piece] = (whole,)
             others[whole] = tuple(pieces)
     for name, param in model.named_parameters():
-        if name.rsplit(".", 2)[-2] not in _FUSED_PARTS:
+        if name.rsplit(".", 2)[-2] not in FUSED:
             dests[name if name.startswith("lm_head") else f"model.{name}"] = param
     return dests, others
 
