@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from punica import demo_model
 from punica.engine.tokenizer import Tokenizer
 from punica.errors import ModelLoadError
-from punica.model.gguf_convert import convert_gguf, unpermute_rope_rows
+from punica.gguf_files import unpermute_rope_rows
+from punica.model.gguf_convert import convert_gguf
 from punica.testing import assert_close
 
 PROMPTS = [
@@ -404,14 +405,12 @@ def sentencepiece_model():
 
 def sentencepiece_vocab(sp) -> dict:
     """A SentencePiece model's vocabulary as llama.cpp writes it into a GGUF (tokenizer.ggml.model "llama")."""
-    def kind(i):  # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
-        return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                else 5 if sp.is_unused(i) else 1)
+    from punica.engine.tokenizer import sentencepiece_metadata
 
-    n = sp.get_piece_size()
-    return {"model": "llama", "tokens": [sp.id_to_piece(i) for i in range(n)],
-            "scores": [sp.get_score(i) for i in range(n)], "types": [kind(i) for i in range(n)],
-            "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    meta = sentencepiece_metadata(sp, add_bos=True, add_eos=False)
+    return {"model": "llama", **{key: meta[f"tokenizer.ggml.{field}"] for key, field in (
+        ("tokens", "tokens"), ("scores", "scores"), ("types", "token_type"), ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"), ("unk", "unknown_token_id"))}}
 
 
 def test_a_sentencepiece_gguf_tokenizes_as_sentencepiece(sentencepiece_model, tmp_path):

@@ -62,6 +62,15 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no LLaMA counterpart; is this a LLaMA-family file?")
 
 
+def in_hf_row_order(name: str, w: np.ndarray, arch: str, n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """The tensor `name` (`blk.N.<kind>.weight`, or a LoRA's B of it) with llama.cpp's rope permutation of q/k rows
+    undone where `arch` has it (llama)."""
+    kind = name.split(".")[2] if name.startswith("blk.") else ""
+    if not ARCHITECTURES[arch][2] or kind not in ("attn_q", "attn_k"):
+        return w
+    return unpermute_rope_rows(w, n_heads if kind == "attn_q" else n_kv_heads)
+
+
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's `permute`: per head, rows interleaved in pairs -> first halves, then second halves."""
     rows = w.shape[0]

@@ -14,6 +14,22 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 _SELF_CHECK = ["Hello, world! It's 2024.", "  two spaces\tand a tab\nnew line", "accents é ü, 日本語 🤖"]
 
 
+def sentencepiece_metadata(sp, add_bos: bool, add_eos: bool) -> dict:
+    """A SentencePiece model's vocabulary as llama.cpp's GGUF metadata holds it (tokenizer.ggml.model "llama"):
+    pieces, scores, token types (1 normal, 2 unknown, 3 control, 5 unused, 6 byte), special ids, BOS/EOS policy."""
+    n = sp.get_piece_size()
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i)
+             else 1 for i in range(n)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": kinds,
+            "tokenizer.ggml.add_space_prefix": sp.encode("a", out_type=str)[0].startswith("\u2581"),
+            "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": add_eos}
+    for key, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unknown", sp.unk_id())):
+        if i >= 0:
+            meta[f"tokenizer.ggml.{key}_token_id"] = i
+    return meta
+
+
 def sentencepiece_tokenizer(path: str, cfg: dict):
     """A `tokenizers.Tokenizer` for a SentencePiece BPE tokenizer.model (Llama 2's, Mistral's), built as the GGUF
     converter builds one from the same vocabulary (gguf_convert.build_tokenizer: merges from the scores, byte
@@ -30,18 +46,8 @@ def sentencepiece_tokenizer(path: str, cfg: dict):
         sp = sentencepiece.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from e
-    n = sp.get_piece_size()
-    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i)
-             else 1 for i in range(n)]  # llama.cpp's token types, which build_tokenizer reads
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
-            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": kinds,
-            "tokenizer.ggml.add_space_prefix": sp.encode("a", out_type=str)[0].startswith("\u2581"),
-            "tokenizer.ggml.add_bos_token": bool(cfg.get("add_bos_token", True)),
-            "tokenizer.ggml.add_eos_token": bool(cfg.get("add_eos_token", False))}
-    for key, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unknown", sp.unk_id())):
-        if i >= 0:
-            meta[f"tokenizer.ggml.{key}_token_id"] = i
-    tok = build_tokenizer(meta)
+    tok = build_tokenizer(sentencepiece_metadata(sp, bool(cfg.get("add_bos_token", True)),
+                                                 bool(cfg.get("add_eos_token", False))))
     for text in _SELF_CHECK:
         if tok.encode(text, add_special_tokens=False).ids != sp.encode(text):
             raise ModelLoadError(f"{path} is a SentencePiece model that Punica's BPE reading does not encode as "

@@ -60,10 +60,9 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: gf.Log = gf.stderr_l
     arch = meta.get("general.architecture")
     if arch not in gf.ARCHITECTURES:
         raise AdapterError(f"LoRA GGUF {gguf_path!r} is for architecture {arch!r}; served: {sorted(gf.ARCHITECTURES)}")
-    permuted = gf.ARCHITECTURES[arch][2]  # llama: B's q/k rows in llama.cpp's rope layout
     q_heads = meta.get(f"{arch}.attention.head_count")
-    heads = {"attn_q": q_heads, "attn_k": meta.get(f"{arch}.attention.head_count_kv", q_heads)}
-    if permuted and q_heads is None:
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", q_heads)
+    if gf.ARCHITECTURES[arch][2] and q_heads is None:  # llama: B's q/k rows in llama.cpp's rope layout
         raise AdapterError(f"LoRA GGUF {gguf_path!r} lacks {arch}.attention.head_count: its q/k rows cannot be put "
                            "back in order")
     pairs: dict[str, dict[str, np.ndarray]] = {}
@@ -83,10 +82,7 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: gf.Log = gf.stderr_l
         if not module.endswith("_proj"):  # the seven projections' names end so, norms' and embeddings' do not
             raise AdapterError(f"LoRA GGUF {gguf_path!r}: {base} is not one of the seven projections (embedding "
                                "and lm_head adapters are not supported)")
-        a, b = ab["a"], ab["b"]
-        kind = base.split(".")[-2]
-        if permuted and kind in heads:
-            b = gf.unpermute_rope_rows(b, int(heads[kind]))
+        a, b = ab["a"], gf.in_hf_row_order(base, ab["b"], arch, q_heads, kv_heads)
         if a.shape[0] != b.shape[1]:
             raise AdapterError(f"LoRA GGUF {gguf_path!r}: {base} has lora_a {a.shape} and lora_b {b.shape}, of "
                                "different ranks")

@@ -30,9 +30,9 @@ from punica.gguf_files import (
     dequantize_tensor,
     file_stamp,
     hf_tensor_name,
+    in_hf_row_order,
     read_metadata,
     stderr_log,
-    unpermute_rope_rows,
 )
 from punica.gguf_files import cached_conversion as _cached_conversion
 
@@ -112,18 +112,14 @@ def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
     }
 
 
-def convert_tensors(reader, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:
+def convert_tensors(reader, arch: str, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:
     """All weights, renamed to HF names, q/k un-permuted where llama.cpp permuted them, cast to `dtype`."""
-    permuted = next(p for hf, _, p in ARCHITECTURES.values() if hf == config["architectures"][0])
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]} if permuted else {}
     out: dict[str, torch.Tensor] = {}
     for i, tensor in enumerate(reader.tensors):
         if tensor.name == "rope_freqs.weight":  # in config.json's rope_scaling (convert_gguf)
             continue
-        w = dequantize_tensor(tensor)
-        kind = tensor.name.split(".")[-2]
-        if tensor.name.startswith("blk.") and kind in heads:
-            w = unpermute_rope_rows(w, heads[kind])
+        w = in_hf_row_order(tensor.name, dequantize_tensor(tensor), arch, config["num_attention_heads"],
+                            config["num_key_value_heads"])
         out[hf_tensor_name(tensor.name)] = torch.from_numpy(np.require(w, requirements=("C", "W"))).to(dtype)
         if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
             log(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
@@ -343,7 +339,7 @@ def convert_gguf(
     freqs = next((dequantize_tensor(t) for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     config["rope_scaling"] = rope_scaling(meta, freqs, config["head_dim"], config["rope_theta"])
     tokenizer = build_tokenizer(meta)
-    tensors = convert_tensors(reader, config, dtype, log)
+    tensors = convert_tensors(reader, meta["general.architecture"], config, dtype, log)
     try:
         _write_hf_dir(out_dir, tensors, config, tokenizer, meta)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
