@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="time a mixed step instead: a CHUNK-token prefill chunk among decodes, split off and on")
     ap.add_argument("--kv-dtype", choices=["auto", "fp8"], default="auto",
                     help="the pools' dtype: q's (bf16 on CUDA), or float8 e4m3 (kv_cache_dtype fp8)")
+    ap.add_argument("--kv-as-a", nargs="+", choices=["never", "always"], default=None,
+                    help="the decode kernel's dot orientations to sweep (attention.DECODE_KV_AS_A; default: the "
+                         "module's choice for the pools' dtype)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     pdl.set_pdl(args.pdl)
@@ -185,8 +188,11 @@ def main(argv: list[str] | None = None) -> None:
         bench_mixed(args, setup, bandwidth, device)
         return
     default_config, default_tiles = attention.decode_config, attention_default(h_q // h_kv, d)
-    default_dot = attention.FP8_DOT_FP16
+    default_dot, default_as_a = attention.FP8_DOT_FP16, attention.DECODE_KV_AS_A
     fp16_dots = (True, False) if kv_dtype is not None else (default_dot,)  # fp8: the dots in fp16, or in q's
+    probe = torch.empty(0, dtype=kv_dtype or torch.bfloat16)
+    as_a_default = "always" if attention._kv_as_a(probe) else "never"
+    as_a_values = args.kv_as_a or [as_a_default]
     summary = []
     try:
         for batch in args.batch_size:
@@ -196,22 +202,25 @@ def main(argv: list[str] | None = None) -> None:
                 floor = pools.bytes / bandwidth * 1e6 / args.layers
                 auto = attention.decode_splits(batch, h_kv, args.capacity, torch.device(device))
                 best = None
-                for (block_n, warps, stages), fp16_dot in ((t, f) for t in TILES[:args.tiles] for f in fp16_dots):
+                for (block_n, warps, stages), fp16_dot, as_a in (
+                        (t, f, a) for t in TILES[:args.tiles] for f in fp16_dots for a in as_a_values):
                     config = dict(BLOCK_G=max(16, h_q // h_kv), BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     attention.decode_config = lambda *_, c=config: c
-                    attention.FP8_DOT_FP16 = fp16_dot
+                    attention.FP8_DOT_FP16, attention.DECODE_KV_AS_A = fp16_dot, as_a
                     for splits, order in ((s, o) for s in args.splits for o in args.order):
                         pools.order(order == "longest-first")
                         us = time_us(partial(pools.run, splits or None)) / args.layers
                         row = dict(batch=batch, context=ctx, mean_context=round(sum(lens) / batch, 1),
                                    order=order, block_n=block_n, warps=warps, stages=stages, splits=splits or auto,
-                                   auto_splits=not splits, fp8_dot_fp16=fp16_dot, us_per_layer=round(us, 2),
+                                   auto_splits=not splits, fp8_dot_fp16=fp16_dot, kv_as_a=as_a,
+                                   us_per_layer=round(us, 2),
                                    floor_us=round(floor, 2), floor_ratio=round(us / floor, 3))
                         harness.write_jsonl("attention", [row], setup, args.out_dir)
                         print(row, flush=True)
                         if best is None or us < best["us_per_layer"]:
                             best = row
-                        if (block_n, warps, stages) == default_tiles and not splits and fp16_dot == default_dot:
+                        if ((block_n, warps, stages) == default_tiles and not splits and fp16_dot == default_dot
+                                and as_a == as_a_default):
                             summary.append(dict(row, config="default"))
                 summary.append(dict(best, config="best"))
                 pools = None
@@ -219,10 +228,11 @@ def main(argv: list[str] | None = None) -> None:
                     torch.cuda.empty_cache()
     finally:
         attention.decode_config, attention.FP8_DOT_FP16 = default_config, default_dot
+        attention.DECODE_KV_AS_A = default_as_a
     print(f"\ndecode attention, us per layer ({args.layers} layers in one CUDA graph), floor = KV bytes at "
           f"{bandwidth / 1e12:.2f} TB/s")
     harness.print_table(summary, ["config", "order", "batch", "context", "block_n", "warps", "stages", "splits",
-                                  "fp8_dot_fp16", "us_per_layer", "floor_us", "floor_ratio"])
+                                  "fp8_dot_fp16", "kv_as_a", "us_per_layer", "floor_us", "floor_ratio"])
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ def add_engine_knobs(ap: argparse.ArgumentParser) -> None:
                     help="mixed steps run their decodes on the decode attention kernel (attention.SPLIT_MIXED)")
     ap.add_argument("--overlap-mixed-attention", action=flag, default=True,
                     help="those two attention kernels on two streams (attention.OVERLAP_MIXED)")
+    ap.add_argument("--decode-kv-as-a", choices=["never", "fp8", "always"], default=None,
+                    help="caches the decode attention reads as its dots' first operand (attention.DECODE_KV_AS_A)")
     ap.add_argument("--side-stream-max-tokens", type=int, default=None, metavar="N",
                     help="steps of at most N tokens run LoRA beside the GEMM (layers.SIDE_STREAM_MAX_TOKENS)")
     ap.add_argument("--delta-first-min-tokens", type=int, default=None, metavar="N",
@@ -213,6 +215,8 @@ def apply_engine_knobs(args: argparse.Namespace) -> dict:
     llama.FUSIONS["qk_norm"] &= args.fuse_qk_norm
     cuda_graph.DECODE_ORDER, layers.DELTA_OVERWRITE = args.decode_order, args.delta_overwrite
     attention.SPLIT_MIXED, attention.OVERLAP_MIXED = args.split_mixed_attention, args.overlap_mixed_attention
+    if args.decode_kv_as_a is not None:
+        attention.DECODE_KV_AS_A = args.decode_kv_as_a
     if args.side_stream_max_tokens is not None:
         layers.SIDE_STREAM_MAX_TOKENS = args.side_stream_max_tokens
     if args.delta_first_min_tokens is not None:
@@ -221,6 +225,7 @@ def apply_engine_knobs(args: argparse.Namespace) -> dict:
                 triton_gemm_beside_lora=gemm.BESIDE_LORA, fusions=dict(llama.FUSIONS),
                 decode_order=args.decode_order, delta_overwrite=args.delta_overwrite,
                 split_mixed_attention=args.split_mixed_attention, overlap_mixed_attention=args.overlap_mixed_attention,
+                decode_kv_as_a=attention.DECODE_KV_AS_A,
                 side_stream_max_tokens=layers.SIDE_STREAM_MAX_TOKENS,
                 delta_first_min_tokens=layers.DELTA_FIRST_MIN_TOKENS,
                 gemm_tiles=[[*k, v] for k, v in gemm.SHAPES.items()])

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -23,11 +24,14 @@ from punica.ops import attention, gemm, kv_store, norm_rope, sgmv
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_variant(fn, args: list[tuple[str, str]], consts: dict):
-    """Compile fn for TARGET with typed args and constexprs."""
+def compile_variant(fn, args: list[tuple[str, str]], consts: dict, divisible: tuple[str, ...] = (), **options):
+    """Compile fn for TARGET with typed args and constexprs (options: num_warps 4 unless given). `divisible`: args
+    known to be multiples of 16 (pointers: 16-byte aligned), as the JIT specializes them when they are; without
+    that, loads with such strides cannot be vectorized."""
     signature = dict(args) | {name: "constexpr" for name in consts}
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=TARGET,
-                          options=dict(num_warps=4))
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), target=TARGET,
+                          options=dict(num_warps=4) | options)
 
 
 def registers(kernel) -> str:
@@ -126,14 +130,15 @@ def variants():
     for pdl in (False, True):
         yield f"decode attention pdl={pdl}", attention._decode_kernel, DECODE, dict(
             GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", ORDERED=pdl, FP16_DOT=False,
-            PDL=pdl)
+            KV_AS_A=pdl, PDL=pdl)
     # kv_cache_dtype "fp8": the pools in float8 e4m3, read with fp16 dots, written by the store kernels
     yield "prefill attention fp8 cache", attention._prefill_kernel, fp8_cache(PREFILL, "k_ptr", "v_ptr"), dict(
         GROUP=4, HEAD_DIM=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32", TILED=True, SKIP_SINGLE=True,
         FP16_DOT=True, PDL=True)
-    yield "decode attention fp8 cache", attention._decode_kernel, fp8_cache(DECODE, "k_ptr", "v_ptr"), dict(
-        GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4, PREC="tf32", ORDERED=True, FP16_DOT=True,
-        PDL=True)
+    for kv_as_a in (False, True):
+        yield f"decode attention fp8 cache kv_as_a={kv_as_a}", attention._decode_kernel, fp8_cache(
+            DECODE, "k_ptr", "v_ptr"), dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SPLITS=4,
+                                            PREC="tf32", ORDERED=True, FP16_DOT=True, KV_AS_A=kv_as_a, PDL=True)
     for name, fn, args, consts in SMALL:
         if name in ("rope_store_kv", "store_kv"):
             yield f"{name} fp8 cache", fn, fp8_cache(args, "k_cache_ptr", "v_cache_ptr"), consts | dict(PDL=False)
@@ -144,7 +149,30 @@ def variants():
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 
 
+def decode_report() -> None:
+    """How the decode attention kernel builds for MHA heads of 128 with the engine's launch options, per cache
+    dtype and dot orientation (attention.DECODE_KV_AS_A): tensor-core instructions, async copies, registers."""
+    options = attention.decode_config(128, 1, torch.bfloat16, torch.device("cuda") if torch.cuda.is_available()
+                                      else None)
+    for fp8 in (False, True):
+        for kv_as_a in (False, True):
+            kernel = compile_variant(attention._decode_kernel, fp8_cache(DECODE, "k_ptr", "v_ptr") if fp8 else DECODE,
+                                     dict(GROUP=1, BLOCK_G=options["BLOCK_G"], HEAD_DIM=128, PAGE=16,
+                                          BLOCK_N=options["BLOCK_N"], SPLITS=4, PREC="tf32", ORDERED=True,
+                                          FP16_DOT=fp8, KV_AS_A=kv_as_a, PDL=True),
+                                     divisible=tuple(n for n, t in DECODE if t.startswith("*") or n.startswith("stride")
+                                                     and n != "stride_bt"),
+                                     num_warps=options["num_warps"], num_stages=options["num_stages"])
+            ptx = kernel.asm["ptx"]
+            counts = {op: ptx.count(op) for op in ("wgmma.mma_async", "mma.sync", "cp.async", "ldmatrix", "st.shared")}
+            print(f"decode {'fp8' if fp8 else 'bf16'} cache, kv_as_a={kv_as_a}: {counts}; {registers(kernel)}",
+                  flush=True)
+
+
 if __name__ == "__main__":
+    if "--decode-report" in sys.argv[1:]:
+        decode_report()
+        sys.exit()
     show_registers = "--registers" in sys.argv[1:]
     for name, fn, args, consts in variants():
         kernel = compile_variant(fn, args, consts)

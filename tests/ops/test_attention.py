@@ -59,16 +59,23 @@ def check(fn, q_lens, kv_lens, h_q, h_kv, d, block_size=16, dtype=torch.float32,
 
 # ---- small shapes (CPU: interpreter; with CUDA: compiled)
 
+@pytest.fixture(params=["never", "always"])
+def kv_as_a(request, monkeypatch):
+    """The decode kernel's dots in either orientation (attention.DECODE_KV_AS_A)."""
+    monkeypatch.setattr(attention, "DECODE_KV_AS_A", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float16, 3)])
-def test_decode_page_boundaries(device, group, dtype, splits):
+def test_decode_page_boundaries(device, group, dtype, splits, kv_as_a):
     kv_lens = BOUNDARY_KV_LENS
     check(attention.decode_attention_triton, [1] * len(kv_lens), kv_lens, 2 * group, 2, 32, dtype=dtype,
           device=device, num_splits=splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp8_cache(device, dtype):
+def test_fp8_cache(device, dtype, kv_as_a):
     """K/V in float8 e4m3 (kv_cache_dtype "fp8"), read into q's dtype: decodes (split and not), and prefill chunks
     beside decodes, against the reference reading the same cache."""
     fp8 = torch.float8_e4m3fn
@@ -88,7 +95,7 @@ def test_decode_default_splits_long_context(device, group):
 
 
 @pytest.mark.parametrize("splits", [1, 2])
-def test_decode_in_seq_order_equals_unordered(device, splits):
+def test_decode_in_seq_order_equals_unordered(device, splits, kv_as_a):
     """With meta.seq_order (longest context first, the empty one last) the decode programs start in that
     order: the same outputs, bit for bit."""
     kv_lens = [17, 40, 0, 1, 33]
@@ -224,7 +231,7 @@ def random_lens(n, low, high, seed):
 @gpu
 @pytest.mark.parametrize("model", list(LLAMA_SHAPES))
 @pytest.mark.parametrize("batch,max_ctx", [(32, 512), (7, 4096), (1, 4096)])
-def test_gpu_decode_bf16(model, batch, max_ctx):
+def test_gpu_decode_bf16(model, batch, max_ctx, kv_as_a):
     h_q, h_kv, d = LLAMA_SHAPES[model]
     kv_lens = random_lens(batch, 1, max_ctx, seed=batch)
     kv_lens[0] = max_ctx
@@ -245,7 +252,7 @@ def test_gpu_mixed_prefill_bf16(model):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("model", list(LLAMA_SHAPES))
-def test_gpu_fp8_cache_bf16(model):
+def test_gpu_fp8_cache_bf16(model, kv_as_a):
     h_q, h_kv, d = LLAMA_SHAPES[model]
     kv_lens = random_lens(32, 1, 512, seed=3)
     check(attention.paged_attention_triton, [1] * 32, kv_lens, h_q, h_kv, d, dtype=torch.bfloat16, device="cuda",
@@ -268,7 +275,7 @@ def test_gpu_other_dtypes_and_shapes(dtype, q_len):
 @gpu
 @pytest.mark.parametrize("model", list(LLAMA_SHAPES))
 @pytest.mark.parametrize("ordered", [False, True])
-def test_gpu_decode_cuda_graph_replay_equals_eager(model, ordered):
+def test_gpu_decode_cuda_graph_replay_equals_eager(model, ordered, kv_as_a):
     """Replays with new context lengths (and, `ordered`, the longest-first order written beside them, as the
     engine's decode graphs do) equal an eager call in grid order, bit for bit."""
     h_q, h_kv, d = LLAMA_SHAPES[model]

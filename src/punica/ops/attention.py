@@ -31,6 +31,10 @@ FP8_DOT_FP16 = True
 # Steps that mix prefill chunks with decodes run their one-query sequences through the decode kernel and only
 # the longer ones through the prefill kernel, whose 64-row query tiles would hold one real row per decode.
 SPLIT_MIXED = True
+# Which caches the decode kernel reads as its dots' first operand (scores^T = K q^T, out^T = V^T p): "never",
+# "fp8" or "always". As the first operand, a converted K/V tile can feed Hopper's tensor cores from registers;
+# as the second it goes back through shared memory after its conversion.
+DECODE_KV_AS_A = "never"
 # ... and on CUDA the prefill kernel runs on a second, higher-priority stream beside the decode kernel (two
 # branches in a CUDA graph): a chunk's few long programs start first instead of trailing the decodes' wave.
 OVERLAP_MIXED = True
@@ -113,6 +117,16 @@ def _softmax_step(qk, m_i, l_i, acc):
 
 
 @_jit
+def _softmax_step_t(kq, m_i, l_i, acc_t):
+    """_softmax_step with the tiles transposed: scores kq [N, M], accumulator acc_t [D, M]."""
+    m_new = tl.maximum(m_i, tl.max(kq, 0))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(kq - m_use[None, :])
+    alpha = tl.exp2(m_i - m_use)
+    return p, m_new, l_i * alpha + tl.sum(p, 0), acc_t * alpha[None, :]
+
+
+@_jit
 def _dot_dtype(q, FP16_DOT: tl.constexpr):
     """q as the dots take it: in fp16 (its range clamped to fp16's) with FP16_DOT, else as loaded. K and V are
     converted to q's dtype as they are read."""
@@ -133,9 +147,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
                    order_ptr, scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
-                   ORDERED: tl.constexpr, FP16_DOT: tl.constexpr, PDL: tl.constexpr):
+                   ORDERED: tl.constexpr, FP16_DOT: tl.constexpr, KV_AS_A: tl.constexpr, PDL: tl.constexpr):
     """Program (b, kv head h, split s): the GROUP query heads of h over split s of b's context. ORDERED: the
-    grid is (h, i, s) and b = order[i], so programs start in the order's sequence order."""
+    grid is (h, i, s) and b = order[i], so programs start in the order's sequence order. KV_AS_A: the dots
+    transposed (DECODE_KV_AS_A)."""
     pdl_start(PDL)
     if ORDERED:
         h, b, s = tl.program_id(0), tl.load(order_ptr + tl.program_id(1)), tl.program_id(2)
@@ -156,16 +171,30 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
                            mask=(g < GROUP)[:, None], other=0.0), FP16_DOT)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        valid = n < end
-        off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-        qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
-        p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
-        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    if KV_AS_A:  # transposed: scores [BLOCK_N, BLOCK_G] = K q^T, acc [HEAD_DIM, BLOCK_G] += V^T p
+        q_t = tl.trans(q)
+        acc_t = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid = n < end
+            off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
+            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            kq = tl.where(valid[:, None], tl.dot(k, q_t, input_precision=PREC) * scale_log2, float("-inf"))
+            p, m_i, l_i, acc_t = _softmax_step_t(kq, m_i, l_i, acc_t)
+            v_t = tl.load(v_ptr + off[None, :] + d[:, None], mask=valid[None, :], other=0.0).to(q.dtype)
+            acc_t += tl.dot(v_t, p.to(v_t.dtype), input_precision=PREC)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid = n < end
+            off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
+            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
+            p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
+            v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SPLITS == 1:
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -352,7 +381,7 @@ def _decode_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
         q, k_cache, v_cache, out, part_o, part_lse, *meta_args, meta.cu_q if order is None else order,
         scale * math.log2(math.e), *strides, GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits,
         PREC=_precision(q.dtype), ORDERED=order is not None, FP16_DOT=_fp16_dot(q, k_cache),
-        **decode_config(d, group, q.dtype, q.device), **pdl.options(q))
+        KV_AS_A=_kv_as_a(k_cache), **decode_config(d, group, q.dtype, q.device), **pdl.options(q))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
                                       HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
@@ -450,6 +479,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _fp16_dot(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the dots run in fp16: an fp8 cache read with a 16-bit q (FP8_DOT_FP16)."""
     return FP8_DOT_FP16 and k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32
+
+
+def _kv_as_a(k_cache: torch.Tensor) -> bool:
+    """Whether the decode kernel takes this cache as its dots' first operand (DECODE_KV_AS_A)."""
+    return DECODE_KV_AS_A == "always" or (DECODE_KV_AS_A == "fp8" and k_cache.dtype == torch.float8_e4m3fn)
 
 
 def _precision(dtype: torch.dtype) -> str:

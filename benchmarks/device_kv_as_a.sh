@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Session 21: the decode attention kernel with K and V as its dots' first operand (attention.DECODE_KV_AS_A), so a
+# converted fp8 tile feeds the tensor cores from registers. Results under $OUT:
+#   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh attention   # the GPU tier, how the kernel builds, and
+#                                                                      # bench_attention of both orientations
+#   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh textgen KV ORIENTATION...   # batch-32 text generation
+# bench_attention: batch 32, Llama-2-7B heads, contexts 400 and mixed, 8 layers in one graph, longest-first, the
+# first 5 tile shapes, bf16 and fp8 pools. Text generation: 1000 requests, outputs <= 256, backbone and distinct.
+set -uo pipefail
+export PYTHONPATH=src:. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/punica-out}
+mode=${1:?attention or textgen}
+shift
+mkdir -p "$OUT"
+if [ "$mode" = attention ]; then
+  source benchmarks/gpu_tier.sh
+  python3 tests/ops/sm90_compile.py --decode-report 2>&1 | tee "$OUT/decode_report.log"
+  for kv in auto fp8; do
+    timeout 200 python3 -m benchmarks.bench_attention --batch-size 32 --context 400 mixed --splits 0 \
+      --order longest-first --tiles 5 --kv-as-a never always --kv-dtype $kv --out-dir "$OUT" \
+      > "$OUT/attention_$kv.log" 2>&1
+    tail -6 "$OUT/attention_$kv.log"
+  done
+else
+  kv=${1:?kv cache dtype}
+  shift
+  for as_a in "$@"; do
+    echo "bench_textgen_lora --kv-cache-dtype $kv --decode-kv-as-a $as_a"
+    timeout 240 python3 -m benchmarks.bench_textgen_lora --system backbone punica --popularity distinct \
+      --batch-size 32 --num-requests 1000 --max-output 256 --kv-cache-dtype "$kv" --decode-kv-as-a "$as_a" \
+      --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/textgen_${kv}_$as_a.log"
+    tail -4 "$OUT/textgen_${kv}_$as_a.log"
+  done
+fi
