@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 4], help="0: decode_splits' choice")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tiles", type=int, default=len(TILES), help="how many of TILES to sweep")
+    ap.add_argument("--tile", nargs="+", default=None, metavar="BLOCK_N,WARPS,STAGES",
+                    help="sweep these decode tiles instead of TILES")
+    ap.add_argument("--fp8-dot-fp16", nargs="+", choices=["on", "off"], default=["on", "off"],
+                    help="with an fp8 pool: the dots in fp16, or in q's dtype (attention.FP8_DOT_FP16)")
     ap.add_argument("--order", nargs="+", choices=["plain", "longest-first"], default=["plain", "longest-first"],
                     help="program order: grid order, or longest context first (AttentionMeta.seq_order)")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True)
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     default_config, default_tiles = attention.decode_config, attention_default(h_q // h_kv, d)
     default_dot, default_as_a = attention.FP8_DOT_FP16, attention.DECODE_KV_AS_A
-    fp16_dots = (True, False) if kv_dtype is not None else (default_dot,)  # fp8: the dots in fp16, or in q's
+    fp16_dots = [v == "on" for v in args.fp8_dot_fp16] if kv_dtype is not None else [default_dot]
+    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tile] if args.tile else TILES[:args.tiles]
     probe = torch.empty(0, dtype=kv_dtype or torch.bfloat16)
     as_a_default = "always" if attention._kv_as_a(probe) else "never"
     as_a_values = args.kv_as_a or [as_a_default]
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 auto = attention.decode_splits(batch, h_kv, args.capacity, torch.device(device))
                 best = None
                 for (block_n, warps, stages), fp16_dot, as_a in (
-                        (t, f, a) for t in TILES[:args.tiles] for f in fp16_dots for a in as_a_values):
+                        (t, f, a) for t in tiles for f in fp16_dots for a in as_a_values):
                     config = dict(BLOCK_G=max(16, h_q // h_kv), BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                     attention.decode_config = lambda *_, c=config: c
                     attention.FP8_DOT_FP16, attention.DECODE_KV_AS_A = fp16_dot, as_a

@@ -21,6 +21,16 @@ if [ "$mode" = attention ]; then
       > "$OUT/attention_$kv.log" 2>&1
     tail -6 "$OUT/attention_$kv.log"
   done
+elif [ "$mode" = sweep ]; then
+  timeout 280 python3 -m benchmarks.bench_attention --batch-size 32 --context 400 mixed 1024 --splits 1 2 \
+    --order longest-first --fp8-dot-fp16 on --kv-as-a never always --kv-dtype fp8 --out-dir "$OUT" \
+    --tile 64,4,1 64,4,2 64,4,3 128,4,2 128,4,3 128,8,2 128,8,3 64,8,2 32,4,2 32,4,3 256,8,2 \
+    > "$OUT/attention_sweep_fp8.log" 2>&1
+  tail -8 "$OUT/attention_sweep_fp8.log"
+  timeout 150 python3 -m benchmarks.bench_attention --batch-size 32 --context 400 mixed --splits 1 2 \
+    --order longest-first --kv-as-a never always --kv-dtype auto --out-dir "$OUT" \
+    --tile 64,4,3 128,4,2 128,4,3 128,8,2 > "$OUT/attention_sweep_bf16.log" 2>&1
+  tail -6 "$OUT/attention_sweep_bf16.log"
 else
   kv=${1:?kv cache dtype}
   shift
@@ -32,3 +42,5 @@ else
     tail -4 "$OUT/textgen_${kv}_$as_a.log"
   done
 fi
+# (session 21's second call, the wider sweep:)
+#   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh sweep
