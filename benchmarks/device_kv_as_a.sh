@@ -31,6 +31,15 @@ elif [ "$mode" = sweep ]; then
     --order longest-first --kv-as-a never always --kv-dtype auto --out-dir "$OUT" \
     --tile 64,4,3 128,4,2 128,4,3 128,8,2 > "$OUT/attention_sweep_bf16.log" 2>&1
   tail -6 "$OUT/attention_sweep_bf16.log"
+elif [ "$mode" = ncu ]; then  # Nsight Compute on the decode kernel: bf16 as it is, fp8 both ways
+  for spec in "auto never 64,4,3" "fp8 never 64,4,3" "fp8 always 64,4,1" "fp8 always 64,4,3"; do
+    set -- $spec
+    echo "== kv $1, kv_as_a $2, tile $3"
+    timeout 120 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis -k regex:_decode_kernel --launch-skip 1 -c 1 \
+      python3 -m benchmarks.ncu_decode --kv-dtype $1 --kv-as-a $2 --tile $3 > "$OUT/ncu_$1_$2_${3//,/_}.txt" 2>&1
+    grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Stall|Issued Ipc|Executed Ipc|Warp Cycles Per Issued" "$OUT/ncu_$1_$2_${3//,/_}.txt" | head -30
+  done
 else
   kv=${1:?kv cache dtype}
   shift
@@ -44,3 +53,4 @@ else
 fi
 # (session 21's second call, the wider sweep:)
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh sweep
+#   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh ncu     # Nsight Compute on four decode variants
