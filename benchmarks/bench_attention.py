@@ -140,10 +140,10 @@ def bench_mixed(args, setup: dict, bandwidth: float, device: str) -> None:
                                   "floor_us", "floor_ratio"])
 
 
-def attention_default(group: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_N, warps, stages) of ops/attention.py's decode_config on this device, bf16."""
+def attention_default(group: int, d: int, kv_as_a: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, stages) of ops/attention.py's decode_config on this device, bf16 q."""
     device = torch.device("cuda") if torch.cuda.is_available() else None
-    c = attention.decode_config(d, group, torch.bfloat16, device)
+    c = attention.decode_config(d, group, torch.bfloat16, device, kv_as_a)
     return c["BLOCK_N"], c["num_warps"], c["num_stages"]
 
 
@@ -191,12 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.mixed:
         bench_mixed(args, setup, bandwidth, device)
         return
-    default_config, default_tiles = attention.decode_config, attention_default(h_q // h_kv, d)
     default_dot, default_as_a = attention.FP8_DOT_FP16, attention.DECODE_KV_AS_A
     fp16_dots = [v == "on" for v in args.fp8_dot_fp16] if kv_dtype is not None else [default_dot]
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tile] if args.tile else TILES[:args.tiles]
     probe = torch.empty(0, dtype=kv_dtype or torch.bfloat16)
     as_a_default = "always" if attention._kv_as_a(probe) else "never"
+    default_config = attention.decode_config
+    default_tiles = attention_default(h_q // h_kv, d, as_a_default == "always")
     as_a_values = args.kv_as_a or [as_a_default]
     summary = []
     try:

@@ -40,6 +40,23 @@ elif [ "$mode" = ncu ]; then  # Nsight Compute on the decode kernel: bf16 as it 
       python3 -m benchmarks.ncu_decode --kv-dtype $1 --kv-as-a $2 --tile $3 > "$OUT/ncu_$1_$2_${3//,/_}.txt" 2>&1
     grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Stall|Issued Ipc|Executed Ipc|Warp Cycles Per Issued" "$OUT/ncu_$1_$2_${3//,/_}.txt" | head -30
   done
+elif [ "$mode" = final ]; then  # kernel tests, the defaults' rows (and GQA heads), text generation fp8 both ways
+  timeout 120 python3 -m pytest -m gpu -q -n 8 tests/ops/test_attention.py tests/ops/test_kv_store.py \
+    > "$OUT/gpu_tests_attention.full" 2>&1
+  grep -E "^(FAILED|ERROR|E  )" "$OUT/gpu_tests_attention.full" | head -20; tail -1 "$OUT/gpu_tests_attention.full"
+  for heads in "32 32 128" "32 8 128"; do
+    timeout 150 python3 -m benchmarks.bench_attention --batch-size 32 --context 400 mixed 1024 --splits 0 \
+      --order longest-first --tiles 1 --fp8-dot-fp16 on --kv-as-a never always --kv-dtype fp8 --heads $heads \
+      --out-dir "$OUT" > "$OUT/attention_final.log" 2>&1
+    tail -7 "$OUT/attention_final.log"
+  done
+  for as_a in fp8 never; do
+    echo "bench_textgen_lora --kv-cache-dtype fp8 --decode-kv-as-a $as_a"
+    timeout 200 python3 -m benchmarks.bench_textgen_lora --system backbone punica --popularity distinct identical \
+      --batch-size 32 --num-requests 1000 --max-output 256 --kv-cache-dtype fp8 --decode-kv-as-a "$as_a" \
+      --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/textgen_fp8_$as_a.log"
+    tail -4 "$OUT/textgen_fp8_$as_a.log"
+  done
 else
   kv=${1:?kv cache dtype}
   shift
@@ -54,3 +71,4 @@ fi
 # (session 21's second call, the wider sweep:)
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh sweep
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh ncu     # Nsight Compute on four decode variants
+#   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh final   # the chosen defaults: tests, attention, textgen

@@ -152,10 +152,10 @@ def variants():
 def decode_report() -> None:
     """How the decode attention kernel builds for MHA heads of 128 with the engine's launch options, per cache
     dtype and dot orientation (attention.DECODE_KV_AS_A): tensor-core instructions, async copies, registers."""
-    options = attention.decode_config(128, 1, torch.bfloat16, torch.device("cuda") if torch.cuda.is_available()
-                                      else None)
+    device = torch.device("cuda") if torch.cuda.is_available() else None
     for fp8 in (False, True):
         for kv_as_a in (False, True):
+            options = attention.decode_config(128, 1, torch.bfloat16, device, kv_as_a)
             kernel = compile_variant(attention._decode_kernel, fp8_cache(DECODE, "k_ptr", "v_ptr") if fp8 else DECODE,
                                      dict(GROUP=1, BLOCK_G=options["BLOCK_G"], HEAD_DIM=128, PAGE=16,
                                           BLOCK_N=options["BLOCK_N"], SPLITS=4, PREC="tf32", ORDERED=True,

@@ -32,9 +32,10 @@ FP8_DOT_FP16 = True
 # the longer ones through the prefill kernel, whose 64-row query tiles would hold one real row per decode.
 SPLIT_MIXED = True
 # Which caches the decode kernel reads as its dots' first operand (scores^T = K q^T, out^T = V^T p): "never",
-# "fp8" or "always". As the first operand, a converted K/V tile can feed Hopper's tensor cores from registers;
-# as the second it goes back through shared memory after its conversion.
-DECODE_KV_AS_A = "never"
+# "fp8" or "always". As the first operand a converted fp8 tile feeds Hopper's tensor cores (wgmma) from registers.
+# On an H200 (batch 32, Llama-2-7B heads, per layer): fp8 53.4 us against 62.4 at context 400, 115.9 against 132.5
+# at 1024; a bf16 cache lost (65.9 against 57.8 us at 400), so it keeps the usual orientation.
+DECODE_KV_AS_A = "fp8"
 # ... and on CUDA the prefill kernel runs on a second, higher-priority stream beside the decode kernel (two
 # branches in a CUDA graph): a chunk's few long programs start first instead of trailing the decodes' wave.
 OVERLAP_MIXED = True
@@ -313,15 +314,20 @@ def decode_splits(batch: int, h_kv: int, max_kv_len: int, device: torch.device) 
     return 1 << max(want - 1, 0).bit_length()
 
 
-def decode_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.device | None = None) -> dict:
+def decode_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.device | None = None,
+                  kv_as_a: bool = False) -> dict:
     """Decode tiles: BLOCK_G query rows per program (the group padded to >= 16 for tensor cores), BLOCK_N tokens
     per step, launch options. Padded rows cost little: on an H200 the tensor-core path (pipelined cp.async
     loads) read Llama-2-7B's KV at 1.0-1.08x the copy-bandwidth floor, a CUDA-core path for MHA at 1.4-1.5x.
     Three stages where shared memory allows: at batch 32 on an H200 (benchmarks/bench_attention.py) 58.0 vs
-    60.2 us per layer at context 400, 66.5 vs 68.1 at mixed contexts, 127.4 vs 131.9 at 1024."""
+    60.2 us per layer at context 400, 66.5 vs 68.1 at mixed contexts, 127.4 vs 131.9 at 1024. With the dots
+    transposed (kv_as_a, an fp8 cache) one stage: 53.4 us at context 400 against 55.2 with two and 64.6 with three
+    (the kernel issues instructions, not bytes, at its limit; fewer registers let 4 programs share an SM)."""
     block_n, stages = 64, 2
     tile_bytes = 2 * block_n * head_dim * 2  # a K and a V tile, 16-bit
-    if dtype != torch.float32 and _smem_per_block(device) >= 3 * tile_bytes + (16 << 10):
+    if kv_as_a:
+        stages = 1
+    elif dtype != torch.float32 and _smem_per_block(device) >= 3 * tile_bytes + (16 << 10):
         stages = 3
     return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                 num_warps=8 if dtype == torch.float32 else 4, num_stages=stages)
@@ -375,13 +381,13 @@ def _decode_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     part_o = q.new_empty((batch, h_q, splits, d) if splits > 1 else (1,), dtype=torch.float32)
     part_lse = q.new_empty((batch, h_q, splits) if splits > 1 else (1,), dtype=torch.float32)
     meta_args, strides = _launch_args(q, k_cache, meta, out)
-    order = meta.seq_order
+    order, as_a = meta.seq_order, _kv_as_a(k_cache)
     grid = (batch, h_kv, splits) if order is None else (h_kv, batch, splits)
     _decode_kernel[grid](
         q, k_cache, v_cache, out, part_o, part_lse, *meta_args, meta.cu_q if order is None else order,
         scale * math.log2(math.e), *strides, GROUP=group, HEAD_DIM=d, PAGE=page, SPLITS=splits,
         PREC=_precision(q.dtype), ORDERED=order is not None, FP16_DOT=_fp16_dot(q, k_cache),
-        KV_AS_A=_kv_as_a(k_cache), **decode_config(d, group, q.dtype, q.device), **pdl.options(q))
+        KV_AS_A=as_a, **decode_config(d, group, q.dtype, q.device, as_a), **pdl.options(q))
     if splits > 1:
         _combine_kernel[(batch, h_q)](part_o, part_lse, out, meta.cu_q, out.stride(0), out.stride(1), HQ=h_q,
                                       HEAD_DIM=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
