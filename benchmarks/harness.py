@@ -157,12 +157,15 @@ def apply_sgmv_tuning(pairs: list[str] | None) -> dict[str, float]:
     return knobs
 
 
-def parse_tuning(pairs: list[str]) -> dict[str, float]:
-    """["name=value", ...] -> {name: value}; values are ints, or fractions such as sparse_decode=0.5."""
+def parse_tuning(pairs: list[str]) -> dict[str, float | str]:
+    """["name=value", ...] -> {name: value}; values are ints, fractions such as sparse_decode=0.5, or else words."""
     knobs = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        knobs[name] = float(value) if "." in value else int(value)
+        try:
+            knobs[name] = float(value) if "." in value else int(value)
+        except ValueError:
+            knobs[name] = value
     return knobs
 
 

@@ -33,7 +33,7 @@ from punica import Engine, SamplingParams
 from punica.config import KV_CACHE_DTYPES
 from punica.engine.runner import host_batch, order_by_slot, to_device_batch
 from punica.model import layers
-from punica.ops import pdl, sgmv
+from punica.ops import attention, pdl, sgmv
 from punica.workload import adapter_indices
 
 
@@ -136,6 +136,7 @@ def arrangements(engine: Engine, hb, prefix: str) -> dict:
 
 
 LAYER_KNOBS = ("DELTA_FIRST_MIN_TOKENS", "SIDE_STREAM_MAX_TOKENS", "DELTA_OVERWRITE")
+ATTENTION_KNOBS = ("DECODE_KV_AS_A",)  # constants of punica.ops.attention, e.g. DECODE_KV_AS_A=never
 
 
 def apply_knobs(knobs: str, sgmv_defaults: dict, layer_defaults: dict) -> None:
@@ -143,9 +144,10 @@ def apply_knobs(knobs: str, sgmv_defaults: dict, layer_defaults: dict) -> None:
     the model's layer constants by theirs (upper case, e.g. DELTA_FIRST_MIN_TOKENS=1000000)."""
     pairs = parse_tuning([k for k in knobs.split(",") if k])
     for name, value in {**layer_defaults, **{k: v for k, v in pairs.items() if k.isupper()}}.items():
-        if not hasattr(layers, name):
-            raise KeyError(f"unknown layer constant {name!r} (punica.model.layers)")
-        setattr(layers, name, value)
+        module = attention if name in ATTENTION_KNOBS else layers
+        if not hasattr(module, name):
+            raise KeyError(f"unknown constant {name!r} of {module.__name__}")
+        setattr(module, name, value)
     sgmv.set_tuning(**{**sgmv_defaults, **{k: v for k, v in pairs.items() if not k.isupper()}})
 
 
@@ -154,7 +156,7 @@ def knob_sweep(engine: Engine, hb, knob_sets: tuple[str, ...], prefix: str = "gr
     knobs <set>": replay ms}. The engine's graph is recaptured under the defaults afterwards. With `eager` (a
     step run without a graph), that step is timed under each set instead."""
     defaults = dict(sgmv.TUNING)
-    layer_defaults = {k: getattr(layers, k) for k in LAYER_KNOBS}
+    layer_defaults = {k: getattr(layers, k) for k in LAYER_KNOBS} | {k: getattr(attention, k) for k in ATTENTION_KNOBS}
     out = {}
     try:
         for knobs in knob_sets:
