@@ -57,6 +57,13 @@ elif [ "$mode" = final ]; then  # kernel tests, the defaults' rows (and GQA head
       --out-dir "$OUT" 2>&1 | grep -v -i warn > "$OUT/textgen_fp8_$as_a.log"
     tail -4 "$OUT/textgen_fp8_$as_a.log"
   done
+elif [ "$mode" = graph ]; then  # the decode graph of the whole model, fp8 cache, both orientations in one process
+  for ctx in 400 1000; do
+    timeout 250 python3 -m benchmarks.profile_step --graph-only --batch-size 32 --popularity none distinct \
+      --kv-cache-dtype fp8 --context $ctx --knobs "" DECODE_KV_AS_A=never "" --out-dir "$OUT" 2>&1 \
+      | grep -v -i warn > "$OUT/profile_kv_as_a_$ctx.log"
+    grep -B1 -A3 "knobs" "$OUT/profile_kv_as_a_$ctx.log" | tail -8
+  done
 else
   kv=${1:?kv cache dtype}
   shift
@@ -72,3 +79,4 @@ fi
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh sweep
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh ncu     # Nsight Compute on four decode variants
 #   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh final   # the chosen defaults: tests, attention, textgen
+#   PUNICA_GIT_REV=<rev> bash benchmarks/device_kv_as_a.sh graph   # decode graphs (profile_step), both orientations
