@@ -17,7 +17,7 @@ from punica import demo_model
 from punica.engine.tokenizer import Tokenizer
 from punica.errors import ModelLoadError
 from punica.gguf_files import unpermute_rope_rows
-from punica.model.gguf_convert import convert_gguf
+from punica.model.gguf_convert import convert_gguf, gguf_model_dir
 from punica.testing import assert_close
 
 PROMPTS = [
@@ -211,7 +211,8 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
 GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+                    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # the last two: Phi-3's fused
 
 
 def demo_vocab(demo_gguf: str, pre: str, add_bos: bool = False) -> dict:
@@ -226,9 +227,10 @@ def demo_vocab(demo_gguf: str, pre: str, add_bos: bool = False) -> dict:
             "bos": meta["tokenizer.ggml.bos_token_id"], "eos": meta["tokenizer.ggml.eos_token_id"], "add_bos": add_bos}
 
 
-def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None) -> None:
+def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None, extra_tensors: dict | None = None) -> None:
     """`model` (an HF LLaMA-family model) in a GGUF as llama.cpp's converter writes `arch`: for llama, q/k rows
-    permuted into its rope layout; qwen2's biases and qwen3's q/k norms under llama.cpp's names."""
+    permuted into its rope layout; qwen2's biases, qwen3's q/k norms and phi3's fused projections and sliding window
+    under llama.cpp's names."""
     from gguf import GGUFWriter
 
     cfg = model.config
@@ -251,8 +253,12 @@ def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None) -> Non
                "add_bos": w.add_add_bos_token}
     for key, value in vocab.items():  # the tokenizer fields the vocabulary has
         writers[key](value)
+    if arch == "phi3" and cfg.sliding_window is not None:
+        w.add_sliding_window(cfg.sliding_window)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
+    for name, t in (extra_tensors or {}).items():
+        w.add_tensor(name, t)
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads} if arch == "llama" else {}
     for name, t in model.state_dict().items():
         t = t.float().numpy()
@@ -276,8 +282,9 @@ def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None) -> Non
 
 
 def assert_weights_equal(converted: str, model) -> None:
-    """The converted fp32 checkpoint holds exactly the HF model's tensors (tied lm_head left out). Generation alone
-    would not show a q/k row order left wrong: a tiny random model's attention is nearly uniform."""
+    """The converted checkpoint holds exactly the HF model's tensors (tied lm_head left out), in fp32 or in the
+    model's bf16. Generation alone would not show a q/k row order left wrong: a tiny random model's attention is
+    nearly uniform."""
     from safetensors.torch import load_file
 
     ours = load_file(os.path.join(converted, "model.safetensors"))
@@ -285,7 +292,7 @@ def assert_weights_equal(converted: str, model) -> None:
     ref = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and tied)}
     assert ours.keys() == ref.keys()
     for name, w in ours.items():
-        assert torch.equal(w, ref[name].float()), name
+        assert torch.equal(w.float(), ref[name].float()), name
 
 
 def assert_generates_as(converted: str, model, ids: list[int]) -> None:
@@ -446,6 +453,33 @@ def test_a_sentencepiece_gguf_tokenizes_as_sentencepiece(sentencepiece_model, tm
     assert ours.token_ids == expected and ours.text == tok.decode(expected)
 
 
+def test_a_phi3_gguf_matches_its_hf_model(sentencepiece_model, tmp_path):
+    """llama.cpp's phi3 files: the fused attn_qkv and ffn_up (gate and up stacked) read back as Phi-3's qkv_proj and
+    gate_up_proj, its sliding window into config.json, and a SentencePiece vocabulary; the converted directory
+    serves the HF model's greedy tokens. A long-context file (rope_factors_long/short) is refused by name."""
+    from factories import make_hf_model
+
+    sp = sentencepiece_model
+    vocab = sentencepiece_vocab(sp)
+    model = make_hf_model("phi3", seed=11, vocab_size=len(vocab["tokens"]), bos_token_id=sp.bos_id(),
+                          eos_token_id=sp.eos_id(), sliding_window=48)
+    write_gguf(str(tmp_path / "phi3.gguf"), model, "phi3", vocab)
+    out = convert_gguf(str(tmp_path / "phi3.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["architectures"] == ["Phi3ForCausalLM"] and cfg["sliding_window"] == 48
+    assert_weights_equal(out, model)
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(
+        model.state_dict())
+    assert_generates_as(out, model, [sp.bos_id(), *range(100, 140)])
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    factors = np.ones(head_dim // 2, dtype=np.float32)
+    write_gguf(str(tmp_path / "long.gguf"), model, "phi3", vocab,
+               extra_tensors={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors})
+    with pytest.raises(ModelLoadError, match="rope_factors_long.*longrope.* is not supported"):
+        convert_gguf(str(tmp_path / "long.gguf"), str(tmp_path / "hf2"), dtype=torch.float32, log=lambda _: None)
+
+
 def test_sentencepiece_merges_follow_scores():
     from punica.model.gguf_convert import sentencepiece_merges
 
@@ -461,7 +495,7 @@ def test_unsupported_gguf_vocabularies_and_architectures_are_named():
     with pytest.raises(ModelLoadError, match="tokenizer.ggml.model='bert' is not supported; supported: "):
         build_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(ModelLoadError, match="GGUF architecture is 'gemma2'; this converter handles "
-                                             r"\['llama', 'qwen2', 'qwen3'\]"):
+                                             r"\['llama', 'phi3', 'qwen2', 'qwen3'\]"):
         build_config({"general.architecture": "gemma2"}, True, torch.bfloat16)
 
 
@@ -475,3 +509,25 @@ def test_rope_freqs_of_unknown_parameters_are_refused():
         {"rope_type": "linear", "factor": 4.0}
     with pytest.raises(ModelLoadError, match="scaling.type='yarn' is not supported"):
         rope_scaling({"llama.rope.scaling.type": "yarn"}, None, 16, 1e4)
+
+
+def test_punica_convert_writes_a_model_gguf_as_an_hf_directory(gguf_path, tmp_path, monkeypatch, capsys):
+    """`punica convert MODEL.gguf --out DIR` writes the HF directory there; without --out, into the cache that
+    `--model MODEL.gguf` serves from; an unreadable file is named, with exit code 1."""
+    from factories import make_hf_model
+
+    from punica import cli
+
+    monkeypatch.setenv("PUNICA_CACHE", str(tmp_path / "cache"))
+    vocab = demo_vocab(gguf_path, "qwen2")
+    model = make_hf_model("qwen2", seed=3, vocab_size=len(vocab["tokens"])).to(torch.bfloat16)  # written as bf16
+    write_gguf(str(tmp_path / "m.gguf"), model, "qwen2", vocab)
+    assert cli.main(["convert", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "hf")]) == 0
+    assert_weights_equal(str(tmp_path / "hf"), model)
+    assert cli.main(["convert", str(tmp_path / "m.gguf")]) == 0
+    cached = gguf_model_dir(str(tmp_path / "m.gguf"), log=lambda _: None)
+    assert cached.startswith(str(tmp_path / "cache")) and cached in capsys.readouterr().out
+    assert_weights_equal(cached, model)
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 8)
+    assert cli.main(["convert", str(tmp_path / "bad.gguf")]) == 1
+    assert "cannot read GGUF file" in capsys.readouterr().err

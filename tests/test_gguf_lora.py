@@ -58,7 +58,7 @@ def write_lora_gguf(path: str, model, peft_dir: str, arch: str, extra: dict | No
     return path
 
 
-@pytest.mark.parametrize("family,arch", [("llama", "llama"), ("qwen2", "qwen2")])
+@pytest.mark.parametrize("family,arch", [("llama", "llama"), ("qwen2", "qwen2"), ("phi3", "phi3")])
 def test_a_lora_gguf_serves_as_its_peft_directory(tiny_models, tmp_path, family, arch):
     """Each adapter (uniform rank, a rank_pattern) loads from its .gguf to the PEFT directory's scaled weights
     exactly, and a batch mixing the two forms generates the same tokens for each."""

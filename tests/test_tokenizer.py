@@ -79,3 +79,30 @@ def test_a_sentencepiece_tokenizer_model_serves_without_tokenizer_json(tmp_path,
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     with pytest.raises(ModelLoadError, match="pip install sentencepiece"):
         Tokenizer(str(model_dir))
+
+
+def test_deltas_of_sentencepiece_byte_runs_add_up_to_the_full_decode(tmp_path):
+    """SentencePiece byte tokens decode as a run: one that never forms UTF-8 becomes a U+FFFD per byte, a valid
+    byte among them included. So a run's text is held back until it ends (or the output does: `final`), and the
+    streamed deltas add up to the full decode; a valid run streams its characters."""
+    from factories import make_hf_model
+    from test_gguf_convert import train_sentencepiece
+
+    sp = train_sentencepiece()
+    make_hf_model("llama", seed=4, vocab_size=sp.get_piece_size()).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(sp.serialized_model_proto())
+    tok = Tokenizer.from_dir(str(tmp_path))
+    byte = {b: sp.piece_to_id(f"<0x{b:02X}>") for b in (0x46, 0xE2, 0x82, 0xAC, 0xF0)}
+    word = sp.encode("return")
+    cases = [[*word, byte[0x46], byte[0xE2], byte[0x82], *word],  # "F" then a cut-off euro sign: all U+FFFD
+             [*word, byte[0xE2], byte[0x82], byte[0xAC], *word],  # a whole euro sign
+             [*word, byte[0x46], byte[0xF0]]]  # the output ends inside a character
+    for ids in cases:
+        out, prefix, read = "", 0, 0
+        for i in range(1, len(ids) + 1):
+            delta, prefix, read = tok.decode_delta(ids, prefix, read, i, final=i == len(ids))
+            if ids[i - 1] in byte.values() and i < len(ids):
+                assert delta == "", "a byte run's text waits for its end"
+            out += delta
+        assert out == tok.decode(ids), ids
+    assert "€" in tok.decode(cases[1]) and tok.decode(cases[0]).count("\ufffd") == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -165,7 +166,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from punica import gguf_files
     from punica.lora.convert import main as convert_main
+
+    source = args.adapter_dir
+    try:
+        if source.lower().endswith(".gguf") and os.path.isfile(source) and not gguf_files.is_adapter_file(source):
+            return convert_model_gguf(source, args.out)
+    except PunicaError as e:
+        print(f"punica convert: error: {e}", file=sys.stderr)
+        return 1
 
     if not args.model:
         from punica import demo_model
@@ -176,6 +186,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         args.model = model_dir(args.model)
     return convert_main(args)
+
+
+def convert_model_gguf(path: str, out: str | None) -> int:
+    """`punica convert MODEL.gguf [--out DIR]`: the model as an HF directory (bf16), in DIR or in the cache that
+    `--model MODEL.gguf` serves from."""
+    from punica.model.gguf_convert import convert_gguf, gguf_model_dir
+
+    target = convert_gguf(path, out) if out else gguf_model_dir(path)
+    print(f"{path}: HF model directory {target} (serve it with --model {target})")
+    return 0
 
 
 # parser
@@ -212,10 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, help="tokens per answer")
     demo.add_argument("--temperature", type=float, help="0 = greedy (default: 0.7, seeded)")
     demo.set_defaults(handler=cmd_demo)
-    conv = sub.add_parser("convert", help="validate a PEFT adapter against a base model; write safetensors")
-    conv.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter directory (.bin or safetensors)")
-    conv.add_argument("--model", help="base model directory or .gguf file (default: the demo model)")
-    conv.add_argument("--out", metavar="OUT_DIR", help="where to write the converted adapter (default: in place)")
+    conv = sub.add_parser("convert", help="validate a PEFT adapter against a base model and write safetensors; or "
+                                          "write a llama.cpp .gguf (model or LoRA) as an HF / PEFT directory")
+    conv.add_argument("adapter_dir", metavar="SOURCE",
+                      help="PEFT adapter directory (.bin or safetensors), llama.cpp LoRA .gguf, or model .gguf")
+    conv.add_argument("--model", help="base model directory or .gguf file, for adapters (default: the demo model)")
+    conv.add_argument("--out", metavar="OUT_DIR", help="where to write the converted adapter (default: in place) "
+                                                       "or model (default: Punica's cache)")
     conv.set_defaults(handler=cmd_convert)
     return parser
 

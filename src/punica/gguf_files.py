@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from punica.errors import ModelLoadError
+from punica.errors import ModelLoadError, PunicaError
 
 Log = Callable[[str], None]
 
@@ -28,6 +28,7 @@ LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -39,11 +40,29 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "phi3": ("Phi3ForCausalLM", "phi3", False),
 }
+FUSED_FFN_UP = ("phi3",)  # architectures whose ffn_up holds gate and up stacked (HF's mlp.gate_up_proj)
 
 
 def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def open_gguf(path: str, error: type[PunicaError] = ModelLoadError):
+    """A gguf.GGUFReader of `path`; `error` naming the file where it cannot be read (bad magic, truncated)."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except (OSError, ValueError, IndexError) as e:  # how gguf reports a bad magic or a truncated file
+        raise error(f"cannot read GGUF file {path!r}: {e}; is it complete?") from e
+
+
+def is_adapter_file(path: str) -> bool:
+    """Whether the GGUF file at `path` is a llama.cpp adapter (general.type "adapter"), not a model."""
+    field = open_gguf(path).fields.get("general.type")
+    return field is not None and field.contents() == "adapter"
 
 
 def read_metadata(reader) -> dict:
@@ -51,11 +70,13 @@ def read_metadata(reader) -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (and `.bias` likewise)."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (and `.bias` likewise); a phi3 file's
+    `ffn_up` is HF's `mlp.gate_up_proj`."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m and m.group(2) in LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+        module = "mlp.gate_up_proj" if m.group(2) == "ffn_up" and arch in FUSED_FFN_UP else LAYER_TENSORS[m.group(2)]
+        return f"model.layers.{m.group(1)}.{module}.{m.group(3)}"
     m = re.fullmatch(r"(\w+)\.weight", gguf_name)
     if m and m.group(1) in GLOBAL_TENSORS:
         return f"{GLOBAL_TENSORS[m.group(1)]}.weight"

@@ -379,10 +379,14 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        before = len(seq.text)
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        at_limit = self._at_length_limit(seq, seq.num_known)
         if self.tokenizer is not None:
+            # the last token's text is decided now, without waiting for more; a stopping token's own text is left
+            # out of the text unless include_stop_str_in_output (with skip_special_tokens off it has some)
+            end = seq.num_known - (stop_token and not p.include_stop_str_in_output)
             delta, seq.detok_prefix, seq.detok_read = self.tokenizer.decode_delta(
-                seq.tokens, seq.detok_prefix, seq.detok_read, seq.num_known, p.skip_special_tokens)
+                seq.tokens, seq.detok_prefix, seq.detok_read, end, p.skip_special_tokens, final=stop_token or at_limit)
             if delta:
                 start = max(0, len(seq.text) - max((len(s) for s in p.stop), default=1) + 1)
                 seq.text += delta
@@ -395,13 +399,9 @@ class Engine:
                     if at >= 0:
                         seq.text = seq.text[:at + len(stop) if p.include_stop_str_in_output else at]
                         return "stop"
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            if not p.include_stop_str_in_output:  # the stop token's own text (with skip_special_tokens off) too
-                seq.text = seq.text[:before]
+        if stop_token:
             return "stop"
-        if self._at_length_limit(seq, seq.num_known):
-            return "length"
-        return None
+        return "length" if at_limit else None
 
     def _at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `seq` with `num_tokens` tokens (prompt included) has reached max_tokens or max_model_len."""

@@ -106,16 +106,30 @@ class Tokenizer:
         return self._tok.decode([token_id], skip_special_tokens=False)
 
     def decode_delta(self, ids: list[int], prefix: int, read: int, end: int | None = None,
-                     skip_special_tokens: bool = True) -> tuple[str, int, int]:
+                     skip_special_tokens: bool = True, final: bool = False) -> tuple[str, int, int]:
         """Text that ids[read:end] add after ids[:read], decoding only the window from `prefix` (constant work
         per token; `end` defaults to len(ids)). Returns (delta, new prefix, new read); the delta is held back
-        while it ends inside a UTF-8 character. Start with prefix = read = the index of the first id to decode."""
+        while it ends inside a UTF-8 character, or in a run of SentencePiece byte tokens, whose text is decided
+        only as a whole (one that never forms UTF-8 decodes to a U+FFFD per byte, a valid byte among them
+        included). `final`: the last call, nothing held back, so the deltas add up to the full decode. Start with
+        prefix = read = the index of the first id to decode."""
         end = len(ids) if end is None else end
+        if not final and end > read and ids[end - 1] in self._byte_fallback_ids:
+            return "", prefix, read
         before = self.decode(ids[prefix:read], skip_special_tokens)
         after = self.decode(ids[prefix:end], skip_special_tokens)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        if final or (len(after) > len(before) and not after.endswith("\ufffd")):
             return after[len(before):], read, end
         return "", prefix, read
+
+    @functools.cached_property
+    def _byte_fallback_ids(self) -> frozenset[int]:
+        """The <0xNN> tokens of a vocabulary whose decoder joins runs of them into UTF-8 (ByteFallback)."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        if "ByteFallback" not in {d.get("type") for d in decoder.get("decoders", [decoder])}:
+            return frozenset()
+        return frozenset(i for piece, i in self._tok.get_vocab(with_added_tokens=False).items()
+                         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
 
     @functools.cached_property
     def token_bytes(self) -> list[bytes | None]:

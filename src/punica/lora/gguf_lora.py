@@ -45,13 +45,9 @@ def gguf_adapter_dir(gguf_path: str, log: gf.Log = gf.stderr_log) -> str:
 def convert_gguf_adapter(gguf_path: str, out_dir: str, log: gf.Log = gf.stderr_log) -> str:
     """Write the PEFT form of the llama.cpp LoRA file `gguf_path` into `out_dir`; AdapterError names what is
     wrong with the file."""
-    from gguf import GGUFReader
     from safetensors.torch import save_file
 
-    try:
-        reader = GGUFReader(gguf_path)
-    except (OSError, ValueError, IndexError) as e:
-        raise AdapterError(f"cannot read GGUF file {gguf_path!r}: {e}; is it complete?") from e
+    reader = gf.open_gguf(gguf_path, AdapterError)
     meta = gf.read_metadata(reader)
     kind = (meta.get("general.type"), meta.get("adapter.type"))
     if kind != ("adapter", "lora"):
@@ -76,7 +72,7 @@ def convert_gguf_adapter(gguf_path: str, out_dir: str, log: gf.Log = gf.stderr_l
         if set(ab) != {"a", "b"}:
             raise AdapterError(f"LoRA GGUF {gguf_path!r}: {base} has lora_{''.join(ab)} without its other half")
         try:
-            module = gf.hf_tensor_name(base).removesuffix(".weight")
+            module = gf.hf_tensor_name(base, arch).removesuffix(".weight")
         except ModelLoadError:
             module = ""
         if not module.endswith("_proj"):  # the seven projections' names end so, norms' and embeddings' do not

@@ -1,11 +1,12 @@
-"""Convert a llama.cpp GGUF (architectures llama, qwen2 and qwen3; byte-level BPE or SentencePiece vocabulary)
+"""Convert a llama.cpp GGUF (architectures llama, qwen2, qwen3 and phi3; byte-level BPE or SentencePiece vocabulary)
 into an HF directory.
 
 Writes `config.json`, `model.safetensors` (HF tensor names, dequantized), `tokenizer.json`,
 `tokenizer_config.json` (with the chat template) and `generation_config.json`, so the result loads with
 Punica's loader and with `transformers` alike. Two llama.cpp conventions are undone on the way: a llama file's
-attn_q/attn_k rows are permuted back from llama.cpp's rope layout (qwen2 and qwen3 files keep HF's), and a missing
-`output.weight` means tied embeddings.
+attn_q/attn_k rows are permuted back from llama.cpp's rope layout (qwen2, qwen3 and phi3 files keep HF's), and a
+missing `output.weight` means tied embeddings. A phi3 file's fused attn_qkv and ffn_up (gate and up stacked) are
+HF's qkv_proj and gate_up_proj.
 
 `gguf_model_dir` is what serving a `.gguf` file takes: the conversion, once, into Punica's cache, reused while
 the file is unchanged.
@@ -31,6 +32,7 @@ from punica.gguf_files import (
     file_stamp,
     hf_tensor_name,
     in_hf_row_order,
+    open_gguf,
     read_metadata,
     stderr_log,
 )
@@ -41,6 +43,7 @@ _ARCH_CONFIG = {
     "llama": {"attention_bias": False, "mlp_bias": False},
     "qwen2": {"use_sliding_window": False, "sliding_window": None},
     "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
+    "phi3": {"attention_bias": False},
 }
 _DIGITS_FIRST = ("smollm", "starcoder", "refact", "codeshell")  # llama.cpp splits every digit apart first
 _PLAIN_GPT2 = ("gpt2", "default", "mpt", "olmo")
@@ -104,6 +107,7 @@ def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
         "vocab_size": len(_require(meta, "tokenizer.ggml.tokens")),
         "hidden_act": "silu",
         **_ARCH_CONFIG[arch],
+        **(_phi3_config(meta, hidden // heads) if arch == "phi3" else {}),
         "tie_word_embeddings": not has_output,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
@@ -112,15 +116,27 @@ def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
     }
 
 
+def _phi3_config(meta: dict, head_dim: int) -> dict:
+    """Phi-3's fields beyond the common ones: its sliding window (Phi3ForCausalLM applies it by default) and the
+    rotary share of each head, which the model loader refuses unless whole."""
+    rope_dims = int(meta.get("phi3.rope.dimension_count", head_dim))
+    return {"sliding_window": meta.get("phi3.attention.sliding_window"), "partial_rotary_factor": rope_dims / head_dim,
+            "original_max_position_embeddings": int(meta.get("phi3.rope.scaling.original_context_length",
+                                                             meta.get("phi3.context_length", 4096)))}
+
+
 def convert_tensors(reader, arch: str, config: dict, dtype: torch.dtype, log: Log) -> dict[str, torch.Tensor]:
     """All weights, renamed to HF names, q/k un-permuted where llama.cpp permuted them, cast to `dtype`."""
     out: dict[str, torch.Tensor] = {}
     for i, tensor in enumerate(reader.tensors):
         if tensor.name == "rope_freqs.weight":  # in config.json's rope_scaling (convert_gguf)
             continue
+        if tensor.name.startswith("rope_factors_"):
+            raise ModelLoadError(f"GGUF tensor {tensor.name!r}: Phi-3's long-context rope (longrope) is not "
+                                 "supported; its short-context (4k) models are")
         w = in_hf_row_order(tensor.name, dequantize_tensor(tensor), arch, config["num_attention_heads"],
                             config["num_key_value_heads"])
-        out[hf_tensor_name(tensor.name)] = torch.from_numpy(np.require(w, requirements=("C", "W"))).to(dtype)
+        out[hf_tensor_name(tensor.name, arch)] = torch.from_numpy(np.require(w, requirements=("C", "W"))).to(dtype)
         if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
             log(f"  dequantized {i + 1}/{len(reader.tensors)} tensors")
     return out
@@ -324,15 +340,10 @@ def convert_gguf(
     gguf_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, log: Log = stderr_log
 ) -> str:
     """Convert `gguf_path` into the HF directory `out_dir` (created if needed); returns `out_dir`."""
-    from gguf import GGUFReader
-
     if not os.path.isfile(gguf_path):
         raise ModelLoadError(f"GGUF file {gguf_path!r} does not exist")
     log(f"punica: converting {os.path.basename(gguf_path)} -> {out_dir}")
-    try:
-        reader = GGUFReader(gguf_path)
-    except (OSError, ValueError, IndexError) as e:  # how gguf reports a bad magic or a truncated file
-        raise ModelLoadError(f"cannot read GGUF file {gguf_path!r}: {e}; is it complete?") from e
+    reader = open_gguf(gguf_path)
     meta = read_metadata(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = build_config(meta, has_output, dtype)
