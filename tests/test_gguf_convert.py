@@ -507,8 +507,14 @@ def test_rope_freqs_of_unknown_parameters_are_refused():
         rope_scaling({}, np.linspace(1.0, 3.0, 8, dtype=np.float32), 16, 500000.0)
     assert rope_scaling({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, None, 16, 1e4) == \
         {"rope_type": "linear", "factor": 4.0}
-    with pytest.raises(ModelLoadError, match="scaling.type='yarn' is not supported"):
-        rope_scaling({"llama.rope.scaling.type": "yarn"}, None, 16, 1e4)
+    yarn = {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+            "qwen2.rope.scaling.original_context_length": 32768, "general.architecture": "qwen2"}
+    assert rope_scaling(yarn, None, 16, 1e6) == {"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 32768}
+    with pytest.raises(ModelLoadError, match="yarn_log_multiplier=0.1 is not supported"):
+        rope_scaling({**yarn, "qwen2.rope.scaling.yarn_log_multiplier": 0.1}, None, 16, 1e6)
+    with pytest.raises(ModelLoadError, match="scaling.type='longrope' is not supported"):
+        rope_scaling({"llama.rope.scaling.type": "longrope"}, None, 16, 1e4)
 
 
 def test_punica_convert_writes_a_model_gguf_as_an_hf_directory(gguf_path, tmp_path, monkeypatch, capsys):

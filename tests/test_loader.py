@@ -11,7 +11,7 @@ from factories import make_hf_model
 
 from punica import LLM, ModelLoadError, SamplingParams
 from punica.config import read_model_config
-from punica.ops.norm_rope import rope_inv_freq
+from punica.ops.norm_rope import rope_attention_scale, rope_inv_freq
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
@@ -44,13 +44,36 @@ def test_llama3_rope_tied_sharded_matches_hf(llama3_dir):
     assert ours == hf_greedy(model, ids, 8)
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, LLAMA3_ROPE])
+YARN_ROPES = [  # Qwen2.5's long-context setting; DeepSeek's mscale pair; an explicit attention factor, no truncation
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+     "mscale_all_dim": 0.707, "beta_fast": 16, "beta_slow": 2},
+    {"rope_type": "yarn", "factor": 2.0, "attention_factor": 1.25, "truncate": False}]
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, LLAMA3_ROPE, *YARN_ROPES])
 def test_rope_scaling_read_from_config_matches_hf(tmp_path, scaling):
+    """The inverse frequencies, and YaRN's factor on cos/sin, as transformers computes them."""
     model = make_hf_model("llama", rope_scaling=scaling, max_position_embeddings=512)
     model.save_pretrained(str(tmp_path))
     cfg = read_model_config(str(tmp_path))
     ours = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     torch.testing.assert_close(ours, model.model.rotary_emb.inv_freq.float())
+    assert rope_attention_scale(cfg.rope_scaling) == pytest.approx(model.model.rotary_emb.attention_scaling)
+    if scaling["rope_type"] == "yarn":  # the context YaRN extends to
+        old = scaling.get("original_max_position_embeddings", 512)
+        assert cfg.max_position_embeddings == max(512, int(old * scaling["factor"]))
+
+
+@pytest.mark.parametrize("scaling", YARN_ROPES[:2])
+def test_yarn_scaled_model_generates_as_hf(tmp_path, scaling):
+    """Past the pretraining length, where YaRN's frequencies and its attention factor both matter."""
+    model = make_hf_model("qwen2", rope_scaling=scaling, max_position_embeddings=512)
+    model.save_pretrained(str(tmp_path))
+    ids = [(7 * i) % 128 for i in range(1, 200)]  # the tiny vocabulary's ids, past 128 and 64 positions
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu")
+    ours = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+    assert ours == hf_greedy(model, ids, 8)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -98,7 +121,7 @@ def write_config(model_dir, tiny_models, config) -> None:
     ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads=3 .* must divide"),
     ({"num_attention_heads": 4, "hidden_size": 66, "head_dim": None}, "hidden_size=66 .* not a multiple"),
     # not a ValueError with a stack trace from the rope table
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' in .* not supported"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "rope_scaling type 'dynamic' in .* not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' in .* lacks low_freq_factor, high_freq"),
     ({"rope_scaling": "linear"}, "rope_scaling in .* must be an object or null, got 'linear'"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": "64"}, "sliding_window='64' in .* positive integer"),

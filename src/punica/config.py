@@ -68,7 +68,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 WINDOWED_BY_DEFAULT = ("MistralForCausalLM", "Phi3ForCausalLM")
 # rope_scaling types ops/norm_rope.rope_inv_freq implements -> the fields each needs
 ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
-                       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                       "yarn": ("factor", "original_max_position_embeddings")}
 
 
 def read_model_config(model_dir: str) -> ModelConfig:
@@ -102,6 +103,10 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         raise ModelLoadError(f"architecture {arch!r} in {path} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "yarn":
+        # as transformers reads it: the pretraining length from the config's top level (Phi-3), else its context
+        scaling = {"original_max_position_embeddings": hf.get("original_max_position_embeddings",
+                                                              hf.get("max_position_embeddings")), **scaling}
     eos = hf.get("eos_token_id")
     heads, hidden = _size(hf, "num_attention_heads", path), _size(hf, "hidden_size", path)
     kv_heads = _size(hf, "num_key_value_heads", path, default=heads)
@@ -111,6 +116,10 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         raise ModelLoadError(f"hidden_size={hidden} in {path} is not a multiple of num_attention_heads={heads}; "
                              f"set head_dim")
     max_len = hf.get("max_position_embeddings", 4096)
+    rope_scaling = _rope_scaling(scaling, path)
+    if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn":
+        # the context YaRN extends to: the pretraining length times the factor (as vLLM derives it)
+        max_len = max(max_len, int(rope_scaling["original_max_position_embeddings"] * rope_scaling["factor"]))
     window = hf.get("sliding_window") if hf.get("use_sliding_window", arch in WINDOWED_BY_DEFAULT) else None
     partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
@@ -128,7 +137,7 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         max_position_embeddings=max_len,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rope_scaling=_rope_scaling(scaling, path), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling=rope_scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
         qk_norm=arch == "Qwen3ForCausalLM",
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),

@@ -158,17 +158,29 @@ def _pre_tokenizer(pre: str):
 
 
 def rope_scaling(meta: dict, rope_freqs: np.ndarray | None, head_dim: int, theta: float) -> dict | None:
-    """HF's `rope_scaling` for the GGUF: linear from `<architecture>.rope.scaling.*`; Llama 3's from the `rope_freqs`
-    divisors, whose parameters are found among the usual ones (or ModelLoadError)."""
+    """HF's `rope_scaling` for the GGUF: linear or YaRN from `<architecture>.rope.scaling.*`; Llama 3's from the
+    `rope_freqs` divisors, whose parameters are found among the usual ones (or ModelLoadError)."""
     from punica.ops.norm_rope import rope_inv_freq
 
     arch = meta.get("general.architecture", "llama")
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    key = f"{arch}.rope.scaling"
+    kind = meta.get(f"{key}.type", "none")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(_require(meta, f"{arch}.rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": _f32(_require(meta, f"{key}.factor"))}
+    if kind == "yarn":
+        for name, default in (("yarn_log_multiplier", 0.0), ("yarn_attn_factor", 1.0), ("yarn_ext_factor", -1.0)):
+            if meta.get(f"{key}.{name}", default) not in (default, None):  # DeepSeek's, and llama.cpp's own knobs
+                raise ModelLoadError(f"GGUF {key}.{name}={meta[f'{key}.{name}']!r} is not supported (YaRN as "
+                                     "Qwen's files set it: type, factor, original_context_length)")
+        scaling = {"rope_type": "yarn", "factor": _f32(_require(meta, f"{key}.factor")),
+                   "original_max_position_embeddings": int(_require(meta, f"{key}.original_context_length"))}
+        for name in ("beta_fast", "beta_slow"):
+            if meta.get(f"{key}.yarn_{name}") is not None:
+                scaling[name] = _f32(meta[f"{key}.yarn_{name}"])
+        return scaling
     if kind not in ("none", None):
-        raise ModelLoadError(f"GGUF {arch}.rope.scaling.type={kind!r} is not supported (linear, or Llama 3's "
-                             "rope_freqs tensor)")
+        raise ModelLoadError(f"GGUF {key}.type={kind!r} is not supported (linear, yarn, or Llama 3's rope_freqs "
+                             "tensor)")
     if rope_freqs is None:
         return None
     divisors = rope_freqs.astype(np.float64).reshape(-1)

@@ -45,15 +45,17 @@ def silu_and_mul_torch(x: torch.Tensor, delta: torch.Tensor | None = None) -> to
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2], with Llama-3 style scaling when `scaling` says so."""
+    """Inverse frequencies [head_dim/2], scaled as `scaling` says (linear, Llama 3's, or YaRN's)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = _rope_kind(scaling)
     if kind in ("default", None):
         return inv.float()
     if kind == "linear":
         return (inv / scaling["factor"]).float()
+    if kind == "yarn":
+        return _yarn_inv_freq(inv, head_dim, theta, scaling).float()
     if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
@@ -63,10 +65,49 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
-    """The table [max_positions, head_dim] holding cos in the first half and sin in the second."""
+def _rope_kind(scaling: dict | None) -> str | None:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def _yarn_inv_freq(inv: torch.Tensor, head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN: the fast-rotating dimensions as they are, the slow ones divided by the factor, a linear ramp between.
+    The ramp runs over the dimensions that turn between beta_fast and beta_slow times over the pretraining length."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over old_len positions
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    span = high - low if high != low else 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / span).clamp(0, 1)
+    return inv / factor * ramp + inv * (1 - ramp)
+
+
+def rope_attention_scale(scaling: dict | None) -> float:
+    """What the rope table's cos and sin are multiplied by: YaRN's attention factor (given, or 0.1 ln(factor) + 1,
+    or DeepSeek's ratio of two such from mscale / mscale_all_dim), else 1."""
+    if _rope_kind(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling["factor"]
+
+    def m(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return m(mscale) / m(mscale_all_dim) if mscale and mscale_all_dim else m(1.0)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int, scale: float = 1.0) -> torch.Tensor:
+    """The table [max_positions, head_dim] holding cos in the first half and sin in the second, times `scale`
+    (rope_attention_scale)."""
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    return table * scale if scale != 1.0 else table
 
 
 def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
