@@ -145,6 +145,16 @@ def _kv_offsets(bt_row_ptr, n, valid, kv_head, stride_kb, stride_ks, stride_kh, 
 
 
 @_jit
+def _k_tile(k_ptr, bt_row_ptr, n0, end, kv_head, d, stride_kb, stride_ks, stride_kh, PAGE: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """Tokens n0 .. n0 + BLOCK_N of one sequence, those before `end` valid: (n, valid, offsets, K rows as stored)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    valid = n < end
+    off = _kv_offsets(bt_row_ptr, n, valid, kv_head, stride_kb, stride_ks, stride_kh, PAGE)
+    return n, valid, off, tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+
+
+@_jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
                    order_ptr, scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -177,11 +187,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
         q_t = tl.trans(q)
         acc_t = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
         for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            valid = n < end
-            off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
-            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-            kq = tl.where(valid[:, None], tl.dot(k, q_t, input_precision=PREC) * scale_log2, float("-inf"))
+            _, valid, off, k = _k_tile(k_ptr, bt_ptr + b * stride_bt, n0, end, h, d, stride_kb, stride_ks, stride_kh,
+                                       PAGE, BLOCK_N)
+            kq = tl.where(valid[:, None], tl.dot(k.to(q.dtype), q_t, input_precision=PREC) * scale_log2,
+                          float("-inf"))
             p, m_i, l_i, acc_t = _softmax_step_t(kq, m_i, l_i, acc_t)
             v_t = tl.load(v_ptr + off[None, :] + d[:, None], mask=valid[None, :], other=0.0).to(q.dtype)
             acc_t += tl.dot(v_t, p.to(v_t.dtype), input_precision=PREC)
@@ -189,11 +198,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, cu_q_
     else:
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
         for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            valid = n < end
-            off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, h, stride_kb, stride_ks, stride_kh, PAGE)
-            k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-            qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
+            _, valid, off, k = _k_tile(k_ptr, bt_ptr + b * stride_bt, n0, end, h, d, stride_kb, stride_ks, stride_kh,
+                                       PAGE, BLOCK_N)
+            qk = tl.where(valid[None, :], tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scale_log2,
+                          float("-inf"))
             p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
             v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -260,13 +268,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in range(0, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        valid = n < end
-        off = _kv_offsets(bt_ptr + b * stride_bt, n, valid, head // GROUP, stride_kb, stride_ks, stride_kh,
-                          PAGE)
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+        n, valid, off, k = _k_tile(k_ptr, bt_ptr + b * stride_bt, n0, end, head // GROUP, d, stride_kb, stride_ks,
+                                   stride_kh, PAGE, BLOCK_N)
         keep = valid[None, :] & (n[None, :] <= pos[:, None])
-        qk = tl.where(keep, tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2, float("-inf"))
+        qk = tl.where(keep, tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC) * scale_log2, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
