@@ -227,10 +227,10 @@ def demo_vocab(demo_gguf: str, pre: str, add_bos: bool = False) -> dict:
             "bos": meta["tokenizer.ggml.bos_token_id"], "eos": meta["tokenizer.ggml.eos_token_id"], "add_bos": add_bos}
 
 
-def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None, extra_tensors: dict | None = None) -> None:
+def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None) -> None:
     """`model` (an HF LLaMA-family model) in a GGUF as llama.cpp's converter writes `arch`: for llama, q/k rows
-    permuted into its rope layout; qwen2's biases, qwen3's q/k norms and phi3's fused projections and sliding window
-    under llama.cpp's names."""
+    permuted into its rope layout; qwen2's biases, qwen3's q/k norms, phi3's fused projections, sliding window and
+    longrope factors under llama.cpp's names."""
     from gguf import GGUFWriter
 
     cfg = model.config
@@ -255,10 +255,13 @@ def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None, extra_
         writers[key](value)
     if arch == "phi3" and cfg.sliding_window is not None:
         w.add_sliding_window(cfg.sliding_window)
+    rope = cfg.rope_parameters if arch == "phi3" else {}
+    if rope.get("rope_type") == "longrope":  # Phi-3.5 / 128k: its factors as tensors, its pretraining length
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], dtype=np.float32))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
-    for name, t in (extra_tensors or {}).items():
-        w.add_tensor(name, t)
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads} if arch == "llama" else {}
     for name, t in model.state_dict().items():
         t = t.float().numpy()
@@ -456,7 +459,7 @@ def test_a_sentencepiece_gguf_tokenizes_as_sentencepiece(sentencepiece_model, tm
 def test_a_phi3_gguf_matches_its_hf_model(sentencepiece_model, tmp_path):
     """llama.cpp's phi3 files: the fused attn_qkv and ffn_up (gate and up stacked) read back as Phi-3's qkv_proj and
     gate_up_proj, its sliding window into config.json, and a SentencePiece vocabulary; the converted directory
-    serves the HF model's greedy tokens. A long-context file (rope_factors_long/short) is refused by name."""
+    serves the HF model's greedy tokens."""
     from factories import make_hf_model
 
     sp = sentencepiece_model
@@ -472,12 +475,26 @@ def test_a_phi3_gguf_matches_its_hf_model(sentencepiece_model, tmp_path):
     assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(
         model.state_dict())
     assert_generates_as(out, model, [sp.bos_id(), *range(100, 140)])
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    factors = np.ones(head_dim // 2, dtype=np.float32)
-    write_gguf(str(tmp_path / "long.gguf"), model, "phi3", vocab,
-               extra_tensors={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors})
-    with pytest.raises(ModelLoadError, match="rope_factors_long.*longrope.* is not supported"):
-        convert_gguf(str(tmp_path / "long.gguf"), str(tmp_path / "hf2"), dtype=torch.float32, log=lambda _: None)
+
+
+def test_a_longrope_phi3_gguf_matches_its_hf_model(sentencepiece_model, tmp_path):
+    """Phi-3.5 / Phi-3 128k files: rope_factors_long / _short and the pretraining length read back as longrope
+    scaling, so a prompt past the pretraining length generates as the HF model does (long factors)."""
+    from factories import make_longrope_phi3
+
+    sp = sentencepiece_model
+    vocab = sentencepiece_vocab(sp)
+    model = make_longrope_phi3(seed=2, vocab_size=len(vocab["tokens"]), bos_token_id=sp.bos_id(),
+                               eos_token_id=sp.eos_id())
+    write_gguf(str(tmp_path / "long.gguf"), model, "phi3", vocab)
+    out = convert_gguf(str(tmp_path / "long.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
+    with open(os.path.join(out, "config.json")) as f:
+        rope = json.load(f)["rope_scaling"]
+    ref = model.config.rope_parameters
+    assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == 64
+    for kind in ("long_factor", "short_factor"):
+        assert rope[kind] == pytest.approx(ref[kind], rel=1e-7)
+    assert_generates_as(out, model, [sp.bos_id(), *range(100, 180)])
 
 
 def test_sentencepiece_merges_follow_scores():

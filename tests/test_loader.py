@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from factories import make_hf_model
+from factories import make_hf_model, make_longrope_phi3
 
 from punica import LLM, ModelLoadError, SamplingParams
 from punica.config import read_model_config
@@ -76,6 +76,46 @@ def test_yarn_scaled_model_generates_as_hf(tmp_path, scaling):
     assert ours == hf_greedy(model, ids, 8)
 
 
+def test_longrope_tables_match_hf(tmp_path):
+    """Both sets of longrope frequencies (short- and long-context) and its factor on cos/sin, as transformers has
+    them; factors of the wrong length are refused by name."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = make_longrope_phi3()
+    model.save_pretrained(str(tmp_path))
+    cfg = read_model_config(str(tmp_path))
+    assert cfg.long_rope_after == 64 and cfg.max_position_embeddings == 256
+    rotary = model.model.rotary_emb
+    hf_long, hf_scale = ROPE_INIT_FUNCTIONS["longrope"](model.config, "cpu", seq_len=65)
+    for long, ref in ((False, rotary.original_inv_freq), (True, hf_long)):
+        torch.testing.assert_close(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, long), ref.float())
+    assert rope_attention_scale(cfg.rope_scaling) == pytest.approx(hf_scale) and hf_scale > 1
+    with open(tmp_path / "config.json") as f:
+        hf = json.load(f)
+    rope = hf.get("rope_scaling") or hf["rope_parameters"]  # transformers 5 writes the latter
+    rope["long_factor"] = rope["long_factor"][:3]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ModelLoadError, match="longrope's short_factor and long_factor need head_dim / 2 = 8"):
+        read_model_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("prompt_len,new", [(40, 8), (100, 8), (58, 12)])
+def test_longrope_model_generates_as_hf(tmp_path, prompt_len, new):
+    """Within the pretraining length (short factors), a prompt past it (long factors throughout), and an output that
+    crosses it (recomputed with the long factors there, as transformers' generate does); a short and a long
+    request in one batch do not change each other's tokens."""
+    model = make_longrope_phi3(seed=1)
+    model.save_pretrained(str(tmp_path))
+    ids = [(5 * i + 3) % 128 for i in range(prompt_len)]
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    expected = hf_greedy(model, ids, new)
+    llm.generate([ids[:48]], params)  # its prefix in the prefix cache, rotated by the short factors: not reused
+    assert llm.generate([ids], params)[0].token_ids == expected
+    other = [(3 * i + 1) % 128 for i in range(130 - prompt_len)]  # long if this one is short, and the reverse
+    assert llm.generate([ids, other], params)[0].token_ids == expected
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_runs_and_mostly_agrees(tiny_models, dtype):
     hf_model, model_dir, adapters = tiny_models["llama"]
@@ -128,7 +168,7 @@ def write_config(model_dir, tiny_models, config) -> None:
     ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.5},
      "partial_rotary_factor=0.5 in .*: rotary embeddings over part of each head are not supported"),
     ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0]}},
-     "rope_scaling type 'longrope' in .* not supported"),
+     "rope_scaling type 'longrope' in .* lacks short_factor"),
 ])
 def test_malformed_model_configs_raise(tmp_path, tiny_models, config, match):
     write_config(tmp_path, tiny_models, config)

@@ -61,6 +61,15 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def long_rope_after(self) -> int | None:
+        """Longrope (Phi-3.5, Phi-3 128k): the pretraining length, past which a sequence's rotations switch to the
+        long-context factors (Sequence.rope_long); None for other scalings."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) != "longrope":
+            return None
+        return int(scaling["original_max_position_embeddings"])
+
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM")
@@ -69,7 +78,8 @@ WINDOWED_BY_DEFAULT = ("MistralForCausalLM", "Phi3ForCausalLM")
 # rope_scaling types ops/norm_rope.rope_inv_freq implements -> the fields each needs
 ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
                        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                       "yarn": ("factor", "original_max_position_embeddings")}
+                       "yarn": ("factor", "original_max_position_embeddings"),
+                       "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "factor")}
 
 
 def read_model_config(model_dir: str) -> ModelConfig:
@@ -103,10 +113,15 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         raise ModelLoadError(f"architecture {arch!r} in {path} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "yarn":
-        # as transformers reads it: the pretraining length from the config's top level (Phi-3), else its context
-        scaling = {"original_max_position_embeddings": hf.get("original_max_position_embeddings",
-                                                              hf.get("max_position_embeddings")), **scaling}
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    if kind in ("yarn", "longrope"):
+        # as transformers reads them: the pretraining length from the config's top level (Phi-3 keeps it there,
+        # first), else the context; longrope's factor, when absent, the context over it
+        old = hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings",
+                                                                         hf.get("max_position_embeddings"))
+        scaling = {**scaling, "original_max_position_embeddings": old}
+        if kind == "longrope" and scaling.get("factor") is None and is_int(old) and old > 0:
+            scaling["factor"] = hf.get("max_position_embeddings", 4096) / old
     eos = hf.get("eos_token_id")
     heads, hidden = _size(hf, "num_attention_heads", path), _size(hf, "hidden_size", path)
     kv_heads = _size(hf, "num_key_value_heads", path, default=heads)
@@ -117,6 +132,11 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
                              f"set head_dim")
     max_len = hf.get("max_position_embeddings", 4096)
     rope_scaling = _rope_scaling(scaling, path)
+    half = (hf.get("head_dim") or hidden // heads) // 2
+    if kind == "longrope" and not all(isinstance(rope_scaling[f], list) and len(rope_scaling[f]) == half
+                                      for f in ("short_factor", "long_factor")):
+        raise ModelLoadError(f"rope_scaling in {path}: longrope's short_factor and long_factor need head_dim / 2 = "
+                             f"{half} entries each")
     if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn":
         # the context YaRN extends to: the pretraining length times the factor (as vLLM derives it)
         max_len = max(max_len, int(rope_scaling["original_max_position_embeddings"] * rope_scaling["factor"]))

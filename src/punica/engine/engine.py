@@ -205,9 +205,13 @@ class Engine:
         if request_id in self._requests:
             raise BadRequestError(f"request id {request_id!r} is already in use")
         key = self.adapters.ref(lora) if lora is not None else None
+        after = self.model_config.long_rope_after
         seq = Sequence(request_id=request_id, prompt_ids=ids, params=params, lora=lora, lora_key=key,
                        cache_namespace=None if key is None else (key, self.adapters.load_ids[key]),
+                       rope_long=None if after is None else (after, self.model_config.max_position_embeddings),
                        grammar=grammar, grammar_state=None if grammar is None else grammar.start)
+        if after is not None and len(ids) > after:
+            seq.use_long_rope()
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id

@@ -230,6 +230,10 @@ class Sequence:
     cache_namespace: Hashable = None
     num_cached_blocks: int = 0  # leading blocks of block_table taken from or registered in the cache
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache when it first started
+    # longrope models: (its first position rotated by the long-context factors, their rows' offset in the rope
+    # table): 0 once the sequence is longer than the pretraining length, which is the position a shorter one
+    # switches at (use_long_rope), as transformers' generate does
+    rope_long: tuple[int, int] | None = None
     block_keys: list[tuple] = field(default_factory=list)  # block_keys of its leading full known blocks
     tokens: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -283,6 +287,14 @@ class Sequence:
     def num_remaining(self) -> int:
         """Tokens whose KV is not yet computed (1 for a decode)."""
         return len(self.tokens) - self.num_computed
+
+    def use_long_rope(self) -> None:
+        """Rotate every position by longrope's long-context factors from now on (rope_long). Its KV then differs
+        from a shorter sequence's with the same tokens, so its prefix-cache blocks are its own (cache_namespace);
+        KV computed before must be recomputed (Scheduler.preempt)."""
+        self.rope_long = (0, self.rope_long[1])
+        self.cache_namespace = (self.cache_namespace, "long rope")
+        self.block_keys = []
 
 
 @dataclass

@@ -59,7 +59,11 @@ def host_batch(work: list[tuple[Sequence, int]], block_size: int) -> HostBatch:
             hb.prompt_rows.append((i, start, count))
             extra += range(hb.cu_q[-1], hb.cu_q[-1] + count)
         hb.ids += seq.tokens[start:end]
-        hb.positions += range(start, end)
+        if seq.rope_long is None:
+            hb.positions += range(start, end)
+        else:  # the rope table's row of each position: longrope's long-context rows from rope_long[0] on
+            first, rows = seq.rope_long
+            hb.positions += (p + rows if p >= first else p for p in range(start, end))
         hb.slot_mapping += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
         hb.cu_q.append(hb.cu_q[-1] + n)
         hb.kv_lens.append(end)

@@ -68,6 +68,11 @@ class Scheduler:
             n = self._chunk(seq, budget)
             if not n:
                 continue
+            if seq.rope_long is not None and 0 < seq.rope_long[0] < seq.num_computed + n:
+                # longrope: it outgrows the pretraining length, and is recomputed with the long-context factors
+                seq.use_long_rope()
+                self.preempt(seq)
+                continue
             if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n):  # most decodes fit their blocks
                 budget += self._make_room(seq, n, step)  # preempted sequences give back what they were given
                 if seq.status is not Status.RUNNING:

@@ -61,6 +61,8 @@ _LLAMA3_ROPE_CANDIDATES = [dict(low_freq_factor=low, high_freq_factor=high, orig
                            for old in (8192, 4096, 2048, 16384, 32768) for low in (1.0, 2.0)
                            for high in (4.0, 2.0, 8.0)]
 _ROPE_FREQS_RTOL = 1e-4
+# tensors that are rope scaling, read into config.json: Llama 3.1's divisors, Phi-3's longrope factors
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # tokenizer.ggml.token_type (1 normal, 5 unused, 6 byte)
 _SPACE = "\u2581"  # SentencePiece's space
 
@@ -129,11 +131,8 @@ def convert_tensors(reader, arch: str, config: dict, dtype: torch.dtype, log: Lo
     """All weights, renamed to HF names, q/k un-permuted where llama.cpp permuted them, cast to `dtype`."""
     out: dict[str, torch.Tensor] = {}
     for i, tensor in enumerate(reader.tensors):
-        if tensor.name == "rope_freqs.weight":  # in config.json's rope_scaling (convert_gguf)
+        if tensor.name in ROPE_TENSORS:  # in config.json's rope_scaling (convert_gguf)
             continue
-        if tensor.name.startswith("rope_factors_"):
-            raise ModelLoadError(f"GGUF tensor {tensor.name!r}: Phi-3's long-context rope (longrope) is not "
-                                 "supported; its short-context (4k) models are")
         w = in_hf_row_order(tensor.name, dequantize_tensor(tensor), arch, config["num_attention_heads"],
                             config["num_key_value_heads"])
         out[hf_tensor_name(tensor.name, arch)] = torch.from_numpy(np.require(w, requirements=("C", "W"))).to(dtype)
@@ -157,13 +156,26 @@ def _pre_tokenizer(pre: str):
     raise ModelLoadError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {known}")
 
 
-def rope_scaling(meta: dict, rope_freqs: np.ndarray | None, head_dim: int, theta: float) -> dict | None:
-    """HF's `rope_scaling` for the GGUF: linear or YaRN from `<architecture>.rope.scaling.*`; Llama 3's from the
-    `rope_freqs` divisors, whose parameters are found among the usual ones (or ModelLoadError)."""
+def rope_scaling(meta: dict, rope_freqs: np.ndarray | None, head_dim: int, theta: float,
+                 factors: dict[str, np.ndarray] | None = None) -> dict | None:
+    """HF's `rope_scaling` for the GGUF: linear or YaRN from `<architecture>.rope.scaling.*`; longrope from Phi-3's
+    rope_factors_long / _short tensors (`factors`, by tensor name); Llama 3's from the `rope_freqs` divisors,
+    whose parameters are found among the usual ones (or ModelLoadError)."""
     from punica.ops.norm_rope import rope_inv_freq
 
     arch = meta.get("general.architecture", "llama")
     key = f"{arch}.rope.scaling"
+    if factors:
+        if set(factors) != {"rope_factors_long.weight", "rope_factors_short.weight"}:
+            raise ModelLoadError(f"GGUF has {sorted(factors)}: longrope needs rope_factors_long and _short")
+        old = int(_require(meta, f"{key}.original_context_length"))
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": old,
+                   "factor": int(meta.get(f"{arch}.context_length", old)) / old,
+                   **{f"{kind}_factor": [_f32(v) for v in factors[f"rope_factors_{kind}.weight"].reshape(-1)]
+                      for kind in ("long", "short")}}
+        if meta.get(f"{key}.attn_factor") is not None:
+            scaling["attention_factor"] = _f32(meta[f"{key}.attn_factor"])
+        return scaling
     kind = meta.get(f"{key}.type", "none")
     if kind == "linear":
         return {"rope_type": "linear", "factor": _f32(_require(meta, f"{key}.factor"))}
@@ -359,8 +371,9 @@ def convert_gguf(
     meta = read_metadata(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = build_config(meta, has_output, dtype)
-    freqs = next((dequantize_tensor(t) for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    config["rope_scaling"] = rope_scaling(meta, freqs, config["head_dim"], config["rope_theta"])
+    rope = {t.name: dequantize_tensor(t) for t in reader.tensors if t.name in ROPE_TENSORS}
+    config["rope_scaling"] = rope_scaling(meta, rope.pop("rope_freqs.weight", None), config["head_dim"],
+                                          config["rope_theta"], rope)
     tokenizer = build_tokenizer(meta)
     tensors = convert_tensors(reader, meta["general.architecture"], config, dtype, log)
     try:

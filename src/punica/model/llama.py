@@ -13,7 +13,7 @@ from punica.config import ModelConfig
 from punica.model.batch import Batch
 from punica.model.layers import LoRALinear, RMSNorm
 from punica.ops import Ops
-from punica.ops.norm_rope import rope_attention_scale, rope_cos_sin, rope_inv_freq
+from punica.ops.norm_rope import rope_table
 
 # Kernel fusions the model uses (benchmarks A/B them with --unfused): "rope_store_kv" rotates q, k and writes
 # k, v to the KV pool in one launch; "qk_norm" (with it) normalizes q's and k's heads there first where the model
@@ -130,8 +130,7 @@ class LlamaModel(nn.Module):
 
     def _rope_table(self) -> torch.Tensor:
         cfg = self.config
-        return rope_cos_sin(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), cfg.max_position_embeddings,
-                            rope_attention_scale(cfg.rope_scaling))
+        return rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
     def after_materialize(self) -> None:
         """After `to_empty`: re-tie the embeddings and recompute the rope table on the model's device."""

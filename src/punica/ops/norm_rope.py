@@ -44,8 +44,9 @@ def silu_and_mul_torch(x: torch.Tensor, delta: torch.Tensor | None = None) -> to
     return torch.nn.functional.silu(gate) * up
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2], scaled as `scaling` says (linear, Llama 3's, or YaRN's)."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], scaled as `scaling` says (linear, Llama 3's, YaRN's, or longrope's: its
+    short-context factors, or with `long` its long-context ones)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     kind = _rope_kind(scaling)
     if kind in ("default", None):
@@ -54,8 +55,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         return (inv / scaling["factor"]).float()
     if kind == "yarn":
         return _yarn_inv_freq(inv, head_dim, theta, scaling).float()
+    if kind == "longrope":
+        return (inv / torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)).float()
     if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, yarn, "
+                         "longrope)")
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
@@ -88,18 +92,32 @@ def _yarn_inv_freq(inv: torch.Tensor, head_dim: int, theta: float, scaling: dict
 
 def rope_attention_scale(scaling: dict | None) -> float:
     """What the rope table's cos and sin are multiplied by: YaRN's attention factor (given, or 0.1 ln(factor) + 1,
-    or DeepSeek's ratio of two such from mscale / mscale_all_dim), else 1."""
-    if _rope_kind(scaling) != "yarn":
+    or DeepSeek's ratio of two such from mscale / mscale_all_dim), longrope's (given, or sqrt(1 + ln(factor) /
+    ln(pretraining length))), else 1."""
+    kind = _rope_kind(scaling)
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
     factor = scaling["factor"]
+    if kind == "longrope":
+        old_len = scaling["original_max_position_embeddings"]
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
 
     def m(scale: float) -> float:
         return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
 
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
     return m(mscale) / m(mscale_all_dim) if mscale and mscale_all_dim else m(1.0)
+
+
+def rope_table(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> torch.Tensor:
+    """The model's rope table (rope_cos_sin, times rope_attention_scale); for longrope two, the short-context
+    factors' rows then the long-context ones' (rope_position picks)."""
+    scale = rope_attention_scale(scaling)
+    tables = [rope_cos_sin(rope_inv_freq(head_dim, theta, scaling, long), max_positions, scale)
+              for long in ((False, True) if _rope_kind(scaling) == "longrope" else (False,))]
+    return torch.cat(tables) if len(tables) > 1 else tables[0]
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int, scale: float = 1.0) -> torch.Tensor:
