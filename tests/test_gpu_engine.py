@@ -28,19 +28,21 @@ def test_cuda_fp32_mixed_batch_equals_peft(tiny_models, family):
     assert ours == peft_generate(peft_model(hf_model, adapters), ids, LORAS, 10)
 
 
-def test_cuda_longrope_generates_as_hf(tmp_path):
+def test_cuda_longrope_generates_as_on_cpu(tmp_path):
     """Longrope on CUDA (Triton rope kernels reading the long-context half of the table, decode graphs): a prompt
-    within the pretraining length whose output crosses it, and one past it, in one batch, as HF generates each."""
+    within the pretraining length whose output crosses it, and one past it, in one batch, as the CPU engine
+    generates them (which test_loader checks against transformers 5.24's generate). Not against the GPU machine's
+    own transformers: from the crossing on, its generate's tokens differ from 5.24's (seen once, not analysed)."""
     from factories import make_longrope_phi3
-    from test_loader import hf_greedy
 
-    model = make_longrope_phi3(seed=3)
-    model.save_pretrained(str(tmp_path))
-    llm = LLM(model=str(tmp_path), dtype="float32", device="cuda")
-    assert llm.engine.runner.graphs is not None
+    make_longrope_phi3(seed=3).save_pretrained(str(tmp_path))
     prompts = [[(5 * i + 3) % 128 for i in range(58)], [(3 * i + 1) % 128 for i in range(100)]]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert [o.token_ids for o in llm.generate(prompts, params)] == [hf_greedy(model, p, 12) for p in prompts]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(model=str(tmp_path), dtype="float32", device=device)
+        outs[device] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert llm.engine.runner.graphs is not None and outs["cuda"] == outs["cpu"]
 
 
 @pytest.mark.parametrize("sparse", [0, 1.0])
