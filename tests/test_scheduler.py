@@ -297,3 +297,29 @@ def test_prompt_logprob_positions_are_capped_per_step_and_shared():
     assert run_step(sched).work == {scored[0]: 10, plain: 30}  # the second waits for rows
     assert run_step(sched).work == {scored[0]: 5, scored[1]: 6, plain: 1}  # 4 rows and the sampled token; 6
     assert run_step(sched).work == {scored[0]: 1, scored[1]: 9, plain: 1}  # 8 rows, then the sampled token
+
+
+def test_a_longrope_sequence_is_recomputed_long_once_it_outgrows_the_pretraining_length():
+    """Longrope (Sequence.rope_long = (first long position, row offset)): the step that would compute position 8
+    of a sequence pretrained on 8 recomputes it from 0, every position then on the long-context rows; one
+    preempted for memory with a token past 8 already comes back long too; a shorter one keeps its rotations."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), BlockManager(32, 4), FakeAdapters())
+    a, short = seq(6, rid="a"), seq(3, rid="short")
+    for s in (a, short):
+        s.rope_long = (8, 100)
+        sched.add(s)
+    run_step(sched)  # both prefilled
+    run_step(sched)  # position 6: a has 8 tokens
+    assert a.rope_long == (8, 100) and len(a.tokens) == 8
+    step = run_step(sched)  # position 7: still within the pretraining length
+    assert a.rope_long == (8, 100) and step.work[a] == 1
+    step = run_step(sched)  # position 8: recomputed instead, in this same step, from position 0
+    assert a.rope_long == (0, 100) and step.work[a] == 9 and a.cache_namespace == (None, "long rope")
+    assert short.rope_long == (8, 100)
+    b = seq(5, rid="b")
+    b.rope_long = (4, 100)
+    b.tokens.append(7)  # its prompt and a token at position 5: past 4
+    sched.running.append(b)  # as if it ran, then lost its blocks
+    b.status = Status.RUNNING
+    sched.preempt(b)
+    assert b.rope_long == (0, 100) and b.num_computed == 0 and sched.waiting[0] is b

@@ -69,9 +69,7 @@ class Scheduler:
             if not n:
                 continue
             if seq.rope_long is not None and 0 < seq.rope_long[0] < seq.num_computed + n:
-                # longrope: it outgrows the pretraining length, and is recomputed with the long-context factors
-                seq.use_long_rope()
-                self.preempt(seq)
+                self.preempt(seq)  # longrope: it outgrows the pretraining length, and is recomputed (preempt)
                 continue
             if self.blocks.extra_blocks(seq.block_table, seq.num_computed + n):  # most decodes fit their blocks
                 budget += self._make_room(seq, n, step)  # preempted sequences give back what they were given
@@ -258,9 +256,12 @@ class Scheduler:
                 seq.num_cached_blocks = full
 
     def preempt(self, seq: Sequence) -> None:
-        """Free `seq`'s KV and put it back at the head of the queue; it will be recomputed."""
+        """Free `seq`'s KV and put it back at the head of the queue; it will be recomputed, with longrope's
+        long-context factors throughout if it has outgrown the pretraining length."""
         self._release(seq)
         seq.num_computed = 0
+        if seq.rope_long is not None and 0 < seq.rope_long[0] < len(seq.tokens):
+            seq.use_long_rope()
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
