@@ -49,20 +49,26 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     return model
 
 
-def make_longrope_phi3(seed: int = 0, **overrides):
-    """A tiny Phi-3 with longrope scaling (as Phi-3.5 and Phi-3 128k): pretrained on 64 positions, 256 in all; q and k
-    30x larger than HF's init, so attention is peaked enough that the rotations decide the tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    short, long = (torch.empty(8).uniform_(lo, hi, generator=gen).tolist() for lo, hi in ((1.0, 1.5), (2.0, 6.0)))
-    model = make_hf_model("phi3", seed=seed, original_max_position_embeddings=64, max_position_embeddings=256,
-                          rope_scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long},
-                          **overrides)
+def make_peaked_phi3(seed: int = 0, **overrides):
+    """A tiny Phi-3 whose q and k are 30x HF's init, so attention is peaked enough that the rotations decide the
+    tokens (with HF's init a rope error can leave greedy tokens unchanged)."""
+    model = make_hf_model("phi3", seed=seed, **overrides)
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.qkv_proj.weight[:(cfg.num_attention_heads + cfg.num_key_value_heads) * head_dim] *= 30
     return model
+
+
+def make_longrope_phi3(seed: int = 0, **overrides):
+    """A peaked tiny Phi-3 (make_peaked_phi3) with longrope scaling (as Phi-3.5 and Phi-3 128k): pretrained on 64
+    positions, 256 in all."""
+    gen = torch.Generator().manual_seed(seed)
+    short, long = (torch.empty(8).uniform_(lo, hi, generator=gen).tolist() for lo, hi in ((1.0, 1.5), (2.0, 6.0)))
+    return make_peaked_phi3(seed, original_max_position_embeddings=64, max_position_embeddings=256,
+                            rope_scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long},
+                            **overrides)
 
 
 def make_peft_adapter(base, out_dir: str, r: int, alpha: float, targets, seed: int, use_rslora=False,

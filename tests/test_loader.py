@@ -95,7 +95,7 @@ def test_longrope_tables_match_hf(tmp_path):
     rope = hf.get("rope_scaling") or hf["rope_parameters"]  # transformers 5 writes the latter
     rope["long_factor"] = rope["long_factor"][:3]
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ModelLoadError, match="longrope's short_factor and long_factor need head_dim / 2 = 8"):
+    with pytest.raises(ModelLoadError, match="longrope.s short_factor and long_factor need rotary dims / 2 = 8"):
         read_model_config(str(tmp_path))
 
 
@@ -114,6 +114,29 @@ def test_longrope_model_generates_as_hf(tmp_path, prompt_len, new):
     assert llm.generate([ids], params)[0].token_ids == expected
     other = [(3 * i + 1) % 128 for i in range(130 - prompt_len)]  # long if this one is short, and the reverse
     assert llm.generate([ids, other], params)[0].token_ids == expected
+
+
+def test_partial_rotary_phi3_generates_as_hf_and_serves_adapters_as_peft(tmp_path):
+    """Phi-4-mini's partial rotary embedding (half of each head here): q/k rows reordered at load so the rope
+    kernels rotate the right pairs and leave the rest, adapters' lora_B (and DoRA-free here) rows alike: greedy
+    tokens as HF's, and a batch mixing two adapters on q/k/v and the base as PEFT's."""
+    from factories import make_peaked_phi3, make_peft_adapter
+    from test_parity import peft_generate, peft_model
+
+    model = make_peaked_phi3(seed=4, partial_rotary_factor=0.5)
+    model.save_pretrained(str(tmp_path / "m"))
+    cfg = read_model_config(str(tmp_path / "m"))
+    assert cfg.rotary_dim == 8 and cfg.head_dim == 16
+    adapters = {name: make_peft_adapter(model, str(tmp_path / name), r, 2 * r, ("q_proj", "k_proj", "v_proj"), seed)
+                for name, r, seed in (("x", 4, 1), ("y", 8, 2))}
+    llm = LLM(model=str(tmp_path / "m"), lora_modules=adapters, dtype="float32", device="cpu")
+    ids = [[(7 * i + j) % 128 for i in range(30)] for j in range(3)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert llm.generate([ids[0]], params)[0].token_ids == hf_greedy(model, ids[0], 8)
+    loras = ["x", None, "y"]
+    ours = [o.token_ids for o in llm.generate(ids, params, lora=loras)]
+    assert ours == peft_generate(peft_model(model, adapters), ids, loras, 8)
+    assert len({tuple(t) for t in ours}) == 3
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -165,8 +188,8 @@ def write_config(model_dir, tiny_models, config) -> None:
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' in .* lacks low_freq_factor, high_freq"),
     ({"rope_scaling": "linear"}, "rope_scaling in .* must be an object or null, got 'linear'"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": "64"}, "sliding_window='64' in .* positive integer"),
-    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.5},
-     "partial_rotary_factor=0.5 in .*: rotary embeddings over part of each head are not supported"),
+    ({"partial_rotary_factor": 0.5},
+     "partial_rotary_factor=0.5 in .*: rotary embeddings over part of each head are supported for Phi3ForCausalLM"),
     ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0]}},
      "rope_scaling type 'longrope' in .* lacks short_factor"),
 ])

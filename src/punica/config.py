@@ -42,6 +42,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    rotary_dim: int | None = None  # dimensions of each head that RoPE rotates, when not all (Phi-4-mini)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     architecture: str = "LlamaForCausalLM"
@@ -60,6 +61,18 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def rotary_row_order(self, proj: str) -> list[int] | None:
+        """For a partial rotary embedding, the order (new -> checkpoint row) of q_proj's or k_proj's output rows
+        that the model uses; None for other projections or a full one. Per head the rotated halves' dimensions
+        (i, i + R/2) move to (i, i + D/2), the pair the rope kernels rotate, and the unrotated ones fill the rest,
+        whose rope-table entries are the identity (cos 1, sin 0). q and k move alike, so q.k is unchanged."""
+        d, r = self.head_dim, self.rotary_dim
+        if r is None or r == d or proj not in ("q_proj", "k_proj"):
+            return None
+        rest = (d - r) // 2
+        head = [*range(r // 2), *range(r, r + rest), *range(r // 2, r), *range(r + rest, d)]
+        return [h * d + i for h in range(self.num_heads if proj == "q_proj" else self.num_kv_heads) for i in head]
 
     @property
     def long_rope_after(self) -> int | None:
@@ -132,19 +145,21 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
                              f"set head_dim")
     max_len = hf.get("max_position_embeddings", 4096)
     rope_scaling = _rope_scaling(scaling, path)
-    half = (hf.get("head_dim") or hidden // heads) // 2
+    head_dim = hf.get("head_dim") or hidden // heads
+    partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * partial)  # as transformers rounds it
+    if partial != 1.0 and (arch != "Phi3ForCausalLM" or not 0 < rotary_dim <= head_dim or rotary_dim % 2):
+        raise ModelLoadError(f"partial_rotary_factor={partial!r} in {path}: rotary embeddings over part of each head "
+                             f"are supported for Phi3ForCausalLM, over an even number of its {head_dim} dimensions")
+    half = rotary_dim // 2
     if kind == "longrope" and not all(isinstance(rope_scaling[f], list) and len(rope_scaling[f]) == half
                                       for f in ("short_factor", "long_factor")):
-        raise ModelLoadError(f"rope_scaling in {path}: longrope's short_factor and long_factor need head_dim / 2 = "
-                             f"{half} entries each")
+        raise ModelLoadError(f"rope_scaling in {path}: longrope's short_factor and long_factor need rotary dims / 2 "
+                             f"= {half} entries each")
     if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn":
         # the context YaRN extends to: the pretraining length times the factor (as vLLM derives it)
         max_len = max(max_len, int(rope_scaling["original_max_position_embeddings"] * rope_scaling["factor"]))
     window = hf.get("sliding_window") if hf.get("use_sliding_window", arch in WINDOWED_BY_DEFAULT) else None
-    partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ModelLoadError(f"partial_rotary_factor={partial!r} in {path}: rotary embeddings over part of each head "
-                             "are not supported")
     if window is not None and not (isinstance(window, int) and window > 0):
         raise ModelLoadError(f"sliding_window={window!r} in {path} must be a positive integer or null")
     if window is not None and window < max_len:  # within the window, sliding attention is full attention
@@ -153,13 +168,13 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         vocab_size=_size(hf, "vocab_size", path), hidden_size=hidden,
         intermediate_size=_size(hf, "intermediate_size", path), num_layers=_size(hf, "num_hidden_layers", path),
         num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=hf.get("head_dim") or hidden // heads,
+        head_dim=head_dim,
         max_position_embeddings=max_len,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rope_scaling=rope_scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch == "Qwen3ForCausalLM", rotary_dim=None if rotary_dim == head_dim else rotary_dim,
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         bos_token_id=hf.get("bos_token_id"), architecture=arch,
         torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),

@@ -221,7 +221,7 @@ def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: in
             if (layer, part) in weights.modules:
                 raise AdapterError(f"adapter {path!r}, layer {layer}: has weights for {part} both alone and in "
                                    f"{proj}")
-            weights.modules[(layer, part)] = (a, b[rows].contiguous() if proj in FUSED else b)
+            weights.modules[(layer, part)] = (a, b[rows].contiguous())
         weights.rank = max(weights.rank, ab["A"].shape[0])
     if cfg.get("use_dora"):
         weights.magnitudes = {(layer, part): m[rows].contiguous()
@@ -230,17 +230,16 @@ def load_peft_adapter(name: str, path: str, model_cfg: ModelConfig, max_rank: in
     return weights
 
 
-def _parts(model_cfg: ModelConfig, proj: str, rows: int) -> list[tuple[str, slice]]:
+def _parts(model_cfg: ModelConfig, proj: str, rows: int) -> list[tuple[str, slice | torch.Tensor]]:
     """(projection, its rows of the module's output) for each projection a module of `rows` outputs covers:
-    itself, or the parts of a fused one."""
-    if proj not in FUSED:
-        return [(proj, slice(0, rows))]
-    out, start = [], 0
-    for part in FUSED[proj]:
-        width = projection_shape(model_cfg, part)[1]
-        out.append((part, slice(start, start + width)))
+    itself, or the parts of a fused one; q's and k's in the model's order (ModelConfig.rotary_row_order)."""
+    spans, start = [], 0
+    for part in FUSED.get(proj, (proj,)):
+        width = projection_shape(model_cfg, part)[1] if proj in FUSED else rows
+        order = model_cfg.rotary_row_order(part)
+        spans.append((part, slice(start, start + width) if order is None else torch.tensor(order) + start))
         start += width
-    return out
+    return spans
 
 
 def _magnitudes(path: str, model_cfg: ModelConfig, pairs: dict, magnitudes: dict) -> dict:

@@ -130,7 +130,7 @@ class LlamaModel(nn.Module):
 
     def _rope_table(self) -> torch.Tensor:
         cfg = self.config
-        return rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        return rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, cfg.rotary_dim)
 
     def after_materialize(self) -> None:
         """After `to_empty`: re-tie the embeddings and recompute the rope table on the model's device."""

@@ -72,6 +72,23 @@ def load_weights(model: LlamaModel, model_dir: str) -> None:
             raise ModelLoadError(f"cannot read {path}: {e}; download or convert the checkpoint again") from e
     if dests:
         raise ModelLoadError(f"checkpoint in {model_dir!r} lacks tensors: {sorted(dests)[:5]}")
+    _order_rotary_rows(model)
+
+
+def _order_rotary_rows(model: LlamaModel) -> None:
+    """With a partial rotary embedding, q's and k's rows in ModelConfig.rotary_row_order (adapters' lora_B and
+    DoRA magnitudes get the same order as they load)."""
+    cfg = model.config
+    for layer in model.layers:
+        proj = layer.self_attn.qkv_proj
+        for i, part in enumerate(("q_proj", "k_proj")):
+            order = cfg.rotary_row_order(part)
+            if order is None:
+                continue
+            start, end = proj.slice_offsets[i], proj.slice_offsets[i + 1]
+            for t in (proj.weight, proj.bias):
+                if t is not None:
+                    t[start:end] = t[start:end][order]
 
 
 def _load_file(path: str, dests: dict[str, torch.Tensor], others: dict[str, tuple[str, ...]], tied: bool) -> None:

@@ -111,13 +111,22 @@ def rope_attention_scale(scaling: dict | None) -> float:
     return m(mscale) / m(mscale_all_dim) if mscale and mscale_all_dim else m(1.0)
 
 
-def rope_table(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> torch.Tensor:
+def rope_table(head_dim: int, theta: float, scaling: dict | None, max_positions: int,
+               rotary_dim: int | None = None) -> torch.Tensor:
     """The model's rope table (rope_cos_sin, times rope_attention_scale); for longrope two, the short-context
-    factors' rows then the long-context ones' (rope_position picks)."""
+    factors' rows then the long-context ones' (Sequence.rope_long picks). With a partial `rotary_dim` the
+    frequencies are its, and the dimension pairs past them turn by nothing (cos 1, sin 0): the model's q/k rows
+    are ordered so (ModelConfig.rotary_row_order)."""
+    rotary_dim = rotary_dim or head_dim
     scale = rope_attention_scale(scaling)
-    tables = [rope_cos_sin(rope_inv_freq(head_dim, theta, scaling, long), max_positions, scale)
+    tables = [rope_cos_sin(rope_inv_freq(rotary_dim, theta, scaling, long), max_positions, scale)
               for long in ((False, True) if _rope_kind(scaling) == "longrope" else (False,))]
-    return torch.cat(tables) if len(tables) > 1 else tables[0]
+    table = torch.cat(tables) if len(tables) > 1 else tables[0]
+    if rotary_dim == head_dim:
+        return table
+    cos, sin = table.chunk(2, dim=-1)
+    still = head_dim // 2 - rotary_dim // 2
+    return torch.cat([cos, cos.new_ones(len(cos), still), sin, sin.new_zeros(len(sin), still)], dim=-1)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int, scale: float = 1.0) -> torch.Tensor:
