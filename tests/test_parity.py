@@ -21,10 +21,14 @@ def prompts(n: int = len(LORAS), seed: int = 0) -> list[list[int]]:
 
 
 def peft_model(hf_model, adapters: dict[str, str]):
+    """`hf_model` (a copy: PEFT wraps its modules in place, which would change the shared fixture's for later
+    tests) with `adapters` loaded."""
+    import copy
+
     from peft import PeftModel
 
     names = list(adapters)
-    model = PeftModel.from_pretrained(hf_model, adapters[names[0]], adapter_name=names[0])
+    model = PeftModel.from_pretrained(copy.deepcopy(hf_model), adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     return model.eval()
