@@ -242,9 +242,12 @@ def write_gguf(path: str, model, arch: str, vocab: dict, rope_freqs=None) -> Non
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    if arch == "phi3":  # llama.cpp writes Phi-3's rotary share as the rope dimension count, and no key length
+        w.add_rope_dimension_count(int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0)))
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"])
     writers = {"model": w.add_tokenizer_model, "pre": w.add_tokenizer_pre, "tokens": w.add_token_list,
@@ -474,6 +477,23 @@ def test_a_phi3_gguf_matches_its_hf_model(sentencepiece_model, tmp_path):
     assert_weights_equal(out, model)
     assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(
         model.state_dict())
+    assert_generates_as(out, model, [sp.bos_id(), *range(100, 140)])
+
+
+def test_a_partial_rotary_phi3_gguf_matches_its_hf_model(sentencepiece_model, tmp_path):
+    """A Phi-4-mini-style file: its rope dimension count is the rotary share of each head, which becomes
+    partial_rotary_factor (the head size from the embedding width), and it generates as its HF model."""
+    from factories import make_peaked_phi3
+
+    sp = sentencepiece_model
+    vocab = sentencepiece_vocab(sp)
+    model = make_peaked_phi3(seed=5, partial_rotary_factor=0.5, vocab_size=len(vocab["tokens"]),
+                             bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
+    write_gguf(str(tmp_path / "p.gguf"), model, "phi3", vocab)
+    out = convert_gguf(str(tmp_path / "p.gguf"), str(tmp_path / "hf"), dtype=torch.float32, log=lambda _: None)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["head_dim"] == 16 and cfg["partial_rotary_factor"] == 0.5
     assert_generates_as(out, model, [sp.bos_id(), *range(100, 140)])
 
 

@@ -92,7 +92,9 @@ def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
     hf_arch, model_type, _ = ARCHITECTURES[arch]
     hidden = int(_require(meta, f"{arch}.embedding_length"))
     heads = int(_require(meta, f"{arch}.attention.head_count"))
-    head_dim = meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", hidden // heads))
+    # a phi3 file's rope dimension count is its rotary share (Phi-4-mini's 3/4 of each head), not the head size
+    rope_dims = None if arch == "phi3" else meta.get(f"{arch}.rope.dimension_count")
+    head_dim = meta.get(f"{arch}.attention.key_length", rope_dims or hidden // heads)
     return {
         "architectures": [hf_arch],
         "model_type": model_type,
@@ -109,7 +111,7 @@ def build_config(meta: dict, has_output: bool, dtype: torch.dtype) -> dict:
         "vocab_size": len(_require(meta, "tokenizer.ggml.tokens")),
         "hidden_act": "silu",
         **_ARCH_CONFIG[arch],
-        **(_phi3_config(meta, hidden // heads) if arch == "phi3" else {}),
+        **(_phi3_config(meta, int(head_dim)) if arch == "phi3" else {}),
         "tie_word_embeddings": not has_output,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
