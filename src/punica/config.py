@@ -78,10 +78,9 @@ class ModelConfig:
     def long_rope_after(self) -> int | None:
         """Longrope (Phi-3.5, Phi-3 128k): the pretraining length, past which a sequence's rotations switch to the
         long-context factors (Sequence.rope_long); None for other scalings."""
-        scaling = self.rope_scaling or {}
-        if scaling.get("rope_type", scaling.get("type")) != "longrope":
+        if rope_type(self.rope_scaling) != "longrope":
             return None
-        return int(scaling["original_max_position_embeddings"])
+        return int(self.rope_scaling["original_max_position_embeddings"])
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -93,6 +92,16 @@ ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
                        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                        "yarn": ("factor", "original_max_position_embeddings"),
                        "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "factor")}
+
+
+def rope_type(scaling) -> str | None:
+    """A rope_scaling's type: "default" for none (or one naming none), None for what is not a dict. Older HF
+    configs say "type"."""
+    if scaling is None:
+        return "default"
+    if not isinstance(scaling, dict):
+        return None
+    return scaling.get("rope_type", scaling.get("type", "default"))
 
 
 def read_model_config(model_dir: str) -> ModelConfig:
@@ -126,7 +135,7 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
         raise ModelLoadError(f"architecture {arch!r} in {path} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    kind = rope_type(scaling)
     if kind in ("yarn", "longrope"):
         # as transformers reads them: the pretraining length from the config's top level (Phi-3 keeps it there,
         # first), else the context; longrope's factor, when absent, the context over it
@@ -156,7 +165,7 @@ def _model_config(hf: dict, path: str) -> ModelConfig:
                                       for f in ("short_factor", "long_factor")):
         raise ModelLoadError(f"rope_scaling in {path}: longrope's short_factor and long_factor need rotary dims / 2 "
                              f"= {half} entries each")
-    if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn":
+    if kind == "yarn":
         # the context YaRN extends to: the pretraining length times the factor (as vLLM derives it)
         max_len = max(max_len, int(rope_scaling["original_max_position_embeddings"] * rope_scaling["factor"]))
     window = hf.get("sliding_window") if hf.get("use_sliding_window", arch in WINDOWED_BY_DEFAULT) else None
@@ -187,7 +196,7 @@ def _rope_scaling(scaling, path: str) -> dict | None:
         return None
     if not isinstance(scaling, dict):
         raise ModelLoadError(f"rope_scaling in {path} must be an object or null, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_type(scaling)
     if kind is not None and kind not in ROPE_SCALING_FIELDS:
         raise ModelLoadError(f"rope_scaling type {kind!r} in {path} is not supported; supported: "
                              f"{', '.join(ROPE_SCALING_FIELDS)}")

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from punica.config import rope_type
 from punica.ops import pdl
 from punica.ops.pdl import pdl_start
 
@@ -48,7 +49,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, long: bool 
     """Inverse frequencies [head_dim/2], scaled as `scaling` says (linear, Llama 3's, YaRN's, or longrope's: its
     short-context factors, or with `long` its long-context ones)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = _rope_kind(scaling)
+    kind = rope_type(scaling)
     if kind in ("default", None):
         return inv.float()
     if kind == "linear":
@@ -67,10 +68,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, long: bool 
     scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
     mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
-
-
-def _rope_kind(scaling: dict | None) -> str | None:
-    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
 
 
 def _yarn_inv_freq(inv: torch.Tensor, head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
@@ -94,7 +91,7 @@ def rope_attention_scale(scaling: dict | None) -> float:
     """What the rope table's cos and sin are multiplied by: YaRN's attention factor (given, or 0.1 ln(factor) + 1,
     or DeepSeek's ratio of two such from mscale / mscale_all_dim), longrope's (given, or sqrt(1 + ln(factor) /
     ln(pretraining length))), else 1."""
-    kind = _rope_kind(scaling)
+    kind = rope_type(scaling)
     if kind not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
@@ -120,7 +117,7 @@ def rope_table(head_dim: int, theta: float, scaling: dict | None, max_positions:
     rotary_dim = rotary_dim or head_dim
     scale = rope_attention_scale(scaling)
     tables = [rope_cos_sin(rope_inv_freq(rotary_dim, theta, scaling, long), max_positions, scale)
-              for long in ((False, True) if _rope_kind(scaling) == "longrope" else (False,))]
+              for long in ((False, True) if rope_type(scaling) == "longrope" else (False,))]
     table = torch.cat(tables) if len(tables) > 1 else tables[0]
     if rotary_dim == head_dim:
         return table
