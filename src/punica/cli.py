@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import types
 import typing
@@ -168,10 +167,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from punica import gguf_files
     from punica.lora.convert import main as convert_main
+    from punica.lora.gguf_lora import is_gguf_adapter
 
     source = args.adapter_dir
-    try:
-        if source.lower().endswith(".gguf") and os.path.isfile(source) and not gguf_files.is_adapter_file(source):
+    try:  # a .gguf file that is a model, not a LoRA adapter
+        if is_gguf_adapter(source) and not gguf_files.is_adapter_file(source):
             return convert_model_gguf(source, args.out)
     except PunicaError as e:
         print(f"punica convert: error: {e}", file=sys.stderr)

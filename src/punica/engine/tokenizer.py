@@ -123,21 +123,24 @@ class Tokenizer:
         return "", prefix, read
 
     @functools.cached_property
+    def _decoder(self) -> dict:
+        """The tokenizer's decoder, as tokenizer.json writes it."""
+        return json.loads(self._tok.to_str()).get("decoder") or {}
+
+    @functools.cached_property
     def _byte_fallback_ids(self) -> frozenset[int]:
         """The <0xNN> tokens of a vocabulary whose decoder joins runs of them into UTF-8 (ByteFallback)."""
-        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
-        if "ByteFallback" not in {d.get("type") for d in decoder.get("decoders", [decoder])}:
+        if "ByteFallback" not in {d.get("type") for d in self._decoder.get("decoders", [self._decoder])}:
             return frozenset()
         return frozenset(i for piece, i in self._tok.get_vocab(with_added_tokens=False).items()
-                         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"))
+                         if _byte_piece(piece) is not None)
 
     @functools.cached_property
     def token_bytes(self) -> list[bytes | None]:
         """Each token id's bytes in the decoded output (None for added and special tokens), for byte-level
         vocabularies (GPT-2's byte-to-character map) and SentencePiece-style ones ("\u2581" for a space,
         "<0xNN>" byte-fallback tokens). BadRequestError for others: JSON mode needs them."""
-        spec = json.loads(self._tok.to_str())
-        decoder = json.dumps(spec.get("decoder"))
+        decoder = json.dumps(self._decoder)
         vocab = self._tok.get_vocab(with_added_tokens=False)
         out: list[bytes | None] = [None] * self._tok.get_vocab_size(with_added_tokens=True)
         if '"ByteLevel"' in decoder:
@@ -149,14 +152,12 @@ class Tokenizer:
                     pass
         elif "\\u2581" in decoder or "Metaspace" in decoder or "ByteFallback" in decoder:
             for text, i in vocab.items():
-                if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-                    out[i] = bytes([int(text[3:5], 16)])
-                else:
-                    out[i] = text.replace("\u2581", " ").encode("utf-8")
+                byte = _byte_piece(text)
+                out[i] = text.replace("\u2581", " ").encode("utf-8") if byte is None else bytes([byte])
         else:
             raise BadRequestError("constrained output (JSON, schema, tool-call, regex) needs a byte-level (GPT-2 "
                                   "style) or SentencePiece-style tokenizer; this model's tokenizer decodes with "
-                                  f"{(spec.get('decoder') or {}).get('type')}")
+                                  f"{self._decoder.get('type')}")
         for token in self._tok.get_added_tokens_decoder().values() if hasattr(
                 self._tok, "get_added_tokens_decoder") else ():
             i = self._tok.token_to_id(token.content)
@@ -210,6 +211,11 @@ class Tokenizer:
 
 
 @functools.cache
+def _byte_piece(piece: str) -> int | None:
+    """The byte a SentencePiece byte-fallback piece ("<0xNN>") stands for; None for other pieces."""
+    return int(piece[3:5], 16) if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") else None
+
+
 def _byte_level_table() -> dict[str, int]:
     """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others
     (control bytes, space, 127-160, 173) for the characters from U+0100 up, in byte order."""
