@@ -9,6 +9,12 @@ projections as the engine runs them (linear_triton: this GEMM on PLAIN_SHAPES, c
 cuBLAS alone, with PLAIN_SHAPES set to the shapes where the best tiles beat cuBLAS. Prints us per layer and
 writes `gemm.jsonl` under --out-dir; --save-config writes the best tiles and those shapes (gemm.load_config
 and bench_textgen_lora's --gemm-config apply them).
+With --fp8: the projections' weights also as float8 with row scales (quantization "fp8"), timed through
+linear_triton at each --batch-size (decode and prefill token counts), against cuBLAS on the bf16 weights; with
+a budget, the fp8 tiles are swept too (FP8_DECODE_SWEEP up to gemm.MAX_TOKENS tokens, FP8_LARGE_SWEEP past it).
+
+    python -m benchmarks.bench_gemm --fp8 --batch-size 1 8 32 64 256 1024 4096 --budget-s 60
+
 Session 5's runs (benchmarks/results/lora_gemm.jsonl) came from this script's earlier form, which also timed
 the projection with its LoRA fused in (commit 47c5111).
 """
@@ -43,21 +49,71 @@ def _variants() -> list[dict]:
 
 SWEEP = _variants()
 HOW = {"cublas": F.linear, "triton": gemm.gemm_triton, "engine": gemm.linear_triton}
+# float8 weights: half the bytes of bf16 per tile, so deeper K tiles; past MAX_TOKENS, compute-bound tiles
+FP8_DECODE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4, max_block_m=128)
+                    for bn, bk, st, sk in ((64, 128, 5, 1), (64, 256, 4, 1), (64, 256, 6, 1), (128, 256, 4, 1),
+                                           (32, 256, 6, 1), (64, 256, 4, 2), (64, 128, 8, 1), (128, 128, 5, 1))]
+FP8_LARGE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, warps=w, split_k=1, max_block_m=bm)
+                   for bn, bm, bk, st, w in ((128, 128, 64, 4, 8), (128, 128, 128, 3, 8), (128, 64, 128, 4, 4),
+                                             (256, 128, 64, 3, 8), (128, 128, 64, 5, 8), (64, 128, 128, 4, 4),
+                                             (128, 256, 64, 3, 8), (128, 64, 64, 5, 4))]
 
 
 class Layers:
     """Per layer and projection a weight W [N, K]; the step's x."""
 
-    def __init__(self, layers: int, tokens: int):
+    def __init__(self, layers: int, tokens: int, fp8: bool = False):
         gen = torch.Generator(device="cuda").manual_seed(0)
         self.weights = {name: [(torch.randn(sum(widths), h_in, device="cuda", generator=gen) / h_in ** 0.5).bfloat16()
                                for _ in range(layers)] for name, h_in, widths in PROJECTIONS}
         self.x = {h: torch.randn(tokens, h, device="cuda").bfloat16() for h in (4096, 11008)}
+        self.fp8 = {name: [gemm.quantize_rows_fp8(w) for w in ws] for name, ws in self.weights.items()} if fp8 else {}
 
     def run(self, names, how: str) -> None:
         for name in names:
+            if how == "fp8":
+                for q, scale in self.fp8[name]:
+                    gemm.linear_triton(self.x[q.shape[1]], q, weight_scale=scale)
+                continue
             for w in self.weights[name]:
                 HOW[how](self.x[w.shape[1]], w)
+
+
+def fp8_table(args, record) -> list[dict]:
+    """Per batch size and projection: cuBLAS on bf16 weights, linear_triton on float8 ones (the tiles swept
+    within --budget-s, the best kept in gemm.SHAPES / gemm.LARGE_CONFIG for the rest of the run)."""
+    summary = []
+    for batch in args.batch_size:
+        layers = Layers(args.layers, batch, fp8=True)
+        large = batch > gemm.MAX_TOKENS
+        for name, *_ in PROJECTIONS:
+            shape = tuple(layers.weights[name][0].shape)
+            cublas = replay_us(partial(layers.run, [name], "cublas")) / args.layers
+            record(batch=batch, proj=name, how="cublas", us_per_layer=round(cublas, 2))
+            current = dict(gemm.LARGE_CONFIG) if large else {**gemm.CONFIG, **gemm.SHAPES.get(shape, {})}
+            results, t0 = [], time.time()
+            for knobs in (FP8_LARGE_SWEEP if large else FP8_DECODE_SWEEP) if args.budget_s > 0 else [current]:
+                if time.time() - t0 > args.budget_s / len(PROJECTIONS) and results:
+                    break
+                if large:
+                    gemm.LARGE_CONFIG.update(knobs)
+                else:
+                    gemm.SHAPES[shape] = dict(knobs)
+                us = replay_us(partial(layers.run, [name], "fp8")) / args.layers
+                results.append((us, knobs))
+                record(batch=batch, proj=name, how="fp8", knobs=knobs, us_per_layer=round(us, 2))
+            us, knobs = min(results, key=lambda r: r[0])
+            if large:
+                gemm.LARGE_CONFIG.update(current)  # one LARGE_CONFIG serves every shape: reported, not kept
+            else:
+                gemm.SHAPES[shape] = dict(knobs)
+            summary.append(dict(batch=batch, proj=name, cublas_bf16=round(cublas, 2), fp8=round(us, 2),
+                                speedup=round(cublas / us, 2), knobs=knobs))
+        layers = None
+        torch.cuda.empty_cache()
+    print("\nus per layer (32 layers in one CUDA graph): cuBLAS on bf16 weights, ours on float8 weights")
+    harness.print_table(summary, ["batch", "proj", "cublas_bf16", "fp8", "speedup", "knobs"])
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,15 +125,20 @@ def main(argv: list[str] | None = None) -> None:
                     help="stop the tile sweeps after this long (0: the tiles in ops/gemm.py only)")
     ap.add_argument("--save-config", default=None, metavar="JSON", help="write the best tiles per shape here")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--fp8", action="store_true", help="float8 weights (quantization 'fp8') against bf16 cuBLAS")
     args = ap.parse_args(argv)
     pdl.set_pdl(args.pdl)
-    setup = dict(harness.environment(), bench="gemm", layers=args.layers, pdl=args.pdl)
+    setup = dict(harness.environment(), bench="gemm", layers=args.layers, pdl=args.pdl, fp8_weights=args.fp8)
     names = [p[0] for p in PROJECTIONS]
     summary, plain = [], set()
 
     def record(**row):
         harness.write_jsonl("gemm", [row], setup, args.out_dir)
         print(row, flush=True)
+
+    if args.fp8:
+        fp8_table(args, record)
+        return
 
     for batch in args.batch_size:
         layers = Layers(args.layers, batch)

@@ -33,7 +33,7 @@ from benchmarks.harness import (
     write_jsonl,
 )
 from punica import Engine, SamplingParams
-from punica.config import KV_CACHE_DTYPES, LORA_OVERLAPS
+from punica.config import KV_CACHE_DTYPES, LORA_OVERLAPS, QUANTIZATIONS
 from punica.workload import adapter_indices, sharegpt_like_lengths
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -135,6 +135,8 @@ class StepMeter:
 
 def run_punica(engine: Engine, lengths, loras, bandwidth: float, adapter_bytes: int) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    weight_bytes += sum(b.numel() * b.element_size() for n, b in engine.model.named_buffers()
+                        if n.endswith("weight_scale"))  # quantization "fp8": a scale per row
     meter = StepMeter(engine, weight_bytes, adapter_bytes, bandwidth)
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="auto",
                     help="the KV pool's dtype (CacheConfig.kv_cache_dtype); other than auto, the results go to "
                          "<name>_kv-<dtype>.jsonl/.png")
+    ap.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                    help="the projections' weights (EngineConfig.quantization); other than none, the results go to "
+                         "<name>_w-<quantization>.jsonl/.png")
     ap.add_argument("--plot-only", action="store_true",
                     help="redraw textgen_lora.png from the latest 1000-request rows per batch in textgen_lora.jsonl")
     args = ap.parse_args(argv)
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TINY if args.tiny else SHAPES[args.shape]
     name = "textgen_lora" if args.tiny or args.shape == "llama2-7b" else f"textgen_lora_{args.shape}"
     name += "" if args.kv_cache_dtype == "auto" else f"_kv-{args.kv_cache_dtype}"
+    name += "" if args.quantization == "none" else f"_w-{args.quantization}"
     model = "tiny" if args.tiny else ("llama-2-7b" if args.shape == "llama2-7b" else args.shape) + "-arch-random"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                  max_output=args.max_output, copy_bandwidth_GBps=round(bandwidth / 1e9, 1),
                  enforce_eager=args.enforce_eager, warmup_requests=args.warmup_requests,
                  lora_overlap=args.lora_overlap, lora_stream_priority=args.lora_stream_priority,
-                 kv_cache_dtype=args.kv_cache_dtype, **knobs)
+                 kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, **knobs)
     rows = []
 
     def record(row: dict) -> None:  # written as it comes: a run cut short keeps what it measured
@@ -271,7 +277,8 @@ def run_batch(args, systems, model_dir, adapters, cfg, batch, lengths, bandwidth
                                   load_format="dummy", max_num_seqs=batch, max_loras=max(len(adapters), 1),
                                   max_cpu_loras=max(len(adapters), 1), max_lora_rank=args.rank,
                                   max_num_batched_tokens=max(4096, batch), enforce_eager=args.enforce_eager,
-                                  enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype, **overlap)
+                                  enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype,
+                                  quantization=args.quantization, **overlap)
         graphs = engine.runner.graphs
         captured = {} if graphs is None else dict(graphs=len(graphs.graphs), capture_s=round(graphs.capture_s, 2),
                                                    capture_MiB=round(graphs.capture_bytes / 2 ** 20))

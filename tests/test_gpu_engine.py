@@ -211,6 +211,29 @@ def test_fp8_kv_cache_on_cuda_equals_the_torch_reference(tiny_models):
     assert graphed == [o.token_ids[:3] for o in cpu.generate(ids, GREEDY, lora=LORAS)]
 
 
+def test_fp8_weights_on_cuda_equal_the_torch_reference(tiny_models):
+    """quantization "fp8" on CUDA: the Triton GEMM on float8 weights, in fp16, prefill eager and decode in CUDA
+    graphs, a mixed-adapter batch, against the CPU engine's torch ops on float8 weights in fp32: the prompts'
+    logprobs and every decode step's top logprobs agree to fp16 rounding (while the tokens agree)."""
+    from punica.ops import gemm
+
+    _, model_dir, adapters = tiny_models["llama"]
+    ids = prompts(seed=33)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5, prompt_logprobs=1)
+    gpu = LLM(model=model_dir, lora_modules=adapters, dtype="float16", device="cuda", quantization="fp8")
+    assert gpu.engine.runner.graphs is not None and gpu.engine.model.ops.linear is gemm.linear_triton
+    cpu = LLM(model=model_dir, lora_modules=adapters, dtype="float32", device="cpu", quantization="fp8")
+    compared = 0
+    for a, b in zip(gpu.generate(ids, params, lora=LORAS), cpu.generate(ids, params, lora=LORAS)):
+        assert logprob_rows(a) == pytest.approx(logprob_rows(b), abs=2e-2)
+        for i in range(1, 6):
+            if a.token_ids[:i] != b.token_ids[:i]:
+                break
+            assert [v for _, v in a.logprobs[i].top] == pytest.approx([v for _, v in b.logprobs[i].top], abs=2e-2)
+            compared += 1
+    assert compared >= 3 * len(ids)
+
+
 def test_logit_bias_on_cuda_forces_its_token(tiny_models):
     """The bias entries reach the device asynchronously (pinned copy) and shift their row alone."""
     _, model_dir, adapters = tiny_models["llama"]

@@ -23,6 +23,7 @@ from punica.config import (
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     LORA_OVERLAPS,
+    QUANTIZATIONS,
     REASONING_PARSERS,
     ServerConfig,
     engine_config,
@@ -37,7 +38,8 @@ FLAG_NAMES = {"allowed_lora_dirs": "--allowed-lora-dir", "stop_token_ids": "--st
               "seed@SamplingParams": "--sampling-seed"}
 CHOICES = {"dtype": DTYPES, "backend": BACKENDS, "lora_overlap": LORA_OVERLAPS, "load_format": LOAD_FORMATS,
            "log_level": ("critical", "error", "warning", "info", "debug"), "tool_call_shape": tuple(CALL_SHAPES),
-           "reasoning_parser": REASONING_PARSERS, "kv_cache_dtype": tuple(KV_CACHE_DTYPES)}
+           "reasoning_parser": REASONING_PARSERS, "kv_cache_dtype": tuple(KV_CACHE_DTYPES),
+           "quantization": QUANTIZATIONS}
 SAMPLING_PREFIX = "sampling_"
 
 

@@ -17,6 +17,7 @@ BACKENDS = ("auto", "torch", "triton")
 LORA_OVERLAPS = ("auto", "none", "delta", "shrink")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "dummy")  # the checkpoint, or random weights (benchmarks)
+QUANTIZATIONS = ("none", "fp8")  # of the projections' weights (EngineConfig.quantization)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -305,6 +306,10 @@ class EngineConfig:
     lora_stream_priority: int = 0  # CUDA priority of that stream; < 0 schedules its kernels before the GEMM's
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)
     load_format: str = "auto"
+    # "fp8": the decoder layers' projection weights stored as float8 e4m3 with one scale per output row,
+    # quantized as they load; half their memory, and decode steps (which stream every weight) about twice as
+    # fast in their GEMMs. Embeddings, the LM head, norms, adapters and activations keep the model's dtype.
+    quantization: str = "none"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -319,6 +324,8 @@ class EngineConfig:
                f"max_graph_tokens must be positive, got {self.max_graph_tokens}")
         _check(self.load_format in LOAD_FORMATS,
                f"load_format must be 'auto' (checkpoint) or 'dummy' (random weights), got {self.load_format!r}")
+        _check(self.quantization in QUANTIZATIONS,
+               f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
 
 
 @dataclass
@@ -332,6 +339,7 @@ class RuntimeInfo:
     max_model_len: int
     step_reserve_bytes: int = 0  # device memory set aside for the largest eager step before sizing the KV cache
     kv_cache_dtype: str = ""  # the KV pool's dtype, resolved from CacheConfig.kv_cache_dtype
+    quantization: str = "none"  # EngineConfig.quantization
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoRAConfig}

@@ -71,7 +71,8 @@ DECODE = ([(n, "*bf16") for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")]
           + [(n, "*i32") for n in ("cu_q_ptr", "kv_lens_ptr", "bt_ptr", "order_ptr")] + [("scale_log2", "fp32")]
           + ints("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt", "stride_ot",
                  "stride_oh"))
-LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")] + [("ws_ptr", "*fp32"), ("lock_ptr", "*i32")]
+LINEAR = ([(n, "*bf16") for n in ("x_ptr", "w_ptr", "bias_ptr")] + [("scale_ptr", "*fp32"), ("y_ptr", "*bf16"),
+                                                                     ("ws_ptr", "*fp32"), ("lock_ptr", "*i32")]
           + ints("stride_xm", "stride_wn", "stride_ym", "M", "N", "K", "k_per_split"))
 
 
@@ -144,7 +145,14 @@ def variants():
             yield f"{name} fp8 cache", fn, fp8_cache(args, "k_cache_ptr", "v_cache_ptr"), consts | dict(PDL=False)
     for split in (1, 4):
         yield f"decode gemm split {split}", gemm._linear_kernel, LINEAR, dict(
-            HAS_BIAS=True, SPLIT_K=split, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, STAGES=4, PDL=split == 1)
+            HAS_BIAS=True, HAS_SCALE=False, SPLIT_K=split, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, STAGES=4,
+            PDL=split == 1)
+    # quantization "fp8": float8 e4m3 weights converted to bf16 in registers, scaled per row; decode and prefill tiles
+    fp8_w = [(n, "*fp8e4nv" if n == "w_ptr" else t) for n, t in LINEAR]
+    yield "decode gemm fp8 weights", gemm._linear_kernel, fp8_w, dict(
+        HAS_BIAS=False, HAS_SCALE=True, SPLIT_K=1, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, STAGES=5, PDL=True)
+    yield "prefill gemm fp8 weights", gemm._linear_kernel, fp8_w, dict(
+        HAS_BIAS=False, HAS_SCALE=True, SPLIT_K=1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4, PDL=True)
     for name, fn, args, consts in SMALL:
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 

@@ -47,6 +47,60 @@ def test_matches_torch(config, dtype, split_k, T, N, K, bias):
         assert not gemm._lock_buffer(x.device, "gemm").any()
 
 
+def fp8_operands(T, N, K, dtype, device, bias=False, seed=0):
+    """x, the float8 weight, its row scales, the bias, and y's reference in fp32 (against the dequantized
+    weight). Rows of W span 2^-6 to 2^6 in size, so a scale applied to the wrong axis cannot pass."""
+    x, w, b = operands(T, N, K, torch.float32, device, bias, seed)
+    w = w * torch.logspace(-6, 6, N, base=2.0, device=device)[:, None]
+    q, scale = gemm.quantize_rows_fp8(w)
+    expected = torch.nn.functional.linear(x, gemm.dequantize_rows(q, scale, torch.float32), b)
+    return x.to(dtype), q, scale, None if b is None else b.to(dtype), expected
+
+
+def test_quantize_rows_fp8():
+    """Per row: the largest magnitude becomes +-448 (FP8_MAX), every element is within e4m3's rounding (3
+    mantissa bits: 2^-4 relative, 2^-9 of the scale absolute near zero), an all-zero row stays zero, and
+    chunking does not change the result."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 50, generator=gen) * torch.logspace(-8, 8, 37, base=2.0)[:, None]
+    w[5] = 0
+    q, scale = gemm.quantize_rows_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (37,)
+    qf = q.float()
+    rows = [i for i in range(37) if i != 5]
+    assert torch.equal(qf[rows].abs().amax(1), torch.full((36,), gemm.FP8_MAX))
+    assert not qf[5].any() and scale[5] > 0
+    deq = gemm.dequantize_rows(q, scale, torch.float32)
+    assert ((deq - w).abs() <= w.abs() / 16 + scale[:, None] * 2 ** -9).all()
+    q2, scale2 = gemm.quantize_rows_fp8(w, chunk_rows=4)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale2, scale)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("T,N,K,bias", [(1, 64, 64, False), (5, 48, 70, True), (40, 100, 96, True),
+                                        (130, 72, 64, False)])
+def test_fp8_weights(config, dtype, split_k, T, N, K, bias):
+    """Float8 weights with row scales (quantization "fp8"), decode tiles (split K too) and, past MAX_TOKENS
+    tokens, LARGE_CONFIG's; linear_torch (the CPU's path) computes the same."""
+    config(block_n=32, block_k=32, stages=2, split_k=split_k)
+    x, q, scale, b, expected = fp8_operands(T, N, K, dtype, "cpu", bias)
+    assert_close(gemm.gemm_triton(x, q, b, scale), expected, dtype=dtype)
+    assert_close(gemm.linear_torch(x, q, b, weight_scale=scale), expected, dtype=dtype)
+    assert_close(gemm.linear_triton(x, q, b, weight_scale=scale), expected, dtype=dtype)  # CPU tensors: torch
+
+
+def test_fp8_weights_bad_input():
+    x, q, scale, _, _ = fp8_operands(3, 8, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="one float32 scale per row"):
+        gemm.linear_torch(x, q, weight_scale=scale[:4])
+    with pytest.raises(ValueError, match="one float32 scale per row"):
+        gemm.linear_torch(x, q.float(), weight_scale=scale)
+    with pytest.raises(ValueError, match="one float32 scale per row"):
+        gemm.linear_torch(x, q, weight_scale=scale.double())
+
+
 def test_load_config(config, tmp_path, monkeypatch):
     """bench_gemm's saved measurements: per-shape tiles, and the shapes the engine runs on this GEMM."""
     import json
@@ -110,3 +164,32 @@ def test_graph_replay_equals_eager(config, split_k):
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
     assert not gemm._lock_buffer(x.device, "gemm").any()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 17, 32, 33, 256, 1000])
+@pytest.mark.parametrize("shape", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)])
+def test_llama_shapes_fp8_weights(tokens, shape):
+    """Float8 weights in bf16 steps: the decode tiles up to MAX_TOKENS tokens, LARGE_CONFIG's past them,
+    against the dequantized weight in fp32; linear_triton runs this GEMM at every token count."""
+    x, q, scale, _, expected = fp8_operands(tokens, *shape, torch.bfloat16, "cuda")
+    assert_close(gemm.gemm_triton(x, q, None, scale), expected, dtype=torch.bfloat16)
+    assert torch.equal(gemm.linear_triton(x, q, weight_scale=scale), gemm.gemm_triton(x, q, None, scale))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens,split_k", [(32, 1), (32, 2), (300, 1)])
+def test_fp8_graph_replay_equals_eager(config, tokens, split_k):
+    config(split_k=split_k)
+    x, q, scale, b, expected = fp8_operands(tokens, 4096, 11008, torch.bfloat16, "cuda", bias=True)
+    eager = gemm.gemm_triton(x, q, b, scale)
+    assert_close(eager, expected, dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm.gemm_triton(x, q, b, scale)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)

@@ -63,17 +63,21 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     return DTYPES[dtype]
 
 
+def check_fp8_support(option: str, plain: str, device: torch.device, backend: str) -> None:
+    """ConfigError where the Triton kernels cannot convert fp8 (GPUs before compute capability 8.9): `option`
+    (e.g. "kv_cache_dtype='fp8'") asked for it, `plain` is its value without fp8."""
+    if backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"{option} needs a GPU of compute capability 8.9 or later (Ada, Hopper) for the Triton "
+                          f"kernels' fp8 conversions; this one is {major}.{minor}: use {plain} or backend 'torch'")
+
+
 def resolve_kv_dtype(kv_cache_dtype: str, dtype: torch.dtype, device: torch.device, backend: str) -> torch.dtype:
-    """The KV pool's dtype: the model's for "auto", else CacheConfig.kv_cache_dtype's. ConfigError where the
-    Triton kernels cannot convert fp8 (GPUs before compute capability 8.9)."""
+    """The KV pool's dtype: the model's for "auto", else CacheConfig.kv_cache_dtype's (check_fp8_support)."""
     name = KV_CACHE_DTYPES[kv_cache_dtype]
     if name is None:
         return dtype
-    if backend == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU of compute capability 8.9 or later (Ada, "
-                          f"Hopper) for the Triton kernels' fp8 conversions; this one is {major}.{minor}: use "
-                          "kv_cache_dtype 'auto' or backend 'torch'")
+    check_fp8_support(f"kv_cache_dtype={kv_cache_dtype!r}", "kv_cache_dtype 'auto'", device, backend)
     return getattr(torch, name)
 
 
@@ -95,7 +99,10 @@ class Engine:
         dtype = resolve_dtype(config.dtype, model_cfg.torch_dtype, device)
         backend = resolve_backend(config.backend, device)
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model, select_ops(backend), dtype, device, config.load_format)
+        if config.quantization == "fp8":
+            check_fp8_support("quantization='fp8'", "quantization 'none'", device, backend)
+        self.model = load_model(config.model, select_ops(backend), dtype, device, config.load_format,
+                                config.quantization)
         if backend == "triton" and device.type == "cuda":
             self.model.overlap_lora(config.lora_overlap, config.lora_stream_priority)
         self.model_config = model_cfg
@@ -123,7 +130,8 @@ class Engine:
             max_len = num_blocks * block_size
         self.info = RuntimeInfo(device=str(device), dtype=str(dtype).removeprefix("torch."), backend=backend,
                                 num_blocks=num_blocks, max_model_len=max_len, step_reserve_bytes=reserve,
-                                kv_cache_dtype=str(kv_dtype).removeprefix("torch."))
+                                kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
+                                quantization=config.quantization)
         self.adapters = AdapterManager(model_cfg, config.lora, pool, dtype)
         self.blocks = BlockManager(num_blocks, block_size, caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters,

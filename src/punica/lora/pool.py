@@ -26,10 +26,11 @@ class LoRATarget(Protocol):
     in_features: int
     out_slices: tuple[int, ...]
     slice_offsets: tuple[int, ...]
-    weight: torch.Tensor
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
     dora_scale: torch.Tensor | None
+
+    def dense_weight(self, rows: slice, dtype: torch.dtype) -> torch.Tensor: ...
 
 
 class AdapterPool:
@@ -79,8 +80,8 @@ class AdapterPool:
             rows = slice(m.slice_offsets[i], m.slice_offsets[i + 1])
             r = weights.modules[(layer, proj)][0].shape[0]
             a, b = m.lora_a[slot, i * R:i * R + r], m.lora_b[slot, rows, :r]  # as the kernels will read them
-            m.dora_scale[slot, rows] = (magnitude.to(a.device) / adapted_row_norms(m.weight[rows], a, b)).to(
-                m.dora_scale.dtype)
+            norms = adapted_row_norms(m.dense_weight(rows, torch.float32), a, b)
+            m.dora_scale[slot, rows] = (magnitude.to(a.device) / norms).to(m.dora_scale.dtype)
         self.slot_rank[slot] = weights.rank
 
 

@@ -117,8 +117,9 @@ def init_dummy_weights(model: LlamaModel, seed: int = 0) -> None:
 
 
 def load_model(model_dir: str, ops: Ops, dtype: torch.dtype, device: torch.device,
-               load_format: str = "auto") -> LlamaModel:
-    """The model of `model_dir` on `device`; load_format "dummy" skips the checkpoint for random weights."""
+               load_format: str = "auto", quantization: str = "none") -> LlamaModel:
+    """The model of `model_dir` on `device`; load_format "dummy" skips the checkpoint for random weights;
+    quantization "fp8" stores the projections' weights in float8 (LoRALinear.quantize_fp8_) once loaded."""
     cfg = read_model_config(model_dir)
     with torch.device("meta"):  # allocate once, directly in the target dtype and device
         model = LlamaModel(cfg, ops)
@@ -129,4 +130,16 @@ def load_model(model_dir: str, ops: Ops, dtype: torch.dtype, device: torch.devic
             init_dummy_weights(model)
         else:
             load_weights(model, model_dir)
+        if quantization == "fp8":
+            quantize_fp8(model)
     return model.eval()
+
+
+def quantize_fp8(model: LlamaModel) -> None:
+    """Every projection of every decoder layer to float8 weights, a layer at a time; the 16-bit weights'
+    memory goes back to the device (the KV cache is sized from what is free after)."""
+    for i in range(len(model.layers)):
+        for module in model.lora_modules(i).values():
+            module.quantize_fp8_()
+    if model.embed_tokens.weight.is_cuda:
+        torch.cuda.empty_cache()
