@@ -50,13 +50,14 @@ def _variants() -> list[dict]:
 SWEEP = _variants()
 HOW = {"cublas": F.linear, "triton": gemm.gemm_triton, "engine": gemm.linear_triton}
 # float8 weights: half the bytes of bf16 per tile, so deeper K tiles; past MAX_TOKENS, compute-bound tiles
-FP8_DECODE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4, max_block_m=128)
-                    for bn, bk, st, sk in ((64, 128, 5, 1), (64, 256, 4, 1), (64, 256, 6, 1), (128, 256, 4, 1),
-                                           (32, 256, 6, 1), (64, 256, 4, 2), (64, 128, 8, 1), (128, 128, 5, 1))]
-FP8_LARGE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, warps=w, split_k=1, max_block_m=bm)
-                   for bn, bm, bk, st, w in ((128, 128, 64, 4, 8), (128, 128, 128, 3, 8), (128, 64, 128, 4, 4),
-                                             (256, 128, 64, 3, 8), (128, 128, 64, 5, 8), (64, 128, 128, 4, 4),
-                                             (128, 256, 64, 3, 8), (128, 64, 64, 5, 4))]
+FP8_DECODE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4, max_block_m=128, fp8_dot=d)
+                    for d, bn, bk, st, sk in ((2, 64, 128, 5, 1), (1, 64, 128, 5, 1), (0, 64, 128, 5, 1),
+                                              (2, 64, 128, 8, 1), (2, 128, 128, 5, 1), (2, 64, 128, 6, 2),
+                                              (1, 64, 256, 4, 1), (2, 32, 128, 8, 1))]
+FP8_LARGE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, warps=w, split_k=1, max_block_m=bm, fp8_dot=d)
+                   for d, bn, bm, bk, st, w in ((2, 128, 128, 128, 4, 8), (0, 128, 128, 64, 4, 8),
+                                                (1, 128, 128, 64, 4, 8), (2, 128, 128, 128, 3, 4),
+                                                (2, 256, 128, 128, 3, 8), (2, 128, 64, 128, 4, 4))]
 
 
 class Layers:

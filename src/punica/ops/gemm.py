@@ -22,6 +22,7 @@ import json
 
 import torch
 
+from punica.ops.attention import _dot_dtype
 from punica.ops.pdl import pdl_start
 from punica.ops.sgmv import _INTERPRETED, _jit, triton
 from punica.ops.sgmv_launch import _MAX_LOCKS, _cdiv, _launch, _lock_buffer, _pow2
@@ -32,7 +33,7 @@ if triton is not None:
 
 # Tiles picked on an H200 at 32 tokens by `python -m benchmarks.bench_gemm` (set_config changes them):
 # CONFIG, with SHAPES' overrides per weight shape (N, K).
-CONFIG = {"block_n": 64, "block_k": 128, "stages": 5, "warps": 4, "split_k": 1, "max_block_m": 128}
+CONFIG = {"block_n": 64, "block_k": 128, "stages": 5, "warps": 4, "split_k": 1, "max_block_m": 128, "fp8_dot": 0}
 SHAPES: dict[tuple[int, int], dict] = {
     (12288, 4096): dict(stages=3), (4096, 4096): dict(stages=7),
     (22016, 4096): dict(stages=7), (4096, 11008): dict(split_k=2),
@@ -45,7 +46,9 @@ BESIDE_LORA = True  # also the base GEMM of steps with LoRA: distinct 3501 vs 33
 SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
 # fp8 weights: the tiles of steps of more than MAX_TOKENS tokens, where the GEMM turns compute-bound (y.T tiles of
 # block_n weight rows by at most max_block_m tokens)
-LARGE_CONFIG = {"block_n": 128, "block_k": 64, "stages": 4, "warps": 8, "split_k": 1, "max_block_m": 128}
+LARGE_CONFIG = {"block_n": 128, "block_k": 64, "stages": 4, "warps": 8, "split_k": 1, "max_block_m": 128,
+                "fp8_dot": 0}
+FP8_DOTS = ("fp16", "w_as_b", "a8")  # fp8_dot knob: 0 W converted as the first operand, 1 as the second, 2 x in fp8
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
 
 
@@ -73,13 +76,14 @@ def load_config(path: str) -> None:
 
 @_jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, stride_xm, stride_wn, stride_ym, M,
-                   N, K, k_per_split, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                   PDL: tl.constexpr):
+                   N, K, k_per_split, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
+                   W_AS_B: tl.constexpr, A8: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """Program (tile, split): y.T[tile] over columns [split * k_per_split, ...) of K. With SPLIT_K > 1 each
     writes fp32 partials and the last one of its tile (an atomic counter that it resets) sums them in a fixed
     order, so results are deterministic and no memset or extra launch is needed. HAS_SCALE: W is float8, read
-    in x's dtype, and row n of the sums is multiplied by scale[n] (before the bias)."""
+    in x's dtype, and row n of the sums is multiplied by scale[n] (before the bias). FP16_DOT: the dots run in
+    fp16 (float8 converts to it in one instruction a pair, to bf16 in several), x's range clamped to fp16's."""
     pdl_start(PDL)
     tile = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
@@ -98,7 +102,17 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, s
         k_ok = (k + offs_k) < k_hi
         w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
+        if A8:  # x in float8 too, one scale per token and BLOCK_K columns: Hopper's fp8 dot on both tiles as stored
+            xf = xt.to(tl.float32)
+            sx = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) / 448.0
+            acc += tl.dot(w, tl.trans((xf / sx[:, None]).to(w.dtype))) * sx[None, :]
+        else:
+            if FP16_DOT:
+                xt = _dot_dtype(xt, True)
+            if W_AS_B:  # y = x @ W.T: the converted W tile is stored to shared memory as the dot's second operand
+                acc += tl.trans(tl.dot(xt, tl.trans(w.to(xt.dtype))))
+            else:
+                acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     mask = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
@@ -135,7 +149,7 @@ def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int
     split = max(1, cfg["split_k"]) if tiles <= _MAX_LOCKS else 1
     k_per_split = _cdiv(_cdiv(K, split), block_k) * block_k  # whole BLOCK_K steps; the last split may be short
     split = _cdiv(K, k_per_split)
-    return tiles, tiles * split, (k_per_split, split, block_m, block_n, block_k, stages), cfg["warps"]
+    return tiles, tiles * split, (k_per_split, split, block_m, block_n, block_k, stages), cfg["warps"], cfg["fp8_dot"]
 
 
 def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -170,14 +184,17 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return y
     large = weight_scale is not None and T > MAX_TOKENS  # SHAPES' tiles were measured at MAX_TOKENS
     knobs = tuple(sorted((LARGE_CONFIG if large else {**CONFIG, **SHAPES.get((N, K), {})}).items()))
-    tiles, programs, tail, warps = _launch_config(T, N, K, x.element_size(), knobs)
+    tiles, programs, tail, warps, fp8_dot = _launch_config(T, N, K, x.element_size(), knobs)
+    scaled = weight_scale is not None
+    fp8_dot = fp8_dot if scaled and x.dtype != torch.float32 else -1
     split, block_m, block_n = tail[1:4]
     ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = _lock_buffer(x.device, "gemm") if split > 1 else y
     _launch(_linear_kernel, (programs, 1, 1), (x, weight, x if bias is None else bias,
                                               y if weight_scale is None else weight_scale, y, ws, locks),
             (x.stride(0), weight.stride(0), y.stride(0)), (T,),
-            (N, K, *tail[:1], bias is not None, weight_scale is not None, *tail[1:]), warps)
+            (N, K, *tail[:1], bias is not None, scaled, fp8_dot in (0, 1) and x.dtype == torch.bfloat16,
+             fp8_dot == 1, fp8_dot == 2, *tail[1:]), warps)
     return y
 
 
