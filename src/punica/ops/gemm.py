@@ -44,6 +44,8 @@ PLAIN_SHAPES = {(12288, 4096), (4096, 4096), (4096, 11008)}
 MAX_TOKENS = 32  # the token count it was measured at
 BESIDE_LORA = True  # also the base GEMM of steps with LoRA: distinct 3501 vs 3366 tok/s at batch 32 (H200)
 SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
+# fp8 weights up to MAX_TOKENS tokens: CONFIG with these overrides per weight shape (N, K)
+FP8_SHAPES: dict[tuple[int, int], dict] = {}
 # fp8 weights: the tiles of steps of more than MAX_TOKENS tokens, where the GEMM turns compute-bound (y.T tiles of
 # block_n weight rows by at most max_block_m tokens)
 LARGE_CONFIG = {"block_n": 128, "block_k": 64, "stages": 4, "warps": 8, "split_k": 1, "max_block_m": 128,
@@ -183,7 +185,8 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if T == 0:
         return y
     large = weight_scale is not None and T > MAX_TOKENS  # SHAPES' tiles were measured at MAX_TOKENS
-    knobs = tuple(sorted((LARGE_CONFIG if large else {**CONFIG, **SHAPES.get((N, K), {})}).items()))
+    shapes = FP8_SHAPES if weight_scale is not None else SHAPES
+    knobs = tuple(sorted((LARGE_CONFIG if large else {**CONFIG, **shapes.get((N, K), {})}).items()))
     tiles, programs, tail, warps, fp8_dot = _launch_config(T, N, K, x.element_size(), knobs)
     scaled = weight_scale is not None
     fp8_dot = fp8_dot if scaled and x.dtype != torch.float32 else -1
