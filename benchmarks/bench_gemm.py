@@ -55,49 +55,6 @@ FP8_DECODE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4,
                                               (0, 64, 256, 4, 2), (0, 32, 256, 5, 1), (0, 64, 128, 8, 2),
                                               (0, 128, 128, 5, 2), (0, 128, 256, 3, 2), (0, 32, 128, 8, 2),
                                               (0, 64, 128, 5, 1), (2, 64, 128, 6, 2), (2, 64, 128, 6, 4))]
-FP8_LARGE_SWEEP past it).
-
-    python -m benchmarks.bench_gemm --fp8 --batch-size 1 8 32 64 256 1024 4096 --budget-s 60
-
-Session 5's runs (benchmarks/results/lora_gemm.jsonl) came from this script's earlier form, which also timed
-the projection with its LoRA fused in (commit 47c5111).
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import time
-from functools import partial
-
-import torch
-import torch.nn.functional as F
-
-from benchmarks import harness
-from benchmarks.bench_lora_chain import PROJECTIONS, replay_us
-from punica.ops import gemm, pdl
-
-
-def _variants() -> list[dict]:
-    """Tiles to sweep, the most promising first (a sweep cut short by --budget-s keeps those). Session 5's
-    grid (lora_gemm.jsonl) found deeper pipelines better on every shape, and N=4096 shapes with 64-row tiles
-    fill only 64 of 132 SMs: so more stages, and split K."""
-    out = [dict(block_n=64, block_k=128, stages=st, split_k=sk) for st, sk in
-           ((5, 1), (7, 1), (5, 2), (7, 2), (5, 4), (3, 2), (3, 4))]
-    out += [dict(block_n=32, block_k=128, stages=st, split_k=sk) for st, sk in ((8, 1), (8, 2), (5, 2))]
-    out += [dict(block_n=128, block_k=128, stages=st, split_k=sk) for st, sk in ((4, 2), (4, 4), (5, 1))]
-    out += [dict(block_n=64, block_k=256, stages=3, split_k=2), dict(block_n=32, block_k=256, stages=5, split_k=1),
-            dict(block_n=64, block_k=128, stages=3, split_k=1)]
-    return [dict(warps=4, **v) for v in out]
-
-
-SWEEP = _variants()
-HOW = {"cublas": F.linear, "triton": gemm.gemm_triton, "engine": gemm.linear_triton}
-# float8 weights: half the bytes of bf16 per tile, so deeper K tiles; past MAX_TOKENS, compute-bound tiles
-FP8_DECODE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4, max_block_m=128, fp8_dot=d)
-                    for d, bn, bk, st, sk in ((2, 64, 128, 5, 1), (1, 64, 128, 5, 1), (0, 64, 128, 5, 1),
-                                              (2, 64, 128, 8, 1), (2, 128, 128, 5, 1), (2, 64, 128, 6, 2),
-                                              (1, 64, 256, 4, 1), (2, 32, 128, 8, 1))]
 FP8_LARGE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, warps=w, split_k=1, max_block_m=bm, fp8_dot=d)
                    for d, bn, bm, bk, st, w in ((2, 128, 128, 128, 4, 8), (0, 128, 128, 64, 4, 8),
                                                 (1, 128, 128, 64, 4, 8), (2, 128, 128, 128, 3, 4),
@@ -126,7 +83,7 @@ class Layers:
 
 def fp8_table(args, record) -> list[dict]:
     """Per batch size and projection: cuBLAS on bf16 weights, linear_triton on float8 ones (the tiles swept
-    within --budget-s, the best kept in gemm.SHAPES / gemm.LARGE_CONFIG for the rest of the run)."""
+    within --budget-s, the best kept in gemm.FP8_SHAPES for the rest of the run)."""
     summary = []
     for batch in args.batch_size:
         layers = Layers(args.layers, batch, fp8=True)
