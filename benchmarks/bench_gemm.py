@@ -10,10 +10,10 @@ cuBLAS alone, with PLAIN_SHAPES set to the shapes where the best tiles beat cuBL
 writes `gemm.jsonl` under --out-dir; --save-config writes the best tiles and those shapes (gemm.load_config
 and bench_textgen_lora's --gemm-config apply them).
 With --fp8: the projections' weights also as float8 with row scales (quantization "fp8"), timed through
-linear_triton at each --batch-size (decode and prefill token counts), against cuBLAS on the bf16 weights; with
-a budget, the fp8 tiles are swept too (FP8_DECODE_SWEEP up to gemm.MAX_TOKENS tokens, FP8_LARGE_SWEEP past it).
+linear_triton at each --batch-size, against cuBLAS on the bf16 weights; with a budget, the fp8 tiles of steps of
+up to gemm.MAX_TOKENS tokens are swept too (FP8_SWEEP).
 
-    python -m benchmarks.bench_gemm --fp8 --batch-size 1 8 32 64 256 1024 4096 --budget-s 60
+    python -m benchmarks.bench_gemm --fp8 --batch-size 1 8 32 256 2048 --budget-s 200
 
 Session 5's runs (benchmarks/results/lora_gemm.jsonl) came from this script's earlier form, which also timed
 the projection with its LoRA fused in (commit 47c5111).
@@ -50,15 +50,11 @@ def _variants() -> list[dict]:
 SWEEP = _variants()
 HOW = {"cublas": F.linear, "triton": gemm.gemm_triton, "engine": gemm.linear_triton}
 # float8 weights: half the bytes of bf16 per tile, so deeper K tiles; past MAX_TOKENS, compute-bound tiles
-FP8_DECODE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4, max_block_m=128, fp8_dot=d)
-                    for d, bn, bk, st, sk in ((0, 64, 128, 6, 2), (0, 64, 128, 5, 4), (0, 64, 256, 4, 1),
-                                              (0, 64, 256, 4, 2), (0, 32, 256, 5, 1), (0, 64, 128, 8, 2),
-                                              (0, 128, 128, 5, 2), (0, 128, 256, 3, 2), (0, 32, 128, 8, 2),
-                                              (0, 64, 128, 5, 1), (2, 64, 128, 6, 2), (2, 64, 128, 6, 4))]
-FP8_LARGE_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, warps=w, split_k=1, max_block_m=bm, fp8_dot=d)
-                   for d, bn, bm, bk, st, w in ((2, 128, 128, 128, 4, 8), (0, 128, 128, 64, 4, 8),
-                                                (1, 128, 128, 64, 4, 8), (2, 128, 128, 128, 3, 4),
-                                                (2, 256, 128, 128, 3, 8), (2, 128, 64, 128, 4, 4))]
+FP8_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4, max_block_m=128, fp8_dot=d)
+             for d, bn, bk, st, sk in ((0, 64, 128, 6, 2), (0, 64, 128, 5, 4), (0, 64, 256, 4, 1), (0, 64, 256, 4, 2),
+                                       (0, 32, 256, 5, 1), (0, 64, 128, 8, 2), (0, 128, 128, 5, 2),
+                                       (0, 128, 256, 3, 2), (0, 32, 128, 8, 2), (0, 64, 128, 5, 1),
+                                       (1, 64, 128, 6, 2), (1, 64, 128, 6, 4))]
 
 
 class Layers:
@@ -82,33 +78,27 @@ class Layers:
 
 
 def fp8_table(args, record) -> list[dict]:
-    """Per batch size and projection: cuBLAS on bf16 weights, linear_triton on float8 ones (the tiles swept
-    within --budget-s, the best kept in gemm.FP8_SHAPES for the rest of the run)."""
+    """Per batch size and projection: cuBLAS on bf16 weights, linear_triton on float8 ones (up to MAX_TOKENS
+    tokens the tiles swept within --budget-s, the best kept in gemm.FP8_SHAPES for the rest of the run)."""
     summary = []
     for batch in args.batch_size:
         layers = Layers(args.layers, batch, fp8=True)
-        large = batch > gemm.MAX_TOKENS
+        sweep = args.budget_s > 0 and batch <= gemm.MAX_TOKENS  # larger steps run cuBLAS on the converted W
         for name, *_ in PROJECTIONS:
             shape = tuple(layers.weights[name][0].shape)
             cublas = replay_us(partial(layers.run, [name], "cublas")) / args.layers
             record(batch=batch, proj=name, how="cublas", us_per_layer=round(cublas, 2))
-            current = dict(gemm.LARGE_CONFIG) if large else {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})}
+            current = {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})}
             results, t0 = [], time.time()
-            for knobs in (FP8_LARGE_SWEEP if large else FP8_DECODE_SWEEP) if args.budget_s > 0 else [current]:
+            for knobs in FP8_SWEEP if sweep else [current]:
                 if time.time() - t0 > args.budget_s / len(PROJECTIONS) and results:
                     break
-                if large:
-                    gemm.LARGE_CONFIG.update(knobs)
-                else:
-                    gemm.FP8_SHAPES[shape] = dict(knobs)
+                gemm.FP8_SHAPES[shape] = dict(knobs)
                 us = replay_us(partial(layers.run, [name], "fp8")) / args.layers
                 results.append((us, knobs))
                 record(batch=batch, proj=name, how="fp8", knobs=knobs, us_per_layer=round(us, 2))
             us, knobs = min(results, key=lambda r: r[0])
-            if large:
-                gemm.LARGE_CONFIG.update(current)  # one LARGE_CONFIG serves every shape: reported, not kept
-            else:
-                gemm.FP8_SHAPES[shape] = dict(knobs)
+            gemm.FP8_SHAPES[shape] = dict(knobs)
             summary.append(dict(batch=batch, proj=name, cublas_bf16=round(cublas, 2), fp8=round(us, 2),
                                 speedup=round(cublas / us, 2), knobs=knobs))
         layers = None

@@ -145,17 +145,14 @@ def variants():
             yield f"{name} fp8 cache", fn, fp8_cache(args, "k_cache_ptr", "v_cache_ptr"), consts | dict(PDL=False)
     for split in (1, 4):
         yield f"decode gemm split {split}", gemm._linear_kernel, LINEAR, dict(
-            HAS_BIAS=True, HAS_SCALE=False, FP16_DOT=False, W_AS_B=False, A8=False, SPLIT_K=split, BLOCK_M=32,
+            HAS_BIAS=True, HAS_SCALE=False, FP16_DOT=False, A8=False, SPLIT_K=split, BLOCK_M=32,
             BLOCK_N=64, BLOCK_K=128, STAGES=4, PDL=split == 1)
-    # quantization "fp8": float8 e4m3 weights converted to bf16 in registers, scaled per row; decode and prefill tiles
+    # quantization "fp8": float8 e4m3 weights converted to fp16 in registers (or, fp8_dot "a8", x rounded to float8)
     fp8_w = [(n, "*fp8e4nv" if n == "w_ptr" else t) for n, t in LINEAR]
-    for i, dot in enumerate(gemm.FP8_DOTS):
-        yield f"decode gemm fp8 weights, {dot} dots", gemm._linear_kernel, fp8_w, dict(
-            HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=i < 2, W_AS_B=i == 1, A8=i == 2, SPLIT_K=1, BLOCK_M=32,
-            BLOCK_N=64, BLOCK_K=128, STAGES=5, PDL=True)
-    yield "prefill gemm fp8 weights", gemm._linear_kernel, fp8_w, dict(
-        HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=True, W_AS_B=False, A8=False, SPLIT_K=1, BLOCK_M=128, BLOCK_N=128,
-        BLOCK_K=64, STAGES=4, PDL=True)
+    for a8 in (False, True):
+        yield f"decode gemm fp8 weights a8={a8}", gemm._linear_kernel, fp8_w, dict(
+            HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=not a8, A8=a8, SPLIT_K=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256,
+            STAGES=4, PDL=True)
     for name, fn, args, consts in SMALL:
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 

@@ -6,9 +6,9 @@ it beat cuBLAS on Llama-2-7B's qkv, o and down shapes (down with K split in 2) a
 (benchmarks/results/gemm.jsonl), so `linear_triton` uses it for the listed shapes only.
 
 Weights stored in float8 e4m3 with one fp32 scale per output row (EngineConfig.quantization "fp8",
-`quantize_rows_fp8`) run through the same kernel at every token count: it converts each W tile to x's dtype
-in registers and multiplies the fp32 sums by the row scales once, in its epilogue. Half the weight bytes of a
-16-bit model: decode steps, which stream every weight, take about half the time in their GEMMs.
+`quantize_rows_fp8`) run through the same kernel in steps of up to MAX_TOKENS tokens: it converts each W tile to
+fp16 in registers and multiplies the fp32 sums by the row scales once, in its epilogue. Larger steps convert W
+to x's dtype and use cuBLAS (linear_torch): this kernel's fp8 tiles ran at half cuBLAS's speed there.
 
 A projection's LoRA fused into this kernel (shrink programs and an epilogue gather of lora_b, one launch) was
 built and measured slower than cuBLAS + SGMV by a third per layer; commit 47c5111 has it, sgmv_NOTES.md the
@@ -44,13 +44,17 @@ PLAIN_SHAPES = {(12288, 4096), (4096, 4096), (4096, 11008)}
 MAX_TOKENS = 32  # the token count it was measured at
 BESIDE_LORA = True  # also the base GEMM of steps with LoRA: distinct 3501 vs 3366 tok/s at batch 32 (H200)
 SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H200 SM has 227 KiB)
-# fp8 weights up to MAX_TOKENS tokens: CONFIG with these overrides per weight shape (N, K)
-FP8_SHAPES: dict[tuple[int, int], dict] = {}
-# fp8 weights: the tiles of steps of more than MAX_TOKENS tokens, where the GEMM turns compute-bound (y.T tiles of
-# block_n weight rows by at most max_block_m tokens)
-LARGE_CONFIG = {"block_n": 128, "block_k": 64, "stages": 4, "warps": 8, "split_k": 1, "max_block_m": 128,
-                "fp8_dot": 0}
-FP8_DOTS = ("fp16", "w_as_b", "a8")  # fp8_dot knob: 0 W converted as the first operand, 1 as the second, 2 x in fp8
+# fp8 weights (steps of up to MAX_TOKENS tokens): CONFIG with these overrides per weight shape (N, K). Picked on an
+# H200 by `bench_gemm --fp8` (32 layers in a graph, us per layer at 32 tokens, bf16 cuBLAS in brackets): qkv 26.2
+# (28.4), o 11.4 (13.6), gate_up 38.6 (46.8), down 23.0 (27.2); at 1 token 21.3, 9.7, 40.9, 19.2 (benchmarks/results/
+# textgen_NOTES.md, session 22). Half bf16's bytes, but far from copy bandwidth: not yet bound by memory there.
+FP8_SHAPES: dict[tuple[int, int], dict] = {(4096, 4096): dict(block_k=256, stages=4, split_k=2),
+                                           (4096, 11008): dict(block_k=256, stages=4, split_k=2)}
+# fp8_dot knob: 0 converts W to x's dtype (fp16 dots for bf16 x, FP16_DOT); 1 ("a8") also rounds x to float8, one
+# scale per token and BLOCK_K columns, for Hopper's fp8 dot on both tiles as stored: 1.2x faster than 0 on qkv and
+# gate_up at 1-8 tokens, slower at 32, and it adds x's rounding error (2.6% of the output's norm against 0.16%), so
+# it is off
+FP8_DOTS = ("convert_w", "a8")
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
 
 
@@ -79,13 +83,14 @@ def load_config(path: str) -> None:
 @_jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, stride_xm, stride_wn, stride_ym, M,
                    N, K, k_per_split, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
-                   W_AS_B: tl.constexpr, A8: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                   A8: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """Program (tile, split): y.T[tile] over columns [split * k_per_split, ...) of K. With SPLIT_K > 1 each
     writes fp32 partials and the last one of its tile (an atomic counter that it resets) sums them in a fixed
     order, so results are deterministic and no memset or extra launch is needed. HAS_SCALE: W is float8, read
     in x's dtype, and row n of the sums is multiplied by scale[n] (before the bias). FP16_DOT: the dots run in
-    fp16 (float8 converts to it in one instruction a pair, to bf16 in several), x's range clamped to fp16's."""
+    fp16 (float8 converts to it in one instruction a pair, to bf16 in several), x's range clamped to fp16's.
+    A8: x rounded to float8 per token and K tile, its scales applied to each tile's sums (FP8_DOTS)."""
     pdl_start(PDL)
     tile = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
@@ -104,17 +109,14 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, s
         k_ok = (k + offs_k) < k_hi
         w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if A8:  # x in float8 too, one scale per token and BLOCK_K columns: Hopper's fp8 dot on both tiles as stored
+        if A8:  # x in float8 too, one scale per token and BLOCK_K columns
             xf = xt.to(tl.float32)
             sx = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) / 448.0
             acc += tl.dot(w, tl.trans((xf / sx[:, None]).to(w.dtype))) * sx[None, :]
         else:
             if FP16_DOT:
                 xt = _dot_dtype(xt, True)
-            if W_AS_B:  # y = x @ W.T: the converted W tile is stored to shared memory as the dot's second operand
-                acc += tl.trans(tl.dot(xt, tl.trans(w.to(xt.dtype))))
-            else:
-                acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
+            acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     mask = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
@@ -184,20 +186,19 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return y
-    large = weight_scale is not None and T > MAX_TOKENS  # SHAPES' tiles were measured at MAX_TOKENS
     shapes = FP8_SHAPES if weight_scale is not None else SHAPES
-    knobs = tuple(sorted((LARGE_CONFIG if large else {**CONFIG, **shapes.get((N, K), {})}).items()))
+    knobs = tuple(sorted({**CONFIG, **shapes.get((N, K), {})}.items()))
     tiles, programs, tail, warps, fp8_dot = _launch_config(T, N, K, x.element_size(), knobs)
     scaled = weight_scale is not None
-    fp8_dot = fp8_dot if scaled and x.dtype != torch.float32 else -1
+    a8 = scaled and fp8_dot == 1
     split, block_m, block_n = tail[1:4]
     ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = _lock_buffer(x.device, "gemm") if split > 1 else y
     _launch(_linear_kernel, (programs, 1, 1), (x, weight, x if bias is None else bias,
                                               y if weight_scale is None else weight_scale, y, ws, locks),
             (x.stride(0), weight.stride(0), y.stride(0)), (T,),
-            (N, K, *tail[:1], bias is not None, scaled, fp8_dot in (0, 1) and x.dtype == torch.bfloat16,
-             fp8_dot == 1, fp8_dot == 2, *tail[1:]), warps)
+            (N, K, *tail[:1], bias is not None, scaled, scaled and not a8 and x.dtype == torch.bfloat16, a8,
+             *tail[1:]), warps)
     return y
 
 
@@ -245,9 +246,9 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """linear_torch, with gemm_triton for steps of up to MAX_TOKENS tokens on the weight shapes where it
     measured faster than cuBLAS (PLAIN_SHAPES); cuBLAS otherwise, and in steps with LoRA unless BESIDE_LORA
     (there it shares the GPU with the LoRA's side stream; its 64-row strips leave SMs to it). Float8 weights
-    (`weight_scale` given) run on gemm_triton at every token count: cuBLAS has no float8-by-16-bit GEMM."""
+    (`weight_scale` given) run on gemm_triton up to MAX_TOKENS tokens, converted for cuBLAS past them."""
     if weight_scale is not None:
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16):
             return gemm_triton(x, weight, bias, weight_scale)
         return linear_torch(x, weight, bias, weight_scale=weight_scale)
     if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.dtype == weight.dtype
