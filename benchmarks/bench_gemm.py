@@ -11,7 +11,7 @@ writes `gemm.jsonl` under --out-dir; --save-config writes the best tiles and tho
 and bench_textgen_lora's --gemm-config apply them).
 With --fp8: the projections' weights also as float8 with row scales (quantization "fp8"), timed through
 linear_triton at each --batch-size, against cuBLAS on the bf16 weights; with a budget, the fp8 tiles of steps of
-up to gemm.MAX_TOKENS tokens are swept too (FP8_SWEEP).
+up to gemm.MAX_TOKENS tokens are swept too (FP8_SWEEP; larger ones run gemm.LARGE_CONFIG).
 
     python -m benchmarks.bench_gemm --fp8 --batch-size 1 8 32 256 2048 --budget-s 200
 
@@ -83,22 +83,24 @@ def fp8_table(args, record) -> list[dict]:
     summary = []
     for batch in args.batch_size:
         layers = Layers(args.layers, batch, fp8=True)
-        sweep = args.budget_s > 0 and batch <= gemm.MAX_TOKENS  # larger steps run cuBLAS on the converted W
+        sweep = args.budget_s > 0 and batch <= gemm.MAX_TOKENS  # larger steps: LARGE_CONFIG, not swept here
         for name, *_ in PROJECTIONS:
             shape = tuple(layers.weights[name][0].shape)
             cublas = replay_us(partial(layers.run, [name], "cublas")) / args.layers
             record(batch=batch, proj=name, how="cublas", us_per_layer=round(cublas, 2))
-            current = {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})}
+            current = {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})} if sweep else dict(gemm.LARGE_CONFIG)
             results, t0 = [], time.time()
             for knobs in FP8_SWEEP if sweep else [current]:
                 if time.time() - t0 > args.budget_s / len(PROJECTIONS) and results:
                     break
-                gemm.FP8_SHAPES[shape] = dict(knobs)
+                if sweep:
+                    gemm.FP8_SHAPES[shape] = dict(knobs)
                 us = replay_us(partial(layers.run, [name], "fp8")) / args.layers
                 results.append((us, knobs))
                 record(batch=batch, proj=name, how="fp8", knobs=knobs, us_per_layer=round(us, 2))
             us, knobs = min(results, key=lambda r: r[0])
-            gemm.FP8_SHAPES[shape] = dict(knobs)
+            if sweep:
+                gemm.FP8_SHAPES[shape] = dict(knobs)
             summary.append(dict(batch=batch, proj=name, cublas_bf16=round(cublas, 2), fp8=round(us, 2),
                                 speedup=round(cublas / us, 2), knobs=knobs))
         layers = None

@@ -5,7 +5,7 @@
 #                                                                          # quantization Q (none, fp8); TIER=1:
 #                                                                          # the GPU tier first
 # bench_gemm: 32 layers of Llama-2-7B's projections per graph, tokens 1 / 8 / 32 (decode, tiles swept within
-# GEMM_BUDGET_S, default 200, seconds) and 256 / 2048 (cuBLAS on the converted weights). Text generation: 1000 requests, outputs <= 256, backbone
+# GEMM_BUDGET_S, default 200, seconds) and 256 / 2048 (gemm.LARGE_CONFIG). Text generation: 1000 requests, outputs <= 256, backbone
 # and the four popularities (POPULARITY to narrow them).
 set -uo pipefail
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1

@@ -153,6 +153,9 @@ def variants():
         yield f"decode gemm fp8 weights a8={a8}", gemm._linear_kernel, fp8_w, dict(
             HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=not a8, A8=a8, SPLIT_K=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256,
             STAGES=4, PDL=True)
+    yield "prefill gemm fp8 weights", gemm._linear_kernel, fp8_w, dict(
+        HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=True, A8=False, SPLIT_K=1, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64,
+        STAGES=3, PDL=True)
     for name, fn, args, consts in SMALL:
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 

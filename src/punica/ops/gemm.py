@@ -6,9 +6,8 @@ it beat cuBLAS on Llama-2-7B's qkv, o and down shapes (down with K split in 2) a
 (benchmarks/results/gemm.jsonl), so `linear_triton` uses it for the listed shapes only.
 
 Weights stored in float8 e4m3 with one fp32 scale per output row (EngineConfig.quantization "fp8",
-`quantize_rows_fp8`) run through the same kernel in steps of up to MAX_TOKENS tokens: it converts each W tile to
-fp16 in registers and multiplies the fp32 sums by the row scales once, in its epilogue. Larger steps convert W
-to x's dtype and use cuBLAS (linear_torch): this kernel's fp8 tiles ran at half cuBLAS's speed there.
+`quantize_rows_fp8`) run through the same kernel at every token count (LARGE_CONFIG's tiles past MAX_TOKENS): it
+converts each W tile to fp16 in registers and multiplies the fp32 sums by the row scales once, in its epilogue.
 
 A projection's LoRA fused into this kernel (shrink programs and an epilogue gather of lora_b, one launch) was
 built and measured slower than cuBLAS + SGMV by a third per layer; commit 47c5111 has it, sgmv_NOTES.md the
@@ -50,6 +49,10 @@ SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H20
 # textgen_NOTES.md, session 22). Half bf16's bytes, but far from copy bandwidth: not yet bound by memory there.
 FP8_SHAPES: dict[tuple[int, int], dict] = {(4096, 4096): dict(block_k=256, stages=4, split_k=2),
                                            (4096, 11008): dict(block_k=256, stages=4, split_k=2)}
+# fp8 weights past MAX_TOKENS tokens. At 2048 tokens 1.3-1.5x bf16 cuBLAS's time (qkv 437 against 301 us a layer);
+# converting W for cuBLAS instead (torch's conversion) made a text generation's prefill steps 3.2x slower
+LARGE_CONFIG = {"block_n": 128, "block_k": 64, "stages": 3, "warps": 8, "split_k": 1, "max_block_m": 256,
+                "fp8_dot": 0}
 # fp8_dot knob: 0 converts W to x's dtype (fp16 dots for bf16 x, FP16_DOT); 1 ("a8") also rounds x to float8, one
 # scale per token and BLOCK_K columns, for Hopper's fp8 dot on both tiles as stored: 1.2x faster than 0 on qkv and
 # gate_up at 1-8 tokens, slower at 32, and it adds x's rounding error (2.6% of the output's norm against 0.16%), so
@@ -187,7 +190,8 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if T == 0:
         return y
     shapes = FP8_SHAPES if weight_scale is not None else SHAPES
-    knobs = tuple(sorted({**CONFIG, **shapes.get((N, K), {})}.items()))
+    large = weight_scale is not None and T > MAX_TOKENS  # the shapes' tiles were measured at MAX_TOKENS
+    knobs = tuple(sorted((LARGE_CONFIG if large else {**CONFIG, **shapes.get((N, K), {})}).items()))
     tiles, programs, tail, warps, fp8_dot = _launch_config(T, N, K, x.element_size(), knobs)
     scaled = weight_scale is not None
     a8 = scaled and fp8_dot == 1
@@ -246,9 +250,9 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """linear_torch, with gemm_triton for steps of up to MAX_TOKENS tokens on the weight shapes where it
     measured faster than cuBLAS (PLAIN_SHAPES); cuBLAS otherwise, and in steps with LoRA unless BESIDE_LORA
     (there it shares the GPU with the LoRA's side stream; its 64-row strips leave SMs to it). Float8 weights
-    (`weight_scale` given) run on gemm_triton up to MAX_TOKENS tokens, converted for cuBLAS past them."""
+    (`weight_scale` given) run on gemm_triton at every token count: cuBLAS has no float8-by-16-bit GEMM."""
     if weight_scale is not None:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16):
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             return gemm_triton(x, weight, bias, weight_scale)
         return linear_torch(x, weight, bias, weight_scale=weight_scale)
     if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.dtype == weight.dtype
