@@ -88,7 +88,8 @@ def fp8_table(args, record) -> list[dict]:
             shape = tuple(layers.weights[name][0].shape)
             cublas = replay_us(partial(layers.run, [name], "cublas")) / args.layers
             record(batch=batch, proj=name, how="cublas", us_per_layer=round(cublas, 2))
-            current = {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})} if sweep else dict(gemm.LARGE_CONFIG)
+            current = {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})}
+            current = dict(gemm.LARGE_CONFIG) if batch > gemm.MAX_TOKENS else current
             results, t0 = [], time.time()
             for knobs in FP8_SWEEP if sweep else [current]:
                 if time.time() - t0 > args.budget_s / len(PROJECTIONS) and results:
