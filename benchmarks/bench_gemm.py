@@ -51,11 +51,10 @@ SWEEP = _variants()
 HOW = {"cublas": F.linear, "triton": gemm.gemm_triton, "engine": gemm.linear_triton}
 # float8 weights: half the bytes of bf16 per tile, so deeper K tiles; past MAX_TOKENS, compute-bound tiles
 FP8_SWEEP = [dict(block_n=bn, block_k=bk, stages=st, split_k=sk, warps=4, max_block_m=128, fp8_dot=d)
-             for d, bn, bk, st, sk in ((2, 64, 128, 5, 1), (2, 64, 256, 4, 2), (2, 64, 128, 6, 2), (2, 64, 256, 4, 1),
-                                       (2, 128, 128, 4, 1), (2, 64, 128, 5, 4), (2, 32, 256, 5, 1),
-                                       (0, 64, 128, 5, 1), (0, 64, 256, 4, 2))]
-# past MAX_TOKENS: LARGE_CONFIG with each way of dotting float8 weights but "a8" (which changes the numerics)
-FP8_LARGE_DOTS = (0, 2)
+             for d, bn, bk, st, sk in ((0, 64, 128, 6, 2), (0, 64, 128, 5, 4), (0, 64, 256, 4, 1), (0, 64, 256, 4, 2),
+                                       (0, 32, 256, 5, 1), (0, 64, 128, 8, 2), (0, 128, 128, 5, 2),
+                                       (0, 128, 256, 3, 2), (0, 32, 128, 8, 2), (0, 64, 128, 5, 1),
+                                       (1, 64, 128, 6, 2), (1, 64, 128, 6, 4))]
 
 
 class Layers:
@@ -84,30 +83,24 @@ def fp8_table(args, record) -> list[dict]:
     summary = []
     for batch in args.batch_size:
         layers = Layers(args.layers, batch, fp8=True)
-        large = batch > gemm.MAX_TOKENS  # LARGE_CONFIG, one for every shape: only its fp8_dot is tried
+        sweep = args.budget_s > 0 and batch <= gemm.MAX_TOKENS  # larger steps: LARGE_CONFIG, not swept here
         for name, *_ in PROJECTIONS:
             shape = tuple(layers.weights[name][0].shape)
             cublas = replay_us(partial(layers.run, [name], "cublas")) / args.layers
             record(batch=batch, proj=name, how="cublas", us_per_layer=round(cublas, 2))
-            current = dict(gemm.LARGE_CONFIG) if large else {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})}
-            candidates = [current]
-            if args.budget_s > 0:
-                candidates = [dict(current, fp8_dot=d) for d in FP8_LARGE_DOTS] if large else FP8_SWEEP
+            current = {**gemm.CONFIG, **gemm.FP8_SHAPES.get(shape, {})}
+            current = dict(gemm.LARGE_CONFIG) if batch > gemm.MAX_TOKENS else current
             results, t0 = [], time.time()
-            for knobs in candidates:
+            for knobs in FP8_SWEEP if sweep else [current]:
                 if time.time() - t0 > args.budget_s / len(PROJECTIONS) and results:
                     break
-                if large:
-                    gemm.LARGE_CONFIG.update(knobs)
-                else:
+                if sweep:
                     gemm.FP8_SHAPES[shape] = dict(knobs)
                 us = replay_us(partial(layers.run, [name], "fp8")) / args.layers
                 results.append((us, knobs))
                 record(batch=batch, proj=name, how="fp8", knobs=knobs, us_per_layer=round(us, 2))
             us, knobs = min(results, key=lambda r: r[0])
-            if large:
-                gemm.LARGE_CONFIG.update(current)  # reported, not kept
-            else:
+            if sweep:
                 gemm.FP8_SHAPES[shape] = dict(knobs)
             summary.append(dict(batch=batch, proj=name, cublas_bf16=round(cublas, 2), fp8=round(us, 2),
                                 speedup=round(cublas / us, 2), knobs=knobs))

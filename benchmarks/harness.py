@@ -179,8 +179,6 @@ def add_engine_knobs(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--triton-gemm-beside-lora", action=flag, default=True,
                     help="that GEMM also as the base of projections with LoRA in the step (gemm.BESIDE_LORA)")
     ap.add_argument("--gemm-config", default=None, metavar="JSON", help="tiles and shapes saved by bench_gemm")
-    ap.add_argument("--gemm-fp8-dot", default=None, choices=("convert_w", "a8", "pairs"),
-                    help="how the GEMM dots float8 weights (gemm.FP8_DOTS; quantization fp8)")
     ap.add_argument("--unfused", action="store_true",
                     help="rope and the KV store as two kernels, LoRA deltas added on their own (llama.FUSIONS)")
     ap.add_argument("--fuse-qk-norm", action=flag, default=True,
@@ -214,9 +212,6 @@ def apply_engine_knobs(args: argparse.Namespace) -> dict:
         gemm.load_config(args.gemm_config)
     if not args.triton_gemm:
         gemm.PLAIN_SHAPES.clear()
-    if args.gemm_fp8_dot is not None:
-        for config in (gemm.CONFIG, gemm.LARGE_CONFIG):
-            config["fp8_dot"] = gemm.FP8_DOTS.index(args.gemm_fp8_dot)
     gemm.BESIDE_LORA = args.triton_gemm_beside_lora
     if args.unfused:
         llama.FUSIONS.update(rope_store_kv=False, qk_norm=False, fold_delta=False)

@@ -145,19 +145,17 @@ def variants():
             yield f"{name} fp8 cache", fn, fp8_cache(args, "k_cache_ptr", "v_cache_ptr"), consts | dict(PDL=False)
     for split in (1, 4):
         yield f"decode gemm split {split}", gemm._linear_kernel, LINEAR, dict(
-            HAS_BIAS=True, HAS_SCALE=False, FP16_DOT=False, A8=False, PAIRS=False, SPLIT_K=split, BLOCK_M=32,
+            HAS_BIAS=True, HAS_SCALE=False, FP16_DOT=False, A8=False, SPLIT_K=split, BLOCK_M=32,
             BLOCK_N=64, BLOCK_K=128, STAGES=4, PDL=split == 1)
     # quantization "fp8": float8 e4m3 weights converted to fp16 in registers (or, fp8_dot "a8", x rounded to float8)
     fp8_w = [(n, "*fp8e4nv" if n == "w_ptr" else t) for n, t in LINEAR]
-    pairs_w = [(n, "*i16" if n == "w_ptr" else t) for n, t in LINEAR]  # fp8_dot "pairs": W as int16 pairs
-    for dot in gemm.FP8_DOTS:
-        yield f"decode gemm fp8 weights {dot}", gemm._linear_kernel, pairs_w if dot == "pairs" else fp8_w, dict(
-            HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=dot == "convert_w", A8=dot == "a8", PAIRS=dot == "pairs",
-            SPLIT_K=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, STAGES=4, PDL=True)
-    for dot in ("convert_w", "pairs"):
-        yield f"prefill gemm fp8 weights {dot}", gemm._linear_kernel, pairs_w if dot == "pairs" else fp8_w, dict(
-            HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=dot == "convert_w", A8=False, PAIRS=dot == "pairs", SPLIT_K=1,
-            BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3, PDL=True)
+    for a8 in (False, True):
+        yield f"decode gemm fp8 weights a8={a8}", gemm._linear_kernel, fp8_w, dict(
+            HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=not a8, A8=a8, SPLIT_K=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256,
+            STAGES=4, PDL=True)
+    yield "prefill gemm fp8 weights", gemm._linear_kernel, fp8_w, dict(
+        HAS_BIAS=False, HAS_SCALE=True, FP16_DOT=True, A8=False, SPLIT_K=1, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64,
+        STAGES=3, PDL=True)
     for name, fn, args, consts in SMALL:
         yield f"{name} pdl", fn, args, consts | dict(PDL=True)
 

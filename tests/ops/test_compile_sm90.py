@@ -14,4 +14,4 @@ def test_kernels_compile_for_sm90():
     script = Path(__file__).with_name("sm90_compile.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("bytes of cubin") == 36, done.stdout  # every variant of sm90_compile.variants()
+    assert done.stdout.count("bytes of cubin") == 34, done.stdout  # every variant of sm90_compile.variants()

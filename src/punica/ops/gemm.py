@@ -57,7 +57,7 @@ LARGE_CONFIG = {"block_n": 128, "block_k": 64, "stages": 3, "warps": 8, "split_k
 # scale per token and BLOCK_K columns, for Hopper's fp8 dot on both tiles as stored: 1.2x faster than 0 on qkv and
 # gate_up at 1-8 tokens, slower at 32, and it adds x's rounding error (2.6% of the output's norm against 0.16%), so
 # it is off
-FP8_DOTS = ("convert_w", "a8", "pairs")
+FP8_DOTS = ("convert_w", "a8")
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
 
 
@@ -86,17 +86,14 @@ def load_config(path: str) -> None:
 @_jit(do_not_specialize=["M"])
 def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, stride_xm, stride_wn, stride_ym, M,
                    N, K, k_per_split, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FP16_DOT: tl.constexpr,
-                   A8: tl.constexpr, PAIRS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                   A8: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """Program (tile, split): y.T[tile] over columns [split * k_per_split, ...) of K. With SPLIT_K > 1 each
     writes fp32 partials and the last one of its tile (an atomic counter that it resets) sums them in a fixed
     order, so results are deterministic and no memset or extra launch is needed. HAS_SCALE: W is float8, read
     in x's dtype, and row n of the sums is multiplied by scale[n] (before the bias). FP16_DOT: the dots run in
     fp16 (float8 converts to it in one instruction a pair, to bf16 in several), x's range clamped to fp16's.
-    A8: x rounded to float8 per token and K tile, its scales applied to each tile's sums (FP8_DOTS). PAIRS: W
-    read as int16 pairs of float8 (w_ptr an int16 view, stride_wn in pairs), so that its tiles reach the dots the
-    way 16-bit tiles do; each pair unpacks into fp16 bit patterns of value * 2^-8 (shifts and masks, exact,
-    subnormals too), the even columns' and the odd columns' dotted with x's even and odd columns."""
+    A8: x rounded to float8 per token and K tile, its scales applied to each tile's sums (FP8_DOTS)."""
     pdl_start(PDL)
     tile = tl.program_id(0) // SPLIT_K
     split = tl.program_id(0) % SPLIT_K
@@ -111,36 +108,23 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, s
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T
-    if PAIRS:
-        offs_p = tl.arange(0, BLOCK_K // 2)
-        wp_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_p[None, :]
-        xe_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + 2 * offs_p[None, :]
     for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-        if PAIRS:
-            p_ok = (k + 2 * offs_p) < k_hi
-            u = tl.load(wp_ptrs + k // 2, mask=n_ok[:, None] & p_ok[None, :], other=0).to(tl.uint16, bitcast=True)
-            lo = (((u & 0x80) << 8) | ((u & 0x7F) << 7)).to(tl.float16, bitcast=True)
-            hi = ((u & 0x8000) | ((u >> 1) & 0x3F80)).to(tl.float16, bitcast=True)
-            x_ok = m_ok[:, None] & p_ok[None, :]
-            acc = tl.dot(lo, tl.trans(_dot_dtype(tl.load(xe_ptrs + k, mask=x_ok, other=0.0), True)), acc)
-            acc = tl.dot(hi, tl.trans(_dot_dtype(tl.load(xe_ptrs + k + 1, mask=x_ok, other=0.0), True)), acc)
+        k_ok = (k + offs_k) < k_hi
+        w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if A8:  # x in float8 too, one scale per token and BLOCK_K columns
+            xf = xt.to(tl.float32)
+            sx = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) / 448.0
+            acc += tl.dot(w, tl.trans((xf / sx[:, None]).to(w.dtype))) * sx[None, :]
         else:
-            k_ok = (k + offs_k) < k_hi
-            w = tl.load(w_ptrs + k, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            xt = tl.load(x_ptrs + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if A8:  # x in float8 too, one scale per token and BLOCK_K columns
-                xf = xt.to(tl.float32)
-                sx = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) / 448.0
-                acc += tl.dot(w, tl.trans((xf / sx[:, None]).to(w.dtype))) * sx[None, :]
-            else:
-                if FP16_DOT:
-                    xt = _dot_dtype(xt, True)
-                acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
+            if FP16_DOT:
+                xt = _dot_dtype(xt, True)
+            acc = tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     mask = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
         if HAS_SCALE:
-            acc *= tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None] * (256.0 if PAIRS else 1.0)
+            acc *= tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -154,7 +138,7 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, s
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(part + s * (BLOCK_N * BLOCK_M), cache_modifier=".cg")
             if HAS_SCALE:
-                total *= tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None] * (256.0 if PAIRS else 1.0)
+                total *= tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
@@ -211,16 +195,13 @@ def gemm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     tiles, programs, tail, warps, fp8_dot = _launch_config(T, N, K, x.element_size(), knobs)
     scaled = weight_scale is not None
     a8 = scaled and fp8_dot == 1
-    pairs = scaled and fp8_dot == 2 and x.dtype != torch.float32 and K % 2 == 0
-    if pairs:
-        weight = weight.view(torch.int16)
     split, block_m, block_n = tail[1:4]
     ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = _lock_buffer(x.device, "gemm") if split > 1 else y
     _launch(_linear_kernel, (programs, 1, 1), (x, weight, x if bias is None else bias,
                                               y if weight_scale is None else weight_scale, y, ws, locks),
             (x.stride(0), weight.stride(0), y.stride(0)), (T,),
-            (N, K, *tail[:1], bias is not None, scaled, scaled and not a8 and x.dtype == torch.bfloat16, a8, pairs,
+            (N, K, *tail[:1], bias is not None, scaled, scaled and not a8 and x.dtype == torch.bfloat16, a8,
              *tail[1:]), warps)
     return y
 
