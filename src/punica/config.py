@@ -307,8 +307,9 @@ class EngineConfig:
     max_graph_tokens: int | None = None  # steps with more tokens run eagerly (None: max_num_batched_tokens)
     load_format: str = "auto"
     # "fp8": the decoder layers' projection weights stored as float8 e4m3 with one scale per output row,
-    # quantized as they load; half their memory, and decode steps (which stream every weight) about twice as
-    # fast in their GEMMs. Embeddings, the LM head, norms, adapters and activations keep the model's dtype.
+    # quantized as they load: half their memory. Not yet faster: on an H200 its GEMM runs at under half of copy
+    # bandwidth (benchmarks/results/textgen_NOTES.md, session 22). Embeddings, the LM head, norms, adapters and
+    # activations keep the model's dtype.
     quantization: str = "none"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

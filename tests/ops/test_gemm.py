@@ -49,9 +49,11 @@ def test_matches_torch(config, dtype, split_k, T, N, K, bias):
 
 def fp8_operands(T, N, K, dtype, device, bias=False, seed=0):
     """x, the float8 weight, its row scales, the bias, and y's reference in fp32 (against the dequantized
-    weight). Rows of W span 2^-6 to 2^6 in size, so a scale applied to the wrong axis cannot pass."""
+    weight). Rows of W span 2^-6 to 2^6 in size, so a scale applied to the wrong axis cannot pass; W's column 1
+    is tiny (1e-5 of its row's largest magnitude), so it quantizes to subnormal float8 values."""
     x, w, b = operands(T, N, K, torch.float32, device, bias, seed)
     w = w * torch.logspace(-6, 6, N, base=2.0, device=device)[:, None]
+    w[:, 1] = 1e-5 * w.abs().amax(1)
     q, scale = gemm.quantize_rows_fp8(w)
     expected = torch.nn.functional.linear(x, gemm.dequantize_rows(q, scale, torch.float32), b)
     return x.to(dtype), q, scale, None if b is None else b.to(dtype), expected

@@ -49,8 +49,9 @@ SMEM_BUDGET = 192 * 1024  # bytes of pipelined W and x tiles per program (an H20
 # textgen_NOTES.md, session 22). Half bf16's bytes, but far from copy bandwidth: not yet bound by memory there.
 FP8_SHAPES: dict[tuple[int, int], dict] = {(4096, 4096): dict(block_k=256, stages=4, split_k=2),
                                            (4096, 11008): dict(block_k=256, stages=4, split_k=2)}
-# fp8 weights past MAX_TOKENS tokens. At 2048 tokens 1.3-1.5x bf16 cuBLAS's time (qkv 437 against 301 us a layer);
-# converting W for cuBLAS instead (torch's conversion) made a text generation's prefill steps 3.2x slower
+# fp8 weights past MAX_TOKENS tokens. At 2048 tokens 1.3-2.3x bf16 cuBLAS's time in two runs (qkv 437 and 597 against
+# 301 and 298 us a layer); converting W for cuBLAS instead (torch's conversion) made text generation's prefill steps
+# 3.2x slower
 LARGE_CONFIG = {"block_n": 128, "block_k": 64, "stages": 3, "warps": 8, "split_k": 1, "max_block_m": 256,
                 "fp8_dot": 0}
 # fp8_dot knob: 0 converts W to x's dtype (fp16 dots for bf16 x, FP16_DOT); 1 ("a8") also rounds x to float8, one
@@ -146,8 +147,8 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, ws_ptr, lock_ptr, s
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int, int, tuple, int]:
-    """(tiles, programs, ints and constexprs from k_per_split on, num_warps) for elem-byte inputs."""
+def _launch_config(M: int, N: int, K: int, elem: int, knobs: tuple) -> tuple[int, int, tuple, int, int]:
+    """(tiles, programs, ints and constexprs from k_per_split on, num_warps, fp8_dot) for elem-byte inputs."""
     cfg = dict(knobs)
     block_m = min(max(16, _pow2(M)), cfg["max_block_m"])
     block_n, block_k = cfg["block_n"], min(cfg["block_k"], max(16, _pow2(K)))
