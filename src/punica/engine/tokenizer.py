@@ -210,12 +210,12 @@ class Tokenizer:
         return self._compiled_chat_template.render(**extra, **given)
 
 
-@functools.cache
 def _byte_piece(piece: str) -> int | None:
     """The byte a SentencePiece byte-fallback piece ("<0xNN>") stands for; None for other pieces."""
     return int(piece[3:5], 16) if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") else None
 
 
+@functools.cache
 def _byte_level_table() -> dict[str, int]:
     """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others
     (control bytes, space, 127-160, 173) for the characters from U+0100 up, in byte order."""
