@@ -118,7 +118,7 @@ def rope_table(head_dim: int, theta: float, scaling: dict | None, max_positions:
     scale = rope_attention_scale(scaling)
     tables = [rope_cos_sin(rope_inv_freq(rotary_dim, theta, scaling, long), max_positions, scale)
               for long in ((False, True) if rope_type(scaling) == "longrope" else (False,))]
-    table = torch.cat(tables) if len(tables) > 1 else tables[0]
+    table = torch.cat(tables)
     if rotary_dim == head_dim:
         return table
     cos, sin = table.chunk(2, dim=-1)
